@@ -1,0 +1,29 @@
+# The whole set-up: `make demo` and `make test` each install first (idempotent, fast when done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune,retrieval]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/vistrain demo --out demo_data
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/bench_loader.py
+
+clean:
+	rm -rf $(VENV) demo_data experiments logs .pytest_cache

@@ -1,0 +1,139 @@
+"""Command line: parse flags, build the config, call one pipeline, map errors to exit codes.
+
+Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from vistrain.errors import UserError
+
+
+def _folds(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fold numbers like 0,2; got '{text}'") from None
+
+
+def _split_resume(args: argparse.Namespace) -> None:
+    """``--resume`` takes an optional run directory; a ``key=value`` right after it is an override."""
+    if isinstance(args.resume, str):
+        if "=" in args.resume:
+            args.overrides.insert(0, args.resume)
+            args.resume = True
+        else:
+            args.resume = Path(args.resume).resolve()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines.train import run_train
+
+    _split_resume(args)
+    if isinstance(args.resume, Path):
+        if args.fresh:
+            raise UserError("--fresh: cannot be combined with --resume RUN_DIR")
+        cfg = load_config(args.resume / "config.yaml" if (args.resume / "config.yaml").is_file() else args.resume,
+                          overrides=args.overrides)
+        config_path = None
+    else:
+        if args.config is None:
+            raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
+        cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
+        config_path = Path(args.config)
+    result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path)
+    print(f"[DONE] run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.demo import run_demo
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    result = run_demo(Path(args.out), Path(args.config) if args.config else None, args.overrides)
+    s = result.summary
+    print(f"[DONE] run directory: {result.run_dir}")
+    print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
+    return 0
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines.split import run_split
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
+    run_split(cfg, Path(args.output))
+    print(f"[DONE] splits written to {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser = argparse.ArgumentParser(prog="vistrain", parents=[common],
+                                     description="Train, evaluate and serve timm image models from one YAML config.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(func=func, command_label=name.upper())
+        return p
+
+    def config_args(p: argparse.ArgumentParser, required: bool) -> None:
+        p.add_argument("--config", required=required, help="YAML config file")
+        p.add_argument("--mode", choices=["basic", "fast", "highperf"],
+                       help="preset under the config file: fast (small model, 224 px) or highperf (384 px, hard aug)")
+        p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.lr=3e-4")
+
+    p = add("train", cmd_train, "train a model (all folds or one), writing a run directory")
+    config_args(p, required=False)
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue the newest unfinished run of this config, or RUN_DIR, from its last epoch")
+    p.add_argument("--fresh", action="store_true", help="always start a new run")
+    p.add_argument("--fold", type=_folds, metavar="0,2", help="train these folds (overrides data.valid_fold)")
+    p.set_defaults(command_label="TRAINING")
+
+    p = add("demo", cmd_demo, "write the scikit-learn digits as images and train configs/demo.yaml on the CPU")
+    p.add_argument("--out", default="demo_data", help="where the demo images go (default: ./demo_data)")
+    p.add_argument("--config", help="demo config (default: configs/demo.yaml of this checkout)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.set_defaults(command_label="TRAINING")
+
+    p = add("split", cmd_split, "write the fold assignment that train would use")
+    config_args(p, required=True)
+    p.add_argument("--output", default="splits.csv", help="CSV to write (default: ./splits.csv)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code = 1
+    try:
+        code = args.func(args)
+    except UserError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns a crash into an exit code
+        if args.debug:
+            traceback.print_exc()
+        first = str(err).splitlines()[0] if str(err) else ""
+        print(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr,
+              flush=True)
+        code = 1
+    if args.command_label == "TRAINING":
+        print(f"[EXIT] TRAINING {'SUCCESS' if code == 0 else 'ERROR'} code={code}", flush=True)
+    return code

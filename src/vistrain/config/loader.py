@@ -1,0 +1,155 @@
+"""YAML -> ``--mode`` preset -> ``key.path=value`` overrides -> one validated ``Config``.
+
+Layers are merged as plain dicts and validated once, so every problem in every layer is reported
+together, one line each, naming its dotted key. Relative paths in the YAML file resolve against the
+file's folder; relative paths given on the command line resolve against the working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from vistrain.config.presets import MODES
+from vistrain.config.schema import Config
+from vistrain.errors import ConfigError, UserError, did_you_mean
+
+
+def load_config(
+    path: str | Path | None,
+    mode: str | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Build the validated config. ``path`` None means defaults only (tests, ``demo``)."""
+    merged: dict[str, Any] = {}
+    if mode:
+        if mode not in MODES:
+            raise UserError(f"--mode: unknown mode '{mode}'; valid: {', '.join(MODES)}{did_you_mean(mode, MODES)}")
+        merged = copy.deepcopy(MODES[mode])
+    if path is not None:
+        path = Path(path)
+        user = read_yaml(path)
+        _resolve_paths(user, path.resolve().parent)
+        merged = deep_merge(merged, user)
+        merged.setdefault("project", {})
+        if isinstance(merged["project"], dict):
+            merged["project"].setdefault("name", path.stem)
+    cli = parse_overrides(overrides or [])
+    _resolve_paths(cli, Path.cwd())
+    merged = deep_merge(merged, cli)
+    return validate(merged)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"--config: file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections (data:, model:, train: ...)")
+    return data
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.lr=3e-4", "data.valid_fold=all"]`` -> nested dict; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as err:
+            raise UserError(f"override '{item}': value is not valid YAML") from err
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}': '{part}' was already given a value")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError([_format_error(e) for e in err.errors()]) from None
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain YAML-safe dict (paths as strings, tuples as lists): what config.yaml holds."""
+    return cfg.model_dump(mode="json")
+
+
+def _format_error(e: dict[str, Any]) -> str:
+    loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal", "lax-or", "union"))]
+    # pydantic appends the member type to a union's loc ("int", "tuple[int, int]"); drop those.
+    loc = [p for p in loc if p not in {"int", "str", "bool", "float", "tuple[int,int]", "list[str]"}]
+    loc = [p for p in loc if not p.startswith(("tuple[", "list[", "constrained-", "is-instance", "json-or"))]
+    key = ".".join(loc)
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        parent = _section_model(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        return f"{key}: unknown key; valid keys here: {', '.join(valid)}{did_you_mean(loc[-1], valid)}"
+    if not key:
+        return msg
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{key}: {msg}{shown}"
+
+
+def _section_model(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Dotted keys whose type is a filesystem path (found from the schema, so new path keys need no list)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _path_keys(ann, prefix + (name,))
+        elif ann is Path or (isinstance(ann, types.UnionType | typing._UnionGenericAlias) and Path in typing.get_args(ann)):
+            keys.append(prefix + (name,))
+    return keys
+
+
+def _resolve_paths(layer: dict[str, Any], base: Path) -> None:
+    for key in _path_keys():
+        node: Any = layer
+        for part in key[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(key[-1]), str) and node[key[-1]]:
+            p = Path(node[key[-1]]).expanduser()
+            node[key[-1]] = str(p if p.is_absolute() else (base / p).resolve())

@@ -1,0 +1,1 @@
+"""Data: sources -> item table; splits; transforms; dataset; samplers."""

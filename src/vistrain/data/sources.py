@@ -1,0 +1,159 @@
+"""Sources: turn what the user has on disk into the one item table every later stage reads.
+
+The item table (pandas) has the columns ``path, id, label, group`` and, when the input has them,
+``camera, domain, split, fold``. ``group`` is the unit that may never straddle train and validation
+(a document, an object, a person). A new source is one function plus one line in ``SOURCES``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+from vistrain.config.schema import DataCfg
+from vistrain.data.images import IMAGE_EXTS, ImageIndex, check_images
+from vistrain.errors import UserError, lookup
+
+ITEM_COLUMNS = ["path", "id", "label", "group"]
+OPTIONAL_COLUMNS = ["camera", "domain", "split", "fold"]
+_SEQ_NAME = re.compile(r"^(?P<group>.+)_(?P<seq>\d+)$")
+
+
+def require_file(path: Path | None, key: str) -> Path:
+    if path is None:
+        raise UserError(f"{key}: not set; give the path in the config or as {key}=PATH")
+    if not path.is_file():
+        raise UserError(f"{key}: file not found: {path}")
+    return path
+
+
+def require_dir(path: Path | None, key: str) -> Path:
+    if path is None:
+        raise UserError(f"{key}: not set; give the folder in the config or as {key}=DIR")
+    if not path.is_dir():
+        raise UserError(f"{key}: folder not found: {path}")
+    return path
+
+
+def read_csv(path: Path, key: str, required: list[tuple[str, str]]) -> pd.DataFrame:
+    """Read a CSV and check its columns; ``required`` holds (column, config key naming it) pairs."""
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UserError(f"{key}: cannot read CSV {path}: {str(err).splitlines()[0]}") from err
+    for column, col_key in required:
+        if column not in df.columns:
+            have = ", ".join(map(str, df.columns)) or "none"
+            raise UserError(f"{col_key}: column '{column}' not in {path}; its columns: {have}")
+    empty = df[[c for c, _ in required]].eq("").any(axis=1)
+    if empty.any():
+        row = int(empty.idxmax()) + 2  # header is line 1
+        raise UserError(f"{key}: {path} line {row} has an empty {', '.join(c for c, _ in required)} value")
+    return df
+
+
+def _natural_labels(values: pd.Series) -> pd.Series:
+    """Keep integer class labels as ints (so they sort 0, 1, 2, 10 and are written back unchanged)."""
+    try:
+        as_int = values.astype(int)
+    except ValueError:
+        return values
+    return as_int if (as_int.astype(str) == values).all() else values
+
+
+def csv_source(cfg: DataCfg) -> pd.DataFrame:
+    """``data.train_csv`` (ID, target[, group_col, fold, domain, camera]) + ``data.image_dir_train``."""
+    csv_path = require_file(cfg.train_csv, "data.train_csv")
+    image_dir = require_dir(cfg.image_dir_train, "data.image_dir_train")
+    required = [(cfg.id_col, "data.id_col"), (cfg.target_col, "data.target_col")]
+    if cfg.group_col:
+        required.append((cfg.group_col, "data.group_col"))
+    df = read_csv(csv_path, "data.train_csv", required)
+    dupes = df[cfg.id_col][df[cfg.id_col].duplicated()]
+    if len(dupes):
+        raise UserError(f"data.train_csv: ID '{dupes.iloc[0]}' appears more than once in {csv_path} "
+                        f"({len(dupes)} repeated IDs)")
+    index = ImageIndex(image_dir, cfg.image_ext)
+    paths = [index.find(i) for i in df[cfg.id_col]]
+    items = pd.DataFrame({
+        "path": [str(p) if p is not None else "" for p in paths],
+        "id": df[cfg.id_col].astype(str),
+        "label": _natural_labels(df[cfg.target_col]),
+        "group": df[cfg.group_col].astype(str) if cfg.group_col else df[cfg.id_col].astype(str),
+    })
+    for col in OPTIONAL_COLUMNS:
+        if col in df.columns:
+            items[col] = df[col].values
+    missing = items["path"] == ""
+    if missing.all():
+        raise UserError(f"data.image_dir_train: none of the {len(items)} IDs in {csv_path.name} has an image in "
+                        f"{image_dir} (tried the ID as given and with {', '.join(index.exts[:4])}, ...)")
+    return items
+
+
+def folders_source(cfg: DataCfg) -> pd.DataFrame:
+    """``data.image_dir_train/<class>/<ID>_<seq>.ext``: the folder is the class, ``<ID>`` the group."""
+    root = require_dir(cfg.image_dir_train, "data.image_dir_train")
+    rows = []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(class_dir.rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+                m = _SEQ_NAME.match(path.stem)
+                group = f"{class_dir.name}/{m['group'] if m else path.stem}"
+                rows.append((str(path), str(path.relative_to(root)), class_dir.name, group))
+    if not rows:
+        raise UserError(f"data.image_dir_train: no images in class sub-folders of {root} "
+                        f"(expected {root}/<class>/<name>{cfg.image_ext})")
+    items = pd.DataFrame(rows, columns=ITEM_COLUMNS)
+    items["label"] = _natural_labels(items["label"])
+    return items
+
+
+SOURCES: dict[str, Callable[[DataCfg], pd.DataFrame]] = {
+    "csv": csv_source,
+    "folders": folders_source,
+}
+
+
+def check_classes(items: pd.DataFrame, class_names: list[str] | None) -> list:
+    """The ordered class list: ``data.class_names`` when given (it must match exactly), else sorted labels."""
+    found = sorted(items["label"].unique().tolist())
+    if class_names is None:
+        return found
+    by_name = {str(v): v for v in found}
+    missing = [n for n in class_names if n not in by_name]
+    extra = [str(v) for v in found if str(v) not in class_names]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"listed but not in the data: {', '.join(missing)}")
+        if extra:
+            parts.append(f"in the data but not listed: {', '.join(extra)}")
+        raise UserError(f"data.class_names: does not match the data; {'; '.join(parts)}")
+    return [by_name[n] for n in class_names]
+
+
+def split_bad_images(items: pd.DataFrame, on_bad_image: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode every image once; return (readable items, bad items with a ``reason`` column).
+
+    With ``on_bad_image: error`` the first bad file stops the run with its path and reason.
+    """
+    reasons = {p: "file not found" for p in items.loc[items["path"] == "", "id"]}
+    found = items[items["path"] != ""]
+    errors = check_images(found["path"].tolist())
+    bad_mask = items["path"].isin(errors) | (items["path"] == "")
+    bad = items[bad_mask].copy()
+    bad["reason"] = [errors.get(p) or reasons.get(i, "unreadable") for p, i in zip(bad["path"], bad["id"])]
+    if len(bad) and on_bad_image == "error":
+        first = bad.iloc[0]
+        where = first["path"] or f"ID {first['id']}"
+        raise UserError(f"data.on_bad_image=error: {len(bad)} unreadable image(s); first: {where}: {first['reason']}")
+    return items[~bad_mask].reset_index(drop=True), bad.reset_index(drop=True)
+
+
+def load_items(cfg: DataCfg) -> pd.DataFrame:
+    """The item table for ``cfg.source``; missing files are kept with an empty path (see split_bad_images)."""
+    return lookup(SOURCES, cfg.source, "data.source")(cfg)

@@ -1,0 +1,74 @@
+"""Fold assignment: stratified K-fold, grouped whenever a group holds more than one image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
+
+from vistrain.errors import UserError
+
+
+def assign_folds(items: pd.DataFrame, folds: int, seed: int, stratify: bool = True) -> np.ndarray:
+    """Fold index per row of ``items`` ([N] int). Deterministic for the same items, folds and seed.
+
+    An existing ``fold`` column (from the CSV) is used as is. Otherwise StratifiedKFold, or
+    StratifiedGroupKFold when some group holds several images, so no group is on both sides.
+    """
+    if "fold" in items.columns:
+        return _given_folds(items["fold"], folds)
+    n_groups = items["group"].nunique()
+    grouped = n_groups < len(items)
+    units = n_groups if grouped else len(items)
+    if units < folds:
+        what = "groups" if grouped else "images"
+        raise UserError(f"data.folds: {folds} folds need at least {folds} {what}; the data has {units}")
+    y = items["label"].astype(str).to_numpy()
+    x = np.zeros(len(items))
+    if grouped:
+        groups = items["group"].astype(str).to_numpy()
+        if stratify:
+            splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        else:
+            # GroupKFold does not shuffle: permute the groups' names with the seed instead.
+            rng = np.random.default_rng(seed)
+            names = np.unique(groups)
+            remap = dict(zip(names, rng.permutation(len(names))))
+            groups = np.array([remap[g] for g in groups])
+            splitter = GroupKFold(n_splits=folds)
+        parts = splitter.split(x, y, groups)
+    elif stratify:
+        least = pd.Series(y).value_counts().min()
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed) if least >= folds else None
+        if splitter is None:
+            # A class rarer than the fold count cannot be in every fold; sklearn would only warn.
+            rare = pd.Series(y).value_counts().idxmin()
+            raise UserError(f"data.stratify: class '{rare}' has {least} image(s), fewer than data.folds={folds}; "
+                            "lower data.folds or set data.stratify=false")
+        parts = splitter.split(x, y)
+    else:
+        parts = KFold(n_splits=folds, shuffle=True, random_state=seed).split(x)
+    fold_of = np.full(len(items), -1, dtype=np.int64)
+    for k, (_, valid_idx) in enumerate(parts):
+        fold_of[valid_idx] = k
+    return fold_of
+
+
+def _given_folds(column: pd.Series, folds: int) -> np.ndarray:
+    try:
+        values = column.astype(int).to_numpy()
+    except ValueError as err:
+        raise UserError("data.train_csv: the 'fold' column must hold integers") from err
+    found = sorted(set(values.tolist()))
+    if found != list(range(folds)):
+        raise UserError(f"data.folds: the CSV's 'fold' column has folds {found}, but data.folds={folds} "
+                        f"expects 0..{folds - 1}")
+    return values
+
+
+def splits_table(items: pd.DataFrame, fold_of: np.ndarray) -> pd.DataFrame:
+    """What ``splits.csv`` holds: every item with its fold."""
+    cols = [c for c in ("id", "path", "label", "group", "domain", "camera") if c in items.columns]
+    out = items[cols].copy()
+    out["fold"] = fold_of
+    return out

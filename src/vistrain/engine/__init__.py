@@ -1,0 +1,1 @@
+"""Engine: the training loop, precision, optimisers/schedulers, checkpoints, early stopping."""

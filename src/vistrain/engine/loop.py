@@ -1,0 +1,182 @@
+"""The training loop: ``fit`` calls ``train_one_epoch`` and ``evaluate``; a task object supplies the loss
+and the metrics, so every task shares this loop and the loop never branches on the task."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vistrain.engine.device import Precision, autocast, peak_memory_mib
+from vistrain.engine.hooks import EarlyStopping
+
+log = logging.getLogger(__name__)
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Task(Protocol):
+    def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor: ...
+    def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed fold needs; ``state_dict`` is what goes into the checkpoint."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # timm Scheduler
+    scaler: torch.amp.GradScaler
+    stopper: EarlyStopping
+    seed: int  # reseeds shuffling and augmentation every epoch, so a resumed epoch draws the same batches
+    epoch: int = 0  # completed epochs
+    num_updates: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "epoch": self.epoch,
+            "num_updates": self.num_updates,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.stopper.load_state_dict(ckpt["early_stopping"])
+        self.epoch, self.num_updates, self.history = ckpt["epoch"], ckpt["num_updates"], list(ckpt["history"])
+
+
+@dataclass(frozen=True)
+class LoopOptions:
+    device: torch.device
+    precision: Precision
+    grad_accum_steps: int = 1
+    grad_clip_norm: float | None = None
+    channels_last: bool = False
+    log_interval: int = 50
+    progress: bool = False  # a tqdm bar (terminals only); plain log lines otherwise
+    label: str = ""  # "fold 0" in progress lines
+    row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    images = images.to(opt.device, non_blocking=True)
+    if opt.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(opt.device, non_blocking=True)
+
+
+def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean training loss and the mean of each loss part."""
+    model, optimizer = state.model, state.optimizer
+    model.train()
+    total, count, parts_sum = 0.0, 0, {}
+    n_batches = len(loader)
+    bar = tqdm(loader, total=n_batches, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False,
+               disable=not opt.progress, dynamic_ncols=True)
+    optimizer.zero_grad(set_to_none=True)
+    for step, (images, targets, _) in enumerate(bar, start=1):
+        images, targets = _to_device(images, targets, opt)
+        with autocast(opt.device, opt.precision):
+            loss, parts = task.training_loss(model, images, targets)
+        if not torch.isfinite(loss):
+            raise DivergedError(f"training loss is {loss.item()} at {opt.label} epoch {state.epoch + 1} step {step}; "
+                                "lower train.lr, set train.grad_clip_norm or use train.amp=fp32")
+        state.scaler.scale(loss / opt.grad_accum_steps).backward()
+        if step % opt.grad_accum_steps == 0 or step == n_batches:
+            if opt.grad_clip_norm:
+                state.scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
+            state.scaler.step(optimizer)
+            state.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.num_updates += 1
+            state.scheduler.step_update(num_updates=state.num_updates)
+        batch = images.shape[0]
+        total += loss.item() * batch
+        count += batch
+        for name, value in parts.items():
+            parts_sum[name] = parts_sum.get(name, 0.0) + value * batch
+        lr = optimizer.param_groups[0]["lr"]
+        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
+        if not opt.progress and opt.log_interval and step % opt.log_interval == 0:
+            log.info("[TRAIN] %s epoch=%d step=%d/%d loss=%.4f lr=%.3e", opt.label, state.epoch + 1, step,
+                     n_batches, total / count, lr)
+    if count == 0:
+        raise RuntimeError("the training loader yielded no batch")
+    return {"train_loss": total / count, **{k: v / count for k, v in parts_sum.items()}}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
+             ) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Model outputs for every item of ``loader`` in order: (mean loss, outputs [N, ...] fp32 CPU, targets [N])."""
+    model.eval()
+    outputs, targets_all = [], []
+    for images, targets, _ in tqdm(loader, desc=f"{opt.label} eval", leave=False, disable=not opt.progress):
+        images, targets = _to_device(images, targets, opt)
+        with autocast(opt.device, opt.precision):
+            out = task.eval_outputs(model, images)
+        outputs.append(out.float().cpu())
+        targets_all.append(targets.cpu())
+    out, tgt = torch.cat(outputs), torch.cat(targets_all)
+    return float(task.eval_loss(out, tgt)), out, tgt
+
+
+EpochCallback = Callable[[TrainState, dict[str, Any], torch.Tensor, bool], None]
+
+
+def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: DataLoader, epochs: int,
+        opt: LoopOptions, on_epoch_end: EpochCallback) -> TrainState:
+    """Train from ``state.epoch`` to ``epochs`` or until early stopping.
+
+    ``on_epoch_end(state, row, outputs, improved)`` runs after each epoch's state is final: it is where the
+    caller saves checkpoints and writes the metrics row, so a crash after it loses nothing.
+    """
+    device = opt.device
+    while state.epoch < epochs and not state.stopper.should_stop:
+        start = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = getattr(train_loader, "generator", None)
+        if generator is not None:
+            generator.manual_seed(state.seed + state.epoch)
+        train = train_one_epoch(state, task, train_loader, opt)
+        valid_loss, outputs, targets = evaluate(state.model, task, valid_loader, opt)
+        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss, **task.metrics(outputs, targets),
+               "lr": state.optimizer.param_groups[0]["lr"]}
+        monitor = row[state.stopper.monitor]
+        if not math.isfinite(monitor):
+            raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")
+        improved = state.stopper.step(monitor, state.epoch + 1)
+        state.epoch += 1
+        state.scheduler.step(state.epoch, metric=monitor)
+        row["time_s"] = round(time.time() - start, 3)
+        row["mem_MiB"] = round(peak_memory_mib(device), 1)
+        row = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in row.items()}
+        state.history.append(row)
+        on_epoch_end(state, row, outputs, improved)
+    return state

@@ -1,0 +1,41 @@
+"""User-facing errors and the name -> builder lookup that every extension table uses.
+
+A ``UserError`` is a mistake the user can fix (bad config, missing file, bad CSV). The CLI prints
+its message as one line and exits with code 2; anything else is a bug and exits with code 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A mistake in the user's input. ``str(err)`` is the single line shown to the user."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """One or more problems in the configuration; each problem is one line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def lookup(table: Mapping[str, T], name: str, key: str) -> T:
+    """Return ``table[name]`` or raise a one-line UserError naming the config key and the valid names."""
+    if name in table:
+        return table[name]
+    valid = ", ".join(sorted(table))
+    raise UserError(f"{key}: unknown name '{name}'; valid: {valid}{did_you_mean(name, table)}")

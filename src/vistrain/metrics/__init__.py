@@ -1,0 +1,1 @@
+"""Metrics: classification, calibration, retrieval / re-identification."""

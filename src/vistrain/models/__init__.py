@@ -1,0 +1,1 @@
+"""Models: timm backbone + head; losses."""

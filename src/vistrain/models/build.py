@@ -1,0 +1,113 @@
+"""Build a timm model from ``model.*`` and resolve its preprocessing (mean, std, interpolation)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from vistrain.errors import UserError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+
+def create_backbone_model(
+    name: str,
+    num_classes: int,
+    pooling: str = "avg",
+    pretrained: bool = False,
+    pretrained_path: Path | None = None,
+    drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """``timm.create_model`` with one-line errors; weights come from ``pretrained_path`` when given."""
+    known = timm.list_models()
+    if name.split(".")[0] not in known:
+        raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
+    kwargs: dict[str, Any] = {
+        "num_classes": num_classes,
+        "global_pool": pooling,
+        "drop_rate": drop_rate,
+        # timm drops None kwargs, so models without stochastic depth still build.
+        "drop_path_rate": drop_path_rate or None,
+    }
+    if pretrained_path is not None:
+        if not pretrained_path.is_file():
+            raise UserError(f"model.pretrained_path: file not found: {pretrained_path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
+    try:
+        return timm.create_model(name, pretrained=pretrained or pretrained_path is not None, **kwargs)
+    except TypeError as err:
+        raise UserError(f"model.name: {name} does not accept these options ({err}); "
+                        "try model.drop_path_rate=0 or model.pooling=avg") from err
+    except (OSError, RuntimeError) as err:
+        if pretrained and pretrained_path is None:
+            raise UserError(f"model.pretrained: could not fetch weights for {name} ({type(err).__name__}); "
+                            "download them once and set model.pretrained_path=FILE") from err
+        if pretrained_path is not None:
+            raise UserError(f"model.pretrained_path: cannot load {pretrained_path} into {name}: "
+                            f"{str(err).splitlines()[0]}") from err
+        raise
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling, [B, C, H, W] -> [B, C]: (mean x^p)^(1/p) with a learnable p (3 at start)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().clamp(min=self.eps).pow(self.p).mean(dim=(-2, -1)).pow(1.0 / self.p).to(x.dtype)
+
+
+class PooledClassifier(nn.Module):
+    """A timm backbone without its pooling, then GeM and a linear head (timm has no GeM global_pool)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, drop_rate: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.pool = GeM()
+        self.drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        self.pretrained_cfg = getattr(backbone, "pretrained_cfg", {})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.backbone.forward_features(x)
+        if feats.ndim != 4:
+            raise UserError("model.pooling: gem needs a convolutional backbone with [B, C, H, W] features; "
+                            "use avg for transformers")
+        return self.head(self.drop(self.pool(feats)))
+
+
+def build_classifier(name: str, num_classes: int, pooling: str = "avg", **kwargs: Any) -> nn.Module:
+    """A classifier [B, 3, H, W] -> logits [B, num_classes] from ``model.*``."""
+    if pooling != "gem":
+        return create_backbone_model(name, num_classes, pooling=pooling, **kwargs)
+    drop_rate = kwargs.pop("drop_rate", 0.0)
+    backbone = create_backbone_model(name, 0, pooling="", **kwargs)
+    return PooledClassifier(backbone, num_classes, drop_rate)
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """The model's own preprocessing (mean, std, interpolation), as timm resolves it."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"]}
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def load_weights(model: nn.Module, path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a vistrain checkpoint's model weights into ``model``; returns the checkpoint."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    return ckpt

@@ -1,0 +1,27 @@
+"""``vistrain split``: write the fold assignment that ``train`` would use, without training."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from vistrain.config.schema import Config
+from vistrain.data.splits import splits_table
+from vistrain.pipelines.train import prepare_data
+from vistrain.tracking.files import write_csv
+
+log = logging.getLogger(__name__)
+
+
+def run_split(cfg: Config, output: Path) -> pd.DataFrame:
+    data = prepare_data(cfg)
+    table = splits_table(data.items, data.fold_of)
+    write_csv(output, table)
+    sizes = table.groupby("fold").size().to_dict()
+    log.info("[DATA] %d images in %d folds %s -> %s", len(table), cfg.data.folds, sizes, output)
+    if len(data.bad):
+        log.warning("[DATA] %d unreadable or missing image(s) left out: %s", len(data.bad),
+                    ", ".join(data.bad["id"].astype(str).head(5)))
+    return table

@@ -1,0 +1,339 @@
+"""``vistrain train``: data -> folds -> one model per fold -> OOF -> summary, in one run directory."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from torch.utils.data import DataLoader
+
+import vistrain
+from vistrain.config.loader import config_to_dict
+from vistrain.config.schema import Config
+from vistrain.data.dataset import ImageDataset
+from vistrain.data.samplers import SAMPLERS
+from vistrain.data.sources import check_classes, load_items, split_bad_images
+from vistrain.data.splits import assign_folds, splits_table
+from vistrain.data.transforms import eval_transform, size_hw, train_transform
+from vistrain.engine import device as dev
+from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from vistrain.engine.hooks import EarlyStopping
+from vistrain.engine.loop import LoopOptions, TrainState, fit
+from vistrain.engine.optim import build_optimizer, build_scheduler
+from vistrain.engine.tasks import ClassificationTask
+from vistrain.errors import UserError, lookup
+from vistrain.metrics.classification import epoch_metrics
+from vistrain.models.build import build_classifier, count_parameters, data_config
+from vistrain.models.losses import LOSSES
+from vistrain.tracking import rundir
+from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
+from vistrain.tracking.logs import run_logging
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """The data of a run, checked before anything is written: a user error stops here, with no run directory."""
+
+    items: pd.DataFrame  # readable items only
+    bad: pd.DataFrame  # unreadable or missing images, with a reason
+    classes: list  # class labels in index order
+    targets: np.ndarray  # [N] class index per item
+    fold_of: np.ndarray  # [N] fold per item
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def prepare_data(cfg: Config) -> Prepared:
+    items = load_items(cfg.data)
+    classes = check_classes(items, cfg.data.class_names)
+    items, bad = split_bad_images(items, cfg.data.on_bad_image)
+    if items.empty:
+        raise UserError(f"data: no readable image among {len(bad)} items (see the paths, e.g. {bad['path'].iloc[0]})")
+    index = {c: i for i, c in enumerate(classes)}
+    targets = items["label"].map(index).to_numpy(dtype=np.int64)
+    fold_of = assign_folds(items, cfg.data.folds, cfg.project.seed, cfg.data.stratify)
+    return Prepared(items, bad, classes, targets, fold_of)
+
+
+def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
+              config_path: Path | None = None) -> RunResult:
+    """One training run; returns its directory and summary. ``folds`` overrides ``data.valid_fold``."""
+    folds = folds if folds is not None else cfg.folds_to_train()
+    bad_folds = [k for k in folds if not 0 <= k < cfg.data.folds]
+    if bad_folds:
+        raise UserError(f"--fold: {bad_folds[0]} is not a fold of data.folds={cfg.data.folds}; "
+                        f"valid: 0..{cfg.data.folds - 1}")
+    data = prepare_data(cfg)
+    run = _open_run(cfg, resume, fresh)
+    started = time.time()
+    log_files = [run / "train.log"]
+    if cfg.output.logs_dir is not None:
+        log_files.append(cfg.output.logs_dir / f"run_{time.strftime('%Y%m%d-%H%M')}_{run.run_id}.log")
+    with run_logging(log_files):
+        try:
+            summary = _train_run(cfg, run, data, folds, config_path, started)
+        except BaseException as err:
+            run.set_status("error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            raise
+    run.set_status("success", summary="summary.json")
+    return RunResult(run.path, summary)
+
+
+def _open_run(cfg: Config, resume: bool | Path, fresh: bool) -> rundir.RunDir:
+    if isinstance(resume, Path):
+        return rundir.open_existing(resume)
+    if resume and not fresh:
+        found = rundir.find_unfinished(cfg)
+        if found is not None:
+            return rundir.open_existing(found)
+    return rundir.new_run(cfg)
+
+
+def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
+               started: float) -> dict[str, Any]:
+    device = dev.pick_device(cfg.train.device)
+    precision = dev.pick_precision(cfg.train.amp, device)
+    dev.configure_backends(device)
+    log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | run=%s%s", vistrain.__version__,
+             torch.__version__, timm.__version__, _device_name(device), precision.name, run.path,
+             " (resumed)" if run.resumed else "")
+    for section, values in config_to_dict(cfg).items():
+        log.info("[CFG] %s: %s", section, values)
+    _write_run_files(cfg, run, data, config_path)
+    d = cfg.data
+    log.info("[PATH] OK | train_csv=%s | sample_csv=%s | image_dir_train=%s", d.train_csv, d.sample_csv,
+             d.image_dir_train)
+    counts = pd.Series(data.targets).value_counts().sort_index()
+    log.info("[DATA] %d images, %d classes | per class: %s", len(data.items), len(data.classes),
+             {str(data.classes[i]): int(n) for i, n in counts.items()})
+    if len(data.bad):
+        log.warning("[DATA] %d unreadable or missing image(s) skipped; listed in %s", len(data.bad),
+                    run / "bad_images.csv")
+    log.info("[DATA] folds=%d (%s) | validation sizes: %s | training folds: %s", d.folds,
+             "grouped" if data.items["group"].nunique() < len(data.items) else "stratified" if d.stratify else "plain",
+             {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}, folds)
+    if run.resumed:
+        _rebuild_metrics(run, cfg.data.folds)
+    results = []
+    for fold in folds:
+        results.append(_train_fold(cfg, run, data, fold, device, precision))
+    summary = _summarise(cfg, run, data, results, folds, device, precision, started)
+    write_json(run / "summary.json", summary)
+    log.info("[DONE] run=%s | %s", run.path, _fmt_summary(summary))
+    return summary
+
+
+def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_path: Path | None) -> None:
+    splits = splits_table(data.items, data.fold_of)
+    if run.resumed and (run / "splits.csv").is_file():
+        before = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
+        if before["id"].tolist() != splits["id"].astype(str).tolist() or \
+                before["fold"].tolist() != splits["fold"].astype(str).tolist():
+            raise UserError(f"--resume: the data or split changed since {run.path} started; use --fresh")
+    if not run.resumed:
+        write_yaml(run / "config.yaml", config_to_dict(cfg))
+        if cfg.output.snapshots and config_path is not None and config_path.is_file():
+            shutil.copyfile(config_path, run / "config.source.yaml")
+            atomic_write_text(run / "command.txt", " ".join(sys.argv) + "\n")
+    write_csv(run / "splits.csv", splits)
+    write_json(run / "class_map.json", {
+        "class_to_idx": {str(c): i for i, c in enumerate(data.classes)},
+        "idx_to_class": {str(i): c for i, c in enumerate(data.classes)},
+    })
+    if len(data.bad):
+        write_csv(run / "bad_images.csv", data.bad[["id", "path", "reason"]])
+
+
+def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> None:
+    """metrics.jsonl from the checkpoints' histories: one row per completed epoch, none repeated or lost."""
+    rows = []
+    for fold in range(n_folds):
+        last = run.ckpt("last", fold)
+        if last.is_file():
+            rows += load_checkpoint(last)["history"]
+    atomic_write_text(run / "metrics.jsonl", "".join(json_line(r) for r in rows))
+
+
+def _loaders(cfg: Config, data: Prepared, fold: int, dcfg: dict[str, Any], device: torch.device
+             ) -> tuple[DataLoader, DataLoader, np.ndarray]:
+    t = cfg.train
+    paths = data.items["path"].to_numpy()
+    train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
+    y_train = data.targets[train_idx]
+    train_ds = ImageDataset(paths[train_idx], y_train.tolist(), train_transform(cfg.augment, t.img_size,
+                                                                               dcfg["mean"], dcfg["std"]))
+    valid_ds = ImageDataset(paths[valid_idx], data.targets[valid_idx].tolist(),
+                            eval_transform(t.img_size, dcfg["mean"], dcfg["std"]))
+    generator = torch.Generator()
+    sampler = lookup(SAMPLERS, cfg.sampler.name, "sampler.name")(y_train.tolist(), generator)
+    workers = dev.auto_workers(t.num_workers, device)
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
+                              drop_last=len(train_ds) >= 2 * t.batch_size, **common)
+    valid_loader = DataLoader(valid_ds, batch_size=t.batch_size * 2, shuffle=False, **common)
+    return train_loader, valid_loader, valid_idx
+
+
+def _task(cfg: Config, y_train: np.ndarray, n_classes: int, device: torch.device) -> ClassificationTask:
+    a, t = cfg.augment, cfg.train
+    weights = None
+    if t.class_weights == "balanced":
+        counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
+        w = np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0)
+        weights = torch.tensor(w, dtype=torch.float32, device=device)
+    mixup = None
+    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
+                      switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
+    # With mixup the smoothing is already inside the soft targets.
+    criterion = LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing)
+    return ClassificationTask(criterion, mixup)
+
+
+def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, device: torch.device,
+                precision: dev.Precision) -> dict[str, Any]:
+    t, n_classes = cfg.train, len(data.classes)
+    seed_everything(cfg.project.seed + fold)
+    m = cfg.model
+    model = build_classifier(m.name, n_classes, pooling=m.pooling, pretrained=m.pretrained,
+                             pretrained_path=m.pretrained_path, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    dcfg = {**data_config(model), "img_size": list(size_hw(t.img_size))}
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, valid_loader, valid_idx = _loaders(cfg, data, fold, dcfg, device)
+    task = _task(cfg, data.targets[data.fold_of != fold], n_classes, device)
+    if task.mixup is not None and t.batch_size % 2:
+        raise UserError(f"train.batch_size: mixup/cutmix needs an even batch size; got {t.batch_size}")
+    stopper = EarlyStopping(t.monitor, t.early_stopping_patience)
+    optimizer = build_optimizer(model, t)
+    updates = -(-len(train_loader) // t.grad_accum_steps)
+    state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, t, updates, stopper.mode),
+                       scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
+                       seed=cfg.project.seed * 1000 + fold * 100_000)
+    total, trainable = count_parameters(model)
+    log.info("[MODEL] fold=%d %s | pooling=%s | params=%.2fM (trainable %.2fM) | input=%s | mean=%s std=%s | "
+             "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, total / 1e6, trainable / 1e6,
+             dcfg["img_size"], [round(x, 3) for x in dcfg["mean"]], [round(x, 3) for x in dcfg["std"]],
+             len(train_loader.dataset), len(valid_idx), len(train_loader))
+    last_path = run.ckpt("last", fold)
+    if run.resumed and last_path.is_file():
+        ckpt = load_checkpoint(last_path, device)
+        state.load_state_dict(ckpt)
+        set_rng_state(ckpt["rng"])
+        if ckpt.get("finished"):
+            log.info("[RESUME] fold=%d already finished (%d epochs); skipped", fold, state.epoch)
+            return _fold_result(fold, state, ckpt.get("time_s", 0.0))
+        log.info("[RESUME] fold=%d from epoch %d of %d", fold, state.epoch, t.epochs)
+    meta = {"fold": fold, "classes": data.classes, "data_config": dcfg, "config": config_to_dict(cfg),
+            "task": cfg.task, "vistrain_version": vistrain.__version__}
+    fold_start = time.time() - (state.history[-1].get("fold_time_s", 0.0) if state.history else 0.0)
+
+    def on_epoch_end(state: TrainState, row: dict[str, Any], outputs: torch.Tensor, improved: bool) -> None:
+        row["fold_time_s"] = round(time.time() - fold_start, 3)
+        if improved:
+            atomic_save({"model": state.model.state_dict(), "epoch": state.epoch, "metrics": row, **meta},
+                        run.ckpt("best", fold))
+            write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
+        atomic_save({**state.state_dict(), "rng": rng_state(), "finished": False, **meta}, last_path)
+        run.append_metrics(row)
+        log.info("[EPOCH] fold=%d epoch=%d/%d %s", fold, row["epoch"], t.epochs,
+                 " ".join(f"{k}={_fmt(k, v)}" for k, v in row.items() if k not in ("fold", "epoch", "fold_time_s")))
+        if improved:
+            log.info("NEW_BEST fold=%d epoch=%d %s=%.4f -> %s", fold, state.epoch, t.monitor, row[t.monitor],
+                     run.ckpt("best", fold).relative_to(run.path))
+
+    opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
+                       grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
+                       progress=_show_progress(), label=f"fold {fold}", row_prefix={"fold": fold})
+    fit(state, task, train_loader, valid_loader, t.epochs, opts, on_epoch_end)
+    if state.stopper.should_stop:
+        log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d epochs (best %.4f at epoch %d)",
+                 fold, state.epoch, t.monitor, t.early_stopping_patience, stopper.best, stopper.best_epoch)
+    elapsed = time.time() - fold_start
+    atomic_save({**state.state_dict(), "rng": rng_state(), "finished": True, "time_s": elapsed, **meta}, last_path)
+    return _fold_result(fold, state, elapsed)
+
+
+def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]:
+    best = next(r for r in state.history if r["epoch"] == state.stopper.best_epoch)
+    metrics = {k: v for k, v in best.items() if k not in ("fold", "epoch", "lr", "time_s", "mem_MiB", "fold_time_s")}
+    return {"fold": fold, "best_epoch": state.stopper.best_epoch, "epochs_run": state.epoch,
+            "stopped_early": state.stopper.should_stop, "best": metrics, "time_s": round(elapsed, 2)}
+
+
+def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[dict[str, Any]], folds: list[int],
+               device: torch.device, precision: dev.Precision, started: float) -> dict[str, Any]:
+    names = list(results[0]["best"])
+    values = {n: np.array([r["best"][n] for r in results], dtype=np.float64) for n in names}
+    summary: dict[str, Any] = {
+        "run_id": run.run_id, "task": cfg.task, "monitor": cfg.train.monitor, "folds": results,
+        "mean": {n: float(v.mean()) for n, v in values.items()},
+        "std": {n: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for n, v in values.items()},
+    }
+    if sorted(folds) == list(range(cfg.data.folds)):
+        summary["oof"] = _write_oof(run, data)
+    summary["timings"] = {"total_s": round(time.time() - started, 2),
+                          "per_fold_s": {str(r["fold"]): r["time_s"] for r in results}}
+    summary["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
+                              "timm": timm.__version__, "vistrain": vistrain.__version__,
+                              "device": _device_name(device), "precision": precision.name,
+                              "platform": platform.platform()}
+    return summary
+
+
+def _write_oof(run: rundir.RunDir, data: Prepared) -> dict[str, float]:
+    """Out-of-fold logits [N, C] in splits.csv order, from each fold's best epoch."""
+    logits = np.zeros((len(data.items), len(data.classes)), dtype=np.float32)
+    for fold in np.unique(data.fold_of):
+        logits[data.fold_of == fold] = np.load(run / "oof" / f"fold{fold}_valid_logits.npy")
+    write_npy(run / "oof" / "oof_logits.npy", logits)
+    write_npy(run / "oof" / "oof_targets.npy", data.targets)
+    write_csv(run / "oof" / "oof_ids.csv", pd.DataFrame({
+        "id": data.items["id"], "fold": data.fold_of, "target": data.items["label"],
+        "pred": [data.classes[i] for i in logits.argmax(axis=1)]}))
+    return epoch_metrics(logits, data.targets)
+
+
+def _fmt(key: str, v: Any) -> str:
+    if key in ("time_s", "mem_MiB"):
+        return f"{v:.1f}"
+    if isinstance(v, float):
+        return f"{v:.3e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
+    return str(v)
+
+
+def _fmt_summary(summary: dict[str, Any]) -> str:
+    mon = summary["monitor"]
+    out = f"{mon}={summary['mean'][mon]:.4f}±{summary['std'][mon]:.4f} over {len(summary['folds'])} fold(s)"
+    if "oof" in summary:
+        out += f" | oof macro_f1={summary['oof']['macro_f1']:.4f} accuracy={summary['oof']['accuracy']:.4f}"
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _show_progress() -> bool:
+    import os
+
+    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,0 +1,1 @@
+"""Tracking: the run directory, tagged logging, metrics.jsonl and summary files."""
