@@ -47,8 +47,45 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
         cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
         config_path = Path(args.config)
-    result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path)
+    result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
+                       use_calibration=args.use_calibration, full_pipeline=args.mode == "full-pipeline")
     print(f"[DONE] run directory: {result.run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    run_evaluate(Path(args.run), split=args.split, folds=args.folds)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.predict import run_predict
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    opt = {k: Path(v) if v else None for k, v in (("image_dir", args.image_dir), ("sample", args.sample),
+                                                   ("output", args.output))}
+    run_predict(Path(args.run), Path(args.input), tta=args.tta, folds=args.folds, probs=args.probs, **opt)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.calibrate import run_calibrate
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    run_calibrate(Path(args.run))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vistrain.viz.report import write_report
+
+    print(f"[DONE] report written to {write_report(Path(args.run).resolve())}")
     return 0
 
 
@@ -76,12 +113,20 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (and exit 2) like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
-    parser = argparse.ArgumentParser(prog="vistrain", parents=[common],
+    parser = _Parser(prog="vistrain", parents=[common],
                                      description="Train, evaluate and serve timm image models from one YAML config.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=help_, description=help_)
@@ -90,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def config_args(p: argparse.ArgumentParser, required: bool) -> None:
         p.add_argument("--config", required=required, help="YAML config file")
-        p.add_argument("--mode", choices=["basic", "fast", "highperf"],
-                       help="preset under the config file: fast (small model, 224 px) or highperf (384 px, hard aug)")
+        p.add_argument("--mode", choices=["basic", "fast", "highperf", "full-pipeline"],
+                       help="preset under the config file: fast (small model, 224 px), highperf (384 px, hard aug), "
+                            "full-pipeline (basic, then predict data.image_dir_test into RUN/submission.csv)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.lr=3e-4")
 
     p = add("train", cmd_train, "train a model (all folds or one), writing a run directory")
@@ -100,7 +146,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the newest unfinished run of this config, or RUN_DIR, from its last epoch")
     p.add_argument("--fresh", action="store_true", help="always start a new run")
     p.add_argument("--fold", type=_folds, metavar="0,2", help="train these folds (overrides data.valid_fold)")
+    p.add_argument("--use-calibration", action="store_true",
+                   help="fit a temperature on the out-of-fold (or validation) logits after training")
     p.set_defaults(command_label="TRAINING")
+
+    p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--split", default="val", choices=["val", "test", "oof"])
+    p.add_argument("--folds", default="all", metavar="all|0,2")
+
+    p = add("predict", cmd_predict, "fold-ensemble predictions for a folder or CSV of images -> ID,target CSV")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--input", required=True, help="folder of images, or a CSV with an ID column")
+    p.add_argument("--image-dir", help="where a CSV's images are (default: data.image_dir_test)")
+    p.add_argument("--sample", help="sample submission: output rows follow its IDs and order")
+    p.add_argument("--output", help="CSV to write (default: RUN/predictions.csv)")
+    p.add_argument("--tta", action="store_true", help="average the eval.tta views (default: horizontal flip)")
+    p.add_argument("--folds", default="all", metavar="all|0,2")
+    p.add_argument("--probs", action="store_true", help="add a prob_<class> column per class")
+
+    p = add("calibrate", cmd_calibrate, "fit a temperature on a run's out-of-fold logits -> RUN/calibration.json")
+    p.add_argument("run", metavar="RUN", help="run directory")
+
+    p = add("report", cmd_report, "write RUN/report.html: one self-contained page with the run's numbers and plots")
+    p.add_argument("run", metavar="RUN", help="run directory")
 
     p = add("demo", cmd_demo, "write the scikit-learn digits as images and train configs/demo.yaml on the CPU")
     p.add_argument("--out", default="demo_data", help="where the demo images go (default: ./demo_data)")

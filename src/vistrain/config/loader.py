@@ -140,7 +140,7 @@ def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) ->
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _path_keys(ann, prefix + (name,))
-        elif ann is Path or (isinstance(ann, types.UnionType | typing._UnionGenericAlias) and Path in typing.get_args(ann)):
+        elif ann is Path or (isinstance(ann, types.UnionType) and Path in typing.get_args(ann)):
             keys.append(prefix + (name,))
     return keys
 

@@ -7,6 +7,8 @@ from typing import Any
 MODES: dict[str, dict[str, Any]] = {
     # The schema's defaults: the config file alone decides.
     "basic": {},
+    # basic, then predict data.image_dir_test into RUN/submission.csv (in data.sample_csv order when given).
+    "full-pipeline": {},
     # Quick iteration: a small network, 224 px, a high learning rate, light augmentation.
     "fast": {
         "model": {"name": "efficientnet_b0"},

@@ -131,6 +131,27 @@ class SamplerCfg(Section):
     name: Literal["random", "weighted"] = "random"  # weighted: draws classes equally often
 
 
+class WandbCfg(Section):
+    enabled: bool = False  # needs `pip install vistrain[wandb]`
+    project: str = "vistrain"
+    entity: str | None = None
+    name: str | None = None  # the run id when left empty
+    tags: list[str] = []
+    mode: Literal["online", "offline"] = "offline"  # offline writes under the run directory; sync later
+
+
+class TrackingCfg(Section):
+    tensorboard: bool = True  # event files under <run>/tensorboard/
+    wandb: WandbCfg = WandbCfg()
+
+
+class EvalCfg(Section):
+    failure_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7  # classes with F1 below this go to failures.csv
+    top_losses: Annotated[int, Field(ge=0)] = 50  # worst-scored items listed in top_losses.csv
+    tta: list[Literal["hflip", "vflip"]] = ["hflip"]  # views averaged by `predict --tta`
+    batch_size: PositiveInt | None = None  # inference batch; train.batch_size * 2 when empty
+
+
 class OutputCfg(Section):
     exp_dir: Path = Path("experiments")  # runs go to exp_dir/YYYYMMDD/<run_id>/
     logs_dir: Path | None = Path("logs")  # a copy of each train.log as run_YYYYMMDD-HHMM_<run_id>.log
@@ -145,6 +166,8 @@ class Config(Section):
     train: TrainCfg = TrainCfg()
     augment: AugmentCfg = AugmentCfg()
     sampler: SamplerCfg = SamplerCfg()
+    eval: EvalCfg = EvalCfg()
+    tracking: TrackingCfg = TrackingCfg()
     output: OutputCfg = OutputCfg()
 
     @model_validator(mode="after")

@@ -166,8 +166,8 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
             generator.manual_seed(state.seed + state.epoch)
         train = train_one_epoch(state, task, train_loader, opt)
         valid_loss, outputs, targets = evaluate(state.model, task, valid_loader, opt)
-        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss, **task.metrics(outputs, targets),
-               "lr": state.optimizer.param_groups[0]["lr"]}
+        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss,
+               **task.metrics(outputs, targets), "lr": state.optimizer.param_groups[0]["lr"]}
         monitor = row[state.stopper.monitor]
         if not math.isfinite(monitor):
             raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")

@@ -1,46 +1,166 @@
 """Classification metrics (a public API). scikit-learn computes them; this module fixes the conventions:
 every class index ``0..C-1`` counts, a class never predicted scores F1 0 rather than a warning.
+
+Shapes: ``logits`` [N, C] float scores (any monotone transform of the probabilities gives the same top-k),
+``targets`` / ``y_true`` / ``y_pred`` [N] int class indices in ``0..C-1``. numpy arrays, torch tensors (any device)
+and sequences are accepted.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from scipy import special
 from sklearn import metrics as skm
 
 ArrayLike = np.ndarray | torch.Tensor | Sequence
 
+ECE_BINS: int = 15  # bins used for the ECE in classification_report
+
 
 def _np(x: ArrayLike) -> np.ndarray:
+    """A numpy view / copy of ``x`` on the CPU. float16 / bfloat16 tensors become float32 (numpy has no bfloat16);
+    float32 / float64 keep their precision, so near-ties in float64 logits are not merged by rounding."""
     if isinstance(x, torch.Tensor):
-        return x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+        x = x.detach()
+        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
+            x = x.float()
+        return x.cpu().numpy()
     return np.asarray(x)
 
 
+def _as_targets(targets: ArrayLike, n: int, n_classes: int) -> np.ndarray:
+    """Class indices as int64 [n]; a float array is accepted only when it holds whole numbers."""
+    y = _np(targets)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"targets must have shape [{n}], got {y.shape}")
+    if y.dtype.kind == "f":
+        if not np.all(np.isfinite(y) & (y == np.round(y))):
+            raise ValueError("targets must be whole numbers (class indices)")
+    elif y.dtype.kind not in "iub":
+        raise ValueError(f"targets must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if n and (y.min() < 0 or y.max() >= n_classes):
+        raise ValueError(f"targets must lie in [0, {n_classes - 1}], got range [{y.min()}, {y.max()}]")
+    return y
+
+
+def _as_logits_targets(logits: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validated float64 logits [N, C] (N, C >= 1, all finite) and int64 targets [N] in ``0..C-1``."""
+    z = np.asarray(_np(logits), dtype=np.float64)  # float32 -> float64 is exact, so rankings are unchanged
+    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
+        raise ValueError(f"logits must have shape [N, C] with N, C >= 1, got {z.shape}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("logits contain NaN or inf")
+    return z, _as_targets(targets, n=z.shape[0], n_classes=z.shape[1])
+
+
 def topk_accuracy(logits: ArrayLike, targets: ArrayLike, k: int = 1) -> float:
-    """Fraction of rows whose target is among the ``k`` highest scores. logits [N, C], targets [N]."""
-    scores, y = _np(logits), _np(targets).astype(int)
+    """Fraction of rows whose target is among the ``k`` highest scores. logits [N, C], targets [N].
+
+    Equals ``sklearn.metrics.top_k_accuracy_score(targets, logits, k=k, labels=range(C))``, ties included
+    (scikit-learn ranks tied scores so the higher class index wins). ``k >= C`` gives 1.0. For C == 2, where
+    scikit-learn only takes a 1-d score, the result equals its binary rule on ``softmax(logits)[:, 1]``: class 1 is
+    predicted iff ``logits[:, 1] > logits[:, 0]``, so a tie predicts class 0.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scores, y = _as_logits_targets(logits, targets)
     n_classes = scores.shape[1]
-    if k >= n_classes:
+    if k >= n_classes:  # every class is in the top k; scikit-learn returns 1.0 too, with a warning
         return 1.0
-    if n_classes == 2:  # scikit-learn wants a 1-d score for two classes
-        return float(skm.top_k_accuracy_score(y, scores[:, 1] - scores[:, 0], k=k, labels=[0, 1]))
+    if n_classes == 2:
+        # Compare the two columns directly: passing scikit-learn a 1-d score (e.g. s1 - s0) would make it
+        # threshold at 0.5 whenever every score happens to lie in [0, 1], which is wrong for a difference.
+        pred = (scores[:, 1] > scores[:, 0]).astype(np.int64)
+        return float(np.mean(pred == y))
     return float(skm.top_k_accuracy_score(y, scores, k=k, labels=np.arange(n_classes)))
 
 
-def macro_f1(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """Unweighted mean of the per-class F1 over the classes present in ``y_true`` or ``y_pred``."""
-    return float(skm.f1_score(_np(y_true), _np(y_pred), average="macro", zero_division=0))
+def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, *, n_classes: int | None = None) -> float:
+    """Unweighted mean of the per-class F1. y_true [N], y_pred [N] int.
+
+    By default the mean runs over the classes present in ``y_true`` or ``y_pred`` (scikit-learn's
+    ``f1_score(average="macro")``); pass ``n_classes`` to make every class ``0..n_classes-1`` count, a class that
+    is neither present nor predicted then scoring 0.
+    """
+    labels = None if n_classes is None else np.arange(n_classes)
+    return float(skm.f1_score(_np(y_true), _np(y_pred), labels=labels, average="macro", zero_division=0))
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
+    """Fraction of equal entries. y_true [N], y_pred [N]."""
     return float(skm.accuracy_score(_np(y_true), _np(y_pred)))
 
 
 def epoch_metrics(logits: ArrayLike, targets: ArrayLike) -> dict[str, float]:
-    """What the training loop logs each epoch for a classifier."""
+    """What the training loop logs each epoch for a classifier. logits [N, C], targets [N]."""
     scores, y = _np(logits), _np(targets).astype(int)
     pred = scores.argmax(axis=1)
     return {"macro_f1": macro_f1(y, pred), "accuracy": accuracy(y, pred)}
+
+
+def classification_report(logits: ArrayLike, targets: ArrayLike,
+                          class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Everything an evaluation writes to metrics.json for a classifier, as JSON-ready Python scalars / lists.
+
+    logits [N, C] float, targets [N] int, class_names [C] (``None``: ``"0" .. "C-1"``). All C classes count, also
+    those absent from ``targets``. Keys:
+
+    * ``n``, ``n_classes``;
+    * ``top1``, ``top5`` (:func:`topk_accuracy` with k = 1 and k = ``top5_k`` = min(5, C));
+    * ``macro_f1`` (mean over all C classes; a class neither present nor predicted scores 0), ``weighted_f1``
+      (weighted by support, so absent classes weigh nothing);
+    * ``balanced_accuracy``: mean recall over the classes present in ``targets`` (scikit-learn's definition; the
+      recall of an absent class is undefined, not 0);
+    * ``nll``: mean cross-entropy of ``softmax(logits)``, from a float64 log-softmax (no probability clipping);
+    * ``ece``: :func:`~vistrain.metrics.calibration.expected_calibration_error` of ``softmax(logits)`` with
+      ``ece_n_bins`` bins;
+    * ``per_class``: one dict per class in index order: ``index``, ``class``, ``precision``, ``recall``, ``f1``,
+      ``support``, ``accuracy`` (= recall: the accuracy on that class's samples); undefined ratios are 0;
+    * ``confusion_matrix``: C x C list of lists, rows = true class, columns = predicted class.
+
+    Per-class values and the confusion matrix use the argmax prediction (ties: lowest index); ``top1`` uses
+    scikit-learn's top-k tie rule, so the two can differ only on rows with exactly tied top scores.
+    """
+    from vistrain.metrics.calibration import expected_calibration_error  # lazy: calibration imports this module
+
+    z, y = _as_logits_targets(logits, targets)
+    n, n_classes = z.shape
+    names = [str(i) for i in range(n_classes)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != n_classes:
+        raise ValueError(f"{len(names)} class names for {n_classes} logit columns")
+    labels = np.arange(n_classes)
+    pred = z.argmax(axis=1)
+    log_probs = special.log_softmax(z, axis=1)
+    top5_k = min(5, n_classes)
+
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=labels, average=None, zero_division=0)
+    with warnings.catch_warnings():
+        # "y_pred contains classes not in y_true" is expected: absent classes are left out of the mean by design.
+        warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
+        balanced = skm.balanced_accuracy_score(y, pred)
+
+    per_class = [{"index": i, "class": names[i], "precision": float(precision[i]), "recall": float(recall[i]),
+                  "f1": float(f1[i]), "support": int(support[i]), "accuracy": float(recall[i])}
+                 for i in range(n_classes)]
+    return {
+        "n": int(n),
+        "n_classes": int(n_classes),
+        "top1": topk_accuracy(z, y, k=1),
+        "top5": topk_accuracy(z, y, k=top5_k),
+        "top5_k": top5_k,
+        "macro_f1": macro_f1(y, pred, n_classes=n_classes),
+        "weighted_f1": float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0)),
+        "balanced_accuracy": float(balanced),
+        "nll": float(-np.mean(log_probs[np.arange(n), y])),
+        "ece": expected_calibration_error(np.exp(log_probs), y, n_bins=ECE_BINS),
+        "ece_n_bins": ECE_BINS,
+        "per_class": per_class,
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
+    }

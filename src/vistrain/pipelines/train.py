@@ -22,7 +22,7 @@ from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
 from vistrain.data.dataset import ImageDataset
 from vistrain.data.samplers import SAMPLERS
-from vistrain.data.sources import check_classes, load_items, split_bad_images
+from vistrain.data.sources import check_classes, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, splits_table
 from vistrain.data.transforms import eval_transform, size_hw, train_transform
 from vistrain.engine import device as dev
@@ -37,7 +37,9 @@ from vistrain.models.build import build_classifier, count_parameters, data_confi
 from vistrain.models.losses import LOSSES
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
-from vistrain.tracking.logs import run_logging
+from vistrain.tracking.logs import run_logging, show_progress
+from vistrain.tracking.writers import Trackers
+from vistrain.viz.plots import training_plots
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,15 @@ def prepare_data(cfg: Config) -> Prepared:
 
 
 def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
-              config_path: Path | None = None) -> RunResult:
-    """One training run; returns its directory and summary. ``folds`` overrides ``data.valid_fold``."""
+              config_path: Path | None = None, use_calibration: bool = False, full_pipeline: bool = False
+              ) -> RunResult:
+    """One training run; returns its directory and summary. ``folds`` overrides ``data.valid_fold``.
+
+    ``use_calibration`` fits a temperature afterwards; ``full_pipeline`` then predicts ``data.image_dir_test``
+    into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given).
+    """
+    if full_pipeline:
+        require_dir(cfg.data.image_dir_test, "data.image_dir_test")
     folds = folds if folds is not None else cfg.folds_to_train()
     bad_folds = [k for k in folds if not 0 <= k < cfg.data.folds]
     if bad_folds:
@@ -88,6 +97,15 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     with run_logging(log_files):
         try:
             summary = _train_run(cfg, run, data, folds, config_path, started)
+            if use_calibration:
+                from vistrain.pipelines.calibrate import run_calibrate
+
+                summary["calibration"] = run_calibrate(run.path)
+            if full_pipeline:
+                from vistrain.pipelines.predict import run_predict
+
+                run_predict(run.path, cfg.data.image_dir_test, output=run / "submission.csv",
+                            sample=cfg.data.sample_csv)
         except BaseException as err:
             run.set_status("error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             raise
@@ -130,11 +148,16 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
              {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}, folds)
     if run.resumed:
         _rebuild_metrics(run, cfg.data.folds)
-    results = []
-    for fold in folds:
-        results.append(_train_fold(cfg, run, data, fold, device, precision))
-    summary = _summarise(cfg, run, data, results, folds, device, precision, started)
-    write_json(run / "summary.json", summary)
+    trackers = Trackers(cfg.tracking, run.path, run.run_id, config_to_dict(cfg))
+    try:
+        results = [_train_fold(cfg, run, data, fold, device, precision, trackers) for fold in folds]
+        summary = _summarise(cfg, run, data, results, folds, device, precision, started)
+        write_json(run / "summary.json", summary)
+        plots = training_plots(run.path)
+        trackers.log_images(plots)
+        trackers.log_summary(summary)
+    finally:
+        trackers.close()
     log.info("[DONE] run=%s | %s", run.path, _fmt_summary(summary))
     return summary
 
@@ -209,7 +232,7 @@ def _task(cfg: Config, y_train: np.ndarray, n_classes: int, device: torch.device
 
 
 def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, device: torch.device,
-                precision: dev.Precision) -> dict[str, Any]:
+                precision: dev.Precision, trackers: Trackers) -> dict[str, Any]:
     t, n_classes = cfg.train, len(data.classes)
     seed_everything(cfg.project.seed + fold)
     m = cfg.model
@@ -255,6 +278,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
         atomic_save({**state.state_dict(), "rng": rng_state(), "finished": False, **meta}, last_path)
         run.append_metrics(row)
+        trackers.log_epoch(row)
         log.info("[EPOCH] fold=%d epoch=%d/%d %s", fold, row["epoch"], t.epochs,
                  " ".join(f"{k}={_fmt(k, v)}" for k, v in row.items() if k not in ("fold", "epoch", "fold_time_s")))
         if improved:
@@ -263,7 +287,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
 
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
                        grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
-                       progress=_show_progress(), label=f"fold {fold}", row_prefix={"fold": fold})
+                       progress=show_progress(), label=f"fold {fold}", row_prefix={"fold": fold})
     fit(state, task, train_loader, valid_loader, t.epochs, opts, on_epoch_end)
     if state.stopper.should_stop:
         log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d epochs (best %.4f at epoch %d)",
@@ -332,8 +356,3 @@ def _fmt_summary(summary: dict[str, Any]) -> str:
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
-
-def _show_progress() -> bool:
-    import os
-
-    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -50,3 +50,10 @@ def console_logging() -> None:
         logger.addHandler(h)
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+def show_progress() -> bool:
+    """Progress bars on a terminal only; files and CI get plain lines."""
+    import os
+
+    return sys.stderr.isatty() and not os.environ.get("CI")

@@ -1,0 +1,115 @@
+"""Loading a finished run and running its fold models on images (shared by evaluate, predict, calibrate)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from vistrain.config.loader import load_config
+from vistrain.config.schema import Config
+from vistrain.data.dataset import ImageDataset
+from vistrain.data.images import check_images
+from vistrain.data.transforms import eval_transform
+from vistrain.engine import device as dev
+from vistrain.engine.checkpoint import load_checkpoint
+from vistrain.errors import UserError
+from vistrain.models.build import build_classifier
+from vistrain.tracking.logs import show_progress
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: Config
+    classes: list  # class labels in index order, as in the training CSV
+    folds: list[int]  # folds that have a best checkpoint
+    temperature: float | None  # from calibration.json, when the run was calibrated
+
+    def ckpt(self, fold: int) -> Path:
+        return self.path / "ckpt" / f"best_fold{fold}.pth"
+
+
+def load_run(run_dir: Path) -> LoadedRun:
+    run_dir = Path(run_dir).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml")
+    class_map = json.loads((run_dir / "class_map.json").read_text())
+    classes = [class_map["idx_to_class"][str(i)] for i in range(len(class_map["idx_to_class"]))]
+    folds = sorted(int(p.stem.removeprefix("best_fold")) for p in (run_dir / "ckpt").glob("best_fold*.pth"))
+    if not folds:
+        raise UserError(f"RUN: {run_dir} has no ckpt/best_fold*.pth; train it first (or --resume it)")
+    calib = run_dir / "calibration.json"
+    temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
+    return LoadedRun(run_dir, cfg, classes, folds, temperature)
+
+
+def select_folds(run: LoadedRun, folds: str | Sequence[int] | None, key: str = "--folds") -> list[int]:
+    """``None`` or ``"all"``: every trained fold; else the listed ones, each of which must exist."""
+    if folds is None or folds == "all":
+        return run.folds
+    chosen = [int(f) for f in (folds.split(",") if isinstance(folds, str) else folds)]
+    missing = [f for f in chosen if f not in run.folds]
+    if missing:
+        raise UserError(f"{key}: fold {missing[0]} has no checkpoint in {run.path / 'ckpt'}; "
+                        f"trained folds: {', '.join(map(str, run.folds))}")
+    return chosen
+
+
+def load_fold_model(run: LoadedRun, fold: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The fold's best model in eval mode, and its preprocessing (``data_config``)."""
+    ckpt = load_checkpoint(run.ckpt(fold), device)
+    m = run.cfg.model
+    model = build_classifier(m.name, len(run.classes), pooling=m.pooling, drop_rate=m.drop_rate,
+                             drop_path_rate=m.drop_path_rate)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["data_config"]
+
+
+def require_readable(paths: Sequence[str]) -> None:
+    """Predictions cannot skip an image silently: the first unreadable one stops with its path."""
+    bad = check_images(list(paths))
+    if bad:
+        path, reason = next(iter(bad.items()))
+        raise UserError(f"--input: {len(bad)} unreadable image(s); first: {path}: {reason}")
+
+
+@torch.no_grad()
+def infer_logits(model: nn.Module, paths: Sequence[str], data_config: dict[str, Any], device: torch.device,
+                 batch_size: int, num_workers: int = 0, views: Sequence[str] = (), desc: str = "predict"
+                 ) -> np.ndarray:
+    """Logits [V, N, C] for the plain view and each TTA view ("hflip", "vflip"), in ``paths`` order."""
+    transform = eval_transform(data_config["img_size"], data_config["mean"], data_config["std"])
+    loader = DataLoader(ImageDataset(paths, None, transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    precision = dev.pick_precision("auto", device)
+    flips = {"hflip": [-1], "vflip": [-2]}
+    out: list[list[torch.Tensor]] = [[] for _ in range(1 + len(views))]
+    show = show_progress()
+    for images, _, _ in tqdm(loader, desc=desc, disable=not show, leave=False):
+        images = images.to(device, non_blocking=True)
+        with dev.autocast(device, precision):
+            out[0].append(model(images).float().cpu())
+            for v, view in enumerate(views, start=1):
+                out[v].append(model(torch.flip(images, dims=flips[view])).float().cpu())
+    return torch.stack([torch.cat(o) for o in out]).numpy()
+
+
+def ensemble_probs(logits: Sequence[np.ndarray], temperature: float | None = None) -> np.ndarray:
+    """Mean of softmax(logits / T) over models and views: a list of [V, N, C] -> probabilities [N, C]."""
+    t = temperature or 1.0
+    stacked = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.float64) for x in logits]))
+    return torch.softmax(stacked / t, dim=-1).mean(dim=0).numpy()
+

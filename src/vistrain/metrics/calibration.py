@@ -1,0 +1,156 @@
+"""Calibration metrics (a public API): expected calibration error, reliability bins, temperature scaling.
+
+Conventions, fixed here so every caller reports the same numbers:
+
+* Confidence is the top-1 probability ``max_c probs[i, c]`` and the prediction is its ``argmax`` (ties go to the
+  lowest class index, as ``numpy.argmax``).
+* ``n_bins`` equal-width bins over ``[0, 1]`` with edges ``numpy.linspace(0, 1, n_bins + 1)``. Bin ``b`` holds the
+  confidences in ``(edges[b], edges[b + 1]]``: right-closed, so a confidence of exactly ``1.0`` lands in the last
+  bin and one lying exactly on an inner edge lands in the bin below it. The first bin also holds ``0.0`` (a closed
+  ``[0, edges[1]]``) so no confidence in ``[0, 1]`` is dropped. Values a rounding error outside ``[0, 1]`` are
+  clipped into the first / last bin.
+* ECE is ``sum_b (n_b / N) * |accuracy_b - mean_confidence_b|`` over non-empty bins (Guo et al., 2017).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import optimize
+
+from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _as_targets, _np
+
+# The temperature search interval. Real networks land in roughly [0.5, 5]; the interval is wide so that logits on
+# an unusual scale still find an interior optimum, and finite so that a separable (or hopeless) set of logits,
+# whose NLL keeps falling towards T -> 0 (or T -> inf), still gets a deterministic answer: the bound, with a warning.
+T_MIN: float = 1e-3
+T_MAX: float = 1e3
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics behind a reliability diagram; every array has shape [n_bins].
+
+    ``confidence`` and ``accuracy`` are NaN for empty bins (``count == 0``) so a plot skips them.
+    """
+
+    lower: np.ndarray  # float64, left edge (open, except the first bin which also holds 0)
+    upper: np.ndarray  # float64, right edge (closed)
+    count: np.ndarray  # int64, samples whose confidence falls in the bin
+    confidence: np.ndarray  # float64, mean top-1 confidence in the bin
+    accuracy: np.ndarray  # float64, fraction of the bin's samples whose top-1 prediction is right
+
+    @property
+    def n(self) -> int:
+        return int(self.count.sum())
+
+    def ece(self) -> float:
+        """Expected calibration error: bin gaps weighted by each bin's share of the samples."""
+        filled = self.count > 0
+        weights = self.count[filled] / self.count.sum()
+        return float(np.sum(weights * np.abs(self.accuracy[filled] - self.confidence[filled])))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready lists; empty bins give ``None`` for confidence and accuracy (JSON has no NaN)."""
+        def nan_to_none(a: np.ndarray) -> list[float | None]:
+            return [None if math.isnan(v) else float(v) for v in a]
+
+        return {"lower": self.lower.tolist(), "upper": self.upper.tolist(), "count": self.count.tolist(),
+                "confidence": nan_to_none(self.confidence), "accuracy": nan_to_none(self.accuracy)}
+
+
+def _as_probs_targets(probs: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    p = np.asarray(_np(probs), dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
+        raise ValueError(f"probs must have shape [N, C] with N, C >= 1, got {p.shape}")
+    if not np.all(np.isfinite(p)):
+        raise ValueError("probs contain NaN or inf")
+    return p, _as_targets(targets, n=p.shape[0], n_classes=p.shape[1])
+
+
+def reliability_bins(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> ReliabilityBins:
+    """Bin the top-1 confidences into ``n_bins`` equal-width bins (see the module docstring for the edges).
+
+    probs: [N, C] class probabilities (rows summing to 1, e.g. a softmax); targets: [N] int class indices.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    p, y = _as_probs_targets(probs, targets)
+    conf = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # searchsorted(side="left") returns i with edges[i-1] < c <= edges[i], i.e. bin i-1 of a right-closed
+    # binning; comparing against the same linspace edges (not ceil(c * n_bins)) keeps values lying exactly on an
+    # edge in the bin a plain `lo < c <= hi` loop would choose. The clip puts 0.0 (and rounding strays) in range.
+    idx = np.clip(np.searchsorted(edges, conf, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(idx, minlength=n_bins).astype(np.int64)
+    conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
+    correct_sum = np.bincount(idx, weights=correct, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins become NaN on purpose
+        mean_conf = np.where(count > 0, conf_sum / count, np.nan)
+        acc = np.where(count > 0, correct_sum / count, np.nan)
+    return ReliabilityBins(lower=edges[:-1].copy(), upper=edges[1:].copy(), count=count,
+                           confidence=mean_conf, accuracy=acc)
+
+
+def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> float:
+    """ECE of the top-1 confidence: ``sum_b (n_b / N) * |acc_b - conf_b|`` over ``n_bins`` equal-width bins.
+
+    probs: [N, C] class probabilities; targets: [N] int. Bins are ``(lo, hi]`` with the first bin also holding 0.
+    """
+    return reliability_bins(probs, targets, n_bins).ece()
+
+
+def apply_temperature(logits: ArrayLike, temperature: float) -> np.ndarray | torch.Tensor:
+    """``logits / T``: [N, C] in, [N, C] out, a tensor for a tensor (same device and dtype), else a numpy array.
+
+    Softmax of the result gives the temperature-scaled probabilities; the argmax (hence accuracy) is unchanged.
+    """
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if isinstance(logits, torch.Tensor):
+        return logits / temperature
+    return np.asarray(_np(logits), dtype=np.float64) / temperature
+
+
+def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:
+    """Mean cross-entropy of softmax(beta * z) against y. z [N, C] must have row maxima 0 and beta > 0: then every
+    exponent is <= 0 with one exactly 0, so the plain log-sum-exp cannot overflow or take log(0) (and is several
+    times faster than scipy's general logsumexp, which matters inside the search)."""
+    scaled = beta * z
+    return float(np.mean(np.log(np.exp(scaled).sum(axis=1)) - scaled[np.arange(len(y)), y]))
+
+
+def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:
+    """The temperature ``T > 0`` minimising the mean NLL of ``softmax(logits / T)`` against ``targets``.
+
+    logits: [N, C] float (the model's raw outputs on held-out data); targets: [N] int.
+
+    Why this is robust: with ``beta = 1 / T`` the NLL is ``mean(logsumexp(beta * z) - beta * z_y)``, a convex
+    function of ``beta`` (strictly so unless every row's logits are all equal). Hence it is unimodal in ``log T``
+    and a bounded Brent search over ``log T in [log T_MIN, log T_MAX]`` finds the global minimum; no starting
+    point, learning rate or random state is involved, so the result is deterministic. Searching ``log T`` keeps
+    the step sizes relative, so T = 0.01 is found as precisely as T = 10. Everything runs in float64 numpy.
+
+    Degenerate inputs: if every row's logits are constant the NLL does not depend on T and 1.0 is returned; if
+    the optimum lies at or beyond the search bounds (e.g. perfectly separated logits, whose NLL falls all the way
+    to T -> 0), the bound is returned with a ``RuntimeWarning``.
+    """
+    z, y = _as_logits_targets(logits, targets)
+    z = z - z.max(axis=1, keepdims=True)  # NLL is shift-invariant per row; this only helps the float range
+    if np.all(z == 0):
+        return 1.0
+    lo, hi = math.log(T_MIN), math.log(T_MAX)
+    res = optimize.minimize_scalar(lambda log_t: _nll(z, y, math.exp(-log_t)), bounds=(lo, hi),
+                                   method="bounded", options={"xatol": 1e-10, "maxiter": 500})
+    log_t = float(res.x)
+    # The bounded method never evaluates the bounds themselves, so "at the bound" means within a hair of it.
+    if log_t - lo < 1e-4 or hi - log_t < 1e-4:
+        warnings.warn(f"fit_temperature: optimum at the search bound T={math.exp(log_t):.4g} "
+                      f"(interval [{T_MIN}, {T_MAX}]); the logits may be separable or uninformative",
+                      RuntimeWarning, stacklevel=2)
+    return math.exp(log_t)

@@ -1,0 +1,160 @@
+"""``vistrain evaluate RUN --split val|test|oof``: metrics, per-class table, confusion matrix, failures and
+top losses into ``RUN/eval/<split>/``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from vistrain.data.images import ImageIndex
+from vistrain.data.sources import read_csv, require_dir, require_file
+from vistrain.engine import device as dev
+from vistrain.engine.inference import LoadedRun, infer_logits, load_fold_model, load_run, select_folds
+from vistrain.errors import UserError
+from vistrain.metrics.classification import classification_report
+from vistrain.pipelines.predict import predict_probs
+from vistrain.tracking.files import write_csv, write_json
+
+log = logging.getLogger(__name__)
+SPLITS = ("val", "test", "oof")
+
+
+def _splits(run: LoadedRun) -> pd.DataFrame:
+    return pd.read_csv(run.path / "splits.csv", dtype={"id": str}, keep_default_na=False)
+
+
+def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
+    index = {str(c): i for i, c in enumerate(run.classes)}
+    unknown = sorted({str(v) for v in labels} - set(index))
+    if unknown:
+        raise UserError(f"{key}: label(s) not seen in training: {', '.join(unknown[:5])}; "
+                        f"classes: {', '.join(map(str, run.classes))}")
+    return np.array([index[str(v)] for v in labels], dtype=np.int64)
+
+
+def _scaled(logits: np.ndarray, temperature: float | None) -> np.ndarray:
+    return logits / temperature if temperature else logits
+
+
+def oof_outputs(run: LoadedRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    oof = run.path / "oof" / "oof_logits.npy"
+    if not oof.is_file():
+        raise UserError(f"--split oof: {run.path} has no out-of-fold logits (train with data.valid_fold=all); "
+                        "use --split val")
+    items = _splits(run)
+    return np.load(oof), np.load(run.path / "oof" / "oof_targets.npy"), items
+
+
+def val_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Each fold's best model on its own validation part (no ensembling: these are held-out scores)."""
+    items = _splits(run)
+    device = dev.pick_device(run.cfg.train.device)
+    batch = run.cfg.eval.batch_size or run.cfg.train.batch_size * 2
+    parts, logits = [], []
+    for fold in folds:
+        part = items[items["fold"] == fold]
+        model, data_config = load_fold_model(run, fold, device)
+        logits.append(infer_logits(model, part["path"].tolist(), data_config, device, batch, desc=f"fold {fold}")[0])
+        parts.append(part)
+    table = pd.concat(parts, ignore_index=True)
+    return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table
+
+
+def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The fold ensemble on ``data.test_csv``; log of the mean probabilities serve as logits."""
+    d = run.cfg.data
+    csv = require_file(d.test_csv, "data.test_csv")
+    folder = require_dir(d.image_dir_test, "data.image_dir_test")
+    df = read_csv(csv, "data.test_csv", [(d.id_col, "data.id_col"), (d.target_col, "data.target_col")])
+    index = ImageIndex(folder, d.image_ext)
+    paths = [index.find(i) for i in df[d.id_col]]
+    missing = [i for i, p in zip(df[d.id_col], paths) if p is None]
+    if missing:
+        raise UserError(f"data.test_csv: no image for ID '{missing[0]}' in {folder} ({len(missing)} missing)")
+    table = pd.DataFrame({"id": df[d.id_col], "path": [str(p) for p in paths], "label": df[d.target_col]})
+    if "domain" in df.columns:
+        table["domain"] = df["domain"]
+    targets = _targets(run, table["label"], "data.test_csv")
+    probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
+    return np.log(np.clip(probs, 1e-12, 1.0)), targets, table
+
+
+def _failures(report: dict[str, Any], threshold: float) -> pd.DataFrame:
+    cm = np.asarray(report["confusion_matrix"])
+    rows = []
+    for i, c in enumerate(report["per_class"]):
+        if c["support"] > 0 and c["f1"] < threshold:
+            off = cm[i].copy()
+            off[i] = 0
+            j = int(off.argmax())
+            rows.append({"class": c["class"], "f1": c["f1"], "recall": c["recall"], "precision": c["precision"],
+                         "support": c["support"], "most_confused_with": report["per_class"][j]["class"],
+                         "confused_count": int(off[j])})
+    cols = ["class", "f1", "recall", "precision", "support", "most_confused_with", "confused_count"]
+    return pd.DataFrame(rows, columns=cols).sort_values("f1") if rows else pd.DataFrame(columns=cols)
+
+
+def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, classes: list, n: int) -> pd.DataFrame:
+    logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    loss = -logp[np.arange(len(targets)), targets]
+    order = np.argsort(-loss, kind="stable")[:n]
+    pred = logits.argmax(axis=1)
+    return pd.DataFrame({
+        "id": table["id"].to_numpy()[order], "path": table["path"].to_numpy()[order],
+        "true": [classes[targets[i]] for i in order], "pred": [classes[pred[i]] for i in order],
+        "p_true": np.exp(-loss[order]), "loss": loss[order],
+    })
+
+
+def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None) -> dict[str, Any]:
+    if split not in SPLITS:
+        raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
+    run = load_run(run_dir)
+    chosen = select_folds(run, folds)
+    if split == "oof":
+        logits, targets, table = oof_outputs(run)
+        logits = _scaled(logits, run.temperature)
+    elif split == "val":
+        logits, targets, table = val_outputs(run, chosen)
+        logits = _scaled(logits, run.temperature)
+    else:
+        logits, targets, table = test_outputs(run, chosen)
+    names = [str(c) for c in run.classes]
+    report = classification_report(logits, targets, names)
+    metrics = {k: v for k, v in report.items() if k not in ("per_class", "confusion_matrix")}
+    metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature)
+    if "domain" in table.columns:
+        metrics["per_domain"] = {
+            str(dom): {k: v for k, v in classification_report(logits[m], targets[m], names).items()
+                       if k not in ("per_class", "confusion_matrix")}
+            for dom in sorted(table["domain"].astype(str).unique())
+            for m in [(table["domain"].astype(str) == dom).to_numpy()]
+        }
+    out = run.path / "eval" / split
+    write_json(out / "metrics.json", metrics)
+    write_csv(out / "per_class.csv", pd.DataFrame(report["per_class"]))
+    cm = np.asarray(report["confusion_matrix"])
+    write_csv(out / "confusion_matrix.csv", pd.DataFrame(cm, index=names, columns=names).reset_index(names="true"))
+    write_csv(out / "failures.csv", _failures(report, run.cfg.eval.failure_threshold))
+    write_csv(out / "top_losses.csv", _top_losses(logits, targets, table, run.classes, run.cfg.eval.top_losses))
+    from vistrain.viz.plots import confusion_matrix_png
+
+    confusion_matrix_png(cm, names, out / "confusion_matrix.png", normalize=True, title=f"{split} (row-normalised)")
+    _print_table(metrics, report, out)
+    return metrics
+
+
+def _print_table(metrics: dict[str, Any], report: dict[str, Any], out: Path) -> None:
+    keys = ["n", "top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy", "nll", "ece"]
+    print(f"{'metric':<18} value")
+    for k in keys:
+        v = metrics.get(k)
+        print(f"{k:<18} {v:.4f}" if isinstance(v, float) else f"{k:<18} {v}")
+    worst = sorted(report["per_class"], key=lambda c: c["f1"])[:5]
+    print("weakest classes: " + ", ".join(f"{c['class']} (F1 {c['f1']:.3f})" for c in worst))
+    print(f"[DONE] evaluation written to {out}")
