@@ -82,6 +82,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.search import run_search
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    run_search(Path(args.run), Path(args.gallery), Path(args.query), top_k=args.top_k,
+               output=Path(args.output) if args.output else None)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from vistrain.viz.report import write_report
 
@@ -167,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("calibrate", cmd_calibrate, "fit a temperature on a run's out-of-fold logits -> RUN/calibration.json")
     p.add_argument("run", metavar="RUN", help="run directory")
+
+    p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")
+    p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")
+    p.add_argument("--gallery", required=True, help="folder of gallery images (class sub-folders or re-id names)")
+    p.add_argument("--query", required=True, help="the query image")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--output", help="PNG grid to write (default: RUN/search/<query>.png; a CSV beside it)")
 
     p = add("report", cmd_report, "write RUN/report.html: one self-contained page with the run's numbers and plots")
     p.add_argument("run", metavar="RUN", help="run directory")

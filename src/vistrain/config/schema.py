@@ -8,9 +8,11 @@ before anything is built (see ``config.loader``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from vistrain.errors import did_you_mean
 
 PositiveInt = Annotated[int, Field(gt=0)]
 ImgSize = int | tuple[int, int]
@@ -28,7 +30,12 @@ class ProjectCfg(Section):
 
 
 class DataCfg(Section):
-    source: Literal["csv", "folders"] = "csv"  # csv: ID,target + image folder; folders: one folder per class
+    source: Literal["csv", "folders", "reid"] = "csv"  # csv: ID,target + images; folders: a folder per class;
+    # reid: Market-1501 style pid_cXsY names in root/{train_folder, query_folder, gallery_folder}
+    root: Path | None = None  # reid: the dataset folder
+    train_folder: str = "bounding_box_train"  # reid: which folder trains (e.g. bounding_box_train_sub)
+    query_folder: str = "query"
+    gallery_folder: str = "bounding_box_test"
     train_csv: Path | None = None  # CSV with id_col and target_col (source: csv)
     sample_csv: Path | None = None  # sample submission: fixes the order of predictions
     test_csv: Path | None = None  # labelled test CSV for `evaluate --split test`
@@ -43,6 +50,11 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
+    # task: embedding with csv/folders data: a grouped, class-stratified train/val/test split by ratio
+    train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
+    val_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
+    test_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    min_image_size: PositiveInt | None = None  # drop every image of a group holding an image smaller than this
 
     @field_validator("image_ext")
     @classmethod
@@ -65,11 +77,22 @@ class ModelCfg(Section):
     pooling: Literal["avg", "max", "avgmax", "catavgmax", "gem"] = "avg"  # timm global_pool
     drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout before the classifier
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # stochastic depth, where the model has it
+    # task: embedding
+    last_stride: Literal[1, 2] | None = None  # 1: ResNet layer4 without its stride (2x larger last feature map)
+    embedding_dim: PositiveInt | None = None  # linear projection after pooling; the backbone's width when empty
+    neck: Literal["bnneck", "none"] = "bnneck"  # BN without bias shift: triplet sees the feature before it
+    head: Literal["linear", "arcface", "cosface"] = "linear"
+    arcface_s: Annotated[float, Field(gt=0)] = 30.0  # scale of the arcface / cosface logits
+    arcface_m_warmup: Annotated[float, Field(ge=0, lt=1.6)] = 0.0  # margin while train.freeze_backbone_epochs
+    arcface_m_finetune: Annotated[float, Field(ge=0, lt=1.6)] = 0.5  # margin afterwards
+    margin_ramp_epochs: Annotated[int, Field(ge=0)] = 0  # reach the finetune margin linearly over these epochs
 
 
 class TrainCfg(Section):
     img_size: ImgSize = 224  # int or [H, W]
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt | Literal["auto"] = 32  # auto: the largest batch that fits the GPU (CPU: batch_size_cpu)
+    batch_size_cpu: PositiveInt = 32  # what batch_size: auto means on a CPU
+    target_batch_size: PositiveInt | None = None  # with batch_size auto: keep this effective batch by accumulation
     epochs: PositiveInt = 10
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr: Annotated[float, Field(ge=0)] = 1e-6  # floor of cosine schedules
@@ -91,7 +114,9 @@ class TrainCfg(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     class_weights: Literal["none", "balanced"] = "none"  # balanced: CE weights inverse to class frequency
     early_stopping_patience: Annotated[int, Field(ge=0)] = 5  # epochs without improvement; 0 disables
-    monitor: Literal["macro_f1", "accuracy", "valid_loss"] = "macro_f1"
+    monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@1 (retrieval) when empty
+    freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
+    backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # DataLoader workers
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -128,7 +153,36 @@ class AugmentCfg(Section):
 
 
 class SamplerCfg(Section):
-    name: Literal["random", "weighted"] = "random"  # weighted: draws classes equally often
+    name: Literal["random", "weighted", "pk"] = "random"  # weighted: classes equally often; pk: P ids x K images
+    p: PositiveInt | None = 16  # pk: classes or identities per batch; null: all of them
+    k: PositiveInt = 4  # pk: images per class or identity
+
+
+class LossTerm(BaseModel):
+    """One term of ``loss.terms``: its name, weight, and the term's own parameters (checked by name)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: Annotated[float, Field(ge=0)] = 1.0
+
+
+class LossCfg(Section):
+    # task: embedding. Classification uses cross-entropy with train.label_smoothing and train.class_weights.
+    terms: list[LossTerm] = [LossTerm(name="ce"), LossTerm(name="triplet", margin=0.3)]
+
+    @field_validator("terms")
+    @classmethod
+    def _known_terms(cls, terms: list[LossTerm]) -> list[LossTerm]:
+        from vistrain.models.losses import check_term_params
+
+        problems = []
+        for i, term in enumerate(terms):
+            problems += [f"loss.terms[{i}].{p}" for p in check_term_params(term.name, term.model_extra or {})]
+        if not terms:
+            problems.append("loss.terms: at least one term is needed, e.g. [{name: ce}]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return terms
 
 
 class WandbCfg(Section):
@@ -150,6 +204,24 @@ class EvalCfg(Section):
     top_losses: Annotated[int, Field(ge=0)] = 50  # worst-scored items listed in top_losses.csv
     tta: list[Literal["hflip", "vflip"]] = ["hflip"]  # views averaged by `predict --tta`
     batch_size: PositiveInt | None = None  # inference batch; train.batch_size * 2 when empty
+    # embedding runs
+    feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
+    flip_feats: bool = False  # average each embedding with the horizontally flipped image's
+    knn_k: PositiveInt = 5  # search-based classification: majority class of the k nearest gallery items
+    rerank: bool = False  # k-reciprocal re-ranking for re-id
+    max_rank: PositiveInt = 50  # CMC length
+    memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
+
+
+class TuneCfg(Section):
+    n_trials: PositiveInt = 20
+    epochs: PositiveInt | None = None  # epochs per trial; a third of train.epochs when empty
+    folds: list[Annotated[int, Field(ge=0)]] = [0]  # folds each trial trains; the objective is their mean
+    space: dict[str, dict[str, Any]] = {}  # "train.lr": {type: float, low: 1e-5, high: 1e-2, log: true}; empty: default
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    storage: str | None = None  # RDB URL; SQLite in the tune directory when empty
+    study_name: str | None = None  # the config's project.name when empty
+    timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
 
 
 class OutputCfg(Section):
@@ -158,16 +230,24 @@ class OutputCfg(Section):
     snapshots: bool = True  # also keep the original YAML and the command line in the run directory
 
 
+MONITORS = {
+    "classification": ["macro_f1", "accuracy", "valid_loss"],
+    "embedding": ["mAP", "rank1", "rank5", "rank10", "mINP", "recall@1", "recall@5", "knn_acc", "knn_macro_f1"],
+}
+
+
 class Config(Section):
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "embedding"] = "classification"
     project: ProjectCfg = ProjectCfg()
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
     augment: AugmentCfg = AugmentCfg()
     sampler: SamplerCfg = SamplerCfg()
+    loss: LossCfg = LossCfg()
     eval: EvalCfg = EvalCfg()
     tracking: TrackingCfg = TrackingCfg()
+    tune: TuneCfg = TuneCfg()
     output: OutputCfg = OutputCfg()
 
     @model_validator(mode="after")
@@ -180,6 +260,17 @@ class Config(Section):
             )
         if self.train.scheduler == "step" and sorted(self.train.step_milestones) != self.train.step_milestones:
             raise ValueError("train.step_milestones: must be increasing")
+        valid = MONITORS[self.task]
+        if self.train.monitor is None:
+            reid = self.data.source == "reid"
+            self.train.monitor = {"classification": "macro_f1", "embedding": "mAP" if reid else "recall@1"}[self.task]
+        elif self.train.monitor not in valid:
+            raise ValueError(f"train.monitor: '{self.train.monitor}' is not a {self.task} metric; valid: "
+                             f"{', '.join(valid)}{did_you_mean(self.train.monitor, valid)}")
+        if self.task == "embedding" and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
+            raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")
+        if self.data.source == "reid" and self.task != "embedding":
+            raise ValueError("data.source: reid needs task: embedding")
         return self
 
     def folds_to_train(self) -> list[int]:

@@ -1,12 +1,16 @@
-"""Samplers named by ``sampler.name``: random (shuffle) or weighted (classes drawn equally often)."""
+"""Samplers named by ``sampler.name``: random (shuffle) or weighted (classes drawn equally often); and the
+P×K batch sampler of metric learning (``PKBatchSampler``), a batch sampler, so it is built by ``pk_sampler``
+rather than through ``SAMPLERS``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
+
+from vistrain.errors import UserError
 
 
 def random_sampler(labels: Sequence[int], generator: torch.Generator) -> Sampler:
@@ -26,3 +30,126 @@ SAMPLERS: dict[str, Callable[[Sequence[int], torch.Generator], Sampler]] = {
     "random": random_sampler,
     "weighted": weighted_sampler,
 }
+
+
+class PKBatchSampler(Sampler[list[int]]):
+    """Batches of P labels × K items each (for triplet / batch-hard losses): lists of p·k dataset indices.
+
+    Each epoch, every label's indices are shuffled and cut into chunks of k (the remainder, < k items, sits
+    this epoch out); a label with fewer than k items gives one chunk: all its items plus draws with
+    replacement up to k, so small labels still supply a positive pair. The chunks are then grouped p
+    distinct labels at a time, as the strong baseline's RandomIdentitySampler does, so a label appears about
+    as often as its images allow (n // k times). Unlike that sampler the number of batches is fixed in
+    advance, so ``__len__`` is exact: N is the largest count for which the chunks can fill N batches with p
+    distinct labels each (a label can be in a batch once, so one with more than N chunks gives only N); the
+    surplus chunks are dropped at random. Labels are picked for each batch at random weighted by their
+    chunks left, except that a label with as many chunks left as batches left must be picked (which is what
+    guarantees every batch gets p distinct labels); then the batch order is shuffled.
+
+    ``p=None`` puts every label in every batch (then N is the smallest label's chunk count). All randomness
+    comes from ``generator``, which the loop reseeds every epoch: the same seed gives the same batches.
+    Under DDP each rank draws the whole epoch (so all ranks must seed ``generator`` identically) and takes
+    batches rank, rank + world_size, ...; the last N mod world_size batches are dropped so every rank gets
+    the same number.
+    """
+
+    def __init__(self, labels: Sequence[int], p: int | None, k: int, generator: torch.Generator,
+                 rank: int = 0, world_size: int = 1):
+        labels_np = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels_np.size == 0:
+            raise UserError("sampler: the training data is empty")
+        if k < 1:
+            raise UserError(f"sampler.k: must be at least 1; got {k}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"PKBatchSampler: need 0 <= rank < world_size; got rank={rank}, world_size={world_size}")
+        uniq, inverse = np.unique(labels_np, return_inverse=True)
+        if p is not None and p < 1:
+            raise UserError(f"sampler.p: must be at least 1 or null; got {p}")
+        if p is not None and p > len(uniq):
+            raise UserError(f"sampler.p: {p} identities per batch but the training data has only {len(uniq)}; "
+                            "lower sampler.p or set it to null")
+        self.p = len(uniq) if p is None else int(p)
+        self.k = int(k)
+        self.generator = generator
+        self.rank, self.world_size = rank, world_size
+        self.inverse = inverse.reshape(-1)  # label number (0 .. L-1) of each dataset index
+        self.sizes = np.bincount(self.inverse, minlength=len(uniq))  # items per label [L]
+        self.starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])  # offsets in label-sorted order [L]
+        self.chunks = np.maximum(1, self.sizes // self.k)  # chunks of k per label and epoch [L]
+        self.num_batches = self._max_batches(self.chunks, self.p)  # per epoch, all ranks together
+        if len(self) == 0:
+            raise UserError(f"sampler: only {self.num_batches} P×K batch(es) per epoch for {world_size} processes; "
+                            "lower sampler.p or sampler.k, or use fewer processes")
+
+    @staticmethod
+    def _max_batches(chunks: np.ndarray, p: int) -> int:
+        """The largest N with Σ min(chunks, N) >= N·p: N batches of p distinct labels can then be filled.
+
+        Σ min(chunks, N) − N·p is concave in N and 0 at N = 0, so the valid N form an interval [0, N*].
+        """
+        lo, hi = 1, int(chunks.sum()) // p  # N = 1 is always valid since p <= number of labels
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if int(np.minimum(chunks, mid).sum()) >= mid * p:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def __len__(self) -> int:
+        return self.num_batches // self.world_size
+
+    def _epoch_batches(self) -> list[list[int]]:
+        """All N batches of the epoch, in random order."""
+        # One draw from the torch generator seeds numpy, which is much faster at the many small draws below.
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        n_batches, p, k = self.num_batches, self.p, self.k
+        n_labels = len(self.sizes)
+        # Items grouped by label, shuffled within each label: label j's chunk c is
+        # order[starts[j] + c·k : starts[j] + (c + 1)·k].
+        order = np.lexsort((rng.random(len(self.inverse)), self.inverse))
+        small: dict[int, np.ndarray] = {}  # labels with fewer than k items: their one, topped-up chunk
+        for j in np.flatnonzero(self.sizes < k).tolist():
+            items = order[self.starts[j]: self.starts[j] + self.sizes[j]]
+            small[j] = rng.permutation(np.concatenate([items, rng.choice(items, k - len(items))]))
+        # Quotas: at most N chunks per label; the surplus over N·p chunks is dropped uniformly at random.
+        quota = np.minimum(self.chunks, n_batches)
+        surplus = int(quota.sum()) - n_batches * p
+        if surplus > 0:
+            slots = np.repeat(np.arange(n_labels), quota)
+            quota = quota - np.bincount(slots[rng.choice(len(slots), surplus, replace=False)], minlength=n_labels)
+        used = np.zeros(n_labels, dtype=np.int64)
+        batches: list[list[int]] = []
+        for left in range(n_batches, 0, -1):
+            # Invariant: Σ quota = left·p and max quota <= left, so the labels at quota == left (at most p)
+            # must go in now, and at least p - len(forced) others have chunks left.
+            tight = quota == left
+            picked = np.flatnonzero(tight)
+            rest = p - len(picked)
+            if rest > 0:
+                # Weighted draw without replacement (Efraimidis & Spirakis): the largest log(u) / w win.
+                weights = np.where(tight, 0, quota)
+                with np.errstate(divide="ignore"):
+                    keys = np.log(rng.random(n_labels)) / weights  # weight 0 -> -inf, never drawn
+                picked = np.concatenate([picked, np.argpartition(keys, n_labels - rest)[n_labels - rest:]])
+            quota[picked] -= 1
+            parts = []
+            for j in picked.tolist():
+                if j in small:
+                    parts.append(small[j])
+                else:
+                    first = self.starts[j] + used[j] * k
+                    parts.append(order[first: first + k])
+            used[picked] += 1
+            batches.append(np.concatenate(parts).tolist())
+        return [batches[i] for i in rng.permutation(n_batches).tolist()]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches()
+        yield from batches[self.rank: len(self) * self.world_size: self.world_size]
+
+
+def pk_sampler(labels: Sequence[int], generator: torch.Generator, p: int | None, k: int, rank: int = 0,
+               world_size: int = 1) -> PKBatchSampler:
+    """A ``PKBatchSampler``; pass it to ``DataLoader(batch_sampler=...)`` (with no batch_size or shuffle)."""
+    return PKBatchSampler(labels, p, k, generator, rank=rank, world_size=world_size)

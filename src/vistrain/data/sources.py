@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 
 from vistrain.config.schema import DataCfg
 from vistrain.data.images import IMAGE_EXTS, ImageIndex, check_images
@@ -112,10 +113,76 @@ def folders_source(cfg: DataCfg) -> pd.DataFrame:
     return items
 
 
+# Market-1501: 0002_c1s1_000451_03.jpg -> person 2, camera 1 (DukeMTMC: 0001_c2_f0046182.jpg).
+_REID_NAME = re.compile(r"^(?P<pid>-?\d+)_c(?P<cam>\d+)")
+
+
+def parse_reid_name(name: str) -> tuple[int, int] | None:
+    """``(person id, camera)`` from a Market-1501 style file name, or None when it does not follow it.
+
+    Person -1 marks junk detections and 0 distractors; the caller decides what to keep.
+    """
+    m = _REID_NAME.match(Path(name).name)
+    return (int(m["pid"]), int(m["cam"])) if m else None
+
+
+def reid_source(cfg: DataCfg) -> pd.DataFrame:
+    """``data.root/{train_folder, query_folder, gallery_folder}`` -> items with ``camera`` and ``split``.
+
+    Junk (-1) is dropped everywhere; distractors (0) stay in the gallery only, where they are never a match.
+    """
+    root = require_dir(cfg.root, "data.root")
+    rows = []
+    for split, key, folder in (("train", "data.train_folder", cfg.train_folder),
+                               ("query", "data.query_folder", cfg.query_folder),
+                               ("gallery", "data.gallery_folder", cfg.gallery_folder)):
+        path = root / folder
+        if not path.is_dir():
+            have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
+            raise UserError(f"{key}: folder '{folder}' not found in {root} (is it unzipped?); folders there: {have}")
+        files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+        bad = [p.name for p in files if parse_reid_name(p.name) is None]
+        if bad:
+            raise UserError(f"{key}: {len(bad)} file(s) in {path} do not follow the <person>_c<camera>... name "
+                            f"pattern, e.g. {bad[0]}")
+        for p in files:
+            pid, cam = parse_reid_name(p.name)
+            if pid == -1 or (pid == 0 and split != "gallery"):
+                continue
+            rows.append((str(p), f"{folder}/{p.name}", pid, str(pid), cam, split))
+    items = pd.DataFrame(rows, columns=[*ITEM_COLUMNS, "camera", "split"])
+    for split, key in (("train", "data.train_folder"), ("query", "data.query_folder"),
+                       ("gallery", "data.gallery_folder")):
+        if not (items["split"] == split).any():
+            raise UserError(f"{key}: no usable images (person ids other than -1) in {root / getattr(cfg, key[5:])}")
+    return items
+
+
 SOURCES: dict[str, Callable[[DataCfg], pd.DataFrame]] = {
     "csv": csv_source,
     "folders": folders_source,
+    "reid": reid_source,
 }
+
+
+def drop_small_groups(items: pd.DataFrame, min_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Drop every image of a group that holds an image whose shorter side is under ``min_size`` pixels.
+
+    Returns (kept, dropped with a ``reason``). Only image headers are read.
+    """
+    def short_side(path: str) -> int:
+        try:
+            with Image.open(path) as img:
+                return min(img.size)
+        except Exception:  # noqa: BLE001 - unreadable files are reported by split_bad_images
+            return 0
+
+    small = items["path"].map(short_side) < min_size
+    bad_groups = set(items.loc[small, "group"])
+    drop = items["group"].isin(bad_groups)
+    dropped = items[drop].copy()
+    dropped["reason"] = f"its group holds an image smaller than data.min_image_size={min_size}"
+    return items[~drop].reset_index(drop=True), dropped.reset_index(drop=True)
 
 
 def check_classes(items: pd.DataFrame, class_names: list[str] | None) -> list:

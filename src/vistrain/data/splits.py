@@ -68,7 +68,31 @@ def _given_folds(column: pd.Series, folds: int) -> np.ndarray:
 
 def splits_table(items: pd.DataFrame, fold_of: np.ndarray) -> pd.DataFrame:
     """What ``splits.csv`` holds: every item with its fold."""
-    cols = [c for c in ("id", "path", "label", "group", "domain", "camera") if c in items.columns]
+    cols = [c for c in ("id", "path", "label", "group", "domain", "camera", "split") if c in items.columns]
     out = items[cols].copy()
     out["fold"] = fold_of
     return out
+
+
+def assign_ratio_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int) -> np.ndarray:
+    """``"train" / "val" / "test"`` per row: whole groups, stratified by class (each group counts for its
+    most frequent label), in the given proportions of each class's groups. Deterministic for the same seed.
+
+    Every class keeps at least one group for training; a class with a single group is train-only.
+    """
+    rng = np.random.default_rng(seed)
+    group_label = items.groupby("group")["label"].agg(lambda s: s.astype(str).value_counts().idxmax())
+    split_of_group: dict[str, str] = {}
+    for _, groups in group_label.groupby(group_label):
+        names = rng.permutation(groups.index.to_numpy())
+        n = len(names)
+        n_val = int(round(n * val)) if n > 1 else 0
+        n_test = int(round(n * test)) if n > 2 else 0
+        while n_val + n_test >= n:  # keep a training group
+            if n_test > 0:
+                n_test -= 1
+            else:
+                n_val -= 1
+        for i, g in enumerate(names):
+            split_of_group[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
+    return items["group"].map(split_of_group).to_numpy()

@@ -23,7 +23,7 @@ from vistrain.data.transforms import eval_transform
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.errors import UserError
-from vistrain.models.build import build_classifier
+from vistrain.models.build import build_model
 from vistrain.tracking.logs import show_progress
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,7 @@ def select_folds(run: LoadedRun, folds: str | Sequence[int] | None, key: str = "
 def load_fold_model(run: LoadedRun, fold: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
     """The fold's best model in eval mode, and its preprocessing (``data_config``)."""
     ckpt = load_checkpoint(run.ckpt(fold), device)
-    m = run.cfg.model
-    model = build_classifier(m.name, len(run.classes), pooling=m.pooling, drop_rate=m.drop_rate,
-                             drop_path_rate=m.drop_path_rate)
+    model = build_model(run.cfg.task, run.cfg.model, len(run.classes), pretrained=False)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt["data_config"]
 
@@ -113,3 +111,16 @@ def ensemble_probs(logits: Sequence[np.ndarray], temperature: float | None = Non
     stacked = torch.from_numpy(np.concatenate([np.asarray(x, dtype=np.float64) for x in logits]))
     return torch.softmax(stacked / t, dim=-1).mean(dim=0).numpy()
 
+
+
+def embed_paths(run: LoadedRun, paths: Sequence[str], fold: int = 0, desc: str = "embed") -> np.ndarray:
+    """Embeddings [N, D] of an embedding run's model, flip-averaged and L2-normalised as ``eval.*`` says."""
+    device = dev.pick_device(run.cfg.train.device)
+    e = run.cfg.eval
+    model, data_config = load_fold_model(run, fold, device)
+    views = ["hflip"] if e.flip_feats else []
+    feats = infer_logits(model, paths, data_config, device, e.batch_size or run.cfg.train.batch_size * 2,
+                         dev.auto_workers(run.cfg.train.num_workers, device), views, desc=desc).mean(axis=0)
+    if e.feat_norm:
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    return feats.astype(np.float32)

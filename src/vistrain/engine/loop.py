@@ -27,10 +27,13 @@ class DivergedError(RuntimeError):
 
 
 class Task(Protocol):
+    """What the loop asks of a task (see engine/tasks.py)."""
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None: ...  # epoch is 0-based
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, float]]: ...
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor: ...
-    def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor: ...
+    def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None: ...
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
 
 
@@ -132,8 +135,9 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
-             ) -> tuple[float, torch.Tensor, torch.Tensor]:
-    """Model outputs for every item of ``loader`` in order: (mean loss, outputs [N, ...] fp32 CPU, targets [N])."""
+             ) -> tuple[float | None, torch.Tensor, torch.Tensor]:
+    """Model outputs for every item of ``loader`` in order: (mean loss or None when the task has no validation
+    loss, outputs [N, ...] fp32 CPU, targets [N])."""
     model.eval()
     outputs, targets_all = [], []
     for images, targets, _ in tqdm(loader, desc=f"{opt.label} eval", leave=False, disable=not opt.progress):
@@ -143,7 +147,8 @@ def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
         outputs.append(out.float().cpu())
         targets_all.append(targets.cpu())
     out, tgt = torch.cat(outputs), torch.cat(targets_all)
-    return float(task.eval_loss(out, tgt)), out, tgt
+    loss = task.eval_loss(out, tgt)
+    return (None if loss is None else float(loss)), out, tgt
 
 
 EpochCallback = Callable[[TrainState, dict[str, Any], torch.Tensor, bool], None]
@@ -164,6 +169,7 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
         generator = getattr(train_loader, "generator", None)
         if generator is not None:
             generator.manual_seed(state.seed + state.epoch)
+        task.on_epoch_start(state.model, state.epoch)
         train = train_one_epoch(state, task, train_loader, opt)
         valid_loss, outputs, targets = evaluate(state.model, task, valid_loader, opt)
         row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss,

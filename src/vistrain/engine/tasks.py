@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vistrain.metrics.classification import epoch_metrics
+from vistrain.metrics.classification import epoch_metrics, macro_f1
 
 
 class ClassificationTask:
@@ -15,6 +19,15 @@ class ClassificationTask:
     def __init__(self, criterion: nn.Module, mixup: object | None = None):
         self.criterion = criterion
         self.mixup = mixup  # timm.data.Mixup: images, labels [B] -> mixed images, soft targets [B, C]
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -31,3 +44,87 @@ class ClassificationTask:
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         return epoch_metrics(outputs, targets)
+
+
+@dataclass
+class RetrievalEval:
+    """Who is query and who is gallery in the validation loader's output, and how to score them.
+
+    The validation loader yields the ``n_query`` query items first, then the gallery items.
+    """
+
+    n_query: int
+    labels: np.ndarray  # [Nq + Ng] identity / class codes (equal code = a match)
+    cameras: np.ndarray | None  # [Nq + Ng] for re-id (same person + same camera is not a match); None: retrieval
+    feat_norm: bool = True
+    flip: bool = False
+    knn_k: int = 5
+    max_rank: int = 50
+    memory_budget_mb: int = 1024
+    rerank: bool = False
+
+
+class EmbeddingTask:
+    """A metric-learning model: weighted loss terms on its training outputs, embeddings at evaluation.
+
+    ``terms`` are (name, weight, module) with ``module(out, labels) -> scalar``; each is logged as
+    ``loss_<name>``. Re-id runs report mAP, rank1/5/10 and mINP; retrieval runs Recall@1/5 and kNN accuracy.
+    """
+
+    def __init__(self, terms: list[tuple[str, float, nn.Module]], evaluation: RetrievalEval,
+                 margin_at: Callable[[int], float] | None = None, freeze_epochs: int = 0):
+        self.terms = terms
+        self.eval = evaluation
+        self.margin_at = margin_at
+        self.freeze_epochs = freeze_epochs
+
+    def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        if self.margin_at is not None:
+            model.set_margin(self.margin_at(epoch))
+        model.freeze_backbone(epoch < self.freeze_epochs)
+        for _, _, module in self.terms:
+            module.train()
+
+    def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+                      ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(images, targets)
+        parts = {f"loss_{name}": weight * module(out, targets) for name, weight, module in self.terms}
+        total = torch.stack(list(parts.values())).sum()
+        return total, {k: float(v.detach()) for k, v in parts.items()}
+
+    def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        feats = model(images).float()
+        if self.eval.flip:
+            feats = (feats + model(torch.flip(images, dims=[-1])).float()) / 2
+        return F.normalize(feats, dim=1) if self.eval.feat_norm else feats
+
+    def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        return None  # query identities are not training classes: there is no validation loss
+
+    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        return embedding_metrics(outputs.numpy(), self.eval)
+
+    def state_dict(self) -> dict:
+        return {name: module.state_dict() for name, _, module in self.terms}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, _, module in self.terms:
+            if name in state:
+                module.load_state_dict(state[name])
+
+
+def embedding_metrics(feats: np.ndarray, ev: RetrievalEval) -> dict[str, float]:
+    """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D]."""
+    from vistrain.metrics import retrieval
+
+    q, g = feats[: ev.n_query], feats[ev.n_query:]
+    ql, gl = ev.labels[: ev.n_query], ev.labels[ev.n_query:]
+    if ev.cameras is not None:
+        res = retrieval.reid_evaluate(q, g, ql, gl, ev.cameras[: ev.n_query], ev.cameras[ev.n_query:],
+                                      max_rank=ev.max_rank, memory_budget_mb=ev.memory_budget_mb, rerank=ev.rerank)
+        return {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=(1, 5)).items()}
+    pred = retrieval.knn_classify(q, g, gl, k=ev.knn_k)
+    out["knn_acc"] = float((pred == ql).mean())
+    out["knn_macro_f1"] = macro_f1(ql, pred)
+    return out

@@ -141,15 +141,24 @@ def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:
     to T -> 0), the bound is returned with a ``RuntimeWarning``.
     """
     z, y = _as_logits_targets(logits, targets)
-    z = z - z.max(axis=1, keepdims=True)  # NLL is shift-invariant per row; this only helps the float range
+    z = z - z.max(axis=1, keepdims=True)  # NLL is shift-invariant per row, and _nll needs row maxima of 0
     if np.all(z == 0):
         return 1.0
     lo, hi = math.log(T_MIN), math.log(T_MAX)
-    res = optimize.minimize_scalar(lambda log_t: _nll(z, y, math.exp(-log_t)), bounds=(lo, hi),
-                                   method="bounded", options={"xatol": 1e-10, "maxiter": 500})
-    log_t = float(res.x)
-    # The bounded method never evaluates the bounds themselves, so "at the bound" means within a hair of it.
-    if log_t - lo < 1e-4 or hi - log_t < 1e-4:
+
+    def objective(log_t: float) -> float:
+        return _nll(z, y, math.exp(-log_t))
+
+    res = optimize.minimize_scalar(objective, bounds=(lo, hi), method="bounded",
+                                   options={"xatol": 1e-10, "maxiter": 500})
+    log_t, best = float(res.x), float(res.fun)
+    # The bounded method never evaluates the bounds themselves, and when the NLL keeps falling towards a bound it
+    # may stop anywhere in a region where the NLL has underflowed to a constant (separable logits: exactly 0).
+    # Checking the bounds explicitly makes "the optimum is a bound" an exact, reproducible answer.
+    for bound in (lo, hi):
+        if objective(bound) <= best:
+            log_t, best = bound, objective(bound)
+    if log_t in (lo, hi) or min(log_t - lo, hi - log_t) < 1e-4:
         warnings.warn(f"fit_temperature: optimum at the search bound T={math.exp(log_t):.4g} "
                       f"(interval [{T_MIN}, {T_MAX}]); the logits may be separable or uninformative",
                       RuntimeWarning, stacklevel=2)

@@ -142,8 +142,10 @@ def classification_report(logits: ArrayLike, targets: ArrayLike,
     precision, recall, f1, support = skm.precision_recall_fscore_support(
         y, pred, labels=labels, average=None, zero_division=0)
     with warnings.catch_warnings():
-        # "y_pred contains classes not in y_true" is expected: absent classes are left out of the mean by design.
+        # Both are expected and harmless here: absent classes are left out of the mean by design, and the
+        # internal confusion matrix over the labels seen is all balanced accuracy needs.
         warnings.filterwarnings("ignore", message=".*y_pred contains classes not in y_true.*")
+        warnings.filterwarnings("ignore", message=".*A single label was found in 'y_true' and 'y_pred'.*")
         balanced = skm.balanced_accuracy_score(y, pred)
 
     per_class = [{"index": i, "class": names[i], "precision": float(precision[i]), "recall": float(recall[i]),

@@ -111,3 +111,17 @@ def load_weights(model: nn.Module, path: Path, map_location: str | torch.device 
     ckpt = torch.load(path, map_location=map_location, weights_only=False)
     model.load_state_dict(ckpt["model"])
     return ckpt
+
+
+def build_model(task: str, m: Any, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The model for ``task`` from the ``model`` config section. ``pretrained=False`` skips ImageNet weights
+    (inference: the run's own checkpoint is loaded next)."""
+    weights = {"pretrained": m.pretrained and pretrained, "pretrained_path": m.pretrained_path if pretrained else None}
+    if task == "embedding":
+        from vistrain.models.embedding import EmbeddingModel
+
+        return EmbeddingModel(m.name, num_classes, pooling=m.pooling, embedding_dim=m.embedding_dim, head=m.head,
+                              s=m.arcface_s, m=m.arcface_m_finetune, drop_path_rate=m.drop_path_rate,
+                              last_stride=m.last_stride, neck=m.neck, **weights)
+    return build_classifier(m.name, num_classes, pooling=m.pooling, drop_rate=m.drop_rate,
+                            drop_path_rate=m.drop_path_rate, **weights)

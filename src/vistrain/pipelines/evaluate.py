@@ -115,6 +115,10 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None) ->
     if split not in SPLITS:
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
     run = load_run(run_dir)
+    if run.cfg.task == "embedding":
+        from vistrain.pipelines.embedding_eval import evaluate_embedding
+
+        return evaluate_embedding(run, split)
     chosen = select_folds(run, folds)
     if split == "oof":
         logits, targets, table = oof_outputs(run)

@@ -85,15 +85,26 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
     chosen = select_folds(run, folds)
     inputs = resolve_inputs(run, input_path, image_dir, sample)
     require_readable(inputs.paths)
+    d = run.cfg.data
+    if run.cfg.task == "embedding":
+        from vistrain.pipelines.embedding_eval import knn_predict
+
+        labels, top1 = knn_predict(run, inputs.paths)
+        table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: labels})
+        if probs:
+            table["top1_similarity"] = top1
+        return _write(table, output or run.path / "predictions.csv")
     log.info("[PREDICT] %d images | folds=%s | tta=%s | temperature=%s", len(inputs.ids), chosen,
              run.cfg.eval.tta if tta else "off", run.temperature or "none")
     p = predict_probs(run, inputs.paths, chosen, tta)
-    d = run.cfg.data
     table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: [run.classes[i] for i in p.argmax(axis=1)]})
     if probs:
         for i, c in enumerate(run.classes):
             table[f"prob_{c}"] = p[:, i]
-    output = output or run.path / "predictions.csv"
+    return _write(table, output or run.path / "predictions.csv")
+
+
+def _write(table: pd.DataFrame, output: Path) -> pd.DataFrame:
     write_csv(output, table)
-    log.info("[PREDICT] wrote %s", output)
+    log.info("[PREDICT] wrote %s (%d rows)", output, len(table))
     return table

@@ -7,6 +7,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,26 +16,22 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
-from torch.utils.data import DataLoader
 
 import vistrain
 from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
-from vistrain.data.dataset import ImageDataset
-from vistrain.data.samplers import SAMPLERS
-from vistrain.data.sources import check_classes, load_items, require_dir, split_bad_images
-from vistrain.data.splits import assign_folds, splits_table
-from vistrain.data.transforms import eval_transform, size_hw, train_transform
+from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
+from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
+from vistrain.data.transforms import size_hw
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from vistrain.engine.hooks import EarlyStopping
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
-from vistrain.engine.tasks import ClassificationTask
-from vistrain.errors import UserError, lookup
+from vistrain.errors import UserError
 from vistrain.metrics.classification import epoch_metrics
-from vistrain.models.build import build_classifier, count_parameters, data_config
-from vistrain.models.losses import LOSSES
+from vistrain.models.build import build_classifier, count_parameters
+from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
 from vistrain.tracking.logs import run_logging, show_progress
@@ -51,8 +48,9 @@ class Prepared:
     items: pd.DataFrame  # readable items only
     bad: pd.DataFrame  # unreadable or missing images, with a reason
     classes: list  # class labels in index order
-    targets: np.ndarray  # [N] class index per item
-    fold_of: np.ndarray  # [N] fold per item
+    targets: np.ndarray  # [N] class index per item (-1 for items that do not train: queries, gallery)
+    fold_of: np.ndarray  # [N] fold per item (embedding runs: one fold, 0, split by data.items["split"])
+    eval_codes: np.ndarray | None = None  # embedding: [N] identity / class code, equal codes match
 
 
 @dataclass
@@ -62,6 +60,8 @@ class RunResult:
 
 
 def prepare_data(cfg: Config) -> Prepared:
+    if cfg.task == "embedding":
+        return _prepare_embedding(cfg)
     items = load_items(cfg.data)
     classes = check_classes(items, cfg.data.class_names)
     items, bad = split_bad_images(items, cfg.data.on_bad_image)
@@ -73,17 +73,43 @@ def prepare_data(cfg: Config) -> Prepared:
     return Prepared(items, bad, classes, targets, fold_of)
 
 
+def _prepare_embedding(cfg: Config) -> Prepared:
+    """Items with a ``split`` column (reid folders, or a grouped class-stratified ratio split); the training
+    identities are the classes of the head."""
+    d = cfg.data
+    items = load_items(d)
+    dropped = pd.DataFrame()
+    if d.min_image_size:
+        items, dropped = drop_small_groups(items, d.min_image_size)
+    items, bad = split_bad_images(items, d.on_bad_image)
+    bad = pd.concat([bad, dropped], ignore_index=True)
+    if "split" not in items.columns:
+        items["split"] = assign_ratio_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
+    train = items["split"] == "train"
+    classes = sorted(items.loc[train, "label"].unique().tolist())
+    if len(classes) < 2:
+        raise UserError(f"data: embedding training needs at least 2 identities or classes; found {len(classes)}")
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.where(train, items["label"].map(index).fillna(-1), -1).astype(np.int64)
+    codes = {v: i for i, v in enumerate(sorted(items["label"].astype(str).unique()))}
+    eval_codes = items["label"].astype(str).map(codes).to_numpy(dtype=np.int64)
+    return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes)
+
+
 def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
-              config_path: Path | None = None, use_calibration: bool = False, full_pipeline: bool = False
-              ) -> RunResult:
+              config_path: Path | None = None, use_calibration: bool = False, full_pipeline: bool = False,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None) -> RunResult:
     """One training run; returns its directory and summary. ``folds`` overrides ``data.valid_fold``.
 
     ``use_calibration`` fits a temperature afterwards; ``full_pipeline`` then predicts ``data.image_dir_test``
-    into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given).
+    into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given). ``on_epoch(row)`` sees every
+    metrics row (the tuner reports and prunes there).
     """
     if full_pipeline:
         require_dir(cfg.data.image_dir_test, "data.image_dir_test")
     folds = folds if folds is not None else cfg.folds_to_train()
+    if cfg.task == "embedding":
+        folds = [0]  # one model: the split comes from data.items["split"], not from K folds
     bad_folds = [k for k in folds if not 0 <= k < cfg.data.folds]
     if bad_folds:
         raise UserError(f"--fold: {bad_folds[0]} is not a fold of data.folds={cfg.data.folds}; "
@@ -96,7 +122,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
         log_files.append(cfg.output.logs_dir / f"run_{time.strftime('%Y%m%d-%H%M')}_{run.run_id}.log")
     with run_logging(log_files):
         try:
-            summary = _train_run(cfg, run, data, folds, config_path, started)
+            summary = _train_run(cfg, run, data, folds, config_path, started, on_epoch)
             if use_calibration:
                 from vistrain.pipelines.calibrate import run_calibrate
 
@@ -106,6 +132,9 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
 
                 run_predict(run.path, cfg.data.image_dir_test, output=run / "submission.csv",
                             sample=cfg.data.sample_csv)
+            from vistrain.viz.report import write_report
+
+            log.info("[DONE] report: %s", write_report(run.path))
         except BaseException as err:
             run.set_status("error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
             raise
@@ -124,42 +153,83 @@ def _open_run(cfg: Config, resume: bool | Path, fresh: bool) -> rundir.RunDir:
 
 
 def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
-               started: float) -> dict[str, Any]:
+               started: float, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     device = dev.pick_device(cfg.train.device)
     precision = dev.pick_precision(cfg.train.amp, device)
     dev.configure_backends(device)
     log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | run=%s%s", vistrain.__version__,
              torch.__version__, timm.__version__, _device_name(device), precision.name, run.path,
              " (resumed)" if run.resumed else "")
+    cfg = _resolve_auto(cfg, device, precision, len(data.classes))
     for section, values in config_to_dict(cfg).items():
         log.info("[CFG] %s: %s", section, values)
     _write_run_files(cfg, run, data, config_path)
-    d = cfg.data
-    log.info("[PATH] OK | train_csv=%s | sample_csv=%s | image_dir_train=%s", d.train_csv, d.sample_csv,
-             d.image_dir_train)
-    counts = pd.Series(data.targets).value_counts().sort_index()
-    log.info("[DATA] %d images, %d classes | per class: %s", len(data.items), len(data.classes),
-             {str(data.classes[i]): int(n) for i, n in counts.items()})
-    if len(data.bad):
-        log.warning("[DATA] %d unreadable or missing image(s) skipped; listed in %s", len(data.bad),
-                    run / "bad_images.csv")
-    log.info("[DATA] folds=%d (%s) | validation sizes: %s | training folds: %s", d.folds,
-             "grouped" if data.items["group"].nunique() < len(data.items) else "stratified" if d.stratify else "plain",
-             {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}, folds)
+    _log_data(cfg, data, folds, run)
     if run.resumed:
         _rebuild_metrics(run, cfg.data.folds)
     trackers = Trackers(cfg.tracking, run.path, run.run_id, config_to_dict(cfg))
+    failed = True
     try:
-        results = [_train_fold(cfg, run, data, fold, device, precision, trackers) for fold in folds]
+        results = [_train_fold(cfg, run, data, fold, device, precision, trackers, on_epoch) for fold in folds]
         summary = _summarise(cfg, run, data, results, folds, device, precision, started)
         write_json(run / "summary.json", summary)
         plots = training_plots(run.path)
         trackers.log_images(plots)
         trackers.log_summary(summary)
+        failed = False
     finally:
-        trackers.close()
+        trackers.close(failed=failed)
     log.info("[DONE] run=%s | %s", run.path, _fmt_summary(summary))
     return summary
+
+
+def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int) -> Config:
+    """Replace ``auto`` settings with the values chosen for this machine; config.yaml records the result."""
+    t = cfg.train
+    if t.batch_size != "auto":
+        return cfg
+    if device.type != "cuda":
+        batch, why = t.batch_size_cpu, "train.batch_size_cpu on a CPU"
+    else:
+        from vistrain.engine.autobatch import find_batch_size
+
+        m = cfg.model
+        batch = find_batch_size(lambda: build_classifier(m.name, n_classes, pooling=m.pooling),
+                                size_hw(t.img_size), device, precision, channels_last=t.channels_last)
+        why = "largest batch that trained within GPU memory, with head-room"
+    update: dict[str, Any] = {"batch_size": batch}
+    if t.target_batch_size:
+        update["grad_accum_steps"] = max(1, -(-t.target_batch_size // batch))
+    log.info("[CFG] train.batch_size=auto -> %d (%s)%s", batch, why,
+             f"; grad_accum_steps={update['grad_accum_steps']} for target_batch_size={t.target_batch_size}"
+             if "grad_accum_steps" in update else "")
+    return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
+def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir) -> None:
+    d = cfg.data
+    if d.source == "reid":
+        log.info("[PATH] OK | root=%s | train=%s | query=%s | gallery=%s", d.root, d.train_folder, d.query_folder,
+                 d.gallery_folder)
+    else:
+        log.info("[PATH] OK | train_csv=%s | sample_csv=%s | image_dir_train=%s", d.train_csv, d.sample_csv,
+                 d.image_dir_train)
+    counts = pd.Series(data.targets[data.targets >= 0]).value_counts().sort_index()
+    per_class = {str(data.classes[i]): int(n) for i, n in counts.items()}
+    shown = dict(list(per_class.items())[:30])
+    log.info("[DATA] %d images, %d %s | per class: %s%s", len(data.items), len(data.classes),
+             "classes" if cfg.task == "classification" else "training identities/classes", shown,
+             f" ... ({len(per_class) - 30} more)" if len(per_class) > 30 else "")
+    if len(data.bad):
+        log.warning("[DATA] %d unreadable, missing or dropped image(s) skipped; listed in %s", len(data.bad),
+                    run / "bad_images.csv")
+    if cfg.task == "embedding":
+        log.info("[DATA] split: %s", data.items["split"].value_counts().to_dict())
+        return
+    grouped = data.items["group"].nunique() < len(data.items)
+    sizes = {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}
+    log.info("[DATA] folds=%d (%s) | validation sizes: %s | training folds: %s", d.folds,
+             "grouped" if grouped else "stratified" if d.stratify else "plain", sizes, folds)
 
 
 def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_path: Path | None) -> None:
@@ -193,61 +263,15 @@ def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> None:
     atomic_write_text(run / "metrics.jsonl", "".join(json_line(r) for r in rows))
 
 
-def _loaders(cfg: Config, data: Prepared, fold: int, dcfg: dict[str, Any], device: torch.device
-             ) -> tuple[DataLoader, DataLoader, np.ndarray]:
-    t = cfg.train
-    paths = data.items["path"].to_numpy()
-    train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
-    y_train = data.targets[train_idx]
-    train_ds = ImageDataset(paths[train_idx], y_train.tolist(), train_transform(cfg.augment, t.img_size,
-                                                                               dcfg["mean"], dcfg["std"]))
-    valid_ds = ImageDataset(paths[valid_idx], data.targets[valid_idx].tolist(),
-                            eval_transform(t.img_size, dcfg["mean"], dcfg["std"]))
-    generator = torch.Generator()
-    sampler = lookup(SAMPLERS, cfg.sampler.name, "sampler.name")(y_train.tolist(), generator)
-    workers = dev.auto_workers(t.num_workers, device)
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
-    train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
-                              drop_last=len(train_ds) >= 2 * t.batch_size, **common)
-    valid_loader = DataLoader(valid_ds, batch_size=t.batch_size * 2, shuffle=False, **common)
-    return train_loader, valid_loader, valid_idx
-
-
-def _task(cfg: Config, y_train: np.ndarray, n_classes: int, device: torch.device) -> ClassificationTask:
-    a, t = cfg.augment, cfg.train
-    weights = None
-    if t.class_weights == "balanced":
-        counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
-        w = np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0)
-        weights = torch.tensor(w, dtype=torch.float32, device=device)
-    mixup = None
-    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
-                      switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
-    # With mixup the smoothing is already inside the soft targets.
-    criterion = LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing)
-    return ClassificationTask(criterion, mixup)
-
-
 def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, device: torch.device,
-                precision: dev.Precision, trackers: Trackers) -> dict[str, Any]:
-    t, n_classes = cfg.train, len(data.classes)
+                precision: dev.Precision, trackers: Trackers, on_epoch: Callable[[dict[str, Any]], None] | None
+                ) -> dict[str, Any]:
+    t, m = cfg.train, cfg.model
     seed_everything(cfg.project.seed + fold)
-    m = cfg.model
-    model = build_classifier(m.name, n_classes, pooling=m.pooling, pretrained=m.pretrained,
-                             pretrained_path=m.pretrained_path, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
-    dcfg = {**data_config(model), "img_size": list(size_hw(t.img_size))}
-    model.to(device)
-    if t.channels_last:
-        model.to(memory_format=torch.channels_last)
-    train_loader, valid_loader, valid_idx = _loaders(cfg, data, fold, dcfg, device)
-    task = _task(cfg, data.targets[data.fold_of != fold], n_classes, device)
-    if task.mixup is not None and t.batch_size % 2:
-        raise UserError(f"train.batch_size: mixup/cutmix needs an even batch size; got {t.batch_size}")
+    setup = SETUPS[cfg.task](cfg, data, fold, device)
+    model, task, dcfg, train_loader = setup.model, setup.task, setup.data_config, setup.train_loader
     stopper = EarlyStopping(t.monitor, t.early_stopping_patience)
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(setup.params, t)
     updates = -(-len(train_loader) // t.grad_accum_steps)
     state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, t, updates, stopper.mode),
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
@@ -256,11 +280,12 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     log.info("[MODEL] fold=%d %s | pooling=%s | params=%.2fM (trainable %.2fM) | input=%s | mean=%s std=%s | "
              "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, total / 1e6, trainable / 1e6,
              dcfg["img_size"], [round(x, 3) for x in dcfg["mean"]], [round(x, 3) for x in dcfg["std"]],
-             len(train_loader.dataset), len(valid_idx), len(train_loader))
+             len(train_loader.dataset), setup.n_valid, len(train_loader))
     last_path = run.ckpt("last", fold)
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device)
         state.load_state_dict(ckpt)
+        task.load_state_dict(ckpt.get("task", {}))
         set_rng_state(ckpt["rng"])
         if ckpt.get("finished"):
             log.info("[RESUME] fold=%d already finished (%d epochs); skipped", fold, state.epoch)
@@ -275,10 +300,14 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         if improved:
             atomic_save({"model": state.model.state_dict(), "epoch": state.epoch, "metrics": row, **meta},
                         run.ckpt("best", fold))
-            write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
-        atomic_save({**state.state_dict(), "rng": rng_state(), "finished": False, **meta}, last_path)
+            if setup.keep_valid_outputs:
+                write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
+        atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": False, **meta},
+                    last_path)
         run.append_metrics(row)
         trackers.log_epoch(row)
+        if on_epoch is not None:
+            on_epoch(row)
         log.info("[EPOCH] fold=%d epoch=%d/%d %s", fold, row["epoch"], t.epochs,
                  " ".join(f"{k}={_fmt(k, v)}" for k, v in row.items() if k not in ("fold", "epoch", "fold_time_s")))
         if improved:
@@ -288,12 +317,13 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
                        grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
                        progress=show_progress(), label=f"fold {fold}", row_prefix={"fold": fold})
-    fit(state, task, train_loader, valid_loader, t.epochs, opts, on_epoch_end)
+    fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
     if state.stopper.should_stop:
         log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d epochs (best %.4f at epoch %d)",
                  fold, state.epoch, t.monitor, t.early_stopping_patience, stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
-    atomic_save({**state.state_dict(), "rng": rng_state(), "finished": True, "time_s": elapsed, **meta}, last_path)
+    atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": True,
+                 "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
 
 
@@ -313,7 +343,7 @@ def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[di
         "mean": {n: float(v.mean()) for n, v in values.items()},
         "std": {n: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for n, v in values.items()},
     }
-    if sorted(folds) == list(range(cfg.data.folds)):
+    if cfg.task == "classification" and sorted(folds) == list(range(cfg.data.folds)):
         summary["oof"] = _write_oof(run, data)
     summary["timings"] = {"total_s": round(time.time() - started, 2),
                           "per_fold_s": {str(r["fold"]): r["time_s"] for r in results}}

@@ -1,0 +1,141 @@
+"""What differs between tasks when a fold is set up: the model, the loaders, the task object.
+
+``SETUPS[cfg.task](cfg, data, fold, device)`` returns a ``FoldSetup``; the fold loop in ``train.py``
+and the epoch loop in ``engine/loop.py`` are shared by every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from vistrain.config.schema import Config
+from vistrain.data.dataset import ImageDataset
+from vistrain.data.samplers import SAMPLERS
+from vistrain.data.transforms import eval_transform, size_hw, train_transform
+from vistrain.engine import device as dev
+from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
+from vistrain.errors import UserError, lookup
+from vistrain.models.build import build_model, data_config
+from vistrain.models.losses import LOSSES
+
+if TYPE_CHECKING:
+    from vistrain.pipelines.train import Prepared
+
+
+@dataclass
+class FoldSetup:
+    model: nn.Module
+    data_config: dict[str, Any]  # mean, std, interpolation, img_size: what inference must reproduce
+    train_loader: DataLoader
+    valid_loader: DataLoader
+    task: Any  # ClassificationTask | EmbeddingTask
+    params: nn.Module | list[dict[str, Any]]  # what the optimiser gets (a module: timm's decay filtering)
+    n_valid: int
+    keep_valid_outputs: bool  # classification: the best epoch's logits become the OOF logits
+
+
+def _model_and_config(cfg: Config, n_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
+    dcfg = {**data_config(model), "img_size": list(size_hw(cfg.train.img_size))}
+    model.to(device)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, dcfg
+
+
+def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
+             valid_labels: np.ndarray, dcfg: dict[str, Any], device: torch.device) -> tuple[DataLoader, DataLoader]:
+    t, s = cfg.train, cfg.sampler
+    train_ds = ImageDataset(train_paths, train_labels.tolist(),
+                            train_transform(cfg.augment, t.img_size, dcfg["mean"], dcfg["std"]))
+    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), eval_transform(t.img_size, dcfg["mean"], dcfg["std"]))
+    generator = torch.Generator()  # reseeded by the loop every epoch
+    workers = dev.auto_workers(t.num_workers, device)
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    if s.name == "pk":
+        from vistrain.data.samplers import pk_sampler
+
+        batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k)
+        train_loader = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
+    else:
+        sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
+        train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
+                                  drop_last=len(train_ds) >= 2 * t.batch_size, **common)
+    valid_loader = DataLoader(valid_ds, batch_size=cfg.eval.batch_size or t.batch_size * 2, shuffle=False, **common)
+    return train_loader, valid_loader
+
+
+def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device) -> FoldSetup:
+    t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
+    paths = data.items["path"].to_numpy()
+    train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
+    model, dcfg = _model_and_config(cfg, n_classes, device)
+    y_train = data.targets[train_idx]
+    train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
+                                          dcfg, device)
+    weights = None
+    if t.class_weights == "balanced":
+        counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
+        w = np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0)
+        weights = torch.tensor(w, dtype=torch.float32, device=device)
+    mixup = None
+    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+        if t.batch_size % 2:
+            raise UserError(f"train.batch_size: mixup/cutmix needs an even batch size; got {t.batch_size}")
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
+                      switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
+    # With mixup the smoothing is already inside the soft targets.
+    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup)
+    return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True)
+
+
+def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device) -> FoldSetup:
+    """Train on ``split == train``; validate queries (re-id: query, retrieval: val) against a gallery
+    (re-id: the gallery folder, retrieval: the training images), queries first."""
+    from vistrain.models.heads import margin_at_epoch
+    from vistrain.models.losses import EMBEDDING_LOSSES
+
+    m, t, e = cfg.model, cfg.train, cfg.eval
+    split = data.items["split"].to_numpy()
+    reid = "query" in set(split)
+    q_idx = np.flatnonzero(split == ("query" if reid else "val"))
+    g_idx = np.flatnonzero(split == ("gallery" if reid else "train"))
+    train_idx = np.flatnonzero(split == "train")
+    if len(q_idx) == 0:
+        raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
+    model, dcfg = _model_and_config(cfg, len(data.classes), device)
+    paths = data.items["path"].to_numpy()
+    v_idx = np.concatenate([q_idx, g_idx])
+    train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
+                                          data.eval_codes[v_idx], dcfg, device)
+    feat_dim = model.num_features
+    terms = []
+    for term in cfg.loss.terms:
+        module = EMBEDDING_LOSSES[term.name](len(data.classes), feat_dim, **(term.model_extra or {}))
+        terms.append((term.name, term.weight, module.to(device)))
+    cams = data.items["camera"].to_numpy()[v_idx].astype(np.int64) if reid else None
+    evaluation = RetrievalEval(len(q_idx), data.eval_codes[v_idx], cams, e.feat_norm, e.flip_feats, e.knn_k,
+                               e.max_rank, e.memory_budget_mb, e.rerank)
+    warm = t.freeze_backbone_epochs or int(np.ceil(t.warmup_epochs))
+    margin: Callable[[int], float] | None = None
+    if m.head != "linear":
+        def margin(epoch: int) -> float:
+            return margin_at_epoch(epoch, warm, m.arcface_m_warmup, m.arcface_m_finetune, m.margin_ramp_epochs)
+    task = EmbeddingTask(terms, evaluation, margin, t.freeze_backbone_epochs)
+    params = model.param_groups(t.lr, t.backbone_lr_mult, t.weight_decay)
+    return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False)
+
+
+SETUPS: dict[str, Callable[[Config, Any, int, torch.device], FoldSetup]] = {
+    "classification": classification_setup,
+    "embedding": embedding_setup,
+}

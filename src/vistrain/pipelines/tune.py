@@ -1,0 +1,782 @@
+"""``vistrain tune`` (and ``train --optimize``): an Optuna study over config keys, with pruning.
+
+Each trial is an ordinary ``run_train`` of the config with the sampled values applied as overrides, shorter
+(``tune.epochs``, or a third of ``train.epochs``) and on ``tune.folds``. After every epoch the monitor metric
+is reported to Optuna; the pruner stops trials that are clearly worse than the completed ones at the same
+epoch. The objective is the mean over the folds of each fold's best monitor value.
+
+Sharing a study: processes (on one machine or many) work on one study when they use the same storage URL
+(``--storage`` / ``tune.storage``) and the same study name (``--study-name`` / ``tune.study_name`` /
+``project.name``); each runs its own ``--n-trials``. SQLite is fine for processes on one machine; across
+machines use a database server URL (``postgresql://...``, ``mysql://...``), since SQLite on a network file
+system does not lock reliably. Each process writes its own tune directory (its trials' run directories and
+its reports); the reports describe the whole shared study as far as it had got when that process ended, so
+the last process to finish has the complete picture. Without ``--storage``, the study lives in
+``<tune dir>/study.db`` and is private to one process.
+
+Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (default storage), ``tune.log``,
+``tune.json`` (status, study, best trial), ``best_params.yaml``, ``trials.csv``, ``plots/*.png``,
+``failed/trial_<n>.txt`` (the traceback of each failed trial) and ``trials/YYYYMMDD/<name>-trial<n>-.../``
+(one ordinary run directory per trial).
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import io
+import logging
+import math
+import secrets
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from vistrain.config.loader import config_to_dict, deep_merge, validate
+from vistrain.config.schema import Config
+from vistrain.errors import ConfigError, UserError, did_you_mean
+from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json
+
+if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
+    import optuna
+
+log = logging.getLogger(__name__)
+
+SPACE_TYPES = ("float", "int", "categorical")
+SPEC_KEYS = {"float": ("type", "low", "high", "log", "step"), "int": ("type", "low", "high", "log", "step"),
+             "categorical": ("type", "choices")}
+# The default space, per task: few keys that matter for almost every model, with ranges wide enough to be
+# safe for pretrained fine-tuning and training from scratch alike.
+DEFAULT_SPACES: dict[str, dict[str, dict[str, Any]]] = {
+    "classification": {
+        "train.lr": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-1, "log": True},
+        "augment.mixup_alpha": {"type": "float", "low": 0.0, "high": 0.4},
+    },
+}
+GENERIC_SPACE = {k: v for k, v in DEFAULT_SPACES["classification"].items() if k.startswith("train.")}
+PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
+SQLITE_LOCK_TIMEOUT_S = 120  # concurrent workers wait this long for SQLite's write lock instead of failing
+
+
+class TrialFailed(Exception):
+    """A trial that crashed (out of memory, diverged, ...): recorded as failed while the study goes on."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched config key: ``type`` float / int with ``low``..``high`` (``log``, ``step``), or
+    categorical ``choices``."""
+
+    key: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.key, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.key, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def project(self, value: Any) -> Any:
+        """The allowed value nearest ``value`` (the config's own), for the baseline trial."""
+        if self.type == "categorical":
+            return _nearest_choice(self.choices, value)
+        lo, hi = self.low, self.high
+        if not _is_number(value):  # "auto", None: start from the middle of the range
+            value = math.sqrt(lo * hi) if self.log else (lo + hi) / 2
+        value = min(max(value, lo), hi)
+        if self.step:
+            value = lo + round((value - lo) / self.step) * self.step
+            value = min(value, lo + math.floor((hi - lo) / self.step + 1e-9) * self.step)
+        return int(round(value)) if self.type == "int" else float(value)
+
+
+@dataclass
+class TuneResult:
+    tune_dir: Path
+    study_name: str
+    storage: str  # the URL, password hidden
+    best_value: float
+    best_params: dict[str, Any]  # dotted config key -> value
+    best_trial: int
+    monitor: str
+    direction: str  # "maximize" | "minimize"
+    counts: dict[str, int] = field(default_factory=dict)  # trial state -> number of trials in the study
+    run_dir: Path | None = None  # the full training with the best parameters (auto_continue)
+
+
+# ------------------------------------------------------------------------------------------ search space
+
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema (``train.lr``, ``tracking.wandb.mode``, ...)."""
+    keys = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += config_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def default_space(cfg: Config) -> dict[str, dict[str, Any]]:
+    """The space used when ``tune.space`` is empty. Mixup needs an even batch, so it is left out otherwise."""
+    space = copy.deepcopy(DEFAULT_SPACES.get(cfg.task, GENERIC_SPACE))
+    batch = cfg.train.batch_size if cfg.train.batch_size != "auto" else cfg.train.batch_size_cpu
+    if "augment.mixup_alpha" in space and batch % 2:
+        del space["augment.mixup_alpha"]
+    return space
+
+
+def parse_space(cfg: Config) -> list[Param]:
+    """``tune.space`` (or the default) as ``Param`` objects; every problem raises one ``ConfigError`` line."""
+    raw = cfg.tune.space or default_space(cfg)
+    keys = config_keys()
+    params, problems = [], []
+    for key, spec in raw.items():
+        param, errors = _parse_param(str(key), spec, keys)
+        problems += errors
+        if param is not None:
+            params.append(param)
+    params, value_problems = _check_values(cfg, params)  # the well-formed ones: report everything at once
+    problems += value_problems
+    if problems:
+        raise ConfigError(problems)
+    return params
+
+
+def _parse_param(key: str, spec: Any, keys: list[str]) -> tuple[Param | None, list[str]]:
+    where = f"tune.space.{key}"
+    if key not in keys:
+        sections = sorted({k.split(".")[0] for k in keys})
+        hint = f"; name a key inside it, e.g. {key}.{_first_leaf(keys, key)}" if key in sections else \
+            did_you_mean(key, keys)
+        return None, [f"{where}: not a config key{hint}"]
+    if key.startswith("tune."):
+        return None, [f"{where}: the tune section configures the search and cannot be searched itself"]
+    if not isinstance(spec, dict):
+        return None, [f"{where}: expected a mapping like {{type: float, low: 1e-5, high: 1e-2, log: true}} "
+                      f"or {{type: categorical, choices: [a, b]}}; got {spec!r}"]
+    kind = spec.get("type")
+    if kind not in SPACE_TYPES:
+        what = "missing 'type'" if kind is None else f"unknown type {kind!r}"
+        return None, [f"{where}: {what}; valid: {', '.join(SPACE_TYPES)}{did_you_mean(str(kind), SPACE_TYPES)}"]
+    unknown = [f"{where}: unknown field '{k}' for type {kind}; valid: {', '.join(SPEC_KEYS[kind])}"
+               f"{did_you_mean(str(k), SPEC_KEYS[kind])}" for k in spec if k not in SPEC_KEYS[kind]]
+    param, errors = _parse_choices(key, spec) if kind == "categorical" else _parse_range(key, kind, spec)
+    return (param if not unknown and not errors else None), unknown + errors
+
+
+def _first_leaf(keys: list[str], section: str) -> str:
+    return next(k for k in keys if k.startswith(section + ".")).split(".", 1)[1]
+
+
+def _parse_choices(key: str, spec: dict[str, Any]) -> tuple[Param | None, list[str]]:
+    choices = spec.get("choices")
+    where = f"tune.space.{key}"
+    if not isinstance(choices, list) or not choices:
+        return None, [f"{where}: categorical needs a non-empty list 'choices', e.g. choices: [adamw, sgd]"]
+    bad = [c for c in choices if not (c is None or isinstance(c, bool | int | float | str))]
+    if bad:
+        return None, [f"{where}: choices must be numbers, strings, booleans or null; got {bad[0]!r}"]
+    return Param(key, "categorical", choices=tuple(choices)), []
+
+
+def _parse_range(key: str, kind: str, spec: dict[str, Any]) -> tuple[Param | None, list[str]]:
+    where = f"tune.space.{key}"
+    missing = [k for k in ("low", "high") if spec.get(k) is None]
+    if missing:
+        return None, [f"{where}: type {kind} needs {' and '.join(missing)} (e.g. low: 1e-5, high: 1e-2)"]
+    values, problems = {}, []
+    for name in ("low", "high", "step"):
+        if spec.get(name) is None:
+            continue
+        number = _as_number(spec[name], kind)
+        if number is None:
+            problems.append(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a number'}; "
+                            f"got {spec[name]!r}")
+        values[name] = number
+    if problems:
+        return None, problems
+    low, high, step, log_ = values["low"], values["high"], values.get("step"), bool(spec.get("log", False))
+    if low >= high:
+        problems.append(f"{where}: low ({low}) must be less than high ({high})")
+    if log_ and low <= 0:
+        problems.append(f"{where}: log: true needs low > 0; got low={low}")
+    if step is not None and step <= 0:
+        problems.append(f"{where}: step must be positive; got {step}")
+    if step is not None and log_ and (kind == "float" or step != 1):
+        problems.append(f"{where}: step and log: true cannot be combined")
+    return (None if problems else Param(key, kind, low, high, log_, step)), problems
+
+
+def _as_number(value: Any, kind: str) -> float | int | None:
+    """YAML reads ``1e-5`` (no dot) as a string: accept numeric strings, reject anything else."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if kind == "int":
+        return int(number) if number.is_integer() else None
+    return number
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _nearest_choice(choices: tuple[Any, ...], value: Any) -> Any:
+    """``value`` when it is a choice; else the numerically nearest (in log scale for positive numbers)."""
+    if value in choices:
+        return value
+    numeric = [c for c in choices if _is_number(c)]
+    if not _is_number(value) or not numeric:
+        return choices[0]
+    use_log = value > 0 and all(c > 0 for c in numeric)
+
+    def distance(c: float) -> float:
+        return abs(math.log(c) - math.log(value)) if use_log else abs(c - value)
+
+    return min(numeric, key=distance)
+
+
+def _check_values(cfg: Config, params: list[Param]) -> tuple[list[Param], list[str]]:
+    """Validate each bound and choice as a config value; choices come back in the key's own type
+    (``"1e-9"`` -> ``1e-09``), so the study, best_params.yaml and the trials agree."""
+    base = config_to_dict(cfg)
+    checked, problems = [], []
+    for p in params:
+        values = {"choice": list(p.choices)} if p.type == "categorical" else {"low": [p.low], "high": [p.high]}
+        converted: list[Any] = []
+        for label, items in values.items():
+            for value in items:
+                try:
+                    converted.append(get_key(config_to_dict(validate(with_values(base, {p.key: value}))), p.key))
+                except ConfigError as err:
+                    problems.append(f"tune.space.{p.key}: {label} {value!r} is not a valid value: {err.problems[0]}")
+        if p.type == "categorical" and len(converted) == len(p.choices):
+            p = Param(p.key, p.type, choices=tuple(dict.fromkeys(converted)))
+        checked.append(p)
+    return checked, problems
+
+
+# ----------------------------------------------------------------------------------------- config helpers
+
+def nest(values: dict[str, Any]) -> dict[str, Any]:
+    """``{"train.lr": 1e-3}`` -> ``{"train": {"lr": 1e-3}}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        node = out
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def with_values(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    return deep_merge(base, nest(values))
+
+
+def get_key(data: dict[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def trial_config(cfg: Config, values: dict[str, Any], tune_dir: Path, number: int) -> Config:
+    """The config of one trial: shorter, no TensorBoard / W&B / log copies, runs under the tune directory,
+    and the sampled values on top (a searched ``train.epochs`` wins over ``tune.epochs``)."""
+    t = cfg.tune
+    fixed = {
+        "train.epochs": t.epochs or max(1, cfg.train.epochs // 3),
+        "tracking.tensorboard": False,
+        "tracking.wandb.enabled": False,
+        "output.exp_dir": str(tune_dir / "trials"),
+        "output.logs_dir": None,  # the trial's train.log is in its run directory already
+        "project.name": f"{cfg.project.name}-trial{number}",  # run ids say which trial they belong to
+    }
+    return validate(with_values(with_values(config_to_dict(cfg), fixed), values))
+
+
+def best_config(cfg: Config, params: dict[str, Any]) -> Config:
+    """The config of the full training: the user's, with only the best values changed."""
+    return validate(with_values(config_to_dict(cfg), params))
+
+
+def direction_of(monitor: str) -> str:
+    return "minimize" if monitor.endswith("loss") else "maximize"
+
+
+# ---------------------------------------------------------------------------------------------- the study
+
+@dataclass
+class _Context:
+    """What every trial of one ``run_tune`` call shares."""
+
+    cfg: Config
+    params: list[Param]
+    tune_dir: Path
+    folds: list[int]
+    epochs: int  # per trial and fold (for the global step)
+    monitor: str
+
+
+class _Reporter:
+    """``run_train``'s ``on_epoch``: reports the monitor to Optuna and prunes."""
+
+    def __init__(self, trial: optuna.Trial, ctx: _Context):
+        self.trial, self.ctx = trial, ctx
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        import optuna
+
+        value = float(row[self.ctx.monitor])
+        # Step = position of (fold, epoch) in the trial, so every trial reports the same step for the same
+        # fold and epoch even when early stopping ends a fold sooner.
+        step = self.ctx.folds.index(row["fold"]) * self.ctx.epochs + int(row["epoch"])
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned_at", {"fold": row["fold"], "epoch": row["epoch"], "step": step})
+            log.info("[TUNE] trial %d pruned at fold %d epoch %d: %s=%.4f is worse than the completed trials "
+                     "at this step", self.trial.number, row["fold"], row["epoch"], self.ctx.monitor, value)
+            raise optuna.TrialPruned(f"{self.ctx.monitor}={value:.4f} at step {step}")
+
+
+def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
+    def objective(trial: optuna.Trial) -> float:
+        import optuna
+
+        from vistrain.pipelines.train import run_train
+
+        values = {p.key: p.suggest(trial) for p in ctx.params}
+        log.info("[TUNE] trial %d started: %s", trial.number, _fmt_params(values))
+        try:
+            trial_cfg = trial_config(ctx.cfg, values, ctx.tune_dir, trial.number)
+            result = run_train(trial_cfg, folds=ctx.folds, on_epoch=_Reporter(trial, ctx))
+        except optuna.TrialPruned:
+            _record_run_dir(trial, ctx)
+            raise
+        except Exception as err:
+            _record_failure(trial, ctx, err)
+            if isinstance(err, UserError):
+                raise  # a mistake in the config fails every trial alike: stop the study now
+            raise TrialFailed(trial.user_attrs.get("fail_reason", "")) from err
+        trial.set_user_attr("run_dir", str(result.run_dir))
+        return float(result.summary["mean"][ctx.monitor])
+
+    return objective
+
+
+def _record_run_dir(trial: optuna.Trial, ctx: _Context) -> None:
+    prefix = f"{ctx.cfg.project.name}-trial{trial.number}-"
+    found = sorted((ctx.tune_dir / "trials").glob(f"*/{prefix}*"))
+    if found:
+        trial.set_user_attr("run_dir", str(found[-1]))
+
+
+def _record_failure(trial: optuna.Trial, ctx: _Context, err: BaseException) -> None:
+    """The reason as a user attribute (in trials.csv) and the traceback as a file in the tune directory."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    reason = f"{type(err).__name__}: {first}"[:500]
+    trial.set_user_attr("fail_reason", reason)
+    _record_run_dir(trial, ctx)
+    path = ctx.tune_dir / "failed" / f"trial_{trial.number}.txt"
+    atomic_write_text(path, "".join(traceback.format_exception(err)))
+    log.warning("[TUNE] trial %d failed: %s (traceback in %s)", trial.number, reason, path)
+
+
+def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna callback: one summary line per finished trial, and device memory back before the next one."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    state = trial.state.name
+    # A pruned trial's value is its last report, not an objective value.
+    label = "last report" if state == "PRUNED" else "value"
+    value = f" {label}={trial.value:.4f}" if trial.value is not None else ""
+    try:
+        best = f" | best so far: trial {study.best_trial.number} value={study.best_value:.4f}"
+    except ValueError:  # no completed trial yet
+        best = ""
+    log.info("[TUNE] trial %d %s%s | %s%s", trial.number, state, value, _fmt_params(trial.params), best)
+
+
+def _fmt_params(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
+def _pruner(cfg: Config, n_trials: int, total_steps: int) -> optuna.pruners.BasePruner:
+    import optuna
+
+    name = cfg.tune.pruner
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(total_steps, 1), reduction_factor=3)
+    if name == "median":
+        # One completed trial is enough to compare against in a small study (so a learning rate that cannot
+        # learn is stopped early); larger studies wait for a few to make the median meaningful.
+        startup = max(1, min(5, n_trials // 10))
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def _initial_trials(cfg: Config, params: list[Param], n_trials: int) -> list[dict[str, Any]]:
+    """Trial 0 is the config itself (each value moved to the nearest allowed one): the baseline the search
+    must beat. Then each categorical choice the baseline did not use is tried once, so a small study sees
+    every choice before the sampler takes over. At most ``n_trials`` in all."""
+    base = config_to_dict(cfg)
+    baseline = {p.key: p.project(get_key(base, p.key)) for p in params}
+    rest = {p.key: [c for c in p.choices if c != baseline[p.key]] for p in params if p.type == "categorical"}
+    rest = {k: v for k, v in rest.items() if v}
+    extra = [{k: v[i % len(v)] for k, v in rest.items()} for i in range(max(map(len, rest.values()), default=0))]
+    return ([baseline] + extra)[:n_trials]
+
+
+class _InitialDesign:
+    """Enqueues the initial trials one at a time, each only when another trial will surely run: a study
+    stopped early (an error, the timeout) leaves no queued trial behind for nobody to run."""
+
+    def __init__(self, trials: list[dict[str, Any]], n_trials: int, timeout: float | None):
+        self.pending, self.left = list(trials), n_trials
+        self.deadline = time.monotonic() + timeout if timeout else math.inf
+
+    def enqueue_next(self, study: optuna.Study) -> None:
+        if self.pending and self.left > 0 and time.monotonic() < self.deadline:
+            # skip_if_exists: another worker may have tried these values already.
+            study.enqueue_trial(self.pending.pop(0), skip_if_exists=True)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Optuna callback, after each trial of this process."""
+        self.left -= 1
+        self.enqueue_next(study)
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden (it goes into logs and files)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL sqlalchemy knows: show it as given
+        return url
+
+
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """An RDB storage; SQLite waits for the write lock, and opening is retried because several workers
+    starting at once race to create the tables."""
+    import optuna
+
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") \
+        else {"pool_pre_ping": True}
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (ImportError, ValueError) as err:
+            raise UserError(f"tune.storage: cannot open {safe_url(url)}: {_first_line(err)}") from err
+        except Exception as err:  # noqa: BLE001 - sqlalchemy errors: a concurrent worker, a lock, a server
+            if attempt == attempts:
+                raise UserError(f"tune.storage: cannot open {safe_url(url)}: {_first_line(err)}") from err
+            time.sleep(0.5 * attempt + secrets.randbelow(500) / 1000)
+    raise AssertionError("unreachable")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _create_study(cfg: Config, storage_url: str, study_name: str, direction: str, shared: bool,
+                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    import optuna
+
+    # A private study is reproducible from project.seed; workers sharing a study must not all draw the
+    # same "random" points, so they are left unseeded.
+    sampler = optuna.samplers.TPESampler(seed=None if shared else cfg.project.seed)
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+    except Exception as err:  # noqa: BLE001 - two workers creating the same study at once: load it
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        log.debug("[TUNE] create_study raced with another worker (%s); loaded the study", err)
+    if study.direction.name.lower() != direction:
+        raise UserError(f"--study-name: study '{study_name}' in {safe_url(storage_url)} was created to "
+                        f"{study.direction.name.lower()}, but train.monitor={cfg.train.monitor} needs {direction}; "
+                        "use another study name")
+    return study
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def new_tune_dir(cfg: Config) -> Path:
+    """``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``, with the run id of a training run of this config."""
+    now = datetime.now()
+    run_id = f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}"
+    path = Path(cfg.output.exp_dir) / f"{now:%Y%m%d}" / f"{run_id}_tune"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_best_params(path: Path, study: optuna.Study, monitor: str, storage: str) -> None:
+    """best_params.yaml: the best values as a nested config fragment, with how to apply them."""
+    import yaml
+
+    best = study.best_trial
+    overrides = " ".join(f"{k}={v}" for k, v in best.params.items())
+    header = (f"# best trial {best.number} of study '{study.study_name}' ({safe_url(storage)}): "
+              f"{monitor}={best.value:.6g} ({study.direction.name.lower()})\n"
+              f"# as command-line overrides: {overrides}\n")
+    atomic_write_text(path, header + yaml.safe_dump(nest(best.params), sort_keys=False))
+
+
+def write_trials_csv(path: Path, study: optuna.Study) -> None:
+    write_csv(path, study.trials_dataframe())
+
+
+def write_plots(study: optuna.Study, out: Path) -> dict[str, str]:
+    """The study's plots as PNG; each one that cannot be drawn is skipped with the reason (returned)."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # no display needed; an interactive session keeps its own backend
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.trial import TrialState
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varying = [k for k in {k for t in complete for k in t.params}
+               if len({repr(t.params.get(k)) for t in complete}) > 1]
+    reasons = {
+        "optimization_history": None if complete else "no completed trial",
+        "intermediate_values": None if any(t.intermediate_values for t in study.trials) else "no reported epoch",
+        "param_importances": None if len(complete) >= 2 and len(varying) >= 2 else
+        f"needs >= 2 completed trials and >= 2 parameters that vary (have {len(complete)} and {len(varying)})",
+        "parallel_coordinate": None if complete else "no completed trial",
+    }
+    skipped = {}
+    for name in PLOTS:
+        if reasons[name] is None:
+            try:
+                # Optuna switches pyplot to its ggplot style; rc_context keeps that away from later plots.
+                with warnings.catch_warnings(), matplotlib.rc_context():
+                    warnings.simplefilter("ignore")  # optuna marks its matplotlib plots as experimental
+                    ax = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
+                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                    _save_fig(fig, out / f"{name}.png")
+                    plt.close(fig)
+                continue
+            except Exception as err:  # noqa: BLE001 - a plot must never fail the study
+                reasons[name] = _first_line(err)
+        skipped[name] = reasons[name]
+        log.info("[TUNE] plot %s skipped: %s", name, reasons[name])
+    return skipped
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
+
+
+@contextmanager
+def _tune_logging(path: Path) -> Iterator[None]:
+    """Console lines as for ``train``, plus ``tune.log`` with the study's own lines only (each trial's
+    epochs are in its run directory's train.log)."""
+    from vistrain.tracking.logs import LOGGER, console_logging
+
+    console_logging()
+    logger = logging.getLogger(LOGGER)
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.addFilter(lambda r: r.name in (__name__, "vistrain.engine.autobatch"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Optuna's own per-trial lines (and a traceback per failed trial) would duplicate ours."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+# --------------------------------------------------------------------------------------------- run_tune
+
+def _require_optuna() -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise UserError("tune: needs Optuna; install it with: pip install 'vistrain[tune]'") from None
+
+
+def _check_folds(cfg: Config) -> None:
+    bad = [k for k in cfg.tune.folds if k >= cfg.data.folds]
+    if bad:
+        raise ConfigError([f"tune.folds: {bad[0]} is not a fold of data.folds={cfg.data.folds}; "
+                           f"valid: 0..{cfg.data.folds - 1}"])
+
+
+def run_tune(cfg: Config, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
+             timeout: float | None = None, auto_continue: bool = False, config_path: Path | None = None,
+             folds: list[int] | None = None) -> TuneResult:
+    """Run (or join) a study and write the tune directory; with ``auto_continue``, then train the config with
+    the best values (on ``folds``, default ``data.valid_fold``) and record where they came from.
+
+    Arguments given here win over ``tune.*``. A crashed trial is recorded as failed and the study goes on;
+    a ``UserError`` (a mistake in the config or data) stops it at once.
+    """
+    _require_optuna()
+    params = parse_space(cfg)
+    _check_folds(cfg)
+    t = cfg.tune
+    n_trials = n_trials or t.n_trials
+    timeout = timeout or t.timeout
+    study_name = study_name or t.study_name or cfg.project.name
+    storage = storage or t.storage
+    tune_dir = new_tune_dir(cfg)
+    storage_url = storage or f"sqlite:///{(tune_dir / 'study.db').resolve()}"
+    ctx = _Context(cfg, params, tune_dir, list(t.folds), t.epochs or max(1, cfg.train.epochs // 3), cfg.train.monitor)
+    with _tune_logging(tune_dir / "tune.log"), _quiet_optuna():
+        study = _start(ctx, storage_url, study_name, n_trials, shared=storage is not None)
+        _optimize(ctx, study, storage_url, n_trials, timeout)
+        result = _finish(ctx, study, storage_url)
+        if auto_continue:
+            result.run_dir = _continue(cfg, result, config_path, folds)
+    return result
+
+
+def _start(ctx: _Context, storage_url: str, study_name: str, n_trials: int, shared: bool) -> optuna.Study:
+    """Create or join the study and log what it searches."""
+    cfg = ctx.cfg
+    direction = direction_of(ctx.monitor)
+    pruner = _pruner(cfg, n_trials, ctx.epochs * len(ctx.folds))
+    study = _create_study(cfg, storage_url, study_name, direction, shared, pruner)
+    _write_status(ctx, study, storage_url, "running")
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    log.info("[TUNE] study '%s' in %s | %s %s | %d trial(s) here (%d finished in the study so far) | pruner=%s | "
+             "epochs per trial=%d | folds=%s | dir=%s", study_name, safe_url(storage_url), direction, ctx.monitor,
+             n_trials, finished, cfg.tune.pruner, ctx.epochs, ctx.folds, ctx.tune_dir)
+    log.info("[TUNE] space: %s", " | ".join(_fmt_param(p) for p in ctx.params))
+    return study
+
+
+def _fmt_param(p: Param) -> str:
+    if p.type == "categorical":
+        return f"{p.key} in {list(p.choices)}"
+    extra = (" log" if p.log else "") + (f" step {p.step}" if p.step else "")
+    return f"{p.key} {p.type} {p.low}..{p.high}{extra}"
+
+
+def _optimize(ctx: _Context, study: optuna.Study, storage_url: str, n_trials: int, timeout: float | None) -> None:
+    """The trials; the reports are written even when the study stops on an error or Ctrl-C."""
+    # Only the process that opens an empty study seeds it with the initial trials.
+    first = _initial_trials(ctx.cfg, ctx.params, n_trials) if not study.get_trials(deepcopy=False) else []
+    design = _InitialDesign(first, n_trials, timeout)
+    design.enqueue_next(study)
+    try:
+        study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
+                       callbacks=[_after_trial, design], gc_after_trial=True)
+    except BaseException as err:
+        _write_status(ctx, study, storage_url, "error", error=_first_line(err))
+        _safe(write_trials_csv, ctx.tune_dir / "trials.csv", study)
+        raise
+    finally:
+        gc.collect()
+
+
+def _safe(func: Callable[..., Any], *args: Any) -> None:
+    """A report written on the way out of an error must not hide that error."""
+    try:
+        func(*args)
+    except Exception as err:  # noqa: BLE001
+        log.warning("[TUNE] could not write %s: %s", getattr(func, "__name__", func), _first_line(err))
+
+
+def _finish(ctx: _Context, study: optuna.Study, storage_url: str) -> TuneResult:
+    from optuna.trial import TrialState
+
+    write_trials_csv(ctx.tune_dir / "trials.csv", study)
+    write_plots(study, ctx.tune_dir / "plots")
+    counts = _counts(study)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        _write_status(ctx, study, storage_url, "error", error="no trial completed")
+        summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
+        raise UserError(f"tune: no trial of study '{study.study_name}' completed ({summary}); the reasons are in "
+                        f"{ctx.tune_dir / 'trials.csv'} (column user_attrs_fail_reason)")
+    write_best_params(ctx.tune_dir / "best_params.yaml", study, ctx.monitor, storage_url)
+    best = study.best_trial
+    result = TuneResult(ctx.tune_dir, study.study_name, safe_url(storage_url), float(best.value), dict(best.params),
+                        best.number, ctx.monitor, study.direction.name.lower(), counts)
+    _write_status(ctx, study, storage_url, "success")
+    log.info("[TUNE] done: %s | best trial %d %s=%.4f | %s | %s", ", ".join(f"{n} {s}" for s, n in counts.items()),
+             best.number, ctx.monitor, best.value, _fmt_params(best.params), ctx.tune_dir / "best_params.yaml")
+    return result
+
+
+def _write_status(ctx: _Context, study: optuna.Study, storage_url: str, status: str, **extra: Any) -> None:
+    info: dict[str, Any] = {"status": status, "updated": datetime.now().isoformat(timespec="seconds"),
+                            "study_name": study.study_name, "storage": safe_url(storage_url),
+                            "monitor": ctx.monitor, "direction": study.direction.name.lower(),
+                            "trials": _counts(study), "command": sys.argv, **extra}
+    try:
+        best = study.best_trial
+        info["best"] = {"trial": best.number, "value": best.value, "params": best.params}
+    except ValueError:
+        pass
+    write_json(ctx.tune_dir / "tune.json", info)
+
+
+def _continue(cfg: Config, result: TuneResult, config_path: Path | None, folds: list[int] | None) -> Path:
+    """The full training with the best values; ``tuned_from.json`` in its run directory says where they
+    came from."""
+    from vistrain.pipelines.train import run_train
+
+    best_cfg = best_config(cfg, result.best_params)
+    log.info("[TUNE] auto-continue: full training with trial %d's values: %s", result.best_trial,
+             _fmt_params(result.best_params))
+    run = run_train(best_cfg, folds=folds, config_path=config_path)
+    write_json(run.run_dir / "tuned_from.json", {
+        "tune_dir": str(result.tune_dir), "study_name": result.study_name, "storage": result.storage,
+        "best_trial": result.best_trial, "best_value": result.best_value, "monitor": result.monitor,
+        "direction": result.direction, "params": result.best_params,
+    })
+    log.info("[TUNE] full training done: %s (tuned_from.json records the study)", run.run_dir)
+    return run.run_dir

@@ -1,0 +1,301 @@
+"""``report.html``: one self-contained page per run directory.
+
+Everything the page shows is inside the file (images as base64 data URIs, inline CSS, one tiny inline
+script), so it can be mailed, attached to a ticket or opened from an archive with no server and no
+network. A Content-Security-Policy meta tag makes the browser refuse any external fetch, which keeps
+that promise checked rather than hoped for. Every piece of text from the run goes through
+``html.escape``: class names, config values and paths are user data.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from vistrain.tracking.files import atomic_write_text
+
+PER_CLASS_SPLITS = ("oof", "val", "valid", "test")  # which eval/<split>/per_class.csv the page shows first
+CALIBRATION_KEYS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2430;background:#f4f6f9}
+header{background:#1f3b57;color:#fff;padding:18px 28px}
+header h1{margin:0 0 4px;font-size:22px}
+header .meta{opacity:.85;font-size:13px}
+main{max-width:1280px;margin:0 auto;padding:12px 28px 40px}
+section{background:#fff;border-radius:8px;box-shadow:0 1px 3px rgba(0,0,0,.08);padding:14px 20px;margin:16px 0}
+h2{font-size:17px;margin:2px 0 10px;color:#1f3b57}
+h3{font-size:14px;margin:14px 0 6px}
+table{border-collapse:collapse;font-size:13px;margin:4px 0}
+th,td{border-bottom:1px solid #e3e7ee;padding:4px 10px;text-align:right;white-space:nowrap}
+th:first-child,td:first-child{text-align:left}
+th{background:#eef2f7;position:sticky;top:0}
+tr.agg td{font-weight:600;background:#f7f9fc}
+td.low{color:#b3261e;font-weight:600}
+.scroll{max-height:480px;overflow:auto}
+pre{background:#f7f9fc;border:1px solid #e3e7ee;border-radius:6px;padding:10px;overflow:auto;max-height:420px;
+font-size:12px}
+figure{margin:10px 0 18px}
+figure img{max-width:100%;height:auto;border:1px solid #e3e7ee;border-radius:4px}
+figcaption{font-size:12px;color:#5b6675;margin-top:2px}
+.note{color:#5b6675}
+"""
+
+# Counts the images the browser actually decoded, so a headless test can check that none is broken.
+SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.dataset.imagesOk = ok + "/" + imgs.length;
+});
+"""
+
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def report_images(run_dir: Path) -> list[Path]:
+    """The PNGs the report shows, in page order: plots/, then eval/<split>/, then the run root."""
+    images = sorted((run_dir / "plots").glob("*.png"), key=_plot_order)
+    images += sorted((run_dir / "eval").glob("*/*.png"), key=_plot_order)
+    images += sorted(run_dir.glob("*.png"), key=_plot_order)
+    return images
+
+
+def _plot_order(path: Path) -> tuple[int, list[Any]]:
+    """Training curves first, then the rest; numbers compared as numbers (fold2 before fold10)."""
+    name = str(path)
+    natural = [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    return (0 if path.name.endswith("_curves.png") else 1, natural)
+
+
+def per_class_file(run_dir: Path) -> Path | None:
+    """eval/<split>/per_class.csv of the preferred split (oof, val, valid, test, then any other)."""
+    found = {p.parent.name: p for p in (run_dir / "eval").glob("*/per_class.csv")}
+    for split in [*PER_CLASS_SPLITS, *sorted(found)]:
+        if split in found:
+            return found[split]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ formatting
+def fmt(value: Any) -> str:
+    """A cell value as escaped text: floats to 4 decimals, tiny ones in scientific notation."""
+    if isinstance(value, bool) or value is None:
+        return html.escape(str(value if value is not None else ""))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return html.escape(str(value))
+        return f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def _num(text: str) -> Any:
+    """CSV text to int or float when it is one, so numbers get the same formatting as JSON values."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except (TypeError, ValueError):
+            continue
+    return text
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], row_classes: Sequence[str] = ()) -> str:
+    """An HTML table; ``rows`` hold raw values (escaped here), ``row_classes`` an optional class per row."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = []
+    for i, row in enumerate(rows):
+        cls = f' class="{row_classes[i]}"' if i < len(row_classes) and row_classes[i] else ""
+        body.append(f"<tr{cls}>" + "".join(_cell(v) for v in row) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _cell(value: Any) -> str:
+    return value.html if isinstance(value, Raw) else f"<td>{fmt(value)}</td>"
+
+
+class Raw:
+    """A pre-built, already escaped ``<td>`` (for cells that need a class)."""
+
+    def __init__(self, html_text: str):
+        self.html = html_text
+
+
+def section(title: str, body: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
+
+
+def key_values(mapping: dict[str, Any]) -> str:
+    """A two-column table of the scalar entries of ``mapping``."""
+    rows = [(k, v) for k, v in mapping.items() if not isinstance(v, dict | list)]
+    return table(["name", "value"], rows) if rows else ""
+
+
+# ------------------------------------------------------------------------------------------ sections
+def header_html(run_dir: Path, summary: dict[str, Any], status: dict[str, Any]) -> str:
+    run_id = summary.get("run_id") or status.get("run_id") or run_dir.name
+    meta = [f"status: {status.get('status', 'unknown')}", f"started: {status.get('started', '?')}",
+            f"directory: {run_dir}"]
+    if "timings" in summary:
+        meta.append(f"total time: {summary['timings'].get('total_s', '?')} s")
+    return (f"<header><h1>vistrain run {html.escape(str(run_id))}</h1>"
+            f"<div class=\"meta\">{html.escape(' | '.join(meta))}</div></header>")
+
+
+def folds_html(summary: dict[str, Any]) -> str:
+    """Per-fold table (best epoch, epochs run, every best metric) with a mean ± std row."""
+    folds = summary.get("folds") or []
+    if not folds:
+        return section("Folds", '<p class="note">summary.json is missing or has no folds '
+                                "(the run is still running or failed).</p>")
+    metrics = list(dict.fromkeys(k for f in folds for k in f.get("best", {})))
+    headers = ["fold", "best epoch", "epochs run", "stopped early", "time (s)", *metrics]
+    rows = [[f.get("fold"), f.get("best_epoch"), f.get("epochs_run"), f.get("stopped_early"), _seconds(f.get("time_s")),
+             *(f.get("best", {}).get(m) for m in metrics)] for f in folds]
+    mean, std = summary.get("mean", {}), summary.get("std", {})
+    rows.append(["mean ± std", "", "", "", "", *(_mean_std(mean.get(m), std.get(m)) for m in metrics)])
+    monitor = html.escape(str(summary.get("monitor", "?")))
+    body = f"<p>Best epoch chosen by <b>{monitor}</b>.</p>" + table(headers, rows, [""] * len(folds) + ["agg"])
+    return section("Folds", body)
+
+
+def _seconds(value: Any) -> Any:
+    return f"{value:.1f}" if isinstance(value, int | float) else value
+
+
+def _mean_std(mean: Any, std: Any) -> str:
+    if not isinstance(mean, int | float):
+        return ""
+    return f"{mean:.4f} ± {std:.4f}" if isinstance(std, int | float) else f"{mean:.4f}"
+
+
+def metrics_html(run_dir: Path, summary: dict[str, Any]) -> str:
+    """OOF metrics from summary.json and the scalar metrics of each eval/<split>/metrics.json."""
+    parts = []
+    if summary.get("oof"):
+        parts.append("<h3>out of fold</h3>" + key_values(summary["oof"]))
+    for path in sorted((run_dir / "eval").glob("*/metrics.json")):
+        values = key_values(_read_json(path))
+        if values:
+            parts.append(f"<h3>eval / {html.escape(path.parent.name)}</h3>" + values)
+    return section("Metrics", "".join(parts)) if parts else ""
+
+
+def failure_threshold(run_dir: Path, default: float = 0.7) -> float:
+    """``eval.failure_threshold`` from config.yaml: the F1 below which a class counts as failing."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        return float(config["eval"]["failure_threshold"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return default
+
+
+def per_class_html(run_dir: Path, low_f1: float = 0.7) -> str:
+    """Per-class precision / recall / F1 of the preferred split; F1 below ``low_f1`` is highlighted."""
+    path = per_class_file(run_dir)
+    if path is None:
+        return ""
+    rows = _read_csv(path)
+    if not rows:
+        return ""
+    headers = list(rows[0])
+    cells = [[_per_class_cell(k, _num(r.get(k, "")), low_f1) for k in headers] for r in rows]
+    note = f'<p class="note">from {html.escape(str(path.relative_to(run_dir)))}; F1 below {low_f1} in red</p>'
+    body = f'{note}<div class="scroll">{table(headers, cells)}</div>'
+    return section(f"Per-class metrics ({path.parent.name})", body)
+
+
+def _per_class_cell(key: str, value: Any, low_f1: float) -> Any:
+    if key == "f1" and isinstance(value, int | float) and value < low_f1:
+        return Raw(f'<td class="low">{fmt(value)}</td>')
+    return value
+
+
+def calibration_html(run_dir: Path) -> str:
+    cal = _read_json(run_dir / "calibration.json")
+    if not cal:
+        return ""
+    known = {k: cal[k] for k in CALIBRATION_KEYS if k in cal}
+    rest = {k: v for k, v in cal.items() if k not in known}
+    return section("Calibration (temperature scaling)", key_values({**known, **rest}))
+
+
+def images_html(run_dir: Path) -> str:
+    """Every PNG as an inline data URI, captioned with its path inside the run directory."""
+    figures = []
+    for path in report_images(run_dir):
+        try:
+            data = base64.b64encode(path.read_bytes()).decode("ascii")
+        except OSError:
+            continue  # removed between listing and reading: leave it out rather than show a broken image
+        rel = html.escape(str(path.relative_to(run_dir)))
+        figures.append(f'<figure><img alt="{rel}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{rel}</figcaption></figure>")
+    return section("Plots", "".join(figures)) if figures else ""
+
+
+def environment_html(summary: dict[str, Any]) -> str:
+    env = summary.get("environment") or {}
+    return section("Environment", key_values(env)) if env else ""
+
+
+def config_html(run_dir: Path) -> str:
+    text = _read_text(run_dir / "config.yaml")
+    body = f"<pre>{html.escape(text)}</pre>" if text is not None else '<p class="note">config.yaml not found</p>'
+    return section("Configuration (config.yaml)", body)
+
+
+# ------------------------------------------------------------------------------------------ the page
+def render_report(run_dir: Path) -> str:
+    """The page as a string (``write_report`` writes it)."""
+    run_dir = Path(run_dir)
+    summary = _read_json(run_dir / "summary.json")
+    status = _read_json(run_dir / "run.json")
+    title = html.escape(f"vistrain report: {summary.get('run_id') or status.get('run_id') or run_dir.name}")
+    body = "".join([
+        folds_html(summary), metrics_html(run_dir, summary), per_class_html(run_dir, failure_threshold(run_dir)),
+        calibration_html(run_dir), images_html(run_dir), environment_html(summary), config_html(run_dir),
+    ])
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<meta http-equiv=\"Content-Security-Policy\" content=\"{CSP}\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{title}</title><style>{CSS}</style><script>{SCRIPT}</script></head>"
+        f"<body>{header_html(run_dir, summary, status)}<main>{body}</main></body></html>\n"
+    )
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``run_dir/report.html`` (atomically) and return its path."""
+    path = Path(run_dir) / "report.html"
+    atomic_write_text(path, render_report(run_dir))
+    return path

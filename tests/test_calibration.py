@@ -1,0 +1,175 @@
+"""vistrain.metrics.calibration: ECE against a plain-loop reference, reliability bins, temperature scaling."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from scipy.special import softmax
+
+from vistrain.metrics.calibration import (
+    T_MIN,
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
+
+
+def ece_reference(probs: np.ndarray, targets: np.ndarray, n_bins: int) -> float:
+    """Independent ECE: a loop over the bins (lo, hi], the first also holding 0, over linspace edges."""
+    rows = [list(map(float, r)) for r in probs]
+    conf = [max(r) for r in rows]
+    correct = [float(r.index(max(r)) == int(t)) for r, t in zip(rows, targets, strict=True)]
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    n, total = len(rows), 0.0
+    for b in range(n_bins):
+        lo, hi = edges[b], edges[b + 1]
+        members = [i for i in range(n) if lo < conf[i] <= hi or (b == 0 and conf[i] == 0.0)]
+        if members:
+            acc = sum(correct[i] for i in members) / len(members)
+            avg_conf = sum(conf[i] for i in members) / len(members)
+            total += len(members) / n * abs(acc - avg_conf)
+    return total
+
+
+@st.composite
+def probs_targets(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """probs [N, C]: softmax of random logits, or rows of grid values (ties, one-hots, values on bin edges)."""
+    c = draw(st.integers(2, 6))
+    n = draw(st.integers(1, 60))
+    if draw(st.booleans()):
+        z = draw(arrays(np.float64, (n, c), elements=st.floats(-20, 20)))
+        p = softmax(z, axis=1)
+    else:
+        w = draw(arrays(np.int64, (n, c), elements=st.integers(0, 4)))
+        w[:, 0] += w.sum(axis=1) == 0  # no all-zero rows
+        p = w / w.sum(axis=1, keepdims=True)
+    y = draw(arrays(np.int64, n, elements=st.integers(0, c - 1)))
+    return p, y
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=probs_targets(), n_bins=st.sampled_from([1, 2, 4, 5, 10, 15, 20]))
+def test_ece_matches_loop_reference(data: tuple[np.ndarray, np.ndarray], n_bins: int) -> None:
+    p, y = data
+    ece = expected_calibration_error(p, y, n_bins)
+    assert ece == pytest.approx(ece_reference(p, y, n_bins), abs=1e-9)
+    assert 0.0 <= ece <= 1.0
+
+
+def test_ece_bin_edges_are_right_closed() -> None:
+    edges = np.linspace(0, 1, 6)  # 5 bins
+    # Confidences exactly on the edges 0.6, 0.8 and 1.0 go to the bin below (lo, hi].
+    p = np.array([[edges[3], 1 - edges[3]], [edges[4], 1 - edges[4]], [1.0, 0.0], [0.5, 0.5]])
+    y = np.array([0, 1, 0, 0])
+    bins = reliability_bins(p, y, n_bins=5)
+    assert bins.count.tolist() == [0, 0, 2, 1, 1]  # 0.5 and 0.6 -> (0.4, 0.6]; 0.8 -> (0.6, 0.8]; 1.0 -> last
+    assert bins.accuracy[2] == 1.0 and bins.accuracy[3] == 0.0
+    assert bins.confidence[2] == pytest.approx(0.55)
+    assert expected_calibration_error(p, y, 5) == pytest.approx(ece_reference(p, y, 5), abs=1e-12)
+    # A one-bin ECE is |accuracy - mean confidence| over everything.
+    assert expected_calibration_error(p, y, 1) == pytest.approx(abs(0.75 - np.mean([0.6, 0.8, 1.0, 0.5])))
+
+
+def test_reliability_bins_fields() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(scale=3, size=(500, 4))
+    y = rng.integers(0, 4, 500)
+    p = softmax(z, axis=1)
+    bins = reliability_bins(torch.from_numpy(p), torch.from_numpy(y), n_bins=10)
+    assert bins.n == 500 and bins.count.shape == (10,)
+    assert bins.count[:2].sum() == 0  # max of 4 probabilities is >= 0.25
+    assert np.isnan(bins.confidence[0]) and np.isnan(bins.accuracy[0])
+    filled = bins.count > 0
+    assert np.all((bins.confidence[filled] > bins.lower[filled]) & (bins.confidence[filled] <= bins.upper[filled]))
+    assert bins.ece() == pytest.approx(ece_reference(p, y, 10), abs=1e-9)
+    d = bins.to_dict()
+    assert d["confidence"][0] is None and len(d["count"]) == 10
+    json.dumps(d, allow_nan=False)
+    with pytest.raises(ValueError):
+        reliability_bins(p, y, n_bins=0)
+
+
+def test_ece_perfectly_calibrated_and_overconfident() -> None:
+    # Every row says 0.7 and 70% are right: ECE 0. All rows say 1.0 and half are right: ECE 0.5.
+    p = np.tile([0.7, 0.2, 0.1], (10, 1))
+    y = np.array([0] * 7 + [1] * 3)
+    assert expected_calibration_error(p, y) == pytest.approx(0.0, abs=1e-12)
+    p1 = np.tile([1.0, 0.0], (4, 1))
+    assert expected_calibration_error(p1, np.array([0, 1, 0, 1])) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- temperature scaling
+
+
+def sample_at_temperature(t0: float, n: int = 20_000, c: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """True logits z, labels drawn from softmax(z); the observed logits are z * t0, so dividing them by t0
+    recovers the true distribution and the fitted temperature should be ~t0."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=2.0, size=(n, c))
+    cdf = softmax(z, axis=1).cumsum(axis=1)
+    y = np.minimum((cdf < rng.random((n, 1))).sum(axis=1), c - 1)  # inverse-CDF sampling per row
+    return z * t0, y
+
+
+@pytest.mark.parametrize("t0", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_known_temperature(t0: float) -> None:
+    z_obs, y = sample_at_temperature(t0, seed=int(t0 * 10))
+    t = fit_temperature(z_obs, y)
+    assert abs(t / t0 - 1) < 0.05
+    # It is the minimiser: nudging T either way does not lower the NLL.
+    def nll(temp: float) -> float:
+        logp = z_obs / temp - np.log(np.exp(z_obs / temp).sum(axis=1, keepdims=True))
+        return -float(np.mean(logp[np.arange(len(y)), y]))
+    assert nll(t) <= min(nll(t * 1.01), nll(t / 1.01))
+
+
+def test_fit_temperature_deterministic_and_input_agnostic() -> None:
+    z, y = sample_at_temperature(1.7, n=3000, seed=3)
+    t = fit_temperature(z, y)
+    assert fit_temperature(z, y) == t
+    assert fit_temperature(torch.from_numpy(z), torch.from_numpy(y)) == t
+    assert fit_temperature(z + 123.0, y) == pytest.approx(t, rel=1e-6)  # softmax ignores a per-row shift
+    assert fit_temperature(z * 4.0, y) == pytest.approx(4.0 * t, rel=1e-6)  # scale equivariance
+
+
+def test_temperature_scaling_does_not_worsen_ece_on_overconfident_logits() -> None:
+    z_obs, y = sample_at_temperature(3.0, n=20_000, seed=7)  # logits 3x too sharp: over-confident
+    fit, held = slice(0, 10_000), slice(10_000, None)
+    t = fit_temperature(z_obs[fit], y[fit])
+    before = expected_calibration_error(softmax(z_obs[held], axis=1), y[held])
+    after = expected_calibration_error(softmax(apply_temperature(z_obs[held], t), axis=1), y[held])
+    assert after <= before
+    assert after < 0.03 < before
+
+
+def test_fit_temperature_degenerate_inputs() -> None:
+    assert fit_temperature(np.zeros((5, 3)), np.array([0, 1, 2, 0, 1])) == 1.0  # NLL does not depend on T
+    z = np.array([[5.0, 0.0], [0.0, 5.0], [4.0, 1.0]])  # separable: NLL falls all the way to T -> 0
+    with pytest.warns(RuntimeWarning, match="search bound"):
+        t = fit_temperature(z, np.array([0, 1, 0]))
+    assert t == pytest.approx(T_MIN, rel=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary fit warns about nothing
+        fit_temperature(*sample_at_temperature(1.0, n=2000, seed=1))
+
+
+def test_apply_temperature() -> None:
+    z = np.array([[1.0, 2.0, 4.0]])
+    np.testing.assert_allclose(apply_temperature(z, 2.0), z / 2)
+    zt = torch.tensor(z, dtype=torch.float32)
+    out = apply_temperature(zt, 2.0)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert torch.equal(out, zt / 2)
+    assert apply_temperature([[1.0, 3.0]], 1.0).tolist() == [[1.0, 3.0]]
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError):
+            apply_temperature(z, bad)

@@ -1,0 +1,257 @@
+"""Config validation: YAML -> --mode preset -> key=value overrides -> one validated Config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import write_yaml
+
+from vistrain.config import config_to_dict, load_config
+from vistrain.errors import ConfigError, UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def problems_of(excinfo: pytest.ExceptionInfo) -> list[str]:
+    err = excinfo.value
+    assert isinstance(err, ConfigError)
+    assert str(err) == "\n".join(err.problems), "the message must be the problems, one per line"
+    return err.problems
+
+
+def one_problem(excinfo: pytest.ExceptionInfo) -> str:
+    problems = problems_of(excinfo)
+    assert len(problems) == 1, problems
+    return problems[0]
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def test_unknown_key_names_the_dotted_key_and_suggests_the_close_one(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"lrr": 0.1}})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.lrr:"), msg
+    assert "did you mean 'lr'" in msg, msg
+
+
+def test_unknown_section_is_an_error(tmp_path):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=["trian.lr=0.1"])
+    assert one_problem(excinfo).startswith("trian:")
+
+
+def test_config_error_is_a_user_error():
+    # The CLI maps UserError to exit code 2; ConfigError must be one of them.
+    with pytest.raises(UserError):
+        load_config(None, overrides=["train.nope=1"])
+
+
+def test_wrong_type_names_the_key_and_shows_the_value():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=["train.epochs=many"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.epochs:"), msg
+    assert "many" in msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.lr=-0.1", "train.lr"),
+    ("train.lr=0", "train.lr"),
+    ("train.batch_size=0", "train.batch_size"),
+    ("data.folds=1", "data.folds"),
+    ("augment.hflip=1.5", "augment.hflip"),
+    ("train.img_size=4", "train.img_size"),
+])
+def test_impossible_value_names_the_key(override, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[override])
+    problems = problems_of(excinfo)
+    assert problems and all(p.startswith(f"{key}:") for p in problems), problems
+
+
+def test_valid_fold_outside_the_folds_names_data_valid_fold():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=["data.folds=5", "data.valid_fold=7"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("data.valid_fold:"), msg
+    assert "7" in msg and "data.folds=5" in msg
+
+
+def test_valid_fold_accepts_an_index_or_all():
+    assert load_config(None, overrides=["data.folds=3", "data.valid_fold=2"]).data.valid_fold == 2
+    cfg = load_config(None, overrides=["data.folds=3", "data.valid_fold=all"])
+    assert cfg.data.valid_fold == "all"
+    assert cfg.folds_to_train() == [0, 1, 2]
+
+
+def test_literal_choice_lists_the_valid_values():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=["train.optimizer=adamx"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.optimizer:"), msg
+    for choice in ("adamw", "adam", "sgd"):
+        assert choice in msg
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"lrr": 0.1, "epochs": 0}, "data": {"source": "sql"}})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    keys = sorted(p.split(":")[0] for p in problems_of(excinfo))
+    assert keys == ["data.source", "train.epochs", "train.lrr"]
+
+
+def test_malformed_override_is_a_user_error():
+    with pytest.raises(UserError, match="train.lr"):
+        load_config(None, overrides=["train.lr"])
+
+
+def test_missing_config_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--config"):
+        load_config(tmp_path / "nope.yaml")
+
+
+# ------------------------------------------------------------------------------------------ layering
+
+def test_mode_preset_is_the_base_layer_file_and_overrides_win(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"name": "resnet10t"}, "train": {"lr": 0.01, "img_size": 64}})
+    fast = load_config(path, mode="fast")
+    assert fast.model.name == "resnet10t"  # file beats preset
+    assert fast.train.lr == 0.01  # file beats preset
+    assert fast.train.img_size == 64  # file beats preset
+    assert fast.train.epochs == 10  # preset beats the schema default (10 is fast's value)
+    assert fast.augment.policy == "light"
+
+    both = load_config(path, mode="fast", overrides=["train.epochs=3", "train.lr=0.5", "model.name=test_resnet"])
+    assert both.train.epochs == 3  # override beats preset
+    assert both.train.lr == 0.5  # override beats file
+    assert both.model.name == "test_resnet"
+
+
+def test_highperf_preset_applies_where_the_file_is_silent(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 2}})
+    cfg = load_config(path, mode="highperf")
+    assert cfg.train.img_size == 384
+    assert cfg.augment.policy == "hard"
+    assert cfg.train.epochs == 2
+    assert load_config(path, mode="highperf", overrides=["train.img_size=96"]).train.img_size == 96
+
+
+def test_no_mode_means_file_and_defaults_only(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 2}})
+    assert config_to_dict(load_config(path)) == config_to_dict(load_config(path, mode="basic"))
+    assert load_config(path).train.img_size == 224
+
+
+def test_unknown_mode_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="--mode"):
+        load_config(write_yaml(tmp_path / "c.yaml", {}), mode="turbo")
+
+
+def test_yaml_paths_resolve_against_the_yaml_folder_and_cli_paths_against_cwd(tmp_path, monkeypatch):
+    path = write_yaml(tmp_path / "configs" / "c.yaml", {
+        "data": {"train_csv": "../data/train.csv", "image_dir_train": "images"},
+        "output": {"exp_dir": "../exp"},
+    })
+    elsewhere = tmp_path / "somewhere" / "else"
+    elsewhere.mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(path, overrides=["data.image_dir_test=test_images", "output.logs_dir=../logs"])
+    assert cfg.data.train_csv == (tmp_path / "data" / "train.csv").resolve()
+    assert cfg.data.image_dir_train == (tmp_path / "configs" / "images").resolve()
+    assert cfg.output.exp_dir == (tmp_path / "exp").resolve()
+    assert cfg.data.image_dir_test == (elsewhere / "test_images").resolve()
+    assert cfg.output.logs_dir == (tmp_path / "somewhere" / "logs").resolve()
+    # An override of a key the file also sets resolves against cwd, not the file.
+    again = load_config(path, overrides=["data.train_csv=mine.csv"])
+    assert again.data.train_csv == (elsewhere / "mine.csv").resolve()
+
+
+def test_absolute_paths_are_kept(tmp_path):
+    target = tmp_path / "abs" / "train.csv"
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"train_csv": str(target)}})
+    assert load_config(path).data.train_csv == target
+
+
+@pytest.mark.parametrize("value, expected", [(96, 96), ([64, 128], (64, 128))])
+def test_img_size_accepts_int_and_height_width(tmp_path, value, expected):
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"img_size": value}}))
+    assert cfg.train.img_size == expected
+    assert load_config(None, overrides=[f"train.img_size={value}"]).train.img_size == expected
+
+
+@pytest.mark.parametrize("value", [[64], [64, 64, 64], [4, 64], "big"])
+def test_img_size_rejects_other_shapes(value):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[f"train.img_size={value}"])
+    assert all(p.startswith("train.img_size") for p in problems_of(excinfo))
+
+
+@pytest.mark.parametrize("value, expected", [("true", "auto"), ("false", "fp32"), ("bf16", "bf16"),
+                                             ("fp32", "fp32")])
+def test_amp_booleans_map_to_auto_and_fp32(value, expected):
+    assert load_config(None, overrides=[f"train.amp={value}"]).train.amp == expected
+
+
+def test_amp_rejects_unknown_precision():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=["train.amp=fp8"])
+    assert all(p.startswith("train.amp") for p in problems_of(excinfo))
+
+
+def test_project_name_defaults_to_the_file_stem(tmp_path):
+    assert load_config(write_yaml(tmp_path / "leaf_disease.yaml", {})).project.name == "leaf_disease"
+    named = write_yaml(tmp_path / "x.yaml", {"project": {"name": "mine"}})
+    assert load_config(named).project.name == "mine"
+
+
+# --------------------------------------------------------------------------------- saved config round-trip
+
+def test_saved_config_reloads_to_the_same_settings(tmp_path, monkeypatch):
+    """What a run writes as config.yaml must load back, from the run directory, to the same settings."""
+    monkeypatch.chdir(tmp_path)
+    src = write_yaml(tmp_path / "configs" / "c.yaml", {
+        "data": {"train_csv": "../d/train.csv", "image_dir_train": "../d/train", "class_names": ["a", "b"]},
+        "train": {"img_size": [48, 64], "amp": False, "epochs": 3},
+        "output": {"exp_dir": "../exp", "logs_dir": "../logs"},
+    })
+    cfg = load_config(src, mode="fast", overrides=["train.lr=0.02", "data.valid_fold=all"])
+    saved = write_yaml(tmp_path / "exp" / "20250101" / "run" / "config.yaml", config_to_dict(cfg))
+    assert config_to_dict(load_config(saved)) == config_to_dict(cfg)
+
+
+def test_saved_default_output_paths_reload_to_the_same_folders(tmp_path, monkeypatch):
+    """With output.exp_dir / output.logs_dir left at their defaults, config.yaml must still name the
+    folders the run used, not folders inside the run directory once it is loaded back from there."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"train": {"epochs": 1}}))
+    saved = write_yaml(tmp_path / "exp" / "20250101" / "run" / "config.yaml", config_to_dict(cfg))
+    reloaded = load_config(saved)
+    assert Path(reloaded.output.exp_dir).resolve() == Path(cfg.output.exp_dir).resolve()
+    assert Path(reloaded.output.logs_dir).resolve() == Path(cfg.output.logs_dir).resolve()
+
+
+# ------------------------------------------------------------------------------------ shipped configs
+
+def test_configs_folder_is_not_empty():
+    assert CONFIG_FILES, "configs/*.yaml: no config files found"
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
+def test_every_shipped_config_validates(path):
+    raw = yaml.safe_load(path.read_text())
+    assert isinstance(raw, dict)
+    cfg = load_config(path)
+    assert cfg.model.name
+    # The file itself must be the source of every section it sets (nothing silently dropped).
+    dumped = config_to_dict(cfg)
+    for section, values in raw.items():
+        assert section in dumped, f"{path.name}: section {section} not in the validated config"
+        if isinstance(values, dict):
+            for key in values:
+                assert key in dumped[section], f"{path.name}: {section}.{key} not in the validated config"

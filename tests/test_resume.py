@@ -1,0 +1,108 @@
+"""Resume: a run killed with SIGKILL continues in the same run directory, losing and repeating no epoch."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from conftest import (
+    Started,
+    describe,
+    last_line,
+    read_metrics,
+    run_cli,
+    run_dirs,
+    tiny_config,
+    write_csv_dataset,
+    write_yaml,
+)
+
+EPOCHS = 4
+OVERRIDES = [f"train.epochs={EPOCHS}", "data.valid_fold=0", "data.folds=2"]
+
+
+def setup_run(root: Path) -> tuple[Path, Path, Path]:
+    """(config, exp_dir, workdir) for a 4-epoch single-fold run on 48 generated images."""
+    data = write_csv_dataset(root / "data", classes=("a", "b", "c"), per_class=16)
+    exp_dir = root / "exp"
+    cfg = tiny_config(data.root, output={"exp_dir": str(exp_dir), "logs_dir": str(root / "logs")})
+    config = write_yaml(root / "resume.yaml", cfg)
+    workdir = root / "work"
+    workdir.mkdir()
+    return config, exp_dir, workdir
+
+
+def wait_for(started: Started, ready, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if not started.running():
+            pytest.fail(f"the run ended before {what}, so it could not be killed there\n{describe(started.wait())}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}\n{describe(started.kill())}")
+        time.sleep(0.05)
+
+
+def kill_after_first_epoch(config: Path, exp_dir: Path, workdir: Path) -> tuple[Path, list[dict]]:
+    """Start a run, SIGKILL it once metrics.jsonl holds a row; return its directory and rows by then."""
+    started = Started("train", "--config", str(config), *OVERRIDES, cwd=workdir)
+
+    def has_epoch() -> bool:
+        dirs = run_dirs(exp_dir)
+        return bool(dirs) and len(read_metrics(dirs[-1], complete_only=True)) >= 1
+
+    wait_for(started, has_epoch, "the first epoch was written")
+    killed = started.kill()
+    assert killed.returncode != 0
+    (run_dir,) = run_dirs(exp_dir)
+    rows = read_metrics(run_dir, complete_only=True)
+    assert 1 <= len(rows) < EPOCHS, f"killed too late to test anything: {len(rows)} epochs done"
+    assert json.loads((run_dir / "run.json").read_text())["status"] != "success"
+    return run_dir, rows
+
+
+def assert_finished_once_per_epoch(run_dir: Path, rows_before: list[dict], result) -> None:
+    assert result.returncode == 0, describe(result)
+    assert last_line(result.stdout) == "[EXIT] TRAINING SUCCESS code=0", describe(result)
+    rows = read_metrics(run_dir)
+    assert [(r["fold"], r["epoch"]) for r in rows] == [(0, e) for e in range(1, EPOCHS + 1)], \
+        f"metrics.jsonl must hold each epoch exactly once, in order: {[(r['fold'], r['epoch']) for r in rows]}"
+    for before, after in zip(rows_before, rows):
+        assert before == after, "epochs finished before the kill must keep their recorded metrics"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "success"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["folds"][0]["epochs_run"] == EPOCHS
+    log = (run_dir / "train.log").read_text()
+    assert "[RESUME]" in log
+    assert sum(line.count("[BOOT]") for line in log.splitlines()) == 2, "train.log keeps the first attempt too"
+
+
+def test_resume_continues_the_killed_run_in_the_same_directory(tmp_path):
+    config, exp_dir, workdir = setup_run(tmp_path)
+    run_dir, rows_before = kill_after_first_epoch(config, exp_dir, workdir)
+
+    result = run_cli("train", "--config", str(config), *OVERRIDES, "--resume", cwd=workdir)
+
+    assert run_dirs(exp_dir) == [run_dir], "--resume must continue the killed run, not start another"
+    assert_finished_once_per_epoch(run_dir, rows_before, result)
+
+
+def test_resume_run_dir_after_a_fresh_run(tmp_path):
+    config, exp_dir, workdir = setup_run(tmp_path)
+    run_dir, rows_before = kill_after_first_epoch(config, exp_dir, workdir)
+    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
+
+    # --fresh: a new run directory even though an unfinished run of this very config exists.
+    fresh = Started("train", "--config", str(config), *OVERRIDES, "--resume", "--fresh", cwd=workdir)
+    wait_for(fresh, lambda: len(run_dirs(exp_dir)) > 1, "the fresh run created its directory")
+    fresh.kill()
+    dirs = run_dirs(exp_dir)
+    assert len(dirs) == 2 and run_dir in dirs, dirs
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before, "--fresh must not touch the old run"
+
+    # --resume RUN_DIR: that run, whatever else is under exp_dir; no --config needed.
+    result = run_cli("train", "--resume", str(run_dir), cwd=workdir)
+
+    assert run_dirs(exp_dir) == dirs, "--resume RUN_DIR must not create a run directory"
+    assert_finished_once_per_epoch(run_dir, rows_before, result)

@@ -1,0 +1,401 @@
+"""vistrain.metrics.retrieval: the Market-1501 protocol against a plain per-query loop, hand-computed cases,
+chunked == unchunked evaluation, k-reciprocal re-ranking, kNN search / classification and Recall@K."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from vistrain.metrics.retrieval import (
+    GEMM_TILE_ROWS,
+    distance_matrix_chunks,
+    k_reciprocal_rerank,
+    knn_classify,
+    knn_search,
+    recall_at_k,
+    reid_cmc_map,
+    reid_cmc_map_detailed,
+    reid_evaluate,
+)
+
+try:
+    import faiss  # noqa: F401
+
+    HAS_FAISS = True
+except ImportError:
+    HAS_FAISS = False
+
+BACKENDS = ["torch"] + (["faiss"] if HAS_FAISS else [])
+
+
+# ------------------------------------------------------------------------------- an independent reference
+
+def market_reference(distmat, q_pids, g_pids, q_cams, g_cams, max_rank):
+    """The Market-1501 protocol, one query at a time in plain Python (deliberately shares no code).
+
+    Returns (cmc list, mAP, mINP, n_valid, per-query AP list with None for skipped queries).
+    """
+    n_g = len(g_pids)
+    cmc_hits = [0] * max_rank
+    aps, inps, per_query = [], [], []
+    for i in range(len(q_pids)):
+        ranking = sorted(range(n_g), key=lambda j: (float(distmat[i][j]), j))  # ties: lower gallery index first
+        ranking = [j for j in ranking if g_pids[j] != -1 and not (g_pids[j] == q_pids[i] and g_cams[j] == q_cams[i])]
+        good = [g_pids[j] == q_pids[i] for j in ranking]
+        if not any(good):
+            per_query.append(None)
+            continue
+        first = good.index(True) + 1
+        for k in range(max_rank):
+            if first <= k + 1:
+                cmc_hits[k] += 1
+        found, precisions, last = 0, [], 0
+        for position, is_good in enumerate(good, start=1):
+            if is_good:
+                found += 1
+                precisions.append(found / position)
+                last = position
+        ap = sum(precisions) / found
+        aps.append(ap)
+        inps.append(found / last)
+        per_query.append(ap)
+    n_valid = len(aps)
+    if n_valid == 0:
+        return None, None, None, 0, per_query
+    return [h / n_valid for h in cmc_hits], sum(aps) / n_valid, sum(inps) / n_valid, n_valid, per_query
+
+
+def random_reid(rng: np.random.Generator, n_q: int, n_g: int, n_ids: int, n_cams: int, integer: bool):
+    """A random distance matrix with ids / cameras; integer-valued distances make ties common."""
+    q_pids = rng.integers(1, n_ids + 1, n_q)
+    q_pids[: max(1, n_q // 10)] = n_ids + 5  # an id absent from the gallery: those queries have no match
+    g_pids = rng.integers(0, n_ids + 1, n_g)  # 0: distractors
+    q_cams, g_cams = rng.integers(0, n_cams, n_q), rng.integers(0, n_cams, n_g)
+    dist = rng.integers(0, 6, (n_q, n_g)).astype(np.float64) if integer else rng.random((n_q, n_g))
+    return dist, q_pids, g_pids, q_cams, g_cams
+
+
+# ------------------------------------------------------------------------------------ the Market-1501 protocol
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("integer", [True, False])
+def test_reid_cmc_map_matches_per_query_loop(seed: int, integer: bool) -> None:
+    rng = np.random.default_rng(seed)
+    dist, qp, gp, qc, gc = random_reid(rng, n_q=37, n_g=90, n_ids=12, n_cams=6, integer=integer)
+    gc[:5] = qc[0]  # some same-camera junk for sure
+    gp[:5] = qp[-1]
+    ref_cmc, ref_map, ref_minp, n_valid, ref_aps = market_reference(dist, qp, gp, qc, gc, max_rank=20)
+    res = reid_cmc_map_detailed(dist, qp, gp, qc, gc, max_rank=20, memory_budget_mb=0.01)  # ~10-row blocks
+    assert res.num_valid_queries == n_valid and res.num_skipped == 37 - n_valid and res.num_skipped >= 3
+    np.testing.assert_allclose(res.cmc, ref_cmc, atol=1e-6)
+    assert res.mAP == pytest.approx(ref_map, abs=1e-6)
+    assert res.mINP == pytest.approx(ref_minp, abs=1e-6)
+    for got, want in zip(res.ap, ref_aps):
+        assert (math.isnan(got) and want is None) or got == pytest.approx(want, abs=1e-9)
+    cmc, m_ap, m_inp = reid_cmc_map(dist, qp, gp, qc, gc, max_rank=20)
+    np.testing.assert_array_equal(cmc, res.cmc)
+    assert (m_ap, m_inp) == (res.mAP, res.mINP)
+
+
+def test_reid_all_ties_and_input_types() -> None:
+    """A constant distance matrix: the ranking is the gallery order. Tensors and float32 give the same numbers."""
+    rng = np.random.default_rng(3)
+    _, qp, gp, qc, gc = random_reid(rng, n_q=20, n_g=60, n_ids=5, n_cams=3, integer=True)
+    dist = np.ones((20, 60))
+    ref_cmc, ref_map, ref_minp, _, _ = market_reference(dist, qp, gp, qc, gc, max_rank=10)
+    for d in (dist, dist.astype(np.float32), torch.from_numpy(dist), dist.astype(np.int64)):
+        cmc, m_ap, m_inp = reid_cmc_map(d, torch.from_numpy(qp), gp, qc.tolist(), gc, max_rank=10)
+        np.testing.assert_allclose(cmc, ref_cmc, atol=1e-12)
+        assert (m_ap, m_inp) == pytest.approx((ref_map, ref_minp), abs=1e-12)
+
+
+def test_reid_hand_computed() -> None:
+    # Gallery:   g0      g1      g2      g3          g4
+    #   pid      1       2       1       0 (distr.)  1
+    #   cam      0       0       1       1           2
+    # Query 0 (pid 1, cam 0), distances 0.1 0.2 0.5 0.3 0.4 -> order g0 g1 g3 g4 g2; g0 is the same person and
+    #   camera: removed. Ranking g1 g3 g4 g2: matches at positions 3 and 4.
+    #   AP = (1/3 + 2/4) / 2 = 5/12, first match 3, INP = 2 matches / last at 4 = 1/2.
+    # Query 1 (pid 2, cam 1), distances 0.9 0.6 0.7 0.8 0.5 -> order g4 g1 g2 g3 g0; g1 (pid 2, cam 0) is a match.
+    #   AP = 1/2, first match 2, INP = 1/2.
+    # mAP = (5/12 + 1/2) / 2 = 11/24; mINP = 1/2; CMC over ranks 1..5 = [0, 1/2, 1, 1, 1].
+    dist = np.array([[0.1, 0.2, 0.5, 0.3, 0.4], [0.9, 0.6, 0.7, 0.8, 0.5]])
+    res = reid_cmc_map_detailed(dist, [1, 2], [1, 2, 1, 0, 1], [0, 1], [0, 0, 1, 1, 2], max_rank=5)
+    np.testing.assert_allclose(res.cmc, [0, 0.5, 1, 1, 1])
+    assert res.mAP == pytest.approx(11 / 24)
+    assert res.mINP == pytest.approx(0.5)
+    np.testing.assert_allclose(res.ap, [5 / 12, 1 / 2])
+    np.testing.assert_array_equal(res.first_match_rank, [3, 2])
+    assert (res.num_valid_queries, res.num_skipped) == (2, 0)
+
+
+def test_reid_ties_broken_by_gallery_index() -> None:
+    # One query (pid 7, cam 0); every distance equal, so the ranking is g0 g1 g2 g3.
+    # g0: pid 3 (non-match), g1: pid 7 cam 0 (removed), g2: pid 5 (non-match), g3: pid 7 cam 1 (match).
+    # Filtered ranking g0 g2 g3: the match is 3rd. AP = 1/3, INP = 1/3, CMC = [0, 0, 1].
+    res = reid_cmc_map_detailed(np.full((1, 4), 0.5), [7], [3, 7, 5, 7], [0], [2, 0, 1, 1], max_rank=3)
+    np.testing.assert_allclose(res.cmc, [0, 0, 1])
+    assert res.mAP == pytest.approx(1 / 3) and res.mINP == pytest.approx(1 / 3)
+    # Moving the match to index 0 (same distances) puts it first: AP = 1.
+    res = reid_cmc_map_detailed(np.full((1, 4), 0.5), [7], [7, 7, 5, 3], [0], [1, 0, 1, 2], max_rank=3)
+    assert res.mAP == 1.0 and res.cmc[0] == 1.0
+
+
+def test_reid_query_with_only_same_camera_matches_is_skipped() -> None:
+    # Query 0 (pid 1, cam 0): its only gallery images (g0, g1) are from camera 0 -> skipped.
+    # Query 1 (pid 2, cam 0): g2 from camera 1 is ranked 1st after removing nothing -> AP 1.
+    dist = np.array([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    res = reid_cmc_map_detailed(dist, [1, 2], [1, 1, 2], [0, 0], [0, 0, 1], max_rank=3)
+    assert (res.num_valid_queries, res.num_skipped) == (1, 1)
+    assert res.mAP == 1.0 and res.mINP == 1.0
+    assert math.isnan(res.ap[0]) and res.first_match_rank[0] == 0
+
+
+def test_reid_short_gallery_pads_cmc_with_last_value() -> None:
+    # Query (pid 1, cam 0); gallery g0 pid 2, g1 pid 1 cam 1 -> the match is 2nd: CMC [0, 1] then padded with 1.
+    with pytest.warns(UserWarning, match="fewer than max_rank"):
+        cmc, m_ap, m_inp = reid_cmc_map(np.array([[0.1, 0.2]]), [1], [2, 1], [0], [0, 1], max_rank=6)
+    np.testing.assert_array_equal(cmc, [0, 1, 1, 1, 1, 1])
+    assert len(cmc) == 6 and m_ap == 0.5 and m_inp == 0.5
+
+
+def test_reid_all_queries_invalid_raises() -> None:
+    with pytest.raises(ValueError, match="no query has a valid match in the gallery"):
+        reid_cmc_map(np.zeros((2, 3)), [1, 2], [1, 2, 3], [0, 1], [0, 1, 0], max_rank=3)
+
+
+def test_reid_junk_ids_are_left_out() -> None:
+    """Gallery items with pid -1 are removed from every ranking (with a warning): same as dropping them."""
+    rng = np.random.default_rng(11)
+    dist, qp, gp, qc, gc = random_reid(rng, n_q=15, n_g=50, n_ids=6, n_cams=4, integer=True)
+    gp[::7] = -1
+    keep = gp != -1
+    with pytest.warns(UserWarning, match="person id -1"):
+        with_junk = reid_cmc_map_detailed(dist, qp, gp, qc, gc, max_rank=10)
+    dropped = reid_cmc_map_detailed(dist[:, keep], qp, gp[keep], qc, gc[keep], max_rank=10)
+    np.testing.assert_array_equal(with_junk.ap, dropped.ap)
+    ref_cmc, ref_map, _, _, _ = market_reference(dist, qp, gp, qc, gc, max_rank=10)
+    assert with_junk.mAP == pytest.approx(ref_map, abs=1e-9)
+
+
+def test_reid_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="NaN"):
+        reid_cmc_map(np.array([[np.nan, 1.0]]), [1], [1, 2], [0], [1, 1], max_rank=2)
+    with pytest.raises(ValueError, match="shape"):
+        reid_cmc_map(np.zeros((2, 3)), [1], [1, 2, 3], [0, 1], [0, 1, 0])
+
+
+# --------------------------------------------------------------------------------------- reid_evaluate (features)
+
+def clustered_features(rng: np.random.Generator, q_pids: np.ndarray, g_pids: np.ndarray, dim: int, noise: float
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Query and gallery features [Q, dim], [G, dim]: one random centre per id plus Gaussian noise (float32)."""
+    centres = rng.standard_normal((int(max(q_pids.max(), g_pids.max())) + 1, dim))
+
+    def draw(pids: np.ndarray) -> np.ndarray:
+        return (centres[pids] + noise * rng.standard_normal((len(pids), dim))).astype(np.float32)
+
+    return draw(q_pids), draw(g_pids)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_evaluate_chunked_equals_unchunked(metric: str) -> None:
+    rng = np.random.default_rng(0)
+    n_q, n_g = 2 * GEMM_TILE_ROWS + 37, 300  # three GEMM tiles, the last one partial
+    qp, gp = rng.integers(1, 40, n_q), rng.integers(0, 40, n_g)
+    qc, gc = rng.integers(0, 6, n_q), rng.integers(0, 6, n_g)
+    q, g = clustered_features(rng, qp, gp, 24, 1.0)
+    whole = reid_evaluate(q, g, qp, gp, qc, gc, memory_budget_mb=1024, metric=metric)
+    tiny = reid_evaluate(q, g, qp, gp, qc, gc, memory_budget_mb=1e-3, metric=metric)  # one tile per block
+    assert tiny == whole  # bit-identical: same distances, same ranking
+    assert 0.05 < whole["mAP"] < 0.95 and whole["num_skipped"] == 0
+    # ... and equal to the distmat path on the concatenated blocks, and to the plain reference on them.
+    blocks = list(distance_matrix_chunks(q, g, metric=metric, memory_budget_mb=1e-3))
+    assert len(blocks) == 3 and [b.shape[0] for _, b in blocks] == [GEMM_TILE_ROWS, GEMM_TILE_ROWS, 37]
+    dist = np.concatenate([b for _, b in blocks])
+    res = reid_cmc_map_detailed(dist, qp, gp, qc, gc)
+    assert (res.mAP, res.mINP, res.rank(1), res.rank(5), res.rank(10)) == (
+        whole["mAP"], whole["mINP"], whole["rank1"], whole["rank5"], whole["rank10"])
+    _, ref_map, ref_minp, _, _ = market_reference(dist[:60], qp[:60], gp, qc[:60], gc, max_rank=10)
+    part = reid_cmc_map_detailed(dist[:60], qp[:60], gp, qc[:60], gc, max_rank=10)
+    assert part.mAP == pytest.approx(ref_map, abs=1e-9) and part.mINP == pytest.approx(ref_minp, abs=1e-9)
+
+
+def test_reid_evaluate_integer_features_with_ties() -> None:
+    """Small integer features: distances are exact in float32 and tie a lot; blocks must not change anything."""
+    rng = np.random.default_rng(5)
+    n_q, n_g = GEMM_TILE_ROWS + 20, 120
+    qp, gp = rng.integers(1, 10, n_q), rng.integers(1, 10, n_g)
+    qc, gc = rng.integers(0, 3, n_q), rng.integers(0, 3, n_g)
+    q, g = rng.integers(0, 2, (n_q, 4)).astype(np.float32), rng.integers(0, 2, (n_g, 4)).astype(np.float32)
+    whole = reid_evaluate(q, g, qp, gp, qc, gc, max_rank=10)
+    assert reid_evaluate(q, g, qp, gp, qc, gc, max_rank=10, memory_budget_mb=1e-4) == whole
+    dist = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    ref_cmc, ref_map, ref_minp, n_valid, _ = market_reference(dist, qp, gp, qc, gc, max_rank=10)
+    assert whole["mAP"] == pytest.approx(ref_map, abs=1e-9) and whole["mINP"] == pytest.approx(ref_minp, abs=1e-9)
+    assert whole["rank1"] == pytest.approx(ref_cmc[0]) and whole["rank10"] == pytest.approx(ref_cmc[9])
+    assert whole["num_valid_queries"] == n_valid
+
+
+def test_reid_evaluate_cosine_equals_euclidean_on_unit_features() -> None:
+    rng = np.random.default_rng(2)
+    qp, gp = rng.integers(1, 20, 80), rng.integers(1, 20, 200)
+    qc, gc = rng.integers(0, 4, 80), rng.integers(0, 4, 200)
+    q, g = clustered_features(rng, qp, gp, 32, 1.0)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    a = reid_evaluate(q, g, qp, gp, qc, gc, metric="cosine")
+    b = reid_evaluate(q, g, qp, gp, qc, gc, metric="euclidean")
+    for key in ("mAP", "rank1", "rank5", "mINP"):
+        assert a[key] == pytest.approx(b[key], abs=1e-3)  # rounding can only swap near-ties
+
+
+def test_reid_evaluate_all_invalid_raises() -> None:
+    q = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="same-camera matches are excluded"):
+        reid_evaluate(q, q, [1, 2, 3], [1, 2, 3], [0, 0, 0], [0, 0, 0], max_rank=2)
+
+
+# --------------------------------------------------------------------------------------------------- re-ranking
+
+def test_rerank_keeps_a_perfect_ranking() -> None:
+    """Well separated identities: re-ranking must keep every true match ahead of every other item."""
+    rng = np.random.default_rng(4)
+    n_ids, dim = 6, 8
+    centres = 10 * rng.standard_normal((n_ids, dim))
+    qp, gp = np.repeat(np.arange(1, n_ids + 1), 2), np.repeat(np.arange(1, n_ids + 1), 5)
+    qc, gc = np.zeros(len(qp), np.int64), np.tile(np.arange(1, 6), n_ids)
+    q = (centres[qp - 1] + 0.1 * rng.standard_normal((len(qp), dim))).astype(np.float32)
+    g = (centres[gp - 1] + 0.1 * rng.standard_normal((len(gp), dim))).astype(np.float32)
+
+    def sq(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+
+    final = k_reciprocal_rerank(sq(q, g), sq(q, q), sq(g, g), k1=8, k2=3, lambda_value=0.3)
+    assert final.shape == (len(qp), len(gp)) and np.all(np.isfinite(final))
+    cmc, m_ap, m_inp = reid_cmc_map(final, qp, gp, qc, gc, max_rank=5)
+    assert m_ap == 1.0 and m_inp == 1.0 and cmc[0] == 1.0
+    res = reid_evaluate(q, g, qp, gp, qc, gc, max_rank=5, rerank=True, k1=8, k2=3)
+    assert res["mAP"] == 1.0 and res["rank1"] == 1.0
+
+
+def test_rerank_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="shapes"):
+        k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros((3, 3)))
+
+
+# ------------------------------------------------------------------------------------------ kNN search & friends
+
+def brute_force(q: np.ndarray, g: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    q, g = q.astype(np.float64), g.astype(np.float64)
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        scores = q @ g.T
+        idx = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    else:
+        scores = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+        idx = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, idx, axis=1), idx
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_search_chunked_equals_brute_force(backend: str, metric: str) -> None:
+    rng = np.random.default_rng(1)
+    q, g = rng.standard_normal((70, 12)).astype(np.float32), rng.standard_normal((400, 12)).astype(np.float32)
+    k = 7
+    want_v, want_i = brute_force(q, g, k, metric)
+    full = brute_force(q, g, 400, metric)[0]
+    gaps = np.abs(np.diff(full[:, : k + 1], axis=1))
+    assert gaps.min() > 1e-5  # the seed has no near-tie, so indices must agree exactly
+    whole_v, whole_i = knn_search(q, g, k, metric, memory_budget_mb=1024, backend=backend)
+    tiny_v, tiny_i = knn_search(q, g, k, metric, memory_budget_mb=4 * 400 * 8 / 2**20, backend=backend)  # 8 rows
+    one_v, one_i = knn_search(q, g, k, metric, memory_budget_mb=1e-9, backend=backend)  # one row per block
+    for v, i in ((whole_v, whole_i), (tiny_v, tiny_i), (one_v, one_i)):
+        assert v.shape == (70, k) and v.dtype == np.float32 and i.dtype == np.int64
+        np.testing.assert_array_equal(i, want_i)
+        np.testing.assert_allclose(v, want_v, rtol=1e-5, atol=1e-5)
+
+
+def test_knn_search_auto_backend_and_tensor_input() -> None:
+    rng = np.random.default_rng(6)
+    q, g = rng.standard_normal((10, 5)), rng.standard_normal((30, 5))
+    v, i = knn_search(torch.from_numpy(q), torch.from_numpy(g), 3)
+    np.testing.assert_array_equal(i, brute_force(q, g, 3, "cosine")[1])
+    with pytest.raises(ValueError, match="k must lie"):
+        knn_search(q, g, 31)
+
+
+def test_knn_search_orders_ties_by_index() -> None:
+    g = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [2.0, 0.0]], np.float32)  # g0, g2, g3 tie for [1, 0]
+    for backend in BACKENDS:
+        v, i = knn_search(np.array([[1.0, 0.0]], np.float32), g, 3, backend=backend)
+        np.testing.assert_array_equal(i, [[0, 2, 3]])
+        np.testing.assert_allclose(v, [[1, 1, 1]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+def test_knn_search_cuda_equals_cpu() -> None:
+    rng = np.random.default_rng(8)
+    q, g = rng.standard_normal((50, 16)).astype(np.float32), rng.standard_normal((300, 16)).astype(np.float32)
+    want_v, want_i = brute_force(q, g, 5, "cosine")
+    v, i = knn_search(torch.from_numpy(q).cuda(), g, 5, memory_budget_mb=0.01)
+    np.testing.assert_array_equal(i, want_i)
+    np.testing.assert_allclose(v, want_v, rtol=1e-4, atol=1e-4)
+
+
+def test_knn_classify_majority_vote() -> None:
+    # 1-d points, euclidean. Query at 0: neighbours by distance g0 (0.1, "a"), g1 (0.2, "b"), g2 (0.3, "b"),
+    # g3 (0.4, "a"), g4 (0.5, "c").
+    g = np.array([[0.1], [0.2], [0.3], [0.4], [0.5]], np.float32)
+    labels = np.array(["a", "b", "b", "a", "c"])
+    q = np.zeros((1, 1), np.float32)
+    assert knn_classify(q, g, labels, k=1, metric="euclidean")[0] == "a"  # nearest
+    assert knn_classify(q, g, labels, k=3, metric="euclidean")[0] == "b"  # 2 votes of 3
+    assert knn_classify(q, g, labels, k=4, metric="euclidean")[0] == "a"  # 2-2 tie: "a" holds the nearest
+    assert knn_classify(q, g, labels, k=5, metric="euclidean")[0] == "a"  # 2-2-1: same
+    # Against a brute-force vote on random data (integer labels keep their dtype).
+    rng = np.random.default_rng(9)
+    qx, gx = rng.standard_normal((40, 6)), rng.standard_normal((150, 6))
+    gl = rng.integers(0, 4, 150)
+    _, idx = brute_force(qx, gx, 7, "cosine")
+    want = []
+    for row in idx:
+        votes = [int(gl[j]) for j in row]
+        best = max(votes.count(v) for v in votes)
+        want.append(next(v for v in votes if votes.count(v) == best))
+    pred = knn_classify(qx, gx, gl, k=7)
+    np.testing.assert_array_equal(pred, want)
+    assert pred.dtype == gl.dtype
+
+
+def test_recall_at_k_against_brute_force() -> None:
+    rng = np.random.default_rng(10)
+    ql, gl = rng.integers(0, 8, 60), rng.integers(0, 8, 200)
+    ql[:3] = 99  # a class missing from the gallery: always a miss
+    q, g = rng.standard_normal((60, 10)), rng.standard_normal((200, 10))
+    got = recall_at_k(q, ql, g, gl, ks=(1, 5, 10))
+    _, idx = brute_force(q, g, 10, "cosine")
+    for k in (1, 5, 10):
+        want = np.mean([any(gl[j] == ql[i] for j in idx[i, :k]) for i in range(60)])
+        assert got[f"recall@{k}"] == pytest.approx(want)
+    assert list(got) == ["recall@1", "recall@5", "recall@10"]
+    assert recall_at_k(q, ql, g, gl, ks=(500,))["recall@500"] == pytest.approx(57 / 60)  # K > G: whole gallery
+
+
+def test_recall_at_k_exclude_self() -> None:
+    # Two points per class; with the query set as gallery, each point's nearest other point is its twin.
+    x = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [-1, 0], [-0.9, -0.1]], np.float32)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    assert recall_at_k(x, y, x, y, ks=(1,), exclude_self=True)["recall@1"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert recall_at_k(x, y, x, y, ks=(1,))["recall@1"] == 1.0  # trivially: itself
+    y_odd = np.array([0, 1, 2, 3, 4, 5])  # no twin at all: nothing to find once self is excluded
+    assert recall_at_k(x, y_odd, x, y_odd, ks=(1, 5), exclude_self=True) == {"recall@1": 0.0, "recall@5": 0.0}

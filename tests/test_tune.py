@@ -1,0 +1,331 @@
+"""Hyper-parameter search: the space and its errors, pruning, failed trials, shared studies, auto-continue.
+
+One test trains for real (a 4-trial study that prunes, then the full training with the best values); the
+others replace ``run_train`` with a fake that reports scripted metrics, so the study's logic (failures,
+directions, two worker processes sharing one SQLite study) is checked in milliseconds per trial.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import cli_env, tiny_config, write_csv_dataset, write_yaml
+
+from vistrain.config.loader import load_config, validate
+from vistrain.config.schema import Config
+from vistrain.engine.loop import DivergedError
+from vistrain.errors import ConfigError, UserError
+from vistrain.pipelines import train as train_mod
+from vistrain.pipelines.tune import Param, _initial_trials, config_keys, default_space, parse_space
+
+LR_SPACE = {"train.lr": {"type": "categorical", "choices": ["1e-9", 3e-3]}}  # "1e-9": how YAML reads 1e-9
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny models train fastest on one thread (and several test processes share few cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    return write_csv_dataset(tmp_path / "data", per_class=8, size=32).root  # 24 images, 3 classes
+
+
+def make_cfg(root: Path, tmp_path: Path, **sections: dict[str, Any]) -> Config:
+    raw = tiny_config(root, model={"name": "test_resnet"}, output={"exp_dir": str(tmp_path / "exp"),
+                                                                   "logs_dir": None})
+    raw["tune"] = {"epochs": 2}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return validate(raw)
+
+
+def space_problems(space: dict[str, Any], **train: Any) -> list[str]:
+    cfg = load_config(None, overrides=[f"train.{k}={v}" for k, v in train.items()])
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"space": space})})
+    with pytest.raises(ConfigError) as err:
+        parse_space(cfg)
+    return err.value.problems
+
+
+# ------------------------------------------------------------------------------------------------ space
+
+def test_space_errors_one_line_per_problem_naming_the_key() -> None:
+    problems = space_problems({
+        "train.lrr": {"type": "float", "low": 1e-5, "high": 1e-2},
+        "train.weight_decay": {"type": "floot", "low": 0, "high": 1},
+        "augment.mixup_alpha": {"type": "float", "low": 0.1},
+        "train.label_smoothing": {"type": "float", "low": 0.2, "high": 0.1},
+        "train.optimizer": {"type": "categorical"},
+        "train.momentum": {"type": "float", "low": 0.8, "hihg": 0.99},
+    })
+    assert problems == [
+        "tune.space.train.lrr: not a config key (did you mean 'train.lr'?)",
+        "tune.space.train.weight_decay: unknown type 'floot'; valid: float, int, categorical (did you mean 'float'?)",
+        "tune.space.augment.mixup_alpha: type float needs high (e.g. low: 1e-5, high: 1e-2)",
+        "tune.space.train.label_smoothing: low (0.2) must be less than high (0.1)",
+        "tune.space.train.optimizer: categorical needs a non-empty list 'choices', e.g. choices: [adamw, sgd]",
+        "tune.space.train.momentum: unknown field 'hihg' for type float; valid: type, low, high, log, step "
+        "(did you mean 'high'?)",
+        "tune.space.train.momentum: type float needs high (e.g. low: 1e-5, high: 1e-2)",
+    ]
+
+
+def test_space_values_are_checked_against_the_schema() -> None:
+    problems = space_problems({
+        "train.lr": {"type": "float", "low": 0, "high": 1e-2},
+        "train.optimizer": {"type": "categorical", "choices": ["adamw", "adamz"]},
+        "train": {"type": "float", "low": 0, "high": 1},
+        "tune.n_trials": {"type": "int", "low": 1, "high": 5},
+        "train.weight_decay": {"type": "float", "low": 0, "high": 0.1, "log": True},
+    })
+    assert len(problems) == 5
+    assert problems[0] == "tune.space.train: not a config key; name a key inside it, e.g. train.img_size"
+    assert problems[1].startswith("tune.space.tune.n_trials: the tune section configures the search")
+    assert problems[2] == "tune.space.train.weight_decay: log: true needs low > 0; got low=0.0"
+    assert problems[3].startswith("tune.space.train.lr: low 0.0 is not a valid value: train.lr:")
+    assert problems[4].startswith("tune.space.train.optimizer: choice 'adamz' is not a valid value: train.optimizer:")
+
+
+def test_space_reads_yaml_numbers_and_types_choices() -> None:
+    cfg = load_config(None)
+    space = {"train.lr": {"type": "float", "low": "1e-5", "high": "1e-2", "log": True},
+             "train.weight_decay": {"type": "categorical", "choices": ["1e-9", 0.01]},
+             "train.batch_size": {"type": "int", "low": 8, "high": 64, "step": 8}}
+    cfg = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"space": space})})
+    params = {p.key: p for p in parse_space(cfg)}
+    assert params["train.lr"] == Param("train.lr", "float", 1e-5, 1e-2, True)
+    assert params["train.weight_decay"].choices == (1e-9, 0.01)
+    assert params["train.batch_size"].step == 8
+
+
+def test_default_space_is_small_and_valid() -> None:
+    cfg = load_config(None)
+    keys = [p.key for p in parse_space(cfg)]
+    assert keys == ["train.lr", "train.weight_decay", "augment.mixup_alpha"]
+    assert "augment.mixup_alpha" not in default_space(load_config(None, overrides=["train.batch_size=7"]))
+    assert set(keys) <= set(config_keys())
+
+
+def test_first_trials_are_the_baseline_then_every_choice() -> None:
+    cfg = load_config(None, overrides=["train.lr=1e-3", "train.optimizer=sgd"])
+    params = [Param("train.lr", "categorical", choices=(1e-9, 3e-3)),
+              Param("train.optimizer", "categorical", choices=("adamw", "sgd", "adam")),
+              Param("train.weight_decay", "float", 1e-6, 1e-2, log=True)]
+    first = _initial_trials(cfg, params, n_trials=10)
+    # The config's own lr (1e-3) is not a choice: the nearest one (in log scale) is its stand-in.
+    assert first[0] == {"train.lr": 3e-3, "train.optimizer": "sgd", "train.weight_decay": 1e-2}
+    assert first[1:] == [{"train.lr": 1e-9, "train.optimizer": "adamw"}, {"train.lr": 1e-9, "train.optimizer": "adam"}]
+    assert len(_initial_trials(cfg, params, n_trials=2)) == 2
+
+
+# ------------------------------------------------------------------------------- studies with a fake trainer
+
+def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any) -> list[Config]:
+    """Replace run_train: each epoch reports ``score(cfg, epoch)``; a raised exception crashes the trial."""
+    seen: list[Config] = []
+
+    def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **_: Any
+                  ) -> train_mod.RunResult:
+        seen.append(cfg)
+        best = None
+        for fold in folds or cfg.folds_to_train():
+            for epoch in range(1, cfg.train.epochs + 1):
+                value = score(cfg, epoch)
+                best = value if best is None else max(best, value)
+                if on_epoch is not None:
+                    on_epoch({"fold": fold, "epoch": epoch, cfg.train.monitor: value})
+        run_dir = Path(cfg.output.exp_dir) / "day" / f"{cfg.project.name}-x"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return train_mod.RunResult(run_dir, {"mean": {cfg.train.monitor: best}})
+
+    monkeypatch.setattr(train_mod, "run_train", run_train)
+    return seen
+
+
+def test_failed_trial_is_recorded_and_the_study_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    def score(cfg: Config, epoch: int) -> float:
+        if cfg.train.lr == 1e-2:
+            raise DivergedError("training loss is nan at fold 0 epoch 1 step 1; lower train.lr")
+        return cfg.train.lr * 100 + cfg.train.weight_decay + epoch / 100
+
+    fake_trainer(monkeypatch, score)
+    cfg = make_cfg(tmp_path, tmp_path, tune={"pruner": "none", "space": {
+        "train.lr": {"type": "categorical", "choices": [1e-3, 1e-2, 3e-3]},
+        "train.weight_decay": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}})
+    result = run_tune(cfg, n_trials=5)
+    trials = pd.read_csv(result.tune_dir / "trials.csv")
+    assert len(trials) == 5
+    failed = trials[trials["state"] == "FAIL"]
+    assert len(failed) == 1 and (trials["state"] == "COMPLETE").sum() == 4  # it went on after the failure
+    assert failed["user_attrs_fail_reason"].iloc[0].startswith("DivergedError: training loss is nan")
+    assert (result.tune_dir / "failed" / f"trial_{failed['number'].iloc[0]}.txt").is_file()
+    assert result.best_params["train.lr"] == 3e-3
+    assert result.counts == {"COMPLETE": 4, "FAIL": 1}
+    # Two parameters varied over >= 2 completed trials: every plot, the importances included.
+    for name in ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate"):
+        assert (result.tune_dir / "plots" / f"{name}.png").stat().st_size > 1000, name
+
+
+@pytest.fixture
+def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plots cost seconds each; the tests that do not look at them skip them."""
+    from vistrain.pipelines import tune
+
+    monkeypatch.setattr(tune, "write_plots", lambda study, out: {})
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_user_error_stops_the_study_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    def score(cfg: Config, epoch: int) -> float:
+        raise UserError("data.train_csv: file not found: /nowhere.csv")
+
+    seen = fake_trainer(monkeypatch, score)
+    with pytest.raises(UserError, match="file not found"):
+        run_tune(make_cfg(tmp_path, tmp_path, tune={"space": LR_SPACE}), n_trials=4)
+    assert len(seen) == 1
+    tune_dir = next((tmp_path / "exp").glob("*/*_tune"))
+    assert '"status": "error"' in (tune_dir / "tune.json").read_text()
+    assert pd.read_csv(tune_dir / "trials.csv")["state"].tolist() == ["FAIL"]
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_no_completed_trial_is_an_error_with_the_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    def score(cfg: Config, epoch: int) -> float:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    fake_trainer(monkeypatch, score)
+    with pytest.raises(UserError, match=r"no trial of study 'tiny' completed \(2 fail\)"):
+        run_tune(make_cfg(tmp_path, tmp_path, tune={"space": LR_SPACE}), n_trials=2)
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_trial_config_and_valid_loss_minimised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    seen = fake_trainer(monkeypatch, lambda cfg, epoch: 1.0 / epoch + cfg.train.lr)
+    cfg = make_cfg(tmp_path, tmp_path, train={"epochs": 9, "monitor": "valid_loss"},
+                   tune={"epochs": None, "pruner": "hyperband", "folds": [0, 1],
+                         "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}}})
+    result = run_tune(cfg, n_trials=3, study_name="losses")
+    assert result.direction == "minimize" and result.study_name == "losses"
+    trial = seen[0]
+    assert trial.train.epochs == 3 and not trial.tracking.tensorboard and trial.output.logs_dir is None
+    assert Path(trial.output.exp_dir) == result.tune_dir / "trials"
+    assert result.tune_dir.parent.parent == tmp_path / "exp" and result.tune_dir.name.endswith("_tune")
+    # Minimising: the best trial has the smallest lr of those tried.
+    tried = [c.train.lr for c in seen]
+    assert result.best_params["train.lr"] == pytest.approx(min(tried))
+
+
+# --------------------------------------------------------------------------------------- real training
+
+def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_root: Path, tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    cfg = make_cfg(data_root, tmp_path, tune={"space": LR_SPACE})
+    result = run_tune(cfg, n_trials=4, auto_continue=True)
+
+    tune_dir = result.tune_dir
+    for name in ("study.db", "best_params.yaml", "trials.csv", "tune.json", "tune.log",
+                 "plots/optimization_history.png", "plots/parallel_coordinate.png"):
+        assert (tune_dir / name).is_file(), name
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{tune_dir / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 4 and "PRUNED" in states, states
+    assert all(t.params["train.lr"] == 1e-9 for t in study.trials if t.state.name == "PRUNED")
+    best = yaml.safe_load((tune_dir / "best_params.yaml").read_text())
+    assert best == {"train": {"lr": 3e-3}} == {"train": {"lr": result.best_params["train.lr"]}}
+    assert (tune_dir / "best_params.yaml").read_text().startswith("# best trial ")
+    assert len(list((tune_dir / "trials").glob("*/tiny-trial*"))) == 4
+
+    # auto-continue: an ordinary run directory with the best values and a note of where they came from.
+    run_dir = result.run_dir
+    assert run_dir is not None and run_dir.parent.parent == tmp_path / "exp"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["lr"] == 3e-3
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == cfg.train.epochs
+    tuned = yaml.safe_load((run_dir / "tuned_from.json").read_text())
+    assert tuned["tune_dir"] == str(tune_dir) and tuned["best_trial"] == result.best_trial
+    assert (run_dir / "summary.json").is_file()
+
+
+# A worker process with a fake trainer: a few tenths of a second per epoch, so the two workers' trials
+# overlap and both write to the database at once; lr 1e-9 scores low, so the pruner has work too.
+WORKER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines import train, tune
+
+    def run_train(cfg, folds=None, on_epoch=None, **kwargs):
+        for epoch in range(1, cfg.train.epochs + 1):
+            time.sleep(0.3)
+            on_epoch({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
+        return train.RunResult(Path(cfg.output.exp_dir), {"mean": {"macro_f1": 0.5 + cfg.train.epochs / 10}})
+
+    train.run_train = run_train
+    tune.write_plots = lambda study, out: {}
+    tune.run_tune(load_config(sys.argv[1]), n_trials=3, storage=sys.argv[2], study_name="shared")
+""")
+
+
+def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    raw = tiny_config(tmp_path, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
+    raw["tune"] = {"epochs": 2, "space": LR_SPACE}
+    config = write_yaml(tmp_path / "tune.yaml", raw)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(config), url], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    for w, out in zip(workers, outputs):
+        assert w.returncode == 0, out[-3000:]
+    study = optuna.load_study(study_name="shared", storage=url)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}, states
+    assert len(list((tmp_path / "exp").glob("*/*_tune"))) == 2  # one tune directory per worker
+
+
+# ---------------------------------------------------------------------------------- CLI (once it is wired)
+
+def _cli_has(command: str) -> bool:
+    from vistrain.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return command in sub.choices
+
+
+@pytest.mark.skipif(not _cli_has("tune"), reason="vistrain tune is not wired into the CLI yet")
+def test_cli_space_error_is_exit_2_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vistrain.cli import main
+
+    raw = tiny_config(tmp_path, output={"exp_dir": str(tmp_path / "exp")})
+    raw["tune"] = {"space": {"train.lrr": {"type": "float", "low": 1e-5, "high": 1e-2}}}
+    config = write_yaml(tmp_path / "bad.yaml", raw)
+    assert main(["tune", "--config", str(config), "--n-trials", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: tune.space.train.lrr: not a config key (did you mean 'train.lr'?)"]
