@@ -274,19 +274,20 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
 
 # A worker process with a fake trainer: a few tenths of a second per epoch, so the two workers' trials
 # overlap and both write to the database at once; lr 1e-9 scores low, so the pruner has work too.
+# The fake stands in for the whole train module, so a worker never imports torch or timm.
 WORKER = textwrap.dedent("""
-    import sys, time
+    import sys, time, types
     from pathlib import Path
     from vistrain.config.loader import load_config
-    from vistrain.pipelines import train, tune
 
     def run_train(cfg, folds=None, on_epoch=None, **kwargs):
         for epoch in range(1, cfg.train.epochs + 1):
             time.sleep(0.3)
             on_epoch({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
-        return train.RunResult(Path(cfg.output.exp_dir), {"mean": {"macro_f1": 0.5 + cfg.train.epochs / 10}})
+        return types.SimpleNamespace(run_dir=Path(cfg.output.exp_dir), summary={"mean": {"macro_f1": 0.7}})
 
-    train.run_train = run_train
+    sys.modules["vistrain.pipelines.train"] = types.SimpleNamespace(run_train=run_train)
+    from vistrain.pipelines import tune
     tune.write_plots = lambda study, out: {}
     tune.run_tune(load_config(sys.argv[1]), n_trials=3, storage=sys.argv[2], study_name="shared")
 """)

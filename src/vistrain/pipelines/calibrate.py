@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,6 @@ import pandas as pd
 
 from vistrain.errors import UserError
 from vistrain.metrics.calibration import (
-    apply_temperature,
     expected_calibration_error,
     fit_temperature,
     reliability_bins,
@@ -52,17 +52,33 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
     return float(torch.nn.functional.cross_entropy(torch.from_numpy(logits).double(), torch.from_numpy(targets)))
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _bins(b: Any) -> list[dict[str, float]]:
+    """ReliabilityBins -> the list of per-bin dicts the reliability diagram draws."""
+    return [{"lo": float(lo), "hi": float(hi), "count": int(c), "confidence": float(conf), "accuracy": float(acc)}
+            for lo, hi, c, conf, acc in zip(b.lower, b.upper, b.count, b.confidence, b.accuracy)]
+
+
 def run_calibrate(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     logits, targets, source = calibration_logits(run_dir)
-    fitted = fit_temperature(logits, targets)
-    probs_before = apply_temperature(logits, 1.0)
-    probs_after = apply_temperature(logits, fitted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = fit_temperature(logits, targets)
+    # At a search bound T is not identifiable (separable or uninformative logits): T -> 0 would make every
+    # prediction a certainty, which no new data would justify.
+    at_bound = any(issubclass(w.category, RuntimeWarning) for w in caught)
+    probs_before, probs_after = _softmax(logits), _softmax(logits / fitted)
     ece_before = expected_calibration_error(probs_before, targets)
     ece_after = expected_calibration_error(probs_after, targets)
     # Temperature scaling minimises NLL; on a near-perfect model that can nudge ECE up. Never ship a
     # calibration that is worse on the very data it was fitted on: keep T = 1 then, and say so.
-    applied = ece_after <= ece_before + 1e-12
+    applied = ece_after <= ece_before + 1e-12 and not at_bound
     temperature = fitted if applied else 1.0
     result = {
         "temperature": temperature, "fitted_temperature": fitted, "applied": applied, "source": source,
@@ -72,11 +88,12 @@ def run_calibrate(run_dir: Path) -> dict[str, Any]:
     write_json(run_dir / "calibration.json", result)
     from vistrain.viz.plots import reliability_diagram_png
 
-    reliability_diagram_png({"before": reliability_bins(probs_before, targets),
-                             "after": reliability_bins(apply_temperature(logits, temperature), targets)},
+    reliability_diagram_png({"before": _bins(reliability_bins(probs_before, targets)),
+                             "after": _bins(reliability_bins(_softmax(logits / temperature), targets))},
                             run_dir / "calibration_reliability.png", ece_before=result["ece_before"],
                             ece_after=result["ece_after"])
     log.info("[CALIB] T=%.4f (fitted %.4f on %s, n=%d) | NLL %.4f -> %.4f | ECE %.4f -> %.4f%s", temperature, fitted,
              source, result["n"], result["nll_before"], result["nll_after"], result["ece_before"], result["ece_after"],
-             "" if applied else " (fitted T made ECE worse; kept T=1)")
+             "" if applied else " (T at its search bound: the logits are separable; kept T=1)" if at_bound
+             else " (fitted T made ECE worse; kept T=1)")
     return result

@@ -368,6 +368,13 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         from vistrain.pipelines.train import run_train
 
         values = {p.key: p.suggest(trial) for p in ctx.params}
+        repeated = _completed_twin(trial, values)
+        if repeated is not None:
+            # Training is seeded: the same values give the same result, so a repeat costs nothing.
+            trial.set_user_attr("repeat_of", repeated.number)
+            log.info("[TUNE] trial %d repeats trial %d's values: its value is reused, nothing is trained",
+                     trial.number, repeated.number)
+            return float(repeated.value)
         log.info("[TUNE] trial %d started: %s", trial.number, _fmt_params(values))
         try:
             trial_cfg = trial_config(ctx.cfg, values, ctx.tune_dir, trial.number)
@@ -384,6 +391,16 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         return float(result.summary["mean"][ctx.monitor])
 
     return objective
+
+
+def _completed_twin(trial: optuna.Trial, values: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
+    """A completed trial of the study with exactly these values (small categorical spaces repeat often)."""
+    from optuna.trial import TrialState
+
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.params == values:
+            return other
+    return None
 
 
 def _record_run_dir(trial: optuna.Trial, ctx: _Context) -> None:
@@ -406,9 +423,8 @@ def _record_failure(trial: optuna.Trial, ctx: _Context, err: BaseException) -> N
 
 def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """Optuna callback: one summary line per finished trial, and device memory back before the next one."""
-    import torch
-
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # only when a trial used it: the study itself never needs torch
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
     state = trial.state.name
     # A pruned trial's value is its last report, not an objective value.

@@ -1,0 +1,151 @@
+"""Embedding runs end to end on generated data: re-id (Market-1501 names) and ArcFace retrieval (folders)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli, write_yaml
+from PIL import Image
+
+from vistrain.config import load_config
+from vistrain.data.sources import parse_reid_name
+
+
+def _person(root: Path, folder: str, pid: int, cam: int, seq: int, rng: np.random.Generator) -> None:
+    """A 64x32 'pedestrian': shirt and trousers colours fixed per identity, noise per image."""
+    look = np.random.default_rng(1000 + pid)
+    top, bottom = look.integers(0, 255, 3), look.integers(0, 255, 3)
+    img = np.zeros((64, 32, 3))
+    img[:30], img[30:] = top, bottom
+    img += rng.normal(0, 25, img.shape)
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / folder / f"{pid:04d}_c{cam}s1_{seq:06d}_00.jpg")
+
+
+def write_market(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for pid in range(1, 11):  # training identities
+        for j in range(4):
+            _person(root, "bounding_box_train", pid, 1 + j % 3, j, rng)
+    for pid in range(11, 21):  # test identities: one query on camera 1, gallery on cameras 2 and 3
+        _person(root, "query", pid, 1, 0, rng)
+        for j in range(2):
+            _person(root, "bounding_box_test", pid, 2 + j, 10 + j, rng)
+    _person(root, "bounding_box_test", 0, 2, 99, rng)  # a distractor
+    _person(root, "bounding_box_test", -1, 1, 98, rng)  # junk: ignored
+    return root
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("0002_c1s1_000451_03.jpg", (2, 1)),
+    ("-1_c3s2_000001_00.jpg", (-1, 3)),
+    ("0000_c6s1_000002_01.jpg", (0, 6)),
+    ("0001_c2_f0046182.jpg", (1, 2)),  # DukeMTMC style
+    ("Thumbs.jpg", None),
+    ("c1_0002.jpg", None),
+])
+def test_reid_name_parser(name: str, expected: tuple[int, int] | None) -> None:
+    assert parse_reid_name(name) == expected
+
+
+def _reid_config(tmp: Path, root: Path) -> Path:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "reid_market.yaml").model_dump(mode="json")
+    cfg["data"]["root"] = str(root)
+    cfg["model"].update(name="resnet10t", pretrained=False)
+    cfg["sampler"].update(p=4, k=4)
+    cfg["train"].update(img_size=[64, 32], epochs=2, warmup_epochs=1, step_milestones=[1], num_workers=0,
+                        device="cpu", log_interval=0)
+    cfg["output"].update(exp_dir=str(tmp / "exp"), logs_dir=None)
+    cfg["eval"]["max_rank"] = 10
+    cfg["tracking"]["tensorboard"] = False
+    return write_yaml(tmp / "reid.yaml", cfg)
+
+
+def test_reid_run_reports_map_and_rank1(tmp_path: Path) -> None:
+    root = write_market(tmp_path / "market")
+    res = run_cli("train", "--config", str(_reid_config(tmp_path, root)), cwd=tmp_path)
+    assert res.stdout.strip().splitlines()[-1] == "[EXIT] TRAINING SUCCESS code=0", res.stdout + res.stderr
+    run = next((tmp_path / "exp").glob("*/*/summary.json")).parent
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["monitor"] == "mAP"
+    chance = 2 / 21  # two true matches among 21 gallery items
+    assert summary["mean"]["mAP"] > 3 * chance and summary["mean"]["rank1"] > 0.5
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"mAP", "rank1", "rank5", "rank10", "mINP", "loss_ce", "loss_triplet"} <= set(r)
+        assert 0 <= r["mAP"] <= 1
+    splits = pd.read_csv(run / "splits.csv")
+    assert set(splits["split"]) == {"train", "query", "gallery"}
+    assert -1 not in set(splits["label"])  # junk dropped
+    # evaluate works on embedding runs too
+    ev = run_cli("evaluate", str(run), "--split", "val", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert metrics["mAP"] == pytest.approx(summary["folds"][0]["best"]["mAP"], abs=1e-4)
+
+
+def test_reid_missing_query_folder_is_a_user_error(tmp_path: Path) -> None:
+    root = write_market(tmp_path / "market")
+    for f in (root / "query").iterdir():
+        f.unlink()
+    (root / "query").rmdir()
+    res = run_cli("train", "--config", str(_reid_config(tmp_path, root)), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "query" in res.stderr and "unzipped" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def write_products(root: Path, classes: int = 4, objects: int = 8, views: int = 2) -> Path:
+    rng = np.random.default_rng(1)
+    for k in range(classes):
+        base = np.random.default_rng(50 + k).integers(30, 225, 3)
+        for j in range(objects):
+            for seq in range(views):
+                img = np.tile(base, (48, 48, 1)).astype(np.float64) + rng.normal(0, 20, (48, 48, 3))
+                (root / f"class{k}").mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"class{k}" / f"p{k}{j:02d}_{seq}.jpg")
+    return root
+
+
+def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
+    root = write_products(tmp_path / "products")
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "arcface_retrieval.yaml").model_dump(mode="json")
+    cfg["data"].update(image_dir_train=str(root), min_image_size=None)
+    cfg["model"].update(name="resnet10t", pretrained=False, embedding_dim=32, arcface_s=16.0, margin_ramp_epochs=1)
+    cfg["sampler"].update(p=4, k=2)
+    cfg["train"].update(img_size=32, epochs=2, freeze_backbone_epochs=1, warmup_epochs=0, num_workers=0,
+                        device="cpu", log_interval=0, channels_last=False, restart_epochs=2)
+    cfg["augment"]["policy"] = "none"
+    cfg["output"].update(exp_dir=str(tmp_path / "exp"), logs_dir=None)
+    cfg["tracking"]["tensorboard"] = False
+    res = run_cli("train", "--config", str(write_yaml(tmp_path / "arc.yaml", cfg)), cwd=tmp_path)
+    assert res.stdout.strip().splitlines()[-1] == "[EXIT] TRAINING SUCCESS code=0", res.stdout + res.stderr
+    run = next((tmp_path / "exp").glob("*/*/summary.json")).parent
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["monitor"] == "recall@1"
+    assert summary["mean"]["recall@1"] > 0.5 and summary["mean"]["knn_acc"] > 0.5  # chance: 0.25
+    splits = pd.read_csv(run / "splits.csv")
+    sides = splits.groupby("group")["split"].nunique()
+    assert (sides == 1).all()  # no object on two sides
+    assert set(splits["split"]) == {"train", "val", "test"}
+    # predict = kNN classification against the training images
+    test_items = splits[splits["split"] == "test"]
+    csv = tmp_path / "q.csv"
+    pd.DataFrame({"ID": test_items["id"]}).to_csv(csv, index=False)
+    pr = run_cli("predict", str(run), "--input", str(csv), "--image-dir", str(root), "--output",
+                 str(tmp_path / "pred.csv"), cwd=tmp_path)
+    assert pr.returncode == 0, pr.stderr
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype=str)
+    assert (pred["target"].to_numpy() == test_items["label"].astype(str).to_numpy()).mean() > 0.5
+    # search prints neighbours and writes the grid
+    query = Path(test_items["path"].iloc[0])
+    se = run_cli("search", str(run), "--gallery", str(root), "--query", str(query), "--top-k", "5", cwd=tmp_path)
+    assert se.returncode == 0, se.stderr
+    grid = run / "search" / f"{query.stem}.png"
+    assert grid.is_file() and grid.with_suffix(".csv").is_file()
+    table = pd.read_csv(grid.with_suffix(".csv"))
+    assert len(table) == 5 and table["similarity"].is_monotonic_decreasing
