@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vistrain", *args]
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m vistrain ARGS`` in ``cwd`` with ``CI=true``; stdout and stderr captured as text."""
     return subprocess.run(cli_command(*args), cwd=cwd, env=cli_env(), capture_output=True, text=True,
                           timeout=timeout)
@@ -140,12 +140,12 @@ class Started:
     def __init__(self, *args: str, cwd: Path):
         cwd.mkdir(parents=True, exist_ok=True)
         self.args = args
-        self._out = open(cwd / f".stdout-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115
-        self._err = open(cwd / f".stderr-{time.monotonic_ns()}.txt", "w+")  # noqa: SIM115
+        self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed in wait()
+        self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self.proc = subprocess.Popen(cli_command(*args), cwd=cwd, env=cli_env(), stdout=self._out,
                                      stderr=self._err, text=True)
 
-    def wait(self, timeout: float = 240) -> subprocess.CompletedProcess:
+    def wait(self, timeout: float = 600) -> subprocess.CompletedProcess:
         try:
             code = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

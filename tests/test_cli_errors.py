@@ -83,7 +83,8 @@ def test_unknown_config_key(results):
 def test_missing_train_csv(results):
     r = results["missing_train_csv"]
     line = assert_one_line_user_error(r, "data.train_csv")
-    assert str(Path(r.case_dir) / "work" / "does" / "not" / "exist.csv") in line, "relative to the working directory"
+    expected = (Path(r.case_dir) / "work" / "does" / "not" / "exist.csv").resolve()
+    assert str(expected) in line, "a relative override resolves against the working directory"
     assert_no_run_directory(r)
 
 

@@ -64,3 +64,20 @@ def test_small_shm_and_old_driver_are_warned(monkeypatch: pytest.MonkeyPatch) ->
     info = run_doctor(None)
     assert any(w.startswith("/dev/shm is 64 MiB") for w in info["warnings"])
     assert any(w.startswith("old driver: 470.57 supports CUDA 11.4") for w in info["warnings"])
+
+
+def _cli_has(command: str) -> bool:
+    from vistrain.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return command in sub.choices
+
+
+@pytest.mark.skipif(not _cli_has("doctor"), reason="vistrain doctor is not wired into the CLI yet")
+def test_cli_doctor(capsys: pytest.CaptureFixture[str]) -> None:
+    from vistrain.cli import main
+
+    assert main(["doctor"]) == 0
+    assert "precision" in capsys.readouterr().out
+    assert main(["doctor", "--auto-batch"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --auto-batch: needs --config (the model and image size to try)"

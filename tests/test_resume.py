@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,8 @@ from conftest import (
     write_csv_dataset,
     write_yaml,
 )
+
+pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 OVERRIDES = [f"train.epochs={EPOCHS}", "data.valid_fold=0", "data.folds=2"]
@@ -34,7 +39,7 @@ def setup_run(root: Path) -> tuple[Path, Path, Path]:
     return config, exp_dir, workdir
 
 
-def wait_for(started: Started, ready, what: str, timeout: float = 300) -> None:
+def wait_for(started: Started, ready, what: str, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
         if not started.running():
@@ -78,31 +83,63 @@ def assert_finished_once_per_epoch(run_dir: Path, rows_before: list[dict], resul
     assert sum(line.count("[BOOT]") for line in log.splitlines()) == 2, "train.log keeps the first attempt too"
 
 
-def test_resume_continues_the_killed_run_in_the_same_directory(tmp_path):
-    config, exp_dir, workdir = setup_run(tmp_path)
-    run_dir, rows_before = kill_after_first_epoch(config, exp_dir, workdir)
+@dataclass
+class Flow:
+    run_dir: Path  # the run that was killed
+    rows_before: list[dict]  # its metrics rows at the kill
+    result: subprocess.CompletedProcess | None = None  # the resuming command
+    dirs_after: list[Path] = field(default_factory=list)  # run directories once it finished
+    fresh_dirs: list[Path] = field(default_factory=list)  # run directories after the --fresh run started
+    metrics_bytes_before: bytes = b""
+    metrics_bytes_after_fresh: bytes = b""
 
-    result = run_cli("train", "--config", str(config), *OVERRIDES, "--resume", cwd=workdir)
 
-    assert run_dirs(exp_dir) == [run_dir], "--resume must continue the killed run, not start another"
-    assert_finished_once_per_epoch(run_dir, rows_before, result)
+def auto_resume_flow(root: Path) -> Flow:
+    """kill -> ``train --config C OVERRIDES --resume``."""
+    config, exp_dir, workdir = setup_run(root)
+    flow = Flow(*kill_after_first_epoch(config, exp_dir, workdir))
+    flow.result = run_cli("train", "--config", str(config), *OVERRIDES, "--resume", cwd=workdir)
+    flow.dirs_after = run_dirs(exp_dir)
+    return flow
 
 
-def test_resume_run_dir_after_a_fresh_run(tmp_path):
-    config, exp_dir, workdir = setup_run(tmp_path)
-    run_dir, rows_before = kill_after_first_epoch(config, exp_dir, workdir)
-    metrics_before = (run_dir / "metrics.jsonl").read_bytes()
-
-    # --fresh: a new run directory even though an unfinished run of this very config exists.
+def fresh_then_run_dir_flow(root: Path) -> Flow:
+    """kill -> ``train ... --resume --fresh`` (killed once it has its directory) -> ``train --resume RUN_DIR``."""
+    config, exp_dir, workdir = setup_run(root)
+    flow = Flow(*kill_after_first_epoch(config, exp_dir, workdir))
+    flow.metrics_bytes_before = (flow.run_dir / "metrics.jsonl").read_bytes()
     fresh = Started("train", "--config", str(config), *OVERRIDES, "--resume", "--fresh", cwd=workdir)
-    wait_for(fresh, lambda: len(run_dirs(exp_dir)) > 1, "the fresh run created its directory")
+    wait_for(fresh, lambda: len(run_dirs(exp_dir)) > 1, "the --fresh run created its directory")
     fresh.kill()
-    dirs = run_dirs(exp_dir)
-    assert len(dirs) == 2 and run_dir in dirs, dirs
-    assert (run_dir / "metrics.jsonl").read_bytes() == metrics_before, "--fresh must not touch the old run"
+    flow.fresh_dirs = run_dirs(exp_dir)
+    flow.metrics_bytes_after_fresh = (flow.run_dir / "metrics.jsonl").read_bytes()
+    flow.result = run_cli("train", "--resume", str(flow.run_dir), cwd=workdir)  # no --config needed
+    flow.dirs_after = run_dirs(exp_dir)
+    return flow
 
-    # --resume RUN_DIR: that run, whatever else is under exp_dir; no --config needed.
-    result = run_cli("train", "--resume", str(run_dir), cwd=workdir)
 
-    assert run_dirs(exp_dir) == dirs, "--resume RUN_DIR must not create a run directory"
-    assert_finished_once_per_epoch(run_dir, rows_before, result)
+@pytest.fixture(scope="module")
+def flows(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Flow]:
+    """Both flows at once (each is a chain of single-threaded processes; together they use both cores)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        auto = pool.submit(auto_resume_flow, tmp_path_factory.mktemp("resume_auto"))
+        run_dir = pool.submit(fresh_then_run_dir_flow, tmp_path_factory.mktemp("resume_run_dir"))
+        return {"auto": auto.result(), "run_dir": run_dir.result()}
+
+
+def test_resume_continues_the_killed_run_in_the_same_directory(flows):
+    flow = flows["auto"]
+    assert flow.dirs_after == [flow.run_dir], "--resume must continue the killed run, not start another"
+    assert_finished_once_per_epoch(flow.run_dir, flow.rows_before, flow.result)
+
+
+def test_fresh_starts_a_new_directory_and_leaves_the_unfinished_run_alone(flows):
+    flow = flows["run_dir"]
+    assert len(flow.fresh_dirs) == 2 and flow.run_dir in flow.fresh_dirs, flow.fresh_dirs
+    assert flow.metrics_bytes_after_fresh == flow.metrics_bytes_before, "--fresh must not touch the old run"
+
+
+def test_resume_run_dir_continues_that_run(flows):
+    flow = flows["run_dir"]
+    assert flow.dirs_after == flow.fresh_dirs, "--resume RUN_DIR must not create a run directory"
+    assert_finished_once_per_epoch(flow.run_dir, flow.rows_before, flow.result)

@@ -29,6 +29,8 @@ from conftest import (
 
 from vistrain.config import config_to_dict, load_config
 
+pytestmark = pytest.mark.slow
+
 OVERRIDES = ["data.valid_fold=all", "data.folds=2", "train.epochs=2"]
 TAGS = ["[BOOT]", "[CFG]", "[PATH]", "[DATA]", "[MODEL]", "[EPOCH]", "NEW_BEST", "[DONE]"]
 METRIC_KEYS = {"fold", "epoch", "train_loss", "valid_loss", "macro_f1", "lr", "time_s", "mem_MiB"}

@@ -260,7 +260,10 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     best = yaml.safe_load((tune_dir / "best_params.yaml").read_text())
     assert best == {"train": {"lr": 3e-3}} == {"train": {"lr": result.best_params["train.lr"]}}
     assert (tune_dir / "best_params.yaml").read_text().startswith("# best trial ")
-    assert len(list((tune_dir / "trials").glob("*/tiny-trial*"))) == 4
+    # Every trial that trained has its run directory; a repeat of completed values reuses their result.
+    trained = [t for t in study.trials if "repeat_of" not in t.user_attrs]
+    assert all(Path(t.user_attrs["run_dir"]).is_dir() for t in trained)
+    assert len(list((tune_dir / "trials").glob("*/tiny-trial*"))) == len(trained) >= 2
 
     # auto-continue: an ordinary run directory with the best values and a note of where they came from.
     run_dir = result.run_dir
@@ -330,3 +333,36 @@ def test_cli_space_error_is_exit_2_one_line(tmp_path: Path, capsys: pytest.Captu
     assert main(["tune", "--config", str(config), "--n-trials", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: tune.space.train.lrr: not a config key (did you mean 'train.lr'?)"]
+
+
+@pytest.mark.skipif(not _cli_has("tune"), reason="vistrain train --optimize is not wired into the CLI yet")
+@pytest.mark.usefixtures("no_plots")
+def test_cli_train_optimize_auto_continue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.cli import main
+
+    seen = fake_trainer(monkeypatch, lambda cfg, epoch: 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10)
+    raw = tiny_config(tmp_path, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
+    raw["tune"] = {"space": LR_SPACE}
+    config = write_yaml(tmp_path / "tune.yaml", raw)
+    assert main(["train", "--config", str(config), "--optimize", "--n-trials", "3", "--auto-continue"]) == 0
+    out = capsys.readouterr().out
+    assert "[DONE] tune directory:" in out and "[EXIT] TRAINING SUCCESS code=0" in out
+    final = seen[-1]  # the continued run: the best lr, the config's own epochs and output folder
+    assert final.train.lr == 3e-3 and final.train.epochs == 2 and Path(final.output.exp_dir) == tmp_path / "exp"
+    assert (tmp_path / "exp" / "day" / "tiny-x" / "tuned_from.json").is_file()
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_repeated_values_reuse_the_result(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    seen = fake_trainer(monkeypatch, lambda cfg, epoch: 0.5 + epoch / 10)
+    space = {"train.lr": {"type": "categorical", "choices": [3e-3]}}
+    result = run_tune(make_cfg(tmp_path, tmp_path, tune={"space": space}), n_trials=3)
+    assert len(seen) == 1  # trained once; the two repeats reuse trial 0's value and curve
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{result.tune_dir / 'study.db'}")
+    assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
+    assert [t.value for t in study.trials] == [0.7] * 3 and study.trials[2].intermediate_values == {1: 0.6, 2: 0.7}

@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from vistrain.errors import UserError
 
@@ -33,23 +34,44 @@ def _split_resume(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vistrain.config.loader import load_config
-    from vistrain.pipelines.train import run_train
 
     _split_resume(args)
     if isinstance(args.resume, Path):
         if args.fresh:
             raise UserError("--fresh: cannot be combined with --resume RUN_DIR")
-        cfg = load_config(args.resume / "config.yaml" if (args.resume / "config.yaml").is_file() else args.resume,
-                          overrides=args.overrides)
+        if not (args.resume / "config.yaml").is_file():
+            raise UserError(f"--resume: {args.resume} is not a vistrain run directory (no config.yaml)")
+        cfg = load_config(args.resume / "config.yaml", overrides=args.overrides)
         config_path = None
     else:
         if args.config is None:
             raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
         cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
         config_path = Path(args.config)
+    if args.optimize:
+        return _train_optimize(args, cfg, config_path)
+    if args.n_trials is not None or args.auto_continue:
+        raise UserError(f"{'--n-trials' if args.n_trials is not None else '--auto-continue'}: only with --optimize")
+    from vistrain.pipelines.train import run_train  # torch and timm load only once the config is known good
+
     result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
                        use_calibration=args.use_calibration, full_pipeline=args.mode == "full-pipeline")
     print(f"[DONE] run directory: {result.run_dir}")
+    return 0
+
+
+def _train_optimize(args: argparse.Namespace, cfg: Any, config_path: Path | None) -> int:
+    """``train --optimize``: the study of ``vistrain tune``, then (``--auto-continue``) the full training."""
+    from vistrain.pipelines.tune import run_tune
+
+    if args.resume:
+        raise UserError("--optimize: cannot be combined with --resume (a study is joined with vistrain tune --storage)")
+    if args.use_calibration or args.mode == "full-pipeline":
+        raise UserError("--optimize: --use-calibration and --mode full-pipeline are not supported with it; "
+                        "run vistrain calibrate / predict on the continued run")
+    result = run_tune(cfg, n_trials=args.n_trials, auto_continue=args.auto_continue, config_path=config_path,
+                      folds=args.fold)
+    _print_tune(result)
     return 0
 
 
@@ -123,6 +145,47 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number; got '{text}'")
+    return value
+
+
+def _print_tune(result: Any) -> None:
+    params = " ".join(f"{k}={v}" for k, v in result.best_params.items())
+    print(f"[DONE] tune directory: {result.tune_dir}")
+    print(f"[DONE] best trial {result.best_trial}: {result.monitor}={result.best_value:.4f} | {params}")
+    if result.run_dir is not None:
+        print(f"[DONE] run directory: {result.run_dir}")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines.tune import run_tune
+
+    cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
+    result = run_tune(cfg, n_trials=args.n_trials, storage=args.storage, study_name=args.study_name,
+                      timeout=args.timeout, auto_continue=args.auto_continue, config_path=Path(args.config))
+    _print_tune(result)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines.doctor import run_doctor
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    cfg = load_config(args.config, mode=args.mode, overrides=args.overrides) \
+        if args.config or args.overrides else None
+    run_doctor(cfg, auto_batch=args.auto_batch)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and exit 2) like every other user error."""
 
@@ -133,7 +196,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    # SUPPRESS: a sub-command's default must not overwrite `vistrain --debug train ...`
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
     parser = _Parser(prog="vistrain", parents=[common],
                                      description="Train, evaluate and serve timm image models from one YAML config.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
@@ -158,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=_folds, metavar="0,2", help="train these folds (overrides data.valid_fold)")
     p.add_argument("--use-calibration", action="store_true",
                    help="fit a temperature on the out-of-fold (or validation) logits after training")
+    p.add_argument("--optimize", action="store_true",
+                   help="search tune.space first (as vistrain tune); with --auto-continue, then train the best")
+    p.add_argument("--n-trials", type=_positive_int, metavar="N",
+                   help="with --optimize: trials (default: tune.n_trials)")
+    p.add_argument("--auto-continue", action="store_true",
+                   help="with --optimize: train the config with the best values, recording them in tuned_from.json")
     p.set_defaults(command_label="TRAINING")
 
     p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")
@@ -194,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.set_defaults(command_label="TRAINING")
 
+    p = add("tune", cmd_tune, "search tune.space with Optuna (pruning bad trials early) -> a tune directory")
+    config_args(p, required=True)
+    p.add_argument("--n-trials", type=_positive_int, metavar="N",
+                   help="trials this process runs (default: tune.n_trials)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage shared by workers, e.g. sqlite:///study.db or postgresql://host/db "
+                        "(default: tune.storage, else a private SQLite file in the tune directory)")
+    p.add_argument("--study-name", metavar="NAME", help="study to create or join (default: tune.study_name, "
+                                                        "else project.name)")
+    p.add_argument("--timeout", type=float, metavar="SEC", help="stop starting trials after SEC seconds")
+    p.add_argument("--auto-continue", action="store_true",
+                   help="then train the config with the best values (a normal run directory with tuned_from.json)")
+    p.set_defaults(command_label="TUNING")
+
+    p = add("doctor", cmd_doctor, "check this machine for training: versions, GPUs, precision, workers, /dev/shm")
+    config_args(p, required=False)
+    p.add_argument("--auto-batch", action="store_true",
+                   help="also find the batch size train.batch_size=auto would pick for the config (needs --config)")
+
     p = add("split", cmd_split, "write the fold assignment that train would use")
     config_args(p, required=True)
     p.add_argument("--output", default="splits.csv", help="CSV to write (default: ./splits.csv)")
@@ -202,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.debug = getattr(args, "debug", False)
     code = 1
     try:
         code = args.func(args)

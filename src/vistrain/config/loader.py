@@ -95,9 +95,40 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 def validate(raw: dict[str, Any]) -> Config:
     try:
-        return Config.model_validate(raw)
+        cfg = Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError([_format_error(e) for e in err.errors()]) from None
+        raise ConfigError(_merge_problems([_format_error(e) for e in err.errors()])) from None
+    _absolute_defaults(cfg)
+    return cfg
+
+
+def _merge_problems(lines: list[str]) -> list[str]:
+    """A value that fails every member of a union (``int > 0`` or ``'auto'``) is one mistake: one line."""
+    merged: dict[str, list[str]] = {}
+    for line in lines:
+        key, sep, msg = line.partition(": ")
+        merged.setdefault(key if sep else line, []).append(msg if sep else "")
+    out = []
+    for key, msgs in merged.items():
+        got = {m[m.rfind(" (got "):] for m in msgs if " (got " in m}
+        if len(msgs) > 1 and len(got) == 1:
+            suffix = got.pop()
+            out.append(f"{key}: " + " or ".join(m.removesuffix(suffix) for m in msgs) + suffix)
+        else:
+            out += [f"{key}: {m}" if m else key for m in msgs]
+    return out
+
+
+def _absolute_defaults(cfg: Config) -> None:
+    """Relative paths left at their defaults (``experiments``, ``logs``) mean the working directory, so the
+    saved config.yaml reloads to the same folders from anywhere."""
+    for key in _path_keys():
+        section = cfg
+        for part in key[:-1]:
+            section = getattr(section, part)
+        value = getattr(section, key[-1])
+        if isinstance(value, Path) and not value.is_absolute():
+            setattr(section, key[-1], (Path.cwd() / value).resolve())
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

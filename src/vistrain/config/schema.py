@@ -168,21 +168,9 @@ class LossTerm(BaseModel):
 
 class LossCfg(Section):
     # task: embedding. Classification uses cross-entropy with train.label_smoothing and train.class_weights.
+    # The terms' names and parameters are checked against the loss classes by Config (embedding runs only,
+    # so a classification config loads without importing torch).
     terms: list[LossTerm] = [LossTerm(name="ce"), LossTerm(name="triplet", margin=0.3)]
-
-    @field_validator("terms")
-    @classmethod
-    def _known_terms(cls, terms: list[LossTerm]) -> list[LossTerm]:
-        from vistrain.models.losses import check_term_params
-
-        problems = []
-        for i, term in enumerate(terms):
-            problems += [f"loss.terms[{i}].{p}" for p in check_term_params(term.name, term.model_extra or {})]
-        if not terms:
-            problems.append("loss.terms: at least one term is needed, e.g. [{name: ce}]")
-        if problems:
-            raise ValueError("; ".join(problems))
-        return terms
 
 
 class WandbCfg(Section):
@@ -271,7 +259,20 @@ class Config(Section):
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")
         if self.data.source == "reid" and self.task != "embedding":
             raise ValueError("data.source: reid needs task: embedding")
+        if self.task == "embedding":
+            self._check_loss_terms()
         return self
+
+    def _check_loss_terms(self) -> None:
+        from vistrain.models.losses import check_term_params
+
+        problems = []
+        for i, term in enumerate(self.loss.terms):
+            problems += [f"loss.terms[{i}].{p}" for p in check_term_params(term.name, term.model_extra or {})]
+        if not self.loss.terms:
+            problems.append("loss.terms: at least one term is needed, e.g. [{name: ce}]")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def folds_to_train(self) -> list[int]:
         v = self.data.valid_fold

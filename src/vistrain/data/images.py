@@ -33,7 +33,7 @@ class ImageIndex:
         if "/" in name or "\\" in name:  # an ID with a sub-folder: ask the file system
             return self._find_on_disk(name)
         suffix = Path(name).suffix.lower()
-        if suffix in IMAGE_EXTS:
+        if suffix in (*IMAGE_EXTS, *self.exts[:1]):
             hit = self._by_lower.get(name.lower())
             if hit is not None:
                 return hit

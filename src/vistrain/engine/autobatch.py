@@ -108,6 +108,8 @@ class _Trainer:
         # failed step's frames, and with them its activations, alive.
         if out_of_memory:
             self.optimizer.zero_grad(set_to_none=True)
+            # An OOM inside scaler.step() would leave the scaler believing its gradients are unscaled.
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.use_scaler)
             free_memory(self.device)
         log.debug("[AUTOBATCH] batch %d: %s", batch, "out of memory" if out_of_memory else "fits")
         return not out_of_memory

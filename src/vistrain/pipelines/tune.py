@@ -3,7 +3,9 @@
 Each trial is an ordinary ``run_train`` of the config with the sampled values applied as overrides, shorter
 (``tune.epochs``, or a third of ``train.epochs``) and on ``tune.folds``. After every epoch the monitor metric
 is reported to Optuna; the pruner stops trials that are clearly worse than the completed ones at the same
-epoch. The objective is the mean over the folds of each fold's best monitor value.
+epoch. The objective is the mean over the folds of each fold's best monitor value. The first trial is the
+config's own values (moved into the space), then every categorical choice once; a trial that draws the
+values of a completed one reuses its result instead of training again.
 
 Sharing a study: processes (on one machine or many) work on one study when they use the same storage URL
 (``--storage`` / ``tune.storage``) and the same study name (``--study-name`` / ``tune.study_name`` /
@@ -370,8 +372,11 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         values = {p.key: p.suggest(trial) for p in ctx.params}
         repeated = _completed_twin(trial, values)
         if repeated is not None:
-            # Training is seeded: the same values give the same result, so a repeat costs nothing.
+            # Training is seeded, so the same values give the same result (up to GPU non-determinism):
+            # small categorical spaces would otherwise retrain identical configs.
             trial.set_user_attr("repeat_of", repeated.number)
+            for step, value in sorted(repeated.intermediate_values.items()):
+                trial.report(value, step)  # its curve too, for the pruner's medians and the plots
             log.info("[TUNE] trial %d repeats trial %d's values: its value is reused, nothing is trained",
                      trial.number, repeated.number)
             return float(repeated.value)
@@ -449,8 +454,8 @@ def _pruner(cfg: Config, n_trials: int, total_steps: int) -> optuna.pruners.Base
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(total_steps, 1), reduction_factor=3)
     if name == "median":
         # One completed trial is enough to compare against in a small study (so a learning rate that cannot
-        # learn is stopped early); larger studies wait for a few to make the median meaningful.
-        startup = max(1, min(5, n_trials // 10))
+        # learn is stopped early); larger studies wait for two, so one lucky first trial does not set the bar.
+        startup = 1 if n_trials < 10 else 2
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
     return optuna.pruners.NopPruner()
 
@@ -577,8 +582,8 @@ def write_plots(study: optuna.Study, out: Path) -> dict[str, str]:
     if "matplotlib.pyplot" not in sys.modules:
         matplotlib.use("Agg")  # no display needed; an interactive session keeps its own backend
     import matplotlib.pyplot as plt
-    import optuna
     from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varying = [k for k in {k for t in complete for k in t.params}
@@ -597,7 +602,7 @@ def write_plots(study: optuna.Study, out: Path) -> dict[str, str]:
                 # Optuna switches pyplot to its ggplot style; rc_context keeps that away from later plots.
                 with warnings.catch_warnings(), matplotlib.rc_context():
                     warnings.simplefilter("ignore")  # optuna marks its matplotlib plots as experimental
-                    ax = getattr(optuna.visualization.matplotlib, f"plot_{name}")(study)
+                    ax = getattr(optuna_plots, f"plot_{name}")(study)
                     fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
                     _save_fig(fig, out / f"{name}.png")
                     plt.close(fig)
