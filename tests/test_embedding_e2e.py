@@ -106,8 +106,9 @@ def write_products(root: Path, classes: int = 4, objects: int = 8, views: int = 
         for j in range(objects):
             for seq in range(views):
                 img = np.tile(base, (48, 48, 1)).astype(np.float64) + rng.normal(0, 20, (48, 48, 3))
-                (root / f"class{k}").mkdir(parents=True, exist_ok=True)
-                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"class{k}" / f"p{k}{j:02d}_{seq}.jpg")
+                folder = root / f"class{k}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"p{k}{j:02d}_{seq}.jpg")
     return root
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _as_targets, _np
+from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _np
 
 # The temperature search interval. Real networks land in roughly [0.5, 5]; the interval is wide so that logits on
 # an unusual scale still find an interior optimum, and finite so that a separable (or hopeless) set of logits,
@@ -64,12 +64,7 @@ class ReliabilityBins:
 
 
 def _as_probs_targets(probs: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(_np(probs), dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] == 0 or p.shape[1] == 0:
-        raise ValueError(f"probs must have shape [N, C] with N, C >= 1, got {p.shape}")
-    if not np.all(np.isfinite(p)):
-        raise ValueError("probs contain NaN or inf")
-    return p, _as_targets(targets, n=p.shape[0], n_classes=p.shape[1])
+    return _as_logits_targets(probs, targets, name="probs")
 
 
 def reliability_bins(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> ReliabilityBins:

@@ -49,13 +49,13 @@ def _as_targets(targets: ArrayLike, n: int, n_classes: int) -> np.ndarray:
     return y
 
 
-def _as_logits_targets(logits: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validated float64 logits [N, C] (N, C >= 1, all finite) and int64 targets [N] in ``0..C-1``."""
+def _as_logits_targets(logits: ArrayLike, targets: ArrayLike, name: str = "logits") -> tuple[np.ndarray, np.ndarray]:
+    """Validated float64 scores [N, C] (N, C >= 1, all finite) and int64 targets [N] in ``0..C-1``."""
     z = np.asarray(_np(logits), dtype=np.float64)  # float32 -> float64 is exact, so rankings are unchanged
     if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"logits must have shape [N, C] with N, C >= 1, got {z.shape}")
+        raise ValueError(f"{name} must have shape [N, C] with N, C >= 1, got {z.shape}")
     if not np.all(np.isfinite(z)):
-        raise ValueError("logits contain NaN or inf")
+        raise ValueError(f"{name} contain NaN or inf")
     return z, _as_targets(targets, n=z.shape[0], n_classes=z.shape[1])
 
 
