@@ -17,6 +17,7 @@ demo: install
 	$(VENV)/bin/vistrain demo --out demo_data
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
