@@ -84,6 +84,8 @@ def run_calibrate(run_dir: Path) -> dict[str, Any]:
         "temperature": temperature, "fitted_temperature": fitted, "applied": applied, "source": source,
         "n": int(len(targets)), "nll_before": _nll(logits, targets), "nll_after": _nll(logits / temperature, targets),
         "ece_before": ece_before, "ece_after": ece_after if applied else ece_before,
+        # what the fitted temperature itself gave, also when it was not applied
+        "nll_at_fitted": _nll(logits / fitted, targets), "ece_at_fitted": ece_after,
     }
     write_json(run_dir / "calibration.json", result)
     from vistrain.viz.plots import reliability_diagram_png
