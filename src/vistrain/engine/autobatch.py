@@ -210,9 +210,8 @@ def resolve_batch_size(cfg: Config, device: torch.device, precision: Precision, 
     if device.type != "cuda":
         return t.batch_size_cpu, "train.batch_size_cpu: the memory search needs a GPU"
     from vistrain.data.transforms import size_hw
-    from vistrain.models.build import build_classifier
+    from vistrain.models.build import build_model
 
-    m = cfg.model
-    batch = find_batch_size(lambda: build_classifier(m.name, n_classes, pooling=m.pooling), size_hw(t.img_size),
-                            device, precision, channels_last=t.channels_last, n_classes=n_classes)
+    batch = find_batch_size(lambda: build_model(cfg.task, cfg.model, n_classes, pretrained=False),
+                            size_hw(t.img_size), device, precision, channels_last=t.channels_last, n_classes=n_classes)
     return batch, "largest batch that trained within GPU memory, with head-room"

@@ -22,7 +22,6 @@ from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
 from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
-from vistrain.data.transforms import size_hw
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from vistrain.engine.hooks import EarlyStopping
@@ -30,7 +29,7 @@ from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.errors import UserError
 from vistrain.metrics.classification import epoch_metrics
-from vistrain.models.build import build_classifier, count_parameters
+from vistrain.models.build import count_parameters
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
@@ -184,25 +183,22 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
 
 
 def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int) -> Config:
-    """Replace ``auto`` settings with the values chosen for this machine; config.yaml records the result."""
+    """Replace ``auto`` settings with what was chosen for this machine, so config.yaml records the values
+    the run actually used (precision, workers, batch size and accumulation) and re-runs them elsewhere."""
     t = cfg.train
-    if t.batch_size != "auto":
-        return cfg
-    if device.type != "cuda":
-        batch, why = t.batch_size_cpu, "train.batch_size_cpu on a CPU"
-    else:
-        from vistrain.engine.autobatch import find_batch_size
+    update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    if t.batch_size == "auto":
+        from vistrain.engine.autobatch import resolve_batch_size
 
-        m = cfg.model
-        batch = find_batch_size(lambda: build_classifier(m.name, n_classes, pooling=m.pooling),
-                                size_hw(t.img_size), device, precision, channels_last=t.channels_last)
-        why = "largest batch that trained within GPU memory, with head-room"
-    update: dict[str, Any] = {"batch_size": batch}
-    if t.target_batch_size:
-        update["grad_accum_steps"] = max(1, -(-t.target_batch_size // batch))
-    log.info("[CFG] train.batch_size=auto -> %d (%s)%s", batch, why,
-             f"; grad_accum_steps={update['grad_accum_steps']} for target_batch_size={t.target_batch_size}"
-             if "grad_accum_steps" in update else "")
+        update["batch_size"], why = resolve_batch_size(cfg, device, precision, n_classes)
+        if t.target_batch_size:
+            update["grad_accum_steps"] = max(1, -(-t.target_batch_size // update["batch_size"]))
+        log.info("[CFG] train.batch_size=auto -> %d (%s)%s", update["batch_size"], why,
+                 f"; grad_accum_steps={update['grad_accum_steps']} for target_batch_size={t.target_batch_size}"
+                 if "grad_accum_steps" in update else "")
+    changed = {k: v for k, v in update.items() if getattr(t, k) != v}
+    if changed:
+        log.info("[CFG] resolved for this machine: %s", ", ".join(f"train.{k}={v}" for k, v in changed.items()))
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
 
 
