@@ -2,6 +2,7 @@
 
     python benchmarks/bench_reid_eval.py [--queries 3368] [--gallery 15913] [--dim 2048] [--ids 750]
                                          [--cameras 6] [--distractors 2798] [--repeats 3] [--ref-queries 400]
+                                         [--device cuda|cpu|none]
 
 Generates a random problem with a fixed seed: each identity has a random centre on the unit sphere and its images are
 the centre plus noise (so mAP is neither 0 nor 1); ``--distractors`` gallery items get person id 0 and pure-noise
@@ -9,6 +10,11 @@ features; features are L2-normalised, as with ``feat_norm``. Then times, in one 
 
   reid_evaluate   vistrain's chunked evaluation (float32 GEMM per block, value sort + binary search), median of
                   ``--repeats`` runs
+  torch path      ``reid_evaluate(..., device=--device)`` (default: cuda when available, else cpu; ``none`` skips it):
+                  the full stable ranking with torch on that device, features already resident there (as after a
+                  forward pass). One warm-up run (CUDA context, cuBLAS handle, allocator pool), then the median of
+                  ``--repeats``, with ``torch.cuda.synchronize()`` before each clock reading; on a GPU also timed from
+                  numpy features (host-to-device copy included) and the peak GPU memory.
   reference       what the reid-strong-baseline evaluation does: a full float64 distance matrix, ``np.argsort`` of
                   every row, a boolean match matrix and a Python loop over queries. Run on the first
                   ``--ref-queries`` queries and extrapolated linearly to all of them (0 skips it; -1 runs all).
@@ -82,6 +88,25 @@ def reference_eval(q: np.ndarray, g: np.ndarray, q_pids: np.ndarray, g_pids: np.
     return float(np.mean(aps)), float(np.mean([c[0] for c in cmcs])), dist_cpu
 
 
+def time_torch_path(q: np.ndarray | torch.Tensor, g: np.ndarray | torch.Tensor, ids: tuple[np.ndarray, ...],
+                    dev: torch.device, budget_mb: float, repeats: int) -> tuple[list[float], dict]:
+    """Wall seconds of ``repeats`` runs of ``reid_evaluate(..., device=dev)`` after one warm-up, and the result."""
+
+    def sync() -> None:  # kernels run asynchronously: read the clock only once the device is idle
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    res = reid_evaluate(q, g, *ids, memory_budget_mb=budget_mb, device=dev)  # warm-up
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        res = reid_evaluate(q, g, *ids, memory_budget_mb=budget_mb, device=dev)
+        sync()
+        times.append(time.perf_counter() - t)
+    return times, res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--queries", type=int, default=3368)
@@ -93,6 +118,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget-mb", type=float, default=512)
     ap.add_argument("--ref-queries", type=int, default=400, help="queries for the reference (0: skip, -1: all)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="device of the torch path (cuda, cuda:1, cpu; none: skip it); default cuda when available")
     args = ap.parse_args()
 
     try:
@@ -119,6 +146,25 @@ def main() -> None:
           f"{statistics.median(cpu_times):.2f} CPU-seconds over all threads (on an idle machine wall time is about "
           f"this divided by the {cpus} cores)")
     print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+
+    if args.device != "none":
+        dev = torch.device(args.device)
+        ids = (qp, gp, qc, gc)
+        qt, gt = torch.from_numpy(q).to(dev), torch.from_numpy(g).to(dev)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        times_t, res_t = time_torch_path(qt, gt, ids, dev, args.budget_mb, args.repeats)
+        mine = statistics.median(times_t)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
+        print(f"torch path on {dev} ({name}): {mine:.3f} s wall (median of {args.repeats} after a warm-up: "
+              f"{', '.join(f'{x:.3f}' for x in times_t)}); {ours / mine:.2f}x the numpy CPU path's speed")
+        diff = max(abs(res_t[k] - res[k]) for k in res)
+        print(f"  largest difference from the numpy path over all metrics: {diff:.2e}")
+        if dev.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(dev) / 2**20
+            times_h, _ = time_torch_path(q, g, ids, dev, args.budget_mb, args.repeats)
+            print(f"  from numpy features (host-to-device copy included): {statistics.median(times_h):.3f} s; "
+                  f"peak GPU memory {peak:.0f} MiB (features {(qt.numel() + gt.numel()) * 4 / 2**20:.0f} MiB)")
 
     n_ref = len(q) if args.ref_queries < 0 else min(args.ref_queries, len(q))
     if n_ref == 0:

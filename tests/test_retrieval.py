@@ -1,5 +1,6 @@
 """vistrain.metrics.retrieval: the Market-1501 protocol against a plain per-query loop, hand-computed cases,
-chunked == unchunked evaluation, k-reciprocal re-ranking, kNN search / classification and Recall@K."""
+chunked == unchunked evaluation, the torch (CPU / CUDA) evaluation path, k-reciprocal re-ranking, kNN search /
+classification and Recall@K."""
 
 from __future__ import annotations
 
@@ -260,6 +261,144 @@ def test_reid_evaluate_all_invalid_raises() -> None:
         reid_evaluate(q, q, [1, 2, 3], [1, 2, 3], [0, 0, 0], [0, 0, 0], max_rank=2)
 
 
+# ------------------------------------------------------------------------- reid_evaluate on a torch device
+
+def ternary_features(rng: np.random.Generator, n: int, dim: int = 6, nonzeros: int = 4) -> np.ndarray:
+    """[n, dim] float32 rows with exactly ``nonzeros`` entries of +-1 and zeros elsewhere.
+
+    Every row has norm 2, so L2 normalisation only halves it: all euclidean and cosine distances are exact in float32
+    (whatever the summation order) and take a handful of values, i.e. exact ties everywhere.
+    """
+    cols = np.argsort(rng.random((n, dim)), axis=1)[:, :nonzeros]
+    x = np.zeros((n, dim), np.float32)
+    np.put_along_axis(x, cols, rng.choice(np.array([-1.0, 1.0], np.float32), (n, nonzeros)), axis=1)
+    return x
+
+
+def device_problem(rng: np.random.Generator, n_q: int = 45, n_g: int = 160) -> tuple[np.ndarray, ...]:
+    """(q [Q, 6], g [G, 6], q_pids, g_pids, q_cams, g_cams): 6 cameras, distractors (pid 0), junk (pid -1), queries
+    whose id is absent and a query whose only gallery images share its camera."""
+    qp, gp = rng.integers(1, 13, n_q), rng.integers(0, 13, n_g)
+    qc, gc = rng.integers(0, 6, n_q), rng.integers(0, 6, n_g)
+    qp[:4] = 99  # absent from the gallery: skipped
+    qp[4], qc[4] = 50, 2  # only same-camera images: skipped
+    gp[:3], gc[:3] = 50, 2
+    gp[5::11] = -1  # junk
+    return ternary_features(rng, n_q), ternary_features(rng, n_g), qp, gp, qc, gc
+
+
+def exact_distances(q: np.ndarray, g: np.ndarray, metric: str) -> np.ndarray:
+    """Float64 [Q, G] distances of ``ternary_features`` (norm 2), computed independently of the library."""
+    q64, g64 = q.astype(np.float64), g.astype(np.float64)
+    if metric == "cosine":
+        return 1.0 - (q64 / 2) @ (g64 / 2).T
+    return ((q64[:, None, :] - g64[None, :, :]) ** 2).sum(-1)
+
+
+def assert_same_metrics(got: dict, want: dict, abs_tol: float = 1e-6) -> None:
+    assert got.keys() == want.keys()
+    assert (got["num_valid_queries"], got["num_skipped"]) == (want["num_valid_queries"], want["num_skipped"])
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP"):
+        assert got[key] == pytest.approx(want[key], abs=abs_tol), key
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_evaluate_torch_cpu_equals_numpy_and_reference(seed: int, metric: str) -> None:
+    """The torch path run on the CPU against the numpy path and the plain per-query reference, with exact ties."""
+    rng = np.random.default_rng(100 + seed)
+    q, g, qp, gp, qc, gc = device_problem(rng)
+    dist = exact_distances(q, g, metric)
+    assert (np.diff(np.sort(dist, axis=1), axis=1) == 0).mean() > 0.9  # ties everywhere: order by gallery index
+    with pytest.warns(UserWarning, match="person id -1"):
+        want = reid_evaluate(q, g, qp, gp, qc, gc, max_rank=10, metric=metric)
+    with pytest.warns(UserWarning, match="person id -1"):
+        got = reid_evaluate(q, g, qp, gp, qc, gc, max_rank=10, metric=metric, device="cpu")
+    assert_same_metrics(got, want)
+    ref_cmc, ref_map, ref_minp, n_valid, _ = market_reference(dist, qp, gp, qc, gc, max_rank=10)
+    assert got["num_valid_queries"] == n_valid and got["num_skipped"] == len(qp) - n_valid >= 5
+    assert got["mAP"] == pytest.approx(ref_map, abs=1e-6) and got["mINP"] == pytest.approx(ref_minp, abs=1e-6)
+    for k in (1, 5, 10):
+        assert got[f"rank{k}"] == pytest.approx(ref_cmc[k - 1], abs=1e-6)
+    # Tensors in (float64 features needing no grad tracking, tensor ids) give the same numbers.
+    qt = torch.from_numpy(q).double().requires_grad_()
+    with pytest.warns(UserWarning, match="person id -1"):
+        from_tensors = reid_evaluate(qt, torch.from_numpy(g), torch.from_numpy(qp), torch.from_numpy(gp),
+                                     torch.from_numpy(qc), gc.tolist(), max_rank=10, metric=metric, device="cpu")
+    assert from_tensors == got
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_evaluate_torch_chunked_equals_unchunked(metric: str) -> None:
+    rng = np.random.default_rng(0)
+    n_q, n_g = 2 * GEMM_TILE_ROWS + 37, 300  # three GEMM tiles, the last one partial
+    qp, gp = rng.integers(1, 40, n_q), rng.integers(0, 40, n_g)
+    qc, gc = rng.integers(0, 6, n_q), rng.integers(0, 6, n_g)
+    q, g = clustered_features(rng, qp, gp, 24, 1.0)
+    whole = reid_evaluate(q, g, qp, gp, qc, gc, memory_budget_mb=1024, metric=metric, device="cpu")
+    tiny = reid_evaluate(q, g, qp, gp, qc, gc, memory_budget_mb=1e-3, metric=metric, device="cpu")  # 3 chunks
+    assert tiny == whole  # bit-identical: every distance comes from a product of the same shape
+    assert 0.05 < whole["mAP"] < 0.95 and whole["num_skipped"] == 0
+    # Against numpy: torch and numpy may call different BLAS kernels (an ulp apart), which can only swap near-ties.
+    assert_same_metrics(whole, reid_evaluate(q, g, qp, gp, qc, gc, metric=metric), abs_tol=1e-3)
+    # Integer features (exact distances, many ties) in several chunks: equal to numpy to rounding.
+    qi, gi = ternary_features(rng, n_q), ternary_features(rng, n_g)
+    chunked = reid_evaluate(qi, gi, qp, gp, qc, gc, memory_budget_mb=1e-3, metric=metric, device="cpu")
+    assert_same_metrics(chunked, reid_evaluate(qi, gi, qp, gp, qc, gc, metric=metric), abs_tol=1e-12)
+
+
+def test_reid_evaluate_torch_warnings_and_errors() -> None:
+    """The torch path warns and raises exactly as the numpy path does."""
+    q = np.ones((3, 4), np.float32)
+    with pytest.raises(ValueError, match="no query has a valid match in the gallery"):
+        reid_evaluate(q, q, [1, 2, 3], [1, 2, 3], [0, 0, 0], [0, 0, 0], max_rank=2, device="cpu")
+    with pytest.warns(UserWarning, match="person id -1"), pytest.raises(ValueError, match="same-camera matches"):
+        reid_evaluate(q, q, [1, 2, 3], [-1, -1, -1], [0, 0, 0], [1, 1, 1], max_rank=2, device="cpu")
+    # Short gallery: query (pid 1, cam 0); g0 pid 2 is nearer than the match g1 (pid 1, cam 1).
+    qf, gf = np.zeros((1, 2), np.float32), np.array([[0.1, 0], [0.2, 0]], np.float32)
+    with pytest.warns(UserWarning, match="fewer than max_rank"):
+        res = reid_evaluate(qf, gf, [1], [2, 1], [0], [0, 1], max_rank=6, device="cpu")
+    assert res == {"mAP": 0.5, "rank1": 0.0, "rank5": 1.0, "rank10": 1.0, "mINP": 0.5, "num_valid_queries": 1,
+                   "num_skipped": 0}
+    ids = ([1, 2, 3], [1, 2, 3], [0, 0, 0], [1, 1, 1])
+    with pytest.raises(ValueError, match="differ in dimension"):
+        reid_evaluate(q, np.ones((3, 5)), *ids, max_rank=2, device="cpu")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        reid_evaluate(np.full((3, 4), np.nan), q, *ids, max_rank=2, device="cpu")
+    with pytest.raises(ValueError, match="metric must be"):
+        reid_evaluate(q, q, *ids, max_rank=2, metric="l1", device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_reid_evaluate_cuda_equals_cpu(metric: str) -> None:
+    rng = np.random.default_rng(12)
+    q, g, qp, gp, qc, gc = device_problem(rng, n_q=2 * GEMM_TILE_ROWS + 37, n_g=700)
+    with pytest.warns(UserWarning, match="person id -1"):
+        cpu = reid_evaluate(q, g, qp, gp, qc, gc, metric=metric, device="cpu")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as training leaves it: the evaluation must not use TF32
+    try:
+        with pytest.warns(UserWarning, match="person id -1"):
+            cuda = reid_evaluate(q, g, qp, gp, qc, gc, metric=metric, device="cuda")
+        with pytest.warns(UserWarning, match="person id -1"):  # a CUDA query tensor selects the device itself
+            auto = reid_evaluate(torch.from_numpy(q).cuda(), torch.from_numpy(g).cuda(), qp, gp, qc, gc,
+                                 metric=metric, memory_budget_mb=1e-3)
+        assert torch.backends.cuda.matmul.allow_tf32 is True  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert_same_metrics(cuda, cpu, abs_tol=1e-12)  # exact distances: the same ranking
+    assert auto == cuda  # chunked (3 chunks) == unchunked
+    # Continuous features: the products may round differently from the CPU's, which can only swap near-ties.
+    qp2, gp2 = rng.integers(1, 40, 600), rng.integers(0, 40, 2000)
+    qc2, gc2 = rng.integers(0, 6, 600), rng.integers(0, 6, 2000)
+    q2, g2 = clustered_features(rng, qp2, gp2, 64, 1.0)
+    cuda2 = reid_evaluate(q2, g2, qp2, gp2, qc2, gc2, metric=metric, device="cuda")
+    assert_same_metrics(cuda2, reid_evaluate(q2, g2, qp2, gp2, qc2, gc2, metric=metric, device="cpu"), 1e-3)
+    assert reid_evaluate(q2, g2, qp2, gp2, qc2, gc2, metric=metric, device="cuda", memory_budget_mb=1e-3) == cuda2
+
+
 # --------------------------------------------------------------------------------------------------- re-ranking
 
 def test_rerank_keeps_a_perfect_ranking() -> None:
@@ -281,6 +420,8 @@ def test_rerank_keeps_a_perfect_ranking() -> None:
     assert m_ap == 1.0 and m_inp == 1.0 and cmc[0] == 1.0
     res = reid_evaluate(q, g, qp, gp, qc, gc, max_rank=5, rerank=True, k1=8, k2=3)
     assert res["mAP"] == 1.0 and res["rank1"] == 1.0
+    # A device does not apply to re-ranking: it falls back to the same CPU implementation.
+    assert reid_evaluate(q, g, qp, gp, qc, gc, max_rank=5, rerank=True, k1=8, k2=3, device="cpu") == res
 
 
 def test_rerank_rejects_bad_shapes() -> None:

@@ -62,6 +62,7 @@ class RetrievalEval:
     max_rank: int = 50
     memory_budget_mb: int = 1024
     rerank: bool = False
+    device: str | None = None  # "cuda": rank on the GPU (the exact full ranking, chunked); None: NumPy on the CPU
 
 
 class EmbeddingTask:
@@ -121,10 +122,11 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval) -> dict[str, float]:
     ql, gl = ev.labels[: ev.n_query], ev.labels[ev.n_query:]
     if ev.cameras is not None:
         res = retrieval.reid_evaluate(q, g, ql, gl, ev.cameras[: ev.n_query], ev.cameras[ev.n_query:],
-                                      max_rank=ev.max_rank, memory_budget_mb=ev.memory_budget_mb, rerank=ev.rerank)
+                                      max_rank=ev.max_rank, memory_budget_mb=ev.memory_budget_mb, rerank=ev.rerank,
+                                      device=ev.device)
         return {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
-    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=(1, 5)).items()}
-    pred = retrieval.knn_classify(q, g, gl, k=ev.knn_k)
+    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=(1, 5), device=ev.device).items()}
+    pred = retrieval.knn_classify(q, g, gl, k=ev.knn_k, device=ev.device)
     out["knn_acc"] = float((pred == ql).mean())
     out["knn_macro_f1"] = macro_f1(ql, pred)
     return out

@@ -21,6 +21,11 @@ block of rows per CPU thread), and the position of each of a query's few same-id
 search in its sorted row; the rare rows in which such an item ties with another value fall back to a stable argsort
 of that row. AP, CMC and INP then come from these few positions, vectorised over the chunk.
 
+On a torch device (``reid_evaluate(..., device="cuda")``, or a CUDA query tensor) the whole ranking is computed
+instead: per chunk of queries one matrix product, a stable ``torch.sort`` of each row, a cumulative sum over the
+kept items for their positions, and AP / CMC / INP from the match positions, all on the device; only per-query
+results come back. Faiss cannot serve exact mAP there: its GPU search caps ``k`` at 2,048.
+
 Retrieval: ``knn_search`` (Faiss on the CPU when installed, a chunked torch matrix product + ``topk`` otherwise or on
 a CUDA device), ``recall_at_k`` and ``knn_classify``. ``k_reciprocal_rerank`` implements Zhong et al. (2017).
 
@@ -34,6 +39,7 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -309,6 +315,144 @@ def _warn_short_gallery(n_gal: int, max_rank: int) -> None:
                       f"{max_rank} and repeats its last value", stacklevel=3)
 
 
+# ------------------------------------------------------------------------------------ re-id on a torch device
+
+# Bytes per query-gallery pair that one chunk of the torch path may hold. Every [B, G] temporary is counted as if all
+# were alive at once (several are freed before the next is made, so this is an upper bound of the peak):
+#   distances float32 (4) + sort values float32 (4) + sort indices int64 (8) + the sort's own workspace (20: on CUDA
+#   a stable row sort allocates int64 initial indices plus cub's alternate key / index buffers) + same-id /
+#   same-camera / removed masks (3 x 1) + the per-pair code in gallery order and in ranked order (2 x 1 int8) +
+#   keep / match / not-match masks (3 x 1) + the int32 cumulative sum of positions (4).
+TORCH_PAIR_BYTES: int = 4 + 4 + 8 + 20 + 3 + 2 + 3 + 4
+
+
+def _eval_device(device: str | torch.device | None, q_feats: ArrayLike) -> torch.device | None:
+    """The torch device of ``reid_evaluate``: ``device`` when given, a CUDA query tensor's device, else None (numpy)."""
+    if device is not None:
+        return torch.device(device)
+    if isinstance(q_feats, torch.Tensor) and q_feats.device.type == "cuda":
+        return q_feats.device
+    return None
+
+
+@contextmanager
+def _ieee_fp32_matmul(dev: torch.device) -> Iterator[None]:
+    """Full float32 matrix products on a CUDA device while the block runs.
+
+    ``configure_backends`` enables TF32 for training; TF32 keeps 10 mantissa bits, so distances would be off by about
+    1e-3 relative and the "exact" ranking would change. The previous setting is restored afterwards.
+    """
+    if dev.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _prepare_features_torch(q: torch.Tensor, g: torch.Tensor, metric: Metric
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``_prepare_features`` on tensors: normalised rows for cosine; squared norms [Q] / [G] for squared euclidean."""
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query and gallery features differ in dimension: {q.shape[1]} vs {g.shape[1]}")
+    if metric == "cosine":  # x / max(|x|, 1e-12), as _l2_normalise: an all-zero row stays zero
+        return torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(g, dim=1), None, None
+    if metric == "euclidean":
+        return q, g, (q * q).sum(dim=1), (g * g).sum(dim=1)
+    raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+
+
+def _fill_distances_torch(out: torch.Tensor, q: torch.Tensor, g: torch.Tensor, start: int,
+                          q_sq: torch.Tensor | None, g_sq: torch.Tensor | None) -> None:
+    """``_fill_distances`` on a device: queries ``start : start + len(out)`` against the gallery into ``out`` [B, G].
+
+    The same tiling by ``GEMM_TILE_ROWS`` aligned to absolute query indices (``start`` is a multiple of it): every
+    distance comes from a product of the same shape whatever the chunk size, so chunking changes no value.
+    """
+    gt = g.T  # a view: the product reads the gallery transposed, nothing is copied
+    for lo in range(0, len(out), GEMM_TILE_ROWS):
+        hi = min(lo + GEMM_TILE_ROWS, len(out))
+        torch.mm(q[start + lo: start + hi], gt, out=out[lo:hi])
+    if q_sq is None:  # 1 - cos: -x + 1 rounds exactly as 1 - x
+        out.neg_().add_(1.0)
+    else:  # |q|^2 + |g|^2 - 2 q.g in the numpy path's order, clipped at 0 (rounding can make it slightly negative)
+        out.mul_(-2.0).add_(g_sq[None, :]).add_(q_sq[start: start + len(out), None]).clamp_(min=0.0)
+
+
+def _rank_chunk_torch(dist: torch.Tensor, q_pids: torch.Tensor, q_cams: torch.Tensor, g_pids: torch.Tensor,
+                      g_cams: torch.Tensor, width: int) -> torch.Tensor:
+    """AP, INP and first-match rank of one chunk of queries from the full stable ranking, on ``dist``'s device.
+
+    dist [B, G] float32 (not modified), q_pids / q_cams [B], g_pids / g_cams [G] (int64, junk already dropped),
+    ``width``: an upper bound of any query's number of true matches (its id's gallery count). Returns float64 [3, B]:
+    AP and INP (NaN when skipped) and the 1-based first-match rank (0 when skipped), as ``_rank_chunk``.
+    """
+    n_rows, n_gal = dist.shape
+    if width == 0:  # no query of this chunk has its id in the gallery
+        nan = torch.full((n_rows,), float("nan"), dtype=torch.float64, device=dist.device)
+        return torch.stack([nan, nan, torch.zeros_like(nan)])
+    # Stable: equal distances stay in gallery order, the protocol's tie rule. Only the permutation is needed.
+    order = torch.sort(dist, dim=1, stable=True).indices  # int64 [B, G]
+    # One int8 code per pair, computed in gallery order and gathered once (1 byte per pair instead of gathering the
+    # pids and cameras): 0 another id, 1 a true match, 2 same id and camera (removed from the ranking).
+    same_id = g_pids[None, :] == q_pids[:, None]
+    code = same_id.to(torch.int8)
+    code += same_id & (g_cams[None, :] == q_cams[:, None])
+    del same_id
+    code = code.gather(1, order)
+    del order
+    keep = code != 2
+    match = code == 1
+    del code
+    pos = keep.cumsum(dim=1, dtype=torch.int32)  # 1-based position in the filtered ranking (where keep)
+    del keep
+    pos.masked_fill_(~match, n_gal + 1)  # only the matches' positions stay; the rest sort last
+    del match
+    # The (at most ``width``) match positions of each row in increasing order; padding is n_gal + 1.
+    top = pos.topk(width, dim=1, largest=False, sorted=True).values.to(torch.float64)  # [B, W]
+    del pos
+    valid = top <= n_gal
+    n_rel = valid.sum(dim=1)
+    hits = torch.arange(1, width + 1, dtype=torch.float64, device=dist.device)  # the j-th match has j hits
+    ok = n_rel > 0
+    # Row sums via cumsum, as the numpy path: sequential, so the result does not depend on the number of rows.
+    precision_sum = torch.where(valid, hits[None, :] / top, 0.0).cumsum(dim=1)[:, -1]
+    ap = torch.where(ok, precision_sum / n_rel.clamp(min=1), float("nan"))
+    last = torch.where(valid, top, 0.0).amax(dim=1)
+    inp = torch.where(ok, n_rel / last.clamp(min=1.0), float("nan"))
+    first = torch.where(ok, top[:, 0], 0.0)
+    return torch.stack([ap, inp, first])
+
+
+def _reid_torch(q: torch.Tensor, g: torch.Tensor, qp: np.ndarray, gp: np.ndarray, qc: np.ndarray, gc: np.ndarray,
+                metric: Metric, memory_budget_mb: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-query AP, INP [Q] (float64) and first-match rank [Q] (int64) on the features' device.
+
+    q [Q, D], g [G, D] float32 on one device (junk already dropped); ids as int64 numpy arrays [Q] / [G]. Queries go
+    in chunks of ``TORCH_PAIR_BYTES`` per pair within ``memory_budget_mb`` (at least ``GEMM_TILE_ROWS`` rows). Nothing
+    waits for the device until the end, when the [3, Q] results are copied back at once.
+    """
+    dev = q.device
+    q, g, q_sq, g_sq = _prepare_features_torch(q, g, metric)
+    n_q, n_gal = len(q), len(g)
+    width = _GalleryGroups(gp).max_count(qp)  # ids are on the CPU already: no device round trip for this
+    rows = _chunk_rows(n_q, memory_budget_mb, TORCH_PAIR_BYTES * n_gal + 64 * width, tile=GEMM_TILE_ROWS)
+    qp_t, gp_t, qc_t, gc_t = (torch.from_numpy(a).to(dev) for a in (qp, gp, qc, gc))
+    buf = torch.empty((rows, n_gal), dtype=torch.float32, device=dev)  # reused by every chunk (same stream: ordered)
+    parts = []
+    with _ieee_fp32_matmul(dev):
+        for lo in range(0, n_q, rows):
+            block = buf[: min(rows, n_q - lo)]
+            _fill_distances_torch(block, q, g, lo, q_sq, g_sq)
+            sl = slice(lo, lo + len(block))
+            parts.append(_rank_chunk_torch(block, qp_t[sl], qc_t[sl], gp_t, gc_t, width))
+    out = torch.cat(parts, dim=1).cpu().numpy()  # the only device-to-host copy (and the only wait)
+    return out[0], out[1], out[2].astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------- re-id: public functions
 
 def reid_cmc_map_detailed(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
@@ -367,7 +511,7 @@ def reid_cmc_map(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_cam
 def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike,
                   q_camids: ArrayLike, g_camids: ArrayLike, max_rank: int = 50, memory_budget_mb: float = 512,
                   rerank: bool = False, *, metric: Metric = "euclidean", k1: int = 20, k2: int = 6,
-                  lambda_value: float = 0.3) -> dict[str, float | int]:
+                  lambda_value: float = 0.3, device: str | torch.device | None = None) -> dict[str, float | int]:
     """Market-1501 metrics straight from features, computing distances a block of query rows at a time.
 
     q_feats [Q, D], g_feats [G, D] (cast to float32); q_pids, q_camids [Q]; g_pids, g_camids [G]. Distances are
@@ -377,18 +521,31 @@ def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_p
     with a floor of ``GEMM_TILE_ROWS`` query rows. No float64 [Q, G] matrix is ever formed, and the result is
     exactly the same for every budget (and equals ``reid_cmc_map_detailed`` on the concatenated blocks).
 
+    ``device`` (e.g. ``"cuda"``; ``"cpu"`` runs the same torch code on the CPU) evaluates with torch on that device
+    instead of numpy; a CUDA ``q_feats`` tensor selects its device when ``device`` is None. The features are moved
+    there as float32, the distances are the same formulas (full float32 products: TF32 is switched off meanwhile),
+    each row of a chunk is fully ranked by a stable ``torch.sort`` and AP / CMC / INP are computed there; only [Q]
+    per-query results come back to the CPU. A chunk holds about ``TORCH_PAIR_BYTES`` (48) bytes per query-gallery
+    pair within ``memory_budget_mb`` (same floor and budget-independence as above). Results equal the numpy path's
+    up to the rounding of the products (bit-for-bit on integer-valued features, where every distance is exact).
+
     ``rerank=True`` applies ``k_reciprocal_rerank`` (k1, k2, lambda_value), which needs the full query-gallery,
-    query-query and gallery-gallery matrices: O((Q + G)^2) memory, ignoring the budget.
+    query-query and gallery-gallery matrices: O((Q + G)^2) memory, ignoring the budget. It always runs on the CPU
+    (numpy), whatever ``device`` says.
 
     Returns ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``mINP`` (fractions in [0, 1] over the valid queries; rank-k
     does not depend on ``max_rank``) and ``num_valid_queries``, ``num_skipped``. Raises ``ValueError`` when no query
     has a valid match.
     """
-    q, g = _features(q_feats, "q_feats"), _features(g_feats, "g_feats")
+    dev = None if rerank else _eval_device(device, q_feats)  # re-ranking falls back to the numpy implementation
+    if dev is None:
+        q, g = _features(q_feats, "q_feats"), _features(g_feats, "g_feats")
+    else:  # a tensor already on ``dev`` is not copied through the CPU
+        q, g = _as_tensor(q_feats, "q_feats", dev), _as_tensor(g_feats, "g_feats", dev)
     qp, gp, qc, gc = _check_reid_ids(len(q), len(g), q_pids, g_pids, q_camids, g_camids, max_rank)
     keep = _junk_columns(gp)
     if keep is not None:
-        g, gp, gc = g[keep], gp[keep], gc[keep]
+        g, gp, gc = g[keep if dev is None else torch.from_numpy(keep).to(dev)], gp[keep], gc[keep]
         if len(g) == 0:
             raise ValueError(NO_VALID_QUERY)
     if rerank:
@@ -397,6 +554,11 @@ def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_p
         gg = _distance_matrix(g, g, metric)
         res = reid_cmc_map_detailed(k_reciprocal_rerank(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value),
                                     qp, gp, qc, gc, max_rank, memory_budget_mb=memory_budget_mb)
+    elif dev is not None:
+        _warn_short_gallery(len(g), max_rank)
+        with torch.no_grad():
+            ap, inp, first = _reid_torch(q, g, qp, gp, qc, gc, metric, memory_budget_mb)
+        res = _summarise(ap, inp, first, max_rank)
     else:
         _warn_short_gallery(len(g), max_rank)
         q, g, q_sq, g_sq = _prepare_features(q, g, metric)
