@@ -32,7 +32,8 @@ def _test_folder(root: Path, n_per_class: int = 3, classes: int = 3) -> tuple[Pa
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("predict")
-    data = write_csv_dataset(root / "data", per_class=10)
+    domains = ["studio" if i % 3 else "real" for i in range(30)]
+    data = write_csv_dataset(root / "data", per_class=10, extra_columns={"domain": domains})
     test_dir, ids, labels = _test_folder(root / "data")
     order = list(reversed(ids))  # the sample's order differs from the folder's sorted order
     pd.DataFrame({"ID": order, "target": 0}).to_csv(root / "data" / "sample_submission.csv", index=False)
@@ -82,6 +83,9 @@ def test_evaluate_oof_writes_every_file(trained: dict) -> None:
     assert metrics["top1"] == pytest.approx(
         float((oof.argmax(1) == np.load(trained["run"] / "oof" / "oof_targets.npy")).mean()))
     assert "macro_f1" in res.stdout  # the short table
+    # the item table had a domain column: one block per domain, counts adding up
+    assert set(metrics["per_domain"]) == {"real", "studio"}
+    assert metrics["per_domain"]["real"]["n"] + metrics["per_domain"]["studio"]["n"] == 30
 
 
 def test_evaluate_val_and_test_splits(trained: dict) -> None:
