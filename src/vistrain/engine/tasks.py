@@ -31,7 +31,7 @@ class ClassificationTask:
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, float]]:
-        if self.mixup is not None:
+        if self.mixup is not None and len(images) > 1:
             if len(images) % 2:  # timm mixes pairs: an odd last batch gives up one image
                 images, targets = images[:-1], targets[:-1]
             images, targets = self.mixup(images, targets)
