@@ -23,13 +23,14 @@ PRECISIONS = {
 }
 
 
-def pick_device(setting: str = "auto") -> torch.device:
+def pick_device(setting: str = "auto", local_rank: int | None = None) -> torch.device:
+    """``local_rank``: this process's GPU under torchrun; the current device otherwise."""
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             from vistrain.errors import UserError
 
             raise UserError("train.device: cuda was asked for but no CUDA GPU is visible; valid here: auto, cpu")
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
     return torch.device("cpu")
 
 

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vistrain.engine.device import Precision, autocast, peak_memory_mib
+from vistrain.engine.distributed import SINGLE, DistInfo, main_value, unwrap
 from vistrain.engine.hooks import EarlyStopping
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -64,7 +65,7 @@ class TrainState:
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
+        unwrap(self.model).load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -83,6 +84,7 @@ class LoopOptions:
     progress: bool = False  # a tqdm bar (terminals only); plain log lines otherwise
     label: str = ""  # "fold 0" in progress lines
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
+    dist: DistInfo = SINGLE  # several processes: every rank acts on rank 0's monitor value
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +176,7 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
         valid_loss, outputs, targets = evaluate(state.model, task, valid_loader, opt)
         row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss,
                **task.metrics(outputs, targets), "lr": state.optimizer.param_groups[0]["lr"]}
-        monitor = row[state.stopper.monitor]
+        monitor = main_value(opt.dist, row[state.stopper.monitor])
         if not math.isfinite(monitor):
             raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")
         improved = state.stopper.step(monitor, state.epoch + 1)

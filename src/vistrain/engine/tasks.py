@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vistrain.engine.distributed import unwrap
 from vistrain.metrics.classification import epoch_metrics, macro_f1
 
 
@@ -82,6 +83,7 @@ class EmbeddingTask:
         self.freeze_epochs = freeze_epochs
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
+        model = unwrap(model)
         if self.margin_at is not None:
             model.set_margin(self.margin_at(epoch))
         model.freeze_backbone(epoch < self.freeze_epochs)

@@ -20,6 +20,7 @@ from vistrain.data.dataset import ImageDataset
 from vistrain.data.samplers import SAMPLERS
 from vistrain.data.transforms import eval_transform, size_hw, train_transform
 from vistrain.engine import device as dev
+from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
 from vistrain.errors import UserError, lookup
 from vistrain.models.build import build_model, data_config
@@ -51,7 +52,8 @@ def _model_and_config(cfg: Config, n_classes: int, device: torch.device) -> tupl
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
-             valid_labels: np.ndarray, dcfg: dict[str, Any], device: torch.device) -> tuple[DataLoader, DataLoader]:
+             valid_labels: np.ndarray, dcfg: dict[str, Any], device: torch.device, info: DistInfo
+             ) -> tuple[DataLoader, DataLoader]:
     t, s = cfg.train, cfg.sampler
     train_ds = ImageDataset(train_paths, train_labels.tolist(),
                             train_transform(cfg.augment, t.img_size, dcfg["mean"], dcfg["std"]))
@@ -62,24 +64,27 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 
-        batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k)
+        batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
         train_loader = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
     else:
         sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
+        if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
+            sampler = RankShare(sampler, info.rank, info.world)
         train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
-                                  drop_last=len(train_ds) >= 2 * t.batch_size, **common)
+                                  drop_last=len(sampler) > t.batch_size, **common)  # no 1-image BN batch
     valid_loader = DataLoader(valid_ds, batch_size=cfg.eval.batch_size or t.batch_size * 2, shuffle=False, **common)
     return train_loader, valid_loader
 
 
-def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device) -> FoldSetup:
+def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
+                         info: DistInfo = SINGLE) -> FoldSetup:
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
     train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
     model, dcfg = _model_and_config(cfg, n_classes, device)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
-                                          dcfg, device)
+                                          dcfg, device, info)
     weights = None
     if t.class_weights == "balanced":
         counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
@@ -98,7 +103,8 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
     return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True)
 
 
-def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device) -> FoldSetup:
+def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
+                    info: DistInfo = SINGLE) -> FoldSetup:
     """Train on ``split == train``; validate queries (re-id: query, retrieval: val) against a gallery
     (re-id: the gallery folder, retrieval: the training images), queries first."""
     from vistrain.models.heads import margin_at_epoch
@@ -116,7 +122,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
-                                          data.eval_codes[v_idx], dcfg, device)
+                                          data.eval_codes[v_idx], dcfg, device, info)
     feat_dim = model.num_features
     terms = []
     for term in cfg.loss.terms:
@@ -135,7 +141,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False)
 
 
-SETUPS: dict[str, Callable[[Config, Any, int, torch.device], FoldSetup]] = {
+SETUPS: dict[str, Callable[[Config, Any, int, torch.device, DistInfo], FoldSetup]] = {
     "classification": classification_setup,
     "embedding": embedding_setup,
 }

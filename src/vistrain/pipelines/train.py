@@ -19,10 +19,11 @@ import torch
 
 import vistrain
 from vistrain.config.loader import config_to_dict
-from vistrain.config.schema import Config
+from vistrain.config.schema import Config, TrackingCfg
 from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
 from vistrain.engine import device as dev
+from vistrain.engine import distributed
 from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
 from vistrain.engine.hooks import EarlyStopping
 from vistrain.engine.loop import LoopOptions, TrainState, fit
@@ -113,15 +114,29 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     if bad_folds:
         raise UserError(f"--fold: {bad_folds[0]} is not a fold of data.folds={cfg.data.folds}; "
                         f"valid: 0..{cfg.data.folds - 1}")
-    data = prepare_data(cfg)
-    run = _open_run(cfg, resume, fresh)
+    info = distributed.init_distributed()
+    try:
+        data = distributed.from_main(info, lambda: prepare_data(cfg))
+        run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh))
+        if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
+            with run_logging([], console=False):
+                summary = _train_run(cfg, run, data, folds, config_path, time.time(), on_epoch, info)
+            return RunResult(run.path, summary)
+        return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
+    finally:
+        distributed.shutdown(info)
+
+
+def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
+               use_calibration: bool, full_pipeline: bool, on_epoch: Callable[[dict[str, Any]], None] | None,
+               info: distributed.DistInfo) -> RunResult:
     started = time.time()
     log_files = [run / "train.log"]
     if cfg.output.logs_dir is not None:
         log_files.append(cfg.output.logs_dir / f"run_{time.strftime('%Y%m%d-%H%M')}_{run.run_id}.log")
     with run_logging(log_files):
         try:
-            summary = _train_run(cfg, run, data, folds, config_path, started, on_epoch)
+            summary = _train_run(cfg, run, data, folds, config_path, started, on_epoch, info)
             if use_calibration:
                 from vistrain.pipelines.calibrate import run_calibrate
 
@@ -152,29 +167,34 @@ def _open_run(cfg: Config, resume: bool | Path, fresh: bool) -> rundir.RunDir:
 
 
 def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
-               started: float, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    device = dev.pick_device(cfg.train.device)
+               started: float, on_epoch: Callable[[dict[str, Any]], None] | None, info: distributed.DistInfo
+               ) -> dict[str, Any]:
+    device = dev.pick_device(cfg.train.device, info.local_rank)
     precision = dev.pick_precision(cfg.train.amp, device)
     dev.configure_backends(device)
-    log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | run=%s%s", vistrain.__version__,
-             torch.__version__, timm.__version__, _device_name(device), precision.name, run.path,
-             " (resumed)" if run.resumed else "")
-    cfg = _resolve_auto(cfg, device, precision, len(data.classes))
+    log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | processes=%d | run=%s%s",
+             vistrain.__version__, torch.__version__, timm.__version__, _device_name(device), precision.name,
+             info.world, run.path, " (resumed)" if run.resumed else "")
+    cfg = distributed.from_main(info, lambda: _resolve_auto(cfg, device, precision, len(data.classes)))
     for section, values in config_to_dict(cfg).items():
         log.info("[CFG] %s: %s", section, values)
-    _write_run_files(cfg, run, data, config_path)
-    _log_data(cfg, data, folds, run)
-    if run.resumed:
-        _rebuild_metrics(run, cfg.data.folds)
-    trackers = Trackers(cfg.tracking, run.path, run.run_id, config_to_dict(cfg))
+    if info.is_main:
+        _write_run_files(cfg, run, data, config_path)
+        _log_data(cfg, data, folds, run)
+        if run.resumed:
+            _rebuild_metrics(run, cfg.data.folds)
+    # Only rank 0 tracks: the other ranks get a tracker with every writer switched off.
+    tracking = cfg.tracking if info.is_main else TrackingCfg(tensorboard=False)
+    trackers = Trackers(tracking, run.path, run.run_id, config_to_dict(cfg))
     failed = True
     try:
-        results = [_train_fold(cfg, run, data, fold, device, precision, trackers, on_epoch) for fold in folds]
-        summary = _summarise(cfg, run, data, results, folds, device, precision, started)
-        write_json(run / "summary.json", summary)
-        plots = training_plots(run.path)
-        trackers.log_images(plots)
-        trackers.log_summary(summary)
+        results = [_train_fold(cfg, run, data, fold, device, precision, trackers, on_epoch, info) for fold in folds]
+        summary = _summarise(cfg, run, data, results, folds, device, precision, started, info)
+        if info.is_main:
+            write_json(run / "summary.json", summary)
+            plots = training_plots(run.path)
+            trackers.log_images(plots)
+            trackers.log_summary(summary)
         failed = False
     finally:
         trackers.close(failed=failed)
@@ -260,12 +280,14 @@ def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> None:
 
 
 def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, device: torch.device,
-                precision: dev.Precision, trackers: Trackers, on_epoch: Callable[[dict[str, Any]], None] | None
-                ) -> dict[str, Any]:
+                precision: dev.Precision, trackers: Trackers, on_epoch: Callable[[dict[str, Any]], None] | None,
+                info: distributed.DistInfo) -> dict[str, Any]:
     t, m = cfg.train, cfg.model
     seed_everything(cfg.project.seed + fold)
-    setup = SETUPS[cfg.task](cfg, data, fold, device)
-    model, task, dcfg, train_loader = setup.model, setup.task, setup.data_config, setup.train_loader
+    setup = SETUPS[cfg.task](cfg, data, fold, device, info)
+    task, dcfg, train_loader = setup.task, setup.data_config, setup.train_loader
+    # A frozen backbone leaves parameters without gradients, which DDP must be told to expect.
+    model = distributed.wrap(setup.model, info, device, find_unused=t.freeze_backbone_epochs > 0)
     stopper = EarlyStopping(t.monitor, t.early_stopping_patience)
     optimizer = build_optimizer(setup.params, t)
     updates = -(-len(train_loader) // t.grad_accum_steps)
@@ -293,9 +315,11 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
 
     def on_epoch_end(state: TrainState, row: dict[str, Any], outputs: torch.Tensor, improved: bool) -> None:
         row["fold_time_s"] = round(time.time() - fold_start, 3)
+        if not info.is_main:
+            return
         if improved:
-            atomic_save({"model": state.model.state_dict(), "epoch": state.epoch, "metrics": row, **meta},
-                        run.ckpt("best", fold))
+            best = {"model": distributed.unwrap(state.model).state_dict(), "epoch": state.epoch, "metrics": row}
+            atomic_save({**best, **meta}, run.ckpt("best", fold))
             if setup.keep_valid_outputs:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
         atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": False, **meta},
@@ -312,14 +336,16 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
 
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
                        grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
-                       progress=show_progress(), label=f"fold {fold}", row_prefix={"fold": fold})
+                       progress=show_progress() and info.is_main, label=f"fold {fold}", row_prefix={"fold": fold},
+                       dist=info)
     fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
     if state.stopper.should_stop:
         log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d epochs (best %.4f at epoch %d)",
                  fold, state.epoch, t.monitor, t.early_stopping_patience, stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
-    atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": True,
-                 "time_s": elapsed, **meta}, last_path)
+    if info.is_main:
+        atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": True,
+                     "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
 
 
@@ -331,7 +357,8 @@ def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]
 
 
 def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[dict[str, Any]], folds: list[int],
-               device: torch.device, precision: dev.Precision, started: float) -> dict[str, Any]:
+               device: torch.device, precision: dev.Precision, started: float, info: distributed.DistInfo
+               ) -> dict[str, Any]:
     names = list(results[0]["best"])
     values = {n: np.array([r["best"][n] for r in results], dtype=np.float64) for n in names}
     summary: dict[str, Any] = {
@@ -339,13 +366,13 @@ def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[di
         "mean": {n: float(v.mean()) for n, v in values.items()},
         "std": {n: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for n, v in values.items()},
     }
-    if cfg.task == "classification" and sorted(folds) == list(range(cfg.data.folds)):
+    if info.is_main and cfg.task == "classification" and sorted(folds) == list(range(cfg.data.folds)):
         summary["oof"] = _write_oof(run, data)
     summary["timings"] = {"total_s": round(time.time() - started, 2),
                           "per_fold_s": {str(r["fold"]): r["time_s"] for r in results}}
     summary["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
                               "timm": timm.__version__, "vistrain": vistrain.__version__,
-                              "device": _device_name(device), "precision": precision.name,
+                              "device": _device_name(device), "precision": precision.name, "processes": info.world,
                               "platform": platform.platform()}
     return summary
 
