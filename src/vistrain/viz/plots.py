@@ -431,6 +431,6 @@ def search_grid_png(query: Path, results: Any, path: Path, query_label: str | No
         correct = r.get("correct")
         colour = None if correct is None or (isinstance(correct, float) and math.isnan(correct)) else (
             "green" if correct else "red")
-        title = f"#{r['rank']} {short_name(r.get('class') or '')}\n{score_key[:4]} {r[score_key]:.3f}"
+        title = f"#{r['rank']} {short_name(r.get('class') or '')}\n{score_key} {r[score_key]:.3f}"
         show(fig.add_subplot(grid[1 + i // cols, i % cols]), r["path"], title, colour)
     return save_png(fig, path)
