@@ -109,6 +109,8 @@ class TrainCfg(Section):
     plateau_patience: Annotated[int, Field(ge=0)] = 2  # plateau: epochs without improvement before lr *= step_gamma
     amp: Literal["auto", "bf16", "fp16", "fp32"] | bool = "auto"  # auto: bf16 on Ampere+, fp16 older, fp32 CPU
     channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
+    ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
+    ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998  # reached gradually (warm-up) in short runs
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
     grad_accum_steps: PositiveInt = 1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0

@@ -48,12 +48,18 @@ class TrainState:
     scaler: torch.amp.GradScaler
     stopper: EarlyStopping
     seed: int  # reseeds shuffling and augmentation every epoch, so a resumed epoch draws the same batches
+    ema: Any = None  # timm ModelEmaV3 when train.ema: evaluated and checkpointed instead of the raw weights
     epoch: int = 0  # completed epochs
     num_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved as best: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else unwrap(self.model)
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -66,6 +72,8 @@ class TrainState:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(ckpt["model"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
@@ -120,6 +128,8 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
             optimizer.zero_grad(set_to_none=True)
             state.num_updates += 1
             state.scheduler.step_update(num_updates=state.num_updates)
+            if state.ema is not None:
+                state.ema.update(unwrap(model), step=state.num_updates)
         batch = images.shape[0]
         total += loss.item() * batch
         count += batch
@@ -173,7 +183,7 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
             generator.manual_seed(state.seed + state.epoch)
         task.on_epoch_start(state.model, state.epoch)
         train = train_one_epoch(state, task, train_loader, opt)
-        valid_loss, outputs, targets = evaluate(state.model, task, valid_loader, opt)
+        valid_loss, outputs, targets = evaluate(state.eval_model(), task, valid_loader, opt)
         row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss,
                **task.metrics(outputs, targets), "lr": state.optimizer.param_groups[0]["lr"]}
         monitor = main_value(opt.dist, row[state.stopper.monitor])

@@ -293,7 +293,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     updates = -(-len(train_loader) // t.grad_accum_steps)
     state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, t, updates, stopper.mode),
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
-                       seed=cfg.project.seed * 1000 + fold * 100_000)
+                       seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
     total, trainable = count_parameters(model)
     log.info("[MODEL] fold=%d %s | pooling=%s | params=%.2fM (trainable %.2fM) | input=%s | mean=%s std=%s | "
              "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, total / 1e6, trainable / 1e6,
@@ -318,7 +318,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         if not info.is_main:
             return
         if improved:
-            best = {"model": distributed.unwrap(state.model).state_dict(), "epoch": state.epoch, "metrics": row}
+            best = {"model": state.eval_model().state_dict(), "epoch": state.epoch, "metrics": row}
             atomic_save({**best, **meta}, run.ckpt("best", fold))
             if setup.keep_valid_outputs:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
@@ -347,6 +347,16 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
+
+
+def _ema(model: torch.nn.Module, t: Any) -> Any:
+    if not t.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    # Warm-up: the effective decay grows with the step count, so short runs are not dominated by the
+    # random initial weights.
+    return ModelEmaV3(model, decay=t.ema_decay, use_warmup=True)
 
 
 def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]:
