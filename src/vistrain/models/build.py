@@ -106,13 +106,6 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
-def load_weights(model: nn.Module, path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a vistrain checkpoint's model weights into ``model``; returns the checkpoint."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model.load_state_dict(ckpt["model"])
-    return ckpt
-
-
 def build_model(task: str, m: Any, num_classes: int, pretrained: bool = True) -> nn.Module:
     """The model for ``task`` from the ``model`` config section. ``pretrained=False`` skips ImageNet weights
     (inference: the run's own checkpoint is loaded next)."""
