@@ -173,3 +173,24 @@ def test_apply_temperature() -> None:
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError):
             apply_temperature(z, bad)
+
+
+def test_softmax_and_nll_match_torch_at_a_temperature() -> None:
+    from vistrain.metrics.calibration import nll, softmax
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 4, (50, 6))
+    targets = rng.integers(0, 6, 50)
+    ref = torch.softmax(torch.from_numpy(logits) / 1.7, dim=1).numpy()
+    np.testing.assert_allclose(softmax(logits, 1.7), ref, rtol=1e-12, atol=1e-15)
+    expected = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits) / 1.7, torch.from_numpy(targets)))
+    assert nll(logits, targets, 1.7) == pytest.approx(expected, rel=1e-12)
+
+
+def test_reliability_rows_and_search_bound() -> None:
+    from vistrain.metrics.calibration import T_MAX, T_MIN, at_search_bound, reliability_bins
+
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    rows = reliability_bins(probs, np.array([0, 1, 1]), n_bins=5).rows()
+    assert len(rows) == 5 and sum(r["count"] for r in rows) == 3
+    assert at_search_bound(T_MIN) and at_search_bound(T_MAX) and not at_search_bound(1.0)

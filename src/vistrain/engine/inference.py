@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -39,6 +40,14 @@ class LoadedRun:
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
+
+    def splits(self) -> pd.DataFrame:
+        """splits.csv with IDs and labels as text, as the training CSV wrote them."""
+        return pd.read_csv(self.path / "splits.csv", dtype={"id": str, "label": str}, keep_default_na=False)
+
+    def class_index(self) -> dict[str, int]:
+        """Class label (as text) -> index of the model's output."""
+        return {str(c): i for i, c in enumerate(self.classes)}
 
 
 def load_run(run_dir: Path) -> LoadedRun:
@@ -85,13 +94,15 @@ def require_readable(paths: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def infer_logits(model: nn.Module, paths: Sequence[str], data_config: dict[str, Any], device: torch.device,
-                 batch_size: int, num_workers: int = 0, views: Sequence[str] = (), desc: str = "predict"
-                 ) -> np.ndarray:
-    """Logits [V, N, C] for the plain view and each TTA view ("hflip", "vflip"), in ``paths`` order."""
+def infer_logits(run: LoadedRun, model: nn.Module, paths: Sequence[str], data_config: dict[str, Any],
+                 device: torch.device, views: Sequence[str] = (), desc: str = "predict") -> np.ndarray:
+    """Outputs [V, N, ...] for the plain view and each TTA view ("hflip", "vflip"), in ``paths`` order; batch
+    size (``eval.batch_size``, else twice the training batch) and workers as the run's config says."""
     transform = eval_transform(data_config["img_size"], data_config["mean"], data_config["std"])
-    loader = DataLoader(ImageDataset(paths, None, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    t = run.cfg.train
+    loader = DataLoader(ImageDataset(paths, None, transform), batch_size=run.cfg.eval.batch_size or t.batch_size * 2,
+                        shuffle=False, num_workers=dev.auto_workers(t.num_workers, device),
+                        pin_memory=device.type == "cuda")
     precision = dev.pick_precision("auto", device)
     flips = {"hflip": [-1], "vflip": [-2]}
     out: list[list[torch.Tensor]] = [[] for _ in range(1 + len(views))]
@@ -119,8 +130,7 @@ def embed_paths(run: LoadedRun, paths: Sequence[str], fold: int = 0, desc: str =
     e = run.cfg.eval
     model, data_config = load_fold_model(run, fold, device)
     views = ["hflip"] if e.flip_feats else []
-    feats = infer_logits(model, paths, data_config, device, e.batch_size or run.cfg.train.batch_size * 2,
-                         dev.auto_workers(run.cfg.train.num_workers, device), views, desc=desc).mean(axis=0)
+    feats = infer_logits(run, model, paths, data_config, device, views, desc=desc).mean(axis=0)
     if e.feat_norm:
         feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     return feats.astype(np.float32)

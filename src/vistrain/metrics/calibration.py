@@ -54,6 +54,11 @@ class ReliabilityBins:
         weights = self.count[filled] / self.count.sum()
         return float(np.sum(weights * np.abs(self.accuracy[filled] - self.confidence[filled])))
 
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per bin (lo, hi, count, confidence, accuracy): what the reliability diagram draws."""
+        return [{"lo": float(lo), "hi": float(hi), "count": int(c), "confidence": float(conf), "accuracy": float(acc)}
+                for lo, hi, c, conf, acc in zip(self.lower, self.upper, self.count, self.confidence, self.accuracy)]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready lists; empty bins give ``None`` for confidence and accuracy (JSON has no NaN)."""
         def nan_to_none(a: np.ndarray) -> list[float | None]:
@@ -110,6 +115,24 @@ def apply_temperature(logits: ArrayLike, temperature: float) -> np.ndarray | tor
     if isinstance(logits, torch.Tensor):
         return logits / temperature
     return np.asarray(_np(logits), dtype=np.float64) / temperature
+
+
+def softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities [N, C] of ``softmax(logits / T)`` in float64 (row maxima subtracted first)."""
+    z = np.asarray(apply_temperature(_np(logits), temperature), dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def nll(logits: ArrayLike, targets: ArrayLike, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of ``softmax(logits / T)`` against ``targets``."""
+    z, y = _as_logits_targets(logits, targets)
+    return _nll(z - z.max(axis=1, keepdims=True), y, 1.0 / temperature)
+
+
+def at_search_bound(temperature: float) -> bool:
+    """True when ``fit_temperature`` stopped at a limit of its search (separable or uninformative logits)."""
+    return not T_MIN * (1 + 1e-6) < temperature < T_MAX * (1 - 1e-6)
 
 
 def _nll(z: np.ndarray, y: np.ndarray, beta: float) -> float:

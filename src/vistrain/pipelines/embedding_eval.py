@@ -20,19 +20,15 @@ from vistrain.tracking.files import write_json
 log = logging.getLogger(__name__)
 
 
-def _splits(run: LoadedRun) -> pd.DataFrame:
-    return pd.read_csv(run.path / "splits.csv", dtype={"id": str, "label": str}, keep_default_na=False)
-
-
 def gallery(run: LoadedRun) -> tuple[pd.DataFrame, np.ndarray]:
     """The training images and their embeddings: the gallery of search-based classification."""
-    items = _splits(run)
+    items = run.splits()
     train = items[items["split"] == "train"].reset_index(drop=True)
     return train, embed_paths(run, train["path"].tolist(), desc="gallery")
 
 
 def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
-    items = _splits(run)
+    items = run.splits()
     reid = "query" in set(items["split"])
     e = run.cfg.eval
     if reid:

@@ -24,12 +24,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("val", "test", "oof")
 
 
-def _splits(run: LoadedRun) -> pd.DataFrame:
-    return pd.read_csv(run.path / "splits.csv", dtype={"id": str}, keep_default_na=False)
-
-
 def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
-    index = {str(c): i for i, c in enumerate(run.classes)}
+    index = run.class_index()
     unknown = sorted({str(v) for v in labels} - set(index))
     if unknown:
         raise UserError(f"{key}: label(s) not seen in training: {', '.join(unknown[:5])}; "
@@ -46,20 +42,19 @@ def oof_outputs(run: LoadedRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     if not oof.is_file():
         raise UserError(f"--split oof: {run.path} has no out-of-fold logits (train with data.valid_fold=all); "
                         "use --split val")
-    items = _splits(run)
+    items = run.splits()
     return np.load(oof), np.load(run.path / "oof" / "oof_targets.npy"), items
 
 
 def val_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Each fold's best model on its own validation part (no ensembling: these are held-out scores)."""
-    items = _splits(run)
+    items = run.splits()
     device = dev.pick_device(run.cfg.train.device)
-    batch = run.cfg.eval.batch_size or run.cfg.train.batch_size * 2
     parts, logits = [], []
     for fold in folds:
         part = items[items["fold"] == fold]
         model, data_config = load_fold_model(run, fold, device)
-        logits.append(infer_logits(model, part["path"].tolist(), data_config, device, batch, desc=f"fold {fold}")[0])
+        logits.append(infer_logits(run, model, part["path"].tolist(), data_config, device, desc=f"fold {fold}")[0])
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table

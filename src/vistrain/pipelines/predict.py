@@ -68,13 +68,11 @@ def resolve_inputs(run: LoadedRun, input_path: Path, image_dir: Path | None, sam
 def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool) -> np.ndarray:
     """Ensemble probabilities [N, C] over ``folds`` (and the TTA views of ``eval.tta`` when ``tta``)."""
     device = dev.pick_device(run.cfg.train.device)
-    batch = run.cfg.eval.batch_size or run.cfg.train.batch_size * 2
-    workers = dev.auto_workers(run.cfg.train.num_workers, device)
     views = run.cfg.eval.tta if tta else []
     logits = []
     for fold in folds:
         model, data_config = load_fold_model(run, fold, device)
-        logits.append(infer_logits(model, paths, data_config, device, batch, workers, views, desc=f"fold {fold}"))
+        logits.append(infer_logits(run, model, paths, data_config, device, views, desc=f"fold {fold}"))
     return ensemble_probs(logits, run.temperature)
 
 
