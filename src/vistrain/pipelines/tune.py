@@ -25,14 +25,11 @@ Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (defau
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import math
-import secrets
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,17 +39,25 @@ from typing import TYPE_CHECKING, Any
 
 from vistrain.config.loader import config_to_dict, validate
 from vistrain.config.schema import Config
-from vistrain.config.space import Param, get_key, nest, parse_space, with_values
+from vistrain.config.space import Param, get_key, parse_space, with_values
 from vistrain.errors import ConfigError, UserError
-from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json
+from vistrain.pipelines.tune_outputs import (
+    create_study,
+    first_line,
+    new_tune_dir,
+    safe_url,
+    state_counts,
+    write_best_params,
+    write_plots,
+    write_trials_csv,
+)
+from vistrain.tracking.files import atomic_write_text, write_json
 
 if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
     import optuna
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
-SQLITE_LOCK_TIMEOUT_S = 120  # concurrent workers wait this long for SQLite's write lock instead of failing
 
 
 class TrialFailed(Exception):
@@ -260,142 +265,6 @@ class _InitialDesign:
         self.enqueue_next(study)
 
 
-# ------------------------------------------------------------------------------------------------ storage
-
-def safe_url(url: str) -> str:
-    """The storage URL with any password hidden (it goes into logs and files)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - not a URL sqlalchemy knows: show it as given
-        return url
-
-
-def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
-    """An RDB storage; SQLite waits for the write lock, and opening is retried because several workers
-    starting at once race to create the tables."""
-    import optuna
-
-    kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") \
-        else {"pool_pre_ping": True}
-    for attempt in range(1, attempts + 1):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-        except (ImportError, ValueError) as err:
-            raise UserError(f"tune.storage: cannot open {safe_url(url)}: {_first_line(err)}") from err
-        except Exception as err:  # noqa: BLE001 - sqlalchemy errors: a concurrent worker, a lock, a server
-            if attempt == attempts:
-                raise UserError(f"tune.storage: cannot open {safe_url(url)}: {_first_line(err)}") from err
-            time.sleep(0.5 * attempt + secrets.randbelow(500) / 1000)
-    raise AssertionError("unreachable")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _create_study(cfg: Config, storage_url: str, study_name: str, direction: str, shared: bool,
-                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
-    import optuna
-
-    # A private study is reproducible from project.seed; workers sharing a study must not all draw the
-    # same "random" points, so they are left unseeded.
-    sampler = optuna.samplers.TPESampler(seed=None if shared else cfg.project.seed)
-    storage = open_storage(storage_url)
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
-    except Exception as err:  # noqa: BLE001 - two workers creating the same study at once: load it
-        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
-        log.debug("[TUNE] create_study raced with another worker (%s); loaded the study", err)
-    if study.direction.name.lower() != direction:
-        raise UserError(f"--study-name: study '{study_name}' in {safe_url(storage_url)} was created to "
-                        f"{study.direction.name.lower()}, but train.monitor={cfg.train.monitor} needs {direction}; "
-                        "use another study name")
-    return study
-
-
-# ------------------------------------------------------------------------------------------------ outputs
-
-def new_tune_dir(cfg: Config) -> Path:
-    """``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``, with the run id of a training run of this config."""
-    now = datetime.now()
-    run_id = f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}"
-    path = Path(cfg.output.exp_dir) / f"{now:%Y%m%d}" / f"{run_id}_tune"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
-
-
-def write_best_params(path: Path, study: optuna.Study, monitor: str, storage: str) -> None:
-    """best_params.yaml: the best values as a nested config fragment, with how to apply them."""
-    import yaml
-
-    best = study.best_trial
-    overrides = " ".join(f"{k}={v}" for k, v in best.params.items())
-    header = (f"# best trial {best.number} of study '{study.study_name}' ({safe_url(storage)}): "
-              f"{monitor}={best.value:.6g} ({study.direction.name.lower()})\n"
-              f"# as command-line overrides: {overrides}\n")
-    atomic_write_text(path, header + yaml.safe_dump(nest(best.params), sort_keys=False))
-
-
-def write_trials_csv(path: Path, study: optuna.Study) -> None:
-    write_csv(path, study.trials_dataframe())
-
-
-def write_plots(study: optuna.Study, out: Path) -> dict[str, str]:
-    """The study's plots as PNG; each one that cannot be drawn is skipped with the reason (returned)."""
-    import matplotlib
-
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")  # no display needed; an interactive session keeps its own backend
-    import matplotlib.pyplot as plt
-    from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as optuna_plots
-
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varying = [k for k in {k for t in complete for k in t.params}
-               if len({repr(t.params.get(k)) for t in complete}) > 1]
-    reasons = {
-        "optimization_history": None if complete else "no completed trial",
-        "intermediate_values": None if any(t.intermediate_values for t in study.trials) else "no reported epoch",
-        "param_importances": None if len(complete) >= 2 and len(varying) >= 2 else
-        f"needs >= 2 completed trials and >= 2 parameters that vary (have {len(complete)} and {len(varying)})",
-        "parallel_coordinate": None if complete else "no completed trial",
-    }
-    skipped = {}
-    for name in PLOTS:
-        if reasons[name] is None:
-            try:
-                # Optuna switches pyplot to its ggplot style; rc_context keeps that away from later plots.
-                with warnings.catch_warnings(), matplotlib.rc_context():
-                    warnings.simplefilter("ignore")  # optuna marks its matplotlib plots as experimental
-                    ax = getattr(optuna_plots, f"plot_{name}")(study)
-                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
-                    _save_fig(fig, out / f"{name}.png")
-                    plt.close(fig)
-                continue
-            except Exception as err:  # noqa: BLE001 - a plot must never fail the study
-                reasons[name] = _first_line(err)
-        skipped[name] = reasons[name]
-        log.info("[TUNE] plot %s skipped: %s", name, reasons[name])
-    return skipped
-
-
-def _save_fig(fig: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _counts(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
 @contextmanager
 def _tune_logging(path: Path) -> Iterator[None]:
     """Console lines as for ``train``, plus ``tune.log`` with the study's own lines only (each trial's
@@ -406,7 +275,7 @@ def _tune_logging(path: Path) -> Iterator[None]:
     logger = logging.getLogger(LOGGER)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(lambda r: r.name in (__name__, "vistrain.engine.autobatch"))
+    handler.addFilter(lambda r: r.name in (__name__, f"{__name__}_outputs", "vistrain.engine.autobatch"))
     logger.addHandler(handler)
     try:
         yield
@@ -478,7 +347,7 @@ def _start(ctx: _Context, storage_url: str, study_name: str, n_trials: int, shar
     cfg = ctx.cfg
     direction = direction_of(ctx.monitor)
     pruner = _pruner(cfg, n_trials, ctx.epochs * len(ctx.folds))
-    study = _create_study(cfg, storage_url, study_name, direction, shared, pruner)
+    study = create_study(cfg, storage_url, study_name, direction, shared, pruner)
     _write_status(ctx, study, storage_url, "running")
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     log.info("[TUNE] study '%s' in %s | %s %s | %d trial(s) here (%d finished in the study so far) | pruner=%s | "
@@ -505,7 +374,7 @@ def _optimize(ctx: _Context, study: optuna.Study, storage_url: str, n_trials: in
         study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
                        callbacks=[_after_trial, design], gc_after_trial=True)
     except BaseException as err:
-        _write_status(ctx, study, storage_url, "error", error=_first_line(err))
+        _write_status(ctx, study, storage_url, "error", error=first_line(err))
         _safe(write_trials_csv, ctx.tune_dir / "trials.csv", study)
         raise
     finally:
@@ -517,7 +386,7 @@ def _safe(func: Callable[..., Any], *args: Any) -> None:
     try:
         func(*args)
     except Exception as err:  # noqa: BLE001
-        log.warning("[TUNE] could not write %s: %s", getattr(func, "__name__", func), _first_line(err))
+        log.warning("[TUNE] could not write %s: %s", getattr(func, "__name__", func), first_line(err))
 
 
 def _finish(ctx: _Context, study: optuna.Study, storage_url: str) -> TuneResult:
@@ -525,7 +394,7 @@ def _finish(ctx: _Context, study: optuna.Study, storage_url: str) -> TuneResult:
 
     write_trials_csv(ctx.tune_dir / "trials.csv", study)
     write_plots(study, ctx.tune_dir / "plots")
-    counts = _counts(study)
+    counts = state_counts(study)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         _write_status(ctx, study, storage_url, "error", error="no trial completed")
         summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
@@ -545,7 +414,7 @@ def _write_status(ctx: _Context, study: optuna.Study, storage_url: str, status: 
     info: dict[str, Any] = {"status": status, "updated": datetime.now().isoformat(timespec="seconds"),
                             "study_name": study.study_name, "storage": safe_url(storage_url),
                             "monitor": ctx.monitor, "direction": study.direction.name.lower(),
-                            "trials": _counts(study), "command": sys.argv, **extra}
+                            "trials": state_counts(study), "command": sys.argv, **extra}
     try:
         best = study.best_trial
         info["best"] = {"trial": best.number, "value": best.value, "params": best.params}

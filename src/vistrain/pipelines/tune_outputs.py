@@ -1,0 +1,162 @@
+"""Where a tuning study lives and what it leaves behind: the storage (SQLite or a database server), the tune
+directory, ``best_params.yaml``, ``trials.csv`` and the study's plots. Used by ``pipelines/tune.py``."""
+
+from __future__ import annotations
+
+import io
+import logging
+import secrets
+import sys
+import time
+import warnings
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vistrain.config.schema import Config
+from vistrain.config.space import nest
+from vistrain.errors import UserError
+from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv
+
+if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
+    import optuna
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
+SQLITE_LOCK_TIMEOUT_S = 120  # concurrent workers wait this long for SQLite's write lock instead of failing
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def safe_url(url: str) -> str:
+    """The storage URL with any password hidden (it goes into logs and files)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL sqlalchemy knows: show it as given
+        return url
+
+
+def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+    """An RDB storage; SQLite waits for the write lock, and opening is retried because several workers
+    starting at once race to create the tables."""
+    import optuna
+
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") \
+        else {"pool_pre_ping": True}
+    for attempt in range(1, attempts + 1):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except (ImportError, ValueError) as err:
+            raise UserError(f"tune.storage: cannot open {safe_url(url)}: {first_line(err)}") from err
+        except Exception as err:  # noqa: BLE001 - sqlalchemy errors: a concurrent worker, a lock, a server
+            if attempt == attempts:
+                raise UserError(f"tune.storage: cannot open {safe_url(url)}: {first_line(err)}") from err
+            time.sleep(0.5 * attempt + secrets.randbelow(500) / 1000)
+    raise AssertionError("unreachable")
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def create_study(cfg: Config, storage_url: str, study_name: str, direction: str, shared: bool,
+                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+    import optuna
+
+    # A private study is reproducible from project.seed; workers sharing a study must not all draw the
+    # same "random" points, so they are left unseeded.
+    sampler = optuna.samplers.TPESampler(seed=None if shared else cfg.project.seed)
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
+                                    pruner=pruner, load_if_exists=True)
+    except Exception as err:  # noqa: BLE001 - two workers creating the same study at once: load it
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+        log.debug("[TUNE] create_study raced with another worker (%s); loaded the study", err)
+    if study.direction.name.lower() != direction:
+        raise UserError(f"--study-name: study '{study_name}' in {safe_url(storage_url)} was created to "
+                        f"{study.direction.name.lower()}, but train.monitor={cfg.train.monitor} needs {direction}; "
+                        "use another study name")
+    return study
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def new_tune_dir(cfg: Config) -> Path:
+    """``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``, with the run id of a training run of this config."""
+    now = datetime.now()
+    run_id = f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}"
+    path = Path(cfg.output.exp_dir) / f"{now:%Y%m%d}" / f"{run_id}_tune"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_best_params(path: Path, study: optuna.Study, monitor: str, storage: str) -> None:
+    """best_params.yaml: the best values as a nested config fragment, with how to apply them."""
+    import yaml
+
+    best = study.best_trial
+    overrides = " ".join(f"{k}={v}" for k, v in best.params.items())
+    header = (f"# best trial {best.number} of study '{study.study_name}' ({safe_url(storage)}): "
+              f"{monitor}={best.value:.6g} ({study.direction.name.lower()})\n"
+              f"# as command-line overrides: {overrides}\n")
+    atomic_write_text(path, header + yaml.safe_dump(nest(best.params), sort_keys=False))
+
+
+def write_trials_csv(path: Path, study: optuna.Study) -> None:
+    write_csv(path, study.trials_dataframe())
+
+
+def write_plots(study: optuna.Study, out: Path) -> dict[str, str]:
+    """The study's plots as PNG; each one that cannot be drawn is skipped with the reason (returned)."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:
+        matplotlib.use("Agg")  # no display needed; an interactive session keeps its own backend
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varying = [k for k in {k for t in complete for k in t.params}
+               if len({repr(t.params.get(k)) for t in complete}) > 1]
+    reasons = {
+        "optimization_history": None if complete else "no completed trial",
+        "intermediate_values": None if any(t.intermediate_values for t in study.trials) else "no reported epoch",
+        "param_importances": None if len(complete) >= 2 and len(varying) >= 2 else
+        f"needs >= 2 completed trials and >= 2 parameters that vary (have {len(complete)} and {len(varying)})",
+        "parallel_coordinate": None if complete else "no completed trial",
+    }
+    skipped = {}
+    for name in PLOTS:
+        if reasons[name] is None:
+            try:
+                # Optuna switches pyplot to its ggplot style; rc_context keeps that away from later plots.
+                with warnings.catch_warnings(), matplotlib.rc_context():
+                    warnings.simplefilter("ignore")  # optuna marks its matplotlib plots as experimental
+                    ax = getattr(optuna_plots, f"plot_{name}")(study)
+                    fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+                    _save_fig(fig, out / f"{name}.png")
+                    plt.close(fig)
+                continue
+            except Exception as err:  # noqa: BLE001 - a plot must never fail the study
+                reasons[name] = first_line(err)
+        skipped[name] = reasons[name]
+        log.info("[TUNE] plot %s skipped: %s", name, reasons[name])
+    return skipped
+
+
+def _save_fig(fig: Any, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight", facecolor="white")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def state_counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return counts
