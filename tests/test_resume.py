@@ -143,3 +143,23 @@ def test_resume_run_dir_continues_that_run(flows):
     flow = flows["run_dir"]
     assert flow.dirs_after == flow.fresh_dirs, "--resume RUN_DIR must not create a run directory"
     assert_finished_once_per_epoch(flow.run_dir, flow.rows_before, flow.result)
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_resume_picks_it_up(tmp_path: Path) -> None:
+    """A run stopped with Ctrl-C says "interrupted" in run.json (not "error"); ``--resume`` continues it."""
+    from vistrain.config import load_config
+    from vistrain.pipelines.train import run_train
+
+    config, exp_dir, _ = setup_run(tmp_path)
+    cfg = load_config(config, overrides=[f"train.epochs={EPOCHS}", "data.valid_fold=0", "data.folds=2"])
+
+    def stop(row: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, on_epoch=stop)
+    (run_dir,) = run_dirs(exp_dir)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "interrupted", info
+    assert run_train(cfg, resume=True).run_dir == run_dir
+    assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, EPOCHS + 1))

@@ -7,6 +7,7 @@ directions, two worker processes sharing one SQLite study) is checked in millise
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -265,6 +266,10 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     trained = [t for t in study.trials if "repeat_of" not in t.user_attrs]
     assert all(Path(t.user_attrs["run_dir"]).is_dir() for t in trained)
     assert len(list((tune_dir / "trials").glob("*/tiny-trial*"))) == len(trained) >= 2
+    # Each trial's own run.json tells a pruned trial from a completed one (and from a crash).
+    run_status = {t.state.name: json.loads((Path(t.user_attrs["run_dir"]) / "run.json").read_text())["status"]
+                  for t in trained}
+    assert run_status == {"PRUNED": "pruned", "COMPLETE": "success"}, run_status
 
     # auto-continue: an ordinary run directory with the best values and a note of where they came from.
     run_dir = result.run_dir

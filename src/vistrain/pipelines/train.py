@@ -150,10 +150,20 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
 
             log.info("[DONE] report: %s", write_report(run.path))
         except BaseException as err:
-            run.set_status("error", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            first = str(err).splitlines()[0] if str(err) else ""
+            run.set_status(_stopped_status(err), error=f"{type(err).__name__}: {first}")
             raise
     run.set_status("success", summary="summary.json")
     return RunResult(run.path, summary)
+
+
+def _stopped_status(err: BaseException) -> str:
+    """run.json's status for a run that ended by ``err``: what a caller that stops runs on purpose set on it
+    (``run_status``, e.g. "pruned" by ``tune``), "interrupted" for Ctrl-C, else "error"."""
+    status = getattr(err, "run_status", None)
+    if isinstance(status, str):
+        return status
+    return "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
 
 
 def _open_run(cfg: Config, resume: bool | Path, fresh: bool) -> rundir.RunDir:

@@ -134,7 +134,9 @@ class _Reporter:
             self.trial.set_user_attr("pruned_at", {"fold": row["fold"], "epoch": row["epoch"], "step": step})
             log.info("[TUNE] trial %d pruned at fold %d epoch %d: %s=%.4f is worse than the completed trials "
                      "at this step", self.trial.number, row["fold"], row["epoch"], self.ctx.monitor, value)
-            raise optuna.TrialPruned(f"{self.ctx.monitor}={value:.4f} at step {step}")
+            pruned = optuna.TrialPruned(f"{self.ctx.monitor}={value:.4f} at step {step}")
+            pruned.run_status = "pruned"  # the trial's run.json says so, not "error"
+            raise pruned
 
 
 def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:

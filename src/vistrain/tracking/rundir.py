@@ -1,7 +1,7 @@
 """The run directory: ``exp_dir/YYYYMMDD/<run_id>/`` with the fixed layout of DESIGN.md.
 
-``run.json`` records the run's status (running / success / error) and the hash of its resolved config,
-which is how ``--resume`` finds the newest unfinished run of the same config.
+``run.json`` records the run's status (running / success / error / interrupted / pruned) and the hash of its
+resolved config, which is how ``--resume`` finds the newest unfinished run of the same config.
 """
 
 from __future__ import annotations
