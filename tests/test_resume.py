@@ -163,3 +163,10 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_picks_it_up(tmp_path: Path)
     assert info["status"] == "interrupted", info
     assert run_train(cfg, resume=True).run_dir == run_dir
     assert [r["epoch"] for r in read_metrics(run_dir)] == list(range(1, EPOCHS + 1))
+    # TensorBoard shows what metrics.jsonl holds: one event file, each epoch once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("fold0/valid_loss")] == list(range(1, EPOCHS + 1))

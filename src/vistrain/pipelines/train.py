@@ -191,11 +191,10 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
     if info.is_main:
         _write_run_files(cfg, run, data, config_path)
         _log_data(cfg, data, folds, run)
-        if run.resumed:
-            _rebuild_metrics(run, cfg.data.folds)
+    history = _rebuild_metrics(run, cfg.data.folds) if info.is_main and run.resumed else None
     # Only rank 0 tracks: the other ranks get a tracker with every writer switched off.
     tracking = cfg.tracking if info.is_main else TrackingCfg(tensorboard=False)
-    trackers = Trackers(tracking, run.path, run.run_id, config_to_dict(cfg))
+    trackers = Trackers(tracking, run.path, run.run_id, config_to_dict(cfg), history=history)
     failed = True
     try:
         results = [_train_fold(cfg, run, data, fold, device, precision, trackers, on_epoch, info) for fold in folds]
@@ -279,7 +278,7 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
         write_csv(run / "bad_images.csv", data.bad[["id", "path", "reason"]])
 
 
-def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> None:
+def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> list[dict[str, Any]]:
     """metrics.jsonl from the checkpoints' histories: one row per completed epoch, none repeated or lost."""
     rows = []
     for fold in range(n_folds):
@@ -287,6 +286,7 @@ def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> None:
         if last.is_file():
             rows += load_checkpoint(last)["history"]
     atomic_write_text(run / "metrics.jsonl", "".join(json_line(r) for r in rows))
+    return rows
 
 
 def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, device: torch.device,

@@ -46,6 +46,12 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def epoch_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics.jsonl row's numbers as ``{"fold{k}/{key}": value}``."""
+    fold = int(row["fold"])
+    return {f"fold{fold}/{k}": float(v) for k, v in row.items() if k not in SKIP_KEYS and is_number(v)}
+
+
 def image_tag(path: Path, run_dir: Path) -> str:
     """``plots/fold0_curves`` for ``<run>/plots/fold0_curves.png``: stable across runs, unique in one."""
     try:
@@ -69,11 +75,13 @@ class Trackers:
     separate curves on the same epoch axis.
     """
 
-    def __init__(self, cfg: TrackingCfg, run_dir: Path, run_id: str, config: dict[str, Any]):
+    def __init__(self, cfg: TrackingCfg, run_dir: Path, run_id: str, config: dict[str, Any],
+                 history: list[dict[str, Any]] | None = None):
+        """``history``: on resume, the rows of the rebuilt metrics.jsonl (see ``open_tensorboard``)."""
         self.run_dir = Path(run_dir)
         # W&B first: it is the one that can fail (not installed), and then no event file is left open.
         self.wandb_run = open_wandb(cfg.wandb, self.run_dir, run_id, config) if cfg.wandb.enabled else None
-        self.tensorboard = open_tensorboard(self.run_dir) if cfg.tensorboard else None
+        self.tensorboard = open_tensorboard(self.run_dir, history) if cfg.tensorboard else None
         self._wandb_folds: set[int] = set()
 
     def __enter__(self) -> Trackers:
@@ -86,7 +94,7 @@ class Trackers:
     def log_epoch(self, row: dict[str, Any]) -> None:
         """Every numeric field of a metrics.jsonl row as ``fold{fold}/{key}`` at step ``row['epoch']``."""
         fold, epoch = int(row["fold"]), int(row["epoch"])
-        scalars = {f"fold{fold}/{k}": float(v) for k, v in row.items() if k not in SKIP_KEYS and is_number(v)}
+        scalars = epoch_scalars(row)
         if self.tensorboard is not None:
             for tag, value in scalars.items():
                 self.tensorboard.add_scalar(tag, value, global_step=epoch)
@@ -140,11 +148,26 @@ class Trackers:
             self.wandb_run = None
 
 
-def open_tensorboard(run_dir: Path) -> Any:
-    """A SummaryWriter on ``run_dir/tensorboard/``; a resumed run adds a new event file next to the old."""
+def open_tensorboard(run_dir: Path, history: list[dict[str, Any]] | None = None) -> Any:
+    """A SummaryWriter on ``run_dir/tensorboard/``.
+
+    A resumed run (``history``: the rows of the rebuilt metrics.jsonl) replaces the earlier attempts' event files
+    by a new one holding exactly those rows. Otherwise an epoch logged after the last checkpoint, then lost with the
+    interruption and trained again, would show twice; TensorBoard's ``purge_step`` cannot help, since it cuts
+    every tag at one step and each fold has its own epoch axis. The new file is written before the old ones go.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+    log_dir = run_dir / "tensorboard"
+    earlier = sorted(log_dir.glob("events.out.tfevents.*")) if history is not None else []
+    writer = SummaryWriter(log_dir=str(log_dir))
+    for row in history or []:
+        for tag, value in epoch_scalars(row).items():
+            writer.add_scalar(tag, value, global_step=int(row["epoch"]))
+    writer.flush()
+    for path in earlier:
+        path.unlink(missing_ok=True)
+    return writer
 
 
 def open_wandb(cfg: WandbCfg, run_dir: Path, run_id: str, config: dict[str, Any]) -> Any:
