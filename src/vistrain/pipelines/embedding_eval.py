@@ -20,13 +20,6 @@ from vistrain.tracking.files import write_json
 log = logging.getLogger(__name__)
 
 
-def gallery(run: LoadedRun) -> tuple[pd.DataFrame, np.ndarray]:
-    """The training images and their embeddings: the gallery of search-based classification."""
-    items = run.splits()
-    train = items[items["split"] == "train"].reset_index(drop=True)
-    return train, embed_paths(run, train["path"].tolist(), desc="gallery")
-
-
 def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     items = run.splits()
     reid = "query" in set(items["split"])
@@ -59,14 +52,16 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
 
 
 def knn_predict(run: LoadedRun, paths: list[str]) -> tuple[list, np.ndarray]:
-    """Search-based classification: (predicted labels, top-1 similarity) against the training images."""
-    from vistrain.metrics.retrieval import knn_classify, knn_search
+    """Search-based classification: (predicted labels, top-1 similarity) against the training images.
 
-    train, g_feats = gallery(run)
-    q_feats = embed_paths(run, paths, desc="query")
-    labels = train["label"].to_numpy()
-    codes = {v: i for i, v in enumerate(sorted(set(labels)))}
-    names = sorted(codes, key=codes.get)
-    pred = knn_classify(q_feats, g_feats, np.array([codes[v] for v in labels]), k=run.cfg.eval.knn_k)
-    scores, _ = knn_search(q_feats, g_feats, k=1, memory_budget_mb=run.cfg.eval.memory_budget_mb)
-    return [names[i] for i in pred], np.asarray(scores)[:, 0]
+    The model is loaded once for gallery and queries, and one search serves both the vote and the top-1 score.
+    """
+    from vistrain.metrics.retrieval.search import knn_search, knn_vote
+
+    items = run.splits()
+    train = items[items["split"] == "train"].reset_index(drop=True)
+    feats = embed_paths(run, train["path"].tolist() + list(paths), desc="gallery + query")
+    g_feats, q_feats = feats[: len(train)], feats[len(train):]
+    k = min(run.cfg.eval.knn_k, len(train))
+    scores, idx = knn_search(q_feats, g_feats, k=k, memory_budget_mb=run.cfg.eval.memory_budget_mb)
+    return knn_vote(idx, train["label"].to_numpy()).tolist(), np.asarray(scores)[:, 0]

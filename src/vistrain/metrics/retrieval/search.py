@@ -121,6 +121,12 @@ def knn_classify(query: ArrayLike, gallery: ArrayLike, gallery_labels: ArrayLike
     """
     labels = _labels(gallery_labels, _length(gallery), "gallery_labels")
     _, idx = knn_search(query, gallery, k, metric, memory_budget_mb, device)
+    return knn_vote(idx, labels)
+
+
+def knn_vote(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``knn_classify``'s vote from neighbours already found: idx [Q, k] gallery indices (nearest first, as
+    ``knn_search`` returns them), labels [G]. Returns the predicted labels [Q]."""
     _, codes = np.unique(labels, return_inverse=True)
     votes = codes.reshape(-1)[idx]  # [Q, k]
     support = (votes[:, :, None] == votes[:, None, :]).sum(axis=2)  # [Q, k]: votes for the label at each position
