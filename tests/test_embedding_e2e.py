@@ -150,3 +150,35 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     assert grid.is_file() and grid.with_suffix(".csv").is_file()
     table = pd.read_csv(grid.with_suffix(".csv"))
     assert len(table) == 5 and table["similarity"].is_monotonic_decreasing
+
+
+def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The centers are in the last checkpoint and a resumed run starts from them, not from zero."""
+    import torch
+
+    from vistrain.models.losses import CenterTerm
+    from vistrain.pipelines.train import run_train
+
+    root = write_market(tmp_path / "market")
+    terms = ["loss.terms=[{name: ce}, {name: triplet, margin: 0.3}, {name: center, weight: 0.0005, lr: 0.5}]"]
+    cfg = load_config(_reid_config(tmp_path, root), overrides=terms)
+
+    def stop(row: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, on_epoch=stop)
+    (last,) = (tmp_path / "exp").glob("*/*/ckpt/last_fold0.pth")
+    saved = torch.load(last, map_location="cpu", weights_only=False)["task_state"]["center"]["centers"]
+    assert saved.abs().sum() > 0  # one epoch of updates moved them from zero
+
+    loaded = []
+    original = CenterTerm.load_state_dict
+
+    def spy(self, state, *args, **kwargs):
+        loaded.append(state["centers"].clone())
+        return original(self, state, *args, **kwargs)
+
+    monkeypatch.setattr(CenterTerm, "load_state_dict", spy)
+    run_train(cfg, resume=True)
+    assert len(loaded) == 1 and torch.equal(loaded[0], saved)

@@ -313,7 +313,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device)
         state.load_state_dict(ckpt)
-        task.load_state_dict(ckpt.get("task", {}))
+        task.load_state_dict(ckpt.get("task_state", {}))
         set_rng_state(ckpt["rng"])
         if ckpt.get("finished"):
             log.info("[RESUME] fold=%d already finished (%d epochs); skipped", fold, state.epoch)
@@ -332,8 +332,9 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             atomic_save({**best, **meta}, run.ckpt("best", fold))
             if setup.keep_valid_outputs:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
-        atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": False, **meta},
-                    last_path)
+        # meta carries "task" (the config's task name), so the task's own state (center-loss centers) has its key
+        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
+                     **meta}, last_path)
         run.append_metrics(row)
         trackers.log_epoch(row)
         if on_epoch is not None:
@@ -354,7 +355,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                  fold, state.epoch, t.monitor, t.early_stopping_patience, stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
     if info.is_main:
-        atomic_save({**state.state_dict(), "task": task.state_dict(), "rng": rng_state(), "finished": True,
+        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
 
