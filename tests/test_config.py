@@ -255,3 +255,68 @@ def test_every_shipped_config_validates(path):
         if isinstance(values, dict):
             for key in values:
                 assert key in dumped[section], f"{path.name}: {section}.{key} not in the validated config"
+
+
+# ------------------------------------------------------------------------------------- embedding checks
+
+REID = ["task=embedding", "data.source=reid", "data.root=/data/market"]
+FOLDERS = ["task=embedding", "data.source=folders", "data.image_dir_train=/data/products"]
+
+
+@pytest.mark.parametrize("overrides, monitor, valid", [
+    (REID, "recall@1", "valid: mAP, rank1, rank5, rank10, mINP"),
+    (FOLDERS, "mAP", "valid: recall@1, recall@5, knn_acc, knn_macro_f1"),
+    ([], "mAP", "valid: macro_f1, accuracy, valid_loss"),
+])
+def test_monitor_must_be_a_metric_this_kind_of_run_reports(overrides, monitor, valid):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*overrides, f"train.monitor={monitor}"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.monitor:") and valid in msg, msg
+
+
+def test_default_monitor_follows_the_kind_of_run():
+    assert load_config(None, overrides=REID).train.monitor == "mAP"
+    assert load_config(None, overrides=FOLDERS).train.monitor == "recall@1"
+    assert load_config(None).train.monitor == "macro_f1"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.head=arcface", "model.head"),
+    ("model.embedding_dim=256", "model.embedding_dim"),
+    ("loss.terms=[{name: triplet}]", "loss.terms"),
+])
+def test_embedding_keys_in_a_classification_config_are_an_error(override, key):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[override])
+    msg = one_problem(excinfo)
+    assert msg.startswith(f"{key}:") and "task: embedding" in msg, msg
+
+
+def test_a_saved_classification_config_with_every_default_written_out_reloads(tmp_path):
+    cfg = load_config(None)
+    path = write_yaml(tmp_path / "saved.yaml", config_to_dict(cfg))
+    assert load_config(path).model.head == "linear"
+
+
+def test_triplet_term_gets_pk_batches_unless_told_otherwise():
+    assert load_config(None, overrides=FOLDERS).sampler.name == "pk"  # default terms: ce + triplet
+    assert load_config(None, overrides=[*FOLDERS, "loss.terms=[{name: ce}]"]).sampler.name == "random"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "sampler.name=random"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("sampler.name:") and "use sampler.name: pk" in msg, msg
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "sampler.k=1"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("sampler.k:") and "k >= 2" in msg, msg
+
+
+def test_loss_term_problems_name_the_key_inside_the_term():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "loss.terms=[{name: ce}, {name: tripplet}]"])
+    assert one_problem(excinfo).startswith("loss.terms[1].name: unknown loss term 'tripplet'")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "loss.terms=[{name: triplet, marg: 0.3}]"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("loss.terms[0].marg: not a parameter of the triplet term") and "did you mean 'margin'" in msg

@@ -41,7 +41,8 @@ def test_torchrun_two_processes_share_one_run(tmp_path: Path) -> None:
            "--master_port=29731", "-m", "vistrain", "train", "--config", str(config)]
     res = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert res.stdout.count("[EXIT] TRAINING SUCCESS code=0") == 2  # one line per process
+    assert res.stdout.count("[EXIT] TRAINING SUCCESS code=0") == 1  # rank 0 speaks for the run
+    assert res.stdout.count("[DONE] run directory:") == 1
     (run,) = [p.parent for p in (tmp_path / "exp").glob("*/*/config.yaml")]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["fold"], r["epoch"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]

@@ -87,6 +87,20 @@ def test_reid_run_reports_map_and_rank1(tmp_path: Path) -> None:
     assert ev.returncode == 0, ev.stderr
     metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert metrics["mAP"] == pytest.approx(summary["folds"][0]["best"]["mAP"], abs=1e-4)
+    assert metrics["num_valid_queries"] == 10 and metrics["num_skipped"] == 0
+    bad = run_cli("evaluate", str(run), "--split", "test", cwd=tmp_path)  # re-id has query vs gallery only
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --split test:"), bad.stderr
+    # search: junk (person -1) is never a result; cosine runs show similarity and distance 1 - similarity
+    query = next((root / "query").iterdir())
+    se = run_cli("search", str(run), "--gallery", str(root / "bounding_box_test"), "--query", str(query),
+                 "--top-k", "50", cwd=tmp_path)
+    assert se.returncode == 0, se.stderr
+    table = pd.read_csv(run / "search" / f"{query.stem}.csv")
+    assert len(table) == 21 and not table["path"].str.contains("/-1_").any()  # 20 people + 1 distractor
+    assert np.allclose(table["distance"], 1 - table["similarity"])
+    zero = run_cli("search", str(run), "--gallery", str(root / "bounding_box_test"), "--query", str(query),
+                   "--top-k", "0", cwd=tmp_path)
+    assert zero.returncode == 2 and len(zero.stderr.strip().splitlines()) == 1 and "--top-k" in zero.stderr
 
 
 def test_reid_missing_query_folder_is_a_user_error(tmp_path: Path) -> None:
@@ -97,6 +111,18 @@ def test_reid_missing_query_folder_is_a_user_error(tmp_path: Path) -> None:
     res = run_cli("train", "--config", str(_reid_config(tmp_path, root)), cwd=tmp_path)
     assert res.returncode == 2
     assert "query" in res.stderr and "unzipped" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_reid_queries_whose_only_matches_share_their_camera_stop_before_training(tmp_path: Path) -> None:
+    root = write_market(tmp_path / "market")
+    for f in (root / "bounding_box_test").iterdir():  # every gallery image moved to camera 1, the queries' camera
+        pid, rest = f.name.split("_c", 1)
+        f.rename(f.with_name(f"{pid}_c1{rest[1:]}"))
+    res = run_cli("train", "--config", str(_reid_config(tmp_path, root)), cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.query_folder: none of the 10 queries"), lines
+    assert not (tmp_path / "exp").exists()  # stopped before a run directory or an epoch
 
 
 def write_products(root: Path, classes: int = 4, objects: int = 8, views: int = 2) -> Path:

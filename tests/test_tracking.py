@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -126,3 +127,17 @@ def test_wandb_offline_run_is_written_and_resumable(tmp_path: Path, offline_wand
     assert runs and all(r.name.endswith("-run-1") for r in runs)  # same W&B id both times
     records = [f for r in runs for f in r.glob("run-*.wandb")]
     assert records and all(f.stat().st_size > 0 for f in records)
+
+
+def test_json_files_are_strict_json_with_null_for_nan(tmp_path):
+    """summary.json / metrics.jsonl must parse everywhere: NaN and inf (Python or NumPy) are written as null."""
+    from vistrain.tracking.files import json_line, write_json
+
+    obj = {"mean": {"valid_loss": float("nan"), "mAP": np.float32(0.5)}, "std": [np.inf, 1.0],
+           "arr": np.array([np.nan, 2.0])}
+    write_json(tmp_path / "s.json", obj)
+    text = (tmp_path / "s.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
+    assert strict == {"mean": {"valid_loss": None, "mAP": 0.5}, "std": [None, 1.0], "arr": [None, 2.0]}
+    assert json.loads(json_line({"fold": 0, "train_loss": float("nan")})) == {"fold": 0, "train_loss": None}

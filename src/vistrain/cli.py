@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -56,8 +57,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
                        use_calibration=args.use_calibration, full_pipeline=args.mode == "full-pipeline")
-    print(f"[DONE] run directory: {result.run_dir}")
+    if not _worker_rank():
+        print(f"[DONE] run directory: {result.run_dir}")
     return 0
+
+
+def _one_line_warnings() -> None:
+    """Python warnings (vistrain's and the libraries') as one log line each, without the source line that Python
+    prints under them; ``--debug`` keeps Python's own format."""
+    import logging
+    import warnings
+
+    from vistrain.tracking.logs import LOGGER
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        logging.getLogger(LOGGER).warning("[WARN] %s", message)
+
+    warnings.showwarning = show
+
+
+def _worker_rank() -> bool:
+    """True in a torchrun process other than rank 0: it trains its share and prints no result lines."""
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def _train_optimize(args: argparse.Namespace, cfg: Any, config_path: Path | None) -> int:
@@ -253,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")
     p.add_argument("--gallery", required=True, help="folder of gallery images (class sub-folders or re-id names)")
     p.add_argument("--query", required=True, help="the query image")
-    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--top-k", type=_positive_int, default=20, metavar="K",
+                   help="nearest gallery images to show (default 20; at most the gallery size)")
     p.add_argument("--output", help="PNG grid to write (default: RUN/search/<query>.png; a CSV beside it)")
 
     p = add("report", cmd_report, "write RUN/report.html: one self-contained page with the run's numbers and plots")
@@ -293,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
+    if not args.debug:
+        _one_line_warnings()
     code = 1
     try:
         code = args.func(args)
@@ -311,6 +336,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr,
               flush=True)
         code = 1
-    if args.command_label == "TRAINING":
+    if args.command_label == "TRAINING" and not _worker_rank():
         print(f"[EXIT] TRAINING {'SUCCESS' if code == 0 else 'ERROR'} code={code}", flush=True)
     return code

@@ -220,10 +220,15 @@ class OutputCfg(Section):
     snapshots: bool = True  # also keep the original YAML and the command line in the run directory
 
 
+REID_MONITORS = ["mAP", "rank1", "rank5", "rank10", "mINP"]
+RETRIEVAL_MONITORS = ["recall@1", "recall@5", "knn_acc", "knn_macro_f1"]
 MONITORS = {
     "classification": ["macro_f1", "accuracy", "valid_loss"],
-    "embedding": ["mAP", "rank1", "rank5", "rank10", "mINP", "recall@1", "recall@5", "knn_acc", "knn_macro_f1"],
+    "embedding": REID_MONITORS + RETRIEVAL_MONITORS,  # re-id runs (data.source: reid) report the first five
 }
+# Keys that only an embedding model reads, with their defaults: a classification config that changes one is a mistake.
+EMBEDDING_ONLY = {"model.last_stride": None, "model.embedding_dim": None, "model.head": "linear",
+                  "model.arcface_m_warmup": 0.0, "model.arcface_m_finetune": 0.5, "model.margin_ramp_epochs": 0}
 
 
 class Config(Section):
@@ -250,12 +255,17 @@ class Config(Section):
             )
         if self.train.scheduler == "step" and sorted(self.train.step_milestones) != self.train.step_milestones:
             raise ValueError("train.step_milestones: must be increasing")
-        valid = MONITORS[self.task]
+        reid = self.data.source == "reid"
+        if self.task == "classification":
+            valid, kind = MONITORS["classification"], "a classification"
+        elif reid:
+            valid, kind = REID_MONITORS, "a re-id (data.source: reid)"
+        else:
+            valid, kind = RETRIEVAL_MONITORS, "a retrieval"
         if self.train.monitor is None:
-            reid = self.data.source == "reid"
-            self.train.monitor = {"classification": "macro_f1", "embedding": "mAP" if reid else "recall@1"}[self.task]
+            self.train.monitor = valid[0]
         elif self.train.monitor not in valid:
-            raise ValueError(f"train.monitor: '{self.train.monitor}' is not a {self.task} metric; valid: "
+            raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run; valid: "
                              f"{', '.join(valid)}{did_you_mean(self.train.monitor, valid)}")
         if self.task == "embedding" and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")
@@ -263,14 +273,40 @@ class Config(Section):
             raise ValueError("data.source: reid needs task: embedding")
         if self.task == "embedding":
             self._check_loss_terms()
+            self._check_sampler()
+        else:
+            self._check_classification_keys()
         return self
+
+    def _check_classification_keys(self) -> None:
+        changed = [key for key, default in EMBEDDING_ONLY.items()
+                   if getattr(self.model, key.split(".")[1]) != default]
+        if self.loss.model_dump() != LossCfg().model_dump():
+            changed.append("loss.terms")
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: used by task: embedding only (a classifier has a linear head "
+                             "and cross-entropy with train.label_smoothing); remove them or set task: embedding")
+
+    def _check_sampler(self) -> None:
+        """Batch-hard triplet mining needs positives in every batch: P x K batches with K >= 2."""
+        triplet = [i for i, term in enumerate(self.loss.terms) if term.name == "triplet"]
+        if not triplet:
+            return
+        if "name" not in self.sampler.model_fields_set:  # not chosen: the sampler the triplet term needs
+            self.sampler.name = "pk"
+        if self.sampler.name != "pk":
+            raise ValueError(f"sampler.name: {self.sampler.name} batches need not hold two images of a class, which "
+                             f"the triplet term (loss.terms[{triplet[0]}]) needs; use sampler.name: pk")
+        if self.sampler.k < 2:
+            raise ValueError(f"sampler.k: 1 image per class or identity leaves the triplet term "
+                             f"(loss.terms[{triplet[0]}]) without positives; use k >= 2 (4 in the strong baseline)")
 
     def _check_loss_terms(self) -> None:
         from vistrain.models.losses import check_term_params
 
         problems = []
         for i, term in enumerate(self.loss.terms):
-            problems += [f"loss.terms[{i}].{p}" for p in check_term_params(term.name, term.model_extra or {})]
+            problems += [f"loss.terms[{i}].{line}" for line in check_term_params(term.name, term.model_extra or {})]
         if not self.loss.terms:
             problems.append("loss.terms: at least one term is needed, e.g. [{name: ce}]")
         if problems:

@@ -124,12 +124,14 @@ def ensemble_probs(logits: Sequence[np.ndarray], temperature: float | None = Non
 
 
 
-def embed_paths(run: LoadedRun, paths: Sequence[str], fold: int = 0, desc: str = "embed") -> np.ndarray:
-    """Embeddings [N, D] of an embedding run's model, flip-averaged and L2-normalised as ``eval.*`` says."""
+def embed_paths(run: LoadedRun, paths: Sequence[str], fold: int = 0, desc: str = "embed",
+                flip: bool | None = None) -> np.ndarray:
+    """Embeddings [N, D] of an embedding run's model, flip-averaged and L2-normalised as ``eval.*`` says
+    (``flip`` overrides ``eval.flip_feats`` when given)."""
     device = dev.pick_device(run.cfg.train.device)
     e = run.cfg.eval
     model, data_config = load_fold_model(run, fold, device)
-    views = ["hflip"] if e.flip_feats else []
+    views = ["hflip"] if (e.flip_feats if flip is None else flip) else []
     feats = infer_logits(run, model, paths, data_config, device, views, desc=desc).mean(axis=0)
     if e.feat_norm:
         feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)

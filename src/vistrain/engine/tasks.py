@@ -118,8 +118,12 @@ class EmbeddingTask:
                 module.load_state_dict(state[name])
 
 
-def embedding_metrics(feats: np.ndarray, ev: RetrievalEval) -> dict[str, float]:
-    """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D]."""
+def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False) -> dict[str, float | int]:
+    """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D].
+
+    ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera).
+    ``eval.knn_k`` larger than the gallery votes over the whole gallery.
+    """
     from vistrain.metrics import retrieval
 
     q, g = feats[: ev.n_query], feats[ev.n_query:]
@@ -128,9 +132,12 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval) -> dict[str, float]:
         res = retrieval.reid_evaluate(q, g, ql, gl, ev.cameras[: ev.n_query], ev.cameras[ev.n_query:],
                                       max_rank=ev.max_rank, memory_budget_mb=ev.memory_budget_mb, rerank=ev.rerank,
                                       device=ev.device)
-        return {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+        out: dict[str, float | int] = {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
+        if counts:
+            out.update(num_valid_queries=int(res["num_valid_queries"]), num_skipped=int(res["num_skipped"]))
+        return out
     out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=(1, 5), device=ev.device).items()}
-    pred = retrieval.knn_classify(q, g, gl, k=ev.knn_k, device=ev.device)
+    pred = retrieval.knn_classify(q, g, gl, k=min(ev.knn_k, len(g)), device=ev.device)
     out["knn_acc"] = float((pred == ql).mean())
     out["knn_macro_f1"] = macro_f1(ql, pred)
     return out

@@ -70,7 +70,7 @@ class TripletTerm(nn.Module):
     def __init__(self, num_classes: int, feat_dim: int, margin: float | None = 0.3, mining: str = "batch_hard"):
         super().__init__()
         if mining not in self.MINING:
-            raise ValueError(f"mining: unknown value '{mining}'; valid: {', '.join(self.MINING)}")
+            raise ValueError(f"mining must be one of {', '.join(self.MINING)}; got '{mining}'")
         if margin is not None and margin < 0:
             raise ValueError(f"margin must be >= 0 or null (soft margin); got {margin}")
         self.margin = None if margin is None else float(margin)
@@ -175,21 +175,23 @@ def check_term_params(name: str, params: dict[str, Any]) -> list[str]:
     """Problems with one loss term of the config (empty when fine), one line each, for load-time validation.
 
     Checks the term name, the parameter names and, when both are fine, the values (by building the term on
-    a 2-class, 2-d dummy; e.g. an unknown ``mining``). Lines do not name the config key: the caller
-    prefixes its own path.
+    a 2-class, 2-d dummy; e.g. an unknown ``mining``). Each line starts with the key inside the term that is at
+    fault (``name``, a parameter, or the parameters given when the term rejects their values together); the
+    caller prefixes the term's own path (``loss.terms[1].``).
     """
     if name not in EMBEDDING_LOSSES:
         valid = ", ".join(sorted(EMBEDDING_LOSSES))
-        return [f"unknown loss term '{name}'; valid: {valid}{did_you_mean(name, EMBEDDING_LOSSES)}"]
+        return [f"name: unknown loss term '{name}'; valid: {valid}{did_you_mean(name, EMBEDDING_LOSSES)}"]
     cls = EMBEDDING_LOSSES[name]
     accepted = term_param_names(cls)
     problems = [
-        f"{name}: unknown parameter '{key}'; valid: {', '.join(accepted) or '(none)'}{did_you_mean(key, accepted)}"
+        f"{key}: not a parameter of the {name} term; valid: {', '.join(accepted) or '(none)'}"
+        f"{did_you_mean(key, accepted)}"
         for key in params if key not in accepted
     ]
     if not problems:
         try:
             cls(2, 2, **params)
         except (TypeError, ValueError) as err:
-            problems.append(f"{name}: {err}")
+            problems.append(f"{', '.join(params) or 'name'}: {err}")
     return problems

@@ -25,8 +25,9 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     reid = "query" in set(items["split"])
     e = run.cfg.eval
     if reid:
-        if split == "oof":
-            raise UserError("--split oof: embedding runs have no out-of-fold logits; use --split val")
+        if split != "val":
+            raise UserError(f"--split {split}: a re-id run has one evaluation, the query folder against the gallery "
+                            "folder; use --split val")
         query, gal = items[items["split"] == "query"], items[items["split"] == "gallery"]
     else:
         wanted = {"val": "val", "test": "test", "oof": None}[split]
@@ -41,7 +42,8 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     cams = both["camera"].astype(int).to_numpy() if reid else None
     ev = RetrievalEval(len(query), both["label"].map(codes).to_numpy(), cams, e.feat_norm, False, e.knn_k,
                        e.max_rank, e.memory_budget_mb, e.rerank)
-    metrics = {**embedding_metrics(feats, ev), "split": split, "n_query": int(len(query)), "n_gallery": int(len(gal))}
+    metrics = {**embedding_metrics(feats, ev, counts=True), "split": split, "n_query": int(len(query)),
+               "n_gallery": int(len(gal))}
     out = run.path / "eval" / split
     write_json(out / "metrics.json", metrics)
     print(f"{'metric':<14} value")
@@ -51,16 +53,17 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     return metrics
 
 
-def knn_predict(run: LoadedRun, paths: list[str]) -> tuple[list, np.ndarray]:
+def knn_predict(run: LoadedRun, paths: list[str], flip: bool | None = None) -> tuple[list, np.ndarray]:
     """Search-based classification: (predicted labels, top-1 similarity) against the training images.
 
     The model is loaded once for gallery and queries, and one search serves both the vote and the top-1 score.
+    ``flip``: average each embedding with its mirror image's (``predict --tta``); None follows ``eval.flip_feats``.
     """
     from vistrain.metrics.retrieval.search import knn_search, knn_vote
 
     items = run.splits()
     train = items[items["split"] == "train"].reset_index(drop=True)
-    feats = embed_paths(run, train["path"].tolist() + list(paths), desc="gallery + query")
+    feats = embed_paths(run, train["path"].tolist() + list(paths), desc="gallery + query", flip=flip)
     g_feats, q_feats = feats[: len(train)], feats[len(train):]
     k = min(run.cfg.eval.knn_k, len(train))
     scores, idx = knn_search(q_feats, g_feats, k=k, memory_budget_mb=run.cfg.eval.memory_budget_mb)

@@ -87,7 +87,7 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
     if run.cfg.task == "embedding":
         from vistrain.pipelines.embedding_eval import knn_predict
 
-        labels, top1 = knn_predict(run, inputs.paths)
+        labels, top1 = knn_predict(run, inputs.paths, flip=tta or None)
         table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: labels})
         if probs:
             table["top1_similarity"] = top1

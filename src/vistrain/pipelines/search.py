@@ -34,12 +34,16 @@ def run_search(run_dir: Path, gallery: Path, query: Path, top_k: int = 20, outpu
     if not query.is_file():
         raise UserError(f"--query: file not found: {query}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    junk = [p for p in files if (parse_reid_name(p.name) or (0,))[0] == -1]
+    if junk:  # re-id junk (person -1) is never a result, as in the evaluation protocol
+        log.info("[SEARCH] %d junk image(s) (person -1) left out of the gallery", len(junk))
+        files = [p for p in files if p not in set(junk)]
     if not files:
         raise UserError(f"--gallery: no images under {root}")
     from vistrain.metrics.retrieval import knn_search
 
-    g = embed_paths(run, [str(p) for p in files], desc="gallery")
-    q = embed_paths(run, [str(query)], desc="query")
+    feats = embed_paths(run, [str(p) for p in files] + [str(query)], desc="gallery + query")  # one model load
+    g, q = feats[:-1], feats[-1:]
     k = min(top_k, len(files))
     metric = "cosine" if run.cfg.eval.feat_norm else "euclidean"
     scores, idx = knn_search(q, g, k=k, metric=metric, memory_budget_mb=run.cfg.eval.memory_budget_mb)
@@ -49,8 +53,11 @@ def run_search(run_dir: Path, gallery: Path, query: Path, top_k: int = 20, outpu
     rows: list[dict[str, Any]] = []
     for rank, (score, i) in enumerate(zip(scores[0], idx[0]), start=1):
         label = labels[i]
-        rows.append({"rank": rank, "path": str(files[i]), "class": label,
-                     "similarity" if metric == "cosine" else "distance": float(score),
+        # cosine: the similarity of the unit embeddings and the cosine distance 1 - similarity; euclidean: the
+        # squared distance of the raw embeddings
+        scores_of = {"similarity": float(score), "distance": 1.0 - float(score)} if metric == "cosine" \
+            else {"distance": float(score)}
+        rows.append({"rank": rank, "path": str(files[i]), "class": label, **scores_of,
                      "correct": None if q_label is None or label is None else label == q_label})
     table = pd.DataFrame(rows)
     out = output or run.path / "search" / f"{query.stem}.png"

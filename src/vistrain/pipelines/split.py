@@ -19,8 +19,12 @@ def run_split(cfg: Config, output: Path) -> pd.DataFrame:
     data = prepare_data(cfg)
     table = splits_table(data.items, data.fold_of)
     write_csv(output, table)
-    sizes = table.groupby("fold").size().to_dict()
-    log.info("[DATA] %d images in %d folds %s -> %s", len(table), cfg.data.folds, sizes, output)
+    if "split" in table.columns:  # embedding runs: a train / val / test (or train / query / gallery) split
+        sizes = table.groupby("split").size().to_dict()
+        log.info("[DATA] %d images, split %s -> %s", len(table), sizes, output)
+    else:
+        sizes = table.groupby("fold").size().to_dict()
+        log.info("[DATA] %d images in %d folds %s -> %s", len(table), cfg.data.folds, sizes, output)
     if len(data.bad):
         log.warning("[DATA] %d unreadable or missing image(s) left out: %s", len(data.bad),
                     ", ".join(data.bad["id"].astype(str).head(5)))

@@ -73,6 +73,27 @@ def prepare_data(cfg: Config) -> Prepared:
     return Prepared(items, bad, classes, targets, fold_of)
 
 
+def _queries_without_match(items: pd.DataFrame) -> tuple[int, int]:
+    """(queries with no gallery image of their person from another camera, all queries) of a re-id item table.
+
+    The Market-1501 protocol does not count same-camera matches, so the metrics skip such queries.
+    """
+    cams = items[items["split"] == "gallery"].groupby("label")["camera"].agg(set).to_dict()
+    query = items[items["split"] == "query"]
+    valid = [bool(cams.get(label, set()) - {cam}) for label, cam in zip(query["label"], query["camera"])]
+    return len(valid) - sum(valid), len(valid)
+
+
+def _check_reid_queries(items: pd.DataFrame, d: Any) -> None:
+    """None of the queries having a match is a mistake in the data: an error now, not after an epoch of training."""
+    missing, total = _queries_without_match(items)
+    if missing == total:
+        raise UserError(f"data.query_folder: none of the {total} queries in '{d.query_folder}' has an image of its "
+                        f"person from another camera in data.gallery_folder '{d.gallery_folder}' (same-camera "
+                        "matches do not count in the Market-1501 protocol); check that the two folders belong "
+                        "together")
+
+
 def _prepare_embedding(cfg: Config) -> Prepared:
     """Items with a ``split`` column (reid folders, or a grouped class-stratified ratio split); the training
     identities are the classes of the head."""
@@ -85,6 +106,8 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     bad = pd.concat([bad, dropped], ignore_index=True)
     if "split" not in items.columns:
         items["split"] = assign_ratio_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
+    else:
+        _check_reid_queries(items, d)
     train = items["split"] == "train"
     classes = sorted(items.loc[train, "label"].unique().tolist())
     if len(classes) < 2:
@@ -250,6 +273,11 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
                     run / "bad_images.csv")
     if cfg.task == "embedding":
         log.info("[DATA] split: %s", data.items["split"].value_counts().to_dict())
+        if d.source == "reid":
+            missing, total = _queries_without_match(data.items)
+            if missing:
+                log.info("[DATA] %d of %d queries have no gallery image of their person from another camera; the "
+                         "metrics skip them (Market-1501 protocol)", missing, total)
         return
     grouped = data.items["group"].nunique() < len(data.items)
     sizes = {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,8 +43,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _strict(obj: Any) -> Any:
+    """``obj`` with every NaN / inf float (Python or NumPy) as None: strict JSON, which every parser reads
+    (``NaN`` is a Python extension that e.g. JavaScript's ``JSON.parse`` and ``jq`` reject)."""
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+    """Indented, strict JSON (non-finite numbers become null), written atomically."""
+    atomic_write_text(path, json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
 
 
 def write_yaml(path: Path, obj: Any) -> None:
@@ -63,4 +79,5 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def json_line(obj: dict[str, Any]) -> str:
-    return json.dumps(obj, default=_json_default) + "\n"
+    """One line of strict JSON (non-finite numbers become null), for metrics.jsonl."""
+    return json.dumps(_strict(obj), default=_json_default, allow_nan=False) + "\n"
