@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -176,6 +177,18 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     assert grid.is_file() and grid.with_suffix(".csv").is_file()
     table = pd.read_csv(grid.with_suffix(".csv"))
     assert len(table) == 5 and table["similarity"].is_monotonic_decreasing
+    # export: an ONNX graph whose output is the unit embedding, equal to PyTorch's on the run's images
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        import onnxruntime as ort
+
+        ex = run_cli("export", str(run), "--verify", cwd=tmp_path)
+        assert ex.returncode == 0, ex.stdout + ex.stderr
+        (entry,) = json.loads((run / "export" / "export.json").read_text())["models"]
+        assert entry["verify"]["passed"] and entry["verify"]["min_cosine"] > 0.9999
+        session = ort.InferenceSession(str(run / "export" / "model_fold0.onnx"), providers=["CPUExecutionProvider"])
+        (emb,) = session.run(["embedding"], {"image": np.random.default_rng(0).normal(size=(3, 3, 32, 32))
+                                              .astype(np.float32)})
+        assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
 def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,6 +126,26 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.export import run_export
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    summary = run_export(Path(args.run), fmt=args.format, folds=args.folds,
+                         output=Path(args.output) if args.output else None, do_verify=args.verify,
+                         do_benchmark=args.benchmark, opset=args.opset)
+    for entry in summary["models"]:
+        line = f"[DONE] fold {entry['fold']}: {entry['path']} ({entry['size_mb']:.1f} MB)"
+        if "verify" in entry:
+            line += " | verify " + ("passed" if entry["verify"]["passed"] else "FAILED")
+        if "benchmark" in entry:
+            b = entry["benchmark"]["batches"]
+            line += " | " + ", ".join(f"batch {k}: {v['onnxruntime_ms']:.1f} ms onnxruntime vs {v['torch_ms']:.1f} ms "
+                                      f"torch" for k, v in b.items())
+        print(line)
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from vistrain.pipelines.search import run_search
     from vistrain.tracking.logs import console_logging
@@ -270,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("calibrate", cmd_calibrate, "fit a temperature on a run's out-of-fold logits -> RUN/calibration.json")
     p.add_argument("run", metavar="RUN", help="run directory")
+
+    p = add("export", cmd_export, "each fold's best model as ONNX with its preprocessing in the metadata")
+    p.add_argument("run", metavar="RUN", help="run directory")
+    p.add_argument("--format", default="onnx", help="onnx (the only format so far)")
+    p.add_argument("--folds", default=None, metavar="all|0,2", help="folds to export (default: every trained fold)")
+    p.add_argument("--output", metavar="DIR", help="folder for model_fold{k}.onnx and export.json "
+                                                   "(default: RUN/export)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
+    p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32")
+    p.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")
     p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")

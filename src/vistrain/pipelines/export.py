@@ -1,0 +1,253 @@
+"""``vistrain export RUN``: each chosen fold's best model as an ONNX file that carries its own preprocessing.
+
+The graph takes ``image``: float32 [N, 3, H, W], RGB scaled to [0, 1], then normalised with the run's mean and std
+(what ``predict`` feeds the PyTorch model), with a dynamic batch dimension. Classification graphs return ``logits``
+[N, C] and ``probs`` [N, C] (softmax of logits / T, T from ``calibrate`` when the run was calibrated); embedding graphs
+return ``embedding`` [N, D] (L2-normalised when ``eval.feat_norm``). The ONNX ``metadata_props`` say how to feed the
+graph and read it: ``vistrain.img_size`` [H, W], ``vistrain.mean``, ``vistrain.std``, ``vistrain.classes`` (JSON),
+``vistrain.task``, ``vistrain.temperature``, ``vistrain.feat_norm``, ``vistrain.model``, ``vistrain.run_id``, ...
+
+``--verify`` runs the ONNX file with onnxruntime on up to 32 of the run's own images (random inputs when none can be
+read) and compares with PyTorch: a difference beyond the tolerance, or a different top-1 class, fails the command.
+``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32).
+Everything is written to ``RUN/export/``: ``model_fold{k}.onnx`` and ``export.json``.
+
+The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript); onnx, onnxscript and onnxruntime
+come with ``pip install 'vistrain[export]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vistrain
+from vistrain.data.transforms import eval_transform
+from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
+from vistrain.errors import UserError
+from vistrain.tracking.files import write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx",)
+EXPORT_MISSING = "export: needs onnx, onnxscript and onnxruntime; pip install 'vistrain[export]'"
+VERIFY_IMAGES = 32
+# Parity: |onnx - torch| <= ATOL + RTOL * |torch| for every output value. Both run float32 on the CPU; the ONNX
+# graph fuses and reorders operations (batch norm folded into convolutions), which moves values by a few ulps per
+# layer, so the bound is loose enough for deep backbones and tight enough to catch a wrong graph.
+ATOL, RTOL = 1e-4, 1e-3
+
+
+class Deployable(nn.Module):
+    """The fold model with what inference adds after it: softmax at the run's temperature, or the embedding's L2
+    normalisation. Exported as is, so a server needs nothing but the graph and its metadata."""
+
+    def __init__(self, model: nn.Module, task: str, temperature: float | None, feat_norm: bool):
+        super().__init__()
+        self.model, self.task = model, task
+        self.temperature = float(temperature or 1.0)
+        self.feat_norm = feat_norm
+
+    def forward(self, image: torch.Tensor) -> Any:
+        out = self.model(image).float()
+        if self.task == "classification":
+            return out, torch.softmax(out / self.temperature, dim=1)
+        return F.normalize(out, dim=1) if self.feat_norm else out
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", "probs"] if self.task == "classification" else ["embedding"]
+
+
+def _require_export_packages() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise UserError(EXPORT_MISSING) from err
+
+
+def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str, str]:
+    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON)."""
+    return {
+        "vistrain.version": vistrain.__version__,
+        "vistrain.run_id": run.path.name,
+        "vistrain.fold": str(fold),
+        "vistrain.task": run.cfg.task,
+        "vistrain.model": run.cfg.model.name,
+        "vistrain.classes": json.dumps([str(c) for c in run.classes]),
+        "vistrain.img_size": json.dumps(list(data_config["img_size"])),
+        "vistrain.mean": json.dumps([float(x) for x in data_config["mean"]]),
+        "vistrain.std": json.dumps([float(x) for x in data_config["std"]]),
+        "vistrain.input": "image: float32 [N, 3, H, W], RGB in [0, 1] resized to img_size, then (x - mean) / std",
+        "vistrain.temperature": json.dumps(run.temperature or 1.0),
+        "vistrain.feat_norm": json.dumps(bool(run.cfg.eval.feat_norm)),
+    }
+
+
+def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: dict[str, str],
+                opset: int | None = None) -> None:
+    """``module`` traced at ``example`` (its batch size becomes dynamic) into ``path``, written atomically."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing notes
+            program = torch.onnx.export(module, (example,), input_names=["image"], output_names=module.output_names,
+                                        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+                                        opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        graph = program.model_proto
+        for key, value in props.items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(graph)
+        onnx.save(graph, tmp)
+        os.replace(tmp, path)
+        os.chmod(path, 0o644)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def sample_inputs(run: LoadedRun, data_config: dict[str, Any], n: int = VERIFY_IMAGES) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` of the run's own images, preprocessed as ``predict`` does; random inputs when none is readable."""
+    from vistrain.data.images import load_rgb
+
+    transform = eval_transform(data_config["img_size"], data_config["mean"], data_config["std"])
+    images = []
+    for path in run.splits()["path"].tolist():
+        if len(images) == n:
+            break
+        try:
+            images.append(transform(load_rgb(path)))
+        except Exception:  # noqa: BLE001 - moved or deleted since training: try the next one
+            continue
+    if images:
+        return torch.stack(images), f"{len(images)} images of the run"
+    h, w = data_config["img_size"]
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, Any]:
+    """Run both on ``inputs`` (all at once, and the first one alone: the batch dimension must be dynamic)."""
+    session = _session(path)
+    with torch.no_grad():
+        expected = module(inputs)
+    expected = [e.numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
+    got = session.run(None, {"image": inputs.numpy()})
+    single = session.run(None, {"image": inputs[:1].numpy()})
+    report: dict[str, Any] = {"inputs": len(inputs), "atol": ATOL, "rtol": RTOL, "outputs": {}}
+    ok = True
+    for name, e, g, s in zip(module.output_names, expected, got, single):
+        diff = np.abs(g - e)
+        within = bool(np.all(diff <= ATOL + RTOL * np.abs(e))) and bool(np.allclose(s[0], g[0], atol=ATOL, rtol=RTOL))
+        report["outputs"][name] = {"max_abs_diff": float(diff.max()), "within_tolerance": within}
+        ok &= within
+    if module.task == "classification":
+        agree = float(np.mean(expected[0].argmax(axis=1) == got[0].argmax(axis=1)))
+        report["top1_agreement"] = agree
+        ok &= agree == 1.0
+    else:
+        cos = np.sum(expected[0] * got[0], axis=1) / np.maximum(
+            np.linalg.norm(expected[0], axis=1) * np.linalg.norm(got[0], axis=1), 1e-12)
+        report["min_cosine"] = float(cos.min())
+    report["passed"] = bool(ok)
+    return report
+
+
+def _median_ms(fn: Any, *args: Any, budget_s: float = 3.0, min_runs: int = 5, max_runs: int = 50) -> float:
+    """Median wall time of ``fn(*args)`` in milliseconds, after two warm-up calls."""
+    fn(*args)
+    fn(*args)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn(*args)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tuple[int, ...] = (1, 32)
+              ) -> dict[str, Any]:
+    """CPU latency of onnxruntime and PyTorch (eager, float32) on the same inputs, in one run."""
+    session = _session(path)
+    out: dict[str, Any] = {"device": "cpu", "torch_threads": torch.get_num_threads(), "batches": {}}
+    def run_torch(x: torch.Tensor) -> None:
+        with torch.no_grad():
+            module(x)
+
+    for b in batches:
+        x = example[:1].repeat(b, 1, 1, 1)
+        torch_ms = _median_ms(run_torch, x)
+        onnx_ms = _median_ms(session.run, None, {"image": x.numpy()})
+        out["batches"][str(b)] = {"torch_ms": round(torch_ms, 3), "onnxruntime_ms": round(onnx_ms, 3),
+                                  "onnxruntime_ms_per_image": round(onnx_ms / b, 3),
+                                  "speedup_vs_torch": round(torch_ms / onnx_ms, 3)}
+    return out
+
+
+def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, output: Path | None = None,
+               do_verify: bool = False, do_benchmark: bool = False, opset: int | None = None) -> dict[str, Any]:
+    if fmt not in FORMATS:
+        raise UserError(f"--format: '{fmt}' is not supported; valid: {', '.join(FORMATS)}")
+    _require_export_packages()
+    run = load_run(run_dir)
+    chosen = select_folds(run, folds)
+    out_dir = Path(output) if output is not None else run.path / "export"
+    device = torch.device("cpu")  # the exported graph is device-neutral; tracing on the CPU needs no GPU
+    results = []
+    for fold in chosen:
+        model, data_config = load_fold_model(run, fold, device)
+        module = Deployable(model, run.cfg.task, run.temperature, run.cfg.eval.feat_norm).eval()
+        h, w = data_config["img_size"]
+        example = torch.zeros(2, 3, h, w)  # batch 2: a batch of 1 could be specialised away as a constant
+        path = out_dir / f"model_fold{fold}.onnx"
+        start = time.time()
+        export_onnx(module, example, path, metadata(run, fold, data_config), opset)
+        entry: dict[str, Any] = {"fold": fold, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 3),
+                                 "outputs": module.output_names, "export_s": round(time.time() - start, 2)}
+        log.info("[EXPORT] fold=%d -> %s (%.1f MB, %.1f s)", fold, path, entry["size_mb"], entry["export_s"])
+        if do_verify or do_benchmark:
+            inputs, source = sample_inputs(run, data_config)
+        if do_verify:
+            entry["verify"] = {"source": source, **verify(module, path, inputs)}
+            v = entry["verify"]
+            log.info("[EXPORT] fold=%d verify on %s: %s | %s", fold, source, "PASSED" if v["passed"] else "FAILED",
+                     " ".join(f"{k} max|diff|={o['max_abs_diff']:.2e}" for k, o in v["outputs"].items()))
+        if do_benchmark:
+            entry["benchmark"] = benchmark(module, path, inputs)
+            for b, r in entry["benchmark"]["batches"].items():
+                log.info("[EXPORT] fold=%d batch=%s: onnxruntime %.2f ms, torch %.2f ms (x%.2f)", fold, b,
+                         r["onnxruntime_ms"], r["torch_ms"], r["speedup_vs_torch"])
+        results.append(entry)
+    summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
+               "models": results}
+    write_json(out_dir / "export.json", summary)
+    failed = [e["fold"] for e in results if e.get("verify", {}).get("passed") is False]
+    if failed:
+        raise RuntimeError(f"export: the ONNX outputs of fold(s) {failed} differ from PyTorch beyond "
+                           f"atol={ATOL} rtol={RTOL}; see {out_dir / 'export.json'}")
+    return summary

@@ -1,0 +1,108 @@
+"""vistrain export: an ONNX file that, fed as its metadata says, predicts what ``vistrain predict`` predicts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import run_cli, tiny_config, write_csv_dataset, write_yaml
+from PIL import Image
+
+from vistrain.config import load_config
+from vistrain.pipelines.train import run_train
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(run directory, data folder) of a one-fold, one-epoch classification run on generated images."""
+    root = tmp_path_factory.mktemp("export")
+    data = write_csv_dataset(root / "data", per_class=8)
+    cfg = tiny_config(data.root, train={"epochs": 1}, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False})
+    return run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir, data.image_dir
+
+
+def preprocess_from_metadata(path: Path, meta: dict[str, str]) -> np.ndarray:
+    """What a server that knows nothing of vistrain does with the file's metadata: [3, H, W] float32."""
+    h, w = json.loads(meta["vistrain.img_size"])
+    mean = np.array(json.loads(meta["vistrain.mean"]), dtype=np.float32)[:, None, None]
+    std = np.array(json.loads(meta["vistrain.std"]), dtype=np.float32)[:, None, None]
+    with Image.open(path) as img:
+        rgb = img.convert("RGB").resize((w, h), Image.BILINEAR)
+    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return (x - mean) / std
+
+
+def test_exported_model_predicts_what_predict_predicts(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    run, images = trained
+    res = run_cli("export", str(run), "--verify", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "verify passed" in res.stdout
+    report = json.loads((run / "export" / "export.json").read_text())
+    (entry,) = report["models"]
+    assert entry["verify"]["passed"] is True and entry["verify"]["top1_agreement"] == 1.0
+    assert entry["verify"]["source"].endswith("images of the run")
+
+    path = run / "export" / "model_fold0.onnx"
+    model = onnx.load(str(path))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["vistrain.classes"]) == ["0", "1", "2"] and meta["vistrain.task"] == "classification"
+    assert json.loads(meta["vistrain.img_size"]) == [32, 32]
+
+    files = sorted(images.glob("*.png"))[:7]  # an odd batch: the batch dimension is dynamic
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["logits", "probs"]
+    batch = np.stack([preprocess_from_metadata(f, meta) for f in files])
+    logits, probs = session.run(None, {"image": batch})
+    assert probs.shape == (7, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+    csv = tmp_path / "q.csv"
+    pd.DataFrame({"ID": [f.stem for f in files]}).to_csv(csv, index=False)
+    pr = run_cli("predict", str(run), "--input", str(csv), "--image-dir", str(images), "--probs",
+                 "--output", str(tmp_path / "pred.csv"), cwd=tmp_path)
+    assert pr.returncode == 0, pr.stderr
+    pred = pd.read_csv(tmp_path / "pred.csv", dtype={"target": str})
+    classes = json.loads(meta["vistrain.classes"])
+    assert [classes[i] for i in probs.argmax(axis=1)] == pred["target"].tolist()
+    prob_cols = [c for c in pred.columns if c not in ("ID", "target")]
+    assert np.allclose(pred[prob_cols].to_numpy(dtype=np.float64), probs, atol=1e-4)
+
+
+def test_verify_catches_a_graph_that_differs_from_the_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    from vistrain.engine.inference import load_fold_model, load_run
+    from vistrain.pipelines.export import Deployable, run_export, sample_inputs, verify
+
+    run_export(trained[0], output=tmp_path)
+    path = tmp_path / "model_fold0.onnx"
+    run = load_run(trained[0])
+    model, data_config = load_fold_model(run, 0, torch.device("cpu"))
+    module = Deployable(model, "classification", None, True).eval()
+    inputs, _ = sample_inputs(run, data_config, n=8)
+    assert verify(module, path, inputs)["passed"] is True
+    with torch.no_grad():
+        model.get_classifier().bias.add_(0.5)  # a different model than the one in the file
+    assert verify(module, path, inputs)["passed"] is False
+
+
+def test_unknown_format_is_a_user_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    res = run_cli("export", str(trained[0]), "--format", "tflite", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: --format: 'tflite' is not supported; valid: onnx"
+
+
+def test_missing_export_packages_name_the_extra(trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    from vistrain import cli
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    assert cli.main(["export", str(trained[0])]) == 2
+    assert "pip install 'vistrain[export]'" in capsys.readouterr().err
