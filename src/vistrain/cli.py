@@ -146,6 +146,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.serve import Limits, run_serve
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold,
+              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k))
+    return 0
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from vistrain.pipelines.search import run_search
     from vistrain.tracking.logs import console_logging
@@ -301,6 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
     p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32")
     p.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
+
+    p = add("serve", cmd_serve, "HTTP inference for a run's model or an exported ONNX file (FastAPI)")
+    p.add_argument("target", metavar="RUN|MODEL.onnx", help="run directory, or an ONNX file from vistrain export")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+    p.add_argument("--fold", type=int, metavar="K", help="with a RUN: the fold to serve (default: the first trained)")
+    p.add_argument("--max-files", type=_positive_int, default=32, metavar="N", help="images per request (32)")
+    p.add_argument("--max-mb", type=float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
+    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per answer (5)")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")
     p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")

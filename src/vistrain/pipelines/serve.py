@@ -1,0 +1,223 @@
+"""``vistrain serve RUN|MODEL.onnx``: HTTP inference (FastAPI) for a run's model or an exported ONNX file.
+
+Endpoints:
+  GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
+  GET  /metadata  what the model needs and gives: task, classes, img_size, mean, std, temperature, source
+  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its
+                  probability and the ``top_k`` classes; embedding: per file the embedding.
+
+Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
+decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected request names the file and the reason
+(HTTP 400, or 413 for size) and predicts nothing. Preprocessing is the run's own (resize to the training size,
+normalise), as in ``predict``; a RUN serves one fold's best checkpoint with PyTorch, an ONNX file runs with
+onnxruntime and reads the preprocessing from its metadata (see ``vistrain export``).
+"""
+
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
+# endpoints' types (UploadFile) are imported inside create_app, where only evaluated annotations can see them.
+import io
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from vistrain.data.transforms import eval_transform
+from vistrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SERVE_MISSING = "serve: needs fastapi, uvicorn and python-multipart; pip install 'vistrain[serve]'"
+MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
+
+
+@dataclass
+class Limits:
+    max_files: int = 32
+    max_mb: float = 20.0
+    top_k: int = 5
+
+
+@dataclass
+class Predictor:
+    """One model behind one ``__call__``: a float32 batch [N, 3, H, W] -> the output arrays by name."""
+
+    task: str
+    classes: list[str]
+    img_size: tuple[int, int]
+    mean: list[float]
+    std: list[float]
+    temperature: float
+    backend: str  # "torch" or "onnxruntime"
+    source: str
+    model_name: str
+    _run: Any = field(repr=False, default=None)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.transform = eval_transform(self.img_size, self.mean, self.std)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:  # one request at a time on the model: predictable memory, no oversubscribed threads
+            return self._run(batch)
+
+    def metadata(self) -> dict[str, Any]:
+        return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
+                "classes": self.classes, "img_size": list(self.img_size), "mean": self.mean, "std": self.std,
+                "temperature": self.temperature,
+                "input": "multipart/form-data, field 'files': one or more images"}
+
+
+def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
+    """A run's best checkpoint (``fold``, default the first trained one) with PyTorch on the run's device."""
+    from vistrain.engine import device as dev
+    from vistrain.engine.inference import load_fold_model, load_run, select_folds
+    from vistrain.pipelines.export import Deployable
+
+    run = load_run(run_dir)
+    (chosen,) = select_folds(run, [fold] if fold is not None else [run.folds[0]], key="--fold")
+    device = dev.pick_device(run.cfg.train.device)
+    model, data_config = load_fold_model(run, chosen, device)
+    module = Deployable(model, run.cfg.task, run.temperature, run.cfg.eval.feat_norm).eval()
+
+    @torch.no_grad()
+    def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+        out = module(torch.from_numpy(batch).to(device))
+        outs = out if isinstance(out, tuple) else (out,)
+        return {name: o.float().cpu().numpy() for name, o in zip(module.output_names, outs)}
+
+    h, w = data_config["img_size"]
+    return Predictor(run.cfg.task, [str(c) for c in run.classes], (h, w), list(data_config["mean"]),
+                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path} fold {chosen}",
+                     run.cfg.model.name, infer)
+
+
+def onnx_predictor(path: Path) -> Predictor:
+    """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise UserError("MODEL: serving an ONNX file needs onnxruntime; pip install 'vistrain[export]'") from err
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: not an ONNX file, corrupt, ...
+        raise UserError(f"MODEL: {path} is not a readable ONNX file ({str(err).splitlines()[0][:200]})") from err
+    meta = session.get_modelmeta().custom_metadata_map
+    needed = ("vistrain.task", "vistrain.img_size", "vistrain.mean", "vistrain.std", "vistrain.classes")
+    missing = [k for k in needed if k not in meta]
+    if missing:
+        raise UserError(f"MODEL: {path} lacks the metadata {', '.join(missing)}; export it with vistrain export")
+    names = [o.name for o in session.get_outputs()]
+
+    def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(None, {"image": batch})))
+
+    h, w = json.loads(meta["vistrain.img_size"])
+    return Predictor(meta["vistrain.task"], json.loads(meta["vistrain.classes"]), (h, w),
+                     json.loads(meta["vistrain.mean"]), json.loads(meta["vistrain.std"]),
+                     float(json.loads(meta.get("vistrain.temperature", "1.0"))), "onnxruntime", str(path),
+                     meta.get("vistrain.model", "?"), infer)
+
+
+def load_predictor(target: Path, fold: int | None = None) -> Predictor:
+    if target.is_file() and target.suffix.lower() == ".onnx":
+        if fold is not None:
+            raise UserError("--fold: only for a run directory; an ONNX file holds one model")
+        return onnx_predictor(target)
+    if target.is_dir():
+        return torch_predictor(target, fold)
+    raise UserError(f"RUN|MODEL: {target} is neither a run directory nor an .onnx file")
+
+
+class UploadError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
+    """The uploaded bytes as an RGB image (EXIF orientation applied), or an ``UploadError`` naming the file."""
+    if not data:
+        raise UploadError(400, f"{name}: empty file")
+    if len(data) > limits.max_mb * 2**20:
+        raise UploadError(413, f"{name}: {len(data) / 2**20:.1f} MB is over the limit of {limits.max_mb:g} MB")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise UploadError(400, f"{name}: {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
+            img.load()
+            return ImageOps.exif_transpose(img).convert("RGB")
+    except UploadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
+
+
+def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarray], top_k: int
+            ) -> list[dict[str, Any]]:
+    """The JSON answer for each file, in upload order."""
+    rows = []
+    for i, name in enumerate(names):
+        if predictor.task == "classification":
+            probs = outputs["probs"][i]
+            top = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
+            rows.append({"file": name, "class": predictor.classes[int(top[0])], "prob": float(probs[top[0]]),
+                         "top": [{"class": predictor.classes[int(j)], "prob": float(probs[j])} for j in top]})
+        else:
+            rows.append({"file": name, "embedding": [float(x) for x in outputs["embedding"][i]]})
+    return rows
+
+
+def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
+    """The FastAPI application around ``predictor`` (``uvicorn`` serves it; tests use its TestClient)."""
+    try:
+        from fastapi import FastAPI, File, HTTPException, UploadFile
+    except ImportError as err:
+        raise UserError(SERVE_MISSING) from err
+    limits = limits or Limits()
+    app = FastAPI(title="vistrain", description=f"{predictor.task} model {predictor.model_name}")
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "task": predictor.task, "model": predictor.model_name, "backend": predictor.backend,
+                "classes": len(predictor.classes)}
+
+    @app.get("/metadata")
+    def metadata() -> dict[str, Any]:
+        return predictor.metadata()
+
+    @app.post("/predict")
+    def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's declaration style
+        if len(files) > limits.max_files:
+            raise HTTPException(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
+        names = [f.filename or f"file{i}" for i, f in enumerate(files)]
+        try:
+            images = [decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1), limits)
+                      for n, f in zip(names, files)]
+        except UploadError as err:
+            raise HTTPException(err.status, str(err)) from err
+        batch = torch.stack([predictor.preprocess(img) for img in images]).numpy()
+        return {"task": predictor.task, "results": results(predictor, names, predictor(batch), limits.top_k)}
+
+    return app
+
+
+def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
+              limits: Limits | None = None) -> None:
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise UserError(SERVE_MISSING) from err
+    predictor = load_predictor(target, fold)
+    app = create_app(predictor, limits)
+    log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
+             predictor.task, predictor.model_name, predictor.backend, predictor.source, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

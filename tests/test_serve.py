@@ -1,0 +1,103 @@
+"""vistrain serve: the HTTP answers equal ``vistrain predict``'s, for a run and for its exported ONNX file; bad
+uploads are refused with the file's name and nothing is predicted."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import run_cli, tiny_config, write_csv_dataset, write_yaml
+
+from vistrain.config import load_config
+from vistrain.pipelines.train import run_train
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A one-epoch classification run, its predict output for 5 images, and the images' bytes."""
+    root = tmp_path_factory.mktemp("serve")
+    data = write_csv_dataset(root / "data", per_class=8)
+    cfg = tiny_config(data.root, train={"epochs": 1}, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False})
+    run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
+    files = sorted(data.image_dir.glob("*.png"))[::5][:5]
+    pd.DataFrame({"ID": [f.stem for f in files]}).to_csv(root / "q.csv", index=False)
+    res = run_cli("predict", str(run), "--input", str(root / "q.csv"), "--image-dir", str(data.image_dir), "--probs",
+                  "--output", str(root / "pred.csv"), cwd=root)
+    assert res.returncode == 0, res.stderr
+    return {"run": run, "root": root, "files": files, "pred": pd.read_csv(root / "pred.csv", dtype={"target": str})}
+
+
+def upload(files: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
+
+
+def check_answers(answer: dict, served: dict) -> None:
+    assert answer["task"] == "classification"
+    got = answer["results"]
+    assert [r["file"] for r in got] == [f.name for f in served["files"]]
+    assert [r["class"] for r in got] == served["pred"]["target"].tolist()
+    columns = [c for c in served["pred"].columns if c.startswith("prob_")]  # predict --probs: prob_<class>
+    for r, (_, row) in zip(got, served["pred"].iterrows()):
+        probs = {t["class"]: t["prob"] for t in r["top"]}
+        assert len(probs) == 3 and r["prob"] == max(probs.values())
+        assert np.allclose([probs[c.removeprefix("prob_")] for c in columns], row[columns].to_numpy(dtype=float),
+                           atol=1e-4)
+
+
+def test_run_is_served_with_predicts_answers(served: dict) -> None:
+    client = TestClient(create_app(load_predictor(served["run"])))
+    health = client.get("/health").json()
+    assert health == {"status": "ok", "task": "classification", "model": "resnet10t", "backend": "torch",
+                      "classes": 3}
+    assert client.get("/metadata").json()["img_size"] == [32, 32]
+    res = client.post("/predict", files=upload(served["files"]))
+    assert res.status_code == 200, res.text
+    check_answers(res.json(), served)
+
+
+def test_exported_onnx_file_is_served_with_the_same_answers(served: dict) -> None:
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = served["root"] / "onnx"
+    res = run_cli("export", str(served["run"]), "--output", str(out), cwd=served["root"])
+    assert res.returncode == 0, res.stderr
+    client = TestClient(create_app(load_predictor(out / "model_fold0.onnx")))
+    assert client.get("/health").json()["backend"] == "onnxruntime"
+    res = client.post("/predict", files=upload(served["files"]))
+    assert res.status_code == 200, res.text
+    check_answers(res.json(), served)
+
+
+def test_bad_uploads_are_refused_naming_the_file(served: dict) -> None:
+    client = TestClient(create_app(load_predictor(served["run"]), Limits(max_files=3, max_mb=0.01)))
+    good = served["files"][0]
+    res = client.post("/predict", files=[*upload([good]), ("files", ("notes.png", b"not an image", "image/png"))])
+    assert res.status_code == 400 and res.json()["detail"] == "notes.png: not a readable image (UnidentifiedImageError)"
+    res = client.post("/predict", files=[("files", ("empty.jpg", b"", "image/jpeg"))])
+    assert res.status_code == 400 and res.json()["detail"] == "empty.jpg: empty file"
+    big = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(big, "PNG")
+    res = client.post("/predict", files=[("files", ("big.png", big.getvalue(), "image/png"))])
+    assert res.status_code == 413 and res.json()["detail"].startswith("big.png: ")
+    res = client.post("/predict", files=upload([good] * 4))
+    assert res.status_code == 400 and "over the limit of 3" in res.json()["detail"]
+    assert client.post("/predict").status_code == 422  # no files field at all
+
+
+def test_serve_target_must_be_a_run_or_an_onnx_file(tmp_path: Path) -> None:
+    (tmp_path / "model.pt").write_bytes(b"x")
+    res = run_cli("serve", str(tmp_path / "model.pt"), cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip().startswith("error: RUN|MODEL: ") and "neither a run directory nor an .onnx" in res.stderr
