@@ -150,6 +150,7 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     cfg["augment"]["policy"] = "none"
     cfg["output"].update(exp_dir=str(tmp_path / "exp"), logs_dir=None)
     cfg["tracking"]["tensorboard"] = False
+    cfg["eval"]["flip_feats"] = True  # search / evaluate / export must all average with the mirror image
     res = run_cli("train", "--config", str(write_yaml(tmp_path / "arc.yaml", cfg)), cwd=tmp_path)
     assert res.stdout.strip().splitlines()[-1] == "[EXIT] TRAINING SUCCESS code=0", res.stdout + res.stderr
     run = next((tmp_path / "exp").glob("*/*/summary.json")).parent
@@ -189,6 +190,15 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
         (emb,) = session.run(["embedding"], {"image": np.random.default_rng(0).normal(size=(3, 3, 32, 32))
                                               .astype(np.float32)})
         assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+        # the served / exported embedding of an image is the one search and evaluate compute for it
+        from vistrain.data.images import load_rgb
+        from vistrain.engine.inference import embed_paths, load_run
+        from vistrain.pipelines.serve import load_predictor
+
+        predictor = load_predictor(run / "export" / "model_fold0.onnx")
+        paths = test_items["path"].tolist()[:3]
+        served = predictor(np.stack([predictor.preprocess(load_rgb(p)).numpy() for p in paths]))["embedding"]
+        assert np.allclose(served, embed_paths(load_run(run), paths), atol=1e-5)
 
 
 def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

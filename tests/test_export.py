@@ -93,10 +93,14 @@ def test_verify_catches_a_graph_that_differs_from_the_model(trained: tuple[Path,
     assert verify(module, path, inputs)["passed"] is False
 
 
-def test_unknown_format_is_a_user_error(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_unknown_format_or_folds_are_user_errors(trained: tuple[Path, Path], tmp_path: Path) -> None:
     res = run_cli("export", str(trained[0]), "--format", "tflite", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip() == "error: --format: 'tflite' is not supported; valid: onnx"
+    res = run_cli("export", str(trained[0]), "--folds", "a", cwd=tmp_path)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: --folds: 'a' is not a fold list; valid: all, or fold numbers like 0,2 " \
+                                 "(trained folds: 0)"
 
 
 def test_missing_export_packages_name_the_extra(trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,

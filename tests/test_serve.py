@@ -21,33 +21,53 @@ from fastapi.testclient import TestClient  # noqa: E402
 from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
 
 
+def odd_images(folder: Path, like: Path) -> list[Path]:
+    """An RGBA PNG (the content in the alpha channel) and a 16-bit grey PNG: decoded differently by a plain
+    ``convert("RGB")`` than by vistrain's loader."""
+    from PIL import Image
+
+    with Image.open(like) as img:
+        grey = np.asarray(img.convert("L"))
+    rgba = np.zeros((*grey.shape, 4), np.uint8)
+    rgba[..., 3] = 255 - grey
+    Image.fromarray(rgba, "RGBA").save(folder / "odd_rgba.png")
+    Image.fromarray(grey.astype(np.uint16) * 16).save(folder / "odd_16bit.png")  # mode I;16
+    return [folder / "odd_rgba.png", folder / "odd_16bit.png"]
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A one-epoch classification run, its predict output for 5 images, and the images' bytes."""
+    """A one-epoch, two-fold classification run; predict's answers for 7 images (the fold ensemble, and fold 0)."""
     root = tmp_path_factory.mktemp("serve")
     data = write_csv_dataset(root / "data", per_class=8)
-    cfg = tiny_config(data.root, train={"epochs": 1}, output={"exp_dir": str(root / "exp"), "logs_dir": None},
-                      tracking={"tensorboard": False})
+    cfg = tiny_config(data.root, data={"valid_fold": "all"}, train={"epochs": 1},
+                      output={"exp_dir": str(root / "exp"), "logs_dir": None}, tracking={"tensorboard": False})
     run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
     files = sorted(data.image_dir.glob("*.png"))[::5][:5]
+    files += odd_images(data.image_dir, files[0])
     pd.DataFrame({"ID": [f.stem for f in files]}).to_csv(root / "q.csv", index=False)
-    res = run_cli("predict", str(run), "--input", str(root / "q.csv"), "--image-dir", str(data.image_dir), "--probs",
-                  "--output", str(root / "pred.csv"), cwd=root)
-    assert res.returncode == 0, res.stderr
-    return {"run": run, "root": root, "files": files, "pred": pd.read_csv(root / "pred.csv", dtype={"target": str})}
+    pred = {}
+    for name, folds in (("all", "all"), ("fold0", "0")):
+        res = run_cli("predict", str(run), "--input", str(root / "q.csv"), "--image-dir", str(data.image_dir),
+                      "--probs", "--folds", folds, "--output", str(root / f"pred_{name}.csv"), cwd=root)
+        assert res.returncode == 0, res.stderr
+        pred[name] = pd.read_csv(root / f"pred_{name}.csv", dtype={"target": str})
+    return {"run": run, "root": root, "files": files, "pred": pred}
 
 
 def upload(files: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (f.name, f.read_bytes(), "image/png")) for f in files]
 
 
-def check_answers(answer: dict, served: dict) -> None:
+def check_answers(answer: dict, served: dict, folds: str) -> None:
+    """The served answers equal ``predict --probs --folds FOLDS`` for every file, the odd ones included."""
+    pred = served["pred"][folds]
     assert answer["task"] == "classification"
     got = answer["results"]
     assert [r["file"] for r in got] == [f.name for f in served["files"]]
-    assert [r["class"] for r in got] == served["pred"]["target"].tolist()
-    columns = [c for c in served["pred"].columns if c.startswith("prob_")]  # predict --probs: prob_<class>
-    for r, (_, row) in zip(got, served["pred"].iterrows()):
+    assert [r["class"] for r in got] == pred["target"].tolist()
+    columns = [c for c in pred.columns if c.startswith("prob_")]  # predict --probs: prob_<class>
+    for r, (_, row) in zip(got, pred.iterrows()):
         probs = {t["class"]: t["prob"] for t in r["top"]}
         assert len(probs) == 3 and r["prob"] == max(probs.values())
         assert np.allclose([probs[c.removeprefix("prob_")] for c in columns], row[columns].to_numpy(dtype=float),
@@ -62,20 +82,22 @@ def test_run_is_served_with_predicts_answers(served: dict) -> None:
     assert client.get("/metadata").json()["img_size"] == [32, 32]
     res = client.post("/predict", files=upload(served["files"]))
     assert res.status_code == 200, res.text
-    check_answers(res.json(), served)
+    check_answers(res.json(), served, "all")  # both folds averaged, as predict does by default
+    one = TestClient(create_app(load_predictor(served["run"], fold=0)))
+    check_answers(one.post("/predict", files=upload(served["files"])).json(), served, "fold0")
 
 
 def test_exported_onnx_file_is_served_with_the_same_answers(served: dict) -> None:
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = served["root"] / "onnx"
-    res = run_cli("export", str(served["run"]), "--output", str(out), cwd=served["root"])
+    res = run_cli("export", str(served["run"]), "--folds", "0", "--output", str(out), cwd=served["root"])
     assert res.returncode == 0, res.stderr
     client = TestClient(create_app(load_predictor(out / "model_fold0.onnx")))
     assert client.get("/health").json()["backend"] == "onnxruntime"
     res = client.post("/predict", files=upload(served["files"]))
     assert res.status_code == 200, res.text
-    check_answers(res.json(), served)
+    check_answers(res.json(), served, "fold0")
 
 
 def test_bad_uploads_are_refused_naming_the_file(served: dict) -> None:
@@ -94,6 +116,21 @@ def test_bad_uploads_are_refused_naming_the_file(served: dict) -> None:
     res = client.post("/predict", files=upload([good] * 4))
     assert res.status_code == 400 and "over the limit of 3" in res.json()["detail"]
     assert client.post("/predict").status_code == 422  # no files field at all
+
+
+def test_a_port_in_use_is_a_user_error(served: dict, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        res = run_cli("serve", str(served["run"]), "--port", str(port), cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --port: cannot listen on 127.0.0.1:{port}"), lines
+    bad = run_cli("serve", str(served["run"]), "--port", "70000", cwd=tmp_path)
+    assert bad.returncode == 2 and "1..65535" in bad.stderr
 
 
 def test_serve_target_must_be_a_run_or_an_onnx_file(tmp_path: Path) -> None:

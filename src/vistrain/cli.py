@@ -133,7 +133,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     console_logging()
     summary = run_export(Path(args.run), fmt=args.format, folds=args.folds,
                          output=Path(args.output) if args.output else None, do_verify=args.verify,
-                         do_benchmark=args.benchmark, opset=args.opset)
+                         do_benchmark=args.benchmark)
     for entry in summary["models"]:
         line = f"[DONE] fold {entry['fold']}: {entry['path']} ({entry['size_mb']:.1f} MB)"
         if "verify" in entry:
@@ -195,6 +195,23 @@ def cmd_split(args: argparse.Namespace) -> int:
     run_split(cfg, Path(args.output))
     print(f"[DONE] splits written to {args.output}")
     return 0
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be 1..65535, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -310,15 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
     p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32")
-    p.add_argument("--opset", type=_positive_int, metavar="N", help="ONNX opset (default: the exporter's)")
 
     p = add("serve", cmd_serve, "HTTP inference for a run's model or an exported ONNX file (FastAPI)")
     p.add_argument("target", metavar="RUN|MODEL.onnx", help="run directory, or an ONNX file from vistrain export")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
-    p.add_argument("--fold", type=int, metavar="K", help="with a RUN: the fold to serve (default: the first trained)")
+    p.add_argument("--port", type=_port, default=8000, help="port, 1..65535 (default 8000)")
+    p.add_argument("--fold", type=int, metavar="K",
+                   help="with a RUN: serve this fold only (default: every trained fold averaged, as predict does)")
     p.add_argument("--max-files", type=_positive_int, default=32, metavar="N", help="images per request (32)")
-    p.add_argument("--max-mb", type=float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
+    p.add_argument("--max-mb", type=_positive_float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per answer (5)")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")

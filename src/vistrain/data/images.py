@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -56,8 +57,10 @@ class ImageIndex:
         return None
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied."""
+def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
+    """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied.
+
+    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function)."""
     with Image.open(path) as img:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -69,7 +69,11 @@ def select_folds(run: LoadedRun, folds: str | Sequence[int] | None, key: str = "
     """``None`` or ``"all"``: every trained fold; else the listed ones, each of which must exist."""
     if folds is None or folds == "all":
         return run.folds
-    chosen = [int(f) for f in (folds.split(",") if isinstance(folds, str) else folds)]
+    try:
+        chosen = [int(f) for f in (folds.split(",") if isinstance(folds, str) else folds)]
+    except ValueError:
+        raise UserError(f"{key}: '{folds}' is not a fold list; valid: all, or fold numbers like 0,2 "
+                        f"(trained folds: {', '.join(map(str, run.folds))})") from None
     missing = [f for f in chosen if f not in run.folds]
     if missing:
         raise UserError(f"{key}: fold {missing[0]} has no checkpoint in {run.path / 'ckpt'}; "

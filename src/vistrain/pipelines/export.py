@@ -54,17 +54,26 @@ class Deployable(nn.Module):
     """The fold model with what inference adds after it: softmax at the run's temperature, or the embedding's L2
     normalisation. Exported as is, so a server needs nothing but the graph and its metadata."""
 
-    def __init__(self, model: nn.Module, task: str, temperature: float | None, feat_norm: bool):
+    def __init__(self, model: nn.Module, task: str, temperature: float | None, feat_norm: bool,
+                 flip_feats: bool = False):
         super().__init__()
         self.model, self.task = model, task
         self.temperature = float(temperature or 1.0)
         self.feat_norm = feat_norm
+        self.flip_feats = flip_feats and task == "embedding"
 
     def forward(self, image: torch.Tensor) -> Any:
         out = self.model(image).float()
         if self.task == "classification":
             return out, torch.softmax(out / self.temperature, dim=1)
+        if self.flip_feats:  # eval.flip_feats: the mean with the mirror image's feature, as embed_paths does
+            out = (out + self.model(torch.flip(image, dims=[-1])).float()) / 2
         return F.normalize(out, dim=1) if self.feat_norm else out
+
+    @classmethod
+    def of_run(cls, model: nn.Module, run: LoadedRun) -> Deployable:
+        e = run.cfg.eval
+        return cls(model, run.cfg.task, run.temperature, e.feat_norm, e.flip_feats).eval()
 
     @property
     def output_names(self) -> list[str]:
@@ -95,12 +104,13 @@ def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str
         "vistrain.input": "image: float32 [N, 3, H, W], RGB in [0, 1] resized to img_size, then (x - mean) / std",
         "vistrain.temperature": json.dumps(run.temperature or 1.0),
         "vistrain.feat_norm": json.dumps(bool(run.cfg.eval.feat_norm)),
+        "vistrain.flip_feats": json.dumps(bool(run.cfg.eval.flip_feats and run.cfg.task == "embedding")),
     }
 
 
-def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: dict[str, str],
-                opset: int | None = None) -> None:
-    """``module`` traced at ``example`` (its batch size becomes dynamic) into ``path``, written atomically."""
+def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: dict[str, str]) -> int:
+    """``module`` traced at ``example`` (its batch size becomes dynamic) into ``path``, written atomically.
+    Returns the graph's ONNX opset (the exporter's choice)."""
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +121,7 @@ def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: di
             warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing notes
             program = torch.onnx.export(module, (example,), input_names=["image"], output_names=module.output_names,
                                         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
-                                        opset_version=opset, dynamo=True, external_data=False, verbose=False)
+                                        dynamo=True, external_data=False, verbose=False)
         graph = program.model_proto
         for key, value in props.items():
             entry = graph.metadata_props.add()
@@ -120,6 +130,7 @@ def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: di
         onnx.save(graph, tmp)
         os.replace(tmp, path)
         os.chmod(path, 0o644)
+        return next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx"))
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -210,7 +221,7 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
 
 
 def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, output: Path | None = None,
-               do_verify: bool = False, do_benchmark: bool = False, opset: int | None = None) -> dict[str, Any]:
+               do_verify: bool = False, do_benchmark: bool = False) -> dict[str, Any]:
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not supported; valid: {', '.join(FORMATS)}")
     _require_export_packages()
@@ -221,14 +232,15 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     results = []
     for fold in chosen:
         model, data_config = load_fold_model(run, fold, device)
-        module = Deployable(model, run.cfg.task, run.temperature, run.cfg.eval.feat_norm).eval()
+        module = Deployable.of_run(model, run)
         h, w = data_config["img_size"]
         example = torch.zeros(2, 3, h, w)  # batch 2: a batch of 1 could be specialised away as a constant
         path = out_dir / f"model_fold{fold}.onnx"
         start = time.time()
-        export_onnx(module, example, path, metadata(run, fold, data_config), opset)
+        opset = export_onnx(module, example, path, metadata(run, fold, data_config))
         entry: dict[str, Any] = {"fold": fold, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 3),
-                                 "outputs": module.output_names, "export_s": round(time.time() - start, 2)}
+                                 "outputs": module.output_names, "opset": opset,
+                                 "export_s": round(time.time() - start, 2)}
         log.info("[EXPORT] fold=%d -> %s (%.1f MB, %.1f s)", fold, path, entry["size_mb"], entry["export_s"])
         if do_verify or do_benchmark:
             inputs, source = sample_inputs(run, data_config)

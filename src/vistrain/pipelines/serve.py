@@ -9,8 +9,9 @@ Endpoints:
 Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
 decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected request names the file and the reason
 (HTTP 400, or 413 for size) and predicts nothing. Preprocessing is the run's own (resize to the training size,
-normalise), as in ``predict``; a RUN serves one fold's best checkpoint with PyTorch, an ONNX file runs with
-onnxruntime and reads the preprocessing from its metadata (see ``vistrain export``).
+normalise) and the same image decoding as ``predict``. A RUN is served with PyTorch: every trained fold averaged,
+as ``predict`` does, or one ``--fold``. An ONNX file (one fold, see ``vistrain export``) runs with onnxruntime and
+reads the preprocessing from its metadata.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from vistrain.data.transforms import eval_transform
 from vistrain.errors import UserError
@@ -77,26 +78,33 @@ class Predictor:
 
 
 def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
-    """A run's best checkpoint (``fold``, default the first trained one) with PyTorch on the run's device."""
+    """A run's best checkpoints with PyTorch on the run's device: every trained fold, averaged as ``predict``
+    averages them (probabilities; logits too), or the one ``fold``."""
     from vistrain.engine import device as dev
     from vistrain.engine.inference import load_fold_model, load_run, select_folds
     from vistrain.pipelines.export import Deployable
 
     run = load_run(run_dir)
-    (chosen,) = select_folds(run, [fold] if fold is not None else [run.folds[0]], key="--fold")
+    chosen = select_folds(run, [fold] if fold is not None else None, key="--fold")
     device = dev.pick_device(run.cfg.train.device)
-    model, data_config = load_fold_model(run, chosen, device)
-    module = Deployable(model, run.cfg.task, run.temperature, run.cfg.eval.feat_norm).eval()
+    modules = []
+    for k in chosen:
+        model, data_config = load_fold_model(run, k, device)
+        modules.append(Deployable.of_run(model, run))
+    names = modules[0].output_names
 
     @torch.no_grad()
     def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
-        out = module(torch.from_numpy(batch).to(device))
-        outs = out if isinstance(out, tuple) else (out,)
-        return {name: o.float().cpu().numpy() for name, o in zip(module.output_names, outs)}
+        x = torch.from_numpy(batch).to(device)
+        per_fold = [m(x) for m in modules]
+        per_fold = [o if isinstance(o, tuple) else (o,) for o in per_fold]
+        return {name: torch.stack([o[i] for o in per_fold]).float().mean(dim=0).cpu().numpy()
+                for i, name in enumerate(names)}
 
     h, w = data_config["img_size"]
+    which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], (h, w), list(data_config["mean"]),
-                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path} fold {chosen}",
+                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path} {which}",
                      run.cfg.model.name, infer)
 
 
@@ -144,20 +152,26 @@ class UploadError(Exception):
 
 
 def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
-    """The uploaded bytes as an RGB image (EXIF orientation applied), or an ``UploadError`` naming the file."""
+    """The uploaded bytes as an RGB image decoded exactly as ``predict`` decodes files (``load_rgb``: EXIF
+    orientation, transparency on white, 16-bit range rescaled), or an ``UploadError`` naming the file."""
+    from vistrain.data.images import load_rgb
+
     if not data:
         raise UploadError(400, f"{name}: empty file")
     if len(data) > limits.max_mb * 2**20:
-        raise UploadError(413, f"{name}: {len(data) / 2**20:.1f} MB is over the limit of {limits.max_mb:g} MB")
+        raise UploadError(413, f"{name}: larger than the limit of {limits.max_mb:g} MB")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise UploadError(400, f"{name}: {img.width}x{img.height} pixels is over the limit of {MAX_PIXELS}")
-            img.load()
-            return ImageOps.exif_transpose(img).convert("RGB")
-    except UploadError:
-        raise
+            size = img.size
+    except Image.DecompressionBombError as err:
+        raise UploadError(400, f"{name}: over the limit of {MAX_PIXELS} pixels ({err})") from err
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
+        raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
+    if size[0] * size[1] > MAX_PIXELS:
+        raise UploadError(400, f"{name}: {size[0]}x{size[1]} pixels is over the limit of {MAX_PIXELS}")
+    try:
+        return load_rgb(io.BytesIO(data))
+    except Exception as err:  # noqa: BLE001 - a truncated or corrupt body behind a valid header
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
 
 
@@ -199,12 +213,14 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
         if len(files) > limits.max_files:
             raise HTTPException(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
         names = [f.filename or f"file{i}" for i, f in enumerate(files)]
+        tensors = []
         try:
-            images = [decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1), limits)
-                      for n, f in zip(names, files)]
+            for n, f in zip(names, files):  # one decoded image in memory at a time; only its small tensor stays
+                tensors.append(predictor.preprocess(decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1),
+                                                                  limits)))
         except UploadError as err:
             raise HTTPException(err.status, str(err)) from err
-        batch = torch.stack([predictor.preprocess(img) for img in images]).numpy()
+        batch = torch.stack(tensors).numpy()
         return {"task": predictor.task, "results": results(predictor, names, predictor(batch), limits.top_k)}
 
     return app
@@ -218,6 +234,25 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
         raise UserError(SERVE_MISSING) from err
     predictor = load_predictor(target, fold)
     app = create_app(predictor, limits)
+    _check_port(host, port)
     log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
              predictor.task, predictor.model_name, predictor.backend, predictor.source, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port that cannot be bound is a user error now, not a uvicorn traceback after the start-up line."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, OverflowError) as err:
+        raise UserError(f"--host: cannot use {host}:{port} ({err})") from err
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as err:
+            raise UserError(f"--port: cannot listen on {host}:{port} ({err.strerror or err}); is another server "
+                            "using it? choose another --port") from err
