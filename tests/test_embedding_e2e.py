@@ -231,3 +231,14 @@ def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(CenterTerm, "load_state_dict", spy)
     run_train(cfg, resume=True)
     assert len(loaded) == 1 and torch.equal(loaded[0], saved)
+
+
+def test_reid_queries_without_a_cross_camera_match_are_counted(tmp_path: Path) -> None:
+    from vistrain.pipelines.train import prepare_data
+
+    root = write_market(tmp_path / "market")
+    for f in (root / "bounding_box_test").glob("0011_*"):  # person 11's gallery images onto the query's camera
+        pid, rest = f.name.split("_c", 1)
+        f.rename(f.with_name(f"{pid}_c1{rest[1:]}"))
+    data = prepare_data(load_config(_reid_config(tmp_path, root)))
+    assert data.queries_without_match == 1  # the other 9 queries still count

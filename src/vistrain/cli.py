@@ -197,31 +197,25 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be 1..65535, got {text}")
-    return value
+def _number(cast: Callable[[str], Any], what: str, above: float = 0, most: float | None = None
+            ) -> Callable[[str], Any]:
+    """An argparse ``type``: ``cast(text)`` greater than ``above`` (and at most ``most``), else one-line error."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not value > above or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"expected {what}; got '{text}'")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number; got '{text}'")
-    return value
+_positive_int = _number(int, "a positive whole number")
+_positive_float = _number(float, "a positive number")
+_port = _number(int, "a port number, 1..65535", most=65535)
 
 
 def _print_tune(result: Any) -> None:

@@ -34,10 +34,10 @@ def run_search(run_dir: Path, gallery: Path, query: Path, top_k: int = 20, outpu
     if not query.is_file():
         raise UserError(f"--query: file not found: {query}")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
-    junk = [p for p in files if (parse_reid_name(p.name) or (0,))[0] == -1]
-    if junk:  # re-id junk (person -1) is never a result, as in the evaluation protocol
-        log.info("[SEARCH] %d junk image(s) (person -1) left out of the gallery", len(junk))
-        files = [p for p in files if p not in set(junk)]
+    kept = [p for p in files if (parse_reid_name(p.name) or (0,))[0] != -1]
+    if len(kept) < len(files):  # re-id junk (person -1) is never a result, as in the evaluation protocol
+        log.info("[SEARCH] %d junk image(s) (person -1) left out of the gallery", len(files) - len(kept))
+        files = kept
     if not files:
         raise UserError(f"--gallery: no images under {root}")
     from vistrain.metrics.retrieval import knn_search

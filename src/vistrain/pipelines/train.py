@@ -19,7 +19,7 @@ import torch
 
 import vistrain
 from vistrain.config.loader import config_to_dict
-from vistrain.config.schema import Config, TrackingCfg
+from vistrain.config.schema import Config, DataCfg, TrackingCfg
 from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
 from vistrain.engine import device as dev
@@ -51,6 +51,7 @@ class Prepared:
     targets: np.ndarray  # [N] class index per item (-1 for items that do not train: queries, gallery)
     fold_of: np.ndarray  # [N] fold per item (embedding runs: one fold, 0, split by data.items["split"])
     eval_codes: np.ndarray | None = None  # embedding: [N] identity / class code, equal codes match
+    queries_without_match: int = 0  # re-id: queries the metrics skip (no gallery match on another camera)
 
 
 @dataclass
@@ -84,14 +85,16 @@ def _queries_without_match(items: pd.DataFrame) -> tuple[int, int]:
     return len(valid) - sum(valid), len(valid)
 
 
-def _check_reid_queries(items: pd.DataFrame, d: Any) -> None:
-    """None of the queries having a match is a mistake in the data: an error now, not after an epoch of training."""
+def _check_reid_queries(items: pd.DataFrame, d: DataCfg) -> int:
+    """How many re-id queries the metrics will skip. None having a match is a mistake in the data: an error now,
+    not after an epoch of training."""
     missing, total = _queries_without_match(items)
     if missing == total:
         raise UserError(f"data.query_folder: none of the {total} queries in '{d.query_folder}' has an image of its "
                         f"person from another camera in data.gallery_folder '{d.gallery_folder}' (same-camera "
                         "matches do not count in the Market-1501 protocol); check that the two folders belong "
                         "together")
+    return missing
 
 
 def _prepare_embedding(cfg: Config) -> Prepared:
@@ -104,10 +107,11 @@ def _prepare_embedding(cfg: Config) -> Prepared:
         items, dropped = drop_small_groups(items, d.min_image_size)
     items, bad = split_bad_images(items, d.on_bad_image)
     bad = pd.concat([bad, dropped], ignore_index=True)
+    skipped = 0
     if "split" not in items.columns:
         items["split"] = assign_ratio_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
     else:
-        _check_reid_queries(items, d)
+        skipped = _check_reid_queries(items, d)
     train = items["split"] == "train"
     classes = sorted(items.loc[train, "label"].unique().tolist())
     if len(classes) < 2:
@@ -116,7 +120,7 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     targets = np.where(train, items["label"].map(index).fillna(-1), -1).astype(np.int64)
     codes = {v: i for i, v in enumerate(sorted(items["label"].astype(str).unique()))}
     eval_codes = items["label"].astype(str).map(codes).to_numpy(dtype=np.int64)
-    return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes)
+    return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes, skipped)
 
 
 def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
@@ -273,11 +277,10 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
                     run / "bad_images.csv")
     if cfg.task == "embedding":
         log.info("[DATA] split: %s", data.items["split"].value_counts().to_dict())
-        if d.source == "reid":
-            missing, total = _queries_without_match(data.items)
-            if missing:
-                log.info("[DATA] %d of %d queries have no gallery image of their person from another camera; the "
-                         "metrics skip them (Market-1501 protocol)", missing, total)
+        if data.queries_without_match:
+            log.info("[DATA] %d of %d queries have no gallery image of their person from another camera; the "
+                     "metrics skip them (Market-1501 protocol)", data.queries_without_match,
+                     int((data.items["split"] == "query").sum()))
         return
     grouped = data.items["group"].nunique() < len(data.items)
     sizes = {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}
