@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,24 +114,56 @@ def test_report_of_an_unfinished_run(tmp_path: Path) -> None:
     assert not list(run.glob(".*.tmp"))  # the atomic write left no temporary file
 
 
-def chromium(*args: str, timeout: float = 90) -> str:
-    """Run headless Chromium with no network side channels and return its stdout."""
+@dataclass
+class Visit:
+    """What headless Chromium saw of one page: the DOM after load, the page's console messages and the URLs
+    the page itself asked the network for (the browser's own background traffic is left out)."""
+
+    dom: str
+    console: list[str]
+    requests: list[str]
+
+
+def visit(page: Path, profile: Path, timeout: float = 90) -> Visit:
+    """Load ``page`` in headless Chromium with no network side channels, logging its console and its net-log."""
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.skip("chromium not installed (apt-get install chromium)")
+        pytest.skip("chromium not installed (apt-get install chromium; .ci/run installs it)")
+    net_log = profile / "net-log.json"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", "--virtual-time-budget=5000"]
-    done = subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=timeout, check=True)
-    return done.stdout
+             "--disable-dev-shm-usage", "--virtual-time-budget=5000", f"--user-data-dir={profile}",
+             "--enable-logging=stderr", "--v=0", f"--log-net-log={net_log}", "--dump-dom", page.as_uri()]
+    done = subprocess.run([exe, *flags], capture_output=True, text=True, timeout=timeout, check=True)
+    # Console messages (console.*, uncaught errors, blocked loads, CSP violations) are logged as INFO:CONSOLE
+    # lines naming the page as their source.
+    console = [ln for ln in done.stderr.splitlines() if ":CONSOLE" in ln and page.as_uri() in ln]
+    return Visit(done.stdout, console, page_requests(net_log))
 
 
-def test_report_images_load_in_headless_chromium(run: Path, tmp_path: Path) -> None:
-    page = write_report(run)
-    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", page.as_uri())
-    n_images = dom.count("<img")
+def page_requests(net_log: Path) -> list[str]:
+    """URLs the page's own frame requested: URL_REQUEST_START_JOB events isolated under the file:// page.
+
+    Chromium's background requests (update checks and the like) carry no page in their isolation key."""
+    log = json.loads(net_log.read_text())
+    start_job = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    urls = []
+    for event in log["events"]:
+        params = event.get("params", {})
+        if event["type"] == start_job and "file://" in params.get("network_isolation_key", ""):
+            if not params.get("url", "").startswith(("file:", "data:")):
+                urls.append(params["url"])
+    return urls
+
+
+def test_report_loads_in_headless_chromium_offline_and_clean(run: Path, tmp_path: Path) -> None:
+    """The page makes no network request, every image decodes, and nothing is written to the console."""
+    seen = visit(write_report(run), tmp_path / "profile")
+    n_images = seen.dom.count("<img")
     assert n_images == len(all_pngs(run)) > 0
-    assert f'data-images-ok="{n_images}/{n_images}"' in dom, re.findall(r"data-images-ok=\"[^\"]*\"", dom)
+    assert f'data-images-ok="{n_images}/{n_images}"' in seen.dom, re.findall(r"data-images-ok=\"[^\"]*\"", seen.dom)
+    assert seen.requests == []
+    assert seen.console == []
 
 
 def test_headless_check_catches_a_broken_image(run: Path, tmp_path: Path) -> None:
@@ -138,6 +171,17 @@ def test_headless_check_catches_a_broken_image(run: Path, tmp_path: Path) -> Non
 
     (A PNG cut short still counts as loaded: Chromium shows the rows it could decode.)"""
     (run / "plots" / "zz_broken.png").write_bytes(b"not a PNG: a write that went wrong")
-    dom = chromium(f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", write_report(run).as_uri())
+    dom = visit(write_report(run), tmp_path / "profile").dom
     n_images = dom.count("<img")
     assert f'data-images-ok="{n_images - 1}/{n_images}"' in dom
+
+
+def test_headless_check_catches_requests_and_console_errors(tmp_path: Path) -> None:
+    """The offline and clean-console checks are not vacuous: a page (without the report's CSP) that fetches an
+    image and logs an error is caught on both counts."""
+    page = tmp_path / "leaky.html"
+    page.write_text('<html><body><img src="http://127.0.0.1:9/x.png">'
+                    '<script>console.error("boom")</script></body></html>')
+    seen = visit(page, tmp_path / "profile")
+    assert seen.requests == ["http://127.0.0.1:9/x.png"]
+    assert any('"boom"' in line for line in seen.console)
