@@ -107,6 +107,59 @@ def test_ece_perfectly_calibrated_and_overconfident() -> None:
     assert expected_calibration_error(p1, np.array([0, 1, 0, 1])) == pytest.approx(0.5)
 
 
+def ece_guo_loop(probs: np.ndarray, targets: np.ndarray, n_bins: int) -> float:
+    """Guo et al. (2017), eq. (3), as a plain loop over the samples: |B_m| / n * |acc(B_m) - conf(B_m)| summed over
+    bins B_m = ((m - 1) / M, m / M] (the authors' code bins with conf > lo and conf <= hi), 0 joining the first."""
+    members: dict[int, list[tuple[float, bool]]] = {}
+    for row, t in zip(probs.tolist(), targets.tolist(), strict=True):
+        conf = max(row)
+        edges = np.linspace(0.0, 1.0, n_bins + 1)
+        m = next(b for b in range(n_bins) if conf <= edges[b + 1])  # first bin whose upper edge holds conf
+        members.setdefault(m, []).append((conf, row.index(conf) == t))
+    total = 0.0
+    for items in members.values():
+        acc = sum(ok for _, ok in items) / len(items)
+        conf = sum(c for c, _ in items) / len(items)
+        total += len(items) / len(targets) * abs(acc - conf)
+    return total
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_ece_matches_guo_definition_on_softmax_outputs(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    p = softmax(rng.normal(scale=2.5, size=(400, 7)), axis=1).astype(dtype)
+    y = rng.integers(0, 7, 400)
+    ece = expected_calibration_error(torch.from_numpy(p) if dtype == np.float16 else p, y, 15)
+    assert ece == pytest.approx(ece_guo_loop(p.astype(np.float64), y, 15), abs=1e-12)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda p, z: p * 3, "outside \\[0, 1\\]|sums to 3"),  # the issue's example: gave ECE 1.55
+    (lambda p, z: p / 3, "sums to 0.333"),
+    (lambda p, z: z, "outside \\[0, 1\\]"),  # logits
+    (lambda p, z: -p, "outside \\[0, 1\\]"),
+    (lambda p, z: p * 0.5, "sums to 0.5"),
+])
+def test_ece_rejects_values_that_are_not_probabilities(make, match: str) -> None:
+    rng = np.random.default_rng(5)
+    z = rng.normal(scale=3, size=(20, 4))
+    bad, y = make(softmax(z, axis=1), z), rng.integers(0, 4, 20)
+    for fn in (expected_calibration_error, reliability_bins):
+        with pytest.raises(ValueError, match=match) as excinfo:
+            fn(bad, y)
+        assert "softmax" in str(excinfo.value)
+
+
+def test_ece_accepts_probabilities_within_rounding() -> None:
+    p = np.array([[0.5 + 1e-4, 0.5], [1.0 + 1e-7, 0.0], [0.2, 0.8 - 1e-4]])
+    y = np.array([0, 0, 1])
+    assert 0.0 <= expected_calibration_error(p, y) <= 1.0
+    # bfloat16 keeps 8 bits: a softmax in bf16 is off by more than 1e-3 and must still pass.
+    z = torch.randn(64, 10, generator=torch.Generator().manual_seed(0)) * 3
+    pb = torch.softmax(z, dim=1).to(torch.bfloat16)
+    assert 0.0 <= expected_calibration_error(pb, torch.zeros(64, dtype=torch.long)) <= 1.0
+
+
 # ---------------------------------------------------------------- temperature scaling
 
 

@@ -275,6 +275,30 @@ def test_monitor_must_be_a_metric_this_kind_of_run_reports(overrides, monitor, v
     assert msg.startswith("train.monitor:") and valid in msg, msg
 
 
+def test_recall_ks_set_the_retrieval_monitors():
+    cfg = load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[10, 1, 20]", "train.monitor=recall@10"])
+    assert cfg.eval.recall_ks == [1, 10, 20] and cfg.train.monitor == "recall@10"
+    assert load_config(None, overrides=FOLDERS).eval.recall_ks == [1, 5]
+    assert load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[5, 10]"]).train.monitor == "recall@5"
+
+
+def test_monitor_recall_at_a_k_not_in_recall_ks_is_an_error():
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "train.monitor=recall@10"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.monitor:") and "eval.recall_ks" in msg and "[1, 5]" in msg, msg
+    assert "valid: recall@1, recall@5, knn_acc, knn_macro_f1" in msg, msg
+
+
+@pytest.mark.parametrize("value, text", [("[]", "at least one"), ("[1, 5, 1]", "repeated: 1"),
+                                          ("[0, 5]", "greater than 0"), ("[1.5]", "integer")])
+def test_recall_ks_must_be_distinct_positive_integers(value, text):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, f"eval.recall_ks={value}"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("eval.recall_ks") and text in msg, msg
+
+
 def test_default_monitor_follows_the_kind_of_run():
     assert load_config(None, overrides=REID).train.monitor == "mAP"
     assert load_config(None, overrides=FOLDERS).train.monitor == "recall@1"

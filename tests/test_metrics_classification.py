@@ -148,6 +148,61 @@ def test_macro_f1_binary_and_absent_classes() -> None:
     assert macro_f1([0, 1], [0, 1], n_classes=3) == pytest.approx(2 / 3)
 
 
+@pytest.mark.parametrize(("y_true", "y_pred", "match"), [
+    ([0, 5], [0, 1], "y_true must lie in \\[0, 1\\].*5"),
+    ([0, 1], [0, -1], "y_pred must lie in \\[0, 1\\].*-1"),
+    ([0, 1], [0, 2], "y_pred must lie in \\[0, 1\\].*n_classes=2"),
+])
+def test_macro_f1_rejects_labels_outside_n_classes(y_true: list, y_pred: list, match: str) -> None:
+    # scikit-learn would silently leave label 5 out of the mean over labels=[0, 1].
+    with pytest.raises(ValueError, match=match):
+        macro_f1(y_true, y_pred, n_classes=2)
+    with pytest.raises(ValueError, match="n_classes must be a positive integer"):
+        macro_f1([0], [0], n_classes=0)
+
+
+def test_epoch_metrics_macro_f1_counts_every_class() -> None:
+    # The example from the issue: class 2 is neither present nor predicted; it still counts (F1 0), as in
+    # evaluate's metrics.json, so the training log and evaluate agree.
+    z, y = np.array([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), np.array([0, 1])
+    assert epoch_metrics(z, y)["macro_f1"] == pytest.approx(2 / 3)
+    assert epoch_metrics(z, y)["macro_f1"] == classification_report(z, y)["macro_f1"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=logits_targets(min_c=2, max_c=9))
+def test_epoch_metrics_match_sklearn_over_all_classes(data: tuple[np.ndarray, np.ndarray]) -> None:
+    z, y = data
+    c = z.shape[1]
+    m = epoch_metrics(torch.from_numpy(z).float(), torch.from_numpy(y))
+    pred = z.astype(np.float32).argmax(axis=1)
+    assert m["macro_f1"] == pytest.approx(
+        skm.f1_score(y, pred, labels=range(c), average="macro", zero_division=0), abs=1e-12)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred), abs=1e-12)
+    if c >= 5:  # top-5 is logged only where it is not trivially 1
+        assert m["top5"] == pytest.approx(sk_topk(z.astype(np.float32).astype(np.float64), y, 5), abs=1e-12)
+    else:
+        assert "top5" not in m
+
+
+def test_epoch_metrics_non_finite_logits_do_not_crash() -> None:
+    # A diverged evaluation must reach the loop's DivergedError / monitor check, not a ValueError here.
+    z = np.full((3, 6), np.nan)
+    m = epoch_metrics(z, np.array([0, 1, 2]))
+    assert np.isnan(m["top5"]) and 0.0 <= m["macro_f1"] <= 1.0
+
+
+@pytest.mark.parametrize("k", [1.5, True, "1", 0, -2])
+def test_topk_k_must_be_a_positive_int(k: object) -> None:
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        topk_accuracy(np.zeros((2, 6)), np.array([0, 1]), k)
+
+
+def test_topk_accepts_numpy_int_k() -> None:
+    z, y = np.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]]), np.array([1, 1])
+    assert topk_accuracy(z, y, np.int64(2)) == 1.0
+
+
 def test_epoch_metrics_unchanged() -> None:
     z = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]], dtype=torch.bfloat16)
     y = torch.tensor([0, 1, 1, 0])

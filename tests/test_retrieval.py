@@ -429,6 +429,95 @@ def test_rerank_rejects_bad_shapes() -> None:
         k_reciprocal_rerank(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros((3, 3)))
 
 
+def rerank_reference(qg: np.ndarray, qq: np.ndarray, gg: np.ndarray, k1: int, k2: int, lam: float,
+                     strict: bool = True) -> tuple[np.ndarray, int]:
+    """k-reciprocal re-ranking (Zhong et al., CVPR 2017) written from the paper, one item at a time, in float64.
+
+    Semantics of the authors' released code (also torchreid's and reid-strong-baseline's): the pooled distance
+    matrix (queries first) is divided row-wise by its maximum; N(p, k) is the first k + 1 items of p's ranking
+    (Python slicing, so k beyond the pool means everyone); R(p, k) keeps those holding p in their own N(., k);
+    a candidate q in R(p, k1) adds R(q, round(k1 / 2)) (numpy's round half to even) when *more than* two thirds
+    of it lies in R(p, k1) (``strict=False``: at least two thirds, the rule this test must tell apart); V_p holds
+    exp(-d) on the expanded set, normalised; V_p becomes the mean of V over p's first k2 items when k2 > 1; the
+    Jaccard distance is 1 - sum(min) / sum(max); the result (1 - lam) * jaccard + lam * d.
+
+    Returns the [Q, G] distances and how many candidate checks had an overlap of exactly two thirds.
+    """
+    d = np.block([[qq, qg], [qg.T, gg]]).astype(np.float64)
+    n, n_q = len(d), len(qq)
+    d = d / d.max(axis=1, keepdims=True)
+    ranking = [sorted(range(n), key=lambda j, i=i: (d[i, j], j)) for i in range(n)]
+
+    def reciprocal(i: int, k: int) -> list[int]:
+        return [j for j in ranking[i][: k + 1] if i in ranking[j][: k + 1]]
+
+    half, exact_ties = int(np.around(k1 / 2)), 0
+    v = np.zeros((n, n))
+    for p in range(n):
+        r_p = reciprocal(p, k1)
+        expanded = set(r_p)
+        for q in r_p:
+            r_q = reciprocal(q, half)
+            overlap = len(set(r_q) & set(r_p))
+            exact_ties += 3 * overlap == 2 * len(r_q)
+            if overlap > 2 / 3 * len(r_q) or (not strict and overlap >= 2 / 3 * len(r_q)):
+                expanded |= set(r_q)
+        members = sorted(expanded)
+        w = np.exp(-d[p, members])
+        v[p, members] = w / w.sum()
+    if k2 > 1:
+        v = np.array([v[ranking[p][:k2]].mean(axis=0) for p in range(n)])
+    jaccard = np.array([[1 - np.minimum(v[i], v[n_q + j]).sum() / np.maximum(v[i], v[n_q + j]).sum()
+                         for j in range(n - n_q)] for i in range(n_q)])
+    return (1 - lam) * jaccard + lam * d[:n_q, n_q:], exact_ties
+
+
+def pooled_distances(rng: np.random.Generator, n_q: int, n_g: int, dim: int) -> tuple[np.ndarray, ...]:
+    """Squared euclidean q-g, q-q, g-g distances (float32) of clustered random points (a few identities)."""
+    centres = rng.standard_normal((4, dim)) * 2
+    x = centres[rng.integers(0, 4, n_q + n_g)] + rng.standard_normal((n_q + n_g, dim))
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1).astype(np.float32)
+    return d[:n_q, n_q:], d[:n_q, :n_q], d[n_q:, n_q:]
+
+
+@pytest.mark.parametrize(("seed", "k1", "k2", "lam"), [
+    (0, 6, 3, 0.3), (1, 6, 3, 0.3), (2, 8, 4, 0.3), (3, 20, 6, 0.3),  # (20, 6, 0.3): the paper's setting
+    (4, 5, 1, 0.5),  # k1 odd: round(2.5) = 2 (half to even); k2 = 1: no query expansion
+    (5, 7, 2, 0.0),  # round(3.5) = 4; lambda 0: Jaccard only
+    (6, 60, 3, 0.0),  # k1 beyond the pool (N = 40): every item is a k-reciprocal neighbour of every other
+    (7, 1, 2, 0.3),  # k1 = 1: round(0.5) = 0, R(q, 0) is q alone
+])
+def test_rerank_matches_an_independent_implementation(seed: int, k1: int, k2: int, lam: float) -> None:
+    rng = np.random.default_rng(seed)
+    qg, qq, gg = pooled_distances(rng, 10, 30, 3)
+    want, exact_ties = rerank_reference(qg, qq, gg, k1, k2, lam)
+    got = k_reciprocal_rerank(qg, qq, gg, k1=k1, k2=k2, lambda_value=lam)
+    assert got.shape == (10, 30) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rerank_two_thirds_overlap_is_not_enough(seed: int) -> None:
+    """Cases holding candidates whose overlap is exactly 2/3, where ``>=`` and the reference's ``>`` disagree."""
+    rng = np.random.default_rng(seed)
+    qg, qq, gg = pooled_distances(rng, 10, 30, 3)
+    want, exact_ties = rerank_reference(qg, qq, gg, 6, 3, 0.3)
+    inclusive, _ = rerank_reference(qg, qq, gg, 6, 3, 0.3, strict=False)
+    assert exact_ties > 0 and np.abs(inclusive - want).max() > 1e-3  # the case tells the two rules apart
+    np.testing.assert_allclose(k_reciprocal_rerank(qg, qq, gg, k1=6, k2=3), want, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"k1": 1.5}, "k1 must be a positive integer"),
+    ({"k1": True}, "k1 must be a positive integer"),
+    ({"k2": 0}, "k2 must be a positive integer"),
+    ({"lambda_value": 1.5}, "lambda_value"),
+])
+def test_rerank_rejects_bad_parameters(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        k_reciprocal_rerank(np.ones((2, 3)), np.ones((2, 2)), np.ones((3, 3)), **kwargs)
+
+
 # ------------------------------------------------------------------------------------------ kNN search & friends
 
 def brute_force(q: np.ndarray, g: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -528,6 +617,36 @@ def test_recall_at_k_against_brute_force() -> None:
         assert got[f"recall@{k}"] == pytest.approx(want)
     assert list(got) == ["recall@1", "recall@5", "recall@10"]
     assert recall_at_k(q, ql, g, gl, ks=(500,))["recall@500"] == pytest.approx(57 / 60)  # K > G: whole gallery
+
+
+def test_recall_at_k_without_queries_raises() -> None:
+    g, gl = np.eye(3, dtype=np.float32), np.array([0, 1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN with a RuntimeWarning: a clear error instead
+        with pytest.raises(ValueError, match="no query"):
+            recall_at_k(np.zeros((0, 3), np.float32), np.zeros(0, np.int64), g, gl)
+
+
+@pytest.mark.parametrize("ks", [(1.5,), (True,), ("1",), (1, 0), (), 5])
+def test_recall_at_k_ks_must_be_positive_integers(ks: object) -> None:
+    x, y = np.eye(3, dtype=np.float32), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match="ks must be"):
+        recall_at_k(x, y, x, y, ks=ks)
+
+
+def test_recall_at_k_accepts_numpy_integer_ks() -> None:
+    x, y = np.eye(3, dtype=np.float32), np.array([0, 1, 2])
+    assert recall_at_k(x, y, x, y, ks=np.array([1, 2])) == {"recall@1": 1.0, "recall@2": 1.0}
+
+
+@pytest.mark.parametrize("k", [1.5, True, 2.0, "2"])
+def test_knn_k_must_be_a_positive_integer(k: object) -> None:
+    x, y = np.eye(3, dtype=np.float32), np.array([0, 1, 2])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        knn_search(x, x, k)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        knn_classify(x, x, y, k)
+    assert knn_search(x, x, np.int64(2))[1].shape == (3, 2)
 
 
 def test_recall_at_k_exclude_self() -> None:

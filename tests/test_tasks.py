@@ -1,12 +1,15 @@
-"""Task objects: the classification loss with mixup on batches of any size."""
+"""Task objects: the classification loss with mixup on batches of any size; the embedding metrics."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
+from sklearn.metrics import f1_score
 from timm.data import Mixup
 from torch import nn
 
-from vistrain.engine.tasks import ClassificationTask
+from vistrain.engine.tasks import ClassificationTask, RetrievalEval, embedding_metrics
 from vistrain.models.losses import LOSSES
 
 
@@ -35,3 +38,35 @@ def test_mixup_targets_are_soft_and_smoothed() -> None:
     assert targets.shape == (6, 3)
     torch.testing.assert_close(targets.sum(dim=1), torch.ones(6))
     assert targets.min() > 0  # label smoothing is inside the soft targets
+
+
+# ------------------------------------------------------------------------------------- embedding metrics
+
+def test_embedding_metrics_report_recall_at_each_configured_k() -> None:
+    # Cosine ranking of the gallery: query 0 (class 0) finds its class first; query 1 (class 1) second.
+    feats = np.array([[1.0, 0.0], [0.0, 1.0],  # queries: class 0, class 1
+                      [0.9, 0.1], [0.8, 0.3], [0.7, 0.5], [0.1, 0.9]], np.float32)  # gallery: 0, 2, 1, 0
+    labels = np.array([0, 1, 0, 2, 1, 0])
+    ev = RetrievalEval(n_query=2, labels=labels, cameras=None, knn_k=1, recall_ks=(1, 3))
+    got = embedding_metrics(feats, ev)
+    assert [k for k in got if k.startswith("recall@")] == ["recall@1", "recall@3"]
+    assert got["recall@1"] == 0.5 and got["recall@3"] == 1.0
+
+
+def test_knn_macro_f1_averages_over_query_and_gallery_classes() -> None:
+    # Classes 0, 1 in the queries; class 2 only in the gallery and never predicted: it counts (F1 0), as a
+    # class of the run that a classifier's macro_f1 counts too.
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], np.float32)
+    ql = np.array([0, 0, 1, 1, 0])
+    gl = np.array([0, 0, 1, 1, 2, 2])
+    q = centres[ql] + 0.05 * rng.standard_normal((5, 3)).astype(np.float32)
+    g = centres[gl] + 0.05 * rng.standard_normal((6, 3)).astype(np.float32)
+    q[4] = centres[1]  # a class-0 query that looks like class 1: one error
+    ev = RetrievalEval(n_query=5, labels=np.concatenate([ql, gl]), cameras=None, knn_k=1)
+    got = embedding_metrics(np.concatenate([q, g]), ev)
+    pred = np.array([0, 0, 1, 1, 1])
+    assert got["knn_acc"] == pytest.approx(0.8)
+    assert got["knn_macro_f1"] == pytest.approx(
+        f1_score(ql, pred, labels=[0, 1, 2], average="macro", zero_division=0))
+    assert got["knn_macro_f1"] < f1_score(ql, pred, average="macro")  # not the mean over classes 0, 1 only

@@ -116,7 +116,7 @@ class TrainCfg(Section):
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     class_weights: Literal["none", "balanced"] = "none"  # balanced: CE weights inverse to class frequency
     early_stopping_patience: Annotated[int, Field(ge=0)] = 5  # epochs without improvement; 0 disables
-    monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@1 (retrieval) when empty
+    monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
@@ -198,9 +198,20 @@ class EvalCfg(Section):
     feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
     flip_feats: bool = False  # average each embedding with the horizontally flipped image's
     knn_k: PositiveInt = 5  # search-based classification: majority class of the k nearest gallery items
+    recall_ks: list[PositiveInt] = [1, 5]  # retrieval runs report recall@K for each K (sorted; monitorable)
     rerank: bool = False  # k-reciprocal re-ranking for re-id
     max_rank: PositiveInt = 50  # CMC length
     memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
+
+    @field_validator("recall_ks")
+    @classmethod
+    def _distinct_ks(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one K is needed, e.g. [1, 5]")
+        if len(set(v)) != len(v):
+            repeated = sorted({k for k in v if v.count(k) > 1})
+            raise ValueError(f"Ks must be distinct; repeated: {', '.join(map(str, repeated))}")
+        return sorted(v)
 
 
 class TuneCfg(Section):
@@ -221,7 +232,14 @@ class OutputCfg(Section):
 
 
 REID_MONITORS = ["mAP", "rank1", "rank5", "rank10", "mINP"]
-RETRIEVAL_MONITORS = ["recall@1", "recall@5", "knn_acc", "knn_macro_f1"]
+
+
+def retrieval_monitors(recall_ks: list[int]) -> list[str]:
+    """What a retrieval run reports: recall@K for each K of eval.recall_ks, then the kNN classification metrics."""
+    return [f"recall@{k}" for k in recall_ks] + ["knn_acc", "knn_macro_f1"]
+
+
+RETRIEVAL_MONITORS = retrieval_monitors(EvalCfg().recall_ks)  # with the default eval.recall_ks
 MONITORS = {
     "classification": ["macro_f1", "accuracy", "valid_loss"],
     "embedding": REID_MONITORS + RETRIEVAL_MONITORS,  # re-id runs (data.source: reid) report the first five
@@ -261,11 +279,14 @@ class Config(Section):
         elif reid:
             valid, kind = REID_MONITORS, "a re-id (data.source: reid)"
         else:
-            valid, kind = RETRIEVAL_MONITORS, "a retrieval"
+            valid, kind = retrieval_monitors(self.eval.recall_ks), "a retrieval"
         if self.train.monitor is None:
             self.train.monitor = valid[0]
         elif self.train.monitor not in valid:
-            raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run; valid: "
+            why = ""
+            if kind == "a retrieval" and self.train.monitor.startswith("recall@"):
+                why = f" (recall@K only for K in eval.recall_ks {self.eval.recall_ks}; add it there)"
+            raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run{why}; valid: "
                              f"{', '.join(valid)}{did_you_mean(self.train.monitor, valid)}")
         if self.task == "embedding" and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")

@@ -66,13 +66,15 @@ class RetrievalEval:
     memory_budget_mb: int = 1024
     rerank: bool = False
     device: str | None = None  # "cuda": rank on the GPU (the exact full ranking, chunked); None: NumPy on the CPU
+    recall_ks: tuple[int, ...] = (1, 5)  # retrieval: report recall@K for each K (eval.recall_ks)
 
 
 class EmbeddingTask:
     """A metric-learning model: weighted loss terms on its training outputs, embeddings at evaluation.
 
     ``terms`` are (name, weight, module) with ``module(out, labels) -> scalar``; each is logged as
-    ``loss_<name>``. Re-id runs report mAP, rank1/5/10 and mINP; retrieval runs Recall@1/5 and kNN accuracy.
+    ``loss_<name>``. Re-id runs report mAP, rank1/5/10 and mINP; retrieval runs Recall@K (K in
+    ``evaluation.recall_ks``), kNN accuracy and kNN macro F1.
     """
 
     def __init__(self, terms: list[tuple[str, float, nn.Module]], evaluation: RetrievalEval,
@@ -122,7 +124,10 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
     """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D].
 
     ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera).
-    ``eval.knn_k`` larger than the gallery votes over the whole gallery.
+    Retrieval: ``recall@K`` for each K in ``ev.recall_ks``; ``knn_acc`` and ``knn_macro_f1`` of the majority vote of
+    the ``ev.knn_k`` nearest gallery items (the whole gallery when it is smaller). ``knn_macro_f1`` averages the
+    per-class F1 over every class of the evaluation, i.e. the classes among query **or** gallery labels; a class no
+    query holds and the vote never predicts scores 0, as a class of a classifier's run does in ``macro_f1``.
     """
     from vistrain.metrics import retrieval
 
@@ -136,8 +141,10 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
         if counts:
             out.update(num_valid_queries=int(res["num_valid_queries"]), num_skipped=int(res["num_skipped"]))
         return out
-    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=(1, 5), device=ev.device).items()}
+    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=ev.recall_ks, device=ev.device).items()}
     pred = retrieval.knn_classify(q, g, gl, k=min(ev.knn_k, len(g)), device=ev.device)
     out["knn_acc"] = float((pred == ql).mean())
-    out["knn_macro_f1"] = macro_f1(ql, pred)
+    classes = np.union1d(ql, gl)  # sorted: searchsorted maps each label to its index among the classes
+    out["knn_macro_f1"] = macro_f1(np.searchsorted(classes, ql), np.searchsorted(classes, pred),
+                                   n_classes=len(classes))
     return out

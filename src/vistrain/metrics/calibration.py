@@ -4,12 +4,23 @@ Conventions, fixed here so every caller reports the same numbers:
 
 * Confidence is the top-1 probability ``max_c probs[i, c]`` and the prediction is its ``argmax`` (ties go to the
   lowest class index, as ``numpy.argmax``).
-* ``n_bins`` equal-width bins over ``[0, 1]`` with edges ``numpy.linspace(0, 1, n_bins + 1)``. Bin ``b`` holds the
-  confidences in ``(edges[b], edges[b + 1]]``: right-closed, so a confidence of exactly ``1.0`` lands in the last
-  bin and one lying exactly on an inner edge lands in the bin below it. The first bin also holds ``0.0`` (a closed
-  ``[0, edges[1]]``) so no confidence in ``[0, 1]`` is dropped. Values a rounding error outside ``[0, 1]`` are
-  clipped into the first / last bin.
+* ``probs`` must be probabilities: every value in ``[0, 1]`` (up to 1e-6) and every row summing to 1 (up to 1e-3,
+  more for float16 / bfloat16 inputs, whose rounding alone can exceed that). Anything else (logits, scaled or
+  negative values) is a ``ValueError`` naming the offending value and row: apply a softmax first.
+* ``n_bins`` equal-width bins over ``[0, 1]`` with edges ``numpy.linspace(0, 1, n_bins + 1)`` in float64. Bin ``b``
+  holds the confidences in ``(edges[b], edges[b + 1]]``: right-closed, so a confidence of exactly ``1.0`` lands in
+  the last bin and one lying exactly on an inner edge lands in the bin below it. The first bin also holds ``0.0``
+  (a closed ``[0, edges[1]]``) so no confidence in ``[0, 1]`` is dropped. Values a rounding error outside
+  ``[0, 1]`` are clipped into the first / last bin. This is the binning of Guo et al.'s released code
+  (``conf > lo and conf <= hi``).
 * ECE is ``sum_b (n_b / N) * |accuracy_b - mean_confidence_b|`` over non-empty bins (Guo et al., 2017).
+
+How torchmetrics differs (``MulticlassCalibrationError``, ``norm="l1"``): it bins with ``torch.bucketize(conf,
+linspace(0, 1, n_bins + 1), right=True) - 1``, i.e. left-closed bins ``[edges[b], edges[b + 1])`` in the
+confidences' dtype (float32). A confidence exactly on an inner edge therefore goes to the bin *above* it there and
+to the bin below it here, and a confidence of exactly ``1.0`` gets a bin of its own (index ``n_bins``) instead of
+joining ``(1 - 1 / n_bins, 1]``. The two ECEs agree whenever no confidence lies exactly on an edge (as float32),
+which is the usual case for a softmax; one-hot or rounded probabilities (e.g. exactly 0.5, 0.6 or 1.0) can differ.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _np
+from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _np, _positive_int
 
 # The temperature search interval. Real networks land in roughly [0.5, 5]; the interval is wide so that logits on
 # an unusual scale still find an interior optimum, and finite so that a separable (or hopeless) set of logits,
@@ -68,17 +79,44 @@ class ReliabilityBins:
                 "confidence": nan_to_none(self.confidence), "accuracy": nan_to_none(self.accuracy)}
 
 
+PROB_RANGE_TOL: float = 1e-6  # how far outside [0, 1] a probability may stray by rounding
+PROB_SUM_TOL: float = 1e-3  # how far from 1 a row may sum (float32 / float64 inputs)
+
+
+def _row_sum_tolerance(probs: ArrayLike) -> float:
+    """PROB_SUM_TOL, widened to two machine epsilons of a low-precision input (float16: 2e-3, bfloat16: 1.6e-2),
+    whose rounding of each value alone can move a row's sum by about half an epsilon."""
+    dtype = getattr(probs, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    else:
+        eps = float(np.finfo(dtype).eps) if dtype is not None and np.dtype(dtype).kind == "f" else 0.0
+    return max(PROB_SUM_TOL, 2 * eps)
+
+
 def _as_probs_targets(probs: ArrayLike, targets: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    return _as_logits_targets(probs, targets, name="probs")
+    """Validated float64 probabilities [N, C] and int64 targets [N]; values that are not probabilities raise."""
+    p, y = _as_logits_targets(probs, targets, name="probs")
+    hint = "; probs must be class probabilities (e.g. softmax(logits)), not logits or scores"
+    lo, hi = p.min(), p.max()
+    if lo < -PROB_RANGE_TOL or hi > 1 + PROB_RANGE_TOL:
+        bad = lo if lo < -PROB_RANGE_TOL else hi
+        row = int(np.argwhere(p == bad)[0, 0])
+        raise ValueError(f"probs: value {bad:.6g} in row {row} is outside [0, 1]{hint}")
+    sums = p.sum(axis=1)
+    worst = int(np.argmax(np.abs(sums - 1.0)))
+    if abs(sums[worst] - 1.0) > _row_sum_tolerance(probs):
+        raise ValueError(f"probs: row {worst} sums to {sums[worst]:.6g}, not 1{hint}")
+    return p, y
 
 
 def reliability_bins(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> ReliabilityBins:
     """Bin the top-1 confidences into ``n_bins`` equal-width bins (see the module docstring for the edges).
 
-    probs: [N, C] class probabilities (rows summing to 1, e.g. a softmax); targets: [N] int class indices.
+    probs: [N, C] class probabilities (rows summing to 1, e.g. a softmax; anything else raises ``ValueError``);
+    targets: [N] int class indices.
     """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    n_bins = _positive_int(n_bins, "n_bins")
     p, y = _as_probs_targets(probs, targets)
     conf = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
@@ -100,7 +138,9 @@ def reliability_bins(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> 
 def expected_calibration_error(probs: ArrayLike, targets: ArrayLike, n_bins: int = 15) -> float:
     """ECE of the top-1 confidence: ``sum_b (n_b / N) * |acc_b - conf_b|`` over ``n_bins`` equal-width bins.
 
-    probs: [N, C] class probabilities; targets: [N] int. Bins are ``(lo, hi]`` with the first bin also holding 0.
+    probs: [N, C] class probabilities (values in [0, 1], rows summing to 1; anything else raises ``ValueError``);
+    targets: [N] int. Bins are ``(lo, hi]`` with the first bin also holding 0 (torchmetrics bins ``[lo, hi)``: see
+    the module docstring).
     """
     return reliability_bins(probs, targets, n_bins).ece()
 

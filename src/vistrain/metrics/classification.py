@@ -1,6 +1,11 @@
 """Classification metrics (a public API). scikit-learn computes them; this module fixes the conventions:
 every class index ``0..C-1`` counts, a class never predicted scores F1 0 rather than a warning.
 
+``macro_f1`` means one thing in every vistrain output (the epoch log, ``train.monitor``, the OOF summary and
+``evaluate``'s metrics.json): the unweighted mean of the per-class F1 over **all C classes of the run**, a class
+neither present in the targets nor predicted scoring 0 (scikit-learn's
+``f1_score(y, pred, labels=range(C), average="macro", zero_division=0)``).
+
 Shapes: ``logits`` [N, C] float scores (any monotone transform of the probabilities gives the same top-k),
 ``targets`` / ``y_true`` / ``y_pred`` [N] int class indices in ``0..C-1``. numpy arrays, torch tensors (any device)
 and sequences are accepted.
@@ -8,6 +13,7 @@ and sequences are accepted.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -33,19 +39,28 @@ def _np(x: ArrayLike) -> np.ndarray:
     return np.asarray(x)
 
 
-def _as_targets(targets: ArrayLike, n: int, n_classes: int) -> np.ndarray:
+def _positive_int(value: object, name: str) -> int:
+    """``value`` as an int >= 1. Python and numpy integers only: a bool, a float (even 2.0) or a string is refused,
+    since ``True`` or ``1.5`` as a count of neighbours or classes is a mistake, not a value to round."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _as_targets(targets: ArrayLike, n: int, n_classes: int, name: str = "targets") -> np.ndarray:
     """Class indices as int64 [n]; a float array is accepted only when it holds whole numbers."""
     y = _np(targets)
     if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"targets must have shape [{n}], got {y.shape}")
+        raise ValueError(f"{name} must have shape [{n}], got {y.shape}")
     if y.dtype.kind == "f":
         if not np.all(np.isfinite(y) & (y == np.round(y))):
-            raise ValueError("targets must be whole numbers (class indices)")
+            raise ValueError(f"{name} must be whole numbers (class indices)")
     elif y.dtype.kind not in "iub":
-        raise ValueError(f"targets must be integer class indices, got dtype {y.dtype}")
+        raise ValueError(f"{name} must be integer class indices, got dtype {y.dtype}")
     y = y.astype(np.int64)
     if n and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"targets must lie in [0, {n_classes - 1}], got range [{y.min()}, {y.max()}]")
+        raise ValueError(f"{name} must lie in [0, {n_classes - 1}] (n_classes={n_classes}), "
+                         f"got range [{y.min()}, {y.max()}]")
     return y
 
 
@@ -67,8 +82,7 @@ def topk_accuracy(logits: ArrayLike, targets: ArrayLike, k: int = 1) -> float:
     scikit-learn only takes a 1-d score, the result equals its binary rule on ``softmax(logits)[:, 1]``: class 1 is
     predicted iff ``logits[:, 1] > logits[:, 0]``, so a tie predicts class 0.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    k = _positive_int(k, "k")
     scores, y = _as_logits_targets(logits, targets)
     n_classes = scores.shape[1]
     if k >= n_classes:  # every class is in the top k; scikit-learn returns 1.0 too, with a warning
@@ -84,12 +98,18 @@ def topk_accuracy(logits: ArrayLike, targets: ArrayLike, k: int = 1) -> float:
 def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, *, n_classes: int | None = None) -> float:
     """Unweighted mean of the per-class F1. y_true [N], y_pred [N] int.
 
-    By default the mean runs over the classes present in ``y_true`` or ``y_pred`` (scikit-learn's
-    ``f1_score(average="macro")``); pass ``n_classes`` to make every class ``0..n_classes-1`` count, a class that
-    is neither present nor predicted then scoring 0.
+    ``n_classes`` (what every vistrain output uses, see the module docstring): every class ``0..n_classes-1``
+    counts, a class neither present nor predicted scoring 0; a label outside that range is a ``ValueError``
+    (scikit-learn would silently leave it out of the mean). Without it the mean runs over the classes present in
+    ``y_true`` or ``y_pred`` (scikit-learn's ``f1_score(average="macro")``), so a run missing a class in its
+    validation part would score higher than one over all classes.
     """
-    labels = None if n_classes is None else np.arange(n_classes)
-    return float(skm.f1_score(_np(y_true), _np(y_pred), labels=labels, average="macro", zero_division=0))
+    if n_classes is None:
+        return float(skm.f1_score(_np(y_true), _np(y_pred), average="macro", zero_division=0))
+    n_classes = _positive_int(n_classes, "n_classes")
+    t = _as_targets(y_true, len(_np(y_true)), n_classes, name="y_true")
+    p = _as_targets(y_pred, len(t), n_classes, name="y_pred")
+    return float(skm.f1_score(t, p, labels=np.arange(n_classes), average="macro", zero_division=0))
 
 
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
@@ -98,10 +118,22 @@ def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
 
 
 def epoch_metrics(logits: ArrayLike, targets: ArrayLike) -> dict[str, float]:
-    """What the training loop logs each epoch for a classifier. logits [N, C], targets [N]."""
-    scores, y = _np(logits), _np(targets).astype(int)
+    """What the training loop logs each epoch for a classifier (and the OOF summary). logits [N, C], targets [N].
+
+    ``macro_f1`` over all C classes (as ``classification_report``), ``accuracy`` of the argmax, and ``top5``
+    (:func:`topk_accuracy`, k = 5) when C >= 5 (below that it is always 1). Non-finite logits (a diverged model)
+    are not an error here: ``top5`` is then NaN, and the loop's own checks report the divergence.
+    """
+    scores = np.asarray(_np(logits), dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"logits must have shape [N, C] with C >= 1, got {scores.shape}")
+    n_classes = scores.shape[1]
+    y = _as_targets(targets, len(scores), n_classes)
     pred = scores.argmax(axis=1)
-    return {"macro_f1": macro_f1(y, pred), "accuracy": accuracy(y, pred)}
+    out = {"macro_f1": macro_f1(y, pred, n_classes=n_classes), "accuracy": accuracy(y, pred)}
+    if n_classes >= 5:
+        out["top5"] = topk_accuracy(scores, y, k=5) if np.all(np.isfinite(scores)) else math.nan
+    return out
 
 
 def classification_report(logits: ArrayLike, targets: ArrayLike,

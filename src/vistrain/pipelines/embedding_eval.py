@@ -41,7 +41,7 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     codes = {v: i for i, v in enumerate(sorted(both["label"].unique()))}
     cams = both["camera"].astype(int).to_numpy() if reid else None
     ev = RetrievalEval(len(query), both["label"].map(codes).to_numpy(), cams, e.feat_norm, False, e.knn_k,
-                       e.max_rank, e.memory_budget_mb, e.rerank)
+                       e.max_rank, e.memory_budget_mb, e.rerank, recall_ks=tuple(e.recall_ks))
     metrics = {**embedding_metrics(feats, ev, counts=True), "split": split, "n_query": int(len(query)),
                "n_gallery": int(len(gal))}
     out = run.path / "eval" / split

@@ -130,7 +130,8 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
         terms.append((term.name, term.weight, module.to(device)))
     cams = data.items["camera"].to_numpy()[v_idx].astype(np.int64) if reid else None
     evaluation = RetrievalEval(len(q_idx), data.eval_codes[v_idx], cams, e.feat_norm, e.flip_feats, e.knn_k,
-                               e.max_rank, e.memory_budget_mb, e.rerank, "cuda" if device.type == "cuda" else None)
+                               e.max_rank, e.memory_budget_mb, e.rerank, "cuda" if device.type == "cuda" else None,
+                               recall_ks=tuple(e.recall_ks))
     warm = t.freeze_backbone_epochs or int(np.ceil(t.warmup_epochs))
     margin: Callable[[int], float] | None = None
     if m.head != "linear":

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike
+from vistrain.metrics.classification import ArrayLike, _positive_int
 from vistrain.metrics.retrieval._common import (
     Metric,
     _as_tensor,
@@ -65,7 +65,8 @@ def knn_search(query: ArrayLike, gallery: ArrayLike, k: int, metric: Metric = "c
                backend: Literal["auto", "faiss", "torch"] = "auto") -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest gallery items of every query: ``(values, indices)``, numpy float32 / int64 [Q, k].
 
-    query [Q, D], gallery [G, D] (cast to float32), 1 <= k <= G. ``metric="cosine"``: values are cosine similarities
+    query [Q, D], gallery [G, D] (cast to float32), 1 <= k <= G (an integer: a bool or float raises ``ValueError``).
+    ``metric="cosine"``: values are cosine similarities
     of the L2-normalised vectors (inner products), best first; ``"euclidean"``: squared euclidean distances, nearest
     first. Equal values within the k are ordered by gallery index; which of several items tied at the k-th value is
     returned depends on the backend.
@@ -96,6 +97,7 @@ def knn_search(query: ArrayLike, gallery: ArrayLike, k: int, metric: Metric = "c
     n_g, d_q, d_g = _length(gallery), _np_shape(query)[1:], _np_shape(gallery)[1:]
     if d_q != d_g:
         raise ValueError(f"query and gallery differ in dimension: {d_q} vs {d_g}")
+    k = _positive_int(k, "k")
     if not 1 <= k <= n_g:
         raise ValueError(f"k must lie in [1, {n_g}] (the gallery size), got {k}")
     if backend == "faiss":
@@ -120,6 +122,7 @@ def knn_classify(query: ArrayLike, gallery: ArrayLike, gallery_labels: ArrayLike
     the vote goes to the tied label whose nearest member ranks first.
     """
     labels = _labels(gallery_labels, _length(gallery), "gallery_labels")
+    k = _positive_int(k, "k")
     _, idx = knn_search(query, gallery, k, metric, memory_budget_mb, device)
     return knn_vote(idx, labels)
 
@@ -134,6 +137,16 @@ def knn_vote(idx: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return labels[idx[np.arange(len(idx)), best]]
 
 
+def _recall_ks(ks: Sequence[int]) -> list[int]:
+    """``ks`` as a list of ints, each >= 1; anything else (an empty or non-sequence, a bool, a float) raises."""
+    if isinstance(ks, str | bytes) or not isinstance(ks, Sequence | np.ndarray) or len(ks) == 0:
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}")
+    try:
+        return [_positive_int(k, "k") for k in ks]
+    except ValueError:
+        raise ValueError(f"ks must be a non-empty sequence of positive integers, got {ks!r}") from None
+
+
 def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, gallery_emb: ArrayLike,
                 gallery_labels: ArrayLike | Sequence, ks: Sequence[int] = (1, 5), *, metric: Metric = "cosine",
                 exclude_self: bool = False, memory_budget_mb: float = 256,
@@ -144,13 +157,15 @@ def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, galler
     cosine similarity of L2-normalised embeddings (inner product) by default. Every query counts in the denominator,
     including one whose class is absent from the gallery. A K larger than the gallery means the whole gallery.
     ``exclude_self=True`` is for a query set that *is* the gallery (Q == G, same order): item i is not its own
-    neighbour. Returns ``{"recall@K": fraction}`` for each K in ``ks``.
+    neighbour. ``ks``: a non-empty sequence of positive integers (Python or numpy; not bools or floats). Returns
+    ``{"recall@K": fraction}`` for each K in ``ks``. No query, or no gallery item to retrieve, is a ``ValueError``.
     """
     n_q, n_g = _length(query_emb), _length(gallery_emb)
     ql = _labels(query_labels, n_q, "query_labels")
     gl = _labels(gallery_labels, n_g, "gallery_labels")
-    if not ks or min(ks) < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    ks = _recall_ks(ks)
+    if n_q == 0:
+        raise ValueError("recall_at_k: there is no query to evaluate (query_emb has 0 rows)")
     if exclude_self and n_q != n_g:
         raise ValueError(f"exclude_self needs the query set to be the gallery, got Q={n_q}, G={n_g}")
     available = n_g - int(exclude_self)
