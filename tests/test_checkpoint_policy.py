@@ -138,3 +138,25 @@ def test_the_last_epoch_is_always_evaluated() -> None:
     rows, improved, _ = _fit(epochs=4, every=3, patience=0)
     assert [r["epoch"] for r in rows if "macro_f1" in r] == [3, 4]
     assert [r["epoch"] for r in rows if "valid_loss" in r] == [3, 4], "no valid_loss key on unevaluated epochs"
+
+
+def test_tune_reports_only_evaluated_epochs(tmp_path: Path) -> None:
+    """A trial with train.eval_every_n_epochs reports the monitor of evaluated epochs and skips the others."""
+    from vistrain.config.schema import Config
+    from vistrain.pipelines.tune import _Context, _Reporter
+
+    class Trial:
+        def __init__(self) -> None:
+            self.reported: list[tuple[float, int]] = []
+
+        def report(self, value: float, step: int) -> None:
+            self.reported.append((value, step))
+
+        def should_prune(self) -> bool:
+            return False
+
+    trial = Trial()
+    reporter = _Reporter(trial, _Context(Config(), [], tmp_path, [0], 4, "macro_f1"))
+    reporter({"fold": 0, "epoch": 1, "train_loss": 1.0, "lr": 0.1})
+    reporter({"fold": 0, "epoch": 2, "train_loss": 0.9, "valid_loss": 0.8, "macro_f1": 0.5, "lr": 0.1})
+    assert trial.reported == [(0.5, 2)]

@@ -384,10 +384,10 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             atomic_save(weights, run.ckpt("best", fold))
             if setup.keep_valid_outputs and outputs is not None:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
+        _policy_checkpoints(run, fold, t, state.history, weights)  # before the last: a crash re-runs the epoch
         # meta carries "task" (the config's task name), so the task's own state (center-loss centers) has its key
         atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
                      **meta}, last_path)
-        _policy_checkpoints(run, fold, t, state.history, weights)
         run.append_metrics(row)
         trackers.log_epoch(row)
         if on_epoch is not None:
