@@ -81,6 +81,30 @@ def test_eval_every_n_epochs_rows_and_log(runs: Runs) -> None:
     assert best and set(best) <= {2, 3}
 
 
+def test_keep_best_k_ranking_survives_a_resume(tmp_path: Path) -> None:
+    """Stopped after epoch 1 and resumed: the kept files are the 2 best of all 3 epochs, not of the resumed 2."""
+    from vistrain.config import load_config
+    from vistrain.pipelines.train import run_train
+
+    data = write_csv_dataset(tmp_path / "data", classes=("a", "b"), per_class=6)
+    cfg = load_config(write_yaml(tmp_path / "cfg.yaml", tiny_config(
+        data.root, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None}, tracking={"tensorboard": False},
+        train={"epochs": 3, "batch_size": 4, "keep_best_k": 2, "monitor": "valid_loss"})))
+
+    def stop(row: dict[str, Any]) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg, on_epoch=stop)
+    run_dir = run_train(cfg, resume=True).run_dir
+    rows = read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    best2 = sorted(r["epoch"] for r in sorted(rows, key=lambda r: (r["valid_loss"], r["epoch"]))[:2])
+    kept = sorted(int(re.fullmatch(r"top_epoch(\d+)_fold0\.pth", p.name).group(1))
+                  for p in run_dir.glob("ckpt/top_epoch*_fold0.pth"))
+    assert kept == best2, ([(r["epoch"], r["valid_loss"]) for r in rows], kept)
+
+
 # ------------------------------------------------------------------------------- the loop, on a toy task
 
 class ConstantTask:
