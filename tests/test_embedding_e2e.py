@@ -80,6 +80,13 @@ def test_reid_run_reports_map_and_rank1(tmp_path: Path) -> None:
     for r in rows:
         assert {"mAP", "rank1", "rank5", "rank10", "mINP", "loss_ce", "loss_triplet"} <= set(r)
         assert 0 <= r["mAP"] <= 1
+    log = (run / "train.log").read_text()
+    epoch_lines = [ln for ln in log.splitlines() if "[EPOCH]" in ln]
+    assert epoch_lines and not any("=None" in ln for ln in epoch_lines), "no valid_loss=None on the epoch line"
+    cfg_lines = "\n".join(ln for ln in log.splitlines() if "[CFG]" in ln)
+    assert "[CFG] loss:" in cfg_lines and "'query_folder'" in cfg_lines and "'p': 4" in cfg_lines
+    for unread in ("'mixup_alpha'", "'failure_threshold'", "'class_weights'", "'valid_fold'", "'train_ratio'"):
+        assert unread not in cfg_lines, f"{unread} is not read by a re-id run: [CFG] leaves it out"
     splits = pd.read_csv(run / "splits.csv")
     assert set(splits["split"]) == {"train", "query", "gallery"}
     assert -1 not in set(splits["label"])  # junk dropped

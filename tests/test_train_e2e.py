@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from conftest import (
     CsvDataset,
     Started,
@@ -123,6 +124,18 @@ def test_train_log_has_every_tag(runs):
     copies = list((runs.root / "logs").glob(f"run_*_{runs.run_dir.name}.log"))
     assert len(copies) == 1, "output.logs_dir must hold one copy of train.log"
     assert all(t in copies[0].read_text() for t in TAGS)
+
+
+def test_cfg_lines_show_the_classifier_keys_and_config_yaml_keeps_all(runs):
+    log = (runs.run_dir / "train.log").read_text()
+    cfg_lines = "\n".join(ln for ln in log.splitlines() if "[CFG]" in ln)
+    for unread in ("[CFG] loss:", "'last_stride'", "'arcface_s'", "'neck'", "'query_folder'", "'knn_k'",
+                   "'rerank'", "'freeze_backbone_epochs'", "'p': 16", "'train_ratio'"):
+        assert unread not in cfg_lines, f"{unread} is not read by a classifier: [CFG] leaves it out"
+    for read in ("'label_smoothing'", "'failure_threshold'", "'mixup_alpha'", "'valid_fold'", "'name': 'random'"):
+        assert read in cfg_lines
+    saved = yaml.safe_load((runs.run_dir / "config.yaml").read_text())
+    assert "terms" in saved["loss"] and "last_stride" in saved["model"] and "knn_k" in saved["eval"]
 
 
 def test_metrics_jsonl_one_row_per_fold_and_epoch(runs):

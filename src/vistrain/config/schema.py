@@ -73,7 +73,8 @@ class DataCfg(Section):
 class ModelCfg(Section):
     name: str = "resnet18"  # any timm model name
     pretrained: bool = False  # load ImageNet weights (from pretrained_path when given)
-    pretrained_path: Path | None = None  # local .pth/.safetensors file; nothing is downloaded when set
+    pretrained_path: Path | None = None  # local .pth/.safetensors file (or a vistrain checkpoint); no download then
+    init_from: Path | None = None  # fine-tune from a vistrain run directory or checkpoint: matching tensors load
     pooling: Literal["avg", "max", "avgmax", "catavgmax", "gem"] = "avg"  # timm global_pool
     drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout before the classifier
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # stochastic depth, where the model has it
@@ -115,7 +116,10 @@ class TrainCfg(Section):
     grad_accum_steps: PositiveInt = 1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     class_weights: Literal["none", "balanced"] = "none"  # balanced: CE weights inverse to class frequency
-    early_stopping_patience: Annotated[int, Field(ge=0)] = 5  # epochs without improvement; 0 disables
+    early_stopping_patience: Annotated[int, Field(ge=0)] = 5  # evaluations without improvement; 0 disables
+    eval_every_n_epochs: PositiveInt = 1  # validate (monitor, best, early stopping) every N epochs and at the last
+    save_every_n_epochs: Annotated[int, Field(ge=0)] = 0  # also keep ckpt/epoch{E}_fold{k}.pth every N epochs; 0: no
+    keep_best_k: Annotated[int, Field(ge=0)] = 0  # also keep the K best evaluated epochs: ckpt/top_epoch{E}_fold{k}.pth
     monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
@@ -247,6 +251,19 @@ MONITORS = {
 # Keys that only an embedding model reads, with their defaults: a classification config that changes one is a mistake.
 EMBEDDING_ONLY = {"model.last_stride": None, "model.embedding_dim": None, "model.head": "linear",
                   "model.arcface_m_warmup": 0.0, "model.arcface_m_finetune": 0.5, "model.margin_ramp_epochs": 0}
+REID_DATA_KEYS = ["data.root", "data.train_folder", "data.query_folder", "data.gallery_folder"]
+RATIO_KEYS = ["data.train_ratio", "data.val_ratio", "data.test_ratio"]
+# Keys (or whole sections) a task never reads: its [CFG] log lines leave them out. config.yaml keeps every key,
+# so it re-runs as is.
+NOT_READ_BY = {
+    "classification": [*EMBEDDING_ONLY, *REID_DATA_KEYS, *RATIO_KEYS, "data.min_image_size", "model.neck",
+                       "model.arcface_s", "loss", "train.freeze_backbone_epochs", "train.backbone_lr_mult",
+                       "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.rerank", "eval.max_rank",
+                       "eval.memory_budget_mb"],
+    "embedding": ["data.folds", "data.valid_fold", "data.stratify", "model.drop_rate", "train.label_smoothing",
+                  "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
+                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta"],
+}
 
 
 class Config(Section):
@@ -292,6 +309,11 @@ class Config(Section):
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")
         if self.data.source == "reid" and self.task != "embedding":
             raise ValueError("data.source: reid needs task: embedding")
+        m = self.model
+        if m.init_from is not None and (m.pretrained_path is not None or m.pretrained):
+            other = "model.pretrained_path" if m.pretrained_path is not None else "model.pretrained"
+            raise ValueError(f"model.init_from and {other}: set one; init_from starts from a vistrain run's weights "
+                             f"instead of pretrained ones (set {other}={'null' if 'path' in other else 'false'})")
         if self.task == "embedding":
             self._check_loss_terms()
             self._check_sampler()
@@ -332,6 +354,15 @@ class Config(Section):
             problems.append("loss.terms: at least one term is needed, e.g. [{name: ce}]")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def keys_not_read(self) -> list[str]:
+        """Dotted keys (or sections) this config's task, data source and sampler never read."""
+        keys = list(NOT_READ_BY[self.task])
+        if self.sampler.name != "pk":
+            keys += ["sampler.p", "sampler.k"]
+        if self.task == "embedding":
+            keys += RATIO_KEYS if self.data.source == "reid" else REID_DATA_KEYS
+        return keys
 
     def folds_to_train(self) -> list[int]:
         v = self.data.valid_fold

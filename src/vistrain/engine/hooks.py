@@ -36,3 +36,11 @@ class EarlyStopping:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+def best_epochs(history: list[dict[str, Any]], monitor: str, k: int) -> set[int]:
+    """The epochs of the ``k`` best ``monitor`` values among the rows that have one (evaluated epochs); equal
+    values rank the earlier epoch first, as ``EarlyStopping`` keeps the first of equal bests."""
+    sign = 1 if monitor in MINIMISE else -1
+    scored = sorted((sign * row[monitor], row["epoch"]) for row in history if row.get(monitor) is not None)
+    return {epoch for _, epoch in scored[:k]}

@@ -93,6 +93,7 @@ class LoopOptions:
     label: str = ""  # "fold 0" in progress lines
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
     dist: DistInfo = SINGLE  # several processes: every rank acts on rank 0's monitor value
+    eval_every: int = 1  # validate every N epochs and at the last one; early stopping counts evaluations
 
 
 def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +164,7 @@ def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
     return (None if loss is None else float(loss)), out, tgt
 
 
-EpochCallback = Callable[[TrainState, dict[str, Any], torch.Tensor, bool], None]
+EpochCallback = Callable[[TrainState, dict[str, Any], torch.Tensor | None, bool], None]
 
 
 def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: DataLoader, epochs: int,
@@ -171,7 +172,8 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
     """Train from ``state.epoch`` to ``epochs`` or until early stopping.
 
     ``on_epoch_end(state, row, outputs, improved)`` runs after each epoch's state is final: it is where the
-    caller saves checkpoints and writes the metrics row, so a crash after it loses nothing.
+    caller saves checkpoints and writes the metrics row, so a crash after it loses nothing. An epoch without
+    validation (``opt.eval_every``) has a row of training values only and ``outputs`` None.
     """
     device = opt.device
     while state.epoch < epochs and not state.stopper.should_stop:
@@ -183,15 +185,18 @@ def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: D
             generator.manual_seed(state.seed + state.epoch)
         task.on_epoch_start(state.model, state.epoch)
         train = train_one_epoch(state, task, train_loader, opt)
-        valid_loss, outputs, targets = evaluate(state.eval_model(), task, valid_loader, opt)
-        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train, "valid_loss": valid_loss,
-               **task.metrics(outputs, targets), "lr": state.optimizer.param_groups[0]["lr"]}
-        monitor = main_value(opt.dist, row[state.stopper.monitor])
-        if not math.isfinite(monitor):
-            raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")
-        improved = state.stopper.step(monitor, state.epoch + 1)
+        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train}
+        outputs, monitor, improved = None, None, False
+        if (state.epoch + 1) % opt.eval_every == 0 or state.epoch + 1 == epochs:
+            valid_loss, outputs, targets = evaluate(state.eval_model(), task, valid_loader, opt)
+            row.update({"valid_loss": valid_loss, **task.metrics(outputs, targets)})
+            monitor = main_value(opt.dist, row[state.stopper.monitor])
+            if not math.isfinite(monitor):
+                raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")
+            improved = state.stopper.step(monitor, state.epoch + 1)
+        row["lr"] = state.optimizer.param_groups[0]["lr"]
         state.epoch += 1
-        state.scheduler.step(state.epoch, metric=monitor)
+        state.scheduler.step(state.epoch, metric=monitor)  # plateau: only evaluated epochs count
         row["time_s"] = round(time.time() - start, 3)
         row["mem_MiB"] = round(peak_memory_mib(device), 1)
         row = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in row.items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -20,11 +19,11 @@ def create_backbone_model(
     num_classes: int,
     pooling: str = "avg",
     pretrained: bool = False,
-    pretrained_path: Path | None = None,
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
-    """``timm.create_model`` with one-line errors; weights come from ``pretrained_path`` when given."""
+    """``timm.create_model`` with one-line errors. ``pretrained`` downloads timm's weights; a local file
+    (``model.pretrained_path``, ``model.init_from``) is loaded afterwards by ``models.init.init_weights``."""
     known = timm.list_models()
     if name.split(".")[0] not in known:
         raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
@@ -35,22 +34,15 @@ def create_backbone_model(
         # timm drops None kwargs, so models without stochastic depth still build.
         "drop_path_rate": drop_path_rate or None,
     }
-    if pretrained_path is not None:
-        if not pretrained_path.is_file():
-            raise UserError(f"model.pretrained_path: file not found: {pretrained_path}")
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
     try:
-        return timm.create_model(name, pretrained=pretrained or pretrained_path is not None, **kwargs)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as err:
         raise UserError(f"model.name: {name} does not accept these options ({err}); "
                         "try model.drop_path_rate=0 or model.pooling=avg") from err
     except (OSError, RuntimeError) as err:
-        if pretrained and pretrained_path is None:
+        if pretrained:
             raise UserError(f"model.pretrained: could not fetch weights for {name} ({type(err).__name__}); "
                             "download them once and set model.pretrained_path=FILE") from err
-        if pretrained_path is not None:
-            raise UserError(f"model.pretrained_path: cannot load {pretrained_path} into {name}: "
-                            f"{str(err).splitlines()[0]}") from err
         raise
 
 
@@ -107,9 +99,10 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def build_model(task: str, m: Any, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The model for ``task`` from the ``model`` config section. ``pretrained=False`` skips ImageNet weights
-    (inference: the run's own checkpoint is loaded next)."""
-    weights = {"pretrained": m.pretrained and pretrained, "pretrained_path": m.pretrained_path if pretrained else None}
+    """The model for ``task`` from the ``model`` config section. ``pretrained=False`` skips the timm download
+    (inference: the run's own checkpoint is loaded next). Weights from a file (``model.pretrained_path``,
+    ``model.init_from``) are not loaded here: ``models.init.init_weights`` does it, and reports it."""
+    weights = {"pretrained": m.pretrained and pretrained and m.pretrained_path is None}
     if task == "embedding":
         from vistrain.models.embedding import EmbeddingModel
 

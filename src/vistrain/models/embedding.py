@@ -7,7 +7,6 @@ logits (for the classification loss); eval mode returns the BN feature, the retr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,7 +80,6 @@ class EmbeddingModel(nn.Module):
         s: float = 64.0,
         m: float = 0.5,
         pretrained: bool = False,
-        pretrained_path: Path | None = None,
         drop_path_rate: float = 0.0,
         last_stride: int | None = None,
         neck: str = "bnneck",
@@ -97,8 +95,7 @@ class EmbeddingModel(nn.Module):
         if embedding_dim is not None and embedding_dim < 1:
             raise UserError(f"model.embedding_dim: must be a positive integer or null; got {embedding_dim}")
 
-        self.backbone = create_backbone_model(name, 0, pooling="", pretrained=pretrained,
-                                              pretrained_path=pretrained_path, drop_path_rate=drop_path_rate)
+        self.backbone = create_backbone_model(name, 0, pooling="", pretrained=pretrained, drop_path_rate=drop_path_rate)
         if last_stride == 1:
             set_last_stride_1(self.backbone, name)
         # Swin-style backbones return channels-last [B, H, W, C] features; the pooling wants [B, C, H, W].

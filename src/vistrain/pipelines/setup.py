@@ -24,6 +24,7 @@ from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
 from vistrain.errors import UserError, lookup
 from vistrain.models.build import build_model, data_config
+from vistrain.models.init import init_weights
 from vistrain.models.losses import LOSSES
 
 if TYPE_CHECKING:
@@ -40,15 +41,19 @@ class FoldSetup:
     params: nn.Module | list[dict[str, Any]]  # what the optimiser gets (a module: timm's decay filtering)
     n_valid: int
     keep_valid_outputs: bool  # classification: the best epoch's logits become the OOF logits
+    weights: str = "random init"  # where the starting weights came from, for the [MODEL] line
 
 
-def _model_and_config(cfg: Config, n_classes: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: int
+                      ) -> tuple[nn.Module, dict[str, Any], str]:
+    """The fold's model with its starting weights, its preprocessing, and where the weights came from."""
     model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
+    weights = init_weights(model, cfg.model, fold)
     dcfg = {**data_config(model), "img_size": list(size_hw(cfg.train.img_size))}
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, dcfg
+    return model, dcfg, weights
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
@@ -81,7 +86,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
     train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
-    model, dcfg = _model_and_config(cfg, n_classes, device)
+    model, dcfg, start = _model_and_config(cfg, n_classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
                                           dcfg, device, info)
@@ -100,7 +105,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
     task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup)
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True)
+    return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 
 def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
@@ -118,7 +123,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     train_idx = np.flatnonzero(split == "train")
     if len(q_idx) == 0:
         raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
-    model, dcfg = _model_and_config(cfg, len(data.classes), device)
+    model, dcfg, start = _model_and_config(cfg, len(data.classes), device, fold)
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
@@ -139,7 +144,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
             return margin_at_epoch(epoch, warm, m.arcface_m_warmup, m.arcface_m_finetune, m.margin_ramp_epochs)
     task = EmbeddingTask(terms, evaluation, margin, t.freeze_backbone_epochs)
     params = model.param_groups(t.lr, t.backbone_lr_mult, t.weight_decay)
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False)
+    return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False, start)
 
 
 SETUPS: dict[str, Callable[[Config, Any, int, torch.device, DistInfo], FoldSetup]] = {

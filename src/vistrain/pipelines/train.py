@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import re
 import shutil
 import sys
 import time
@@ -25,12 +26,13 @@ from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
 from vistrain.engine import device as dev
 from vistrain.engine import distributed
 from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
-from vistrain.engine.hooks import EarlyStopping
+from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.errors import UserError
 from vistrain.metrics.classification import epoch_metrics
 from vistrain.models.build import count_parameters
+from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
@@ -141,6 +143,8 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     if bad_folds:
         raise UserError(f"--fold: {bad_folds[0]} is not a fold of data.folds={cfg.data.folds}; "
                         f"valid: 0..{cfg.data.folds - 1}")
+    require_source(cfg.model.init_from, "model.init_from")
+    require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
@@ -213,8 +217,7 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
              vistrain.__version__, torch.__version__, timm.__version__, _device_name(device), precision.name,
              info.world, run.path, " (resumed)" if run.resumed else "")
     cfg = distributed.from_main(info, lambda: _resolve_auto(cfg, device, precision, len(data.classes)))
-    for section, values in config_to_dict(cfg).items():
-        log.info("[CFG] %s: %s", section, values)
+    _log_config(cfg)
     if info.is_main:
         _write_run_files(cfg, run, data, config_path)
         _log_data(cfg, data, folds, run)
@@ -236,6 +239,23 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
         trackers.close(failed=failed)
     log.info("[DONE] run=%s | %s", run.path, _fmt_summary(summary))
     return summary
+
+
+def _log_config(cfg: Config) -> None:
+    """One [CFG] line per section with the keys this run reads (config.yaml keeps them all)."""
+    unread = set(cfg.keys_not_read())
+    for section, values in config_to_dict(cfg).items():
+        if section in unread:
+            continue
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if f"{section}.{k}" not in unread}
+        log.info("[CFG] %s: %s", section, values)
+    t = cfg.train
+    if t.eval_every_n_epochs > 1:
+        patience = (f"early stopping patience counts evaluations ({t.early_stopping_patience} = "
+                    f"{t.early_stopping_patience * t.eval_every_n_epochs} epochs)" if t.early_stopping_patience
+                    else "no early stopping")
+        log.info("[CFG] validation every %d epochs; %s", t.eval_every_n_epochs, patience)
 
 
 def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int) -> Config:
@@ -336,8 +356,9 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
                        seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
     total, trainable = count_parameters(model)
-    log.info("[MODEL] fold=%d %s | pooling=%s | params=%.2fM (trainable %.2fM) | input=%s | mean=%s std=%s | "
-             "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, total / 1e6, trainable / 1e6,
+    log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | input=%s | "
+             "mean=%s std=%s | train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights,
+             total / 1e6, trainable / 1e6,
              dcfg["img_size"], [round(x, 3) for x in dcfg["mean"]], [round(x, 3) for x in dcfg["std"]],
              len(train_loader.dataset), setup.n_valid, len(train_loader))
     last_path = run.ckpt("last", fold)
@@ -354,15 +375,16 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             "task": cfg.task, "vistrain_version": vistrain.__version__}
     fold_start = time.time() - (state.history[-1].get("fold_time_s", 0.0) if state.history else 0.0)
 
-    def on_epoch_end(state: TrainState, row: dict[str, Any], outputs: torch.Tensor, improved: bool) -> None:
+    def on_epoch_end(state: TrainState, row: dict[str, Any], outputs: torch.Tensor | None, improved: bool) -> None:
         row["fold_time_s"] = round(time.time() - fold_start, 3)
         if not info.is_main:
             return
+        weights = {"model": state.eval_model().state_dict(), "epoch": state.epoch, "metrics": row, **meta}
         if improved:
-            best = {"model": state.eval_model().state_dict(), "epoch": state.epoch, "metrics": row}
-            atomic_save({**best, **meta}, run.ckpt("best", fold))
-            if setup.keep_valid_outputs:
+            atomic_save(weights, run.ckpt("best", fold))
+            if setup.keep_valid_outputs and outputs is not None:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
+        _policy_checkpoints(run, fold, t, state.history, weights)  # before the last: a crash re-runs the epoch
         # meta carries "task" (the config's task name), so the task's own state (center-loss centers) has its key
         atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
                      **meta}, last_path)
@@ -370,8 +392,8 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         trackers.log_epoch(row)
         if on_epoch is not None:
             on_epoch(row)
-        log.info("[EPOCH] fold=%d epoch=%d/%d %s", fold, row["epoch"], t.epochs,
-                 " ".join(f"{k}={_fmt(k, v)}" for k, v in row.items() if k not in ("fold", "epoch", "fold_time_s")))
+        log.info("[EPOCH] fold=%d epoch=%d/%d %s", fold, row["epoch"], t.epochs, " ".join(
+            f"{k}={_fmt(k, v)}" for k, v in row.items() if k not in ("fold", "epoch", "fold_time_s") and v is not None))
         if improved:
             log.info("NEW_BEST fold=%d epoch=%d %s=%.4f -> %s", fold, state.epoch, t.monitor, row[t.monitor],
                      run.ckpt("best", fold).relative_to(run.path))
@@ -379,16 +401,37 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
                        grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
                        progress=show_progress() and info.is_main, label=f"fold {fold}", row_prefix={"fold": fold},
-                       dist=info)
+                       dist=info, eval_every=t.eval_every_n_epochs)
     fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
     if state.stopper.should_stop:
-        log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d epochs (best %.4f at epoch %d)",
-                 fold, state.epoch, t.monitor, t.early_stopping_patience, stopper.best, stopper.best_epoch)
+        log.info("[EPOCH] fold=%d early stop after epoch %d: %s did not improve for %d %s (best %.4f at epoch %d)",
+                 fold, state.epoch, t.monitor, t.early_stopping_patience,
+                 "epochs" if t.eval_every_n_epochs == 1 else f"evaluations (every {t.eval_every_n_epochs} epochs)",
+                 stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
     if info.is_main:
         atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
+
+
+def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dict[str, Any]],
+                        weights: dict[str, Any]) -> None:
+    """``train.save_every_n_epochs``: ``epoch{E}_fold{k}.pth``, kept. ``train.keep_best_k``: the K best evaluated
+    epochs as ``top_epoch{E}_fold{k}.pth``; the ranking comes from ``history`` (in the last checkpoint, so a
+    resumed run keeps it), and files of epochs pushed out of it (or left by a crash) are removed."""
+    epoch = weights["epoch"]
+    if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
+        atomic_save(weights, run.ckpt(f"epoch{epoch}", fold))
+    if not t.keep_best_k or t.monitor not in history[-1]:
+        return
+    keep = best_epochs(history, t.monitor, t.keep_best_k)
+    if epoch in keep:
+        atomic_save(weights, run.ckpt(f"top_epoch{epoch}", fold))
+    for path in (run / "ckpt").glob(f"top_epoch*_fold{fold}.pth"):
+        found = re.fullmatch(rf"top_epoch(\d+)_fold{fold}\.pth", path.name)
+        if found and int(found.group(1)) not in keep:
+            path.unlink()
 
 
 def _ema(model: torch.nn.Module, t: Any) -> Any:

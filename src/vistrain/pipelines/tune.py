@@ -125,6 +125,8 @@ class _Reporter:
     def __call__(self, row: dict[str, Any]) -> None:
         import optuna
 
+        if self.ctx.monitor not in row:  # an epoch without validation (train.eval_every_n_epochs)
+            return
         value = float(row[self.ctx.monitor])
         # Step = position of (fold, epoch) in the trial, so every trial reports the same step for the same
         # fold and epoch even when early stopping ends a fold sooner.

@@ -1,0 +1,186 @@
+"""Starting weights from a file: ``model.init_from`` (a vistrain run or checkpoint: fine-tuning from one's own
+run, the strong baseline's PRETRAIN_CHOICE 'self') and ``model.pretrained_path`` (a vistrain checkpoint, or a
+plain timm / torchvision state_dict in a .pth / .bin / .safetensors file).
+
+Every tensor whose name and shape match is copied; the rest are listed in the log. A file that matches under
+half of the backbone's tensors is another architecture or layout, and starting from random weights anyway
+would waste the run: it is a UserError naming the file. Names are aligned on the backbone, so a classifier's
+timm names (``conv1.weight``) and the ``backbone.`` prefix of embedding and GeM models map onto each other:
+an embedding run can start a classifier and the other way round.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vistrain.engine.checkpoint import load_checkpoint
+from vistrain.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MIN_BACKBONE_MATCH = 0.5  # below this share of the backbone's tensors a file is refused
+BACKBONE = "backbone."  # where EmbeddingModel and PooledClassifier keep their timm backbone
+
+
+@dataclass
+class LoadReport:
+    loaded: int  # tensors copied into the model
+    total: int  # tensors (parameters and buffers) of the model
+    backbone_loaded: int
+    backbone_total: int
+    skipped: list[str]  # "name (why)": other shape, not in the file, not in the model
+
+    def summary(self, limit: int = 10) -> str:
+        shown = ", ".join(self.skipped[:limit]) or "none"
+        more = f" ... ({len(self.skipped) - limit} more)" if len(self.skipped) > limit else ""
+        return f"loaded {self.loaded}/{self.total} tensors; skipped: {shown}{more}"
+
+
+def init_weights(model: nn.Module, m: Any, fold: int) -> str:
+    """Load ``m.init_from`` or ``m.pretrained_path`` (the ``model`` config section) into ``model``, built
+    without them; returns what the ``[MODEL]`` line says about the starting weights."""
+    if m.init_from is not None:
+        key, path = "model.init_from", m.init_from
+    elif m.pretrained_path is not None:
+        key, path = "model.pretrained_path", m.pretrained_path
+    elif m.pretrained:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        return f"timm pretrained ({cfg.get('hf_hub_id') or cfg.get('url') or 'downloaded'})"
+    else:
+        return "random init"
+    source = resolve_source(path, fold, key)
+    state, ours = read_weights(source, key)
+    report = load_matching(model, state, source, key)
+    log.info("[MODEL] %s=%s %s", key.removeprefix("model."), source, report.summary())
+    counts = f"{report.loaded}/{report.total} tensors"
+    if key == "model.init_from":
+        return f"init_from {source} ({counts})"
+    return f"pretrained_path {source} (a vistrain checkpoint; {counts})" if ours else \
+        f"timm pretrained (file {source}; {counts})"
+
+
+def require_source(path: Path | None, key: str) -> None:
+    """Stop before anything is written when ``path`` is neither a file nor a run directory with a best checkpoint."""
+    if path is not None and not path.is_file() and not any((path / "ckpt").glob("best_fold*.pth")):
+        what = "a directory without ckpt/best_fold*.pth" if path.is_dir() else "not found"
+        raise UserError(f"{key}: {path}: {what}; give a vistrain run directory, a checkpoint file "
+                        "(RUN/ckpt/best_fold0.pth) or a weights file (.pth, .safetensors)")
+
+
+def resolve_source(path: Path, fold: int, key: str) -> Path:
+    """A file as is; a run directory: its ``ckpt/best_fold{fold}.pth``, else its ``ckpt/best_fold0.pth``."""
+    require_source(path, key)
+    if path.is_file():
+        return path
+    own = path / "ckpt" / f"best_fold{fold}.pth"
+    if own.is_file():
+        return own
+    first = path / "ckpt" / "best_fold0.pth"
+    if not first.is_file():
+        raise UserError(f"{key}: {path} has neither ckpt/best_fold{fold}.pth nor ckpt/best_fold0.pth; "
+                        "name a checkpoint file instead")
+    log.warning("[MODEL] %s: %s has no best_fold%d.pth; fold %d starts from best_fold0.pth (if both runs share "
+                "the data, that model has seen this fold's validation images)", key, path, fold, fold)
+    return first
+
+
+def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors by name, whether the file is a vistrain checkpoint) of a .pth / .pt / .bin / .safetensors file."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path)), False
+        obj = _load(path)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"{key}: cannot read {path}: {first}") from err
+    ours = isinstance(obj, dict) and "model" in obj and "vistrain_version" in obj
+    if ours:  # a last_fold{k}.pth holds both: the EMA weights are the ones that were evaluated
+        state = obj["ema"] if obj.get("ema") is not None else obj["model"]
+    else:
+        state = _plain_state_dict(obj)
+    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{key}: {path} holds no tensors; expected a state_dict or a vistrain checkpoint")
+    return tensors, ours
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A run's best / epoch / top checkpoints load with the safe unpickler; its last_fold{k}.pth (NumPy RNG
+        # state) and whole pickled modules need the full one, which trusts the file. To be hardened later.
+        log.warning("[MODEL] %s needs the full unpickler (not only tensors); load only files you trust", path)
+        return load_checkpoint(path)
+
+
+def _plain_state_dict(obj: Any) -> dict[str, Any]:
+    """The state_dict inside common wrappers: {"state_dict": ...}, {"model": ...}, a pickled module."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), dict):
+                return obj[wrapper]
+        return obj
+    return {}
+
+
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: Path, key: str) -> LoadReport:
+    """Copy the tensors of ``state`` whose name and shape match ``model``'s; refuse a file matching under
+    ``MIN_BACKBONE_MATCH`` of the backbone's tensors (parameters and buffers, the head left out)."""
+    target = model.state_dict()
+    state = _align(state, target, BACKBONE if _has_backbone(model) else "")
+    matched: dict[str, torch.Tensor] = {}
+    other_shape, not_in_file = [], []
+    for name, tensor in target.items():
+        if name not in state:
+            not_in_file.append(f"{name} (not in file)")
+        elif state[name].shape != tensor.shape:
+            other_shape.append(f"{name} (shape {list(state[name].shape)} vs {list(tensor.shape)})")
+        else:
+            matched[name] = state[name]
+    not_in_model = [f"{name} (not in model)" for name in state if name not in target]
+    backbone = _backbone_names(model, target)
+    report = LoadReport(len(matched), len(target), sum(n in matched for n in backbone), len(backbone),
+                        other_shape + not_in_file + not_in_model)
+    if report.backbone_loaded < MIN_BACKBONE_MATCH * report.backbone_total:
+        raise UserError(f"{key}: {source} matches {report.backbone_loaded} of {report.backbone_total} backbone "
+                        f"tensors by name and shape (at least half must): a checkpoint of another architecture "
+                        f"or layout? first skipped: {', '.join(report.skipped[:3])}")
+    model.load_state_dict(matched, strict=False)
+    return report
+
+
+def _has_backbone(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "backbone", None), nn.Module)
+
+
+def _align(state: dict[str, torch.Tensor], target: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    """The file's names as they are, or with the backbone prefix added (a plain timm file into an embedding
+    model) or removed (an embedding run into a timm classifier): whichever matches more of the model's names."""
+    if prefix:
+        other = {prefix + k: v for k, v in state.items()}
+    else:
+        other = {k.removeprefix(BACKBONE): v for k, v in state.items()}
+    return max((state, other), key=lambda s: len(target.keys() & s.keys()))
+
+
+def _backbone_names(model: nn.Module, target: dict[str, Any]) -> list[str]:
+    """The model's tensors that are not its head: under ``backbone.``, or outside a timm classifier's
+    ``get_classifier()`` module (its name differs per model: fc, head, classifier, head.fc ...)."""
+    if _has_backbone(model):
+        return [n for n in target if n.startswith(BACKBONE)]
+    heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
+    heads = heads if isinstance(heads, tuple) else (heads,)
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is h for h in heads))
+    return [n for n in target if not n.startswith(prefixes)] if prefixes else list(target)
