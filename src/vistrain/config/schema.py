@@ -258,8 +258,8 @@ RATIO_KEYS = ["data.train_ratio", "data.val_ratio", "data.test_ratio"]
 NOT_READ_BY = {
     "classification": [*EMBEDDING_ONLY, *REID_DATA_KEYS, *RATIO_KEYS, "data.min_image_size", "model.neck",
                        "model.arcface_s", "loss", "train.freeze_backbone_epochs", "train.backbone_lr_mult",
-                       "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.rerank", "eval.max_rank",
-                       "eval.memory_budget_mb"],
+                       "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.recall_ks", "eval.rerank",
+                       "eval.max_rank", "eval.memory_budget_mb"],
     "embedding": ["data.folds", "data.valid_fold", "data.stratify", "model.drop_rate", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
                   "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta"],
