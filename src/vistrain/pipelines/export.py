@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -51,6 +52,7 @@ VERIFY_IMAGES = 32
 # graph fuses and reorders operations (batch norm folded into convolutions), which moves values by a few ulps per
 # layer, so the bound is loose enough for deep backbones and tight enough to catch a wrong graph.
 ATOL, RTOL = 1e-4, 1e-3
+METADATA_NEEDED = ("vistrain.task", "vistrain.img_size", "vistrain.mean", "vistrain.std", "vistrain.classes")
 # --benchmark: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
 # about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
 BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
@@ -114,6 +116,66 @@ def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str
     }
 
 
+def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
+    """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
+    edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
+    answer fails. Returns task, classes, img_size (H, W), mean, std, temperature and model."""
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in METADATA_NEEDED if k not in meta]
+    if missing:
+        raise UserError(f"MODEL: {path}: lacks the metadata {', '.join(missing)}; export it with vistrain export")
+
+    def fail(key: str, problem: str) -> UserError:
+        shown = meta[key] if len(meta[key]) <= 60 else meta[key][:57] + "..."
+        return UserError(f"MODEL: {path}: {key} is '{shown}'; {problem}")
+
+    def value(key: str, valid: str, ok: Callable[[Any], bool], default: str | None = None) -> Any:
+        try:
+            v = json.loads(meta.get(key, default))
+        except json.JSONDecodeError:
+            raise fail(key, f"not JSON; valid: {valid}") from None
+        if not ok(v):
+            raise fail(key, f"valid: {valid}")
+        return v
+
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if len(inputs.get("image", ())) != 4:
+        found = ", ".join(f"{n} {s}" for n, s in inputs.items())
+        raise UserError(f"MODEL: {path}: the graph needs an input 'image' [N, 3, H, W]; it has {found}")
+    task = meta["vistrain.task"]
+    if task not in ("classification", "embedding"):
+        raise fail("vistrain.task", "valid: classification, embedding")
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    wanted = "probs" if task == "classification" else "embedding"
+    if wanted not in outputs:
+        raise fail("vistrain.task", f"the graph has no output '{wanted}' (it has {', '.join(outputs)})")
+    size = value("vistrain.img_size", "[H, W], two positive integers",
+                 lambda v: isinstance(v, list) and len(v) == 2 and all(_whole(x) and x > 0 for x in v))
+    if all(isinstance(d, int) for d in inputs["image"][2:]) and list(inputs["image"][2:]) != size:
+        raise fail("vistrain.img_size", f"the graph's input 'image' is {inputs['image'][2]}x{inputs['image'][3]}")
+    mean = value("vistrain.mean", "three finite numbers", lambda v: _numbers(v, 3))
+    std = value("vistrain.std", "three finite numbers above 0", lambda v: _numbers(v, 3) and min(v) > 0)
+    classes = value("vistrain.classes", "a list of strings",
+                    lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v))
+    width = outputs[wanted][-1] if outputs[wanted] else None
+    if task == "classification" and isinstance(width, int) and len(classes) != width:
+        raise fail("vistrain.classes", f"{len(classes)} classes, but the graph's probs output has {width}")
+    temperature = value("vistrain.temperature", "a finite number above 0", lambda v: _numbers([v], 1) and v > 0,
+                        default="1.0")
+    return {"task": task, "classes": classes, "img_size": (size[0], size[1]), "mean": [float(x) for x in mean],
+            "std": [float(x) for x in std], "temperature": float(temperature), "model": meta.get("vistrain.model", "?")}
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numbers(v: Any, n: int) -> bool:
+    """``v`` is a list of ``n`` finite JSON numbers (not booleans)."""
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+
 def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: dict[str, str]) -> int:
     """``module`` traced at ``example`` (its batch size becomes dynamic) into ``path``, written atomically.
     Returns the graph's ONNX opset (the exporter's choice)."""
@@ -161,7 +223,7 @@ def sample_inputs(run: LoadedRun, data_config: dict[str, Any], n: int = VERIFY_I
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
 
 
-def _session(path: Path, threads: int | None = None) -> Any:
+def onnx_session(path: Path, threads: int | None = None) -> Any:
     """An onnxruntime CPU session with ``threads`` intra-op threads; by default the process's setting
     (``train.num_threads``), not onnxruntime's own default of every core whatever else runs."""
     import onnxruntime as ort
@@ -173,7 +235,7 @@ def _session(path: Path, threads: int | None = None) -> Any:
 
 def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, Any]:
     """Run both on ``inputs`` (all at once, and the first one alone: the batch dimension must be dynamic)."""
-    session = _session(path)
+    session = onnx_session(path)
     with torch.no_grad():
         expected = module(inputs)
     expected = [e.numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
@@ -243,7 +305,7 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
         if key == "all" and n == 1:  # a one-core machine: the same figures
             out["threads"][key] = out["threads"]["1"]
             continue
-        session, figures = _session(path, n), {}
+        session, figures = onnx_session(path, n), {}
         with dev.pinned_threads(n):
             for b in batches:
                 x = example[:1].repeat(b, 1, 1, 1)
