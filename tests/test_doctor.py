@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 import torch
 
@@ -20,6 +23,17 @@ def test_report_has_every_probe(capsys: pytest.CaptureFixture[str]) -> None:
         assert key in info, key
     out = capsys.readouterr().out
     assert "precision" in out and "num_workers" in out and info["torch"] in out
+
+
+def test_reports_the_threads_auto_would_pick(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    info = run_doctor(load_config(None, overrides=["train.num_workers=1", "train.device=cpu"]))
+    assert info["num_threads"] == max(cores - 1, 1)
+    row = rf"^num_threads +{max(cores - 1, 1)} \(auto: {cores} usable cores - 1 loader workers\)$"
+    assert re.search(row, capsys.readouterr().out, re.M)
+    assert run_doctor(load_config(None, overrides=["train.num_threads=3"]))["num_threads"] == 3
 
 
 @pytest.mark.skipif(not NO_GPU, reason="this machine has a GPU")

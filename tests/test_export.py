@@ -77,11 +77,30 @@ def test_exported_model_predicts_what_predict_predicts(trained: tuple[Path, Path
     assert np.allclose(pred[prob_cols].to_numpy(dtype=np.float64), probs, atol=1e-4)
 
 
-def test_verify_catches_a_graph_that_differs_from_the_model(trained: tuple[Path, Path], tmp_path: Path) -> None:
+def test_verify_catches_a_graph_that_differs_from_the_model_and_benchmark_pins_threads(
+        trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    from vistrain import cli
+    from vistrain.engine.device import usable_cores
     from vistrain.engine.inference import load_fold_model, load_run
-    from vistrain.pipelines.export import Deployable, run_export, sample_inputs, verify
+    from vistrain.pipelines import export
+    from vistrain.pipelines.export import Deployable, sample_inputs, verify
 
-    run_export(trained[0], output=tmp_path)
+    monkeypatch.setattr(export, "BENCH_BUDGET_S", 0.5)  # one or two windows per figure: this is not a benchmark
+    load_run(trained[0])
+    applied = torch.get_num_threads()  # what loading the run set (its train.num_threads on this machine)
+    assert cli.main(["export", str(trained[0]), "--output", str(tmp_path), "--benchmark"]) == 0
+    assert torch.get_num_threads() == applied, "the benchmark puts the process's thread setting back"
+    cores = usable_cores()
+    done = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[DONE] fold 0:")]
+    assert len(done) == 1 and "| 1 thread: batch 1 " in done[0] and ", batch 32 " in done[0], done
+    assert cores == 1 or f"; {cores} threads: batch 1 " in done[0], done
+    bench = json.loads((tmp_path / "export.json").read_text())["models"][0]["benchmark"]
+    assert {k: v["threads"] for k, v in bench["threads"].items()} == {"1": 1, "all": cores}
+    for figures in bench["threads"].values():
+        assert sorted(figures["batches"]) == ["1", "32"]
+        for b in figures["batches"].values():
+            assert b["torch_ms"] > 0 and b["onnxruntime_ms"] > 0 and b["runs"] >= 5 and isinstance(b["stable"], bool)
     path = tmp_path / "model_fold0.onnx"
     run = load_run(trained[0])
     model, data_config = load_fold_model(run, 0, torch.device("cpu"))
@@ -110,3 +129,12 @@ def test_missing_export_packages_name_the_extra(trained: tuple[Path, Path], monk
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
     assert cli.main(["export", str(trained[0])]) == 2
     assert "pip install 'vistrain[export]'" in capsys.readouterr().err
+
+
+def test_benchmark_figures_are_medians_repeated_until_stable() -> None:
+    from vistrain.pipelines.export import stable_median_ms
+
+    settling = iter([100.0] * 5 + [50.0, 49.0, 70.0, 51.0, 50.0] + [52.0, 51.0, 53.0, 90.0, 52.0])
+    assert stable_median_ms(lambda: next(settling)) == {"ms": 52.0, "runs": 15, "stable": True}
+    noisy = iter([10.0, 30.0] * 50)
+    assert stable_median_ms(lambda: next(noisy), budget_s=0) == {"ms": 10.0, "runs": 5, "stable": False}

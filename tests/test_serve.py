@@ -12,6 +12,7 @@ import pytest
 from conftest import run_cli, tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config import load_config
+from vistrain.errors import UserError
 from vistrain.pipelines.train import run_train
 
 pytest.importorskip("fastapi")
@@ -87,17 +88,94 @@ def test_run_is_served_with_predicts_answers(served: dict) -> None:
     check_answers(one.post("/predict", files=upload(served["files"])).json(), served, "fold0")
 
 
-def test_exported_onnx_file_is_served_with_the_same_answers(served: dict) -> None:
+@pytest.fixture(scope="module")
+def exported(served: dict) -> Path:
+    """Fold 0 of the served run exported once, for every test that needs an ONNX file."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = served["root"] / "onnx"
     res = run_cli("export", str(served["run"]), "--folds", "0", "--output", str(out), cwd=served["root"])
     assert res.returncode == 0, res.stderr
-    client = TestClient(create_app(load_predictor(out / "model_fold0.onnx")))
+    return out / "model_fold0.onnx"
+
+
+def test_exported_onnx_file_is_served_with_the_same_answers(served: dict, exported: Path) -> None:
+    client = TestClient(create_app(load_predictor(exported)))
     assert client.get("/health").json()["backend"] == "onnxruntime"
     res = client.post("/predict", files=upload(served["files"]))
     assert res.status_code == 200, res.text
     check_answers(res.json(), served, "fold0")
+
+
+def rewritten(src: Path, dst: Path, input_name: str = "image", **changes: str | None) -> Path:
+    """A copy of ``src`` with ``vistrain.<key>`` metadata replaced (None: removed) and its input renamed."""
+    onnx = pytest.importorskip("onnx")
+    model = onnx.load(str(src))
+    props = {p.key: p.value for p in model.metadata_props}
+    for key, value in changes.items():
+        props.pop(f"vistrain.{key}") if value is None else props.__setitem__(f"vistrain.{key}", value)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    if input_name != "image":
+        model.graph.input[0].name = input_name
+        for node in model.graph.node:
+            node.input[:] = [input_name if i == "image" else i for i in node.input]
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("changes, key, why", [
+    ({"img_size": "abc"}, "vistrain.img_size", "not JSON"),
+    ({"img_size": "[32]"}, "vistrain.img_size", "two positive integers"),
+    ({"img_size": "[0, 32]"}, "vistrain.img_size", "two positive integers"),
+    ({"img_size": "[32.5, 32]"}, "vistrain.img_size", "two positive integers"),
+    ({"img_size": "[64, 64]"}, "vistrain.img_size", "the graph's input 'image' is 32x32"),
+    ({"mean": "[0.5, 0.5]"}, "vistrain.mean", "three finite numbers"),
+    ({"mean": '[0.5, "x", 0.5]'}, "vistrain.mean", "three finite numbers"),
+    ({"std": "[0.2, 0, 0.2]"}, "vistrain.std", "three finite numbers above 0"),
+    ({"std": "[0.2, NaN, 0.2]"}, "vistrain.std", "three finite numbers above 0"),
+    ({"classes": '["0", "1"]'}, "vistrain.classes", "the graph's probs output has 3"),
+    ({"classes": "[0, 1, 2]"}, "vistrain.classes", "a list of strings"),
+    ({"classes": '{"0": "a"}'}, "vistrain.classes", "a list of strings"),
+    ({"task": "detection"}, "vistrain.task", "classification, embedding"),
+    ({"task": "embedding"}, "vistrain.task", "output 'embedding'"),
+    ({"temperature": "0"}, "vistrain.temperature", "a finite number above 0"),
+    ({"temperature": '"hot"'}, "vistrain.temperature", "a finite number above 0"),
+    ({"img_size": None}, "vistrain.img_size", "export it with vistrain export"),
+])
+def test_bad_onnx_metadata_is_a_user_error_naming_the_file_and_key(exported: Path, tmp_path: Path, changes: dict,
+                                                                   key: str, why: str) -> None:
+    bad = rewritten(exported, tmp_path / "bad.onnx", **changes)
+    with pytest.raises(UserError) as excinfo:
+        load_predictor(bad)
+    msg = str(excinfo.value)
+    assert len(msg.splitlines()) == 1 and msg.startswith(f"MODEL: {bad}: ") and key in msg and why in msg, msg
+
+
+def test_an_onnx_graph_without_the_image_input_is_refused(exported: Path, tmp_path: Path) -> None:
+    bad = rewritten(exported, tmp_path / "renamed.onnx", input_name="pixels")
+    with pytest.raises(UserError, match=r"input 'image' \[N, 3, H, W\]; it has pixels"):
+        load_predictor(bad)
+
+
+def test_serve_exits_2_on_bad_metadata_before_starting(exported: Path, tmp_path: Path) -> None:
+    for changes, key in (({"img_size": "abc"}, "vistrain.img_size"), ({"classes": '["0", "1"]'}, "vistrain.classes")):
+        bad = rewritten(exported, tmp_path / "bad.onnx", **changes)
+        res = run_cli("serve", str(bad), cwd=tmp_path, timeout=120)
+        assert res.returncode == 2, res.stdout + res.stderr
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: MODEL: {bad}: ") and key in lines[0], lines
+
+
+def test_metadata_and_health_reveal_no_server_paths(served: dict, exported: Path) -> None:
+    for target, source in ((served["run"], f"{served['run'].name} folds 0,1 averaged"), (exported, exported.name)):
+        client = TestClient(create_app(load_predictor(target)))
+        meta = client.get("/metadata")
+        assert meta.json()["source"] == source
+        text = meta.text + client.get("/health").text
+        assert str(served["root"]) not in text and str(served["root"].resolve()) not in text, text
 
 
 def test_bad_uploads_are_refused_naming_the_file(served: dict) -> None:

@@ -107,11 +107,13 @@ def test_one_run_directory_under_exp_dir_day_folder(runs):
 def test_config_yaml_reloads_to_the_same_settings(runs):
     saved = load_config(runs.run_dir / "config.yaml")
     used = load_config(runs.config_path, overrides=OVERRIDES)
-    # Settings chosen for the machine are recorded as resolved values: fp32 and the worker count on a CPU.
+    # Settings chosen for the machine are recorded as resolved values: fp32, the worker and thread counts on a CPU.
     assert saved.train.amp == "fp32" and used.train.amp == "auto"
     assert saved.train.num_workers == used.train.num_workers == 0
+    assert saved.train.num_threads == 1 and used.train.num_threads == "auto"  # auto honours cli_env's OMP_NUM_THREADS
     saved_dict, used_dict = config_to_dict(saved), config_to_dict(used)
-    saved_dict["train"].pop("amp"), used_dict["train"].pop("amp")
+    for key in ("amp", "num_threads"):
+        saved_dict["train"].pop(key), used_dict["train"].pop(key)
     assert saved_dict == used_dict
     assert saved.data.train_csv == runs.data.train_csv.resolve()
     assert saved.data.valid_fold == "all" and saved.train.epochs == 2

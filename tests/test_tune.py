@@ -32,8 +32,10 @@ LR_SPACE = {"train.lr": {"type": "categorical", "choices": ["1e-9", 3e-3]}}  # "
 
 
 @pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models train fastest on one thread (and several test processes share few cores)."""
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Tiny models train fastest on one thread (and several test processes share few cores); the trials' runs
+    resolve train.num_threads: auto from OMP_NUM_THREADS."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

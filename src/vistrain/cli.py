@@ -139,9 +139,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         if "verify" in entry:
             line += " | verify " + ("passed" if entry["verify"]["passed"] else "FAILED")
         if "benchmark" in entry:
-            b = entry["benchmark"]["batches"]
-            line += " | " + ", ".join(f"batch {k}: {v['onnxruntime_ms']:.1f} ms onnxruntime vs {v['torch_ms']:.1f} ms "
-                                      f"torch" for k, v in b.items())
+            line += " | " + "; ".join(
+                f"{t['threads']} thread{'s' if t['threads'] > 1 else ''}: " + ", ".join(
+                    f"batch {k} {v['onnxruntime_ms']:.1f} ms onnxruntime vs {v['torch_ms']:.1f} ms torch"
+                    for k, v in t["batches"].items()) for t in entry["benchmark"]["threads"].values())
         print(line)
     return 0
 
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "(default: RUN/export)")
     p.add_argument("--verify", action="store_true",
                    help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
-    p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32")
+    p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32, "
+                   "with 1 thread and every core")
 
     p = add("serve", cmd_serve, "HTTP inference for a run's model or an exported ONNX file (FastAPI)")
     p.add_argument("target", metavar="RUN|MODEL.onnx", help="run directory, or an ONNX file from vistrain export")

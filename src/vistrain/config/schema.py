@@ -125,6 +125,9 @@ class TrainCfg(Section):
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # DataLoader workers
+    # CPU compute threads (torch, OpenMP/BLAS, OpenCV, onnxruntime); auto: $OMP_NUM_THREADS when set, else the
+    # usable cores left after the DataLoader workers (at least 1): more threads than free cores only make them wait
+    num_threads: PositiveInt | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("img_size")

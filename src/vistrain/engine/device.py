@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,13 +58,76 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or taskset's limit), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def auto_workers(setting: int | str, device: torch.device) -> int:
     """``train.num_workers: auto``: up to 8 workers on a GPU; on a CPU the workers would steal the
     cores the model trains on, so at most half of them."""
     if setting != "auto":
         return int(setting)
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cpus = usable_cores()
     return min(8, max(cpus - 1, 0)) if device.type == "cuda" else min(4, cpus // 2)
+
+
+def resolve_num_threads(setting: int | str, workers: int) -> tuple[int, str]:
+    """``train.num_threads``: a number as given; auto: ``$OMP_NUM_THREADS`` when the environment sets it (the
+    user's or a scheduler's choice), else the usable cores left after ``workers`` DataLoader processes (shared
+    with the other processes of a torchrun on this machine), at least 1. Returns the count and why, for the log."""
+    if setting != "auto":
+        return int(setting), "set in the config"
+    env = env_threads()
+    if env is not None:
+        return env, f"auto: OMP_NUM_THREADS={env}"
+    cores, local = usable_cores(), int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    share = f"{cores} usable cores" if local <= 1 else f"{cores} usable cores / {local} processes"
+    return max(cores // max(local, 1) - workers, 1), f"auto: {share} - {workers} loader workers"
+
+
+def env_threads() -> int | None:
+    """``$OMP_NUM_THREADS`` when it is set to a positive count."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def apply_num_threads(setting: int | str, workers: int) -> int:
+    """Resolve ``train.num_threads`` (see ``resolve_num_threads``) and set it for this process; returns the count,
+    which an onnxruntime session should be given too (``SessionOptions.intra_op_num_threads``)."""
+    n, _ = resolve_num_threads(setting, workers)
+    set_num_threads(n)
+    return n
+
+
+def set_num_threads(n: int) -> None:
+    """``n`` compute threads for torch, the OpenMP/BLAS libraries loaded (NumPy's, scikit-learn's) and OpenCV.
+    Oversubscribed OpenMP threads spin while they wait for a core: an epoch can take several times longer."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(n)
+    with contextlib.suppress(RuntimeError):  # torch allows it once, before the first parallel work
+        torch.set_num_interop_threads(n)
+    threadpool_limits(limits=n)  # applied at once, for the libraries loaded so far
+    try:
+        import cv2  # not a dependency; albumentations and user transforms bring it
+    except ImportError:
+        return
+    cv2.setNumThreads(n)
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """A block that runs with ``n`` threads (torch and the OpenMP/BLAS pools), then the process's setting back."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_memory_mib(device: torch.device) -> float:

@@ -62,7 +62,16 @@ def load_run(run_dir: Path) -> LoadedRun:
         raise UserError(f"RUN: {run_dir} has no ckpt/best_fold*.pth; train it first (or --resume it)")
     calib = run_dir / "calibration.json"
     temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
+    _apply_threads(cfg)
     return LoadedRun(run_dir, cfg, classes, folds, temperature)
+
+
+def _apply_threads(cfg: Config) -> None:
+    """Compute threads for working with a run on this machine: ``$OMP_NUM_THREADS`` when set, else the run's
+    ``train.num_threads`` at most this machine's usable cores (config.yaml records the training machine's count)."""
+    t = cfg.train
+    recorded, _ = dev.resolve_num_threads(t.num_threads, dev.auto_workers(t.num_workers, torch.device("cpu")))
+    dev.set_num_threads(dev.env_threads() or min(recorded, dev.usable_cores()))
 
 
 def select_folds(run: LoadedRun, folds: str | Sequence[int] | None, key: str = "--folds") -> list[int]:

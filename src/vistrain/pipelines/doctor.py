@@ -1,7 +1,7 @@
 """``vistrain doctor``: what this machine offers a training run, and what would slow or stop one.
 
 One table: Python, torch, CUDA and cuDNN versions, each GPU (memory, compute capability), the precision
-and TF32 setting training would use, DataLoader workers, CPUs and the size of ``/dev/shm``, then the
+and TF32 setting training would use, DataLoader workers, compute threads, CPUs and the size of ``/dev/shm``, then the
 warnings. With ``--auto-batch`` and a config, also the batch size ``train.batch_size: auto`` would pick.
 Nothing here changes the machine; every probe that can fail is guarded, so the doctor itself never crashes
 on a broken set-up (that is when it is needed most).
@@ -43,13 +43,17 @@ def run_doctor(cfg: Config | None, auto_batch: bool = False) -> dict[str, Any]:
     device = _device(cfg, warnings)
     t = cfg.train if cfg is not None else None
     precision = dev.pick_precision(t.amp if t else "auto", device)
+    workers = dev.auto_workers(t.num_workers if t else "auto", device)
+    threads, threads_why = dev.resolve_num_threads(t.num_threads if t else "auto", workers)
     info.update(
         device=str(device),
         precision=precision.name,
         tf32=_tf32(device),
-        num_workers=dev.auto_workers(t.num_workers if t else "auto", device),
+        num_workers=workers,
+        num_threads=threads,
+        num_threads_why=threads_why,
         cpu_count=os.cpu_count(),
-        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        cpus_usable=dev.usable_cores(),
         shm_bytes=_shm_bytes(),
     )
     _check(info, warnings)
@@ -180,6 +184,7 @@ def format_table(info: dict[str, Any]) -> str:
     rows += [
         ("device", info["device"]), ("precision", info["precision"]), ("TF32", "on" if info["tf32"] else "off"),
         ("num_workers", str(info["num_workers"])),
+        ("num_threads", f"{info['num_threads']} ({info['num_threads_why']})"),
         ("CPUs", f"{info['cpus_usable']} usable of {info['cpu_count']}"),
         ("/dev/shm", "n/a" if shm is None else f"{shm / GIB:.1f} GiB"),
     ]

@@ -9,7 +9,8 @@ graph and read it: ``vistrain.img_size`` [H, W], ``vistrain.mean``, ``vistrain.s
 
 ``--verify`` runs the ONNX file with onnxruntime on up to 32 of the run's own images (random inputs when none can be
 read) and compares with PyTorch: a difference beyond the tolerance, or a different top-1 class, fails the command.
-``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32).
+``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32),
+with 1 thread and with every usable core, each figure a median repeated until stable.
 Everything is written to ``RUN/export/``: ``model_fold{k}.onnx`` and ``export.json``.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript); onnx, onnxscript and onnxruntime
@@ -20,11 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from torch import nn
 
 import vistrain
 from vistrain.data.transforms import eval_transform
+from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
 from vistrain.errors import UserError
 from vistrain.tracking.files import write_json
@@ -48,6 +52,10 @@ VERIFY_IMAGES = 32
 # graph fuses and reorders operations (batch norm folded into convolutions), which moves values by a few ulps per
 # layer, so the bound is loose enough for deep backbones and tight enough to catch a wrong graph.
 ATOL, RTOL = 1e-4, 1e-3
+METADATA_NEEDED = ("vistrain.task", "vistrain.img_size", "vistrain.mean", "vistrain.std", "vistrain.classes")
+# --benchmark: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
+# about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
+BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
 
 
 class Deployable(nn.Module):
@@ -108,6 +116,66 @@ def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str
     }
 
 
+def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
+    """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
+    edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
+    answer fails. Returns task, classes, img_size (H, W), mean, std, temperature and model."""
+    meta = session.get_modelmeta().custom_metadata_map
+    missing = [k for k in METADATA_NEEDED if k not in meta]
+    if missing:
+        raise UserError(f"MODEL: {path}: lacks the metadata {', '.join(missing)}; export it with vistrain export")
+
+    def fail(key: str, problem: str) -> UserError:
+        shown = meta[key] if len(meta[key]) <= 60 else meta[key][:57] + "..."
+        return UserError(f"MODEL: {path}: {key} is '{shown}'; {problem}")
+
+    def value(key: str, valid: str, ok: Callable[[Any], bool], default: str | None = None) -> Any:
+        try:
+            v = json.loads(meta.get(key, default))
+        except json.JSONDecodeError:
+            raise fail(key, f"not JSON; valid: {valid}") from None
+        if not ok(v):
+            raise fail(key, f"valid: {valid}")
+        return v
+
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if len(inputs.get("image", ())) != 4:
+        found = ", ".join(f"{n} {s}" for n, s in inputs.items())
+        raise UserError(f"MODEL: {path}: the graph needs an input 'image' [N, 3, H, W]; it has {found}")
+    task = meta["vistrain.task"]
+    if task not in ("classification", "embedding"):
+        raise fail("vistrain.task", "valid: classification, embedding")
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    wanted = "probs" if task == "classification" else "embedding"
+    if wanted not in outputs:
+        raise fail("vistrain.task", f"the graph has no output '{wanted}' (it has {', '.join(outputs)})")
+    size = value("vistrain.img_size", "[H, W], two positive integers",
+                 lambda v: isinstance(v, list) and len(v) == 2 and all(_whole(x) and x > 0 for x in v))
+    if all(isinstance(d, int) for d in inputs["image"][2:]) and list(inputs["image"][2:]) != size:
+        raise fail("vistrain.img_size", f"the graph's input 'image' is {inputs['image'][2]}x{inputs['image'][3]}")
+    mean = value("vistrain.mean", "three finite numbers", lambda v: _numbers(v, 3))
+    std = value("vistrain.std", "three finite numbers above 0", lambda v: _numbers(v, 3) and min(v) > 0)
+    classes = value("vistrain.classes", "a list of strings",
+                    lambda v: isinstance(v, list) and bool(v) and all(isinstance(c, str) for c in v))
+    width = outputs[wanted][-1] if outputs[wanted] else None
+    if task == "classification" and isinstance(width, int) and len(classes) != width:
+        raise fail("vistrain.classes", f"{len(classes)} classes, but the graph's probs output has {width}")
+    temperature = value("vistrain.temperature", "a finite number above 0", lambda v: _numbers([v], 1) and v > 0,
+                        default="1.0")
+    return {"task": task, "classes": classes, "img_size": (size[0], size[1]), "mean": [float(x) for x in mean],
+            "std": [float(x) for x in std], "temperature": float(temperature), "model": meta.get("vistrain.model", "?")}
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _numbers(v: Any, n: int) -> bool:
+    """``v`` is a list of ``n`` finite JSON numbers (not booleans)."""
+    return isinstance(v, list) and len(v) == n and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+
+
 def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: dict[str, str]) -> int:
     """``module`` traced at ``example`` (its batch size becomes dynamic) into ``path``, written atomically.
     Returns the graph's ONNX opset (the exporter's choice)."""
@@ -155,15 +223,19 @@ def sample_inputs(run: LoadedRun, data_config: dict[str, Any], n: int = VERIFY_I
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
 
 
-def _session(path: Path) -> Any:
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads; by default the process's setting
+    (``train.num_threads``), not onnxruntime's own default of every core whatever else runs."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, Any]:
     """Run both on ``inputs`` (all at once, and the first one alone: the batch dimension must be dynamic)."""
-    session = _session(path)
+    session = onnx_session(path)
     with torch.no_grad():
         expected = module(inputs)
     expected = [e.numpy() for e in (expected if isinstance(expected, tuple) else (expected,))]
@@ -188,35 +260,61 @@ def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, An
     return report
 
 
-def _median_ms(fn: Any, *args: Any, budget_s: float = 3.0, min_runs: int = 5, max_runs: int = 50) -> float:
-    """Median wall time of ``fn(*args)`` in milliseconds, after two warm-up calls."""
-    fn(*args)
-    fn(*args)
+def stable_median_ms(measure: Callable[[], float], window: int = BENCH_WINDOW, tolerance: float = BENCH_TOLERANCE,
+                     budget_s: float | None = None) -> dict[str, Any]:
+    """Time in windows of ``window`` runs (``measure()``: one run's milliseconds) until a window's median is within
+    ``tolerance`` of the one before, or ``budget_s`` (``BENCH_BUDGET_S``) has passed; the last window's median.
+    A loaded machine shows as a median that keeps moving: ``stable`` is then false."""
+    deadline = time.perf_counter() + (BENCH_BUDGET_S if budget_s is None else budget_s)
     times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (len(times) < max_runs and time.perf_counter() - start < budget_s):
+    previous = None
+    while True:
+        times += [measure() for _ in range(window)]
+        median = statistics.median(times[-window:])
+        stable = previous is not None and abs(median - previous) <= tolerance * previous
+        if stable or time.perf_counter() >= deadline:
+            return {"ms": round(median, 3), "runs": len(times), "stable": stable}
+        previous = median
+
+
+def _time_ms(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """``stable_median_ms`` of ``fn(*args)`` after two warm-up calls."""
+    fn(*args)
+    fn(*args)
+
+    def once() -> float:
         t0 = time.perf_counter()
         fn(*args)
-        times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+        return (time.perf_counter() - t0) * 1000
+
+    return stable_median_ms(once)
 
 
 def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tuple[int, ...] = (1, 32)
               ) -> dict[str, Any]:
-    """CPU latency of onnxruntime and PyTorch (eager, float32) on the same inputs, in one run."""
-    session = _session(path)
-    out: dict[str, Any] = {"device": "cpu", "torch_threads": torch.get_num_threads(), "batches": {}}
+    """CPU latency of onnxruntime and PyTorch (eager, float32) on the same inputs, with 1 thread and with every usable
+    core, both pinned explicitly (torch, OpenMP/BLAS, the onnxruntime session); the process's setting comes back."""
+    counts = {"1": 1, "all": dev.usable_cores()}
+    out: dict[str, Any] = {"device": "cpu", "threads": {}}
+
     def run_torch(x: torch.Tensor) -> None:
         with torch.no_grad():
             module(x)
 
-    for b in batches:
-        x = example[:1].repeat(b, 1, 1, 1)
-        torch_ms = _median_ms(run_torch, x)
-        onnx_ms = _median_ms(session.run, None, {"image": x.numpy()})
-        out["batches"][str(b)] = {"torch_ms": round(torch_ms, 3), "onnxruntime_ms": round(onnx_ms, 3),
-                                  "onnxruntime_ms_per_image": round(onnx_ms / b, 3),
-                                  "speedup_vs_torch": round(torch_ms / onnx_ms, 3)}
+    for key, n in counts.items():
+        if key == "all" and n == 1:  # a one-core machine: the same figures
+            out["threads"][key] = out["threads"]["1"]
+            continue
+        session, figures = onnx_session(path, n), {}
+        with dev.pinned_threads(n):
+            for b in batches:
+                x = example[:1].repeat(b, 1, 1, 1)
+                t, o = _time_ms(run_torch, x), _time_ms(session.run, None, {"image": x.numpy()})
+                figures[str(b)] = {"torch_ms": t["ms"], "onnxruntime_ms": o["ms"],
+                                   "onnxruntime_ms_per_image": round(o["ms"] / b, 3),
+                                   "speedup_vs_torch": round(t["ms"] / o["ms"], 3),
+                                   "runs": min(t["runs"], o["runs"]), "stable": t["stable"] and o["stable"]}
+        out["threads"][key] = {"threads": n, "batches": figures}
     return out
 
 
@@ -251,9 +349,11 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
                      " ".join(f"{k} max|diff|={o['max_abs_diff']:.2e}" for k, o in v["outputs"].items()))
         if do_benchmark:
             entry["benchmark"] = benchmark(module, path, inputs)
-            for b, r in entry["benchmark"]["batches"].items():
-                log.info("[EXPORT] fold=%d batch=%s: onnxruntime %.2f ms, torch %.2f ms (x%.2f)", fold, b,
-                         r["onnxruntime_ms"], r["torch_ms"], r["speedup_vs_torch"])
+            for figures in entry["benchmark"]["threads"].values():
+                for b, r in figures["batches"].items():
+                    log.info("[EXPORT] fold=%d threads=%d batch=%s: onnxruntime %.2f ms, torch %.2f ms (x%.2f)%s",
+                             fold, figures["threads"], b, r["onnxruntime_ms"], r["torch_ms"], r["speedup_vs_torch"],
+                             "" if r["stable"] else f" (median still moving after {r['runs']} runs: a busy CPU?)")
         results.append(entry)
     summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
                "models": results}

@@ -2,7 +2,8 @@
 
 Endpoints:
   GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
-  GET  /metadata  what the model needs and gives: task, classes, img_size, mean, std, temperature, source
+  GET  /metadata  what the model needs and gives: task, classes, img_size, mean, std, temperature, source (the
+                  run id or the file name, never a path on the server)
   POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its
                   probability and the ``top_k`` classes; embedding: per file the embedding.
 
@@ -11,13 +12,12 @@ decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected req
 (HTTP 400, or 413 for size) and predicts nothing. Preprocessing is the run's own (resize to the training size,
 normalise) and the same image decoding as ``predict``. A RUN is served with PyTorch: every trained fold averaged,
 as ``predict`` does, or one ``--fold``. An ONNX file (one fold, see ``vistrain export``) runs with onnxruntime and
-reads the preprocessing from its metadata.
+reads the preprocessing from its metadata, checked against the graph first (``export.read_onnx_metadata``).
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
 # endpoints' types (UploadFile) are imported inside create_app, where only evaluated annotations can see them.
 import io
-import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -55,7 +55,7 @@ class Predictor:
     std: list[float]
     temperature: float
     backend: str  # "torch" or "onnxruntime"
-    source: str
+    source: str  # the run id and folds, or the file's name: never a path on the server's disk
     model_name: str
     _run: Any = field(repr=False, default=None)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -104,35 +104,31 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     h, w = data_config["img_size"]
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], (h, w), list(data_config["mean"]),
-                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path} {which}",
+                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path.name} {which}",
                      run.cfg.model.name, infer)
 
 
 def onnx_predictor(path: Path) -> Predictor:
-    """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU."""
+    """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU; its metadata checked first."""
+    from vistrain.engine import device as dev
+    from vistrain.pipelines.export import onnx_session, read_onnx_metadata
+
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401
     except ImportError as err:
         raise UserError("MODEL: serving an ONNX file needs onnxruntime; pip install 'vistrain[export]'") from err
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnx_session(path, dev.apply_num_threads("auto", workers=0))  # no DataLoader: requests decode
     except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: not an ONNX file, corrupt, ...
         raise UserError(f"MODEL: {path} is not a readable ONNX file ({str(err).splitlines()[0][:200]})") from err
-    meta = session.get_modelmeta().custom_metadata_map
-    needed = ("vistrain.task", "vistrain.img_size", "vistrain.mean", "vistrain.std", "vistrain.classes")
-    missing = [k for k in needed if k not in meta]
-    if missing:
-        raise UserError(f"MODEL: {path} lacks the metadata {', '.join(missing)}; export it with vistrain export")
+    meta = read_onnx_metadata(path, session)
     names = [o.name for o in session.get_outputs()]
 
     def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"image": batch})))
 
-    h, w = json.loads(meta["vistrain.img_size"])
-    return Predictor(meta["vistrain.task"], json.loads(meta["vistrain.classes"]), (h, w),
-                     json.loads(meta["vistrain.mean"]), json.loads(meta["vistrain.std"]),
-                     float(json.loads(meta.get("vistrain.temperature", "1.0"))), "onnxruntime", str(path),
-                     meta.get("vistrain.model", "?"), infer)
+    return Predictor(meta["task"], meta["classes"], meta["img_size"], meta["mean"], meta["std"], meta["temperature"],
+                     "onnxruntime", path.name, meta["model"], infer)
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:

@@ -211,6 +211,8 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
                started: float, on_epoch: Callable[[dict[str, Any]], None] | None, info: distributed.DistInfo
                ) -> dict[str, Any]:
     device = dev.pick_device(cfg.train.device, info.local_rank)
+    # every rank, before anything computes; _resolve_auto records the same count in config.yaml
+    dev.apply_num_threads(cfg.train.num_threads, dev.auto_workers(cfg.train.num_workers, device))
     precision = dev.pick_precision(cfg.train.amp, device)
     dev.configure_backends(device)
     log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | processes=%d | run=%s%s",
@@ -260,9 +262,11 @@ def _log_config(cfg: Config) -> None:
 
 def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int) -> Config:
     """Replace ``auto`` settings with what was chosen for this machine, so config.yaml records the values
-    the run actually used (precision, workers, batch size and accumulation) and re-runs them elsewhere."""
+    the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere."""
     t = cfg.train
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    update["num_threads"], why = dev.resolve_num_threads(t.num_threads, update["num_workers"])
+    log.info("[CFG] train.num_threads=%d (%s)", update["num_threads"], why)
     if t.batch_size == "auto":
         from vistrain.engine.autobatch import resolve_batch_size
 

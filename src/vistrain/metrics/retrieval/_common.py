@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -54,10 +53,8 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 def _threads() -> int:
-    try:
-        return max(1, min(8, len(os.sched_getaffinity(0))))
-    except AttributeError:  # not on Linux
-        return max(1, min(8, os.cpu_count() or 1))
+    """The process's compute threads (``train.num_threads`` in a vistrain command; every core by default), at most 8."""
+    return max(1, min(8, torch.get_num_threads()))
 
 
 def _chunk_rows(n_rows: int, budget_mb: float, bytes_per_row: int, tile: int = 1) -> int:

@@ -32,6 +32,7 @@ def _faiss_search(q: np.ndarray, g: np.ndarray, k: int, metric: Metric, rows: in
                   ) -> tuple[np.ndarray, np.ndarray]:
     import faiss  # optional dependency: imported only when this backend runs
 
+    faiss.omp_set_num_threads(torch.get_num_threads())  # the process's setting (train.num_threads), as torch
     index = faiss.IndexFlatIP(g.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(g.shape[1])
     index.add(g)
     values = np.empty((len(q), k), dtype=np.float32)
