@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vistrain.errors import UserError
+import vistrain
+from vistrain.errors import UserError, describe, exit_code
 
 
 def _folds(text: str) -> list[int]:
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback on errors")
     parser = _Parser(prog="vistrain", parents=[common],
                                      description="Train, evaluate and serve timm image models from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"vistrain {vistrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -375,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vistrain.tracking.logs import exit_line
+
     args = build_parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
     if not args.debug:
@@ -382,21 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         code = args.func(args)
-    except UserError as err:
-        if args.debug:
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the one place that turns an error into a code
+        code = exit_code(err)
+        if args.debug and not isinstance(err, KeyboardInterrupt):
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        code = 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns a crash into an exit code
-        if args.debug:
-            traceback.print_exc()
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr,
-              flush=True)
-        code = 1
-    if args.command_label == "TRAINING" and not _worker_rank():
-        print(f"[EXIT] TRAINING {'SUCCESS' if code == 0 else 'ERROR'} code={code}", flush=True)
+        hint = "" if code != 1 or args.debug else " (run with --debug for the traceback)"
+        print(f"error: {describe(err)}{hint}", file=sys.stderr, flush=True)
+    # The commands whose log files end with the [EXIT] line say it on the console too (rank 0 only).
+    if args.command_label in ("TRAINING", "TUNING", "SERVING") and not _worker_rank():
+        print(exit_line(args.command_label, code), flush=True)
     return code

@@ -15,6 +15,13 @@ from vistrain.errors import UserError, did_you_mean
 log = logging.getLogger(__name__)
 
 
+def check_model_name(name: str) -> None:
+    """A timm model name, with or without a pretrained tag (``resnet18.a1_in1k``), or a one-line UserError."""
+    known = timm.list_models()
+    if name.split(".")[0] not in known:
+        raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
+
+
 def create_backbone_model(
     name: str,
     num_classes: int,
@@ -25,9 +32,7 @@ def create_backbone_model(
     drop_path_rate: float = 0.0,
 ) -> nn.Module:
     """``timm.create_model`` with one-line errors; weights come from ``pretrained_path`` when given."""
-    known = timm.list_models()
-    if name.split(".")[0] not in known:
-        raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
+    check_model_name(name)
     kwargs: dict[str, Any] = {
         "num_classes": num_classes,
         "global_pool": pooling,
