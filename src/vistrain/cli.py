@@ -50,10 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
         cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
         config_path = Path(args.config)
-    if args.optimize:
+    if args.optimize or args.auto_continue:
         return _train_optimize(args, cfg, config_path)
-    if args.n_trials is not None or args.auto_continue:
-        raise UserError(f"{'--n-trials' if args.n_trials is not None else '--auto-continue'}: only with --optimize")
+    if args.n_trials is not None:
+        raise UserError("--n-trials: only with --optimize")
     from vistrain.pipelines.train import run_train  # torch and timm load only once the config is known good
 
     result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
@@ -84,16 +84,23 @@ def _worker_rank() -> bool:
 
 
 def _train_optimize(args: argparse.Namespace, cfg: Any, config_path: Path | None) -> int:
-    """``train --optimize``: the study of ``vistrain tune``, then (``--auto-continue``) the full training."""
-    from vistrain.pipelines.tune import run_tune
+    """``train --optimize``: the study of ``vistrain tune``, then (``--auto-continue``) the full training, calibrated
+    with ``--use-calibration``. ``--auto-continue`` alone continues the newest unfinished study of the config."""
+    from vistrain.pipelines.train import check_final_steps
+    from vistrain.pipelines.tune import continue_tune, run_tune
 
+    flag = "--optimize" if args.optimize else "--auto-continue"
     if args.resume:
-        raise UserError("--optimize: cannot be combined with --resume (a study is joined with vistrain tune --storage)")
-    if args.use_calibration or args.mode == "full-pipeline":
-        raise UserError("--optimize: --use-calibration and --mode full-pipeline are not supported with it; "
-                        "run vistrain calibrate / predict on the continued run")
-    result = run_tune(cfg, n_trials=args.n_trials, auto_continue=args.auto_continue, config_path=config_path,
-                      folds=args.fold)
+        raise UserError(f"{flag}: cannot be combined with --resume (a study is joined with vistrain tune --storage, "
+                        "an unfinished one continued with --auto-continue alone)")
+    final = {"config_path": config_path, "folds": args.fold, "use_calibration": args.use_calibration,
+             "full_pipeline": args.mode == "full-pipeline"}
+    if args.auto_continue:  # what the full training needs, checked before the study
+        check_final_steps(cfg, args.use_calibration, final["full_pipeline"])
+    if args.optimize:
+        result = run_tune(cfg, n_trials=args.n_trials, auto_continue=args.auto_continue, **final)
+    else:
+        result = continue_tune(cfg, **final)
     _print_tune(result)
     return 0
 
@@ -287,13 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="always start a new run")
     p.add_argument("--fold", type=_folds, metavar="0,2", help="train these folds (overrides data.valid_fold)")
     p.add_argument("--use-calibration", action="store_true",
-                   help="fit a temperature on the out-of-fold (or validation) logits after training")
+                   help="fit a temperature on the out-of-fold (or validation) logits after training (with --optimize: "
+                        "of the run --auto-continue trains)")
     p.add_argument("--optimize", action="store_true",
                    help="search tune.space first (as vistrain tune); with --auto-continue, then train the best")
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
                    help="with --optimize: trials (default: tune.n_trials)")
     p.add_argument("--auto-continue", action="store_true",
-                   help="with --optimize: train the config with the best values, recording them in tuned_from.json")
+                   help="with --optimize: then train the config with the best values, recording them in "
+                        "tuned_from.json; alone: continue the newest unfinished study of this config, then do that")
     p.set_defaults(command_label="TRAINING")
 
     p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")

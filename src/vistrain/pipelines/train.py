@@ -134,8 +134,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given). ``on_epoch(row)`` sees every
     metrics row (the tuner reports and prunes there).
     """
-    if full_pipeline:
-        require_dir(cfg.data.image_dir_test, "data.image_dir_test")
+    check_final_steps(cfg, use_calibration, full_pipeline)
     folds = folds if folds is not None else cfg.folds_to_train()
     if cfg.task == "embedding":
         folds = [0]  # one model: the split comes from data.items["split"], not from K folds
@@ -155,6 +154,14 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
         return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
     finally:
         distributed.shutdown(info)
+
+
+def check_final_steps(cfg: Config, use_calibration: bool, full_pipeline: bool) -> None:
+    """What ``--use-calibration`` and ``--mode full-pipeline`` need after training, checked before it."""
+    if use_calibration and cfg.task != "classification":
+        raise UserError(f"--use-calibration: temperature scaling is for classifiers; this config has task: {cfg.task}")
+    if full_pipeline:
+        require_dir(cfg.data.image_dir_test, "data.image_dir_test")
 
 
 def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,

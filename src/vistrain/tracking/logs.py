@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vistrain.errors import describe, exit_code
 
@@ -23,11 +24,26 @@ _FILE_FMT = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M
 _CONSOLE_FMT = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
-def _console_handler() -> logging.Handler:
-    h = logging.StreamHandler(sys.stdout)
-    h.setFormatter(_CONSOLE_FMT)
-    h.addFilter(lambda record: not getattr(record, "file_only", False))
-    return h
+class _Console(logging.StreamHandler):
+    """The console: whatever ``sys.stdout`` is when a record comes (a handler kept from an earlier command in
+    the same process must not write to the stream that was current back then), without the file-only records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_CONSOLE_FMT)
+        self.addFilter(lambda record: not getattr(record, "file_only", False))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always sys.stdout
+
+
+def _has_console(logger: logging.Logger) -> bool:
+    return any(isinstance(h, _Console) for h in logger.handlers)
 
 
 def exit_line(label: str, code: int) -> str:
@@ -64,9 +80,8 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
         h = logging.FileHandler(f, mode="a", encoding="utf-8")
         h.setFormatter(_FILE_FMT)
         handlers.append(h)
-    has_console = any(type(h) is logging.StreamHandler for h in logger.handlers)
-    if console and not has_console:
-        handlers.append(_console_handler())
+    if console and not _has_console(logger):
+        handlers.append(_Console())
     for h in handlers:
         logger.addHandler(h)
     try:
@@ -80,8 +95,8 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
 def console_logging() -> None:
     """Plain console output for commands that have no run directory of their own."""
     logger = logging.getLogger(LOGGER)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        logger.addHandler(_console_handler())
+    if not _has_console(logger):
+        logger.addHandler(_Console())
         logger.setLevel(logging.INFO)
         logger.propagate = False
 
