@@ -18,9 +18,9 @@ the last process to finish has the complete picture. Without ``--storage``, the 
 
 Continuing (``train --config F --auto-continue``, ``continue_tune``): the newest tune directory of the same
 resolved config whose study or final training did not succeed is reopened; its study (storage and name from
-``tune.json``) runs the trials still missing of the ``n_trials`` it was started with (trials stopped by Ctrl-C or
-left running by a killed process, in a private study, do not count and are recorded as failed, ``interrupted``), then the final
-training runs, resuming an unfinished one of the best config.
+``tune.json``) runs the trials still missing of the ``n_trials`` it was started with (trials stopped by Ctrl-C,
+or left running by a killed process in a private study, do not count and are recorded as failed, ``interrupted``),
+then the final training runs, resuming an unfinished one of the best config.
 
 Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (default storage), ``tune.log`` (ends
 with ``[EXIT] TUNING SUCCESS code=0`` or the error, its traceback and ``[EXIT] TUNING ERROR code=N``),
