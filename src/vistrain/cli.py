@@ -160,7 +160,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     console_logging()
     run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold,
-              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k))
+              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k),
+              log_file=Path(args.log_file) if args.log_file else None)
     return 0
 
 
@@ -342,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=_positive_int, default=32, metavar="N", help="images per request (32)")
     p.add_argument("--max-mb", type=_positive_float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per answer (5)")
+    p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
+                                                   "the ONNX file): start-up, refused uploads, errors with traceback")
+    p.set_defaults(command_label="SERVING")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")
     p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")
