@@ -151,3 +151,16 @@ def test_crash_and_ctrl_c_end_the_log_files_with_the_error_traceback_and_marker(
         assert "Traceback (most recent call last)" in text and "in crash" in text
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == status and info["exit_code"] == code, info
+
+
+def test_demo_log_ends_with_the_exit_marker(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``vistrain demo`` trains through the same path; a small dataset stands in for the digits (the demo keeps
+    a train.csv it finds in --out)."""
+    write_csv_dataset(tmp_path / "demo_data", classes=("0", "1"), per_class=6, size=16)
+    argv = ["demo", "--out", str(tmp_path / "demo_data"), "train.epochs=1", "train.batch_size=8",
+            "tracking.tensorboard=false", f"output.exp_dir={tmp_path / 'exp'}", f"output.logs_dir={tmp_path / 'logs'}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.count("[EXIT] TRAINING SUCCESS code=0") == 1
+    (run_dir,) = run_dirs(tmp_path / "exp")
+    for path in run_logs(run_dir, tmp_path / "logs"):
+        assert_log_ends_with(path, "[EXIT] TRAINING SUCCESS code=0")
