@@ -274,6 +274,10 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     run_status = {t.state.name: json.loads((Path(t.user_attrs["run_dir"]) / "run.json").read_text())["status"]
                   for t in trained}
     assert run_status == {"PRUNED": "pruned", "COMPLETE": "success"}, run_status
+    last_lines = {t.state.name: (Path(t.user_attrs["run_dir"]) / "train.log").read_text().rstrip().splitlines()[-1]
+                  for t in trained}
+    assert last_lines["PRUNED"].endswith("[EXIT] TRAINING PRUNED"), last_lines
+    assert last_lines["COMPLETE"].endswith("[EXIT] TRAINING SUCCESS code=0"), last_lines
 
     # auto-continue: an ordinary run directory with the best values and a note of where they came from.
     run_dir = result.run_dir

@@ -39,7 +39,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", hint: 
         # Our own files hold NumPy RNG state and plain dicts, so the full unpickler is needed.
         return torch.load(path, map_location=map_location, weights_only=False)
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
         raise UserError(f"{path}: not a readable checkpoint, the file is corrupt or cut short ({reason}){hint}") \
             from err
 

@@ -188,7 +188,7 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             from vistrain.viz.report import write_report
 
             log.info("[DONE] report: %s", write_report(run.path))
-            run.set_status("success", summary="summary.json")
+            run.set_status("success", summary="summary.json", error=None, exit_code=None)  # a resumed failure's too
         except BaseException as err:
             # The log files alone tell how the run ended: the error, its traceback, then [EXIT] last.
             log_outcome(log, "TRAINING", err)
