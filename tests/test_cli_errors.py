@@ -20,6 +20,7 @@ CASES: dict[str, list[str]] = {
     "debug_after_command": ["train", "--debug", "--config", "CONFIG", "data.train_csv=BADCSV"],
     "debug_before_command": ["--debug", "train", "--config", "CONFIG", "data.train_csv=BADCSV"],
     "resume_not_a_run": ["train", "--resume", "NOT_A_RUN"],
+    "unknown_model": ["train", "--config", "CONFIG", "model.name=resnet18x"],
 }
 MAX_PARALLEL = 4
 
@@ -107,3 +108,20 @@ def test_debug_shows_the_traceback(results, case):
     assert "Traceback (most recent call last)" in r.stderr, describe(r)
     assert r.stderr.splitlines()[-1].startswith("error: data.target_col"), describe(r)
     assert last_line(r.stdout) == "[EXIT] TRAINING ERROR code=2"
+
+
+def test_unknown_model_name_leaves_no_run_directory(results):
+    r = results["unknown_model"]
+    line = assert_one_line_user_error(r, "model.name", "resnet18x")
+    assert "did you mean 'resnet18'" in line
+    assert_no_run_directory(r)
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    import vistrain
+    from vistrain.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"vistrain {vistrain.__version__}"

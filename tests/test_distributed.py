@@ -50,4 +50,6 @@ def test_torchrun_two_processes_share_one_run(tmp_path: Path) -> None:
     assert summary["environment"]["processes"] == 2 and "oof" in summary
     state = torch.load(run / "ckpt" / "best_fold0.pth", map_location="cpu", weights_only=False)["model"]
     assert not any(k.startswith("module.") for k in state)
-    assert "processes=2" in (run / "train.log").read_text()
+    log = (run / "train.log").read_text()
+    assert "processes=2" in log
+    assert log.count("[EXIT]") == 1 and log.rstrip().endswith("[EXIT] TRAINING SUCCESS code=0")  # rank 0 only

@@ -207,6 +207,12 @@ def test_a_port_in_use_is_a_user_error(served: dict, tmp_path: Path) -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --port: cannot listen on 127.0.0.1:{port}"), lines
+    # A run is served with its log in RUN/serve.log: the start-up failure, its traceback, then [EXIT] last.
+    log = (served["run"] / "serve.log").read_text()
+    tail = log[log.rfind("[SERVE] log:"):]
+    assert f"[ERROR] --port: cannot listen on 127.0.0.1:{port}" in tail and "Traceback (most recent call last)" in tail
+    assert tail.rstrip().splitlines()[-1].endswith("[EXIT] SERVING ERROR code=2"), tail[-1000:]
+    assert "Traceback" not in res.stdout + res.stderr
     bad = run_cli("serve", str(served["run"]), "--port", "70000", cwd=tmp_path)
     assert bad.returncode == 2 and "1..65535" in bad.stderr
 
@@ -216,3 +222,27 @@ def test_serve_target_must_be_a_run_or_an_onnx_file(tmp_path: Path) -> None:
     res = run_cli("serve", str(tmp_path / "model.pt"), cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().startswith("error: RUN|MODEL: ") and "neither a run directory nor an .onnx" in res.stderr
+
+
+def test_request_errors_are_logged_with_their_traceback(served: dict, tmp_path: Path) -> None:
+    """A 5xx answer says no more than that (no paths, no traceback); the log file has the error and traceback,
+    and one line per refused upload."""
+    from vistrain.tracking.logs import run_logging
+
+    predictor = load_predictor(served["run"])
+
+    def broken(batch: np.ndarray) -> dict:
+        raise RuntimeError(f"model on {served['run']} exploded")
+
+    predictor._run = broken
+    log_file = tmp_path / "serve.log"
+    with run_logging([log_file]):
+        client = TestClient(create_app(predictor))
+        res = client.post("/predict", files=upload(served["files"][:1]))
+        refused = client.post("/predict", files=[("files", ("notes.png", b"not an image", "image/png"))])
+    assert res.status_code == 500 and str(served["run"]) not in res.text, res.text
+    assert refused.status_code == 400
+    log = log_file.read_text()
+    assert f"[SERVE] POST /predict -> 500 RuntimeError: model on {served['run']} exploded" in log
+    assert "Traceback (most recent call last)" in log and "in broken" in log
+    assert "[SERVE] POST /predict -> 400 notes.png: not a readable image" in log

@@ -137,13 +137,17 @@ def test_first_trials_are_the_baseline_then_every_choice() -> None:
 
 # ------------------------------------------------------------------------------- studies with a fake trainer
 
-def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any) -> list[Config]:
-    """Replace run_train: each epoch reports ``score(cfg, epoch)``; a raised exception crashes the trial."""
+def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[str, Any]] | None = None
+                 ) -> list[Config]:
+    """Replace run_train: each epoch reports ``score(cfg, epoch)``; a raised exception crashes the trial.
+    ``calls`` collects each call's other keyword arguments."""
     seen: list[Config] = []
 
-    def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **_: Any
+    def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **kwargs: Any
                   ) -> train_mod.RunResult:
         seen.append(cfg)
+        if calls is not None:
+            calls.append(kwargs)
         best = None
         for fold in folds or cfg.folds_to_train():
             for epoch in range(1, cfg.train.epochs + 1):
@@ -251,7 +255,7 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     from vistrain.pipelines.tune import run_tune
 
     cfg = make_cfg(data_root, tmp_path, tune={"space": LR_SPACE})
-    result = run_tune(cfg, n_trials=4, auto_continue=True)
+    result = run_tune(cfg, n_trials=4, auto_continue=True, use_calibration=True)
 
     tune_dir = result.tune_dir
     for name in ("study.db", "best_params.yaml", "trials.csv", "tune.json", "tune.log",
@@ -272,6 +276,10 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     run_status = {t.state.name: json.loads((Path(t.user_attrs["run_dir"]) / "run.json").read_text())["status"]
                   for t in trained}
     assert run_status == {"PRUNED": "pruned", "COMPLETE": "success"}, run_status
+    last_lines = {t.state.name: (Path(t.user_attrs["run_dir"]) / "train.log").read_text().rstrip().splitlines()[-1]
+                  for t in trained}
+    assert last_lines["PRUNED"].endswith("[EXIT] TRAINING PRUNED"), last_lines
+    assert last_lines["COMPLETE"].endswith("[EXIT] TRAINING SUCCESS code=0"), last_lines
 
     # auto-continue: an ordinary run directory with the best values and a note of where they came from.
     run_dir = result.run_dir
@@ -281,6 +289,8 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     tuned = yaml.safe_load((run_dir / "tuned_from.json").read_text())
     assert tuned["tune_dir"] == str(tune_dir) and tuned["best_trial"] == result.best_trial
     assert (run_dir / "summary.json").is_file()
+    calibration = json.loads((run_dir / "calibration.json").read_text())  # --use-calibration: the run is calibrated
+    assert calibration["temperature"] > 0
 
 
 # A worker process with a fake trainer: a few tenths of a second per epoch, so the two workers' trials
@@ -374,3 +384,125 @@ def test_repeated_values_reuse_the_result(monkeypatch: pytest.MonkeyPatch, tmp_p
     study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{result.tune_dir / 'study.db'}")
     assert [t.user_attrs.get("repeat_of") for t in study.trials] == [None, 0, 0]
     assert [t.value for t in study.trials] == [0.7] * 3 and study.trials[2].intermediate_values == {1: 0.6, 2: 0.7}
+
+
+# ------------------------------------------------------------- the study's log, calibration, continuing a study
+
+def tune_config(tmp_path: Path, space: dict[str, Any] = LR_SPACE) -> Path:
+    raw = tiny_config(tmp_path, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
+    raw["tune"] = {"space": space}
+    return write_yaml(tmp_path / "tune.yaml", raw)
+
+
+def only_tune_dir(tmp_path: Path) -> Path:
+    (tune_dir,) = (tmp_path / "exp").glob("*/*_tune")
+    return tune_dir
+
+
+def good_lr(cfg: Config, epoch: int) -> float:
+    return 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10
+
+
+@pytest.mark.usefixtures("no_plots")
+@pytest.mark.parametrize("fails", [False, True])
+def test_tune_log_ends_with_the_outcome(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str], fails: bool) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.cli import main
+
+    def score(cfg: Config, epoch: int) -> float:
+        if fails:
+            raise UserError("data.train_csv: file not found: /nowhere.csv")
+        return good_lr(cfg, epoch)
+
+    fake_trainer(monkeypatch, score)
+    assert main(["tune", "--config", str(tune_config(tmp_path)), "--n-trials", "2"]) == (2 if fails else 0)
+    out, err = capsys.readouterr()
+    assert out.count("[EXIT]") == 1 and "Traceback" not in out + err
+    tune_dir = only_tune_dir(tmp_path)
+    lines = [ln for ln in (tune_dir / "tune.log").read_text().splitlines() if ln.strip()]
+    info = json.loads((tune_dir / "tune.json").read_text())
+    if not fails:
+        assert lines[-1].endswith("[EXIT] TUNING SUCCESS code=0"), lines[-3:]
+        assert info["status"] == "success"
+        return
+    assert lines[-1].endswith("[EXIT] TUNING ERROR code=2"), lines[-3:]
+    text = "\n".join(lines)
+    assert "[ERROR] data.train_csv: file not found: /nowhere.csv" in text
+    assert "Traceback (most recent call last)" in text
+    assert info["status"] == "error" and info["exit_code"] == 2
+    assert info["error"] == "data.train_csv: file not found: /nowhere.csv"
+
+
+@pytest.mark.usefixtures("no_plots")
+@pytest.mark.parametrize("auto_continue", [True, False])
+def test_optimize_use_calibration_calibrates_the_continued_run(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        auto_continue: bool) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.cli import main
+
+    calls: list[dict[str, Any]] = []
+    seen = fake_trainer(monkeypatch, good_lr, calls)
+    argv = ["train", "--config", str(tune_config(tmp_path)), "--optimize", "--n-trials", "2", "--use-calibration"]
+    assert main(argv + (["--auto-continue"] if auto_continue else [])) == 0, capsys.readouterr().err
+    trials = [c for c, cfg in zip(calls, seen) if "-trial" in cfg.project.name]
+    assert len(trials) == 2 and not any(c.get("use_calibration") for c in trials)
+    log = (only_tune_dir(tmp_path) / "tune.log").read_text()
+    if auto_continue:
+        assert len(calls) == 3 and calls[-1]["use_calibration"] is True
+        assert seen[-1].train.lr == 3e-3
+    else:
+        assert len(calls) == 2
+        assert "[TUNE] --use-calibration applies to the run that --auto-continue trains; " in log
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_auto_continue_finishes_the_interrupted_study_then_trains_the_best(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    optuna = pytest.importorskip("optuna")
+    from vistrain.cli import main
+
+    config = tune_config(tmp_path, {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    trained = 0
+
+    def score(cfg: Config, epoch: int) -> float:
+        nonlocal trained
+        trained += epoch == 1
+        if trained == 3:  # Ctrl-C during the third trial
+            raise KeyboardInterrupt
+        return good_lr(cfg, epoch)
+
+    calls: list[dict[str, Any]] = []
+    seen = fake_trainer(monkeypatch, score, calls)
+    assert main(["train", "--config", str(config), "--optimize", "--n-trials", "4"]) == 130
+    tune_dir = only_tune_dir(tmp_path)
+    info = json.loads((tune_dir / "tune.json").read_text())
+    assert info["status"] == "interrupted"
+    # A process killed outright leaves its trial "running" in the study.
+    optuna.load_study(study_name=info["study_name"], storage=f"sqlite:///{tune_dir / 'study.db'}").ask()
+
+    assert main(["train", "--config", str(config), "--auto-continue", "--use-calibration"]) == 0, \
+        capsys.readouterr().err
+    assert only_tune_dir(tmp_path) == tune_dir, "the study continues in its own tune directory"
+    info = json.loads((tune_dir / "tune.json").read_text())
+    study = optuna.load_study(study_name=info["study_name"], storage=f"sqlite:///{tune_dir / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    # Trials 0 and 1 done, 2 (Ctrl-C) and 3 (killed) interrupted, recorded as failed; then the 2 still missing
+    # of the 4 asked for.
+    assert len(states) == 6 and states[2:4] == ["FAIL", "FAIL"] and states.count("FAIL") == 2, states
+    assert all(t.user_attrs.get("interrupted") is True for t in study.trials[2:4])
+    assert info["status"] == "success"
+    final = seen[-1]
+    assert final.train.lr == info["best"]["params"]["train.lr"] and "-trial" not in final.project.name
+    assert calls[-1]["use_calibration"] is True and calls[-1]["resume"] is True
+    assert (tmp_path / "exp" / "day" / "tiny-x" / "tuned_from.json").is_file()
+    log = (tune_dir / "tune.log").read_text()
+    assert "[TUNE] continuing the unfinished study" in log
+    assert log.rstrip().splitlines()[-1].endswith("[EXIT] TUNING SUCCESS code=0")
+
+    # Nothing left to continue now: a user error naming what to run.
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--auto-continue"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: --auto-continue: no unfinished study") and "--optimize" in line, line

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vistrain.errors import UserError
+import vistrain
+from vistrain.errors import UserError, describe, exit_code
 
 
 def _folds(text: str) -> list[int]:
@@ -49,10 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
         cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
         config_path = Path(args.config)
-    if args.optimize:
+    if args.optimize or args.auto_continue:
         return _train_optimize(args, cfg, config_path)
-    if args.n_trials is not None or args.auto_continue:
-        raise UserError(f"{'--n-trials' if args.n_trials is not None else '--auto-continue'}: only with --optimize")
+    if args.n_trials is not None:
+        raise UserError("--n-trials: only with --optimize")
     from vistrain.pipelines.train import run_train  # torch and timm load only once the config is known good
 
     result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
@@ -83,16 +84,23 @@ def _worker_rank() -> bool:
 
 
 def _train_optimize(args: argparse.Namespace, cfg: Any, config_path: Path | None) -> int:
-    """``train --optimize``: the study of ``vistrain tune``, then (``--auto-continue``) the full training."""
-    from vistrain.pipelines.tune import run_tune
+    """``train --optimize``: the study of ``vistrain tune``, then (``--auto-continue``) the full training, calibrated
+    with ``--use-calibration``. ``--auto-continue`` alone continues the newest unfinished study of the config."""
+    from vistrain.pipelines.train import check_final_steps
+    from vistrain.pipelines.tune import continue_tune, run_tune
 
+    flag = "--optimize" if args.optimize else "--auto-continue"
     if args.resume:
-        raise UserError("--optimize: cannot be combined with --resume (a study is joined with vistrain tune --storage)")
-    if args.use_calibration or args.mode == "full-pipeline":
-        raise UserError("--optimize: --use-calibration and --mode full-pipeline are not supported with it; "
-                        "run vistrain calibrate / predict on the continued run")
-    result = run_tune(cfg, n_trials=args.n_trials, auto_continue=args.auto_continue, config_path=config_path,
-                      folds=args.fold)
+        raise UserError(f"{flag}: cannot be combined with --resume (a study is joined with vistrain tune --storage, "
+                        "an unfinished one continued with --auto-continue alone)")
+    final = {"config_path": config_path, "folds": args.fold, "use_calibration": args.use_calibration,
+             "full_pipeline": args.mode == "full-pipeline"}
+    if args.auto_continue:  # what the full training needs, checked before the study
+        check_final_steps(cfg, args.use_calibration, final["full_pipeline"])
+    if args.optimize:
+        result = run_tune(cfg, n_trials=args.n_trials, auto_continue=args.auto_continue, **final)
+    else:
+        result = continue_tune(cfg, **final)
     _print_tune(result)
     return 0
 
@@ -153,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     console_logging()
     run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold,
-              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k))
+              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k),
+              log_file=Path(args.log_file) if args.log_file else None)
     return 0
 
 
@@ -265,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback on errors")
     parser = _Parser(prog="vistrain", parents=[common],
                                      description="Train, evaluate and serve timm image models from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"vistrain {vistrain.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
@@ -286,13 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="always start a new run")
     p.add_argument("--fold", type=_folds, metavar="0,2", help="train these folds (overrides data.valid_fold)")
     p.add_argument("--use-calibration", action="store_true",
-                   help="fit a temperature on the out-of-fold (or validation) logits after training")
+                   help="fit a temperature on the out-of-fold (or validation) logits after training (with --optimize: "
+                        "of the run --auto-continue trains)")
     p.add_argument("--optimize", action="store_true",
                    help="search tune.space first (as vistrain tune); with --auto-continue, then train the best")
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
                    help="with --optimize: trials (default: tune.n_trials)")
     p.add_argument("--auto-continue", action="store_true",
-                   help="with --optimize: train the config with the best values, recording them in tuned_from.json")
+                   help="with --optimize: then train the config with the best values, recording them in "
+                        "tuned_from.json; alone: continue the newest unfinished study of this config, then do that")
     p.set_defaults(command_label="TRAINING")
 
     p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")
@@ -333,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-files", type=_positive_int, default=32, metavar="N", help="images per request (32)")
     p.add_argument("--max-mb", type=_positive_float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
     p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per answer (5)")
+    p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
+                                                   "the ONNX file): start-up, refused uploads, errors with traceback")
+    p.set_defaults(command_label="SERVING")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")
     p.add_argument("run", metavar="RUN", help="run directory (task: embedding)")
@@ -377,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vistrain.tracking.logs import exit_line
+
     args = build_parser().parse_args(argv)
     args.debug = getattr(args, "debug", False)
     if not args.debug:
@@ -384,21 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         code = args.func(args)
-    except UserError as err:
-        if args.debug:
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the one place that turns an error into a code
+        code = exit_code(err)
+        if args.debug and not isinstance(err, KeyboardInterrupt):
             traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        code = err.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        code = 130
-    except Exception as err:  # noqa: BLE001 - the one place that turns a crash into an exit code
-        if args.debug:
-            traceback.print_exc()
-        first = str(err).splitlines()[0] if str(err) else ""
-        print(f"error: {type(err).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr,
-              flush=True)
-        code = 1
-    if args.command_label == "TRAINING" and not _worker_rank():
-        print(f"[EXIT] TRAINING {'SUCCESS' if code == 0 else 'ERROR'} code={code}", flush=True)
+        hint = "" if code != 1 or args.debug else " (run with --debug for the traceback)"
+        print(f"error: {describe(err)}{hint}", file=sys.stderr, flush=True)
+    # The commands whose log files end with the [EXIT] line say it on the console too (rank 0 only).
+    if args.command_label in ("TRAINING", "TUNING", "SERVING") and not _worker_rank():
+        print(exit_line(args.command_label, code), flush=True)
     return code

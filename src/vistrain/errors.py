@@ -27,6 +27,25 @@ class ConfigError(UserError):
         super().__init__("\n".join(problems))
 
 
+def exit_code(err: BaseException) -> int:
+    """The process exit code for a command that ended by ``err``: 2 (or the error's own) for a user error, 130 for
+    Ctrl-C, 1 for anything else."""
+    if isinstance(err, UserError):
+        return err.exit_code
+    return 130 if isinstance(err, KeyboardInterrupt) else 1
+
+
+def describe(err: BaseException) -> str:
+    """The error as the one line the user sees (the console's ``error:`` line, the logs' ``[ERROR]`` line,
+    run.json's ``error``): a user error's own message, else the exception type and its first line."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest candidate, or an empty string."""
     close = difflib.get_close_matches(str(name), list(candidates), n=1, cutoff=0.6)

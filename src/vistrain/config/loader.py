@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +22,35 @@ from vistrain.config.schema import Config
 from vistrain.errors import ConfigError, UserError, did_you_mean
 
 
+@dataclass(frozen=True)
+class ModeInfo:
+    """The ``--mode`` preset under a config, and which of its keys the layers above replaced."""
+
+    name: str
+    by_file: tuple[str, ...]  # dotted preset keys the config file sets too (the file wins)
+    by_overrides: tuple[str, ...]  # ... and those given as key.path=value
+
+    def line(self) -> str:
+        """``mode=fast (preset keys overridden by the config file: model.name, train.lr)``."""
+        parts = [f"{what}: {', '.join(keys)}" for what, keys in
+                 (("by the config file", self.by_file), ("by the command line", self.by_overrides)) if keys]
+        return f"mode={self.name}" + (f" (preset keys overridden {'; '.join(parts)})" if parts else "")
+
+
+def mode_info(cfg: Config) -> ModeInfo | None:
+    """The ``--mode`` of a config from ``load_config`` (None without one)."""
+    return cfg._mode
+
+
 def load_config(
     path: str | Path | None,
     mode: str | None = None,
     overrides: list[str] | None = None,
 ) -> Config:
-    """Build the validated config. ``path`` None means defaults only (tests, ``demo``)."""
+    """Build the validated config. ``path`` None means defaults only (tests, ``demo``). The mode, and which of
+    its keys the file and overrides replaced, is attached for the log (``mode_info``)."""
     merged: dict[str, Any] = {}
+    user: dict[str, Any] = {}
     if mode:
         if mode not in MODES:
             raise UserError(f"--mode: unknown mode '{mode}'; valid: {', '.join(MODES)}{did_you_mean(mode, MODES)}")
@@ -43,7 +66,20 @@ def load_config(
     cli = parse_overrides(overrides or [])
     _resolve_paths(cli, Path.cwd())
     merged = deep_merge(merged, cli)
-    return validate(merged)
+    cfg = validate(merged)
+    if mode:
+        preset = _leaf_keys(MODES[mode])
+        cfg._mode = ModeInfo(mode, tuple(sorted(preset & _leaf_keys(user))), tuple(sorted(preset & _leaf_keys(cli))))
+    return cfg
+
+
+def _leaf_keys(layer: dict[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a layer sets: ``{"train": {"lr": 1}}`` -> ``{"train.lr"}``."""
+    keys: set[str] = set()
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        keys |= _leaf_keys(value, f"{dotted}.") if isinstance(value, dict) and value else {dotted}
+    return keys
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

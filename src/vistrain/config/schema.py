@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from vistrain.errors import did_you_mean
 
@@ -282,6 +282,8 @@ class Config(Section):
     tracking: TrackingCfg = TrackingCfg()
     tune: TuneCfg = TuneCfg()
     output: OutputCfg = OutputCfg()
+    # The --mode preset the config was built on (config.loader.ModeInfo, set by load_config; not a config key).
+    _mode: Any = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

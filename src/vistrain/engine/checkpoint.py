@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from vistrain.errors import UserError
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -28,9 +32,17 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    # Our own files hold NumPy RNG state and plain dicts, so the full unpickler is needed.
-    return torch.load(path, map_location=map_location, weights_only=False)
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", hint: str = "") -> dict[str, Any]:
+    """The checkpoint's dict; a file that is not a whole checkpoint (cut short, overwritten) is a user error
+    naming it, followed by ``hint`` (what to do about it)."""
+    try:
+        # Our own files hold NumPy RNG state and plain dicts, so the full unpickler is needed.
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:160] if text else type(err).__name__
+        raise UserError(f"{path}: not a readable checkpoint, the file is corrupt or cut short ({reason}){hint}") \
+            from err
 
 
 def rng_state() -> dict[str, Any]:

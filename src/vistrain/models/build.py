@@ -14,6 +14,13 @@ from vistrain.errors import UserError, did_you_mean
 log = logging.getLogger(__name__)
 
 
+def check_model_name(name: str) -> None:
+    """A timm model name, with or without a pretrained tag (``resnet18.a1_in1k``), or a one-line UserError."""
+    known = timm.list_models()
+    if name.split(".")[0] not in known:
+        raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
+
+
 def create_backbone_model(
     name: str,
     num_classes: int,
@@ -24,9 +31,7 @@ def create_backbone_model(
 ) -> nn.Module:
     """``timm.create_model`` with one-line errors. ``pretrained`` downloads timm's weights; a local file
     (``model.pretrained_path``, ``model.init_from``) is loaded afterwards by ``models.init.init_weights``."""
-    known = timm.list_models()
-    if name.split(".")[0] not in known:
-        raise UserError(f"model.name: unknown timm model '{name}'{did_you_mean(name, known)}")
+    check_model_name(name)
     kwargs: dict[str, Any] = {
         "num_classes": num_classes,
         "global_pool": pooling,

@@ -13,6 +13,10 @@ decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected req
 normalise) and the same image decoding as ``predict``. A RUN is served with PyTorch: every trained fold averaged,
 as ``predict`` does, or one ``--fold``. An ONNX file (one fold, see ``vistrain export``) runs with onnxruntime and
 reads the preprocessing from its metadata, checked against the graph first (``export.read_onnx_metadata``).
+
+Log: the console, and a file (``--log-file``; by default ``RUN/serve.log`` for a run, ``serve.log`` beside an ONNX
+file): the start-up line, each refused upload (one line), each internal error (a 500 whose answer says no more;
+its traceback in the file) and, last, the outcome: a start-up failure with its traceback, then ``[EXIT] SERVING``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
@@ -20,6 +24,7 @@ reads the preprocessing from its metadata, checked against the graph first (``ex
 import io
 import logging
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,8 @@ import torch
 from PIL import Image
 
 from vistrain.data.transforms import eval_transform
-from vistrain.errors import UserError
+from vistrain.errors import UserError, describe
+from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +195,26 @@ def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarra
 def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
     """The FastAPI application around ``predictor`` (``uvicorn`` serves it; tests use its TestClient)."""
     try:
-        from fastapi import FastAPI, File, HTTPException, UploadFile
+        from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+        from fastapi.responses import JSONResponse
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
     limits = limits or Limits()
     app = FastAPI(title="vistrain", description=f"{predictor.task} model {predictor.model_name}")
+
+    @app.middleware("http")
+    async def log_errors(request: Request, call_next: Any) -> Any:
+        """An internal error: its line and traceback in the log, a 500 that reveals nothing of the server."""
+        try:
+            return await call_next(request)
+        except Exception as err:  # noqa: BLE001 - every unexpected error of a request ends here
+            log.error("[SERVE] %s %s -> 500 %s", request.method, request.url.path, describe(err))
+            log.error("%s", "".join(traceback.format_exception(err)).rstrip(), extra=FILE_ONLY)
+            return JSONResponse({"detail": "internal error; see the server's log"}, status_code=500)
+
+    def refuse(status: int, message: str) -> HTTPException:
+        log.warning("[SERVE] POST /predict -> %d %s", status, message)
+        return HTTPException(status, message)
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -207,7 +228,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
     @app.post("/predict")
     def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's declaration style
         if len(files) > limits.max_files:
-            raise HTTPException(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
+            raise refuse(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
         names = [f.filename or f"file{i}" for i, f in enumerate(files)]
         tensors = []
         try:
@@ -215,15 +236,42 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
                 tensors.append(predictor.preprocess(decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1),
                                                                   limits)))
         except UploadError as err:
-            raise HTTPException(err.status, str(err)) from err
+            raise refuse(err.status, str(err)) from err
         batch = torch.stack(tensors).numpy()
         return {"task": predictor.task, "results": results(predictor, names, predictor(batch), limits.top_k)}
 
     return app
 
 
+def default_log_file(target: Path) -> Path | None:
+    """``RUN/serve.log`` for a run, ``serve.log`` beside an ONNX file; None for anything else."""
+    if target.is_dir():
+        return target / "serve.log"
+    return target.parent / "serve.log" if target.is_file() else None
+
+
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
-              limits: Limits | None = None) -> None:
+              limits: Limits | None = None, log_file: Path | None = None) -> None:
+    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome."""
+    log_file = log_file or default_log_file(target)
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            log_file.open("a").close()
+        except OSError as err:
+            raise UserError(f"--log-file: cannot write {log_file} ({err.strerror or err}); choose another "
+                            "--log-file") from err
+    with run_logging([log_file] if log_file else []):
+        log.info("[SERVE] log: %s | target: %s", log_file, target)
+        try:
+            _serve(target, host, port, fold, limits)
+        except BaseException as err:
+            log_outcome(log, "SERVING", err)
+            raise
+        log_outcome(log, "SERVING")
+
+
+def _serve(target: Path, host: str, port: int, fold: int | None, limits: Limits | None) -> None:
     try:
         import uvicorn
     except ImportError as err:
@@ -234,6 +282,7 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
     log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
              predictor.task, predictor.model_name, predictor.backend, predictor.source, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+    log.info("[SERVE] stopped")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -19,7 +19,7 @@ import timm
 import torch
 
 import vistrain
-from vistrain.config.loader import config_to_dict
+from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config, DataCfg, TrackingCfg
 from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
@@ -29,18 +29,20 @@ from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, 
 from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
-from vistrain.errors import UserError
+from vistrain.errors import UserError, describe, exit_code
 from vistrain.metrics.classification import epoch_metrics
-from vistrain.models.build import count_parameters
+from vistrain.models.build import check_model_name, count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
-from vistrain.tracking.logs import run_logging, show_progress
+from vistrain.tracking.logs import log_outcome, run_logging, show_progress
 from vistrain.tracking.writers import Trackers
 from vistrain.viz.plots import training_plots
 
 log = logging.getLogger(__name__)
+# What to do about a last checkpoint that cannot be read when a run resumes.
+RESUME_HINT = "; delete it to train that fold again from the start, or start a new run with --fresh"
 
 
 @dataclass
@@ -134,8 +136,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given). ``on_epoch(row)`` sees every
     metrics row (the tuner reports and prunes there).
     """
-    if full_pipeline:
-        require_dir(cfg.data.image_dir_test, "data.image_dir_test")
+    check_final_steps(cfg, use_calibration, full_pipeline)
     folds = folds if folds is not None else cfg.folds_to_train()
     if cfg.task == "embedding":
         folds = [0]  # one model: the split comes from data.items["split"], not from K folds
@@ -143,12 +144,13 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     if bad_folds:
         raise UserError(f"--fold: {bad_folds[0]} is not a fold of data.folds={cfg.data.folds}; "
                         f"valid: 0..{cfg.data.folds - 1}")
+    check_model_name(cfg.model.name)  # before the run directory: a typo must not leave an error run behind
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
-        run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh))
+        run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh, folds))
         if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
             with run_logging([], console=False):
                 summary = _train_run(cfg, run, data, folds, config_path, time.time(), on_epoch, info)
@@ -156,6 +158,14 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
         return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
     finally:
         distributed.shutdown(info)
+
+
+def check_final_steps(cfg: Config, use_calibration: bool, full_pipeline: bool) -> None:
+    """What ``--use-calibration`` and ``--mode full-pipeline`` need after training, checked before it."""
+    if use_calibration and cfg.task != "classification":
+        raise UserError(f"--use-calibration: temperature scaling is for classifiers; this config has task: {cfg.task}")
+    if full_pipeline:
+        require_dir(cfg.data.image_dir_test, "data.image_dir_test")
 
 
 def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
@@ -166,6 +176,8 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
     if cfg.output.logs_dir is not None:
         log_files.append(cfg.output.logs_dir / f"run_{time.strftime('%Y%m%d-%H%M')}_{run.run_id}.log")
     with run_logging(log_files):
+        for note in run.notes:
+            log.info(note)
         try:
             summary = _train_run(cfg, run, data, folds, config_path, started, on_epoch, info)
             if use_calibration:
@@ -180,11 +192,15 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             from vistrain.viz.report import write_report
 
             log.info("[DONE] report: %s", write_report(run.path))
+            run.set_status("success", summary="summary.json", error=None, exit_code=None)  # a resumed failure's too
         except BaseException as err:
-            first = str(err).splitlines()[0] if str(err) else ""
-            run.set_status(_stopped_status(err), error=f"{type(err).__name__}: {first}")
+            # The log files alone tell how the run ended: the error, its traceback, then [EXIT] last.
+            log_outcome(log, "TRAINING", err)
+            status = _stopped_status(err)
+            code = {"exit_code": exit_code(err)} if status in ("error", "interrupted") else {}
+            run.set_status(status, error=describe(err), **code)
             raise
-    run.set_status("success", summary="summary.json")
+        log_outcome(log, "TRAINING")
     return RunResult(run.path, summary)
 
 
@@ -197,13 +213,18 @@ def _stopped_status(err: BaseException) -> str:
     return "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
 
 
-def _open_run(cfg: Config, resume: bool | Path, fresh: bool) -> rundir.RunDir:
+def _open_run(cfg: Config, resume: bool | Path, fresh: bool, folds: list[int]) -> rundir.RunDir:
     if isinstance(resume, Path):
-        return rundir.open_existing(resume)
+        run = rundir.open_existing(resume)
+        rundir.require_work_left(run, folds)
+        return run
     if resume and not fresh:
         found = rundir.find_unfinished(cfg)
         if found is not None:
             return rundir.open_existing(found)
+        run = rundir.new_run(cfg)
+        run.notes.append("[RESUME] no unfinished run of this config; starting a new run")
+        return run
     return rundir.new_run(cfg)
 
 
@@ -218,6 +239,9 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
     log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | processes=%d | run=%s%s",
              vistrain.__version__, torch.__version__, timm.__version__, _device_name(device), precision.name,
              info.world, run.path, " (resumed)" if run.resumed else "")
+    mode = mode_info(cfg)
+    if mode is not None:
+        log.info("[CFG] %s", mode.line())
     cfg = distributed.from_main(info, lambda: _resolve_auto(cfg, device, precision, len(data.classes)))
     _log_config(cfg)
     if info.is_main:
@@ -339,7 +363,7 @@ def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> list[dict[str, Any]]:
     for fold in range(n_folds):
         last = run.ckpt("last", fold)
         if last.is_file():
-            rows += load_checkpoint(last)["history"]
+            rows += load_checkpoint(last, hint=RESUME_HINT)["history"]
     atomic_write_text(run / "metrics.jsonl", "".join(json_line(r) for r in rows))
     return rows
 
@@ -367,7 +391,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
              len(train_loader.dataset), setup.n_valid, len(train_loader))
     last_path = run.ckpt("last", fold)
     if run.resumed and last_path.is_file():
-        ckpt = load_checkpoint(last_path, device)
+        ckpt = load_checkpoint(last_path, device, hint=RESUME_HINT)
         state.load_state_dict(ckpt)
         task.load_state_dict(ckpt.get("task_state", {}))
         set_rng_state(ckpt["rng"])

@@ -16,8 +16,16 @@ its reports); the reports describe the whole shared study as far as it had got w
 the last process to finish has the complete picture. Without ``--storage``, the study lives in
 ``<tune dir>/study.db`` and is private to one process.
 
-Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (default storage), ``tune.log``,
-``tune.json`` (status, study, best trial), ``best_params.yaml``, ``trials.csv``, ``plots/*.png``,
+Continuing (``train --config F --auto-continue``, ``continue_tune``): the newest tune directory of the same
+resolved config whose study or final training did not succeed is reopened; its study (storage and name from
+``tune.json``) runs the trials still missing of the ``n_trials`` it was started with (trials stopped by Ctrl-C,
+or left running by a killed process in a private study, do not count and are recorded as failed, ``interrupted``),
+then the final training runs, resuming an unfinished one of the best config.
+
+Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (default storage), ``tune.log`` (ends
+with ``[EXIT] TUNING SUCCESS code=0`` or the error, its traceback and ``[EXIT] TUNING ERROR code=N``),
+``tune.json`` (status, study, best trial, the error; ``continued``: the final training's status),
+``best_params.yaml``, ``trials.csv``, ``plots/*.png``,
 ``failed/trial_<n>.txt`` (the traceback of each failed trial) and ``trials/YYYYMMDD/<name>-trial<n>-.../``
 (one ordinary run directory per trial).
 """
@@ -40,18 +48,24 @@ from typing import TYPE_CHECKING, Any
 from vistrain.config.loader import config_to_dict, validate
 from vistrain.config.schema import Config
 from vistrain.config.space import Param, get_key, parse_space, with_values
-from vistrain.errors import ConfigError, UserError
+from vistrain.errors import ConfigError, UserError, describe, exit_code
 from vistrain.pipelines.tune_outputs import (
+    close_stale_trials,
     create_study,
+    find_unfinished_tune,
     first_line,
     new_tune_dir,
+    rejoin_url,
     safe_url,
     state_counts,
+    update_tune_json,
     write_best_params,
     write_plots,
     write_trials_csv,
 )
 from vistrain.tracking.files import atomic_write_text, write_json
+from vistrain.tracking.logs import log_outcome
+from vistrain.tracking.rundir import config_hash
 
 if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
     import optuna
@@ -114,6 +128,9 @@ class _Context:
     folds: list[int]
     epochs: int  # per trial and fold (for the global step)
     monitor: str
+    n_trials: int  # trials this process runs (or, continuing a study, the process that started it asked for)
+    shared: bool  # storage given by the user (others may work on the study), not the tune directory's own
+    done_before: int | None = None  # trials of the study that had ended when this tune directory started it
 
 
 class _Reporter:
@@ -164,6 +181,9 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
             result = run_train(trial_cfg, folds=ctx.folds, on_epoch=_Reporter(trial, ctx))
         except optuna.TrialPruned:
             _record_run_dir(trial, ctx)
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)  # not a result: a continued study runs it again
             raise
         except Exception as err:
             _record_failure(trial, ctx, err)
@@ -319,9 +339,11 @@ def _check_folds(cfg: Config) -> None:
 
 def run_tune(cfg: Config, n_trials: int | None = None, storage: str | None = None, study_name: str | None = None,
              timeout: float | None = None, auto_continue: bool = False, config_path: Path | None = None,
-             folds: list[int] | None = None) -> TuneResult:
+             folds: list[int] | None = None, use_calibration: bool = False, full_pipeline: bool = False
+             ) -> TuneResult:
     """Run (or join) a study and write the tune directory; with ``auto_continue``, then train the config with
-    the best values (on ``folds``, default ``data.valid_fold``) and record where they came from.
+    the best values (on ``folds``, default ``data.valid_fold``; calibrated with ``use_calibration``, predicting
+    the test images with ``full_pipeline``) and record where they came from.
 
     Arguments given here win over ``tune.*``. A crashed trial is recorded as failed and the study goes on;
     a ``UserError`` (a mistake in the config or data) stops it at once.
@@ -330,33 +352,109 @@ def run_tune(cfg: Config, n_trials: int | None = None, storage: str | None = Non
     params = parse_space(cfg)
     _check_folds(cfg)
     t = cfg.tune
-    n_trials = n_trials or t.n_trials
-    timeout = timeout or t.timeout
     study_name = study_name or t.study_name or cfg.project.name
     storage = storage or t.storage
     tune_dir = new_tune_dir(cfg)
     storage_url = storage or f"sqlite:///{(tune_dir / 'study.db').resolve()}"
-    ctx = _Context(cfg, params, tune_dir, list(t.folds), t.epochs or max(1, cfg.train.epochs // 3), cfg.train.monitor)
+    ctx = _context(cfg, params, tune_dir, n_trials or t.n_trials, shared=storage is not None)
+    final = FinalRun(config_path, folds, use_calibration, full_pipeline) if auto_continue else None
     with _tune_logging(tune_dir / "tune.log"), _quiet_optuna():
-        study = _start(ctx, storage_url, study_name, n_trials, shared=storage is not None)
-        _optimize(ctx, study, storage_url, n_trials, timeout)
+        for flag, used in (("--use-calibration", use_calibration), ("--mode full-pipeline", full_pipeline)):
+            if used and final is None:
+                log.info("[TUNE] %s applies to the run that --auto-continue trains; without it the study only "
+                         "searches (vistrain calibrate / predict RUN do the same for any run)", flag)
+        return _run_study(ctx, storage_url, study_name, timeout or t.timeout, final)
+
+
+def continue_tune(cfg: Config, config_path: Path | None = None, folds: list[int] | None = None,
+                  use_calibration: bool = False, full_pipeline: bool = False) -> TuneResult:
+    """``train --auto-continue``: the newest study of this config that did not succeed (or whose full training
+    did not), in its own tune directory and storage: the trials still missing up to the ``n_trials`` it was
+    started with, then the full training with the best values (resuming that training if it was interrupted)."""
+    _require_optuna()
+    params = parse_space(cfg)
+    _check_folds(cfg)
+    found = find_unfinished_tune(cfg)
+    if found is None:
+        raise UserError(f"--auto-continue: no unfinished study of this config under {cfg.output.exp_dir}; "
+                        "start one with --optimize (train --config F --optimize --auto-continue)")
+    tune_dir, info = found
+    ctx = _context(cfg, params, tune_dir, int(info["n_trials"]), shared=bool(info.get("shared")),
+                   done_before=int(info.get("done_before", 0)))
+    final = FinalRun(config_path, folds, use_calibration, full_pipeline, resume=True)
+    with _tune_logging(tune_dir / "tune.log"), _quiet_optuna():
+        log.info("[TUNE] continuing the unfinished study of %s (status %s)", tune_dir, info.get("status"))
+        return _run_study(ctx, rejoin_url(info, cfg, tune_dir), info["study_name"], cfg.tune.timeout, final)
+
+
+@dataclass
+class FinalRun:
+    """``--auto-continue``: the full training with the best values, after the study."""
+
+    config_path: Path | None = None
+    folds: list[int] | None = None
+    use_calibration: bool = False
+    full_pipeline: bool = False
+    resume: bool = False  # continue an unfinished run of the best config (when continuing a study)
+
+
+def _context(cfg: Config, params: list[Param], tune_dir: Path, n_trials: int, shared: bool,
+             done_before: int | None = None) -> _Context:
+    t = cfg.tune
+    return _Context(cfg, params, tune_dir, list(t.folds), t.epochs or max(1, cfg.train.epochs // 3),
+                    cfg.train.monitor, n_trials, shared, done_before)
+
+
+def _run_study(ctx: _Context, storage_url: str, study_name: str, timeout: float | None, final: FinalRun | None
+               ) -> TuneResult:
+    """The study (what is left of it), its reports, then the final training; ``tune.log`` ends with the
+    outcome and ``tune.json`` records an error."""
+    result = None
+    try:
+        study = _start(ctx, storage_url, study_name)
+        left = ctx.n_trials - (_done(study) - (ctx.done_before or 0))
+        if left > 0:
+            _optimize(ctx, study, left, timeout)
+        else:
+            log.info("[TUNE] the %d trial(s) asked for are done", ctx.n_trials)
         result = _finish(ctx, study, storage_url)
-        if auto_continue:
-            result.run_dir = _continue(cfg, result, config_path, folds)
+        if final is not None:
+            result.run_dir = _continue(ctx, result, final)
+    except BaseException as err:
+        log_outcome(log, "TUNING", err)
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
+        failure = {"status": status, "error": describe(err), "exit_code": exit_code(err)}
+        _safe(update_tune_json, ctx.tune_dir, {"continued": failure} if result is not None else failure)
+        raise
+    log_outcome(log, "TUNING")
     return result
 
 
-def _start(ctx: _Context, storage_url: str, study_name: str, n_trials: int, shared: bool) -> optuna.Study:
+def _done(study: optuna.Study) -> int:
+    """Trials of the study that ran to an end: completed, pruned or failed (not those Ctrl-C or a lost process
+    stopped: a continued study runs those again)."""
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
+               (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
+               for t in study.get_trials(deepcopy=False))
+
+
+def _start(ctx: _Context, storage_url: str, study_name: str) -> optuna.Study:
     """Create or join the study and log what it searches."""
     cfg = ctx.cfg
     direction = direction_of(ctx.monitor)
-    pruner = _pruner(cfg, n_trials, ctx.epochs * len(ctx.folds))
-    study = create_study(cfg, storage_url, study_name, direction, shared, pruner)
+    pruner = _pruner(cfg, ctx.n_trials, ctx.epochs * len(ctx.folds))
+    study = create_study(cfg, storage_url, study_name, direction, ctx.shared, pruner)
+    if not ctx.shared:
+        close_stale_trials(storage_url, study)
+    if ctx.done_before is None:
+        ctx.done_before = _done(study)
     _write_status(ctx, study, storage_url, "running")
     finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
     log.info("[TUNE] study '%s' in %s | %s %s | %d trial(s) here (%d finished in the study so far) | pruner=%s | "
              "epochs per trial=%d | folds=%s | dir=%s", study_name, safe_url(storage_url), direction, ctx.monitor,
-             n_trials, finished, cfg.tune.pruner, ctx.epochs, ctx.folds, ctx.tune_dir)
+             ctx.n_trials, finished, cfg.tune.pruner, ctx.epochs, ctx.folds, ctx.tune_dir)
     log.info("[TUNE] space: %s", " | ".join(_fmt_param(p) for p in ctx.params))
     return study
 
@@ -368,8 +466,8 @@ def _fmt_param(p: Param) -> str:
     return f"{p.key} {p.type} {p.low}..{p.high}{extra}"
 
 
-def _optimize(ctx: _Context, study: optuna.Study, storage_url: str, n_trials: int, timeout: float | None) -> None:
-    """The trials; the reports are written even when the study stops on an error or Ctrl-C."""
+def _optimize(ctx: _Context, study: optuna.Study, n_trials: int, timeout: float | None) -> None:
+    """The trials; trials.csv is written even when the study stops on an error or Ctrl-C."""
     # Only the process that opens an empty study seeds it with the initial trials.
     first = _initial_trials(ctx.cfg, ctx.params, n_trials) if not study.get_trials(deepcopy=False) else []
     design = _InitialDesign(first, n_trials, timeout)
@@ -377,8 +475,7 @@ def _optimize(ctx: _Context, study: optuna.Study, storage_url: str, n_trials: in
     try:
         study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
                        callbacks=[_after_trial, design], gc_after_trial=True)
-    except BaseException as err:
-        _write_status(ctx, study, storage_url, "error", error=first_line(err))
+    except BaseException:
         _safe(write_trials_csv, ctx.tune_dir / "trials.csv", study)
         raise
     finally:
@@ -400,7 +497,6 @@ def _finish(ctx: _Context, study: optuna.Study, storage_url: str) -> TuneResult:
     write_plots(study, ctx.tune_dir / "plots")
     counts = state_counts(study)
     if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        _write_status(ctx, study, storage_url, "error", error="no trial completed")
         summary = ", ".join(f"{n} {s.lower()}" for s, n in counts.items())
         raise UserError(f"tune: no trial of study '{study.study_name}' completed ({summary}); the reasons are in "
                         f"{ctx.tune_dir / 'trials.csv'} (column user_attrs_fail_reason)")
@@ -414,32 +510,39 @@ def _finish(ctx: _Context, study: optuna.Study, storage_url: str) -> TuneResult:
     return result
 
 
-def _write_status(ctx: _Context, study: optuna.Study, storage_url: str, status: str, **extra: Any) -> None:
+def _write_status(ctx: _Context, study: optuna.Study, storage_url: str, status: str) -> None:
+    """tune.json: the study's state, and what ``train --auto-continue`` needs to rejoin it (the config's hash,
+    the storage, the trials asked for)."""
     info: dict[str, Any] = {"status": status, "updated": datetime.now().isoformat(timespec="seconds"),
-                            "study_name": study.study_name, "storage": safe_url(storage_url),
-                            "monitor": ctx.monitor, "direction": study.direction.name.lower(),
-                            "trials": state_counts(study), "command": sys.argv, **extra}
+                            "study_name": study.study_name, "storage": safe_url(storage_url), "shared": ctx.shared,
+                            "config_hash": config_hash(ctx.cfg), "n_trials": ctx.n_trials,
+                            "done_before": ctx.done_before, "monitor": ctx.monitor,
+                            "direction": study.direction.name.lower(), "trials": state_counts(study),
+                            "command": sys.argv, "error": None, "exit_code": None}
     try:
         best = study.best_trial
         info["best"] = {"trial": best.number, "value": best.value, "params": best.params}
     except ValueError:
         pass
-    write_json(ctx.tune_dir / "tune.json", info)
+    update_tune_json(ctx.tune_dir, info)
 
 
-def _continue(cfg: Config, result: TuneResult, config_path: Path | None, folds: list[int] | None) -> Path:
+def _continue(ctx: _Context, result: TuneResult, final: FinalRun) -> Path:
     """The full training with the best values; ``tuned_from.json`` in its run directory says where they
     came from."""
     from vistrain.pipelines.train import run_train
 
-    best_cfg = best_config(cfg, result.best_params)
-    log.info("[TUNE] auto-continue: full training with trial %d's values: %s", result.best_trial,
-             _fmt_params(result.best_params))
-    run = run_train(best_cfg, folds=folds, config_path=config_path)
+    best_cfg = best_config(ctx.cfg, result.best_params)
+    log.info("[TUNE] auto-continue: full training with trial %d's values: %s%s", result.best_trial,
+             _fmt_params(result.best_params), " (then calibrated)" if final.use_calibration else "")
+    update_tune_json(ctx.tune_dir, {"continued": {"status": "running"}})
+    run = run_train(best_cfg, folds=final.folds, config_path=final.config_path, resume=final.resume,
+                    use_calibration=final.use_calibration, full_pipeline=final.full_pipeline)
     write_json(run.run_dir / "tuned_from.json", {
         "tune_dir": str(result.tune_dir), "study_name": result.study_name, "storage": result.storage,
         "best_trial": result.best_trial, "best_value": result.best_value, "monitor": result.monitor,
         "direction": result.direction, "params": result.best_params,
     })
+    update_tune_json(ctx.tune_dir, {"continued": {"status": "success", "run_dir": str(run.run_dir)}})
     log.info("[TUNE] full training done: %s (tuned_from.json records the study)", run.run_dir)
     return run.run_dir

@@ -4,6 +4,7 @@ directory, ``best_params.yaml``, ``trials.csv`` and the study's plots. Used by `
 from __future__ import annotations
 
 import io
+import json
 import logging
 import secrets
 import sys
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 from vistrain.config.schema import Config
 from vistrain.config.space import nest
 from vistrain.errors import UserError
-from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv
+from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json
+from vistrain.tracking.rundir import config_hash
 
 if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
     import optuna
@@ -83,7 +85,65 @@ def create_study(cfg: Config, storage_url: str, study_name: str, direction: str,
     return study
 
 
+def close_stale_trials(storage_url: str, study: optuna.Study) -> None:
+    """Trials still "running" in a private study were left by a process that ended without telling Optuna
+    (killed, a lost machine): failed, marked interrupted, so a continued study runs them again. (In a shared
+    study another worker may be running them: never called there.)"""
+    from optuna.trial import TrialState
+
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if stale:
+        storage = open_storage(storage_url)
+        for trial in stale:
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        log.info("[TUNE] trial(s) %s were left running by a process that ended: marked failed (interrupted)",
+                 ", ".join(str(t.number) for t in stale))
+
+
+def rejoin_url(info: dict[str, Any], cfg: Config, tune_dir: Path) -> str:
+    """The storage URL a tune.json records; its password was hidden there, so such a URL must come from the
+    config (``tune.storage``) again."""
+    recorded = str(info.get("storage", ""))
+    if "***" not in recorded:
+        return recorded
+    if cfg.tune.storage and safe_url(cfg.tune.storage) == recorded:
+        return cfg.tune.storage
+    raise UserError(f"--auto-continue: {tune_dir / TUNE_FILE} records the storage {recorded} without its "
+                    "password; rejoin the study with vistrain tune --config F --storage URL --study-name "
+                    f"{info.get('study_name')}")
+
+
 # ------------------------------------------------------------------------------------------------ outputs
+
+TUNE_FILE = "tune.json"
+
+
+def update_tune_json(tune_dir: Path, fields: dict[str, Any]) -> None:
+    path = tune_dir / TUNE_FILE
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    info.setdefault("started", datetime.now().isoformat(timespec="seconds"))
+    write_json(path, {**info, **fields})
+
+
+def find_unfinished_tune(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
+    """The newest tune directory under ``output.exp_dir`` of this exact config whose study, or the full training
+    after it, did not succeed; with its tune.json."""
+    want = config_hash(cfg)
+    best: tuple[str, Path, dict[str, Any]] | None = None
+    for f in Path(cfg.output.exp_dir).glob(f"*/*_tune/{TUNE_FILE}"):
+        try:
+            info = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        unfinished = info.get("status") != "success" or (info.get("continued") or {}).get("status",
+                                                                                          "success") != "success"
+        if info.get("config_hash") == want and unfinished and "n_trials" in info:
+            key = info.get("started", "")
+            if best is None or key > best[0]:
+                best = (key, f.parent, info)
+    return (best[1], best[2]) if best else None
+
 
 def new_tune_dir(cfg: Config) -> Path:
     """``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``, with the run id of a training run of this config."""

@@ -1,17 +1,71 @@
 """Tagged logging: ``[BOOT] [CFG] [PATH] [DATA] [MODEL] [EPOCH] NEW_BEST [DONE] [EXIT]`` lines to the
-console, ``train.log`` in the run directory and a copy under ``output.logs_dir``."""
+console, ``train.log`` in the run directory and a copy under ``output.logs_dir``.
+
+A command's log files end with its outcome (``log_outcome``): for a failure the error's one line and its
+traceback, then the ``[EXIT]`` line. Those records go to the files only; the CLI prints the console's own
+``error:`` and ``[EXIT]`` lines, and the traceback only with ``--debug``.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from vistrain.errors import describe, exit_code
 
 LOGGER = "vistrain"
+FILE_ONLY = {"file_only": True}  # ``extra=`` of a record for the log files, not the console
 _FILE_FMT = logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 _CONSOLE_FMT = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+class _Console(logging.StreamHandler):
+    """The console: whatever ``sys.stdout`` is when a record comes (a handler kept from an earlier command in
+    the same process must not write to the stream that was current back then), without the file-only records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(_CONSOLE_FMT)
+        self.addFilter(lambda record: not getattr(record, "file_only", False))
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass  # always sys.stdout
+
+
+def _has_console(logger: logging.Logger) -> bool:
+    return any(isinstance(h, _Console) for h in logger.handlers)
+
+
+def exit_line(label: str, code: int) -> str:
+    """``[EXIT] TRAINING SUCCESS code=0`` / ``[EXIT] TRAINING ERROR code=2``: the last line of the console and of
+    the command's log files."""
+    return f"[EXIT] {label} {'SUCCESS' if code == 0 else 'ERROR'} code={code}"
+
+
+def log_outcome(logger: logging.Logger, label: str, err: BaseException | None = None) -> None:
+    """The last records of a command's log files (not the console): for an error its one line (as the console
+    shows it) and its traceback, then the ``[EXIT]`` line. An error that a caller raised on purpose to stop a
+    run (``run_status``, e.g. a trial pruned by ``tune``) ends the log with ``[EXIT] LABEL PRUNED`` instead."""
+    if err is None:
+        logger.info(exit_line(label, 0), extra=FILE_ONLY)
+        return
+    status = getattr(err, "run_status", None)
+    if isinstance(status, str):
+        logger.info("[EXIT] %s %s", label, status.upper(), extra=FILE_ONLY)
+        return
+    logger.error("[ERROR] %s", describe(err), extra=FILE_ONLY)
+    logger.error("%s", "".join(traceback.format_exception(err)).rstrip(), extra=FILE_ONLY)
+    logger.info(exit_line(label, exit_code(err)), extra=FILE_ONLY)
 
 
 @contextmanager
@@ -26,11 +80,8 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
         h = logging.FileHandler(f, mode="a", encoding="utf-8")
         h.setFormatter(_FILE_FMT)
         handlers.append(h)
-    has_console = any(type(h) is logging.StreamHandler for h in logger.handlers)
-    if console and not has_console:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(_CONSOLE_FMT)
-        handlers.append(h)
+    if console and not _has_console(logger):
+        handlers.append(_Console())
     for h in handlers:
         logger.addHandler(h)
     try:
@@ -44,10 +95,8 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
 def console_logging() -> None:
     """Plain console output for commands that have no run directory of their own."""
     logger = logging.getLogger(LOGGER)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(_CONSOLE_FMT)
-        logger.addHandler(h)
+    if not _has_console(logger):
+        logger.addHandler(_Console())
         logger.setLevel(logging.INFO)
         logger.propagate = False
 

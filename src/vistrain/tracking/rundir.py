@@ -11,12 +11,12 @@ import json
 import os
 import secrets
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.loader import config_to_dict
+from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
 from vistrain.tracking.files import json_line, write_json
@@ -33,6 +33,7 @@ def config_hash(cfg: Config) -> str:
 class RunDir:
     path: Path
     resumed: bool = False
+    notes: list[str] = field(default_factory=list)  # lines for the run's log, once its log files are open
 
     @property
     def run_id(self) -> str:
@@ -68,9 +69,10 @@ def new_run(cfg: Config) -> RunDir:
     for sub in ("ckpt", "oof", "plots"):
         (path / sub).mkdir(parents=True, exist_ok=True)
     run = RunDir(path)
+    mode = mode_info(cfg)
     write_json(path / RUN_FILE, {
         "run_id": run_id, "status": "running", "config_hash": config_hash(cfg),
-        "started": now.isoformat(timespec="seconds"), "command": sys.argv,
+        "started": now.isoformat(timespec="seconds"), "command": sys.argv, "mode": mode.name if mode else None,
     })
     return run
 
@@ -95,3 +97,12 @@ def open_existing(path: Path) -> RunDir:
     if not (path / "config.yaml").is_file():
         raise UserError(f"--resume: {path} is not a vistrain run directory (no config.yaml)")
     return RunDir(path, resumed=True)
+
+
+def require_work_left(run: RunDir, folds: list[int]) -> None:
+    """``--resume RUN`` of a run that finished every fold asked for would train nothing: a mistake, not a no-op.
+    (A run's status is "success" only once every fold it trained has finished, so a last checkpoint is enough.)"""
+    if run.read_status().get("status") == "success" and all(run.ckpt("last", k).is_file() for k in folds):
+        done = ", ".join(map(str, folds))
+        raise UserError(f"--resume: {run.path} already finished fold(s) {done}; nothing is left to train: start a "
+                        "new run with --fresh, or train another fold of it with --fold K")
