@@ -96,6 +96,21 @@ def test_reid_run_reports_map_and_rank1(tmp_path: Path) -> None:
     metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
     assert metrics["mAP"] == pytest.approx(summary["folds"][0]["best"]["mAP"], abs=1e-4)
     assert metrics["num_valid_queries"] == 10 and metrics["num_skipped"] == 0
+    assert metrics["overrides"] == {}
+    # evaluation options on the command line, for this evaluation only
+    rr = run_cli("evaluate", str(run), "eval.rerank=true", "eval.max_rank=5", cwd=tmp_path)
+    assert rr.returncode == 0, rr.stdout + rr.stderr
+    reranked = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert reranked["overrides"] == {"eval.rerank": True, "eval.max_rank": 5}
+    from vistrain.engine.inference import embed_paths, load_run
+    from vistrain.metrics.retrieval import reid_evaluate
+
+    items = pd.read_csv(run / "splits.csv")
+    q, g = items[items["split"] == "query"], items[items["split"] == "gallery"]
+    feats = embed_paths(load_run(run), q["path"].tolist() + g["path"].tolist())
+    direct = reid_evaluate(feats[: len(q)], feats[len(q):], q["label"].to_numpy(), g["label"].to_numpy(),
+                           q["camera"].to_numpy(), g["camera"].to_numpy(), max_rank=5, rerank=True)
+    assert reranked["mAP"] == pytest.approx(direct["mAP"], abs=1e-6)
     bad = run_cli("evaluate", str(run), "--split", "test", cwd=tmp_path)  # re-id has query vs gallery only
     assert bad.returncode == 2 and bad.stderr.startswith("error: --split test:"), bad.stderr
     # search: junk (person -1) is never a result; cosine runs show similarity and distance 1 - similarity
@@ -146,10 +161,25 @@ def write_products(root: Path, classes: int = 4, objects: int = 8, views: int = 
     return root
 
 
+def _tiny_image(path: Path, size: tuple[int, int] = (16, 48)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (90, 90, 90)).save(path)
+
+
+def _retrieval_config(tmp: Path, root: Path, **data: object) -> dict:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "arcface_retrieval.yaml").model_dump(mode="json")
+    cfg["data"].update({"image_dir_train": str(root), "min_image_size": None, **data})
+    cfg["output"].update(exp_dir=str(tmp / "exp"), logs_dir=None)
+    return cfg
+
+
 def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     root = write_products(tmp_path / "products")
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "arcface_retrieval.yaml").model_dump(mode="json")
-    cfg["data"].update(image_dir_train=str(root), min_image_size=None)
+    write_products(tmp_path / "more", classes=5, objects=2)
+    (tmp_path / "more" / "class4").rename(root / "class4")  # a class that data.class_names leaves out
+    _tiny_image(root / "class0" / "tiny_0.jpg")  # with its group, dropped by data.min_image_size
+    _tiny_image(root / "class0" / "tiny_1.jpg", (48, 48))
+    cfg = _retrieval_config(tmp_path, root, min_image_size=40, class_names=[f"class{k}" for k in range(4)])
     cfg["model"].update(name="resnet10t", pretrained=False, embedding_dim=32, arcface_s=16.0, margin_ramp_epochs=1)
     cfg["sampler"].update(p=4, k=2)
     cfg["train"].update(img_size=32, epochs=2, freeze_backbone_epochs=1, warmup_epochs=0, num_workers=0,
@@ -165,6 +195,11 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     assert summary["monitor"] == "recall@1"
     assert summary["mean"]["recall@1"] > 0.5 and summary["mean"]["knn_acc"] > 0.5  # chance: 0.25
     splits = pd.read_csv(run / "splits.csv")
+    assert set(splits["label"]) == {f"class{k}" for k in range(4)} and not splits["id"].str.contains("tiny").any()
+    log = (run / "train.log").read_text()
+    assert "[DATA] data.class_names keeps 4 of 5 classes: 4 image(s) of 1 class(es) left out" in log
+    assert "[DATA] 2 image(s) dropped: smaller than data.min_image_size=40" in log
+    assert "unreadable" not in log
     sides = splits.groupby("group")["split"].nunique()
     assert (sides == 1).all()  # no object on two sides
     assert set(splits["split"]) == {"train", "val", "test"}
@@ -249,3 +284,36 @@ def test_reid_queries_without_a_cross_camera_match_are_counted(tmp_path: Path) -
         f.rename(f.with_name(f"{pid}_c1{rest[1:]}"))
     data = prepare_data(load_config(_reid_config(tmp_path, root)))
     assert data.queries_without_match == 1  # the other 9 queries still count
+
+
+def test_class_names_pick_the_classes_of_an_embedding_run(tmp_path: Path) -> None:
+    from vistrain.errors import UserError
+    from vistrain.pipelines.train import prepare_data
+
+    root = write_products(tmp_path / "products", classes=5, objects=4)
+    cfg = _retrieval_config(tmp_path, root, class_names=["class3", "class0", "class1"])
+    data = prepare_data(load_config(write_yaml(tmp_path / "r.yaml", cfg)))
+    assert set(data.items["label"]) == {"class0", "class1", "class3"}
+    assert data.classes == ["class0", "class1", "class3"] and len(data.items) == 3 * 4 * 2
+    res = run_cli("split", "--config", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "s.csv"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "[DATA] data.class_names keeps 3 of 5 classes: 16 image(s) of 2 class(es) left out" in res.stdout
+    assert set(pd.read_csv(tmp_path / "s.csv")["label"]) == {"class0", "class1", "class3"}
+    cfg["data"]["class_names"] = ["class0", "shoes", "class1", "hats"]
+    with pytest.raises(UserError, match=r"^data.class_names: shoes, hats not in the data"):
+        prepare_data(load_config(write_yaml(tmp_path / "r2.yaml", cfg)))
+
+
+def test_images_dropped_by_min_image_size_are_not_called_unreadable(tmp_path: Path) -> None:
+    root = write_products(tmp_path / "products", classes=2, objects=4)
+    _tiny_image(root / "class0" / "tiny_0.jpg")
+    _tiny_image(root / "class0" / "tiny_1.jpg", (48, 48))
+    (root / "class1" / "broken_0.jpg").write_bytes(b"not a jpeg" * 20)
+    cfg = _retrieval_config(tmp_path, root, min_image_size=40)
+    res = run_cli("split", "--config", str(write_yaml(tmp_path / "r.yaml", cfg)), "--output", str(tmp_path / "s.csv"),
+                  cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if "[DATA]" in ln]
+    assert any("[DATA] 1 unreadable or missing image(s) left out: class1/broken_0.jpg" in ln for ln in lines), lines
+    assert any("[DATA] 2 image(s) dropped: smaller than data.min_image_size=40 or in a group with such an image"
+               in ln for ln in lines), lines

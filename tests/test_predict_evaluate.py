@@ -109,13 +109,6 @@ def test_predict_follows_the_sample_order_with_probabilities(trained: dict) -> N
     assert (sub["target"].astype(str) == [str(int(i)) for i in probs.argmax(axis=1)]).all()
 
 
-def test_predict_a_folder_without_sample_lists_every_image(trained: dict) -> None:
-    res = run_cli("predict", str(trained["run"]), "--input", str(trained["test_dir"]), cwd=trained["root"])
-    assert res.returncode == 0, res.stderr
-    sub = pd.read_csv(trained["run"] / "predictions.csv", dtype=str)
-    assert sorted(sub["ID"]) == sorted(f"{i}.png" for i in trained["ids"])
-
-
 def test_predict_missing_image_names_the_id(trained: dict, tmp_path: Path) -> None:
     sample = tmp_path / "sample.csv"
     pd.DataFrame({"ID": [trained["ids"][0], "no_such_image"], "target": 0}).to_csv(sample, index=False)
@@ -145,3 +138,179 @@ def test_training_plots_and_tensorboard_written(trained: dict) -> None:
     plots = {p.name for p in (trained["run"] / "plots").glob("*.png")}
     assert {"fold0_curves.png", "fold1_curves.png", "class_distribution.png", "oof_confusion_matrix.png"} <= plots
     assert list((trained["run"] / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------------------------- evaluation-time overrides
+
+def test_evaluate_takes_evaluation_overrides_and_records_them(trained: dict, tmp_path: Path) -> None:
+    """data.test_csv given on the command line (relative to the working directory, before or after the flags)
+    replaces the run's; the effective values land in metrics.json."""
+    subset = tmp_path / "few.csv"
+    pd.DataFrame({"ID": trained["ids"][:4], "target": trained["labels"][:4]}).to_csv(subset, index=False)
+    for args in (["--split", "test", "data.test_csv=few.csv", "eval.batch_size=3"],
+                 ["data.test_csv=few.csv", "--split", "test", "eval.batch_size=3"]):
+        res = run_cli("evaluate", str(trained["run"]), *args, cwd=tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        metrics = json.loads((trained["run"] / "eval" / "test" / "metrics.json").read_text())
+        assert metrics["n"] == 4
+        assert metrics["overrides"] == {"data.test_csv": str(subset.resolve()), "eval.batch_size": 3}
+    plain = run_cli("evaluate", str(trained["run"]), "--split", "test", cwd=trained["root"])
+    assert plain.returncode == 0, plain.stderr
+    metrics = json.loads((trained["run"] / "eval" / "test" / "metrics.json").read_text())
+    assert metrics["n"] == 9 and metrics["overrides"] == {}  # the run's own config.yaml is unchanged
+
+
+@pytest.mark.parametrize("override", ["train.lr=0.1", "model.name=resnet18"])
+def test_evaluate_refuses_a_training_key(trained: dict, override: str) -> None:
+    res = run_cli("evaluate", str(trained["run"]), "--split", "val", override, cwd=trained["root"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    key = override.split("=")[0]
+    assert lines[0].startswith(f"error: {key}:"), lines
+    assert "eval." in lines[0] and "data.test_csv" in lines[0]  # what is allowed
+
+
+def test_evaluate_override_is_validated_like_a_training_one(trained: dict) -> None:
+    res = run_cli("evaluate", str(trained["run"]), "--split", "val", "eval.batch_size=0", "eval.tta=[spin]",
+                  cwd=trained["root"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()  # every problem, one line each, as for train
+    assert lines[0].startswith("error: eval.") and len(lines) == 2, lines
+    assert any(ln.removeprefix("error: ").startswith("eval.batch_size: ") and "greater than 0" in ln
+               for ln in lines), lines
+    assert any(ln.removeprefix("error: ").startswith("eval.tta") and "'hflip'" in ln and "spin" in ln
+               for ln in lines), lines
+    assert "Traceback" not in res.stderr
+
+
+def test_predict_takes_overrides_and_logs_them(trained: dict, tmp_path: Path) -> None:
+    ids = tmp_path / "ids.csv"
+    pd.DataFrame({"ID": trained["ids"][:3]}).to_csv(ids, index=False)
+    out = tmp_path / "p.csv"
+    res = run_cli("predict", str(trained["run"]), "--input", str(ids), "--output", str(out), "--tta",
+                  f"data.image_dir_test={trained['test_dir']}", "eval.tta=[hflip, vflip]", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert pd.read_csv(out, dtype=str)["ID"].tolist() == trained["ids"][:3]
+    assert "eval.tta=['hflip', 'vflip']" in res.stdout and "data.image_dir_test=" in res.stdout
+    bad = run_cli("predict", str(trained["run"]), "--input", str(ids), "train.epochs=3", cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: train.epochs:"), bad.stderr
+
+
+def test_predict_tta_warns_when_the_run_never_trained_on_flips(trained: dict) -> None:
+    res = run_cli("predict", str(trained["run"]), "--input", str(trained["test_dir"]), "--tta",
+                  "eval.tta=[hflip, vflip]", cwd=trained["root"])  # the run trained with augment.policy: none
+    assert res.returncode == 0, res.stderr
+    warns = [ln for ln in res.stdout.splitlines() if "[WARN]" in ln]
+    assert any("never saw mirrored images during training; TTA may lower accuracy" in ln for ln in warns), warns
+    assert any("upside-down" in ln and "vflip" in ln for ln in warns), warns
+    quiet = run_cli("predict", str(trained["run"]), "--input", str(trained["test_dir"]), cwd=trained["root"])
+    assert "[WARN]" not in quiet.stdout
+
+
+@pytest.mark.parametrize("augment,views,expected", [
+    ({"policy": "none"}, ["hflip", "vflip"], ["hflip", "vflip"]),
+    ({"policy": "light", "hflip": 0.0}, ["hflip"], ["hflip"]),
+    ({"policy": "light"}, ["hflip", "vflip"], ["vflip"]),  # default hflip 0.5, vflip 0
+    ({"policy": "hard", "hflip": 0.5, "vflip": 0.5}, ["hflip", "vflip"], []),
+])
+def test_tta_views_the_training_never_saw(augment: dict, views: list[str], expected: list[str]) -> None:
+    from vistrain.config.loader import validate
+    from vistrain.pipelines.predict import untrained_views
+
+    assert untrained_views(validate({"augment": augment}), views) == expected
+
+
+# ------------------------------------------------------------------------------------------- predict IDs
+
+def test_predict_a_folder_writes_the_ids_a_sample_would(trained: dict) -> None:
+    """The training CSV's IDs have no extension, so a folder's images are written without theirs: the same
+    IDs as with --sample (whose IDs are written exactly as given)."""
+    res = run_cli("predict", str(trained["run"]), "--input", str(trained["test_dir"]), cwd=trained["root"])
+    assert res.returncode == 0, res.stderr
+    sub = pd.read_csv(trained["run"] / "predictions.csv", dtype=str)
+    assert sorted(sub["ID"]) == sorted(trained["ids"])
+    sample = pd.read_csv(trained["root"] / "data" / "sample_submission.csv", dtype=str)
+    assert set(sub["ID"]) == set(sample["ID"])
+
+
+def _fake_run(tmp_path: Path, train_ids: list[str]) -> object:
+    """A LoadedRun without checkpoints: enough for resolving inputs."""
+    from vistrain.config.loader import validate
+    from vistrain.engine.inference import LoadedRun
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    pd.DataFrame({"id": train_ids, "path": "x", "label": "0", "group": train_ids, "fold": 0}).to_csv(
+        run / "splits.csv", index=False)
+    return LoadedRun(run, validate({"data": {"image_ext": ".png"}}), ["0"], [0], None)
+
+
+@pytest.mark.parametrize("train_ids,expected", [
+    (["a1", "a2"], ["x", "y.v2"]),  # training IDs without extension: file names without theirs
+    (["a1.jpg", "a2.jpg"], ["x.png", "y.v2.png"]),  # training IDs are file names: so are these
+])
+def test_folder_ids_follow_the_training_ids(tmp_path: Path, train_ids: list[str], expected: list[str]) -> None:
+    from vistrain.pipelines.predict import resolve_inputs
+
+    folder = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    for name in ("x.png", "y.v2.png"):
+        class_image(0, rng, 8).save(folder / name)
+    inputs = resolve_inputs(_fake_run(tmp_path, train_ids), folder, None, None)
+    assert inputs.ids == expected
+    assert [Path(p).name for p in inputs.paths] == ["x.png", "y.v2.png"]
+    # a CSV (or --sample) keeps its IDs exactly as written, with or without an extension
+    ids = tmp_path / "ids.csv"
+    pd.DataFrame({"ID": ["y.v2.png", "x"]}).to_csv(ids, index=False)
+    assert resolve_inputs(_fake_run(tmp_path / "b", train_ids), ids, folder, None).ids == ["y.v2.png", "x"]
+
+
+def test_folder_images_that_would_share_an_id_are_a_user_error(tmp_path: Path) -> None:
+    from vistrain.errors import UserError
+    from vistrain.pipelines.predict import resolve_inputs
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "a.jpg", "b.png"):
+        class_image(0, rng, 8).save(folder / name)
+    with pytest.raises(UserError, match=r"^--input: .*a\.jpg.*a\.png.*'a'"):
+        resolve_inputs(_fake_run(tmp_path, ["t1", "t2"]), folder, None, None)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+def test_failures_list_classes_under_the_threshold_with_real_partners() -> None:
+    """Class a: recall 1.0 but b's images are often called a (low precision); b: half of it called a; c: perfect."""
+    from sklearn.metrics import f1_score
+
+    from vistrain.metrics.classification import classification_report
+    from vistrain.pipelines.evaluate import failure_table
+
+    targets = np.array([0] * 4 + [1] * 4 + [2] * 4)
+    preds = np.array([0, 0, 0, 0, 1, 1, 0, 0, 2, 2, 2, 2])
+    logits = np.eye(3)[preds] * 5.0
+    f1 = f1_score(targets, preds, average=None)  # a 0.8, b 0.667, c 1.0
+    table = failure_table(classification_report(logits, targets, ["a", "b", "c"]), threshold=0.9)
+    assert table["class"].tolist() == ["b", "a"]  # worst first; c is not a failure
+    rows = {r["class"]: r for r in table.to_dict("records")}
+    assert rows["a"]["f1"] == pytest.approx(f1[0]) and rows["b"]["f1"] == pytest.approx(f1[1])
+    # a's images are never mistaken for anything: no partner, not "class 0, count 0"
+    assert rows["a"]["most_confused_with"] == "" and rows["a"]["confused_count"] == 0
+    assert rows["a"]["most_confused_from"] == "b" and rows["a"]["confused_from_count"] == 2
+    assert rows["b"]["most_confused_with"] == "a" and rows["b"]["confused_count"] == 2
+    assert rows["b"]["most_confused_from"] == "" and rows["b"]["confused_from_count"] == 0
+    assert failure_table(classification_report(logits, targets, ["a", "b", "c"]), threshold=0.5).empty
+
+
+def test_evaluate_console_prints_per_domain_metrics(trained: dict) -> None:
+    res = run_cli("evaluate", str(trained["run"]), "--split", "oof", cwd=trained["root"])
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((trained["run"] / "eval" / "oof" / "metrics.json").read_text())
+    lines = res.stdout.splitlines()
+    for dom, m in metrics["per_domain"].items():
+        row = next((ln.split() for ln in lines if ln.split()[:1] == [dom]), None)
+        assert row is not None, res.stdout
+        assert row[1] == str(m["n"]) and f"{m['top1']:.4f}" in row and f"{m['macro_f1']:.4f}" in row, row

@@ -296,3 +296,26 @@ def test_corrupt_image_with_on_bad_image_error_names_the_file(tmp_path):
     assert "data.on_bad_image" in msg
     assert str(broken) in msg
     assert "\n" not in msg
+
+
+# ------------------------------------------------------------------------------------- min_image_size
+
+def test_min_image_size_drops_small_groups_and_leaves_unreadable_files_to_the_bad_image_check(tmp_path):
+    import pandas as pd
+
+    from vistrain.data.sources import drop_small_groups
+
+    small = touch_image(tmp_path / "small.png", size=(8, 30))
+    mate = touch_image(tmp_path / "mate.png", size=(40, 40))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not an image" * 10)
+    big = touch_image(tmp_path / "big.png", size=(40, 32))
+    items = pd.DataFrame({"path": [str(small), str(mate), str(corrupt), "", str(big)],
+                          "id": ["small", "mate", "corrupt", "missing", "big"], "label": "a",
+                          "group": ["g1", "g1", "g2", "g3", "g4"]})
+    kept, dropped = drop_small_groups(items, 16)
+    assert dropped["id"].tolist() == ["small", "mate"]  # the small image and the rest of its group
+    assert dropped["reason"].str.contains("smaller than data.min_image_size=16").all()
+    assert kept["id"].tolist() == ["corrupt", "missing", "big"]  # reported by split_bad_images, not as small
+    good, bad = split_bad_images(kept, "skip")
+    assert bad["id"].tolist() == ["corrupt", "missing"] and good["id"].tolist() == ["big"]

@@ -110,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vistrain.tracking.logs import console_logging
 
     console_logging()
-    run_evaluate(Path(args.run), split=args.split, folds=args.folds)
+    run_evaluate(Path(args.run), split=args.split, folds=args.folds, overrides=args.overrides)
     return 0
 
 
@@ -121,7 +121,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     console_logging()
     opt = {k: Path(v) if v else None for k, v in (("image_dir", args.image_dir), ("sample", args.sample),
                                                    ("output", args.output))}
-    run_predict(Path(args.run), Path(args.input), tta=args.tta, folds=args.folds, probs=args.probs, **opt)
+    run_predict(Path(args.run), Path(args.input), tta=args.tta, folds=args.folds, probs=args.probs,
+                overrides=args.overrides, **opt)
     return 0
 
 
@@ -266,6 +267,17 @@ class _Parser(argparse.ArgumentParser):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """``key=value`` overrides may also come after the flags (``evaluate RUN --split test eval.rerank=true``):
+        argparse fills a ``*`` positional from its first stretch of words only, so the rest is collected here."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        stray = [a for a in extra if a.startswith("-") or "=" not in a]
+        if extra and (stray or not isinstance(getattr(parsed, "overrides", None), list)):
+            self.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+        if extra:
+            parsed.overrides.extend(extra)
+        return parsed
+
 
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
@@ -289,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "full-pipeline (basic, then predict data.image_dir_test into RUN/submission.csv)")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides, e.g. train.lr=3e-4")
 
+    def eval_overrides(p: argparse.ArgumentParser) -> None:
+        from vistrain.config.loader import EVAL_OVERRIDES
+
+        p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                       help="evaluation options for this command only, e.g. data.test_csv=labels.csv eval.tta=[hflip] "
+                            f"({', '.join(EVAL_OVERRIDES)})")
+
     p = add("train", cmd_train, "train a model (all folds or one), writing a run directory")
     config_args(p, required=False)
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
@@ -311,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--split", default="val", choices=["val", "test", "oof"])
     p.add_argument("--folds", default="all", metavar="all|0,2")
+    eval_overrides(p)
 
     p = add("predict", cmd_predict, "fold-ensemble predictions for a folder or CSV of images -> ID,target CSV")
     p.add_argument("run", metavar="RUN", help="run directory")
@@ -321,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the eval.tta views (default: horizontal flip)")
     p.add_argument("--folds", default="all", metavar="all|0,2")
     p.add_argument("--probs", action="store_true", help="add a prob_<class> column per class")
+    eval_overrides(p)
 
     p = add("calibrate", cmd_calibrate, "fit a temperature on a run's out-of-fold logits -> RUN/calibration.json")
     p.add_argument("run", metavar="RUN", help="run directory")

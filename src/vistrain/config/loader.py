@@ -98,6 +98,23 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# What `evaluate` and `predict` take as key=value: options that change what is scored or how it is computed,
+# never the trained model (a training key there would describe a run that did not happen).
+EVAL_OVERRIDES = ("eval.*", "data.test_csv", "data.image_dir_test", "train.device", "train.num_workers",
+                  "train.num_threads")
+
+
+def restrict_overrides(items: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    """The dotted keys of ``items``, each of which must be in ``allowed`` (``section.*``: any key of it)."""
+    parse_overrides(items)  # malformed items are reported as for train
+    keys = [item.partition("=")[0] for item in items]
+    for key in keys:
+        if not any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed):
+            raise UserError(f"{key}: cannot be changed by {what}; valid keys: {', '.join(allowed)} "
+                            "(other keys describe the training: train a new run)")
+    return keys
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["train.lr=3e-4", "data.valid_fold=all"]`` -> nested dict; values are parsed as YAML."""
     out: dict[str, Any] = {}

@@ -170,14 +170,14 @@ def drop_small_groups(items: pd.DataFrame, min_size: int) -> tuple[pd.DataFrame,
 
     Returns (kept, dropped with a ``reason``). Only image headers are read.
     """
-    def short_side(path: str) -> int:
+    def is_small(path: str) -> bool:
         try:
             with Image.open(path) as img:
-                return min(img.size)
-        except Exception:  # noqa: BLE001 - unreadable files are reported by split_bad_images
-            return 0
+                return min(img.size) < min_size
+        except Exception:  # noqa: BLE001 - unreadable or missing files are reported by split_bad_images, as such
+            return False
 
-    small = items["path"].map(short_side) < min_size
+    small = items["path"].map(is_small).astype(bool)
     bad_groups = set(items.loc[small, "group"])
     drop = items["group"].isin(bad_groups)
     dropped = items[drop].copy()

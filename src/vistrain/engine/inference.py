@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vistrain.config.loader import load_config
+from vistrain.config.loader import EVAL_OVERRIDES, config_to_dict, load_config, restrict_overrides
 from vistrain.config.schema import Config
 from vistrain.data.dataset import ImageDataset
 from vistrain.data.images import check_images
@@ -37,6 +37,7 @@ class LoadedRun:
     classes: list  # class labels in index order, as in the training CSV
     folds: list[int]  # folds that have a best checkpoint
     temperature: float | None  # from calibration.json, when the run was calibrated
+    overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -50,11 +51,14 @@ class LoadedRun:
         return {str(c): i for i, c in enumerate(self.classes)}
 
 
-def load_run(run_dir: Path) -> LoadedRun:
+def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
+    """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
+    consumer sees one effective config; relative paths in them resolve against the working directory."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
-    cfg = load_config(run_dir / "config.yaml")
+    keys = restrict_overrides(list(overrides), EVAL_OVERRIDES, command)
+    cfg = load_config(run_dir / "config.yaml", overrides=list(overrides))
     class_map = json.loads((run_dir / "class_map.json").read_text())
     classes = [class_map["idx_to_class"][str(i)] for i in range(len(class_map["idx_to_class"]))]
     folds = sorted(int(p.stem.removeprefix("best_fold")) for p in (run_dir / "ckpt").glob("best_fold*.pth"))
@@ -63,7 +67,19 @@ def load_run(run_dir: Path) -> LoadedRun:
     calib = run_dir / "calibration.json"
     temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
     _apply_threads(cfg)
-    return LoadedRun(run_dir, cfg, classes, folds, temperature)
+    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys))
+
+
+def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:
+    """``{dotted key: value}`` as the validated config holds it (paths absolute), for metrics.json and the log."""
+    values = config_to_dict(cfg)
+    out = {}
+    for key in keys:
+        node: Any = values
+        for part in key.split("."):
+            node = node[part]
+        out[key] = node
+    return out
 
 
 def _apply_threads(cfg: Config) -> None:

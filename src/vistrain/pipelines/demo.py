@@ -43,8 +43,13 @@ def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[s
     write_csv(out / "train.csv", pd.DataFrame({"ID": ids[train_idx], "target": digits.target[train_idx]}))
     write_csv(out / "sample_submission.csv", pd.DataFrame({"ID": ids[test_idx], "target": 0}))
     write_csv(out / "test_labels.csv", pd.DataFrame({"ID": ids[test_idx], "target": digits.target[test_idx]}))
+    return demo_paths(out)
+
+
+def demo_paths(out: Path) -> dict[str, Path]:
+    """The data keys of the demo layout under ``out``; ``test_csv`` makes ``evaluate RUN --split test`` work."""
     return {"train_csv": out / "train.csv", "image_dir_train": out / "train", "image_dir_test": out / "test",
-            "sample_csv": out / "sample_submission.csv"}
+            "sample_csv": out / "sample_submission.csv", "test_csv": out / "test_labels.csv"}
 
 
 def run_demo(out: Path, config: Path | None = None, overrides: list[str] | None = None) -> RunResult:
@@ -56,8 +61,7 @@ def run_demo(out: Path, config: Path | None = None, overrides: list[str] | None 
         log.info("[DATA] writing the scikit-learn digits (1,797 scans) as PNG files under %s", out)
         paths = write_digits(out)
     else:
-        paths = {"train_csv": out / "train.csv", "image_dir_train": out / "train", "image_dir_test": out / "test",
-                 "sample_csv": out / "sample_submission.csv"}
+        paths = demo_paths(out)
     data_overrides = [f"data.{k}={v}" for k, v in paths.items()]
     cfg = load_config(config, overrides=data_overrides + list(overrides or []))
     return run_train(cfg, config_path=config)

@@ -43,12 +43,15 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     ev = RetrievalEval(len(query), both["label"].map(codes).to_numpy(), cams, e.feat_norm, False, e.knn_k,
                        e.max_rank, e.memory_budget_mb, e.rerank, recall_ks=tuple(e.recall_ks))
     metrics = {**embedding_metrics(feats, ev, counts=True), "split": split, "n_query": int(len(query)),
-               "n_gallery": int(len(gal))}
+               "n_gallery": int(len(gal)), "overrides": run.overrides}
     out = run.path / "eval" / split
     write_json(out / "metrics.json", metrics)
     print(f"{'metric':<14} value")
     for k, v in metrics.items():
-        print(f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}")
+        if k != "overrides":
+            print(f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}")
+    if run.overrides:
+        print("overrides: " + " ".join(f"{k}={v}" for k, v in run.overrides.items()))
     print(f"[DONE] evaluation written to {out}")
     return metrics
 

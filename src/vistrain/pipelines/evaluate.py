@@ -4,6 +4,7 @@ top losses into ``RUN/eval/<split>/``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from vistrain.tracking.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("val", "test", "oof")
+DOMAIN_KEYS = ("top1", "macro_f1", "balanced_accuracy")  # the console's per-domain table (metrics.json has all)
 
 
 def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
@@ -79,19 +81,27 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
     return np.log(np.clip(probs, 1e-12, 1.0)), targets, table
 
 
-def _failures(report: dict[str, Any], threshold: float) -> pd.DataFrame:
+def failure_table(report: dict[str, Any], threshold: float) -> pd.DataFrame:
+    """Classes with F1 under ``threshold``, worst first, each with its real confusion partners: the class its
+    images are most often predicted as (``most_confused_with``) and the class most often predicted as it
+    (``most_confused_from``); empty, with a count of 0, when there is no such error."""
     cm = np.asarray(report["confusion_matrix"])
+    off = cm - np.diag(np.diag(cm))  # errors only: off[i, j] = images of class i predicted as j
+
+    def partner(counts: np.ndarray) -> tuple[str, int]:
+        j = int(counts.argmax())
+        return (str(report["per_class"][j]["class"]), int(counts[j])) if counts[j] > 0 else ("", 0)
+
     rows = []
     for i, c in enumerate(report["per_class"]):
         if c["support"] > 0 and c["f1"] < threshold:
-            off = cm[i].copy()
-            off[i] = 0
-            j = int(off.argmax())
+            (to, n_to), (src, n_from) = partner(off[i]), partner(off[:, i])
             rows.append({"class": c["class"], "f1": c["f1"], "recall": c["recall"], "precision": c["precision"],
-                         "support": c["support"], "most_confused_with": report["per_class"][j]["class"],
-                         "confused_count": int(off[j])})
-    cols = ["class", "f1", "recall", "precision", "support", "most_confused_with", "confused_count"]
-    return pd.DataFrame(rows, columns=cols).sort_values("f1") if rows else pd.DataFrame(columns=cols)
+                         "support": c["support"], "most_confused_with": to, "confused_count": n_to,
+                         "most_confused_from": src, "confused_from_count": n_from})
+    cols = ["class", "f1", "recall", "precision", "support", "most_confused_with", "confused_count",
+            "most_confused_from", "confused_from_count"]
+    return pd.DataFrame(rows, columns=cols).sort_values("f1", kind="stable").reset_index(drop=True)
 
 
 def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, classes: list, n: int) -> pd.DataFrame:
@@ -106,10 +116,13 @@ def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, cl
     })
 
 
-def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None) -> dict[str, Any]:
+def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, overrides: Sequence[str] = ()
+                 ) -> dict[str, Any]:
+    """``overrides``: ``key=value`` evaluation options (``data.test_csv``, ``eval.*`` ...) for this evaluation
+    only; their effective values are recorded in metrics.json."""
     if split not in SPLITS:
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
-    run = load_run(run_dir)
+    run = load_run(run_dir, overrides, "evaluate")
     if run.cfg.task == "embedding":
         from vistrain.pipelines.embedding_eval import evaluate_embedding
 
@@ -126,7 +139,8 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None) ->
     names = [str(c) for c in run.classes]
     report = classification_report(logits, targets, names)
     metrics = {k: v for k, v in report.items() if k not in ("per_class", "confusion_matrix")}
-    metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature)
+    metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature,
+                   overrides=run.overrides)
     if "domain" in table.columns:
         metrics["per_domain"] = {
             str(dom): {k: v for k, v in classification_report(logits[m], targets[m], names).items()
@@ -139,7 +153,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None) ->
     write_csv(out / "per_class.csv", pd.DataFrame(report["per_class"]))
     cm = np.asarray(report["confusion_matrix"])
     write_csv(out / "confusion_matrix.csv", pd.DataFrame(cm, index=names, columns=names).reset_index(names="true"))
-    write_csv(out / "failures.csv", _failures(report, run.cfg.eval.failure_threshold))
+    write_csv(out / "failures.csv", failure_table(report, run.cfg.eval.failure_threshold))
     write_csv(out / "top_losses.csv", _top_losses(logits, targets, table, run.classes, run.cfg.eval.top_losses))
     from vistrain.viz.plots import confusion_matrix_png
 
@@ -154,6 +168,14 @@ def _print_table(metrics: dict[str, Any], report: dict[str, Any], out: Path) -> 
     for k in keys:
         v = metrics.get(k)
         print(f"{k:<18} {v:.4f}" if isinstance(v, float) else f"{k:<18} {v}")
+    if metrics.get("per_domain"):
+        width = {k: max(10, len(k)) for k in DOMAIN_KEYS}
+        print(f"\n{'domain':<18} {'n':>6} " + " ".join(f"{k:>{width[k]}}" for k in DOMAIN_KEYS))
+        for dom, m in metrics["per_domain"].items():
+            print(f"{dom:<18} {m['n']:>6} " + " ".join(f"{m[k]:>{width[k]}.4f}" for k in DOMAIN_KEYS))
+        print()
+    if metrics["overrides"]:
+        print("overrides: " + " ".join(f"{k}={v}" for k, v in metrics["overrides"].items()))
     worst = sorted(report["per_class"], key=lambda c: c["f1"])[:5]
     print("weakest classes: " + ", ".join(f"{c['class']} (F1 {c['f1']:.3f})" for c in worst))
     print(f"[DONE] evaluation written to {out}")

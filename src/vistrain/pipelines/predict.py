@@ -7,13 +7,15 @@ views; T comes from calibration.json when the run was calibrated.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from vistrain.data.images import ImageIndex, list_images
+from vistrain.config.schema import Config
+from vistrain.data.images import IMAGE_EXTS, ImageIndex, list_images
 from vistrain.data.sources import read_csv, require_dir
 from vistrain.engine import device as dev
 from vistrain.engine.inference import (
@@ -38,11 +40,14 @@ class Inputs:
 
 
 def resolve_inputs(run: LoadedRun, input_path: Path, image_dir: Path | None, sample: Path | None) -> Inputs:
-    """IDs and image paths, in output order: the sample submission's order when given."""
+    """IDs and image paths, in output order: the sample submission's order when given.
+
+    IDs read from a CSV (``--input`` or ``--sample``) are written exactly as given; a folder's images get the IDs
+    the run's training data would give them (see ``folder_ids``)."""
     d = run.cfg.data
+    ids: list | None = None
     if input_path.is_dir():
         folder = input_path
-        ids = [p.name for p in list_images(folder)]
     elif input_path.is_file():
         folder = require_dir(image_dir or d.image_dir_test, "--image-dir")
         ids = read_csv(input_path, "--input", [(d.id_col, "data.id_col")])[d.id_col].tolist()
@@ -52,6 +57,11 @@ def resolve_inputs(run: LoadedRun, input_path: Path, image_dir: Path | None, sam
         if not sample.is_file():
             raise UserError(f"--sample: file not found: {sample}")
         ids = read_csv(sample, "--sample", [(d.id_col, "data.id_col")])[d.id_col].tolist()
+    elif ids is None:
+        files = list_images(folder)
+        if not files:
+            raise UserError(f"--input: no images in {input_path}")
+        return Inputs(folder_ids(run, files), [str(p) for p in files])
     if not ids:
         raise UserError(f"--input: no images in {input_path}")
     index = ImageIndex(folder, d.image_ext)
@@ -63,6 +73,35 @@ def resolve_inputs(run: LoadedRun, input_path: Path, image_dir: Path | None, sam
                             f"(tried it as given and with {', '.join(index.exts[:4])}, ...)")
         paths.append(str(found))
     return Inputs([str(i) for i in ids], paths)
+
+
+def folder_ids(run: LoadedRun, files: list[Path]) -> list[str]:
+    """The ID of each file as the run's training data names images: its file name, without the extension when
+    no training ID has one (a train.csv of bare IDs, whose sample submission has bare IDs too)."""
+    if any(Path(i).suffix.lower() in IMAGE_EXTS for i in run.splits()["id"]):
+        return [p.name for p in files]
+    seen: dict[str, str] = {}
+    for p in files:
+        if p.stem in seen:
+            raise UserError(f"--input: {seen[p.stem]} and {p.name} in {p.parent} would share the ID '{p.stem}' "
+                            "(the run's training IDs have no extension); rename one, or list the IDs in a CSV")
+        seen[p.stem] = p.name
+    return list(seen)
+
+
+def untrained_views(cfg: Config, views: Sequence[str]) -> list[str]:
+    """The TTA views ("hflip", "vflip") that the run's training augmentation never produced."""
+    a = cfg.augment
+    prob = {"hflip": a.hflip, "vflip": a.vflip}
+    return [v for v in views if a.policy == "none" or not prob[v]]
+
+
+def _warn_untrained_views(cfg: Config, views: Sequence[str]) -> None:
+    seen = {"hflip": "mirrored", "vflip": "upside-down (vertically flipped)"}
+    for view in untrained_views(cfg, views):
+        why = "augment.policy=none" if cfg.augment.policy == "none" else f"augment.{view}=0"
+        log.warning("[WARN] predict --tta: the %s view, but with %s the model never saw %s images during training; "
+                    "TTA may lower accuracy", view, why, seen[view])
 
 
 def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool) -> np.ndarray:
@@ -77,13 +116,18 @@ def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool)
 
 
 def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, image_dir: Path | None = None,
-                sample: Path | None = None, tta: bool = False, folds: str | None = None, probs: bool = False
-                ) -> pd.DataFrame:
-    run = load_run(run_dir)
+                sample: Path | None = None, tta: bool = False, folds: str | None = None, probs: bool = False,
+                overrides: Sequence[str] = ()) -> pd.DataFrame:
+    """``overrides``: ``key=value`` evaluation options (``eval.tta``, ``data.image_dir_test`` ...) for this call."""
+    run = load_run(run_dir, overrides, "predict")
+    if run.overrides:
+        log.info("[PREDICT] overrides: %s", " ".join(f"{k}={v}" for k, v in run.overrides.items()))
     chosen = select_folds(run, folds)
     inputs = resolve_inputs(run, input_path, image_dir, sample)
     require_readable(inputs.paths)
     d = run.cfg.data
+    if tta:  # embedding runs average with the mirror image only
+        _warn_untrained_views(run.cfg, ["hflip"] if run.cfg.task == "embedding" else run.cfg.eval.tta)
     if run.cfg.task == "embedding":
         from vistrain.pipelines.embedding_eval import knn_predict
 

@@ -25,7 +25,6 @@ def run_split(cfg: Config, output: Path) -> pd.DataFrame:
     else:
         sizes = table.groupby("fold").size().to_dict()
         log.info("[DATA] %d images in %d folds %s -> %s", len(table), cfg.data.folds, sizes, output)
-    if len(data.bad):
-        log.warning("[DATA] %d unreadable or missing image(s) left out: %s", len(data.bad),
-                    ", ".join(data.bad["id"].astype(str).head(5)))
+    for message, listed in data.left_out(cfg.data):
+        log.warning("[DATA] %s%s", message, ": " + ", ".join(listed["id"].astype(str).head(5)) if len(listed) else "")
     return table

@@ -50,12 +50,31 @@ class Prepared:
     """The data of a run, checked before anything is written: a user error stops here, with no run directory."""
 
     items: pd.DataFrame  # readable items only
-    bad: pd.DataFrame  # unreadable or missing images, with a reason
+    bad: pd.DataFrame  # unreadable or missing images, then those dropped by data.min_image_size, with a reason
     classes: list  # class labels in index order
     targets: np.ndarray  # [N] class index per item (-1 for items that do not train: queries, gallery)
     fold_of: np.ndarray  # [N] fold per item (embedding runs: one fold, 0, split by data.items["split"])
     eval_codes: np.ndarray | None = None  # embedding: [N] identity / class code, equal codes match
     queries_without_match: int = 0  # re-id: queries the metrics skip (no gallery match on another camera)
+    too_small: int = 0  # the last rows of ``bad``: dropped by data.min_image_size
+    not_in_class_names: tuple[int, int] = (0, 0)  # embedding: (images, classes) left out by data.class_names
+
+    def left_out(self, d: DataCfg) -> list[tuple[str, pd.DataFrame]]:
+        """What the data lost before training: (log message, the items it lost, when listed in bad_images.csv)."""
+        out = []
+        images, classes = self.not_in_class_names
+        if classes:
+            kept = len(d.class_names or [])
+            out.append((f"data.class_names keeps {kept} of {kept + classes} classes: {images} image(s) of {classes} "
+                        "class(es) left out", self.bad.iloc[:0]))
+        cut = len(self.bad) - self.too_small
+        unreadable, small = self.bad.iloc[:cut], self.bad.iloc[cut:]
+        if len(unreadable):
+            out.append((f"{len(unreadable)} unreadable or missing image(s) left out", unreadable))
+        if len(small):
+            out.append((f"{len(small)} image(s) dropped: smaller than data.min_image_size={d.min_image_size} or in a "
+                        "group with such an image", small))
+        return out
 
 
 @dataclass
@@ -106,6 +125,7 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     identities are the classes of the head."""
     d = cfg.data
     items = load_items(d)
+    items, not_listed = _select_classes(items, d)
     dropped = pd.DataFrame()
     if d.min_image_size:
         items, dropped = drop_small_groups(items, d.min_image_size)
@@ -124,7 +144,25 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     targets = np.where(train, items["label"].map(index).fillna(-1), -1).astype(np.int64)
     codes = {v: i for i, v in enumerate(sorted(items["label"].astype(str).unique()))}
     eval_codes = items["label"].astype(str).map(codes).to_numpy(dtype=np.int64)
-    return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes, skipped)
+    return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes, skipped,
+                    len(dropped), not_listed)
+
+
+def _select_classes(items: pd.DataFrame, d: DataCfg) -> tuple[pd.DataFrame, tuple[int, int]]:
+    """Embedding runs: ``data.class_names`` picks the classes to use (seed 002); returns the kept items and the
+    (images, classes) left out. A classifier's list must instead equal the data's classes (``check_classes``)."""
+    if d.class_names is None:
+        return items, (0, 0)
+    if d.source == "reid":
+        raise UserError("data.class_names: not used by data.source: reid (identities come from the file names); "
+                        "remove it, or choose the images with data.train_folder")
+    labels = items["label"].astype(str)
+    missing = [n for n in d.class_names if n not in set(labels)]
+    if missing:
+        raise UserError(f"data.class_names: {', '.join(missing)} not in the data; classes found: "
+                        f"{', '.join(sorted(set(labels))[:20])}{' ...' if labels.nunique() > 20 else ''}")
+    keep = labels.isin(d.class_names)
+    return items[keep].reset_index(drop=True), (int((~keep).sum()), int(labels[~keep].nunique()))
 
 
 def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
@@ -320,9 +358,11 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
     log.info("[DATA] %d images, %d %s | per class: %s%s", len(data.items), len(data.classes),
              "classes" if cfg.task == "classification" else "training identities/classes", shown,
              f" ... ({len(per_class) - 30} more)" if len(per_class) > 30 else "")
-    if len(data.bad):
-        log.warning("[DATA] %d unreadable, missing or dropped image(s) skipped; listed in %s", len(data.bad),
-                    run / "bad_images.csv")
+    for message, listed in data.left_out(d):
+        if len(listed):
+            log.warning("[DATA] %s; listed in %s", message, run / "bad_images.csv")
+        else:
+            log.info("[DATA] %s", message)
     if cfg.task == "embedding":
         log.info("[DATA] split: %s", data.items["split"].value_counts().to_dict())
         if data.queries_without_match:
