@@ -180,7 +180,7 @@ def test_tune_reports_only_evaluated_epochs(tmp_path: Path) -> None:
             return False
 
     trial = Trial()
-    reporter = _Reporter(trial, _Context(Config(), [], tmp_path, [0], 4, "macro_f1"))
+    reporter = _Reporter(trial, _Context(Config(), [], tmp_path, [0], 4, "macro_f1", n_trials=1, shared=False))
     reporter({"fold": 0, "epoch": 1, "train_loss": 1.0, "lr": 0.1})
     reporter({"fold": 0, "epoch": 2, "train_loss": 0.9, "valid_loss": 0.8, "macro_f1": 0.5, "lr": 0.1})
     assert trial.reported == [(0.5, 2)]
