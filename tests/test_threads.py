@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,33 @@ def _cv2():
 def test_auto_is_the_usable_cores_left_after_the_loader_workers(monkeypatch, cores, workers, expected):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(100, 100 + cores)))
+    monkeypatch.setattr(dev, "busy_cores", lambda: 0)  # an idle machine
     n, why = dev.resolve_num_threads("auto", workers)
     assert n == expected
     assert why == f"auto: {cores} usable cores - {workers} loader workers"
+
+
+@pytest.mark.parametrize("cores, workers, busy, expected", [(2, 0, 1, 1), (8, 2, 3, 3), (2, 1, 2, 1)])
+def test_auto_leaves_out_the_cores_other_processes_keep_busy(monkeypatch, cores, workers, busy, expected):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(dev, "busy_cores", lambda: busy)
+    n, why = dev.resolve_num_threads("auto", workers)
+    assert n == expected
+    assert why == f"auto: {cores} usable cores - {workers} loader workers - {busy} kept busy by other processes"
+
+
+def test_busy_cores_sees_a_process_spinning_on_one_of_our_cores():
+    """Measured, not mocked: a busy loop pinned to one of this process's cores counts as a busy core."""
+    core = min(os.sched_getaffinity(0))
+    spin = f"import os; os.sched_setaffinity(0, {{{core}}})\nwhile True: pass"
+    spinner = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        assert dev.busy_cores.__wrapped__(window_s=0.5) >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
 
 
 def test_auto_honours_omp_num_threads_and_a_number_is_kept(monkeypatch):
