@@ -161,6 +161,27 @@ class AugmentCfg(Section):
     mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # cutmix instead of mixup when both are on
 
 
+class ResizeCfg(Section):
+    # OpenCV interpolation: bilinear (INTER_LINEAR, as seed 003), bicubic, area (best for large shrinks), nearest
+    interpolation: Literal["bilinear", "bicubic", "area", "nearest"] = "bilinear"
+
+
+class ClaheCfg(Section):
+    enabled: bool = False  # contrast-limited adaptive histogram equalisation on the L channel (LAB)
+    clip_limit: Annotated[float, Field(gt=0)] = 2.0
+    grid: PositiveInt = 8  # tiles per side
+
+
+class PreprocessCfg(Section):
+    """The deterministic steps every path applies before any random augmentation (see data/preprocess.py)."""
+
+    crop: Literal["none", "center_square"] = "none"  # center_square: the centred min(H, W) square, then resize
+    resize: ResizeCfg = ResizeCfg()  # to train.img_size
+    clahe: ClaheCfg = ClaheCfg()
+    mean: Annotated[list[float], Field(min_length=3, max_length=3)] | None = None  # the timm model's when empty
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=3, max_length=3)] | None = None
+
+
 class SamplerCfg(Section):
     name: Literal["random", "weighted", "pk"] = "random"  # weighted: classes equally often; pk: P ids x K images
     p: PositiveInt | None = 16  # pk: classes or identities per batch; null: all of them
@@ -275,6 +296,7 @@ class Config(Section):
     data: DataCfg = DataCfg()
     model: ModelCfg = ModelCfg()
     train: TrainCfg = TrainCfg()
+    preprocess: PreprocessCfg = PreprocessCfg()
     augment: AugmentCfg = AugmentCfg()
     sampler: SamplerCfg = SamplerCfg()
     loss: LossCfg = LossCfg()

@@ -1,0 +1,208 @@
+"""The deterministic preprocessing shared by every path that feeds a model: training (before any random
+augmentation), validation, ``evaluate``, ``predict``, ``export`` and ``serve``, and a client in another language.
+
+One ``Preprocessor`` holds the whole spec (``preprocess:`` in the config, the training size and the model's
+normalisation) and applies it to an 8-bit RGB array:
+
+1. ``crop``: ``none``, or ``center_square`` (the centred square of side min(H, W), top-left at
+   ((H - s) // 2, (W - s) // 2), as seed 003's ``UnifiedPreprocessor``);
+2. resize to ``size`` [H, W] with OpenCV (``bilinear`` = ``INTER_LINEAR``, ``bicubic``, ``area``, ``nearest``);
+3. optional CLAHE on the L channel of OpenCV's 8-bit LAB (``clip_limit``, ``grid`` x ``grid`` tiles), back to RGB;
+4. ``x / 255``, then ``(x - mean) / std`` per channel -> float32 [3, H, W].
+
+Steps 1-3 (``deterministic``) give uint8 pixels: what a decode-once cache stores and what training augments.
+``to_dict`` is the versioned description written to ``preprocess.json`` (with a content hash), from which
+``from_dict`` rebuilds the identical preprocessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from vistrain.config.schema import Config
+
+VERSION = 1
+CROPS = ("none", "center_square")
+INTERPOLATIONS = ("bilinear", "bicubic", "area", "nearest")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _cv2() -> Any:
+    """OpenCV, imported where it is used (a second of import time that pure-config commands never pay)."""
+    import cv2
+
+    return cv2
+
+
+def _cv2_interpolation(name: str) -> int:
+    cv2 = _cv2()
+    return {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
+            "nearest": cv2.INTER_NEAREST}[name]
+
+
+def model_normalisation(model_name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the timm model's pretrained config, without building the model; ImageNet's when timm has
+    none for this name."""
+    import timm
+
+    try:
+        cfg = timm.get_pretrained_cfg(model_name)
+    except Exception:  # noqa: BLE001 - an unknown name is reported where the model is built
+        cfg = None
+    mean = getattr(cfg, "mean", None) or IMAGENET_MEAN
+    std = getattr(cfg, "std", None) or IMAGENET_STD
+    return tuple(float(x) for x in mean), tuple(float(x) for x in std)
+
+
+@dataclass(frozen=True)
+class Preprocessor:
+    """RGB uint8 [H, W, 3] -> normalised float32 [3, size[0], size[1]]; see the module docstring for the steps."""
+
+    size: tuple[int, int]  # output [H, W]
+    crop: str = "none"
+    interpolation: str = "bilinear"
+    clahe: bool = False
+    clip_limit: float = 2.0
+    grid: int = 8
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    version: int = field(default=VERSION)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.size) != 2 or any(int(s) < 1 for s in self.size):
+            problems.append(f"size must be [H, W] with positive sides, got {self.size}")
+        if self.crop not in CROPS:
+            problems.append(f"crop must be one of {', '.join(CROPS)}, got {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
+        if not self.clip_limit > 0:
+            problems.append(f"clahe clip_limit must be > 0, got {self.clip_limit}")
+        if int(self.grid) < 1:
+            problems.append(f"clahe grid must be >= 1, got {self.grid}")
+        if len(self.mean) != 3 or len(self.std) != 3 or any(not s > 0 for s in self.std):
+            problems.append(f"mean and std need 3 values each, std > 0; got {self.mean}, {self.std}")
+        if self.version != VERSION:
+            problems.append(f"version {self.version} is not supported (this vistrain reads version {VERSION})")
+        if problems:
+            raise ValueError("preprocess: " + "; ".join(problems))
+        object.__setattr__(self, "size", (int(self.size[0]), int(self.size[1])))
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    # ----------------------------------------------------------------------------------------- building
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Preprocessor:
+        """The preprocessor of a run: ``preprocess:`` + ``train.img_size``; mean / std default to the timm
+        model's pretrained config."""
+        from vistrain.data.transforms import size_hw
+
+        p = cfg.preprocess
+        mean, std = model_normalisation(cfg.model.name)
+        return cls(size=size_hw(cfg.train.img_size), crop=p.crop, interpolation=p.resize.interpolation,
+                   clahe=p.clahe.enabled, clip_limit=p.clahe.clip_limit, grid=p.clahe.grid,
+                   mean=tuple(p.mean) if p.mean is not None else mean,
+                   std=tuple(p.std) if p.std is not None else std)
+
+    def with_size(self, size: Sequence[int]) -> Preprocessor:
+        """The same steps with another output size (a decode-once cache stores a margin larger)."""
+        return Preprocessor(**{**self._fields(), "size": (int(size[0]), int(size[1]))})
+
+    def _fields(self) -> dict[str, Any]:
+        return asdict(self)
+
+    # --------------------------------------------------------------------------------------- describing
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, the version and a content hash: what ``preprocess.json`` holds."""
+        spec = {
+            "version": self.version,
+            "input": "RGB uint8 [H, W, 3] (EXIF orientation applied, transparency composited on white)",
+            "crop": self.crop,
+            "resize": {"size": list(self.size), "interpolation": self.interpolation, "library": "opencv"},
+            "clahe": {"enabled": self.clahe, "clip_limit": self.clip_limit, "grid": self.grid,
+                      "space": "L of 8-bit LAB (OpenCV)"},
+            "normalize": {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)},
+            "output": "float32 [3, H, W], channels RGB",
+        }
+        return {**spec, "hash": _hash(spec)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
+        """Rebuild from ``to_dict``'s output; a hash that does not match the settings is an error."""
+        try:
+            spec = {k: v for k, v in d.items() if k != "hash"}
+            if "hash" in d and d["hash"] != _hash(spec):
+                raise ValueError("preprocess: the hash does not match the settings (edited by hand?)")
+            return cls(size=tuple(d["resize"]["size"]), crop=d["crop"], interpolation=d["resize"]["interpolation"],
+                       clahe=bool(d["clahe"]["enabled"]), clip_limit=float(d["clahe"]["clip_limit"]),
+                       grid=int(d["clahe"]["grid"]), mean=tuple(d["normalize"]["mean"]),
+                       std=tuple(d["normalize"]["std"]), version=int(d["version"]))
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"preprocess: not a vistrain preprocessing description ({err!r} missing or wrong)")\
+                from err
+
+    @property
+    def hash(self) -> str:
+        return self.to_dict()["hash"]
+
+    # ---------------------------------------------------------------------------------------- applying
+
+    def deterministic(self, rgb: np.ndarray) -> np.ndarray:
+        """Crop, resize and CLAHE: uint8 [H, W, 3] -> uint8 [size[0], size[1], 3]."""
+        rgb = _check_rgb(rgb)
+        cv2 = _cv2()
+        if self.crop == "center_square":
+            h, w = rgb.shape[:2]
+            s = min(h, w)
+            top, left = (h - s) // 2, (w - s) // 2
+            rgb = rgb[top: top + s, left: left + s]
+        out_h, out_w = self.size
+        if rgb.shape[:2] != (out_h, out_w):
+            rgb = cv2.resize(np.ascontiguousarray(rgb), (out_w, out_h),
+                             interpolation=_cv2_interpolation(self.interpolation))
+        if self.clahe:
+            lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+            clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=(self.grid, self.grid))
+            lab[..., 0] = clahe.apply(np.ascontiguousarray(lab[..., 0]))
+            rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+        return np.ascontiguousarray(rgb)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 [H, W, 3] array, or uint8 / float [..., 3, H, W] tensor (float: already in [0, 1])
+        -> normalised float32 [..., 3, H, W]."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1) if isinstance(pixels, np.ndarray) \
+            else pixels
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+        return (x - mean) / std
+
+    def process(self, rgb: np.ndarray) -> torch.Tensor:
+        """The whole deterministic path: RGB uint8 [H, W, 3] -> float32 [3, size[0], size[1]], normalised."""
+        return self.normalize(self.deterministic(rgb))
+
+    __call__ = process
+
+
+def _check_rgb(rgb: np.ndarray) -> np.ndarray:
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        what = f"{rgb.dtype} {rgb.shape}" if isinstance(rgb, np.ndarray) else type(rgb).__name__
+        raise ValueError(f"preprocess: expected an RGB uint8 array [H, W, 3], got {what}")
+    if rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise ValueError(f"preprocess: the image is empty ({rgb.shape[1]}x{rgb.shape[0]} pixels)")
+    return rgb
+
+
+def _hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
