@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-pills test lint bench clean
 
 install: $(STAMP)
 
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/vistrain demo --out demo_data
+
+demo-pills: install
+	$(VENV)/bin/vistrain demo --scenario pills --out demo_data/pills
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks
