@@ -184,11 +184,12 @@ def _clutter(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """A surface with uneven texture and things lying on it (paper, pens, packaging)."""
     import cv2
 
+    surface = np.add(SURFACES[int(rng.integers(len(SURFACES)))], rng.normal(0, 12, 3))
     canvas = np.empty((h, w, 3), np.float32)
-    canvas[:] = np.add(SURFACES[int(rng.integers(len(SURFACES)))], rng.normal(0, 12, 3))
+    canvas[:] = surface
     canvas += cv2.resize(rng.normal(0, 18, (5, 4)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)[..., None]
-    for _ in range(int(rng.integers(3, 8))):
-        colour = rng.uniform(0, 255, 3)
+    for _ in range(int(rng.integers(2, 7))):
+        colour = surface + rng.uniform(0.3, 0.9) * (rng.uniform(0, 255, 3) - surface)  # mostly muted, some bright
         layer = np.zeros((h, w), np.uint8)
         kind = rng.integers(3)
         if kind == 0:  # a sheet or a box edge: a random quadrilateral
@@ -243,7 +244,9 @@ DOMAINS = {"studio": (0, "s", ".png", render_studio), "real": (1, "r", ".jpg", r
 
 def write_pills(out: Path, seed: int = 0, classes: int = len(PILL_TYPES), studio_objects: int = 30,
                 studio_views: int = 3, real_objects: int = 16, real_views: int = 2) -> dict[str, int]:
-    """Write the data set under ``out`` (see the module docstring); returns the image count per domain."""
+    """Write the data set under ``out`` (see the module docstring); returns the image count per domain.
+
+    ``class_map.json`` is written last, so a folder holding it is complete (the demo reuses such a folder)."""
     if not 1 <= classes <= len(PILL_TYPES):
         raise UserError(f"classes: {classes} pill types asked for; valid: 1..{len(PILL_TYPES)}")
     counts = {"studio": (studio_objects, studio_views), "real": (real_objects, real_views)}

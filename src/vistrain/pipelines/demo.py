@@ -93,7 +93,8 @@ def pills_overrides(out: Path, config: Path) -> tuple[list[str], int]:
         counts = write_pills(out)
         log.info("[DATA] wrote %s generated pill images under %s in %.1f s",
                  " + ".join(f"{n} {d}" for d, n in counts.items()), out, time.time() - start)
-    sources = read_yaml(config).get("data", {}).get("sources")
+    data = read_yaml(config).get("data")
+    sources = data.get("sources") if isinstance(data, dict) else None
     if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
         raise UserError(f"{config}: data.sources: the pills demo needs a list of sources named after the domains it "
                         f"writes ({', '.join(DOMAINS)}), as in configs/demo_pills.yaml")
