@@ -55,8 +55,8 @@ def val_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarra
     parts, logits = [], []
     for fold in folds:
         part = items[items["fold"] == fold]
-        model, data_config = load_fold_model(run, fold, device)
-        logits.append(infer_logits(run, model, part["path"].tolist(), data_config, device, desc=f"fold {fold}")[0])
+        model, pre = load_fold_model(run, fold, device)
+        logits.append(infer_logits(run, model, part["path"].tolist(), pre, device, desc=f"fold {fold}")[0])
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table

@@ -16,14 +16,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
-from vistrain.data.dataset import ImageDataset
+from vistrain.data.dataset import ImageDataset, worker_init
+from vistrain.data.preprocess import Preprocessor
 from vistrain.data.samplers import SAMPLERS
-from vistrain.data.transforms import eval_transform, size_hw, train_transform
+from vistrain.data.transforms import TrainTransform
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
 from vistrain.errors import UserError, lookup
-from vistrain.models.build import build_model, data_config
+from vistrain.models.build import build_model
 from vistrain.models.init import init_weights
 from vistrain.models.losses import LOSSES
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 @dataclass
 class FoldSetup:
     model: nn.Module
-    data_config: dict[str, Any]  # mean, std, interpolation, img_size: what inference must reproduce
+    preprocessor: Preprocessor  # the deterministic preprocessing: what inference must reproduce
     train_loader: DataLoader
     valid_loader: DataLoader
     task: Any  # ClassificationTask | EmbeddingTask
@@ -45,27 +46,28 @@ class FoldSetup:
 
 
 def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: int
-                      ) -> tuple[nn.Module, dict[str, Any], str]:
-    """The fold's model with its starting weights, its preprocessing, and where the weights came from."""
+                      ) -> tuple[nn.Module, Preprocessor, str]:
+    """The fold's model with its starting weights, the run's preprocessing, and where the weights came from."""
     model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
     weights = init_weights(model, cfg.model, fold)
-    dcfg = {**data_config(model), "img_size": list(size_hw(cfg.train.img_size))}
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, dcfg, weights
+    return model, Preprocessor.from_config(cfg), weights
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
-             valid_labels: np.ndarray, dcfg: dict[str, Any], device: torch.device, info: DistInfo
+             valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo
              ) -> tuple[DataLoader, DataLoader]:
+    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels); training augments those pixels
+    (``TrainTransform``), validation only normalises them, as inference does."""
     t, s = cfg.train, cfg.sampler
-    train_ds = ImageDataset(train_paths, train_labels.tolist(),
-                            train_transform(cfg.augment, t.img_size, dcfg["mean"], dcfg["std"]))
-    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), eval_transform(t.img_size, dcfg["mean"], dcfg["std"]))
+    train_ds = ImageDataset(train_paths, train_labels.tolist(), TrainTransform(cfg.augment, pre), pre.load)
+    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, pre.load)
     generator = torch.Generator()  # reseeded by the loop every epoch
     workers = dev.auto_workers(t.num_workers, device)
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+              "worker_init_fn": worker_init if workers else None}
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 
@@ -86,10 +88,10 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
     train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
-    model, dcfg, start = _model_and_config(cfg, n_classes, device, fold)
+    model, pre, start = _model_and_config(cfg, n_classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
-                                          dcfg, device, info)
+                                          pre, device, info)
     weights = None
     if t.class_weights == "balanced":
         counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
@@ -105,7 +107,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
     task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup)
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True, start)
+    return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 
 def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
@@ -123,11 +125,11 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     train_idx = np.flatnonzero(split == "train")
     if len(q_idx) == 0:
         raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
-    model, dcfg, start = _model_and_config(cfg, len(data.classes), device, fold)
+    model, pre, start = _model_and_config(cfg, len(data.classes), device, fold)
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
-                                          data.eval_codes[v_idx], dcfg, device, info)
+                                          data.eval_codes[v_idx], pre, device, info)
     feat_dim = model.num_features
     terms = []
     for term in cfg.loss.terms:
@@ -144,7 +146,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
             return margin_at_epoch(epoch, warm, m.arcface_m_warmup, m.arcface_m_finetune, m.margin_ramp_epochs)
     task = EmbeddingTask(terms, evaluation, margin, t.freeze_backbone_epochs)
     params = model.param_groups(t.lr, t.backbone_lr_mult, t.weight_decay)
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False, start)
+    return FoldSetup(model, pre, train_loader, valid_loader, task, params, len(v_idx), False, start)
 
 
 SETUPS: dict[str, Callable[[Config, Any, int, torch.device, DistInfo], FoldSetup]] = {

@@ -21,6 +21,7 @@ import torch
 import vistrain
 from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config, DataCfg, TrackingCfg
+from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
 from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
 from vistrain.engine import device as dev
@@ -389,6 +390,7 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
             shutil.copyfile(config_path, run / "config.source.yaml")
             atomic_write_text(run / "command.txt", " ".join(sys.argv) + "\n")
     write_csv(run / "splits.csv", splits)
+    write_json(run / "preprocess.json", Preprocessor.from_config(cfg).to_dict())
     write_json(run / "class_map.json", {
         "class_to_idx": {str(c): i for i, c in enumerate(data.classes)},
         "idx_to_class": {str(i): c for i, c in enumerate(data.classes)},
@@ -414,7 +416,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     t, m = cfg.train, cfg.model
     seed_everything(cfg.project.seed + fold)
     setup = SETUPS[cfg.task](cfg, data, fold, device, info)
-    task, dcfg, train_loader = setup.task, setup.data_config, setup.train_loader
+    task, pre, train_loader = setup.task, setup.preprocessor, setup.train_loader
     # A frozen backbone leaves parameters without gradients, which DDP must be told to expect.
     model = distributed.wrap(setup.model, info, device, find_unused=t.freeze_backbone_epochs > 0)
     stopper = EarlyStopping(t.monitor, t.early_stopping_patience)
@@ -424,11 +426,9 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
                        seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
     total, trainable = count_parameters(model)
-    log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | input=%s | "
-             "mean=%s std=%s | train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights,
-             total / 1e6, trainable / 1e6,
-             dcfg["img_size"], [round(x, 3) for x in dcfg["mean"]], [round(x, 3) for x in dcfg["std"]],
-             len(train_loader.dataset), setup.n_valid, len(train_loader))
+    log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | %s | "
+             "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights, total / 1e6,
+             trainable / 1e6, pre.describe(), len(train_loader.dataset), setup.n_valid, len(train_loader))
     last_path = run.ckpt("last", fold)
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device, hint=RESUME_HINT)
@@ -439,7 +439,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             log.info("[RESUME] fold=%d already finished (%d epochs); skipped", fold, state.epoch)
             return _fold_result(fold, state, ckpt.get("time_s", 0.0))
         log.info("[RESUME] fold=%d from epoch %d of %d", fold, state.epoch, t.epochs)
-    meta = {"fold": fold, "classes": data.classes, "data_config": dcfg, "config": config_to_dict(cfg),
+    meta = {"fold": fold, "classes": data.classes, "preprocess": pre.to_dict(), "config": config_to_dict(cfg),
             "task": cfg.task, "vistrain_version": vistrain.__version__}
     fold_start = time.time() - (state.history[-1].get("fold_time_s", 0.0) if state.history else 0.0)
 
