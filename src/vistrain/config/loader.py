@@ -82,15 +82,23 @@ def _leaf_keys(layer: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+# What PyYAML raises for text it cannot read: its own errors, and a few plain ones from its constructors
+# (``!!float`` with no value is an IndexError, ``!!int 'x'`` a ValueError; very deep nesting a RecursionError).
+YAML_ERRORS = (yaml.YAMLError, ValueError, IndexError, TypeError, RecursionError)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config: file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
+    except YAML_ERRORS as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from err
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]  # a ReaderError has no 'problem'
+        raise UserError(f"{path}:{where} not valid YAML: {what}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -120,11 +128,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or not key or any(not part or any(c.isspace() for c in part) for part in key.split(".")):
             raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as err:
+        except YAML_ERRORS as err:
             raise UserError(f"override '{item}': value is not valid YAML") from err
         node = out
         parts = key.split(".")
@@ -200,11 +208,19 @@ def _format_error(e: dict[str, Any]) -> str:
         parent = _section_model(loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}{did_you_mean(loc[-1], valid)}"
+    if e["type"] in ("model_type", "model_attributes_type", "dict_type"):  # a section given as a non-mapping
+        msg = "expected a mapping of keys (key: value lines indented under it)"
     if not key:
         return msg
     got = e.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
     return f"{key}: {msg}{shown}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line and at most ``limit`` characters: a message names the value, it does not dump it."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _section_model(loc: list[str]) -> type[BaseModel] | None:

@@ -26,7 +26,7 @@ class Section(BaseModel):
 
 class ProjectCfg(Section):
     name: str = "vistrain"  # prefix of the run id; the config file's stem when left as is
-    seed: int = 42  # seeds Python, NumPy and torch; also fixes the fold assignment
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42  # seeds Python, NumPy and torch; also fixes the fold assignment
 
 
 class DataCfg(Section):
