@@ -181,3 +181,14 @@ def test_config_with_a_ratio_split_trains_one_fold_and_reads_the_ratios(tmp_path
     assert cfg.folds_to_train() == [0]
     unread = cfg.keys_not_read()
     assert "data.folds" in unread and "data.valid_fold" in unread and "data.train_ratio" not in unread
+
+
+def test_the_class_distribution_plot_counts_split_train_and_val(trained):
+    from vistrain.viz.plots import fold_class_counts
+
+    table = splits(trained)
+    names, folds, train, valid = fold_class_counts(trained["run"] / "splits.csv", CLASS_ORDER)
+    assert names == CLASS_ORDER and folds == [0]
+    for part, counts in (("train", train), ("val", valid)):
+        expected = [int(((table["split"] == part) & (table["label"] == c)).sum()) for c in CLASS_ORDER]
+        assert counts[0].tolist() == expected

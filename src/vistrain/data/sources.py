@@ -1,8 +1,9 @@
 """Sources: turn what the user has on disk into the one item table every later stage reads.
 
 The item table (pandas) has the columns ``path, id, label, group`` and, when the input has them,
-``camera, domain, split, fold``. ``group`` is the unit that may never straddle train and validation
-(a document, an object, a person). A new source is one function plus one line in ``SOURCES``.
+``camera, domain, split, fold`` (``data.sources``: ``domain`` is each source's name). ``group`` is the unit that
+may never straddle train and validation (a document, an object, a person). A new source is one function plus one
+line in ``SOURCES``.
 """
 
 from __future__ import annotations
@@ -209,19 +210,22 @@ def manifest_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     for n, written, label, split in zip(lines, df["path"], df["label"], df.get("split", [""] * len(df))):
         file = Path(written).expanduser()
         file = file if file.is_absolute() else path.parent / file
-        problem = ("file not found: " + str(file) if not file.is_file()
-                   else f"'{written}' is listed twice (line {seen[written]} too)" if written in seen
-                   else f"label '{label}' is not in data.class_map {cfg.class_map}" if known and label not in known
-                   else f"split '{split}' is not one of {', '.join(SPLIT_VALUES)}"
-                   if "split" in df.columns and split not in SPLIT_VALUES else None)
+        problem = None
+        if not file.is_file():
+            problem = f"file not found: {file}"
+        elif written in seen:
+            problem = f"'{written}' is listed twice (line {seen[written]} too)"
+        elif known is not None and label not in known:
+            problem = f"label '{label}' is not in data.class_map {cfg.class_map}"
+        elif "split" in df.columns and split not in SPLIT_VALUES:
+            problem = f"split '{split}' is not one of {', '.join(SPLIT_VALUES)}"
         if problem:
             raise UserError(f"{key}: {path} line {n}: {problem}")
         seen[written] = n
         resolved.append(str(file))
-    for col in ("domain",):
-        if col in df.columns and (df[col] == "").any():
-            n = lines[int((df[col] == "").to_numpy().argmax())]
-            raise UserError(f"{key}: {path} line {n}: empty {col} (other rows have one); give every row one or none")
+    if "domain" in df.columns and (df["domain"] == "").any():
+        n = lines[int((df["domain"] == "").to_numpy().argmax())]
+        raise UserError(f"{key}: {path} line {n}: empty domain (other rows have one); give every row one or none")
     items = pd.DataFrame({"path": resolved, "id": df["path"], "label": _natural_labels(df["label"]),
                           "group": df["group"].where(df["group"] != "", df["path"]) if "group" in df else df["path"]})
     for col in ("domain", "split"):
