@@ -8,6 +8,7 @@ file's folder; relative paths given on the command line resolve against the work
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -184,6 +185,8 @@ def _absolute_defaults(cfg: Config) -> None:
     """Relative paths left at their defaults (``experiments``, ``logs``) mean the working directory, so the
     saved config.yaml reloads to the same folders from anywhere."""
     for key in _path_keys():
+        if "*" in key:  # list items have no path defaults
+            continue
         section = cfg
         for part in key[:-1]:
             section = getattr(section, part)
@@ -202,7 +205,7 @@ def _format_error(e: dict[str, Any]) -> str:
     # pydantic appends the member type to a union's loc ("int", "tuple[int, int]"); drop those.
     loc = [p for p in loc if p not in {"int", "str", "bool", "float", "tuple[int,int]", "list[str]"}]
     loc = [p for p in loc if not p.startswith(("tuple[", "list[", "constrained-", "is-instance", "json-or"))]
-    key = ".".join(loc)
+    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(loc))  # list items: data.sources[0].ratio
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         parent = _section_model(loc[:-1])
@@ -213,7 +216,8 @@ def _format_error(e: dict[str, Any]) -> str:
     if not key:
         return msg
     got = e.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {_short(got)})"
+    nested = isinstance(got, dict) or (isinstance(got, list) and any(isinstance(x, dict) for x in got))
+    shown = "" if nested or got is None else f" (got {_short(got)})"
     return f"{key}: {msg}{shown}"
 
 
@@ -226,11 +230,27 @@ def _short(value: Any, limit: int = 60) -> str:
 def _section_model(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if part.isdigit():  # an item of a list of sections (data.sources[0])
+            continue
         field = model.model_fields.get(part)
+        inner = _list_model(field.annotation) if field is not None else None
+        if inner is not None:
+            model = inner
+            continue
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
         model = field.annotation
     return model
+
+
+def _list_model(ann: Any) -> type[BaseModel] | None:
+    """The section type of a ``list[Section]`` (or ``list[Section] | None``) field, else None."""
+    for t in (ann, *typing.get_args(ann)):
+        if typing.get_origin(t) is list:
+            inner = typing.get_args(t)[0]
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
 
 
 def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -240,6 +260,8 @@ def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) ->
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _path_keys(ann, prefix + (name,))
+        elif (inner := _list_model(ann)) is not None:  # "*": every item of the list (data.sources)
+            keys += _path_keys(inner, prefix + (name, "*"))
         elif ann is Path or (isinstance(ann, types.UnionType) and Path in typing.get_args(ann)):
             keys.append(prefix + (name,))
     return keys
@@ -247,9 +269,19 @@ def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) ->
 
 def _resolve_paths(layer: dict[str, Any], base: Path) -> None:
     for key in _path_keys():
-        node: Any = layer
-        for part in key[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(key[-1]), str) and node[key[-1]]:
-            p = Path(node[key[-1]]).expanduser()
-            node[key[-1]] = str(p if p.is_absolute() else (base / p).resolve())
+        _resolve_at(layer, key, base)
+
+
+def _resolve_at(node: Any, key: tuple[str, ...], base: Path) -> None:
+    """Make the path at ``key`` (``*``: every list item) of a raw config layer absolute against ``base``."""
+    part, rest = key[0], key[1:]
+    if part == "*":
+        for item in node if isinstance(node, list) else []:
+            _resolve_at(item, rest, base)
+    elif not isinstance(node, dict):
+        return
+    elif rest:
+        _resolve_at(node.get(part), rest, base)
+    elif isinstance(node.get(part), str) and node[part]:
+        p = Path(node[part]).expanduser()
+        node[part] = str(p if p.is_absolute() else (base / p).resolve())

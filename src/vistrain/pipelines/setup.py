@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from vistrain.config.schema import Config
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
-from vistrain.data.samplers import SAMPLERS
+from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
 from vistrain.data.transforms import TrainTransform
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
@@ -57,11 +57,13 @@ def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: i
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
-             valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo
-             ) -> tuple[DataLoader, DataLoader]:
+             valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo,
+             train_domains: np.ndarray | None = None) -> tuple[DataLoader, DataLoader]:
     """Both decode with ``pre.load`` (file -> deterministic uint8 pixels); training augments those pixels
-    (``TrainTransform``), validation only normalises them, as inference does."""
+    (``TrainTransform``), validation only normalises them, as inference does. ``train_domains``: each training
+    item's domain; with ``data.sources`` ratios the epoch follows them."""
     t, s = cfg.train, cfg.sampler
+    ratios = cfg.data.domain_ratios()
     train_ds = ImageDataset(train_paths, train_labels.tolist(), TrainTransform(cfg.augment, pre), pre.load)
     valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, pre.load)
     generator = torch.Generator()  # reseeded by the loop every epoch
@@ -74,7 +76,11 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
         batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
         train_loader = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
     else:
-        sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
+        if ratios and train_domains is not None:  # weighted: classes balanced too, within the domain shares
+            sampler = domain_ratio_sampler(train_labels.tolist(), generator, train_domains, ratios,
+                                           balance_classes=s.name == "weighted")
+        else:
+            sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
         if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
             sampler = RankShare(sampler, info.rank, info.world)
         train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
@@ -83,20 +89,26 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     return train_loader, valid_loader
 
 
+def _domains(data: Prepared, idx: np.ndarray) -> np.ndarray | None:
+    return data.items["domain"].astype(str).to_numpy()[idx] if "domain" in data.items.columns else None
+
+
 def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
                          info: DistInfo = SINGLE) -> FoldSetup:
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
-    train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
+    train_idx, valid_idx = data.fold_indices(fold)
     model, pre, start = _model_and_config(cfg, n_classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
-                                          pre, device, info)
+                                          pre, device, info, _domains(data, train_idx))
     weights = None
     if t.class_weights == "balanced":
         counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
         w = np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0)
         weights = torch.tensor(w, dtype=torch.float32, device=device)
+    elif t.class_weights == "from_class_map" and data.class_map is not None:  # the config requires the map
+        weights = torch.tensor(data.class_map.weights(), dtype=torch.float32, device=device)
     mixup = None
     if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
         if t.batch_size % 2:
@@ -129,7 +141,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
-                                          data.eval_codes[v_idx], pre, device, info)
+                                          data.eval_codes[v_idx], pre, device, info, _domains(data, train_idx))
     feat_dim = model.num_features
     terms = []
     for term in cfg.loss.terms:
