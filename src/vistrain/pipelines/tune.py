@@ -139,7 +139,7 @@ class _Context:
     folds: list[int]
     epochs: int  # per trial and fold (for the global step)
     monitor: str
-    n_trials: int  # trials this process runs (or, continuing a study, the process that started it asked for)
+    n_trials: int  # private: trials this process runs (continuing: what the first asked for); shared: the total
     shared: bool  # storage given by the user (others may work on the study), not the tune directory's own
     done_before: int | None = None  # trials of the study that had ended when this tune directory started it
 
