@@ -314,6 +314,7 @@ class TuneCfg(Section):
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str | None = None  # RDB URL; SQLite in the tune directory when empty
     study_name: str | None = None  # the config's project.name when empty
+    heartbeat_s: PositiveInt = 30  # shared storage: a dead worker's trial is failed after 3 missed beats
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
 
 
