@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# Test files spread over one process per core (a file stays in one process, so its module fixtures run once).
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: install demo test lint bench clean
 
@@ -10,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune,retrieval,export,serve]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune,postgres,retrieval,export,serve]'
 	touch $(STAMP)
 
 demo: install

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from vistrain.data.images import check_images
+from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun
 from vistrain.errors import UserError, describe
@@ -69,11 +70,11 @@ def validation_images(run: LoadedRun, fold: int, n: int = EVAL_IMAGES) -> tuple[
     return part["path"].tolist(), labels, f"fold {fold}'s validation rows of splits.csv"
 
 
-def input_batches(run: LoadedRun, data_config: dict[str, Any], paths: list[str]) -> Iterator[np.ndarray]:
+def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterator[np.ndarray]:
     """``paths`` preprocessed as ``predict`` does (``export.sample_inputs``), ``CHUNK`` images at a time."""
     for start in range(0, len(paths), CHUNK):
         chunk = paths[start:start + CHUNK]
-        inputs, source = sample_inputs(run, data_config, len(chunk), chunk)
+        inputs, source = sample_inputs(run, pre, len(chunk), chunk)
         if len(inputs) != len(chunk) or not source.endswith("images of the run"):
             raise UserError(f"export: validation images became unreadable during the export (one of {chunk[0]} "
                             f"... {chunk[-1]}); run it again")
@@ -199,7 +200,7 @@ def budget_line(f: dict[str, Any]) -> str:
     return " ".join([*parts, "PASS" if b["pass"] else "FAIL"])
 
 
-def deploy_files(run: LoadedRun, fold: int, data_config: dict[str, Any], float_path: Path, quantize: str | None,
+def deploy_files(run: LoadedRun, fold: int, pre: Preprocessor, float_path: Path, quantize: str | None,
                  fp16: bool, budget_ms: float | None, budget_mb: float | None
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The fold's float file and the variants asked for, each with its figures; and the validation images used."""
@@ -212,7 +213,7 @@ def deploy_files(run: LoadedRun, fold: int, data_config: dict[str, Any], float_p
         step = max(1, len(paths) // CALIB_IMAGES)
         calib = paths[::step][:CALIB_IMAGES]
         dst = variant_path(float_path, quantize)
-        info = quantize_int8(float_path, dst, input_batches(run, data_config, calib))
+        info = quantize_int8(float_path, dst, input_batches(run, pre, calib))
         files.append({"kind": quantize, "path": str(dst), "quantization": info})
         log.info("[EXPORT] fold=%d int8 (%s%s) -> %s", fold, info["method"],
                  f", QDQ per channel, {info['calibration_images']} calibration images of {source}"
@@ -224,13 +225,13 @@ def deploy_files(run: LoadedRun, fold: int, data_config: dict[str, Any], float_p
     for f in files:
         f["size_mb"] = round(Path(f["path"]).stat().st_size / 2**20, 3)
     if paths:
-        figures = compare(_outputs(files, input_batches(run, data_config, paths), run.cfg.task), labels, run.cfg.task)
+        figures = compare(_outputs(files, input_batches(run, pre, paths), run.cfg.task), labels, run.cfg.task)
     else:
         log.warning("[EXPORT] fold=%d: no readable validation image: no agreement or accuracy figures", fold)
         figures = {f["kind"]: {"top1_agreement": None, "val_top1": None, "val_top1_change": None} for f in files}
     for f in files:
         f.update(figures[f["kind"]])
-        f["latency"] = latency(Path(f["path"]), data_config["img_size"])
+        f["latency"] = latency(Path(f["path"]), pre.size)
         f["budget"] = check_budget(f, budget_ms, budget_mb)
         _log_file(fold, f, len(paths))
     return files, {"images": len(paths), "source": source}
