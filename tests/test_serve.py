@@ -312,8 +312,9 @@ def test_serve_limits_come_from_the_run_config_with_the_flags_over_them(served: 
     assert res.status_code == 400 and "over the limit of 2" in res.json()["detail"]  # the flag
     (row,) = client.post("/predict", files=upload(served["files"][:1])).json()["results"]
     assert row["warnings"] == ["resolution 40x40 is under serve.min_resolution=64"]  # the run's config
-    assert ("[SERVE] limits: max_files=2 max_mb=20 top_k=5 min_resolution=64 formats=JPEG,PNG (the run's serve: "
-            "section; flags: max_files)") in log.read_text()
+    assert ("[SERVE] limits: max_files=2 max_mb=20 top_k=5 min_resolution=64 formats=JPEG,PNG max_pixels=24000000 "
+            "max_request_mb=64 max_concurrency=4 timeout_s=30 (the run's serve: section; flags: max_files)"
+            ) in log.read_text()
 
     assert cli.main(["serve", str(served["run"]), "--min-resolution", "0", "--formats", "jpeg", "--log-file",
                      str(log)]) == 0
