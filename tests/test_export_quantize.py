@@ -35,7 +35,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     root = tmp_path_factory.mktemp("quantize")
     data = write_csv_dataset(root / "data", per_class=16)
-    cfg = tiny_config(data.root, train={"epochs": 3}, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+    cfg = tiny_config(data.root, output={"exp_dir": str(root / "exp"), "logs_dir": None},
                       tracking={"tensorboard": False}, preprocess={"clahe": {"enabled": True}})
     run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
     out = io.StringIO()
