@@ -86,6 +86,7 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
+    max_image_pixels: PositiveInt = 100_000_000  # a larger image (header) is unreadable, refused before decoding
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
