@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import tiny_config, write_csv_dataset, write_yaml
-from PIL import Image
 from sklearn.metrics import accuracy_score
 
 from vistrain.config import load_config
@@ -29,15 +28,15 @@ FIGURES = {"path", "kind", "size_mb", "latency", "top1_agreement", "val_top1", "
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A two-fold run (fold 0 trained, 24 validation images) exported once with int8, fp16 and a size budget that
-    only the int8 file meets (in this process: the CLI's stdout captured)."""
+    """A two-fold run (fold 0 trained, 24 validation images, CLAHE in its preprocessing) exported once with int8,
+    fp16 and a size budget that only the int8 file meets (in this process: the CLI's stdout captured)."""
     from vistrain import cli
     from vistrain.pipelines import export
 
     root = tmp_path_factory.mktemp("quantize")
     data = write_csv_dataset(root / "data", per_class=16)
-    cfg = tiny_config(data.root, train={"epochs": 3}, output={"exp_dir": str(root / "exp"), "logs_dir": None},
-                      tracking={"tensorboard": False})
+    cfg = tiny_config(data.root, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False}, preprocess={"clahe": {"enabled": True}})
     run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
@@ -51,13 +50,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def preprocess_from_metadata(path: str, meta: dict[str, str]) -> np.ndarray:
-    """A client's preprocessing, from the file's metadata only: [3, H, W] float32."""
-    h, w = json.loads(meta["vistrain.img_size"])
-    mean = np.array(json.loads(meta["vistrain.mean"]), dtype=np.float32)[:, None, None]
-    std = np.array(json.loads(meta["vistrain.std"]), dtype=np.float32)[:, None, None]
-    with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((w, h), Image.BILINEAR)
-    return (np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
+    """A client's preprocessing, from the file's metadata only (``vistrain.preprocess``): [3, H, W] float32."""
+    from vistrain.data.preprocess import Preprocessor
+
+    pre = Preprocessor.from_dict(json.loads(meta["vistrain.preprocess"]))
+    assert pre.clahe  # the run's CLAHE travels with the file: calibration and clients see it
+    return pre.normalize(pre.load(path)).numpy()
 
 
 def props(path: Path) -> dict[str, str]:
@@ -73,19 +71,21 @@ def test_int8_file_is_smaller_and_agrees_with_the_float_model_on_the_validation_
     for key, value in props(float_path).items():
         assert meta[key] == value, key  # the int8 file is served and fed exactly as the float one
     quant = json.loads(meta["vistrain.quantization"])
-    assert quant["dtype"] == "int8" and quant["method"] in ("static", "dynamic")
+    assert quant == files["int8"]["quantization"] == {"dtype": "int8", "method": "static", "format": "QDQ",
+                                                      "per_channel": True, "calibration_images": 24}
 
     # Recomputed here: both files on fold 0's validation images (splits.csv), labels from splits.csv.
     splits = pd.read_csv(run / "splits.csv", dtype={"label": str})
     val = splits[splits["fold"] == 0]
     batch = np.stack([preprocess_from_metadata(p, meta) for p in val["path"]])
     classes = json.loads(meta["vistrain.classes"])
-    top1 = {}
-    for kind, path in (("float", float_path), ("int8", int8_path)):
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        top1[kind] = session.run(["probs"], {"image": batch})[0].argmax(axis=1)
+    probs = {kind: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"image": batch})[0] for kind, path in (("float", float_path), ("int8", int8_path))}
+    top1 = {kind: p.argmax(axis=1) for kind, p in probs.items()}
     agreement = float(np.mean(top1["float"] == top1["int8"]))
     assert agreement >= 0.99
+    # Not only the same argmax: the probabilities stay close (a broken calibration moves them by tenths).
+    assert np.abs(probs["int8"] - probs["float"]).max() < 0.05
     labels = [classes.index(c) for c in val["label"]]
     n = len(val)
     report = exported["report"]["models"][0]
@@ -187,3 +187,25 @@ def test_latency_percentiles_are_over_at_least_min_runs_timed_runs() -> None:
     assert figure["runs"] == 20 and figure["ms"] == 3.0 and figure["stable"] is True
     assert figure["p50_ms"] == pytest.approx(np.percentile(seq[:20], 50), abs=1e-3)
     assert figure["p95_ms"] == pytest.approx(np.percentile(seq[:20], 95), abs=1e-3)
+
+
+def test_serve_accepts_the_int8_and_fp16_files_and_answers_like_the_float_file(exported: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    from vistrain.pipelines.export import read_onnx_metadata
+    from vistrain.pipelines.serve import create_app, load_predictor
+
+    files = exported["files"]
+    splits = pd.read_csv(exported["run"] / "splits.csv", dtype={"label": str})
+    val = splits[splits["fold"] == 0]["path"].tolist()[:6]
+    uploads = [("files", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in val]
+    answers = {}
+    for kind in ("float", "int8", "fp16"):
+        path = Path(files[kind]["path"])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = read_onnx_metadata(path, session)  # the checks serve makes on a file before it starts
+        assert meta["classes"] == ["0", "1", "2"] and meta["preprocessor"].clahe
+        res = TestClient(create_app(load_predictor(path))).post("/predict", files=uploads)
+        assert res.status_code == 200, res.text
+        answers[kind] = [(r["file"], r["class"]) for r in res.json()["results"]]
+    assert answers["int8"] == answers["float"] == answers["fp16"]

@@ -14,7 +14,8 @@ read) and compares with PyTorch: a difference beyond the tolerance, or a differe
 ``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32),
 with 1 thread and with every usable core, each figure a median repeated until stable.
 Everything is written to ``RUN/export/``: ``model_fold{k}.onnx``, ``preprocess.json`` (how to build the input from
-an image file, for a client in any language) and ``export.json``.
+an image file, for a client in any language) and ``export.json``. ``--quantize int8``, ``--fp16`` and
+``--budget-ms`` / ``--budget-mb`` add smaller variants and the figures a deployment is decided on (``deploy``).
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript); onnx, onnxscript and onnxruntime
 come with ``pip install 'vistrain[export]'``.
