@@ -6,7 +6,8 @@
 Each request uploads one file drawn by the mix (valid, invalid, oversized): valid images come from --valid (default:
 generated PNG / JPEG photos-like images), invalid ones are hostile files (text named .jpg, a truncated JPEG, a JPEG
 whose header claims 7000x9000, a 30000x30000 PNG decompression bomb, a 16-bit 5000x5000 PNG over the default decode
-budget), oversized ones are a few MB over ``--max-mb``. A 503 (max_concurrency) is retried after its Retry-After. Reports p50 / p95 / p99 latency per kind, throughput, status counts, the server's peak
+budget), oversized ones are a few MB over ``--max-mb``. A 503 (max_concurrency) is retried after its Retry-After.
+Reports p50 / p95 / p99 latency per kind, throughput, status counts, the server's peak
 resident memory (sampled from /proc every 20 ms) and whether it still answers /health afterwards; --json writes every
 figure with the machine and the command line. Exit status 1 when any answer is a 5xx or the server died.
 """
