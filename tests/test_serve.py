@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from vistrain.config.schema import ServeCfg  # noqa: E402
 from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
 
 
@@ -312,8 +313,9 @@ def test_serve_limits_come_from_the_run_config_with_the_flags_over_them(served: 
     assert res.status_code == 400 and "over the limit of 2" in res.json()["detail"]  # the flag
     (row,) = client.post("/predict", files=upload(served["files"][:1])).json()["results"]
     assert row["warnings"] == ["resolution 40x40 is under serve.min_resolution=64"]  # the run's config
-    assert ("[SERVE] limits: max_files=2 max_mb=20 top_k=5 min_resolution=64 formats=JPEG,PNG (the run's serve: "
-            "section; flags: max_files)") in log.read_text()
+    assert ("[SERVE] limits: max_files=2 max_mb=20 top_k=5 min_resolution=64 formats=JPEG,PNG max_pixels=24000000 "
+            "max_request_mb=64 max_concurrency=4 timeout_s=30 (the run's serve: section; flags: max_files)"
+            ) in log.read_text()
 
     assert cli.main(["serve", str(served["run"]), "--min-resolution", "0", "--formats", "jpeg", "--log-file",
                      str(log)]) == 0
@@ -332,8 +334,7 @@ def test_an_exported_file_carries_the_serve_section(exported: Path, tmp_path: Pa
     assert row["warnings"] == ["resolution 40x40 is under serve.min_resolution=64"]
     assert load_predictor(exported).serve["max_files"] == 16
     older = rewritten(exported, tmp_path / "older.onnx", serve=None)  # exported before the serve: section existed
-    assert load_predictor(older).serve == {"max_files": 32, "max_mb": 20.0, "top_k": 5, "min_resolution": 512,
-                                           "formats": ["JPEG", "PNG"]}
+    assert load_predictor(older).serve == ServeCfg().model_dump()  # the defaults
 
 
 def test_serve_section_is_checked_when_the_config_loads(tmp_path: Path) -> None:

@@ -169,9 +169,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     console_logging()
     flags = {"max_files": args.max_files, "max_mb": args.max_mb, "top_k": args.top_k,
-             "min_resolution": args.min_resolution, "formats": args.formats}
+             "min_resolution": args.min_resolution, "formats": args.formats, "max_pixels": args.max_pixels,
+             "max_request_mb": args.max_request_mb, "max_concurrency": args.max_concurrency,
+             "timeout_s": args.timeout}
     run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold, limits=flags,
-              log_file=Path(args.log_file) if args.log_file else None)
+              log_file=Path(args.log_file) if args.log_file else None, api_key_env=args.api_key_env)
     return 0
 
 
@@ -410,6 +412,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image with a side under PX gets a warning (serve.min_resolution: 512; 0: never)")
     p.add_argument("--formats", type=_formats, metavar="JPEG,PNG",
                    help="image formats that get no warning (serve.formats: JPEG,PNG)")
+    p.add_argument("--max-pixels", type=_positive_int, metavar="N", help="decode budget per image: a larger JPEG "
+                   "is decoded reduced (1/2..1/8), other formats refused (serve.max_pixels: 24000000)")
+    p.add_argument("--max-request-mb", type=_positive_float, metavar="MB",
+                   help="a larger request body is refused (413) before it is read (serve.max_request_mb: 64)")
+    p.add_argument("--max-concurrency", type=_positive_int, metavar="N",
+                   help="predictions in flight; more requests get 503 + Retry-After (serve.max_concurrency: 4)")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="a prediction taking longer is answered 504 (serve.timeout_s: 30)")
+    p.add_argument("--api-key-env", metavar="NAME", help="require Authorization: Bearer <key> on every route but "
+                   "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
                                                    "the ONNX file): start-up, refused uploads, errors with traceback")
     p.set_defaults(command_label="SERVING")

@@ -107,19 +107,26 @@ class ImageIndex:
         return None
 
 
-def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce_over: int | None = None
+             ) -> Image.Image:
     """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied; an animated
     image gives its first frame. More pixels than ``max_pixels`` (default: ``set_max_pixels``) is an
     ``ImageTooLarge`` before decoding; a truncated or corrupt file raises (Pillow's ``OSError``), never half an image.
 
-    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function)."""
-    limit = max_pixels or _max_pixels
+    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function). ``reduce_over``
+    (serve's decode budget): a JPEG of more pixels is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, the
+    largest that fits), so its memory stays within the budget; ``img.info["reduced"]`` then holds the factor."""
+    limit, scale = max_pixels or _max_pixels, 1
     with Image.open(path) as img:
         w, h = img.size
-        if w * h > limit:
-            raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
         if img.format == "JPEG":
             _check_jpeg_length(img, path)
+            if reduce_over and w * h > reduce_over:
+                scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= reduce_over), 8)
+                img.draft("RGB", (-(-w // scale), -(-h // scale)))
+                w, h = img.size
+        if w * h > limit:
+            raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float images: scale the actual range to 0..255 instead of clipping it.
@@ -132,7 +139,10 @@ def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None) -> Ima
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+        rgb = img.convert("RGB")
+    if scale > 1:
+        rgb.info["reduced"] = scale
+    return rgb
 
 
 def check_images(paths: list[str], workers: int = 8) -> dict[str, str]:
