@@ -113,3 +113,283 @@ def test_named_sources_fix_the_domains_at_config_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides=[sources, "train.monitor=top1@phone"])
     assert "train.monitor: domain 'phone' is not in the data; domains: real, studio" in str(err.value)
+
+
+# --------------------------------------------------------------------------------- one two-domain run
+
+CLASSES = ("0", "1", "2", "3", "4", "5")  # top5@<domain> is reported from C >= 5 on; with 6 it is not always 1
+
+
+@pytest.fixture(scope="module")
+def domain_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """6 classes x 6 images, alternately 'studio' and 'real'; 2 epochs on fold 0, best epoch by top1@real;
+    then ``evaluate --split val``."""
+    root = tmp_path_factory.mktemp("domains")
+    domains = ["real" if i % 2 else "studio" for i in range(len(CLASSES) * 6)]
+    data = write_csv_dataset(root / "data", classes=CLASSES, per_class=6, extra_columns={"domain": domains})
+    cfg = tiny_config(data.root, train={"monitor": "top1@real"}, output={"exp_dir": str(root / "exp"),
+                                                                        "logs_dir": None})
+    config = write_yaml(root / "cfg.yaml", cfg)
+    res = run_cli("train", "--config", str(config), cwd=root)
+    assert last_line(res.stdout) == "[EXIT] TRAINING SUCCESS code=0", res.stdout + res.stderr
+    run = run_dirs(root / "exp")[0]
+    ev = run_cli("evaluate", str(run), "--split", "val", cwd=root)
+    assert ev.returncode == 0, ev.stdout + ev.stderr
+    return {"root": root, "run": run, "config": config, "data": data}
+
+
+def valid_part(run: Path) -> pd.DataFrame:
+    splits = pd.read_csv(run / "splits.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
+    return splits[splits["fold"] == 0].reset_index(drop=True)
+
+
+def test_epoch_rows_carry_each_domains_metrics_as_scikit_learn_computes_them(domain_run: dict) -> None:
+    run = domain_run["run"]
+    rows = read_metrics(run)
+    keys = {f"{m}@{d}" for m in ("top1", "top5", "macro_f1") for d in ("real", "studio")}
+    assert rows and all(keys <= set(r) for r in rows), rows[0]
+    summary = json.loads((run / "summary.json").read_text())
+    best = next(r for r in rows if r["epoch"] == summary["folds"][0]["best_epoch"])
+    # the best epoch's validation logits, in splits.csv order of fold 0's items
+    logits = np.load(run / "oof" / "fold0_valid_logits.npy")
+    part = valid_part(run)
+    y = part["label"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy()
+    for dom in ("real", "studio"):
+        rows_d = (part["domain"] == dom).to_numpy()
+        for metric, value in sk_domain(logits[rows_d], y[rows_d], len(CLASSES)).items():
+            assert best[f"{metric}@{dom}"] == pytest.approx(value, abs=1e-6), (metric, dom)
+
+
+def test_the_domain_monitor_picks_the_best_epoch_and_fills_the_summary(domain_run: dict) -> None:
+    run = domain_run["run"]
+    rows = read_metrics(run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["monitor"] == "top1@real"
+    values = [r["top1@real"] for r in rows]
+    assert summary["folds"][0]["best_epoch"] == rows[int(np.argmax(values))]["epoch"]  # the first of equal bests
+    for key in ("top1@real", "top5@studio", "macro_f1@real"):
+        assert summary["mean"][key] == summary["folds"][0]["best"][key] and summary["std"][key] == 0.0
+    log = (run / "train.log").read_text()
+    news = [ln for ln in log.splitlines() if "NEW_BEST" in ln]
+    assert news and all("top1@real=" in ln for ln in news), news
+    epoch_lines = [ln for ln in log.splitlines() if "[EPOCH] fold=0 epoch=" in ln]
+    assert epoch_lines and all("top1@real=" in ln and "macro_f1@studio=" in ln for ln in epoch_lines)
+
+
+def test_tensorboard_has_a_curve_per_domain_metric(domain_run: dict) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(domain_run["run"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"fold0/top1@real", "fold0/top5@studio", "fold0/macro_f1@real", "summary/mean/top1@real"} <= tags, tags
+    rows = read_metrics(domain_run["run"])
+    assert [e.value for e in acc.Scalars("fold0/top1@real")] == pytest.approx([r["top1@real"] for r in rows])
+
+
+def test_evaluate_writes_flat_domain_keys_that_predictions_csv_reproduces(domain_run: dict) -> None:
+    out = domain_run["run"] / "eval" / "val"
+    metrics = json.loads((out / "metrics.json").read_text())
+    pred = pd.read_csv(out / "predictions.csv", dtype={"true": str, "pred": str, "domain": str},
+                       keep_default_na=False)
+    assert pred.columns[:5].tolist() == ["id", "path", "domain", "true", "pred"]
+    assert pred["id"].tolist() == valid_part(domain_run["run"])["id"].tolist()
+    probs = pred[[f"prob_{c}" for c in CLASSES]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert (np.array(CLASSES)[probs.argmax(axis=1)] == pred["pred"]).all()
+    index = {c: i for i, c in enumerate(CLASSES)}
+    for dom in ("real", "studio"):
+        part = pred[pred["domain"] == dom]
+        y, p = part["true"].map(index).to_numpy(), part["pred"].map(index).to_numpy()
+        top1 = skm.accuracy_score(y, p)
+        f1 = skm.f1_score(y, p, labels=range(len(CLASSES)), average="macro", zero_division=0)
+        top5 = skm.top_k_accuracy_score(y, probs[part.index], k=5, labels=range(len(CLASSES)))
+        for key, value in (("top1", top1), ("macro_f1", f1), ("top5", top5)):
+            assert metrics[f"{key}@{dom}"] == pytest.approx(value, abs=1e-9), (key, dom)
+            assert metrics["per_domain"][dom][key] == pytest.approx(value, abs=1e-9), (key, dom)
+        assert metrics["per_domain"][dom]["n"] == len(part)
+
+
+def test_per_class_csv_has_each_domains_columns(domain_run: dict) -> None:
+    out = domain_run["run"] / "eval" / "val"
+    per_class = pd.read_csv(out / "per_class.csv", dtype={"class": str})
+    pred = pd.read_csv(out / "predictions.csv", dtype={"true": str, "pred": str, "domain": str})
+    for dom in ("real", "studio"):
+        part = pred[pred["domain"] == dom]
+        precision, recall, f1, support = skm.precision_recall_fscore_support(
+            part["true"], part["pred"], labels=list(CLASSES), zero_division=0)
+        assert per_class[f"recall@{dom}"].to_numpy() == pytest.approx(recall)
+        assert per_class[f"f1@{dom}"].to_numpy() == pytest.approx(f1)
+        assert per_class[f"support@{dom}"].tolist() == support.tolist()
+
+
+def test_report_shows_the_per_domain_table(domain_run: dict) -> None:
+    run = domain_run["run"]
+    res = run_cli("report", str(run), cwd=domain_run["root"])
+    assert res.returncode == 0, res.stderr
+    page = (run / "report.html").read_text()
+    assert "Per-domain metrics" in page
+    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    section = page[page.index("Per-domain metrics"):]
+    section = section[: section.index("</section>")]
+    for dom in ("real", "studio"):
+        assert f"<td>{dom}</td>" in section
+        assert f"{metrics['per_domain'][dom]['top1']:.4f}" in section
+
+
+def test_an_unknown_domain_in_the_monitor_exits_2_before_a_run_directory(domain_run: dict, tmp_path: Path) -> None:
+    res = run_cli("train", "--config", str(domain_run["config"]), "train.monitor=top1@phone",
+                  f"output.exp_dir={tmp_path / 'exp'}", cwd=tmp_path)
+    assert res.returncode == 2, res.stdout + res.stderr
+    errors = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert errors == ["error: train.monitor: domain 'phone' is not in the data; domains: real, studio"], res.stderr
+    assert "Traceback" not in res.stderr and not run_dirs(tmp_path / "exp")
+
+
+# ------------------------------------------------------------------------ the monitor against the data
+
+def small_run_config(root: Path, domains: list[str], classes: tuple[str, ...] = ("a", "b", "c"),
+                     folds: list[int] | None = None, monitor: str = "top1@real") -> Path:
+    extra = {"domain": domains, **({"fold": folds} if folds else {})}
+    data = write_csv_dataset(root / "data", classes=classes, per_class=len(domains) // len(classes),
+                             extra_columns=extra)
+    cfg = tiny_config(data.root, train={"monitor": monitor}, output={"exp_dir": str(root / "exp"), "logs_dir": None})
+    return write_yaml(root / "cfg.yaml", cfg)
+
+
+def train_error(config: Path) -> str:
+    from vistrain.pipelines.train import run_train
+
+    with pytest.raises(UserError) as err:
+        run_train(load_config(config))
+    assert not run_dirs(config.parent / "exp")  # stopped before the run directory
+    return str(err.value)
+
+
+def test_top5_of_a_domain_needs_five_classes(tmp_path: Path) -> None:
+    msg = train_error(small_run_config(tmp_path, ["real", "studio"] * 6, monitor="top5@real"))
+    assert msg == "train.monitor: top5@real is reported only with 5 or more classes; the data has 3; use top1@real " \
+                  "or macro_f1@real"
+
+
+def test_a_domain_missing_from_a_validation_fold_is_named(tmp_path: Path) -> None:
+    domains = ["studio"] * 12
+    domains[5] = "real"  # the one real image lies in fold 1; fold 0 validates
+    msg = train_error(small_run_config(tmp_path, domains, folds=[1 if i % 2 else 0 for i in range(12)]))
+    assert msg.startswith("train.monitor: domain 'real' has no validation image in fold 0 (1 image(s) in all)"), msg
+
+
+def test_a_domain_monitor_on_data_without_domains_says_where_domains_come_from(tmp_path: Path) -> None:
+    data = write_csv_dataset(tmp_path / "data", per_class=4)
+    cfg = tiny_config(data.root, train={"monitor": "macro_f1@real"}, output={"exp_dir": str(tmp_path / "exp")})
+    msg = train_error(write_yaml(tmp_path / "cfg.yaml", cfg))
+    assert msg.startswith("train.monitor: domain 'real' is not in the data, which has no domains"), msg
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+def test_report_lists_the_classes_under_the_threshold_per_domain(tmp_path: Path) -> None:
+    from vistrain.viz.report import render_report
+
+    (tmp_path / "eval" / "val").mkdir(parents=True)
+    write_yaml(tmp_path / "config.yaml", {"eval": {"failure_threshold": 0.6}})
+    pd.DataFrame({"index": [0, 1, 2], "class": ["a", "b", "c"], "display_name": ["Aspirin", "", "Cetirizine"],
+                  "recall": [0.9, 0.5, 0.7], "f1": [0.9, 0.5, 0.7], "support": [10, 10, 10],
+                  "recall@real": [0.5, 0.25, 1.0], "f1@real": [0.5, 0.3, 1.0], "support@real": [4, 4, 2],
+                  "recall@studio": [1.0, 0.0, 0.55], "f1@studio": [1.0, 0.0, 0.6], "support@studio": [6, 0, 8]},
+                 ).to_csv(tmp_path / "eval" / "val" / "per_class.csv", index=False)
+    summary = {"mean": {"top1@real": 0.625, "macro_f1@real": 0.6, "top1@studio": 0.75, "recall@1": 0.9}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    page = render_report(tmp_path)
+    section = page[page.index("Per-domain metrics"):]
+    section = section[: section.index("</section>")]
+    assert "<td>real</td><td>0.6250</td>" in section and "recall@1" not in section
+    low = section[section.index("classes under accuracy 0.6 per domain"):]
+    rows = [r.split("</td>")[:4] for r in low.split("<tr>")[2:]]
+    got = [[cell.rsplit(">", 1)[-1] for cell in r] for r in rows]
+    # worst first within a domain; studio's class b has no image there, so it is not failing there
+    assert got == [["real", "b", "", "0.2500"], ["real", "a", "Aspirin", "0.5000"],
+                   ["studio", "c", "Cetirizine", "0.5500"]], got
+
+
+# -------------------------------------------------------------------------------------- display names
+
+METADATA = {"0": {"display_name": "Zero tablet", "training_weight": 1.0}, "1": {"name": "One capsule"},
+            "2": {"training_weight": 2.0}}
+DISPLAY = {"0": "Zero tablet", "1": "One capsule"}  # the others have none
+
+
+@pytest.fixture(scope="module")
+def named_run(domain_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the two-domain run whose class_map.json has the optional metadata block."""
+    run = tmp_path_factory.mktemp("named") / domain_run["run"].name
+    shutil.copytree(domain_run["run"], run)
+    class_map = json.loads((run / "class_map.json").read_text())
+    (run / "class_map.json").write_text(json.dumps({**class_map, "metadata": METADATA}))
+    return run
+
+
+def test_loaded_run_gives_display_names_in_class_order(named_run: Path, domain_run: dict) -> None:
+    from vistrain.engine.inference import load_run
+
+    assert load_run(named_run).display_names() == ["Zero tablet", "One capsule", None, None, None, None]
+    assert load_run(domain_run["run"]).display_names() == [None] * len(CLASSES)
+
+
+def test_predict_adds_the_display_name_column(named_run: Path, domain_run: dict, tmp_path: Path) -> None:
+    from vistrain.pipelines.predict import run_predict
+
+    table = run_predict(named_run, domain_run["data"].image_dir, output=tmp_path / "p.csv")
+    written = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
+    assert written.columns.tolist() == ["ID", "target", "display_name"]
+    assert written["display_name"].tolist() == [DISPLAY.get(t, "") for t in written["target"]]
+    assert len(table) == len(CLASSES) * 6
+    plain = run_predict(domain_run["run"], domain_run["data"].image_dir, output=tmp_path / "q.csv")
+    assert plain.columns.tolist() == ["ID", "target"]  # no metadata: the file is as before
+
+
+def test_serve_answers_with_the_display_name(named_run: Path, domain_run: dict) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from vistrain.pipelines.serve import create_app, load_predictor
+
+    files = sorted(domain_run["data"].image_dir.glob("*.png"))[::7]
+    client = TestClient(create_app(load_predictor(named_run)))
+    res = client.post("/predict", files=[("files", (f.name, f.read_bytes(), "image/png")) for f in files])
+    assert res.status_code == 200, res.text
+    for row in res.json()["results"]:
+        assert row["display_name"] == DISPLAY.get(row["class"])
+        assert all(t["display_name"] == DISPLAY.get(t["class"]) for t in row["top"])
+
+
+def test_evaluate_and_report_show_the_display_names(named_run: Path) -> None:
+    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.viz.report import render_report
+
+    run_evaluate(named_run, "val")
+    per_class = pd.read_csv(named_run / "eval" / "val" / "per_class.csv", dtype=str, keep_default_na=False)
+    assert per_class.columns[:3].tolist() == ["index", "class", "display_name"]
+    assert per_class["display_name"].tolist() == [DISPLAY.get(c, "") for c in CLASSES]
+    page = render_report(named_run)
+    per_class_section = page[page.index("Per-class metrics"):]
+    assert "<th>display_name</th>" in per_class_section and "<td>Zero tablet</td>" in per_class_section
+
+
+def test_export_metadata_carries_the_display_names(named_run: Path) -> None:
+    from types import SimpleNamespace
+
+    from vistrain.engine.inference import load_run
+    from vistrain.pipelines.export import metadata, read_onnx_metadata
+
+    meta = metadata(load_run(named_run), 0, {"img_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+    assert json.loads(meta["vistrain.display_names"]) == ["Zero tablet", "One capsule", None, None, None, None]
+    session = SimpleNamespace(
+        get_modelmeta=lambda: SimpleNamespace(custom_metadata_map=meta),
+        get_inputs=lambda: [SimpleNamespace(name="image", shape=["N", 3, 32, 32])],
+        get_outputs=lambda: [SimpleNamespace(name="probs", shape=["N", len(CLASSES)])])
+    assert read_onnx_metadata(Path("m.onnx"), session)["display_names"] == json.loads(meta["vistrain.display_names"])
+    plain = {k: v for k, v in meta.items() if k != "vistrain.display_names"}  # a file from before: no names
+    session.get_modelmeta = lambda: SimpleNamespace(custom_metadata_map=plain)
+    assert read_onnx_metadata(Path("m.onnx"), session)["display_names"] is None

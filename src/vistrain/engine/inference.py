@@ -38,6 +38,7 @@ class LoadedRun:
     folds: list[int]  # folds that have a best checkpoint
     temperature: float | None  # from calibration.json, when the run was calibrated
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # class_map.json's per-class metadata
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -49,6 +50,17 @@ class LoadedRun:
     def class_index(self) -> dict[str, int]:
         """Class label (as text) -> index of the model's output."""
         return {str(c): i for i, c in enumerate(self.classes)}
+
+    def display_names(self) -> list[str | None]:
+        """Each class's display name in index order, from class_map.json's ``metadata``: the class's
+        ``display_name``, else its ``name``, else None."""
+        names: list[str | None] = []
+        for c in self.classes:
+            meta = self.metadata.get(str(c))
+            meta = meta if isinstance(meta, dict) else {}
+            name = next((meta[k] for k in ("display_name", "name") if meta.get(k) not in (None, "")), None)
+            names.append(None if name is None else str(name))
+        return names
 
 
 def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
@@ -67,7 +79,9 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     calib = run_dir / "calibration.json"
     temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
     _apply_threads(cfg)
-    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys))
+    metadata = class_map.get("metadata")
+    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys),
+                     metadata if isinstance(metadata, dict) else {})
 
 
 def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:

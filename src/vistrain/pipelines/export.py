@@ -98,8 +98,10 @@ def _require_export_packages() -> None:
 
 
 def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str, str]:
-    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON)."""
-    return {
+    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON);
+    ``vistrain.display_names`` (per class, null where none) only when class_map.json names any class."""
+    names = run.display_names()
+    return {**({"vistrain.display_names": json.dumps(names)} if any(names) else {}),
         "vistrain.version": vistrain.__version__,
         "vistrain.run_id": run.path.name,
         "vistrain.fold": str(fold),
@@ -119,7 +121,8 @@ def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str
 def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
     edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
-    answer fails. Returns task, classes, img_size (H, W), mean, std, temperature and model."""
+    answer fails. Returns task, classes, display_names (None when the file has none), img_size (H, W), mean, std,
+    temperature and model."""
     meta = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_NEEDED if k not in meta]
     if missing:
@@ -162,7 +165,11 @@ def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
         raise fail("vistrain.classes", f"{len(classes)} classes, but the graph's probs output has {width}")
     temperature = value("vistrain.temperature", "a finite number above 0", lambda v: _numbers([v], 1) and v > 0,
                         default="1.0")
-    return {"task": task, "classes": classes, "img_size": (size[0], size[1]), "mean": [float(x) for x in mean],
+    names = value("vistrain.display_names", f"a list of {len(classes)} strings or nulls, one per class",
+                  lambda v: v is None or (isinstance(v, list) and len(v) == len(classes)
+                                          and all(n is None or isinstance(n, str) for n in v)), default="null")
+    return {"task": task, "classes": classes, "display_names": names, "img_size": (size[0], size[1]),
+            "mean": [float(x) for x in mean],
             "std": [float(x) for x in std], "temperature": float(temperature), "model": meta.get("vistrain.model", "?")}
 
 

@@ -2,10 +2,11 @@
 
 Endpoints:
   GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
-  GET  /metadata  what the model needs and gives: task, classes, img_size, mean, std, temperature, source (the
-                  run id or the file name, never a path on the server)
-  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its
-                  probability and the ``top_k`` classes; embedding: per file the embedding.
+  GET  /metadata  what the model needs and gives: task, classes, display_names, img_size, mean, std, temperature,
+                  source (the run id or the file name, never a path on the server)
+  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its display
+                  name (class_map.json's metadata; null when none), its probability and the ``top_k`` classes;
+                  embedding: per file the embedding.
 
 Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
 decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected request names the file and the reason
@@ -65,6 +66,7 @@ class Predictor:
     model_name: str
     _run: Any = field(repr=False, default=None)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
 
     def __post_init__(self) -> None:
         self.transform = eval_transform(self.img_size, self.mean, self.std)
@@ -78,7 +80,8 @@ class Predictor:
 
     def metadata(self) -> dict[str, Any]:
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
-                "classes": self.classes, "img_size": list(self.img_size), "mean": self.mean, "std": self.std,
+                "classes": self.classes, "display_names": self.display_names, "img_size": list(self.img_size),
+                "mean": self.mean, "std": self.std,
                 "temperature": self.temperature,
                 "input": "multipart/form-data, field 'files': one or more images"}
 
@@ -111,7 +114,7 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], (h, w), list(data_config["mean"]),
                      list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path.name} {which}",
-                     run.cfg.model.name, infer)
+                     run.cfg.model.name, infer, display_names=run.display_names())
 
 
 def onnx_predictor(path: Path) -> Predictor:
@@ -134,7 +137,7 @@ def onnx_predictor(path: Path) -> Predictor:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["img_size"], meta["mean"], meta["std"], meta["temperature"],
-                     "onnxruntime", path.name, meta["model"], infer)
+                     "onnxruntime", path.name, meta["model"], infer, display_names=meta["display_names"])
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:
@@ -185,8 +188,11 @@ def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarra
         if predictor.task == "classification":
             probs = outputs["probs"][i]
             top = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
-            rows.append({"file": name, "class": predictor.classes[int(top[0])], "prob": float(probs[top[0]]),
-                         "top": [{"class": predictor.classes[int(j)], "prob": float(probs[j])} for j in top]})
+            names = predictor.display_names or [None] * len(predictor.classes)
+            rows.append({"file": name, "class": predictor.classes[int(top[0])], "display_name": names[int(top[0])],
+                         "prob": float(probs[top[0]]),
+                         "top": [{"class": predictor.classes[int(j)], "display_name": names[int(j)],
+                                  "prob": float(probs[j])} for j in top]})
         else:
             rows.append({"file": name, "embedding": [float(x) for x in outputs["embedding"][i]]})
     return rows

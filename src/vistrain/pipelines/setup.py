@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -104,8 +105,16 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
         mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
-    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup)
+    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup,
+                              valid_domains(data.items, valid_idx))
     return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True, start)
+
+
+def valid_domains(items: pd.DataFrame, valid_idx: np.ndarray) -> np.ndarray | None:
+    """The domain of each validation item, in loader order ("" where unknown); None without a domain column."""
+    if "domain" not in items.columns:
+        return None
+    return items["domain"].fillna("").astype(str).to_numpy()[valid_idx]
 
 
 def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
