@@ -2,7 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# Test files spread over one process per core (a file stays in one process, so its module fixtures run once).
+PYTEST_ARGS ?= -n auto --dist loadfile
 
 .PHONY: install demo test lint bench clean
 

@@ -23,8 +23,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import AugmentCfg
-from vistrain.data.dataset import ImageDataset
-from vistrain.data.transforms import train_transform
+from vistrain.data.dataset import ImageDataset, worker_init
+from vistrain.data.preprocess import Preprocessor
+from vistrain.data.transforms import TrainTransform
 from vistrain.engine.device import autocast, pick_device, pick_precision
 from vistrain.models.build import build_classifier
 
@@ -83,11 +84,13 @@ def main() -> None:
     rows = [("ceiling (synthetic on device)", args.batch / ceiling, 1.0)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(Path(tmp), args.images, int(args.img_size * 1.25))
-        tf = train_transform(AugmentCfg(policy="light"), args.img_size, (0.5,) * 3, (0.25,) * 3)
+        pre = Preprocessor(size=(args.img_size, args.img_size), mean=(0.5,) * 3, std=(0.25,) * 3)
+        tf = TrainTransform(AugmentCfg(policy="light"), pre)
         for workers in (int(w) for w in args.workers.split(",")):
-            ds = ImageDataset(paths, [i % 10 for i in range(len(paths))], tf)
+            ds = ImageDataset(paths, [i % 10 for i in range(len(paths))], tf, pre.load)
             loader = DataLoader(ds, batch_size=args.batch, shuffle=True, drop_last=True, num_workers=workers,
-                                pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                worker_init_fn=worker_init if workers else None)
             batches = ((x, y) for x, y, _ in forever(loader))
             step = time_steps(model, optimizer, batches, device, precision, args.steps)
             rows.append((f"loader, {workers} worker(s)", args.batch / step, ceiling / step))

@@ -7,8 +7,9 @@ import pytest
 import timm
 import torch
 
+from vistrain.config.loader import validate
+from vistrain.data.preprocess import Preprocessor
 from vistrain.errors import UserError
-from vistrain.models.build import data_config
 from vistrain.models.embedding import EmbeddingModel
 from vistrain.models.heads import ArcFaceHead, CosFaceHead, LinearHead
 
@@ -119,7 +120,9 @@ def test_freeze_backbone_keeps_its_batchnorm_in_eval() -> None:
 def test_preprocessing_config_and_checkpoint_round_trip(model: EmbeddingModel) -> None:
     cfg = timm.data.resolve_data_config({}, model=model)
     assert tuple(cfg["mean"]) == timm.data.IMAGENET_DEFAULT_MEAN
-    assert data_config(model)["interpolation"] == cfg["interpolation"]
+    run = validate({"task": "embedding", "model": {"name": "resnet10t", "pretrained": False}})
+    pre = Preprocessor.from_config(run)  # what a run of this model normalises with: what timm resolves from it
+    assert (pre.mean, pre.std) == (tuple(cfg["mean"]), tuple(cfg["std"]))
     clone = EmbeddingModel("resnet10t", num_classes=5)
     clone.load_state_dict(model.state_dict())
     model.eval(), clone.eval()

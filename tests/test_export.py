@@ -32,14 +32,30 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def preprocess_from_metadata(path: Path, meta: dict[str, str]) -> np.ndarray:
-    """What a server that knows nothing of vistrain does with the file's metadata: [3, H, W] float32."""
-    h, w = json.loads(meta["vistrain.img_size"])
-    mean = np.array(json.loads(meta["vistrain.mean"]), dtype=np.float32)[:, None, None]
-    std = np.array(json.loads(meta["vistrain.std"]), dtype=np.float32)[:, None, None]
+    """What a client that knows nothing of vistrain does with the file's ``vistrain.preprocess`` (OpenCV, as it
+    names): [3, H, W] float32."""
+    import cv2
+
+    spec = json.loads(meta["vistrain.preprocess"])
+    assert spec["resize"]["library"] == "opencv" and spec["normalize"]["scale"] == 1 / 255
     with Image.open(path) as img:
-        rgb = img.convert("RGB").resize((w, h), Image.BILINEAR)
-    x = np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
-    return (x - mean) / std
+        rgb = np.asarray(img.convert("RGB"))
+    if spec["crop"] == "center_square":
+        side = min(rgb.shape[:2])
+        top, left = (rgb.shape[0] - side) // 2, (rgb.shape[1] - side) // 2
+        rgb = rgb[top:top + side, left:left + side]
+    h, w = spec["resize"]["size"]
+    flags = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
+             "nearest": cv2.INTER_NEAREST}
+    rgb = cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=flags[spec["resize"]["interpolation"]])
+    if spec["clahe"]["enabled"]:
+        lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
+        grid = spec["clahe"]["grid"]
+        lab[..., 0] = cv2.createCLAHE(spec["clahe"]["clip_limit"], (grid, grid)).apply(lab[..., 0].copy())
+        rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
+    mean = np.array(spec["normalize"]["mean"], dtype=np.float32)[:, None, None]
+    std = np.array(spec["normalize"]["std"], dtype=np.float32)[:, None, None]
+    return (rgb.astype(np.float32).transpose(2, 0, 1) / 255.0 - mean) / std
 
 
 def test_exported_model_predicts_what_predict_predicts(trained: tuple[Path, Path], tmp_path: Path) -> None:
@@ -103,9 +119,9 @@ def test_verify_catches_a_graph_that_differs_from_the_model_and_benchmark_pins_t
             assert b["torch_ms"] > 0 and b["onnxruntime_ms"] > 0 and b["runs"] >= 5 and isinstance(b["stable"], bool)
     path = tmp_path / "model_fold0.onnx"
     run = load_run(trained[0])
-    model, data_config = load_fold_model(run, 0, torch.device("cpu"))
+    model, pre = load_fold_model(run, 0, torch.device("cpu"))
     module = Deployable(model, "classification", None, True).eval()
-    inputs, _ = sample_inputs(run, data_config, n=8)
+    inputs, _ = sample_inputs(run, pre, n=8)
     assert verify(module, path, inputs)["passed"] is True
     with torch.no_grad():
         model.get_classifier().bias.add_(0.5)  # a different model than the one in the file

@@ -139,3 +139,25 @@ def test_bad_preprocess_settings_are_config_errors_naming_the_key(override: dict
     with pytest.raises(ConfigError) as err:
         validate({"preprocess": override})
     assert err.value.problems[0].startswith(key), err.value.problems
+
+
+def test_read_only_pixels_from_pil_are_normalised_without_a_warning() -> None:
+    """``np.asarray(pil_image)`` is read-only; an image already at the output size reaches ``normalize`` as is."""
+    import warnings
+
+    from PIL import Image
+
+    pixels = np.asarray(Image.fromarray(photo_like(16, 16, np.random.default_rng(6))))
+    assert not pixels.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = Preprocessor(size=(16, 16), mean=MEAN, std=STD).process(pixels)
+    want = (torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) \
+        / torch.tensor(STD).view(3, 1, 1)
+    assert torch.allclose(out, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("value", [[1, 2], "crop", None, 3])
+def test_a_description_that_is_not_an_object_is_refused_clearly(value: object) -> None:
+    with pytest.raises(ValueError, match="not a vistrain preprocessing description"):
+        Preprocessor.from_dict(value)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ uploads are refused with the file's name and nothing is predicted."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from conftest import run_cli, tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config import load_config
+from vistrain.data.preprocess import Preprocessor
 from vistrain.errors import UserError
 from vistrain.pipelines.train import run_train
 
@@ -144,6 +146,13 @@ def rewritten(src: Path, dst: Path, input_name: str = "image", **changes: str | 
     ({"temperature": "0"}, "vistrain.temperature", "a finite number above 0"),
     ({"temperature": '"hot"'}, "vistrain.temperature", "a finite number above 0"),
     ({"img_size": None}, "vistrain.img_size", "export it with vistrain export"),
+    ({"preprocess": "{crop"}, "vistrain.preprocess", "not JSON; valid: the run's preprocess.json"),
+    ({"preprocess": "[1, 2]"}, "vistrain.preprocess", "not a vistrain preprocessing description"),
+    ({"preprocess": json.dumps({**Preprocessor(size=(32, 32)).to_dict(), "crop": "circle"})}, "vistrain.preprocess",
+     "the hash does not match"),
+    ({"preprocess": json.dumps(Preprocessor(size=(48, 48)).to_dict())}, "vistrain.preprocess",
+     "it says [48, 48], vistrain.img_size says [32, 32]"),
+    ({"mean": "[0.5, 0.5, 0.5]"}, "vistrain.preprocess", "vistrain.mean says [0.5, 0.5, 0.5]"),
 ])
 def test_bad_onnx_metadata_is_a_user_error_naming_the_file_and_key(exported: Path, tmp_path: Path, changes: dict,
                                                                    key: str, why: str) -> None:
@@ -152,6 +161,13 @@ def test_bad_onnx_metadata_is_a_user_error_naming_the_file_and_key(exported: Pat
         load_predictor(bad)
     msg = str(excinfo.value)
     assert len(msg.splitlines()) == 1 and msg.startswith(f"MODEL: {bad}: ") and key in msg and why in msg, msg
+
+
+def test_an_onnx_file_from_before_vistrain_preprocess_resizes_and_normalises(exported: Path, tmp_path: Path) -> None:
+    old = load_predictor(rewritten(exported, tmp_path / "old.onnx", preprocess=None)).preprocessor
+    assert old == Preprocessor(size=(32, 32), crop="none", interpolation="bilinear", clahe=False,
+                               mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    assert load_predictor(exported).preprocessor == old  # this run's preprocessing is that too
 
 
 def test_an_onnx_graph_without_the_image_input_is_refused(exported: Path, tmp_path: Path) -> None:

@@ -217,7 +217,7 @@ def test_oof_logits_are_the_best_checkpoints_predictions(runs):
     import torch
 
     from vistrain.data.images import load_rgb
-    from vistrain.data.transforms import eval_transform
+    from vistrain.data.preprocess import Preprocessor
     from vistrain.models.build import build_classifier
 
     splits = pd.read_csv(runs.run_dir / "splits.csv", dtype=str, keep_default_na=False)
@@ -227,10 +227,9 @@ def test_oof_logits_are_the_best_checkpoints_predictions(runs):
         model = build_classifier("resnet10t", 3)
         model.load_state_dict(ckpt["model"])
         model.eval()
-        dcfg = ckpt["data_config"]
-        tf = eval_transform(dcfg["img_size"], dcfg["mean"], dcfg["std"])
+        pre = Preprocessor.from_dict(ckpt["preprocess"])
         rows = np.flatnonzero(splits["fold"].to_numpy() == str(k))
-        batch = torch.stack([tf(load_rgb(splits["path"].iloc[i])) for i in rows])
+        batch = torch.stack([pre.process(np.asarray(load_rgb(splits["path"].iloc[i]))) for i in rows])
         with torch.no_grad():
             expected = model(batch).numpy()
         np.testing.assert_allclose(logits[rows], expected, rtol=1e-3, atol=1e-3)

@@ -248,6 +248,20 @@ def test_trial_config_and_valid_loss_minimised(monkeypatch: pytest.MonkeyPatch, 
     assert result.best_params["train.lr"] == pytest.approx(min(tried))
 
 
+def test_a_ratio_split_study_trains_fold_0_whatever_tune_folds_says(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path, no_plots: None) -> None:
+    """data.split: ratio trains one model (fold 0); the trials' steps must follow it, not tune.folds."""
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    calls: list[dict[str, Any]] = []
+    fake_trainer(monkeypatch, lambda cfg, epoch: cfg.train.lr + epoch, calls)
+    cfg = make_cfg(tmp_path, tmp_path, data={"split": "ratio"}, tune={"folds": [1], "pruner": "none", "space": {
+        "train.lr": {"type": "categorical", "choices": [1e-3, 3e-3]}}})
+    result = run_tune(cfg, n_trials=2)
+    assert result.counts == {"COMPLETE": 2}
+
+
 # --------------------------------------------------------------------------------------- real training
 
 def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_root: Path, tmp_path: Path) -> None:

@@ -208,6 +208,18 @@ def cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from vistrain.config.loader import load_config
+    from vistrain.pipelines.manifest import run_manifest
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    cfg = load_config(args.config, mode=args.mode, overrides=args.overrides)
+    run_manifest(cfg, Path(args.output))
+    print(f"[DONE] manifest written to {args.output}")
+    return 0
+
+
 def _number(cast: Callable[[str], Any], what: str, above: float = 0, most: float | None = None
             ) -> Callable[[str], Any]:
     """An argparse ``type``: ``cast(text)`` greater than ``above`` (and at most ``most``), else one-line error."""
@@ -409,6 +421,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("split", cmd_split, "write the fold assignment that train would use")
     config_args(p, required=True)
     p.add_argument("--output", default="splits.csv", help="CSV to write (default: ./splits.csv)")
+
+    p = add("manifest", cmd_manifest, "describe the data train would use (classes, per-split and per-domain counts, "
+                                      "hash, preprocessing) in a manifest.json, without training")
+    config_args(p, required=True)
+    p.add_argument("--output", default="manifest.json", help="JSON to write (default: ./manifest.json)")
     return parser
 
 

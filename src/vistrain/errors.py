@@ -38,12 +38,22 @@ def exit_code(err: BaseException) -> int:
 def describe(err: BaseException) -> str:
     """The error as the one line the user sees (the console's ``error:`` line, the logs' ``[ERROR]`` line,
     run.json's ``error``): a user error's own message, else the exception type and its first line."""
+    if isinstance(err, ConfigError):  # one line per problem
+        return "\n".join(one_line(problem) for problem in err.problems)
     if isinstance(err, UserError):
-        return str(err)
+        return one_line(str(err))
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\r``, ``\\x1f``): a message quoting the
+    user's input (a key, a path, an override) must stay on its one line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

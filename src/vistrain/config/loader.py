@@ -8,6 +8,7 @@ file's folder; relative paths given on the command line resolve against the work
 from __future__ import annotations
 
 import copy
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -82,15 +83,23 @@ def _leaf_keys(layer: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+# What PyYAML raises for text it cannot read: its own errors, and a few plain ones from its constructors
+# (``!!float`` with no value is an IndexError, ``!!int 'x'`` a ValueError; very deep nesting a RecursionError).
+YAML_ERRORS = (yaml.YAMLError, ValueError, IndexError, TypeError, RecursionError)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config: file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
+    except YAML_ERRORS as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}:{where} not valid YAML: {getattr(err, 'problem', err)}") from err
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]  # a ReaderError has no 'problem'
+        raise UserError(f"{path}:{where} not valid YAML: {what}") from err
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -120,11 +129,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep or not key or any(not part for part in key.split(".")):
+        if not sep or not key or any(not part or any(c.isspace() for c in part) for part in key.split(".")):
             raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
         try:
             value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as err:
+        except YAML_ERRORS as err:
             raise UserError(f"override '{item}': value is not valid YAML") from err
         node = out
         parts = key.split(".")
@@ -176,6 +185,8 @@ def _absolute_defaults(cfg: Config) -> None:
     """Relative paths left at their defaults (``experiments``, ``logs``) mean the working directory, so the
     saved config.yaml reloads to the same folders from anywhere."""
     for key in _path_keys():
+        if "*" in key:  # list items have no path defaults
+            continue
         section = cfg
         for part in key[:-1]:
             section = getattr(section, part)
@@ -194,27 +205,52 @@ def _format_error(e: dict[str, Any]) -> str:
     # pydantic appends the member type to a union's loc ("int", "tuple[int, int]"); drop those.
     loc = [p for p in loc if p not in {"int", "str", "bool", "float", "tuple[int,int]", "list[str]"}]
     loc = [p for p in loc if not p.startswith(("tuple[", "list[", "constrained-", "is-instance", "json-or"))]
-    key = ".".join(loc)
+    key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(loc))  # list items: data.sources[0].ratio
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         parent = _section_model(loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}{did_you_mean(loc[-1], valid)}"
+    if e["type"] in ("model_type", "model_attributes_type", "dict_type"):  # a section given as a non-mapping
+        msg = "expected a mapping of keys (key: value lines indented under it)"
     if not key:
         return msg
     got = e.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    nested = isinstance(got, dict) or (isinstance(got, list) and any(isinstance(x, dict) for x in got))
+    shown = "" if nested or got is None else f" (got {_short(got)})"
     return f"{key}: {msg}{shown}"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` on one line and at most ``limit`` characters: a message names the value, it does not dump it."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _section_model(loc: list[str]) -> type[BaseModel] | None:
     model: type[BaseModel] = Config
     for part in loc:
+        if part.isdigit():  # an item of a list of sections (data.sources[0])
+            continue
         field = model.model_fields.get(part)
+        inner = _list_model(field.annotation) if field is not None else None
+        if inner is not None:
+            model = inner
+            continue
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return None
         model = field.annotation
     return model
+
+
+def _list_model(ann: Any) -> type[BaseModel] | None:
+    """The section type of a ``list[Section]`` (or ``list[Section] | None``) field, else None."""
+    for t in (ann, *typing.get_args(ann)):
+        if typing.get_origin(t) is list:
+            inner = typing.get_args(t)[0]
+            if isinstance(inner, type) and issubclass(inner, BaseModel):
+                return inner
+    return None
 
 
 def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -224,6 +260,8 @@ def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) ->
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _path_keys(ann, prefix + (name,))
+        elif (inner := _list_model(ann)) is not None:  # "*": every item of the list (data.sources)
+            keys += _path_keys(inner, prefix + (name, "*"))
         elif ann is Path or (isinstance(ann, types.UnionType) and Path in typing.get_args(ann)):
             keys.append(prefix + (name,))
     return keys
@@ -231,9 +269,19 @@ def _path_keys(model: type[BaseModel] = Config, prefix: tuple[str, ...] = ()) ->
 
 def _resolve_paths(layer: dict[str, Any], base: Path) -> None:
     for key in _path_keys():
-        node: Any = layer
-        for part in key[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and isinstance(node.get(key[-1]), str) and node[key[-1]]:
-            p = Path(node[key[-1]]).expanduser()
-            node[key[-1]] = str(p if p.is_absolute() else (base / p).resolve())
+        _resolve_at(layer, key, base)
+
+
+def _resolve_at(node: Any, key: tuple[str, ...], base: Path) -> None:
+    """Make the path at ``key`` (``*``: every list item) of a raw config layer absolute against ``base``."""
+    part, rest = key[0], key[1:]
+    if part == "*":
+        for item in node if isinstance(node, list) else []:
+            _resolve_at(item, rest, base)
+    elif not isinstance(node, dict):
+        return
+    elif rest:
+        _resolve_at(node.get(part), rest, base)
+    elif isinstance(node.get(part), str) and node[part]:
+        p = Path(node[part]).expanduser()
+        node[part] = str(p if p.is_absolute() else (base / p).resolve())

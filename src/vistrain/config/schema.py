@@ -26,12 +26,48 @@ class Section(BaseModel):
 
 class ProjectCfg(Section):
     name: str = "vistrain"  # prefix of the run id; the config file's stem when left as is
-    seed: int = 42  # seeds Python, NumPy and torch; also fixes the fold assignment
+    seed: Annotated[int, Field(ge=0, lt=2**32)] = 42  # seeds Python, NumPy and torch; also fixes the fold assignment
+
+
+class SourceCfg(Section):
+    """One entry of ``data.sources``: a named source of any kind. Its domain is its name; the column and
+    extension keys left out take the data section's values."""
+
+    name: str  # unique; every item of this source gets it in the `domain` column (studio, real ...)
+    ratio: Annotated[float, Field(gt=0, le=1)] | None = None  # share of each training epoch; all sources or none
+    source: Literal["csv", "folders", "manifest"] = "csv"
+    train_csv: Path | None = None  # csv
+    image_dir_train: Path | None = None  # csv: the images; folders: the root of the class folders
+    manifest: Path | None = None  # manifest: CSV or JSON-lines list
+    image_ext: str | None = None  # data.image_ext when empty
+    id_col: str | None = None  # data.id_col when empty
+    target_col: str | None = None  # data.target_col when empty
+    group_col: str | None = None  # data.group_col when empty
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip() or "/" in v:
+            raise ValueError(f"must be a non-empty name without '/' (it prefixes the items' IDs); got {v!r}")
+        return v
+
+    @field_validator("image_ext")
+    @classmethod
+    def _dot(cls, v: str | None) -> str | None:
+        return v if v is None or v.startswith(".") else f".{v}"
 
 
 class DataCfg(Section):
-    source: Literal["csv", "folders", "reid"] = "csv"  # csv: ID,target + images; folders: a folder per class;
-    # reid: Market-1501 style pid_cXsY names in root/{train_folder, query_folder, gallery_folder}
+    source: Literal["csv", "folders", "reid", "manifest"] = "csv"  # csv: ID,target + images; folders: a folder
+    # per class; reid: Market-1501 style pid_cXsY names in root/{train_folder, query_folder, gallery_folder};
+    # manifest: a CSV or JSON-lines list of path,label[,domain][,group][,split] (data.manifest)
+    manifest: Path | None = None  # source: manifest: the list; relative paths in it resolve against its folder
+    # several named sources (each as above) mixed by ratio, e.g. [{name: studio, source: folders,
+    # image_dir_train: ..., ratio: 0.3}, {name: real, ..., ratio: 0.7}]; replaces data.source when given
+    sources: list[SourceCfg] | None = None
+    class_map: Path | None = None  # class_map.json (class_to_idx, idx_to_class, metadata): fixes the class order
+    min_images_per_class: PositiveInt | None = None  # classification: fewer readable images (all domains) is an error
+    split: Literal["kfold", "ratio"] = "kfold"  # classification: K folds, or one train/val/test split by ratio
     root: Path | None = None  # reid: the dataset folder
     train_folder: str = "bounding_box_train"  # reid: which folder trains (e.g. bounding_box_train_sub)
     query_folder: str = "query"
@@ -50,7 +86,8 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
-    # task: embedding with csv/folders data: a grouped, class-stratified train/val/test split by ratio
+    # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
+    # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
     val_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
     test_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.15
@@ -68,6 +105,32 @@ class DataCfg(Section):
             dupes = sorted({n for n in v if v.count(n) > 1})
             raise ValueError(f"names must be unique; repeated: {', '.join(dupes)}")
         return v
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, v: list[SourceCfg] | None) -> list[SourceCfg] | None:
+        if v is None:
+            return v
+        names = [s.name for s in v]
+        if not v:
+            raise ValueError("needs at least one source, e.g. [{name: studio, source: folders, image_dir_train: DIR}]")
+        if len(set(names)) != len(names):
+            repeated = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"names must be unique; repeated: {', '.join(repeated)}")
+        given = [s.ratio is not None for s in v]
+        if any(given) and not all(given):
+            missing = [n for n, g in zip(names, given) if not g]
+            raise ValueError(f"give every source a ratio or none; without one: {', '.join(missing)}")
+        if all(given) and abs(sum(s.ratio for s in v) - 1) > 1e-6:
+            listed = " + ".join(f"{s.ratio:g} ({s.name})" for s in v)
+            raise ValueError(f"the ratios must sum to 1; {listed} = {sum(s.ratio for s in v):g}")
+        return v
+
+    def domain_ratios(self) -> dict[str, float] | None:
+        """``{source name: ratio}`` when ``data.sources`` gives ratios (the training sampler follows them)."""
+        if not self.sources or self.sources[0].ratio is None:
+            return None
+        return {s.name: float(s.ratio) for s in self.sources}
 
 
 class ModelCfg(Section):
@@ -115,7 +178,8 @@ class TrainCfg(Section):
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
     grad_accum_steps: PositiveInt = 1
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    class_weights: Literal["none", "balanced"] = "none"  # balanced: CE weights inverse to class frequency
+    # balanced: CE weights inverse to class frequency; from_class_map: data.class_map's metadata.training_weight
+    class_weights: Literal["none", "balanced", "from_class_map"] = "none"
     early_stopping_patience: Annotated[int, Field(ge=0)] = 5  # evaluations without improvement; 0 disables
     eval_every_n_epochs: PositiveInt = 1  # validate (monitor, best, early stopping) every N epochs and at the last
     save_every_n_epochs: Annotated[int, Field(ge=0)] = 0  # also keep ckpt/epoch{E}_fold{k}.pth every N epochs; 0: no
@@ -282,16 +346,9 @@ def domain_monitor(monitor: str) -> tuple[str, str] | None:
 
 
 def _source_domains(d: DataCfg) -> list[str] | None:
-    """The domains a config fixes by itself: the names of ``data.sources`` (each source's items get its name as
-    their domain); None when they are known only from the data (a csv or manifest ``domain`` column)."""
-    sources = getattr(d, "sources", None)
-    if not sources:
-        return None
-    names = [s.get("name") if isinstance(s, dict) else getattr(s, "name", None) for s in sources]
-    kinds = [s.get("source") if isinstance(s, dict) else getattr(s, "source", None) for s in sources]
-    if "manifest" in kinds or not all(isinstance(n, str) and n for n in names):
-        return None  # a manifest's rows may carry their own domains: checked once the data is loaded
-    return names
+    """The domains a config fixes by itself: the names of ``data.sources`` (every item of a source gets its name
+    as its domain); None when they are known only from the data (a csv or manifest ``domain`` column)."""
+    return [s.name for s in d.sources] if d.sources else None
 
 
 MONITORS = {
@@ -310,7 +367,8 @@ NOT_READ_BY = {
                        "model.arcface_s", "loss", "train.freeze_backbone_epochs", "train.backbone_lr_mult",
                        "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.recall_ks", "eval.rerank",
                        "eval.max_rank", "eval.memory_budget_mb"],
-    "embedding": ["data.folds", "data.valid_fold", "data.stratify", "model.drop_rate", "train.label_smoothing",
+    "embedding": ["data.folds", "data.valid_fold", "data.stratify", "data.split", "data.class_map",
+                  "data.min_images_per_class", "model.drop_rate", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
                   "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta"],
 }
@@ -363,8 +421,9 @@ class Config(Section):
         domains = _source_domains(self.data)
         if by_domain is not None and domains is not None and by_domain[1] not in domains:
             raise ValueError(f"train.monitor: domain '{by_domain[1]}' is not in the data; domains: "
-                             f"{', '.join(sorted(domains))}")
-        if self.task == "embedding" and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
+                             f"{', '.join(sorted(domains))}{did_you_mean(by_domain[1], domains)}")
+        ratio_split = self.task == "embedding" or self.data.split == "ratio"
+        if ratio_split and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")
         if self.data.source == "reid" and self.task != "embedding":
             raise ValueError("data.source: reid needs task: embedding")
@@ -378,7 +437,29 @@ class Config(Section):
             self._check_sampler()
         else:
             self._check_classification_keys()
+        self._check_data_keys()
         return self
+
+    def _check_data_keys(self) -> None:
+        """data.sources, data.class_map and what depends on them."""
+        d = self.data
+        if d.sources:
+            top = [k for k in ("train_csv", "image_dir_train", "manifest") if getattr(d, k) is not None]
+            if top:
+                raise ValueError(f"data.{top[0]}: not read when data.sources is given (each source names its own "
+                                 "files); move it into the source entries")
+            if d.domain_ratios() and self.sampler.name == "pk":
+                raise ValueError("data.sources: ratios need sampler.name random or weighted (P×K batches pick "
+                                 "identities, not domains); remove the ratios or change sampler.name")
+        if d.class_map is not None:
+            if self.task != "classification":
+                raise ValueError("data.class_map: fixes a classifier's classes; task: embedding picks its classes "
+                                 "with data.class_names")
+            if d.class_names is not None:
+                raise ValueError("data.class_map and data.class_names: set one (the class map fixes the class order)")
+        if self.train.class_weights == "from_class_map" and d.class_map is None:
+            raise ValueError("train.class_weights: from_class_map reads metadata.<class>.training_weight of "
+                             "data.class_map, which is not set; give data.class_map or use none / balanced")
 
     def _check_classification_keys(self) -> None:
         changed = [key for key, default in EMBEDDING_ONLY.items()
@@ -417,6 +498,10 @@ class Config(Section):
     def keys_not_read(self) -> list[str]:
         """Dotted keys (or sections) this config's task, data source and sampler never read."""
         keys = list(NOT_READ_BY[self.task])
+        if self.task == "classification" and self.data.split == "ratio":
+            keys = [k for k in keys if k not in RATIO_KEYS] + ["data.folds", "data.valid_fold", "data.stratify"]
+        if self.data.sources:
+            keys.append("data.source")
         if self.sampler.name != "pk":
             keys += ["sampler.p", "sampler.k"]
         if self.task == "embedding":
@@ -424,5 +509,7 @@ class Config(Section):
         return keys
 
     def folds_to_train(self) -> list[int]:
+        if self.task == "classification" and self.data.split == "ratio":
+            return [0]  # one model: trained on split == train, validated on split == val
         v = self.data.valid_fold
         return list(range(self.data.folds)) if v == "all" else [v]

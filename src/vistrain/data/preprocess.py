@@ -21,10 +21,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from vistrain.data.images import load_rgb
 
 if TYPE_CHECKING:
     from vistrain.config.schema import Config
@@ -140,6 +143,9 @@ class Preprocessor:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessor:
         """Rebuild from ``to_dict``'s output; a hash that does not match the settings is an error."""
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocess: not a vistrain preprocessing description (a {type(d).__name__}, not an "
+                             "object)")
         try:
             spec = {k: v for k, v in d.items() if k != "hash"}
             if "hash" in d and d["hash"] != _hash(spec):
@@ -155,6 +161,14 @@ class Preprocessor:
     @property
     def hash(self) -> str:
         return self.to_dict()["hash"]
+
+    def describe(self) -> str:
+        """The settings in one log fragment: ``input=HxW crop=... resize=... clahe=off|clip/grid mean=[..] std=[..]
+        preprocess=<hash>``."""
+        clahe = f"{self.clip_limit}/{self.grid}" if self.clahe else "off"
+        return (f"input={self.size[0]}x{self.size[1]} crop={self.crop} resize={self.interpolation} clahe={clahe} "
+                f"mean={[round(x, 3) for x in self.mean]} std={[round(x, 3) for x in self.std]} "
+                f"preprocess={self.hash}")
 
     # ---------------------------------------------------------------------------------------- applying
 
@@ -178,11 +192,20 @@ class Preprocessor:
             rgb = cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
         return np.ascontiguousarray(rgb)
 
+    def load(self, path: str | Path | IO[bytes]) -> np.ndarray:
+        """A file decoded as every path decodes it (``images.load_rgb``: EXIF orientation applied, transparency on
+        white, 16-bit range rescaled), then ``deterministic``: uint8 [size[0], size[1], 3]. A dataset's decode step."""
+        return self.deterministic(np.asarray(load_rgb(path)))
+
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 [H, W, 3] array, or uint8 / float [..., 3, H, W] tensor (float: already in [0, 1])
         -> normalised float32 [..., 3, H, W]."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1) if isinstance(pixels, np.ndarray) \
-            else pixels
+        if isinstance(pixels, np.ndarray):
+            # np.asarray(PIL image) is read-only, which torch.from_numpy warns about: copy (the uint8 is small)
+            pixels = np.ascontiguousarray(pixels) if pixels.flags.writeable else pixels.copy()
+            x = torch.from_numpy(pixels).permute(2, 0, 1)
+        else:
+            x = pixels
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(3, 1, 1)

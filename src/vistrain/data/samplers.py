@@ -1,6 +1,8 @@
-"""Samplers named by ``sampler.name``: random (shuffle) or weighted (classes drawn equally often); and the
-P×K batch sampler of metric learning (``PKBatchSampler``), a batch sampler, so it is built by ``pk_sampler``
-rather than through ``SAMPLERS``."""
+"""Samplers named by ``sampler.name``: random (shuffle) or weighted (classes drawn equally often); the
+domain-ratio sampler (``DomainRatioSampler``, chosen by the run when ``data.sources`` gives ratios, combined with
+``weighted`` class balance when that is the name); and the P×K batch sampler of metric learning
+(``PKBatchSampler``), a batch sampler. The last two need more than the labels, so they are built by
+``domain_ratio_sampler`` and ``pk_sampler`` rather than through ``SAMPLERS``."""
 
 from __future__ import annotations
 
@@ -30,6 +32,87 @@ SAMPLERS: dict[str, Callable[[Sequence[int], torch.Generator], Sampler]] = {
     "random": random_sampler,
     "weighted": weighted_sampler,
 }
+
+
+def _largest_remainder(total: int, shares: np.ndarray) -> np.ndarray:
+    """Whole counts summing to ``total`` in the proportions ``shares`` (the largest fractions round up)."""
+    exact = total * shares / shares.sum()
+    counts = np.floor(exact).astype(np.int64)
+    counts[np.argsort(-(exact - counts), kind="stable")[: total - int(counts.sum())]] += 1
+    return counts
+
+
+def balanced_cell_shares(cells: np.ndarray, ratios: np.ndarray, iterations: int = 500) -> np.ndarray:
+    """Shares [D, C] of the epoch per (domain, class) cell: each domain's row sums to its ratio and the classes
+    get equal column sums as far as the cells that hold images allow (iterative proportional fitting on the
+    cells with images, ``cells`` [D, C] = image counts). The rows are fitted last, so the domain ratios hold
+    exactly even where equal classes are out of reach (a class found in one domain only)."""
+    share = (cells > 0).astype(np.float64)
+    present = share.sum(axis=0) > 0
+    target = present / present.sum()
+    for _ in range(iterations):
+        share *= (ratios / share.sum(axis=1))[:, None]
+        cols = share.sum(axis=0)
+        share *= np.divide(target, cols, out=np.zeros_like(cols), where=cols > 0)[None, :]
+    return share * (ratios / share.sum(axis=1))[:, None]
+
+
+class DomainRatioSampler(Sampler[int]):
+    """An epoch of ``len(labels)`` draws in which each domain's share is its ratio (``data.sources[*].ratio``).
+
+    Domain d gets round(N·ratio_d) of the N draws (largest remainders, so they sum to N). Within a domain the
+    draws walk through fresh random permutations of its images: a domain asked for more draws than it has images
+    shows every image, then repeats some; one asked for fewer shows a different subset each epoch. No image is
+    dropped from the data, and the epoch is as long as an ordinary one. With ``balance_classes`` (``sampler.name:
+    weighted``) a domain's draws are instead weighted per class (``balanced_cell_shares``) so the classes are
+    drawn equally often overall, with replacement as the weighted sampler does. All randomness comes from
+    ``generator``, which the loop reseeds every epoch; under DDP wrap it in ``RankShare`` like the others.
+    """
+
+    def __init__(self, labels: Sequence[int], domains: Sequence[str], ratios: dict[str, float],
+                 generator: torch.Generator, balance_classes: bool = False):
+        labels_np, domains_np = np.asarray(labels, dtype=np.int64), np.asarray(domains).astype(str)
+        unknown = sorted(set(domains_np.tolist()) - set(ratios))
+        if unknown:
+            raise ValueError(f"DomainRatioSampler: domain(s) {unknown} have no ratio; ratios: {ratios}")
+        self.names = [d for d in ratios if (domains_np == d).any()]  # a domain without images here sits out
+        shares = np.array([ratios[d] for d in self.names], dtype=np.float64)
+        self.ratios = shares / shares.sum()
+        self.members = [np.flatnonzero(domains_np == d) for d in self.names]
+        self.counts = _largest_remainder(len(labels_np), self.ratios)  # draws per domain and epoch
+        self.generator = generator
+        self.probs: list[np.ndarray] | None = None
+        if balance_classes:
+            _, codes = np.unique(labels_np, return_inverse=True)
+            cells = np.zeros((len(self.names), codes.max() + 1))
+            for d, idx in enumerate(self.members):
+                np.add.at(cells[d], codes[idx], 1)
+            share = balanced_cell_shares(cells, self.ratios)
+            self.probs = []
+            for d, idx in enumerate(self.members):
+                w = share[d, codes[idx]] / cells[d, codes[idx]]
+                self.probs.append(w / w.sum())
+
+    def __len__(self) -> int:
+        return int(self.counts.sum())
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+        parts = []
+        for d, (idx, n) in enumerate(zip(self.members, self.counts)):
+            if self.probs is not None:
+                parts.append(rng.choice(idx, size=n, replace=True, p=self.probs[d]))
+            else:
+                laps = [rng.permutation(idx) for _ in range(-(-n // len(idx)))]
+                parts.append(np.concatenate(laps)[:n])
+        order = np.concatenate(parts)
+        return iter(order[rng.permutation(len(order))].tolist())
+
+
+def domain_ratio_sampler(labels: Sequence[int], generator: torch.Generator, domains: Sequence[str],
+                         ratios: dict[str, float], balance_classes: bool = False) -> DomainRatioSampler:
+    """The sampler a run with ``data.sources`` ratios trains with (``balance_classes``: ``sampler.name: weighted``)."""
+    return DomainRatioSampler(labels, domains, ratios, generator, balance_classes)
 
 
 class PKBatchSampler(Sampler[list[int]]):

@@ -1,12 +1,14 @@
 """Sources: turn what the user has on disk into the one item table every later stage reads.
 
 The item table (pandas) has the columns ``path, id, label, group`` and, when the input has them,
-``camera, domain, split, fold``. ``group`` is the unit that may never straddle train and validation
-(a document, an object, a person). A new source is one function plus one line in ``SOURCES``.
+``camera, domain, split, fold`` (``data.sources``: ``domain`` is each source's name). ``group`` is the unit that
+may never straddle train and validation (a document, an object, a person). A new source is one function plus one
+line in ``SOURCES``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from vistrain.config.schema import DataCfg
+from vistrain.data.classmap import load_class_map
 from vistrain.data.images import IMAGE_EXTS, ImageIndex, check_images
 from vistrain.errors import UserError, lookup
 
@@ -65,17 +68,19 @@ def _natural_labels(values: pd.Series) -> pd.Series:
     return as_int if (as_int.astype(str) == values).all() else values
 
 
-def csv_source(cfg: DataCfg) -> pd.DataFrame:
-    """``data.train_csv`` (ID, target[, group_col, fold, domain, camera]) + ``data.image_dir_train``."""
-    csv_path = require_file(cfg.train_csv, "data.train_csv")
-    image_dir = require_dir(cfg.image_dir_train, "data.image_dir_train")
-    required = [(cfg.id_col, "data.id_col"), (cfg.target_col, "data.target_col")]
+def csv_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
+    """``data.train_csv`` (ID, target[, group_col, fold, domain, camera, split]) + ``data.image_dir_train``.
+
+    ``where`` is the config prefix of the settings in the messages (``data``, ``data.sources[1]``)."""
+    csv_path = require_file(cfg.train_csv, f"{where}.train_csv")
+    image_dir = require_dir(cfg.image_dir_train, f"{where}.image_dir_train")
+    required = [(cfg.id_col, f"{where}.id_col"), (cfg.target_col, f"{where}.target_col")]
     if cfg.group_col:
-        required.append((cfg.group_col, "data.group_col"))
-    df = read_csv(csv_path, "data.train_csv", required)
+        required.append((cfg.group_col, f"{where}.group_col"))
+    df = read_csv(csv_path, f"{where}.train_csv", required)
     dupes = df[cfg.id_col][df[cfg.id_col].duplicated()]
     if len(dupes):
-        raise UserError(f"data.train_csv: ID '{dupes.iloc[0]}' appears more than once in {csv_path} "
+        raise UserError(f"{where}.train_csv: ID '{dupes.iloc[0]}' appears more than once in {csv_path} "
                         f"({len(dupes)} repeated IDs)")
     index = ImageIndex(image_dir, cfg.image_ext)
     paths = [index.find(i) for i in df[cfg.id_col]]
@@ -90,14 +95,14 @@ def csv_source(cfg: DataCfg) -> pd.DataFrame:
             items[col] = df[col].values
     missing = items["path"] == ""
     if missing.all():
-        raise UserError(f"data.image_dir_train: none of the {len(items)} IDs in {csv_path.name} has an image in "
+        raise UserError(f"{where}.image_dir_train: none of the {len(items)} IDs in {csv_path.name} has an image in "
                         f"{image_dir} (tried the ID as given and with {', '.join(index.exts[:4])}, ...)")
     return items
 
 
-def folders_source(cfg: DataCfg) -> pd.DataFrame:
+def folders_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.image_dir_train/<class>/<ID>_<seq>.ext``: the folder is the class, ``<ID>`` the group."""
-    root = require_dir(cfg.image_dir_train, "data.image_dir_train")
+    root = require_dir(cfg.image_dir_train, f"{where}.image_dir_train")
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(class_dir.rglob("*")):
@@ -106,7 +111,7 @@ def folders_source(cfg: DataCfg) -> pd.DataFrame:
                 group = f"{class_dir.name}/{m['group'] if m else path.stem}"
                 rows.append((str(path), str(path.relative_to(root)), class_dir.name, group))
     if not rows:
-        raise UserError(f"data.image_dir_train: no images in class sub-folders of {root} "
+        raise UserError(f"{where}.image_dir_train: no images in class sub-folders of {root} "
                         f"(expected {root}/<class>/<name>{cfg.image_ext})")
     items = pd.DataFrame(rows, columns=ITEM_COLUMNS)
     items["label"] = _natural_labels(items["label"])
@@ -126,12 +131,12 @@ def parse_reid_name(name: str) -> tuple[int, int] | None:
     return (int(m["pid"]), int(m["cam"])) if m else None
 
 
-def reid_source(cfg: DataCfg) -> pd.DataFrame:
+def reid_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.root/{train_folder, query_folder, gallery_folder}`` -> items with ``camera`` and ``split``.
 
     Junk (-1) is dropped everywhere; distractors (0) stay in the gallery only, where they are never a match.
     """
-    root = require_dir(cfg.root, "data.root")
+    root = require_dir(cfg.root, f"{where}.root")
     rows = []
     for split, key, folder in (("train", "data.train_folder", cfg.train_folder),
                                ("query", "data.query_folder", cfg.query_folder),
@@ -158,11 +163,110 @@ def reid_source(cfg: DataCfg) -> pd.DataFrame:
     return items
 
 
-SOURCES: dict[str, Callable[[DataCfg], pd.DataFrame]] = {
+SPLIT_VALUES = ("train", "val", "test")  # what a data ``split`` column may hold (reid folders add query, gallery)
+
+
+def _manifest_rows(path: Path, key: str) -> tuple[pd.DataFrame, list[int]]:
+    """The manifest as text columns, and each row's line in the file (CSV: header is line 1; JSON array: item)."""
+    if path.suffix.lower() == ".csv":
+        df = read_csv(path, key, [("path", key), ("label", key)])
+        return df, list(range(2, len(df) + 2))
+    try:
+        text = path.read_text(encoding="utf-8")
+        if text.lstrip().startswith("["):  # a JSON array of objects is accepted too
+            rows, lines = json.loads(text), None
+        else:
+            numbered = [(n, ln) for n, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+            lines = [n for n, _ in numbered]
+            rows = []
+            for n, line in numbered:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{key}: {path} line {n}: not a JSON object ({err.msg}); expected one "
+                                    '{"path": ..., "label": ...} per line') from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{key}: cannot read {path}: {err}") from None
+    lines = lines or list(range(1, len(rows) + 1))
+    for n, row in zip(lines, rows):
+        missing = [f for f in ("path", "label") if not isinstance(row, dict) or row.get(f) in (None, "")]
+        if missing:
+            raise UserError(f"{key}: {path} line {n}: no {' or '.join(missing)}; every row needs path and label")
+    df = pd.DataFrame(rows).map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v))
+    return df, lines
+
+
+def manifest_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
+    """``data.manifest``: a CSV or JSON-lines list of ``path,label[,domain][,group][,split]``; relative paths
+    resolve against the manifest's folder. A row whose file is missing, whose label is not in ``data.class_map``
+    or whose split is not train / val / test is an error naming its line."""
+    key = f"{where}.manifest"
+    path = require_file(cfg.manifest, key)
+    df, lines = _manifest_rows(path, key)
+    if df.empty:
+        raise UserError(f"{key}: {path} lists no images")
+    known = set(load_class_map(cfg.class_map).classes) if cfg.class_map is not None else None
+    resolved, seen = [], {}
+    for n, written, label, split in zip(lines, df["path"], df["label"], df.get("split", [""] * len(df))):
+        file = Path(written).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        problem = None
+        if not file.is_file():
+            problem = f"file not found: {file}"
+        elif written in seen:
+            problem = f"'{written}' is listed twice (line {seen[written]} too)"
+        elif known is not None and label not in known:
+            problem = f"label '{label}' is not in data.class_map {cfg.class_map}"
+        elif "split" in df.columns and split not in SPLIT_VALUES:
+            problem = f"split '{split}' is not one of {', '.join(SPLIT_VALUES)}"
+        if problem:
+            raise UserError(f"{key}: {path} line {n}: {problem}")
+        seen[written] = n
+        resolved.append(str(file))
+    if "domain" in df.columns and (df["domain"] == "").any():
+        n = lines[int((df["domain"] == "").to_numpy().argmax())]
+        raise UserError(f"{key}: {path} line {n}: empty domain (other rows have one); give every row one or none")
+    items = pd.DataFrame({"path": resolved, "id": df["path"], "label": _natural_labels(df["label"]),
+                          "group": df["group"].where(df["group"] != "", df["path"]) if "group" in df else df["path"]})
+    for col in ("domain", "split"):
+        if col in df.columns:
+            items[col] = df[col].to_numpy()
+    return items
+
+
+SOURCES: dict[str, Callable[[DataCfg, str], pd.DataFrame]] = {
     "csv": csv_source,
     "folders": folders_source,
     "reid": reid_source,
+    "manifest": manifest_source,
 }
+
+
+def mixed_source(cfg: DataCfg) -> pd.DataFrame:
+    """``data.sources``: each entry read by its own source, the data section's settings under the entry's.
+    Every item gets the source's name as ``domain``, and as a prefix of its ``id`` and ``group`` (``studio/x``),
+    so IDs and groups stay unique across sources."""
+    parts = []
+    for i, entry in enumerate(cfg.sources or []):
+        where = f"data.sources[{i}]"
+        own = {k: v for k, v in entry.model_dump(exclude={"name", "ratio"}).items() if v is not None}
+        settings = cfg.model_copy(update={**own, "sources": None})
+        items = lookup(SOURCES, entry.source, f"{where}.source")(settings, where)
+        items["id"] = entry.name + "/" + items["id"].astype(str)
+        items["group"] = entry.name + "/" + items["group"].astype(str)
+        items["domain"] = entry.name
+        parts.append(items)
+    names = [e.name for e in cfg.sources or []]
+    for col in ("split", "fold"):
+        has = [n for n, p in zip(names, parts) if col in p.columns]
+        if has and len(has) < len(parts):
+            lacks = next(n for n in names if n not in has)
+            raise UserError(f"data.sources: source '{has[0]}' has a {col} column but '{lacks}' has none; give every "
+                            f"source one or none")
+    items = pd.concat(parts, ignore_index=True)
+    # Labels as text first: one source's integer labels and another's names must meet as the same type.
+    items["label"] = _natural_labels(items["label"].astype(str))
+    return items
 
 
 def drop_small_groups(items: pd.DataFrame, min_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -222,5 +326,33 @@ def split_bad_images(items: pd.DataFrame, on_bad_image: str) -> tuple[pd.DataFra
 
 
 def load_items(cfg: DataCfg) -> pd.DataFrame:
-    """The item table for ``cfg.source``; missing files are kept with an empty path (see split_bad_images)."""
-    return lookup(SOURCES, cfg.source, "data.source")(cfg)
+    """The item table of ``cfg.sources`` (mixed) or ``cfg.source``; files a CSV names but that are missing are
+    kept with an empty path (see split_bad_images)."""
+    if cfg.sources:
+        return mixed_source(cfg)
+    return lookup(SOURCES, cfg.source, "data.source")(cfg, "data")
+
+
+def check_min_images(items: pd.DataFrame, classes: list, minimum: int | None) -> None:
+    """``data.min_images_per_class``: every class needs that many readable images, all domains together."""
+    if not minimum:
+        return
+    counts = items["label"].astype(str).value_counts()
+    low = [(str(c), int(counts.get(str(c), 0))) for c in classes if counts.get(str(c), 0) < minimum]
+    if low:
+        low.sort(key=lambda cn: cn[1])
+        shown = ", ".join(f"{c} ({n})" for c, n in low[:20]) + (f" ... ({len(low) - 20} more)" if len(low) > 20 else "")
+        raise UserError(f"data.min_images_per_class: {len(low)} class(es) have fewer than {minimum} readable images "
+                        f"(all domains together): {shown}; add images or lower data.min_images_per_class")
+
+
+def single_domain_classes(items: pd.DataFrame) -> dict[str, list[str]]:
+    """``{domain: [classes found in that domain only]}`` (domains with none left out); {} without domains."""
+    if "domain" not in items.columns or items["domain"].nunique() < 2:
+        return {}
+    where = items.groupby(items["label"].astype(str))["domain"].agg(lambda d: sorted(set(map(str, d))))
+    out: dict[str, list[str]] = {}
+    for label, domains in where.items():
+        if len(domains) == 1:
+            out.setdefault(domains[0], []).append(label)
+    return {d: out[d] for d in sorted(out)}

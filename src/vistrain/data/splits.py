@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
+from vistrain.data.sources import SPLIT_VALUES
 from vistrain.errors import UserError
 
 
@@ -96,3 +97,24 @@ def assign_ratio_split(items: pd.DataFrame, train: float, val: float, test: floa
         for i, g in enumerate(names):
             split_of_group[g] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
     return items["group"].map(split_of_group).to_numpy()
+
+
+def classification_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int) -> np.ndarray:
+    """``data.split: ratio`` for a classifier: the data's own ``split`` column when it has one (train / val /
+    test), else ``assign_ratio_split``. Either way there must be training and validation images."""
+    if "split" in items.columns:
+        values = items["split"].astype(str)
+        bad = values[~values.isin(SPLIT_VALUES)]
+        if len(bad):
+            raise UserError(f"data.split: ratio uses the data's split column, but item {items.loc[bad.index[0], 'id']} "
+                            f"has split '{bad.iloc[0]}'; valid: {', '.join(SPLIT_VALUES)}")
+        for needed in ("train", "val"):
+            if not (values == needed).any():
+                raise UserError(f"data.split: the data's split column has no '{needed}' rows; a classifier needs "
+                                "train and val (test is optional)")
+        return values.to_numpy()
+    split = assign_ratio_split(items, train, val, test, seed)
+    if not (split == "val").any():
+        raise UserError(f"data.val_ratio: {val} of the {items['group'].nunique()} groups left no validation images "
+                        "(a class keeps its only group for training); raise data.val_ratio or add images")
+    return split

@@ -18,9 +18,10 @@ from tqdm import tqdm
 
 from vistrain.config.loader import EVAL_OVERRIDES, config_to_dict, load_config, restrict_overrides
 from vistrain.config.schema import Config
-from vistrain.data.dataset import ImageDataset
+from vistrain.data.classmap import display_name
+from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.images import check_images
-from vistrain.data.transforms import eval_transform
+from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.errors import UserError
@@ -52,16 +53,9 @@ class LoadedRun:
         return {str(c): i for i, c in enumerate(self.classes)}
 
     def display_names(self) -> list[str | None]:
-        """Each class's display name in index order, from class_map.json's ``metadata``: the class's
-        ``display_name``, else its ``name``, else None."""
-        names: list[str | None] = []
-        for c in self.classes:
-            meta = self.metadata.get(str(c))
-            meta = meta if isinstance(meta, dict) else {}
-            name = next((meta[k] for k in ("display_name", "name") if meta.get(k) not in (None, "")), None)
-            names.append(None if name is None else str(name))
-        return names
-
+        """Each class's display name in index order (``data.classmap.display_name``: class_map.json's
+        ``metadata.<class>.display_name``, else ``.name``), None for a class without one."""
+        return [display_name(self.metadata, c) for c in self.classes]
 
 def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
@@ -120,12 +114,25 @@ def select_folds(run: LoadedRun, folds: str | Sequence[int] | None, key: str = "
     return chosen
 
 
-def load_fold_model(run: LoadedRun, fold: int, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The fold's best model in eval mode, and its preprocessing (``data_config``)."""
+def load_fold_model(run: LoadedRun, fold: int, device: torch.device) -> tuple[nn.Module, Preprocessor]:
+    """The fold's best model in eval mode, and the preprocessing it was trained with (from the checkpoint: never
+    the config file or timm's current defaults, which may have changed since)."""
     ckpt = load_checkpoint(run.ckpt(fold), device)
     model = build_model(run.cfg.task, run.cfg.model, len(run.classes), pretrained=False)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["data_config"]
+    return model.to(device).eval(), checkpoint_preprocessor(ckpt, run.ckpt(fold))
+
+
+def checkpoint_preprocessor(ckpt: dict[str, Any], path: Path) -> Preprocessor:
+    """The checkpoint's ``preprocess`` (``Preprocessor.to_dict``); a checkpoint written before it existed records
+    only ``data_config`` (size, mean, std): that resize and normalisation, without crop or CLAHE."""
+    try:
+        if "preprocess" in ckpt:
+            return Preprocessor.from_dict(ckpt["preprocess"])
+        d = ckpt["data_config"]
+        return Preprocessor(size=tuple(d["img_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"RUN: {path}: no usable preprocessing in the checkpoint ({err})") from err
 
 
 def require_readable(paths: Sequence[str]) -> None:
@@ -137,15 +144,16 @@ def require_readable(paths: Sequence[str]) -> None:
 
 
 @torch.no_grad()
-def infer_logits(run: LoadedRun, model: nn.Module, paths: Sequence[str], data_config: dict[str, Any],
+def infer_logits(run: LoadedRun, model: nn.Module, paths: Sequence[str], pre: Preprocessor,
                  device: torch.device, views: Sequence[str] = (), desc: str = "predict") -> np.ndarray:
-    """Outputs [V, N, ...] for the plain view and each TTA view ("hflip", "vflip"), in ``paths`` order; batch
-    size (``eval.batch_size``, else twice the training batch) and workers as the run's config says."""
-    transform = eval_transform(data_config["img_size"], data_config["mean"], data_config["std"])
+    """Outputs [V, N, ...] for the plain view and each TTA view ("hflip", "vflip"), in ``paths`` order, each image
+    through ``pre`` (the fold's preprocessing, as validation saw it); batch size (``eval.batch_size``, else twice
+    the training batch) and workers as the run's config says."""
     t = run.cfg.train
-    loader = DataLoader(ImageDataset(paths, None, transform), batch_size=run.cfg.eval.batch_size or t.batch_size * 2,
-                        shuffle=False, num_workers=dev.auto_workers(t.num_workers, device),
-                        pin_memory=device.type == "cuda")
+    workers = dev.auto_workers(t.num_workers, device)
+    loader = DataLoader(ImageDataset(paths, None, pre.normalize, pre.load),
+                        batch_size=run.cfg.eval.batch_size or t.batch_size * 2, shuffle=False, num_workers=workers,
+                        pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None)
     precision = dev.pick_precision("auto", device)
     flips = {"hflip": [-1], "vflip": [-2]}
     out: list[list[torch.Tensor]] = [[] for _ in range(1 + len(views))]
@@ -173,9 +181,9 @@ def embed_paths(run: LoadedRun, paths: Sequence[str], fold: int = 0, desc: str =
     (``flip`` overrides ``eval.flip_feats`` when given)."""
     device = dev.pick_device(run.cfg.train.device)
     e = run.cfg.eval
-    model, data_config = load_fold_model(run, fold, device)
+    model, pre = load_fold_model(run, fold, device)
     views = ["hflip"] if (e.flip_feats if flip is None else flip) else []
-    feats = infer_logits(run, model, paths, data_config, device, views, desc=desc).mean(axis=0)
+    feats = infer_logits(run, model, paths, pre, device, views, desc=desc).mean(axis=0)
     if e.feat_norm:
         feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
     return feats.astype(np.float32)

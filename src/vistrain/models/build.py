@@ -91,12 +91,6 @@ def build_classifier(name: str, num_classes: int, pooling: str = "avg", **kwargs
     return PooledClassifier(backbone, num_classes, drop_rate)
 
 
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """The model's own preprocessing (mean, std, interpolation), as timm resolves it."""
-    cfg = timm.data.resolve_data_config({}, model=model)
-    return {"mean": list(cfg["mean"]), "std": list(cfg["std"]), "interpolation": cfg["interpolation"]}
-
-
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -41,6 +41,9 @@ def _scaled(logits: np.ndarray, temperature: float | None) -> np.ndarray:
 
 def oof_outputs(run: LoadedRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     oof = run.path / "oof" / "oof_logits.npy"
+    if not oof.is_file() and run.cfg.data.split == "ratio":
+        raise UserError(f"--split oof: {run.path} has a ratio split: one model, no out-of-fold logits; use --split val "
+                        "or --split test")
     if not oof.is_file():
         raise UserError(f"--split oof: {run.path} has no out-of-fold logits (train with data.valid_fold=all); "
                         "use --split val")
@@ -55,15 +58,32 @@ def val_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarra
     parts, logits = [], []
     for fold in folds:
         part = items[items["fold"] == fold]
-        model, data_config = load_fold_model(run, fold, device)
-        logits.append(infer_logits(run, model, part["path"].tolist(), data_config, device, desc=f"fold {fold}")[0])
+        model, pre = load_fold_model(run, fold, device)
+        logits.append(infer_logits(run, model, part["path"].tolist(), pre, device, desc=f"fold {fold}")[0])
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table
 
 
+def ratio_test_items(run: LoadedRun) -> pd.DataFrame | None:
+    """A ratio-split run's test items (splits.csv rows with split == test), unless ``data.test_csv`` was given
+    for this evaluation; None for other runs."""
+    if run.cfg.data.split != "ratio" or "data.test_csv" in run.overrides:
+        return None
+    items = run.splits()
+    if "split" not in items.columns or not (items["split"] == "test").any():
+        raise UserError(f"--split test: the ratio split of {run.path} has no test images (data.test_ratio=0 or the "
+                        "data's split column has no test rows); give data.test_csv=CSV")
+    return items[items["split"] == "test"].reset_index(drop=True)
+
+
 def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """The fold ensemble on ``data.test_csv``; log of the mean probabilities serve as logits."""
+    """The fold ensemble on the run's test split (data.split: ratio) or ``data.test_csv``; log of the mean
+    probabilities serve as logits."""
+    table = ratio_test_items(run)
+    if table is not None:
+        probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
+        return np.log(np.clip(probs, 1e-12, 1.0)), _targets(run, table["label"], "splits.csv"), table
     d = run.cfg.data
     csv = require_file(d.test_csv, "data.test_csv")
     folder = require_dir(d.image_dir_test, "data.image_dir_test")
@@ -148,10 +168,10 @@ def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, cl
     })
 
 
-def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, overrides: Sequence[str] = ()
-                 ) -> dict[str, Any]:
+def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, overrides: Sequence[str] = (),
+                 echo: bool = True) -> dict[str, Any]:
     """``overrides``: ``key=value`` evaluation options (``data.test_csv``, ``eval.*`` ...) for this evaluation
-    only; their effective values are recorded in metrics.json."""
+    only; their effective values are recorded in metrics.json. ``echo``: print the console table."""
     if split not in SPLITS:
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
     run = load_run(run_dir, overrides, "evaluate")
@@ -191,7 +211,8 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     from vistrain.viz.plots import confusion_matrix_png
 
     confusion_matrix_png(cm, names, out / "confusion_matrix.png", normalize=True, title=f"{split} (row-normalised)")
-    _print_table(metrics, report, out)
+    if echo:
+        _print_table(metrics, report, out)
     return metrics
 
 

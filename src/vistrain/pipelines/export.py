@@ -4,14 +4,17 @@ The graph takes ``image``: float32 [N, 3, H, W], RGB scaled to [0, 1], then norm
 (what ``predict`` feeds the PyTorch model), with a dynamic batch dimension. Classification graphs return ``logits``
 [N, C] and ``probs`` [N, C] (softmax of logits / T, T from ``calibrate`` when the run was calibrated); embedding graphs
 return ``embedding`` [N, D] (L2-normalised when ``eval.feat_norm``). The ONNX ``metadata_props`` say how to feed the
-graph and read it: ``vistrain.img_size`` [H, W], ``vistrain.mean``, ``vistrain.std``, ``vistrain.classes`` (JSON),
-``vistrain.task``, ``vistrain.temperature``, ``vistrain.feat_norm``, ``vistrain.model``, ``vistrain.run_id``, ...
+graph and read it: ``vistrain.preprocess`` (the run's ``preprocess.json``: crop, resize, CLAHE, mean / std),
+``vistrain.img_size`` [H, W], ``vistrain.mean``, ``vistrain.std`` (the same figures, for clients that only resize and
+normalise), ``vistrain.classes`` (JSON), ``vistrain.task``, ``vistrain.temperature``, ``vistrain.feat_norm``,
+``vistrain.model``, ``vistrain.run_id``, ...
 
 ``--verify`` runs the ONNX file with onnxruntime on up to 32 of the run's own images (random inputs when none can be
 read) and compares with PyTorch: a difference beyond the tolerance, or a different top-1 class, fails the command.
 ``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32),
 with 1 thread and with every usable core, each figure a median repeated until stable.
-Everything is written to ``RUN/export/``: ``model_fold{k}.onnx`` and ``export.json``.
+Everything is written to ``RUN/export/``: ``model_fold{k}.onnx``, ``preprocess.json`` (how to build the input from
+an image file, for a client in any language) and ``export.json``.
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript); onnx, onnxscript and onnxruntime
 come with ``pip install 'vistrain[export]'``.
@@ -37,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vistrain
-from vistrain.data.transforms import eval_transform
+from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
 from vistrain.errors import UserError
@@ -97,32 +100,37 @@ def _require_export_packages() -> None:
         raise UserError(EXPORT_MISSING) from err
 
 
-def metadata(run: LoadedRun, fold: int, data_config: dict[str, Any]) -> dict[str, str]:
+def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
     """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON);
     ``vistrain.display_names`` (per class, null where none) only when class_map.json names any class."""
-    names = run.display_names()
-    return {**({"vistrain.display_names": json.dumps(names)} if any(names) else {}),
+    out = {
         "vistrain.version": vistrain.__version__,
         "vistrain.run_id": run.path.name,
         "vistrain.fold": str(fold),
         "vistrain.task": run.cfg.task,
         "vistrain.model": run.cfg.model.name,
         "vistrain.classes": json.dumps([str(c) for c in run.classes]),
-        "vistrain.img_size": json.dumps(list(data_config["img_size"])),
-        "vistrain.mean": json.dumps([float(x) for x in data_config["mean"]]),
-        "vistrain.std": json.dumps([float(x) for x in data_config["std"]]),
-        "vistrain.input": "image: float32 [N, 3, H, W], RGB in [0, 1] resized to img_size, then (x - mean) / std",
+        "vistrain.preprocess": json.dumps(pre.to_dict()),
+        "vistrain.img_size": json.dumps(list(pre.size)),
+        "vistrain.mean": json.dumps(list(pre.mean)),
+        "vistrain.std": json.dumps(list(pre.std)),
+        "vistrain.input": "image: float32 [N, 3, H, W]: RGB through vistrain.preprocess (crop, resize to img_size, "
+                          "CLAHE), in [0, 1], then (x - mean) / std",
         "vistrain.temperature": json.dumps(run.temperature or 1.0),
         "vistrain.feat_norm": json.dumps(bool(run.cfg.eval.feat_norm)),
         "vistrain.flip_feats": json.dumps(bool(run.cfg.eval.flip_feats and run.cfg.task == "embedding")),
     }
+    names = run.display_names()
+    if any(names):
+        out["vistrain.display_names"] = json.dumps(names)
+    return out
 
 
 def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
     edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
     answer fails. Returns task, classes, display_names (None when the file has none), img_size (H, W), mean, std,
-    temperature and model."""
+    preprocessor (``Preprocessor``), temperature and model."""
     meta = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_NEEDED if k not in meta]
     if missing:
@@ -168,9 +176,33 @@ def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     names = value("vistrain.display_names", f"a list of {len(classes)} strings or nulls, one per class",
                   lambda v: v is None or (isinstance(v, list) and len(v) == len(classes)
                                           and all(n is None or isinstance(n, str) for n in v)), default="null")
+    pre = _preprocessor(meta, fail, size, mean, std)
     return {"task": task, "classes": classes, "display_names": names, "img_size": (size[0], size[1]),
             "mean": [float(x) for x in mean],
-            "std": [float(x) for x in std], "temperature": float(temperature), "model": meta.get("vistrain.model", "?")}
+            "std": [float(x) for x in std], "preprocessor": pre, "temperature": float(temperature),
+            "model": meta.get("vistrain.model", "?")}
+
+
+def _preprocessor(meta: dict[str, str], fail: Callable[[str, str], UserError], size: list, mean: list, std: list
+                  ) -> Preprocessor:
+    """``vistrain.preprocess``, which must agree with ``vistrain.img_size`` / ``mean`` / ``std``; a file exported
+    before it existed: that resize and normalisation, without crop or CLAHE."""
+    key = "vistrain.preprocess"
+    if key not in meta:
+        return Preprocessor(size=tuple(size), mean=tuple(mean), std=tuple(std))
+    try:
+        spec = json.loads(meta[key])
+    except json.JSONDecodeError:
+        raise fail(key, "not JSON; valid: the run's preprocess.json") from None
+    try:
+        pre = Preprocessor.from_dict(spec)
+    except ValueError as err:
+        raise fail(key, f"{str(err).removeprefix('preprocess: ')}; valid: the run's preprocess.json") from None
+    for other, theirs, mine in (("vistrain.img_size", size, list(pre.size)), ("vistrain.mean", mean, list(pre.mean)),
+                                ("vistrain.std", std, list(pre.std))):
+        if mine != theirs:
+            raise fail(key, f"it says {mine}, {other} says {theirs}; export the run again")
+    return pre
 
 
 def _whole(x: Any) -> bool:
@@ -211,22 +243,20 @@ def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: di
         raise
 
 
-def sample_inputs(run: LoadedRun, data_config: dict[str, Any], n: int = VERIFY_IMAGES) -> tuple[torch.Tensor, str]:
-    """Up to ``n`` of the run's own images, preprocessed as ``predict`` does; random inputs when none is readable."""
-    from vistrain.data.images import load_rgb
-
-    transform = eval_transform(data_config["img_size"], data_config["mean"], data_config["std"])
+def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` of the run's own images through ``pre`` as ``predict`` does: float32 [n, 3, H, W]; random inputs
+    when none is readable."""
     images = []
     for path in run.splits()["path"].tolist():
         if len(images) == n:
             break
         try:
-            images.append(transform(load_rgb(path)))
+            images.append(pre.normalize(pre.load(path)))
         except Exception:  # noqa: BLE001 - moved or deleted since training: try the next one
             continue
     if images:
         return torch.stack(images), f"{len(images)} images of the run"
-    h, w = data_config["img_size"]
+    h, w = pre.size
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
 
 
@@ -336,19 +366,20 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     device = torch.device("cpu")  # the exported graph is device-neutral; tracing on the CPU needs no GPU
     results = []
     for fold in chosen:
-        model, data_config = load_fold_model(run, fold, device)
+        model, pre = load_fold_model(run, fold, device)
         module = Deployable.of_run(model, run)
-        h, w = data_config["img_size"]
+        h, w = pre.size
         example = torch.zeros(2, 3, h, w)  # batch 2: a batch of 1 could be specialised away as a constant
         path = out_dir / f"model_fold{fold}.onnx"
         start = time.time()
-        opset = export_onnx(module, example, path, metadata(run, fold, data_config))
+        opset = export_onnx(module, example, path, metadata(run, fold, pre))
+        write_json(out_dir / "preprocess.json", pre.to_dict())  # one run, one preprocessing: every fold's is this
         entry: dict[str, Any] = {"fold": fold, "path": str(path), "size_mb": round(path.stat().st_size / 2**20, 3),
                                  "outputs": module.output_names, "opset": opset,
                                  "export_s": round(time.time() - start, 2)}
         log.info("[EXPORT] fold=%d -> %s (%.1f MB, %.1f s)", fold, path, entry["size_mb"], entry["export_s"])
         if do_verify or do_benchmark:
-            inputs, source = sample_inputs(run, data_config)
+            inputs, source = sample_inputs(run, pre)
         if do_verify:
             entry["verify"] = {"source": source, **verify(module, path, inputs)}
             v = entry["verify"]

@@ -110,8 +110,8 @@ def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool)
     views = run.cfg.eval.tta if tta else []
     logits = []
     for fold in folds:
-        model, data_config = load_fold_model(run, fold, device)
-        logits.append(infer_logits(run, model, paths, data_config, device, views, desc=f"fold {fold}"))
+        model, pre = load_fold_model(run, fold, device)
+        logits.append(infer_logits(run, model, paths, pre, device, views, desc=f"fold {fold}"))
     return ensemble_probs(logits, run.temperature)
 
 

@@ -2,18 +2,21 @@
 
 Endpoints:
   GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
-  GET  /metadata  what the model needs and gives: task, classes, display_names, img_size, mean, std, temperature,
-                  source (the run id or the file name, never a path on the server)
+  GET  /metadata  what the model needs and gives: task, classes, display_names, preprocess (the run's
+                  preprocess.json), img_size, mean, std, temperature, source (the run id or the file name, never a
+                  path on the server)
   POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its display
                   name (class_map.json's metadata; null when none), its probability and the ``top_k`` classes;
                   embedding: per file the embedding.
 
 Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
 decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected request names the file and the reason
-(HTTP 400, or 413 for size) and predicts nothing. Preprocessing is the run's own (resize to the training size,
-normalise) and the same image decoding as ``predict``. A RUN is served with PyTorch: every trained fold averaged,
-as ``predict`` does, or one ``--fold``. An ONNX file (one fold, see ``vistrain export``) runs with onnxruntime and
-reads the preprocessing from its metadata, checked against the graph first (``export.read_onnx_metadata``).
+(HTTP 400, or 413 for size) and predicts nothing. Uploads are decoded as ``predict`` decodes files, then go through
+the run's own ``Preprocessor`` (crop, resize, CLAHE, normalisation): from the checkpoint for a RUN, from the
+``vistrain.preprocess`` metadata for an ONNX file (older files without it: resize to ``vistrain.img_size`` and
+normalise). A RUN is served with PyTorch: every trained fold averaged, as ``predict`` does, or one ``--fold``. An ONNX
+file (one fold, see ``vistrain export``) runs with onnxruntime, its metadata checked against the graph first
+(``export.read_onnx_metadata``).
 
 Log: the console, and a file (``--log-file``; by default ``RUN/serve.log`` for a run, ``serve.log`` beside an ONNX
 file): the start-up line, each refused upload (one line), each internal error (a 500 whose answer says no more;
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vistrain.data.transforms import eval_transform
+from vistrain.data.preprocess import Preprocessor
 from vistrain.errors import UserError, describe
 from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
 
@@ -57,9 +60,7 @@ class Predictor:
 
     task: str
     classes: list[str]
-    img_size: tuple[int, int]
-    mean: list[float]
-    std: list[float]
+    preprocessor: Preprocessor  # the run's: decoded uploads -> the model's input
     temperature: float
     backend: str  # "torch" or "onnxruntime"
     source: str  # the run id and folds, or the file's name: never a path on the server's disk
@@ -68,21 +69,19 @@ class Predictor:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
 
-    def __post_init__(self) -> None:
-        self.transform = eval_transform(self.img_size, self.mean, self.std)
-
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image)
+        """A decoded RGB upload -> float32 [3, H, W]."""
+        return self.preprocessor.process(np.asarray(image))
 
     def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:  # one request at a time on the model: predictable memory, no oversubscribed threads
             return self._run(batch)
 
     def metadata(self) -> dict[str, Any]:
+        p = self.preprocessor
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
-                "classes": self.classes, "display_names": self.display_names, "img_size": list(self.img_size),
-                "mean": self.mean, "std": self.std,
-                "temperature": self.temperature,
+                "classes": self.classes, "display_names": self.display_names, "preprocess": p.to_dict(),
+                "img_size": list(p.size), "mean": list(p.mean), "std": list(p.std), "temperature": self.temperature,
                 "input": "multipart/form-data, field 'files': one or more images"}
 
 
@@ -98,7 +97,7 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     device = dev.pick_device(run.cfg.train.device)
     modules = []
     for k in chosen:
-        model, data_config = load_fold_model(run, k, device)
+        model, pre = load_fold_model(run, k, device)  # one run, one preprocessing: every fold records the same
         modules.append(Deployable.of_run(model, run))
     names = modules[0].output_names
 
@@ -110,11 +109,9 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
         return {name: torch.stack([o[i] for o in per_fold]).float().mean(dim=0).cpu().numpy()
                 for i, name in enumerate(names)}
 
-    h, w = data_config["img_size"]
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
-    return Predictor(run.cfg.task, [str(c) for c in run.classes], (h, w), list(data_config["mean"]),
-                     list(data_config["std"]), float(run.temperature or 1.0), "torch", f"{run.path.name} {which}",
-                     run.cfg.model.name, infer, display_names=run.display_names())
+    return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(run.temperature or 1.0), "torch",
+                     f"{run.path.name} {which}", run.cfg.model.name, infer, display_names=run.display_names())
 
 
 def onnx_predictor(path: Path) -> Predictor:
@@ -136,8 +133,8 @@ def onnx_predictor(path: Path) -> Predictor:
     def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"image": batch})))
 
-    return Predictor(meta["task"], meta["classes"], meta["img_size"], meta["mean"], meta["std"], meta["temperature"],
-                     "onnxruntime", path.name, meta["model"], infer, display_names=meta["display_names"])
+    return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
+                     path.name, meta["model"], infer, display_names=meta["display_names"])
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:

@@ -11,20 +11,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
-from vistrain.data.dataset import ImageDataset
-from vistrain.data.samplers import SAMPLERS
-from vistrain.data.transforms import eval_transform, size_hw, train_transform
+from vistrain.data.dataset import ImageDataset, worker_init
+from vistrain.data.preprocess import Preprocessor
+from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
+from vistrain.data.transforms import TrainTransform
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
 from vistrain.errors import UserError, lookup
-from vistrain.models.build import build_model, data_config
+from vistrain.models.build import build_model
 from vistrain.models.init import init_weights
 from vistrain.models.losses import LOSSES
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 @dataclass
 class FoldSetup:
     model: nn.Module
-    data_config: dict[str, Any]  # mean, std, interpolation, img_size: what inference must reproduce
+    preprocessor: Preprocessor  # the deterministic preprocessing: what inference must reproduce
     train_loader: DataLoader
     valid_loader: DataLoader
     task: Any  # ClassificationTask | EmbeddingTask
@@ -46,34 +46,41 @@ class FoldSetup:
 
 
 def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: int
-                      ) -> tuple[nn.Module, dict[str, Any], str]:
-    """The fold's model with its starting weights, its preprocessing, and where the weights came from."""
+                      ) -> tuple[nn.Module, Preprocessor, str]:
+    """The fold's model with its starting weights, the run's preprocessing, and where the weights came from."""
     model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
     weights = init_weights(model, cfg.model, fold)
-    dcfg = {**data_config(model), "img_size": list(size_hw(cfg.train.img_size))}
     model.to(device)
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, dcfg, weights
+    return model, Preprocessor.from_config(cfg), weights
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
-             valid_labels: np.ndarray, dcfg: dict[str, Any], device: torch.device, info: DistInfo
-             ) -> tuple[DataLoader, DataLoader]:
+             valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo,
+             train_domains: np.ndarray | None = None) -> tuple[DataLoader, DataLoader]:
+    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels); training augments those pixels
+    (``TrainTransform``), validation only normalises them, as inference does. ``train_domains``: each training
+    item's domain; with ``data.sources`` ratios the epoch follows them."""
     t, s = cfg.train, cfg.sampler
-    train_ds = ImageDataset(train_paths, train_labels.tolist(),
-                            train_transform(cfg.augment, t.img_size, dcfg["mean"], dcfg["std"]))
-    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), eval_transform(t.img_size, dcfg["mean"], dcfg["std"]))
+    ratios = cfg.data.domain_ratios()
+    train_ds = ImageDataset(train_paths, train_labels.tolist(), TrainTransform(cfg.augment, pre), pre.load)
+    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, pre.load)
     generator = torch.Generator()  # reseeded by the loop every epoch
     workers = dev.auto_workers(t.num_workers, device)
-    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0}
+    common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+              "worker_init_fn": worker_init if workers else None}
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 
         batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
         train_loader = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
     else:
-        sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
+        if ratios and train_domains is not None:  # weighted: classes balanced too, within the domain shares
+            sampler = domain_ratio_sampler(train_labels.tolist(), generator, train_domains, ratios,
+                                           balance_classes=s.name == "weighted")
+        else:
+            sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
         if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
             sampler = RankShare(sampler, info.rank, info.world)
         train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
@@ -82,20 +89,27 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     return train_loader, valid_loader
 
 
+def _domains(data: Prepared, idx: np.ndarray) -> np.ndarray | None:
+    """The domain of each item of ``idx`` in that order ("" where a csv leaves it empty); None without domains."""
+    return data.items["domain"].fillna("").astype(str).to_numpy()[idx] if "domain" in data.items.columns else None
+
+
 def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
                          info: DistInfo = SINGLE) -> FoldSetup:
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
-    train_idx, valid_idx = np.flatnonzero(data.fold_of != fold), np.flatnonzero(data.fold_of == fold)
-    model, dcfg, start = _model_and_config(cfg, n_classes, device, fold)
+    train_idx, valid_idx = data.fold_indices(fold)
+    model, pre, start = _model_and_config(cfg, n_classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
-                                          dcfg, device, info)
+                                          pre, device, info, _domains(data, train_idx))
     weights = None
     if t.class_weights == "balanced":
         counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
         w = np.where(counts > 0, len(y_train) / (n_classes * np.maximum(counts, 1)), 0.0)
         weights = torch.tensor(w, dtype=torch.float32, device=device)
+    elif t.class_weights == "from_class_map" and data.class_map is not None:  # the config requires the map
+        weights = torch.tensor(data.class_map.weights(), dtype=torch.float32, device=device)
     mixup = None
     if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
         if t.batch_size % 2:
@@ -106,15 +120,8 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
     task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup,
-                              valid_domains(data.items, valid_idx))
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, model, len(valid_idx), True, start)
-
-
-def valid_domains(items: pd.DataFrame, valid_idx: np.ndarray) -> np.ndarray | None:
-    """The domain of each validation item, in loader order ("" where unknown); None without a domain column."""
-    if "domain" not in items.columns:
-        return None
-    return items["domain"].fillna("").astype(str).to_numpy()[valid_idx]
+                              _domains(data, valid_idx))
+    return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 
 def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
@@ -132,11 +139,11 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     train_idx = np.flatnonzero(split == "train")
     if len(q_idx) == 0:
         raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
-    model, dcfg, start = _model_and_config(cfg, len(data.classes), device, fold)
+    model, pre, start = _model_and_config(cfg, len(data.classes), device, fold)
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
-                                          data.eval_codes[v_idx], dcfg, device, info)
+                                          data.eval_codes[v_idx], pre, device, info, _domains(data, train_idx))
     feat_dim = model.num_features
     terms = []
     for term in cfg.loss.terms:
@@ -153,7 +160,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
             return margin_at_epoch(epoch, warm, m.arcface_m_warmup, m.arcface_m_finetune, m.margin_ramp_epochs)
     task = EmbeddingTask(terms, evaluation, margin, t.freeze_backbone_epochs)
     params = model.param_groups(t.lr, t.backbone_lr_mult, t.weight_decay)
-    return FoldSetup(model, dcfg, train_loader, valid_loader, task, params, len(v_idx), False, start)
+    return FoldSetup(model, pre, train_loader, valid_loader, task, params, len(v_idx), False, start)
 
 
 SETUPS: dict[str, Callable[[Config, Any, int, torch.device, DistInfo], FoldSetup]] = {

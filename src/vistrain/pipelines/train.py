@@ -22,8 +22,18 @@ import torch
 import vistrain
 from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config, DataCfg, TrackingCfg, domain_monitor
-from vistrain.data.sources import check_classes, drop_small_groups, load_items, require_dir, split_bad_images
-from vistrain.data.splits import assign_folds, assign_ratio_split, splits_table
+from vistrain.data.classmap import ClassMap, check_against, load_class_map
+from vistrain.data.preprocess import Preprocessor
+from vistrain.data.sources import (
+    check_classes,
+    check_min_images,
+    drop_small_groups,
+    load_items,
+    require_dir,
+    single_domain_classes,
+    split_bad_images,
+)
+from vistrain.data.splits import assign_folds, assign_ratio_split, classification_split, splits_table
 from vistrain.engine import device as dev
 from vistrain.engine import distributed
 from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
@@ -54,11 +64,22 @@ class Prepared:
     bad: pd.DataFrame  # unreadable or missing images, then those dropped by data.min_image_size, with a reason
     classes: list  # class labels in index order
     targets: np.ndarray  # [N] class index per item (-1 for items that do not train: queries, gallery)
-    fold_of: np.ndarray  # [N] fold per item (embedding runs: one fold, 0, split by data.items["split"])
+    fold_of: np.ndarray  # [N] fold per item (embedding runs: one fold, 0, split by data.items["split"]; a ratio
+    # split: 0 for the val items, -1 for the others)
     eval_codes: np.ndarray | None = None  # embedding: [N] identity / class code, equal codes match
     queries_without_match: int = 0  # re-id: queries the metrics skip (no gallery match on another camera)
     too_small: int = 0  # the last rows of ``bad``: dropped by data.min_image_size
     not_in_class_names: tuple[int, int] = (0, 0)  # embedding: (images, classes) left out by data.class_names
+    class_map: ClassMap | None = None  # data.class_map, when given
+    ratio_split: bool = False  # classification with data.split: ratio (items["split"]: train / val / test)
+    split_given: bool = False  # ... taken from the data's split column rather than drawn by the ratios
+
+    def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """(training, validation) item indices of a classifier's fold; a ratio split's test items are in neither."""
+        if self.ratio_split:
+            split = self.items["split"].to_numpy()
+            return np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        return np.flatnonzero(self.fold_of != fold), np.flatnonzero(self.fold_of == fold)
 
     def left_out(self, d: DataCfg) -> list[tuple[str, pd.DataFrame]]:
         """What the data lost before training: (log message, the items it lost, when listed in bad_images.csv)."""
@@ -87,15 +108,24 @@ class RunResult:
 def prepare_data(cfg: Config) -> Prepared:
     if cfg.task == "embedding":
         return _prepare_embedding(cfg)
-    items = load_items(cfg.data)
-    classes = check_classes(items, cfg.data.class_names)
-    items, bad = split_bad_images(items, cfg.data.on_bad_image)
+    d = cfg.data
+    items = load_items(d)
+    class_map = load_class_map(d.class_map) if d.class_map is not None else None
+    classes = check_against(class_map, items) if class_map else check_classes(items, d.class_names)
+    items, bad = split_bad_images(items, d.on_bad_image)
     if items.empty:
         raise UserError(f"data: no readable image among {len(bad)} items (see the paths, e.g. {bad['path'].iloc[0]})")
+    check_min_images(items, classes, d.min_images_per_class)
     index = {c: i for i, c in enumerate(classes)}
     targets = items["label"].map(index).to_numpy(dtype=np.int64)
-    fold_of = assign_folds(items, cfg.data.folds, cfg.project.seed, cfg.data.stratify)
-    return Prepared(items, bad, classes, targets, fold_of)
+    given = "split" in items.columns
+    if d.split == "ratio":
+        items["split"] = classification_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
+        fold_of = np.where(items["split"] == "val", 0, -1).astype(np.int64)
+    else:
+        fold_of = assign_folds(items, d.folds, cfg.project.seed, d.stratify)
+    return Prepared(items, bad, classes, targets, fold_of, class_map=class_map, ratio_split=d.split == "ratio",
+                    split_given=given)
 
 
 def _queries_without_match(items: pd.DataFrame) -> tuple[int, int]:
@@ -135,7 +165,7 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     skipped = 0
     if "split" not in items.columns:
         items["split"] = assign_ratio_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
-    else:
+    elif (items["split"] == "query").any():  # re-id folders (a manifest's split column holds train / val / test)
         skipped = _check_reid_queries(items, d)
     train = items["split"] == "train"
     classes = sorted(items.loc[train, "label"].unique().tolist())
@@ -177,7 +207,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     """
     check_final_steps(cfg, use_calibration, full_pipeline)
     folds = folds if folds is not None else cfg.folds_to_train()
-    if cfg.task == "embedding":
+    if cfg.task == "embedding" or cfg.data.split == "ratio":
         folds = [0]  # one model: the split comes from data.items["split"], not from K folds
     bad_folds = [k for k in folds if not 0 <= k < cfg.data.folds]
     if bad_folds:
@@ -219,10 +249,11 @@ def check_domain_monitor(cfg: Config, data: Prepared, folds: list[int]) -> None:
         raise UserError(f"train.monitor: {cfg.train.monitor} is reported only with 5 or more classes; the data has "
                         f"{len(data.classes)}; use top1@{domain} or macro_f1@{domain}")
     for fold in folds:
-        if not np.any(domains[data.fold_of == fold] == domain):
-            raise UserError(f"train.monitor: domain '{domain}' has no validation image in fold {fold} "
-                            f"({int(np.sum(domains == domain))} image(s) in all); lower data.folds or monitor "
-                            "another domain")
+        if not np.any(domains[data.fold_indices(fold)[1]] == domain):
+            where = "the val split" if data.ratio_split else f"fold {fold}"
+            fix = "raise data.val_ratio" if data.ratio_split else "lower data.folds"
+            raise UserError(f"train.monitor: domain '{domain}' has no validation image in {where} "
+                            f"({int(np.sum(domains == domain))} image(s) in all); {fix} or monitor another domain")
 
 
 def check_final_steps(cfg: Config, use_calibration: bool, full_pipeline: bool) -> None:
@@ -249,6 +280,8 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
                 from vistrain.pipelines.calibrate import run_calibrate
 
                 summary["calibration"] = run_calibrate(run.path)
+            if data.ratio_split and (data.items["split"] == "test").any():
+                _evaluate_test(run, summary)
             if full_pipeline:
                 from vistrain.pipelines.predict import run_predict
 
@@ -267,6 +300,18 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             raise
         log_outcome(log, "TRAINING")
     return RunResult(run.path, summary)
+
+
+def _evaluate_test(run: rundir.RunDir, summary: dict[str, Any]) -> None:
+    """A ratio split's test items, scored by the best model into RUN/eval/test/ (as ``evaluate RUN --split test``)
+    and recorded in summary.json under ``test``."""
+    from vistrain.pipelines.evaluate import run_evaluate
+
+    metrics = run_evaluate(run.path, "test", echo=False)
+    summary["test"] = {k: v for k, v in metrics.items() if k not in ("split", "folds", "overrides")}
+    write_json(run / "summary.json", summary)
+    log.info("[DONE] test split: n=%d top1=%.4f macro_f1=%.4f -> %s", metrics["n"], metrics["top1"],
+             metrics["macro_f1"], run / "eval" / "test")
 
 
 def _stopped_status(err: BaseException) -> str:
@@ -373,9 +418,16 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
 
 def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir) -> None:
     d = cfg.data
-    if d.source == "reid":
+    if d.sources:
+        log.info("[PATH] OK | sources: %s", "; ".join(
+            f"{s.name} ({s.source}) " + " ".join(f"{k}={getattr(s, k)}" for k in ("train_csv", "image_dir_train",
+                                                                                  "manifest") if getattr(s, k))
+            for s in d.sources))
+    elif d.source == "reid":
         log.info("[PATH] OK | root=%s | train=%s | query=%s | gallery=%s", d.root, d.train_folder, d.query_folder,
                  d.gallery_folder)
+    elif d.source == "manifest":
+        log.info("[PATH] OK | manifest=%s | sample_csv=%s", d.manifest, d.sample_csv)
     else:
         log.info("[PATH] OK | train_csv=%s | sample_csv=%s | image_dir_train=%s", d.train_csv, d.sample_csv,
                  d.image_dir_train)
@@ -385,6 +437,7 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
     log.info("[DATA] %d images, %d %s | per class: %s%s", len(data.items), len(data.classes),
              "classes" if cfg.task == "classification" else "training identities/classes", shown,
              f" ... ({len(per_class) - 30} more)" if len(per_class) > 30 else "")
+    _log_domains(cfg, data)
     for message, listed in data.left_out(d):
         if len(listed):
             log.warning("[DATA] %s; listed in %s", message, run / "bad_images.csv")
@@ -397,10 +450,37 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
                      "metrics skip them (Market-1501 protocol)", data.queries_without_match,
                      int((data.items["split"] == "query").sum()))
         return
+    if data.ratio_split:
+        sizes = data.items["split"].value_counts().to_dict()
+        how = "the data's split column" if data.split_given else \
+            f"data.train_ratio/val_ratio/test_ratio {d.train_ratio}/{d.val_ratio}/{d.test_ratio}, grouped, stratified"
+        log.info("[DATA] split=ratio (%s) | train=%d val=%d test=%d | one model; data.folds and data.valid_fold are "
+                 "not used", how, sizes.get("train", 0), sizes.get("val", 0), sizes.get("test", 0))
+        return
+    if "split" in data.items.columns:
+        log.info("[DATA] the data's split column is not used by data.split: kfold (data.split: ratio uses it)")
     grouped = data.items["group"].nunique() < len(data.items)
     sizes = {int(k): int(n) for k, n in zip(*np.unique(data.fold_of, return_counts=True))}
     log.info("[DATA] folds=%d (%s) | validation sizes: %s | training folds: %s", d.folds,
              "grouped" if grouped else "stratified" if d.stratify else "plain", sizes, folds)
+
+
+def _log_domains(cfg: Config, data: Prepared) -> None:
+    """Images per domain (with the sources' ratios), classes found in one domain only, and the training sampler."""
+    if "domain" not in data.items.columns:
+        return
+    ratios = cfg.data.domain_ratios() or {}
+    counts = data.items["domain"].astype(str).value_counts()
+    log.info("[DATA] domains: %s", ", ".join(f"{name}={int(counts[name])}" + (
+        f" (ratio {ratios[name]:g})" if name in ratios else "") for name in sorted(counts.index)))
+    for domain, classes in single_domain_classes(data.items).items():
+        log.warning("[DATA] %d class(es) only in domain %s: %s%s", len(classes), domain, ", ".join(classes[:20]),
+                    f" ... ({len(classes) - 20} more)" if len(classes) > 20 else "")
+    if ratios and cfg.sampler.name != "pk":
+        balanced = " and the classes drawn equally often (sampler.name: weighted)" \
+            if cfg.sampler.name == "weighted" else ""
+        log.info("[DATA] sampler: each epoch draws %s of the training images%s", " / ".join(
+            f"{name} {r:.0%}" for name, r in ratios.items()), balanced)
 
 
 def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_path: Path | None) -> None:
@@ -416,10 +496,17 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
             shutil.copyfile(config_path, run / "config.source.yaml")
             atomic_write_text(run / "command.txt", " ".join(sys.argv) + "\n")
     write_csv(run / "splits.csv", splits)
-    write_json(run / "class_map.json", {
+    write_json(run / "preprocess.json", Preprocessor.from_config(cfg).to_dict())
+    class_map: dict[str, Any] = {
         "class_to_idx": {str(c): i for i, c in enumerate(data.classes)},
         "idx_to_class": {str(i): c for i, c in enumerate(data.classes)},
-    })
+    }
+    if data.class_map is not None and data.class_map.metadata:
+        class_map["metadata"] = data.class_map.run_file()  # display_name (or name), training_weight, free fields
+    write_json(run / "class_map.json", class_map)
+    from vistrain.pipelines.manifest import build_manifest
+
+    write_json(run / "manifest.json", build_manifest(cfg, data))
     if len(data.bad):
         write_csv(run / "bad_images.csv", data.bad[["id", "path", "reason"]])
 
@@ -441,7 +528,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     t, m = cfg.train, cfg.model
     seed_everything(cfg.project.seed + fold)
     setup = SETUPS[cfg.task](cfg, data, fold, device, info)
-    task, dcfg, train_loader = setup.task, setup.data_config, setup.train_loader
+    task, pre, train_loader = setup.task, setup.preprocessor, setup.train_loader
     # A frozen backbone leaves parameters without gradients, which DDP must be told to expect.
     model = distributed.wrap(setup.model, info, device, find_unused=t.freeze_backbone_epochs > 0)
     stopper = EarlyStopping(t.monitor, t.early_stopping_patience)
@@ -451,11 +538,9 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
                        seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
     total, trainable = count_parameters(model)
-    log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | input=%s | "
-             "mean=%s std=%s | train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights,
-             total / 1e6, trainable / 1e6,
-             dcfg["img_size"], [round(x, 3) for x in dcfg["mean"]], [round(x, 3) for x in dcfg["std"]],
-             len(train_loader.dataset), setup.n_valid, len(train_loader))
+    log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | %s | "
+             "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights, total / 1e6,
+             trainable / 1e6, pre.describe(), len(train_loader.dataset), setup.n_valid, len(train_loader))
     last_path = run.ckpt("last", fold)
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device, hint=RESUME_HINT)
@@ -466,7 +551,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             log.info("[RESUME] fold=%d already finished (%d epochs); skipped", fold, state.epoch)
             return _fold_result(fold, state, ckpt.get("time_s", 0.0))
         log.info("[RESUME] fold=%d from epoch %d of %d", fold, state.epoch, t.epochs)
-    meta = {"fold": fold, "classes": data.classes, "data_config": dcfg, "config": config_to_dict(cfg),
+    meta = {"fold": fold, "classes": data.classes, "preprocess": pre.to_dict(), "config": config_to_dict(cfg),
             "task": cfg.task, "vistrain_version": vistrain.__version__}
     fold_start = time.time() - (state.history[-1].get("fold_time_s", 0.0) if state.history else 0.0)
 
@@ -558,7 +643,12 @@ def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[di
         "mean": {n: float(v.mean()) if len(v) else math.nan for n, v in values.items()},
         "std": {n: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for n, v in values.items()},
     }
-    if info.is_main and cfg.task == "classification" and sorted(folds) == list(range(cfg.data.folds)):
+    if data.ratio_split:
+        sizes = data.items["split"].value_counts()
+        summary["split"] = {"type": "ratio", **{k: int(sizes.get(k, 0)) for k in ("train", "val", "test")},
+                            "oof": "none: a ratio split trains one model on split=train (no out-of-fold logits); "
+                                   "the test split is scored into eval/test/"}
+    elif info.is_main and cfg.task == "classification" and sorted(folds) == list(range(cfg.data.folds)):
         summary["oof"] = _write_oof(run, data)
     summary["timings"] = {"total_s": round(time.time() - started, 2),
                           "per_fold_s": {str(r["fold"]): r["time_s"] for r in results}}

@@ -401,7 +401,9 @@ class FinalRun:
 def _context(cfg: Config, params: list[Param], tune_dir: Path, n_trials: int, shared: bool,
              done_before: int | None = None) -> _Context:
     t = cfg.tune
-    return _Context(cfg, params, tune_dir, list(t.folds), t.epochs or max(1, cfg.train.epochs // 3),
+    # run_train trains one model (fold 0) for these, whatever tune.folds says; the trial steps must agree
+    folds = [0] if cfg.task == "embedding" or cfg.data.split == "ratio" else list(t.folds)
+    return _Context(cfg, params, tune_dir, folds, t.epochs or max(1, cfg.train.epochs // 3),
                     cfg.train.monitor, n_trials, shared, done_before)
 
 

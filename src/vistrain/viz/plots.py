@@ -235,6 +235,10 @@ def fold_class_counts(splits_csv: Path, names: list[str]) -> tuple[list[str], li
     index = {n: i for i, n in enumerate(names)}
     label_idx = splits["label"].map(index).to_numpy(dtype=np.int64)
     fold = splits["fold"].to_numpy(dtype=np.int64)
+    if (fold < 0).any() and "split" in splits.columns:  # data.split: ratio: one model; the test items train in none
+        split = splits["split"].to_numpy()
+        train, valid = (np.bincount(label_idx[split == part], minlength=len(names))[None] for part in ("train", "val"))
+        return names, [0], train, valid
     folds = [int(k) for k in np.unique(fold)]
     train = np.stack([np.bincount(label_idx[fold != k], minlength=len(names)) for k in folds])
     valid = np.stack([np.bincount(label_idx[fold == k], minlength=len(names)) for k in folds])
