@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import last_line, read_metrics, run_cli, run_dirs, tiny_config, write_csv_dataset, write_yaml
+from conftest import read_metrics, run_cli, run_dirs, tiny_config, write_csv_dataset, write_yaml
 from sklearn import metrics as skm
 
 from vistrain.config import load_config
@@ -118,29 +118,34 @@ def test_named_sources_fix_the_domains_at_config_load(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- one two-domain run
 
 CLASSES = ("0", "1", "2", "3", "4", "5")  # top5@<domain> is reported from C >= 5 on; with 6 it is not always 1
+SPLIT = ["train", "train", "val", "test"]  # per class and source: each domain in val and test with every class
 
 
 @pytest.fixture(scope="module")
 def domain_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """6 classes x 6 images, alternately 'studio' and 'real'; 2 epochs on fold 0, best epoch by top1@real;
-    then ``evaluate --split val``."""
+    """Two data.sources (studio, real: 6 classes x 4 images each, the data's own split column) with data.split:
+    ratio, 2 epochs, best epoch by top1@real; training ends with eval/test/; then ``evaluate --split val``."""
+    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.pipelines.train import run_train
+
     root = tmp_path_factory.mktemp("domains")
-    domains = ["real" if i % 2 else "studio" for i in range(len(CLASSES) * 6)]
-    data = write_csv_dataset(root / "data", classes=CLASSES, per_class=6, extra_columns={"domain": domains})
-    cfg = tiny_config(data.root, train={"monitor": "top1@real"}, output={"exp_dir": str(root / "exp"),
-                                                                        "logs_dir": None})
+    sources = []
+    for seed, name in enumerate(("studio", "real")):
+        data = write_csv_dataset(root / name, classes=CLASSES, per_class=4, size=32, seed=seed,
+                                 extra_columns={"split": SPLIT * len(CLASSES)})
+        sources.append({"name": name, "source": "csv", "train_csv": str(data.train_csv),
+                        "image_dir_train": str(data.image_dir), "ratio": 0.5})
+    cfg = tiny_config(root, train={"monitor": "top1@real"}, output={"exp_dir": str(root / "exp"), "logs_dir": None})
+    cfg["data"] = {"sources": sources, "split": "ratio", "image_ext": ".png"}
     config = write_yaml(root / "cfg.yaml", cfg)
-    res = run_cli("train", "--config", str(config), cwd=root)
-    assert last_line(res.stdout) == "[EXIT] TRAINING SUCCESS code=0", res.stdout + res.stderr
-    run = run_dirs(root / "exp")[0]
-    ev = run_cli("evaluate", str(run), "--split", "val", cwd=root)
-    assert ev.returncode == 0, ev.stdout + ev.stderr
+    run = run_train(load_config(config)).run_dir
+    run_evaluate(run, "val", echo=False)
     return {"root": root, "run": run, "config": config, "data": data}
 
 
-def valid_part(run: Path) -> pd.DataFrame:
+def valid_part(run: Path, split: str = "val") -> pd.DataFrame:
     splits = pd.read_csv(run / "splits.csv", dtype={"label": str, "domain": str}, keep_default_na=False)
-    return splits[splits["fold"] == 0].reset_index(drop=True)
+    return splits[splits["split"] == split].reset_index(drop=True)
 
 
 def test_epoch_rows_carry_each_domains_metrics_as_scikit_learn_computes_them(domain_run: dict) -> None:
@@ -187,17 +192,20 @@ def test_tensorboard_has_a_curve_per_domain_metric(domain_run: dict) -> None:
     assert [e.value for e in acc.Scalars("fold0/top1@real")] == pytest.approx([r["top1@real"] for r in rows])
 
 
-def test_evaluate_writes_flat_domain_keys_that_predictions_csv_reproduces(domain_run: dict) -> None:
-    out = domain_run["run"] / "eval" / "val"
+@pytest.mark.parametrize("split", ["test", "val"])  # test: written by train at the end; val: by evaluate
+def test_per_domain_numbers_agree_with_scikit_learn_on_the_domains_rows_of_predictions_csv(domain_run: dict,
+                                                                                           split: str) -> None:
+    out = domain_run["run"] / "eval" / split
     metrics = json.loads((out / "metrics.json").read_text())
     pred = pd.read_csv(out / "predictions.csv", dtype={"true": str, "pred": str, "domain": str},
                        keep_default_na=False)
     assert pred.columns[:5].tolist() == ["id", "path", "domain", "true", "pred"]
-    assert pred["id"].tolist() == valid_part(domain_run["run"])["id"].tolist()
+    assert pred["id"].tolist() == valid_part(domain_run["run"], split)["id"].tolist()
     probs = pred[[f"prob_{c}" for c in CLASSES]].to_numpy()
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     assert (np.array(CLASSES)[probs.argmax(axis=1)] == pred["pred"]).all()
     index = {c: i for i, c in enumerate(CLASSES)}
+    assert sorted(metrics["per_domain"]) == ["real", "studio"]
     for dom in ("real", "studio"):
         part = pred[pred["domain"] == dom]
         y, p = part["true"].map(index).to_numpy(), part["pred"].map(index).to_numpy()
@@ -207,7 +215,16 @@ def test_evaluate_writes_flat_domain_keys_that_predictions_csv_reproduces(domain
         for key, value in (("top1", top1), ("macro_f1", f1), ("top5", top5)):
             assert metrics[f"{key}@{dom}"] == pytest.approx(value, abs=1e-9), (key, dom)
             assert metrics["per_domain"][dom][key] == pytest.approx(value, abs=1e-9), (key, dom)
-        assert metrics["per_domain"][dom]["n"] == len(part)
+        assert metrics["per_domain"][dom]["n"] == len(part) == len(CLASSES)
+
+
+def test_summary_json_carries_the_test_splits_per_domain_numbers(domain_run: dict) -> None:
+    run = domain_run["run"]
+    summary = json.loads((run / "summary.json").read_text())
+    test = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert summary["test"]["per_domain"] == test["per_domain"]
+    assert {k: summary["test"][k] for k in ("top1@real", "macro_f1@studio")} == \
+        {k: test[k] for k in ("top1@real", "macro_f1@studio")}
 
 
 def test_per_class_csv_has_each_domains_columns(domain_run: dict) -> None:
@@ -224,25 +241,25 @@ def test_per_class_csv_has_each_domains_columns(domain_run: dict) -> None:
 
 
 def test_report_shows_the_per_domain_table(domain_run: dict) -> None:
+    from vistrain.viz.report import render_report
+
     run = domain_run["run"]
-    res = run_cli("report", str(run), cwd=domain_run["root"])
-    assert res.returncode == 0, res.stderr
-    page = (run / "report.html").read_text()
-    assert "Per-domain metrics" in page
-    metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    page = render_report(run)
     section = page[page.index("Per-domain metrics"):]
     section = section[: section.index("</section>")]
-    for dom in ("real", "studio"):
-        assert f"<td>{dom}</td>" in section
-        assert f"{metrics['per_domain'][dom]['top1']:.4f}" in section
+    for split in ("test", "val"):
+        assert f"<h3>eval / {split}</h3>" in section
+        metrics = json.loads((run / "eval" / split / "metrics.json").read_text())
+        for dom in ("real", "studio"):
+            assert f"<td>{dom}</td><td>{len(CLASSES)}</td><td>{metrics['per_domain'][dom]['top1']:.4f}</td>" in section
 
 
-def test_an_unknown_domain_in_the_monitor_exits_2_before_a_run_directory(domain_run: dict, tmp_path: Path) -> None:
+def test_an_unknown_source_domain_in_the_monitor_exits_2_in_one_line(domain_run: dict, tmp_path: Path) -> None:
     res = run_cli("train", "--config", str(domain_run["config"]), "train.monitor=top1@phone",
                   f"output.exp_dir={tmp_path / 'exp'}", cwd=tmp_path)
     assert res.returncode == 2, res.stdout + res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert errors == ["error: train.monitor: domain 'phone' is not in the data; domains: real, studio"], res.stderr
+    assert len(errors) == 1 and "train.monitor: domain 'phone' is not in the data; domains: real, studio" in errors[0]
     assert "Traceback" not in res.stderr and not run_dirs(tmp_path / "exp")
 
 
@@ -264,6 +281,11 @@ def train_error(config: Path) -> str:
         run_train(load_config(config))
     assert not run_dirs(config.parent / "exp")  # stopped before the run directory
     return str(err.value)
+
+
+def test_an_unknown_domain_of_a_csv_domain_column_is_named(tmp_path: Path) -> None:
+    msg = train_error(small_run_config(tmp_path, ["real", "studio"] * 6, monitor="top1@reel"))
+    assert msg == "train.monitor: domain 'reel' is not in the data; domains: real, studio (did you mean 'real'?)"
 
 
 def test_top5_of_a_domain_needs_five_classes(tmp_path: Path) -> None:
@@ -343,7 +365,7 @@ def test_predict_adds_the_display_name_column(named_run: Path, domain_run: dict,
     written = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
     assert written.columns.tolist() == ["ID", "target", "display_name"]
     assert written["display_name"].tolist() == [DISPLAY.get(t, "") for t in written["target"]]
-    assert len(table) == len(CLASSES) * 6
+    assert len(table) == len(CLASSES) * 4
     plain = run_predict(domain_run["run"], domain_run["data"].image_dir, output=tmp_path / "q.csv")
     assert plain.columns.tolist() == ["ID", "target"]  # no metadata: the file is as before
 
@@ -380,10 +402,11 @@ def test_evaluate_and_report_show_the_display_names(named_run: Path) -> None:
 def test_export_metadata_carries_the_display_names(named_run: Path) -> None:
     from types import SimpleNamespace
 
+    from vistrain.data.preprocess import Preprocessor
     from vistrain.engine.inference import load_run
     from vistrain.pipelines.export import metadata, read_onnx_metadata
 
-    meta = metadata(load_run(named_run), 0, {"img_size": [32, 32], "mean": [0.5] * 3, "std": [0.5] * 3})
+    meta = metadata(load_run(named_run), 0, Preprocessor(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
     assert json.loads(meta["vistrain.display_names"]) == ["Zero tablet", "One capsule", None, None, None, None]
     session = SimpleNamespace(
         get_modelmeta=lambda: SimpleNamespace(custom_metadata_map=meta),
