@@ -86,6 +86,7 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
+    max_image_pixels: PositiveInt = 100_000_000  # a larger image (header) is unreadable, refused before decoding
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
@@ -316,6 +317,7 @@ class TuneCfg(Section):
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str | None = None  # RDB URL; SQLite in the tune directory when empty
     study_name: str | None = None  # the config's project.name when empty
+    heartbeat_s: PositiveInt = 30  # shared storage: a dead worker's trial is failed after 3 missed beats
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
 
 

@@ -15,7 +15,14 @@ import torch
 from vistrain.data.images import ImageIndex
 from vistrain.data.sources import read_csv, require_dir, require_file
 from vistrain.engine import device as dev
-from vistrain.engine.inference import LoadedRun, infer_logits, load_fold_model, load_run, select_folds
+from vistrain.engine.inference import (
+    LoadedRun,
+    infer_logits,
+    load_fold_model,
+    load_run,
+    require_readable,
+    select_folds,
+)
 from vistrain.errors import UserError
 from vistrain.metrics.classification import classification_report, per_domain_metrics
 from vistrain.pipelines.predict import predict_probs
@@ -82,6 +89,7 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
     probabilities serve as logits."""
     table = ratio_test_items(run)
     if table is not None:
+        require_readable(table["path"].tolist(), "splits.csv (test)")
         probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
         return np.log(np.clip(probs, 1e-12, 1.0)), _targets(run, table["label"], "splits.csv"), table
     d = run.cfg.data
@@ -97,6 +105,7 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
     if "domain" in df.columns:
         table["domain"] = df["domain"]
     targets = _targets(run, table["label"], "data.test_csv")
+    require_readable(table["path"].tolist(), "data.test_csv")
     probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
     return np.log(np.clip(probs, 1e-12, 1.0)), targets, table
 

@@ -23,6 +23,7 @@ import vistrain
 from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config, DataCfg, TrackingCfg, domain_monitor
 from vistrain.data.classmap import ClassMap, check_against, load_class_map
+from vistrain.data.images import set_max_pixels
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import (
     check_classes,
@@ -106,6 +107,7 @@ class RunResult:
 
 
 def prepare_data(cfg: Config) -> Prepared:
+    set_max_pixels(cfg.data.max_image_pixels)
     if cfg.task == "embedding":
         return _prepare_embedding(cfg)
     d = cfg.data
