@@ -263,6 +263,29 @@ def test_an_unknown_source_domain_in_the_monitor_exits_2_in_one_line(domain_run:
     assert "Traceback" not in res.stderr and not run_dirs(tmp_path / "exp")
 
 
+def test_a_kfold_run_with_a_domain_column_reports_domains_per_fold_and_out_of_fold(tmp_path: Path) -> None:
+    """data.valid_fold: all over a csv whose domain column puts both domains in each fold: summary.json's mean over
+    the folds and its OOF block (all held-out logits) carry the domain keys, and evaluate --split oof agrees."""
+    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.pipelines.train import run_train
+
+    classes = ("a", "b", "c")
+    config = small_run_config(tmp_path, ["real", "studio"] * 6, classes=classes, monitor="macro_f1@studio")
+    cfg = load_config(config, overrides=["data.valid_fold=all", "train.epochs=1"])
+    run = run_train(cfg).run_dir
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mean"]["macro_f1@studio"] == pytest.approx(
+        np.mean([f["best"]["macro_f1@studio"] for f in summary["folds"]]))
+    logits, y = np.load(run / "oof" / "oof_logits.npy"), np.load(run / "oof" / "oof_targets.npy")
+    domains = pd.read_csv(run / "splits.csv", dtype=str)["domain"].to_numpy()
+    evaluated = run_evaluate(run, "oof", echo=False)
+    for dom in ("real", "studio"):
+        rows = domains == dom
+        for metric, value in sk_domain(logits[rows], y[rows], len(classes)).items():
+            assert summary["oof"][f"{metric}@{dom}"] == pytest.approx(value, abs=1e-9), (metric, dom)
+            assert evaluated[f"{metric}@{dom}"] == pytest.approx(value, abs=1e-6), (metric, dom)
+
+
 # ------------------------------------------------------------------------ the monitor against the data
 
 def small_run_config(root: Path, domains: list[str], classes: tuple[str, ...] = ("a", "b", "c"),

@@ -42,7 +42,7 @@ from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.errors import UserError, describe, did_you_mean, exit_code
-from vistrain.metrics.classification import epoch_metrics
+from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
 from vistrain.models.build import check_model_name, count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
@@ -671,7 +671,10 @@ def _write_oof(run: rundir.RunDir, data: Prepared) -> dict[str, float]:
     write_csv(run / "oof" / "oof_ids.csv", pd.DataFrame({
         "id": data.items["id"], "fold": data.fold_of, "target": data.items["label"],
         "pred": [data.classes[i] for i in logits.argmax(axis=1)]}))
-    return epoch_metrics(logits, data.targets)
+    out = epoch_metrics(logits, data.targets)
+    if "domain" in data.items.columns:  # top1@<d> ... over every fold's held-out items of domain d
+        out.update(per_domain_metrics(logits, data.targets, data.items["domain"].fillna("").astype(str).to_numpy()))
+    return out
 
 
 def _fmt(key: str, v: Any) -> str:
