@@ -30,7 +30,7 @@ from vistrain.tracking.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("val", "test", "oof")
-DOMAIN_KEYS = ("top1", "macro_f1", "balanced_accuracy")  # the console's per-domain table (metrics.json has all)
+DOMAIN_KEYS = ("top1", "top5", "macro_f1", "balanced_accuracy")  # the console's per-domain table (metrics.json has all)
 
 
 def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
