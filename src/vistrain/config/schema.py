@@ -321,6 +321,28 @@ class TuneCfg(Section):
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
 
 
+class ServeCfg(Section):
+    """``vistrain serve`` limits and upload checks; its flags override them, an exported file carries them."""
+
+    max_files: PositiveInt = 32  # images per request; more is refused (HTTP 400)
+    max_mb: Annotated[float, Field(gt=0)] = 20.0  # size of one upload; larger is refused (HTTP 413)
+    top_k: PositiveInt = 5  # classes in each answer
+    min_resolution: Annotated[int, Field(ge=0)] = 512  # a side shorter than this gets a warning (seed 003); 0: none
+    formats: list[str] = ["JPEG", "PNG"]  # Pillow format names that get no warning; others are predicted, warned
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        from PIL import Image
+
+        known = set(Image.registered_extensions().values())
+        for name in v:
+            if name.upper() not in known:
+                raise ValueError(f"'{name}' is not an image format Pillow reads; valid: its format names, e.g. JPEG, "
+                                 f"PNG, WEBP, BMP, TIFF, GIF{did_you_mean(name.upper(), known)}")
+        return [name.upper() for name in v]
+
+
 class OutputCfg(Section):
     exp_dir: Path = Path("experiments")  # runs go to exp_dir/YYYYMMDD/<run_id>/
     logs_dir: Path | None = Path("logs")  # a copy of each train.log as run_YYYYMMDD-HHMM_<run_id>.log
@@ -372,7 +394,7 @@ NOT_READ_BY = {
     "embedding": ["data.folds", "data.valid_fold", "data.stratify", "data.split", "data.class_map",
                   "data.min_images_per_class", "model.drop_rate", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
-                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta"],
+                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta", "serve.top_k"],
 }
 
 
@@ -389,6 +411,7 @@ class Config(Section):
     eval: EvalCfg = EvalCfg()
     tracking: TrackingCfg = TrackingCfg()
     tune: TuneCfg = TuneCfg()
+    serve: ServeCfg = ServeCfg()
     output: OutputCfg = OutputCfg()
     # The --mode preset the config was built on (config.loader.ModeInfo, set by load_config; not a config key).
     _mode: Any = PrivateAttr(default=None)

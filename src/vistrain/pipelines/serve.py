@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistrain.config.schema import ServeCfg
 from vistrain.data.preprocess import Preprocessor
 from vistrain.errors import UserError, describe
 from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
@@ -49,9 +50,24 @@ MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
 
 @dataclass
 class Limits:
+    """The upload limits and checks of one server: the ``serve:`` section (``config.schema.ServeCfg``) of the run's
+    config or of an exported file's ``vistrain.serve`` metadata, with the CLI flags over it."""
+
     max_files: int = 32
     max_mb: float = 20.0
     top_k: int = 5
+    min_resolution: int = 512
+    formats: tuple[str, ...] = ("JPEG", "PNG")
+
+    @classmethod
+    def resolve(cls, section: dict[str, Any], flags: dict[str, Any] | None = None) -> "Limits":
+        """``section``'s values, each replaced by the flag of the same name that is not None."""
+        values = {**section, **{k: v for k, v in (flags or {}).items() if v is not None}}
+        return cls(**{**values, "formats": tuple(values["formats"])})
+
+    def describe(self) -> str:
+        return (f"max_files={self.max_files} max_mb={self.max_mb:g} top_k={self.top_k} "
+                f"min_resolution={self.min_resolution} formats={','.join(self.formats)}")
 
 
 @dataclass
@@ -66,6 +82,7 @@ class Predictor:
     source: str  # the run id and folds, or the file's name: never a path on the server's disk
     model_name: str
     _run: Any = field(repr=False, default=None)
+    serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
 
@@ -111,7 +128,8 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
 
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(run.temperature or 1.0), "torch",
-                     f"{run.path.name} {which}", run.cfg.model.name, infer, display_names=run.display_names())
+                     f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
+                     display_names=run.display_names())
 
 
 def onnx_predictor(path: Path) -> Predictor:
@@ -134,7 +152,7 @@ def onnx_predictor(path: Path) -> Predictor:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
-                     path.name, meta["model"], infer, display_names=meta["display_names"])
+                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"])
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:
@@ -177,6 +195,20 @@ def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
 
 
+def upload_warnings(data: bytes, limits: Limits) -> list[str]:
+    """What seed 003's BFF warns about in an image it still passes on: a side under ``min_resolution``, a format not
+    in ``formats`` (from the file's header; ``decode_upload`` has already accepted it). A phone's multi-picture
+    JPEG (Pillow's MPO) counts as JPEG."""
+    with Image.open(io.BytesIO(data)) as img:
+        (w, h), fmt = img.size, img.format or "unknown"
+    notes = []
+    if min(w, h) < limits.min_resolution:
+        notes.append(f"resolution {w}x{h} is under serve.min_resolution={limits.min_resolution}")
+    if ("JPEG" if fmt == "MPO" else fmt) not in limits.formats:
+        notes.append(f"format {fmt} is not one of {', '.join(limits.formats)}")
+    return notes
+
+
 def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarray], top_k: int
             ) -> list[dict[str, Any]]:
     """The JSON answer for each file, in upload order."""
@@ -202,7 +234,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
         from fastapi.responses import JSONResponse
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
-    limits = limits or Limits()
+    limits = limits or Limits.resolve(predictor.serve)
     app = FastAPI(title="vistrain", description=f"{predictor.task} model {predictor.model_name}")
 
     @app.middleware("http")
@@ -233,15 +265,19 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
         if len(files) > limits.max_files:
             raise refuse(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
         names = [f.filename or f"file{i}" for i, f in enumerate(files)]
-        tensors = []
+        tensors, notes = [], []
         try:
             for n, f in zip(names, files):  # one decoded image in memory at a time; only its small tensor stays
-                tensors.append(predictor.preprocess(decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1),
-                                                                  limits)))
+                data = f.file.read(int(limits.max_mb * 2**20) + 1)
+                tensors.append(predictor.preprocess(decode_upload(n, data, limits)))
+                notes.append(upload_warnings(data, limits))
         except UploadError as err:
             raise refuse(err.status, str(err)) from err
         batch = torch.stack(tensors).numpy()
-        return {"task": predictor.task, "results": results(predictor, names, predictor(batch), limits.top_k)}
+        rows = results(predictor, names, predictor(batch), limits.top_k)
+        for row, warnings in zip(rows, notes):
+            row["warnings"] = warnings
+        return {"task": predictor.task, "results": rows}
 
     return app
 
@@ -254,8 +290,9 @@ def default_log_file(target: Path) -> Path | None:
 
 
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
-              limits: Limits | None = None, log_file: Path | None = None) -> None:
-    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome."""
+              limits: dict[str, Any] | None = None, log_file: Path | None = None) -> None:
+    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome.
+    ``limits``: the ``Limits`` fields given on the command line (None: the model's ``serve:`` section)."""
     log_file = log_file or default_log_file(target)
     if log_file is not None:
         try:
@@ -274,12 +311,16 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
         log_outcome(log, "SERVING")
 
 
-def _serve(target: Path, host: str, port: int, fold: int | None, limits: Limits | None) -> None:
+def _serve(target: Path, host: str, port: int, fold: int | None, flags: dict[str, Any] | None) -> None:
     try:
         import uvicorn
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
     predictor = load_predictor(target, fold)
+    limits = Limits.resolve(predictor.serve, flags)
+    given = sorted(k for k, v in (flags or {}).items() if v is not None)
+    log.info("[SERVE] limits: %s (the %s's serve: section%s)", limits.describe(),
+             "run" if predictor.backend == "torch" else "file", f"; flags: {', '.join(given)}" if given else "")
     app = create_app(predictor, limits)
     _check_port(host, port)
     log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
