@@ -185,7 +185,9 @@ class TrainCfg(Section):
     eval_every_n_epochs: PositiveInt = 1  # validate (monitor, best, early stopping) every N epochs and at the last
     save_every_n_epochs: Annotated[int, Field(ge=0)] = 0  # also keep ckpt/epoch{E}_fold{k}.pth every N epochs; 0: no
     keep_best_k: Annotated[int, Field(ge=0)] = 0  # also keep the K best evaluated epochs: ckpt/top_epoch{E}_fold{k}.pth
-    monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty
+    # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty; a classifier may also
+    # monitor one domain: top1@<domain>, top5@<domain>, macro_f1@<domain> (e.g. top1@real)
+    monitor: str | None = None
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
@@ -360,6 +362,23 @@ def retrieval_monitors(recall_ks: list[int]) -> list[str]:
 
 
 RETRIEVAL_MONITORS = retrieval_monitors(EvalCfg().recall_ks)  # with the default eval.recall_ks
+# A classifier's per-domain monitors, "<metric>@<domain>": metrics.classification.DOMAIN_METRICS (not imported
+# here, so loading a config does not load scikit-learn and torch).
+DOMAIN_MONITORS = ("top1", "top5", "macro_f1")
+
+
+def domain_monitor(monitor: str) -> tuple[str, str] | None:
+    """``(metric, domain)`` of a per-domain monitor such as ``top1@real``; None for any other name."""
+    metric, sep, domain = monitor.partition("@")
+    return (metric, domain) if sep and domain and metric in DOMAIN_MONITORS else None
+
+
+def _source_domains(d: DataCfg) -> list[str] | None:
+    """The domains a config fixes by itself: the names of ``data.sources`` (every item of a source gets its name
+    as its domain); None when they are known only from the data (a csv or manifest ``domain`` column)."""
+    return [s.name for s in d.sources] if d.sources else None
+
+
 MONITORS = {
     "classification": ["macro_f1", "accuracy", "valid_loss"],
     "embedding": REID_MONITORS + RETRIEVAL_MONITORS,  # re-id runs (data.source: reid) report the first five
@@ -418,14 +437,20 @@ class Config(Section):
             valid, kind = REID_MONITORS, "a re-id (data.source: reid)"
         else:
             valid, kind = retrieval_monitors(self.eval.recall_ks), "a retrieval"
+        by_domain = domain_monitor(self.train.monitor or "") if self.task == "classification" else None
         if self.train.monitor is None:
             self.train.monitor = valid[0]
-        elif self.train.monitor not in valid:
+        elif self.train.monitor not in valid and by_domain is None:
             why = ""
             if kind == "a retrieval" and self.train.monitor.startswith("recall@"):
                 why = f" (recall@K only for K in eval.recall_ks {self.eval.recall_ks}; add it there)"
+            shown = valid + [f"{m}@<domain>" for m in DOMAIN_MONITORS] if self.task == "classification" else valid
             raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run{why}; valid: "
-                             f"{', '.join(valid)}{did_you_mean(self.train.monitor, valid)}")
+                             f"{', '.join(shown)}{did_you_mean(self.train.monitor, valid)}")
+        domains = _source_domains(self.data)
+        if by_domain is not None and domains is not None and by_domain[1] not in domains:
+            raise ValueError(f"train.monitor: domain '{by_domain[1]}' is not in the data; domains: "
+                             f"{', '.join(sorted(domains))}{did_you_mean(by_domain[1], domains)}")
         ratio_split = self.task == "embedding" or self.data.split == "ratio"
         if ratio_split and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vistrain.config.loader import EVAL_OVERRIDES, config_to_dict, load_config, restrict_overrides
 from vistrain.config.schema import Config
+from vistrain.data.classmap import display_name
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.images import check_images, set_max_pixels
 from vistrain.data.preprocess import Preprocessor
@@ -38,6 +39,7 @@ class LoadedRun:
     folds: list[int]  # folds that have a best checkpoint
     temperature: float | None  # from calibration.json, when the run was calibrated
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # class_map.json's per-class metadata
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -50,6 +52,10 @@ class LoadedRun:
         """Class label (as text) -> index of the model's output."""
         return {str(c): i for i, c in enumerate(self.classes)}
 
+    def display_names(self) -> list[str | None]:
+        """Each class's display name in index order (``data.classmap.display_name``: class_map.json's
+        ``metadata.<class>.display_name``, else ``.name``), None for a class without one."""
+        return [display_name(self.metadata, c) for c in self.classes]
 
 def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
@@ -68,7 +74,9 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     calib = run_dir / "calibration.json"
     temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
     _apply_threads(cfg)
-    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys))
+    metadata = class_map.get("metadata")
+    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys),
+                     metadata if isinstance(metadata, dict) else {})
 
 
 def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:

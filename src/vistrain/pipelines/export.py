@@ -102,8 +102,9 @@ def _require_export_packages() -> None:
 
 
 def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
-    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON)."""
-    return {
+    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON);
+    ``vistrain.display_names`` (per class, null where none) only when class_map.json names any class."""
+    out = {
         "vistrain.version": vistrain.__version__,
         "vistrain.run_id": run.path.name,
         "vistrain.fold": str(fold),
@@ -121,13 +122,17 @@ def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
         "vistrain.feat_norm": json.dumps(bool(run.cfg.eval.feat_norm)),
         "vistrain.flip_feats": json.dumps(bool(run.cfg.eval.flip_feats and run.cfg.task == "embedding")),
     }
+    names = run.display_names()
+    if any(names):
+        out["vistrain.display_names"] = json.dumps(names)
+    return out
 
 
 def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
     edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
-    answer fails. Returns task, classes, img_size (H, W), mean, std, preprocessor (``Preprocessor``), temperature and
-    model."""
+    answer fails. Returns task, classes, display_names (None when the file has none), img_size (H, W), mean, std,
+    preprocessor (``Preprocessor``), temperature and model."""
     meta = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_NEEDED if k not in meta]
     if missing:
@@ -170,8 +175,12 @@ def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
         raise fail("vistrain.classes", f"{len(classes)} classes, but the graph's probs output has {width}")
     temperature = value("vistrain.temperature", "a finite number above 0", lambda v: _numbers([v], 1) and v > 0,
                         default="1.0")
+    names = value("vistrain.display_names", f"a list of {len(classes)} strings or nulls, one per class",
+                  lambda v: v is None or (isinstance(v, list) and len(v) == len(classes)
+                                          and all(n is None or isinstance(n, str) for n in v)), default="null")
     pre = _preprocessor(meta, fail, size, mean, std)
-    return {"task": task, "classes": classes, "img_size": (size[0], size[1]), "mean": [float(x) for x in mean],
+    return {"task": task, "classes": classes, "display_names": names, "img_size": (size[0], size[1]),
+            "mean": [float(x) for x in mean],
             "std": [float(x) for x in std], "preprocessor": pre, "temperature": float(temperature),
             "model": meta.get("vistrain.model", "?"), "serve": _serve_section(meta, fail)}
 

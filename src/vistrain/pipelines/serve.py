@@ -2,10 +2,12 @@
 
 Endpoints:
   GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
-  GET  /metadata  what the model needs and gives: task, classes, preprocess (the run's preprocess.json), img_size,
-                  mean, std, temperature, source (the run id or the file name, never a path on the server)
-  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its
-                  probability and the ``top_k`` classes; embedding: per file the embedding.
+  GET  /metadata  what the model needs and gives: task, classes, display_names, preprocess (the run's
+                  preprocess.json), img_size, mean, std, temperature, source (the run id or the file name, never a
+                  path on the server)
+  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its display
+                  name (class_map.json's metadata; null when none), its probability and the ``top_k`` classes;
+                  embedding: per file the embedding.
 
 Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
 decode in full as an image (JPEG, PNG, ...; a truncated file, or one whose header lies about its size, is a 400).
@@ -103,6 +105,7 @@ class Predictor:
     _run: Any = field(repr=False, default=None)
     serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB upload -> float32 [3, H, W]."""
@@ -115,8 +118,8 @@ class Predictor:
     def metadata(self) -> dict[str, Any]:
         p = self.preprocessor
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
-                "classes": self.classes, "preprocess": p.to_dict(), "img_size": list(p.size), "mean": list(p.mean),
-                "std": list(p.std), "temperature": self.temperature,
+                "classes": self.classes, "display_names": self.display_names, "preprocess": p.to_dict(),
+                "img_size": list(p.size), "mean": list(p.mean), "std": list(p.std), "temperature": self.temperature,
                 "input": "multipart/form-data, field 'files': one or more images"}
 
 
@@ -146,7 +149,8 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
 
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(run.temperature or 1.0), "torch",
-                     f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump())
+                     f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
+                     display_names=run.display_names())
 
 
 def onnx_predictor(path: Path) -> Predictor:
@@ -169,7 +173,7 @@ def onnx_predictor(path: Path) -> Predictor:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
-                     path.name, meta["model"], infer, serve=meta["serve"])
+                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"])
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:
@@ -235,8 +239,11 @@ def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarra
         if predictor.task == "classification":
             probs = outputs["probs"][i]
             top = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
-            rows.append({"file": name, "class": predictor.classes[int(top[0])], "prob": float(probs[top[0]]),
-                         "top": [{"class": predictor.classes[int(j)], "prob": float(probs[j])} for j in top]})
+            names = predictor.display_names or [None] * len(predictor.classes)
+            rows.append({"file": name, "class": predictor.classes[int(top[0])], "display_name": names[int(top[0])],
+                         "prob": float(probs[top[0]]),
+                         "top": [{"class": predictor.classes[int(j)], "display_name": names[int(j)],
+                                  "prob": float(probs[j])} for j in top]})
         else:
             rows.append({"file": name, "embedding": [float(x) for x in outputs["embedding"][i]]})
     return rows
