@@ -151,6 +151,8 @@ def test_benchmark_figures_are_medians_repeated_until_stable() -> None:
     from vistrain.pipelines.export import stable_median_ms
 
     settling = iter([100.0] * 5 + [50.0, 49.0, 70.0, 51.0, 50.0] + [52.0, 51.0, 53.0, 90.0, 52.0])
-    assert stable_median_ms(lambda: next(settling)) == {"ms": 52.0, "runs": 15, "stable": True}
+    assert stable_median_ms(lambda: next(settling)) == {"ms": 52.0, "p50_ms": 52.0, "p95_ms": 82.6, "runs": 15,
+                                                        "stable": True}  # percentiles of the last window
     noisy = iter([10.0, 30.0] * 50)
-    assert stable_median_ms(lambda: next(noisy), budget_s=0) == {"ms": 10.0, "runs": 5, "stable": False}
+    assert stable_median_ms(lambda: next(noisy), budget_s=0) == {"ms": 10.0, "p50_ms": 10.0, "p95_ms": 30.0,
+                                                                 "runs": 5, "stable": False}

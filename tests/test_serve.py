@@ -21,6 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from vistrain.config.schema import ServeCfg  # noqa: E402
 from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
 
 
@@ -44,7 +45,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("serve")
     data = write_csv_dataset(root / "data", per_class=8)
     cfg = tiny_config(data.root, data={"valid_fold": "all"}, train={"epochs": 1},
-                      output={"exp_dir": str(root / "exp"), "logs_dir": None}, tracking={"tensorboard": False})
+                      output={"exp_dir": str(root / "exp"), "logs_dir": None}, tracking={"tensorboard": False},
+                      serve={"min_resolution": 64, "max_files": 16})
     run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
     files = sorted(data.image_dir.glob("*.png"))[::5][:5]
     files += odd_images(data.image_dir, files[0])
@@ -146,6 +148,9 @@ def rewritten(src: Path, dst: Path, input_name: str = "image", **changes: str | 
     ({"temperature": "0"}, "vistrain.temperature", "a finite number above 0"),
     ({"temperature": '"hot"'}, "vistrain.temperature", "a finite number above 0"),
     ({"img_size": None}, "vistrain.img_size", "export it with vistrain export"),
+    ({"serve": "abc"}, "vistrain.serve", "not JSON"),
+    ({"serve": '{"top_k": 0}'}, "vistrain.serve", "serve.top_k: Input should be greater than 0"),
+    ({"serve": '{"formats": ["JPG"]}'}, "vistrain.serve", "serve.formats: 'JPG' is not an image format"),
     ({"preprocess": "{crop"}, "vistrain.preprocess", "not JSON; valid: the run's preprocess.json"),
     ({"preprocess": "[1, 2]"}, "vistrain.preprocess", "not a vistrain preprocessing description"),
     ({"preprocess": json.dumps({**Preprocessor(size=(32, 32)).to_dict(), "crop": "circle"})}, "vistrain.preprocess",
@@ -262,3 +267,86 @@ def test_request_errors_are_logged_with_their_traceback(served: dict, tmp_path: 
     assert f"[SERVE] POST /predict -> 500 RuntimeError: model on {served['run']} exploded" in log
     assert "Traceback (most recent call last)" in log and "in broken" in log
     assert "[SERVE] POST /predict -> 400 notes.png: not a readable image" in log
+
+
+def image_bytes(fmt: str, size: tuple[int, int]) -> bytes:
+    """A ``size`` (width, height) picture of class 0 saved as ``fmt``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (220, 40, 40)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_uploads_carry_warnings_for_low_resolution_and_unusual_formats(served: dict) -> None:
+    """Seed 003's BFF checks, per file, beside the answer; the images are still predicted."""
+    client = TestClient(create_app(load_predictor(served["run"]), Limits()))  # the defaults: 512 px, JPEG / PNG
+    uploads = {"small.png": ("PNG", (300, 200)), "photo.webp": ("WEBP", (640, 600)),
+               "scan.bmp": ("BMP", (100, 600)), "big.jpg": ("JPEG", (800, 600))}
+    res = client.post("/predict", files=[("files", (name, image_bytes(fmt, size), "image/*"))
+                                         for name, (fmt, size) in uploads.items()])
+    assert res.status_code == 200, res.text
+    warnings = {r["file"]: r["warnings"] for r in res.json()["results"]}
+    assert warnings == {
+        "small.png": ["resolution 300x200 is under serve.min_resolution=512"],
+        "photo.webp": ["format WEBP is not one of JPEG, PNG"],
+        "scan.bmp": ["resolution 100x600 is under serve.min_resolution=512", "format BMP is not one of JPEG, PNG"],
+        "big.jpg": [],
+    }
+    assert all(r["class"] == "0" for r in res.json()["results"])
+
+
+def test_serve_limits_come_from_the_run_config_with_the_flags_over_them(served: dict, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from vistrain import cli
+    from vistrain.pipelines import serve
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))  # no server: the app it would run
+    monkeypatch.setattr(serve, "_check_port", lambda host, port: None)
+    log = tmp_path / "serve.log"
+    assert cli.main(["serve", str(served["run"]), "--max-files", "2", "--log-file", str(log)]) == 0
+    client = TestClient(apps[-1])
+    res = client.post("/predict", files=upload(served["files"][:3]))
+    assert res.status_code == 400 and "over the limit of 2" in res.json()["detail"]  # the flag
+    (row,) = client.post("/predict", files=upload(served["files"][:1])).json()["results"]
+    assert row["warnings"] == ["resolution 40x40 is under serve.min_resolution=64"]  # the run's config
+    assert ("[SERVE] limits: max_files=2 max_mb=20 top_k=5 min_resolution=64 formats=JPEG,PNG max_pixels=24000000 "
+            "max_request_mb=64 max_concurrency=4 timeout_s=30 (the run's serve: section; flags: max_files)"
+            ) in log.read_text()
+
+    assert cli.main(["serve", str(served["run"]), "--min-resolution", "0", "--formats", "jpeg", "--log-file",
+                     str(log)]) == 0
+    client = TestClient(apps[-1])
+    (row,) = client.post("/predict", files=upload(served["files"][:1])).json()["results"]
+    assert row["warnings"] == ["format PNG is not one of JPEG"]
+    assert client.post("/predict", files=upload(served["files"][:3] * 5)).status_code == 200  # 15 <= 16 (config)
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["serve", str(served["run"]), "--formats", "JPG"])
+    assert excinfo.value.code == 2
+
+
+def test_an_exported_file_carries_the_serve_section(exported: Path, tmp_path: Path) -> None:
+    (row,) = TestClient(create_app(load_predictor(exported))).post(
+        "/predict", files=upload([exported.parent.parent / "data" / "train" / "img_0_000.png"])).json()["results"]
+    assert row["warnings"] == ["resolution 40x40 is under serve.min_resolution=64"]
+    assert load_predictor(exported).serve["max_files"] == 16
+    older = rewritten(exported, tmp_path / "older.onnx", serve=None)  # exported before the serve: section existed
+    assert load_predictor(older).serve == ServeCfg().model_dump()  # the defaults
+
+
+def test_serve_section_is_checked_when_the_config_loads(tmp_path: Path) -> None:
+    from vistrain.errors import ConfigError
+
+    data = write_csv_dataset(tmp_path / "data", per_class=2)
+    cfg = tiny_config(data.root, serve={"min_resolution": -1, "formats": ["jpeg", "JPG"]})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(write_yaml(tmp_path / "cfg.yaml", cfg))
+    lines = str(excinfo.value).splitlines()
+    assert any(ln.startswith("serve.min_resolution: ") and "greater than or equal to 0" in ln for ln in lines), lines
+    assert any(ln.startswith("serve.formats: 'JPG' is not an image format") and "(did you mean 'JPEG'?)" in ln
+               for ln in lines), lines
+    ok = load_config(write_yaml(tmp_path / "ok.yaml", tiny_config(data.root, serve={"formats": ["jpeg", "webp"]})))
+    assert ok.serve.formats == ["JPEG", "WEBP"] and ok.serve.min_resolution == 512

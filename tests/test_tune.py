@@ -8,9 +8,6 @@ directions, two worker processes sharing one SQLite study) is checked in millise
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import cli_env, tiny_config, write_csv_dataset, write_yaml
+from conftest import tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config.loader import load_config, validate
 from vistrain.config.schema import Config
@@ -307,43 +304,7 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     assert calibration["temperature"] > 0
 
 
-# A worker process with a fake trainer: a few tenths of a second per epoch, so the two workers' trials
-# overlap and both write to the database at once; lr 1e-9 scores low, so the pruner has work too.
-# The fake stands in for the whole train module, so a worker never imports torch or timm.
-WORKER = textwrap.dedent("""
-    import sys, time, types
-    from pathlib import Path
-    from vistrain.config.loader import load_config
-
-    def run_train(cfg, folds=None, on_epoch=None, **kwargs):
-        for epoch in range(1, cfg.train.epochs + 1):
-            time.sleep(0.3)
-            on_epoch({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
-        return types.SimpleNamespace(run_dir=Path(cfg.output.exp_dir), summary={"mean": {"macro_f1": 0.7}})
-
-    sys.modules["vistrain.pipelines.train"] = types.SimpleNamespace(run_train=run_train)
-    from vistrain.pipelines import tune
-    tune.write_plots = lambda study, out: {}
-    tune.run_tune(load_config(sys.argv[1]), n_trials=3, storage=sys.argv[2], study_name="shared")
-""")
-
-
-def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
-    optuna = pytest.importorskip("optuna")
-    raw = tiny_config(tmp_path, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
-    raw["tune"] = {"epochs": 2, "space": LR_SPACE}
-    config = write_yaml(tmp_path / "tune.yaml", raw)
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(config), url], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    for w, out in zip(workers, outputs):
-        assert w.returncode == 0, out[-3000:]
-    study = optuna.load_study(study_name="shared", storage=url)
-    states = [t.state.name for t in study.trials]
-    assert len(states) == 6 and set(states) <= {"COMPLETE", "PRUNED"}, states
-    assert len(list((tmp_path / "exp").glob("*/*_tune"))) == 2  # one tune directory per worker
+# Shared studies (several worker processes on one storage): tests/test_tune_shared.py.
 
 
 # ---------------------------------------------------------------------------------- CLI (once it is wired)

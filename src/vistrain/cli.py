@@ -142,7 +142,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     console_logging()
     summary = run_export(Path(args.run), fmt=args.format, folds=args.folds,
                          output=Path(args.output) if args.output else None, do_verify=args.verify,
-                         do_benchmark=args.benchmark)
+                         do_benchmark=args.benchmark, quantize=args.quantize, fp16=args.fp16,
+                         budget_ms=args.budget_ms, budget_mb=args.budget_mb)
     for entry in summary["models"]:
         line = f"[DONE] fold {entry['fold']}: {entry['path']} ({entry['size_mb']:.1f} MB)"
         if "verify" in entry:
@@ -153,17 +154,26 @@ def cmd_export(args: argparse.Namespace) -> int:
                     f"batch {k} {v['onnxruntime_ms']:.1f} ms onnxruntime vs {v['torch_ms']:.1f} ms torch"
                     for k, v in t["batches"].items()) for t in entry["benchmark"]["threads"].values())
         print(line)
+        for f in entry.get("files", [])[1:]:  # the variants; [0] is the float file of the line above
+            agree = "" if f["top1_agreement"] is None else (
+                f", top-1 agreement {f['top1_agreement']:.2%} with the float model, "
+                f"val top-1 change {f['val_top1_change']:+.4f}")
+            print(f"[DONE] fold {entry['fold']}: {f['path']} ({f['size_mb']:.1f} MB, "
+                  f"{f['kind']} {f['quantization']['method']}{agree})")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from vistrain.pipelines.serve import Limits, run_serve
+    from vistrain.pipelines.serve import run_serve
     from vistrain.tracking.logs import console_logging
 
     console_logging()
-    run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold,
-              limits=Limits(max_files=args.max_files, max_mb=args.max_mb, top_k=args.top_k),
-              log_file=Path(args.log_file) if args.log_file else None)
+    flags = {"max_files": args.max_files, "max_mb": args.max_mb, "top_k": args.top_k,
+             "min_resolution": args.min_resolution, "formats": args.formats, "max_pixels": args.max_pixels,
+             "max_request_mb": args.max_request_mb, "max_concurrency": args.max_concurrency,
+             "timeout_s": args.timeout}
+    run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold, limits=flags,
+              log_file=Path(args.log_file) if args.log_file else None, api_key_env=args.api_key_env)
     return 0
 
 
@@ -244,6 +254,18 @@ def _number(cast: Callable[[str], Any], what: str, above: float = 0, most: float
         return value
 
     return parse
+
+
+def _formats(text: str) -> list[str]:
+    """``--formats JPEG,PNG``, checked as ``serve.formats`` is."""
+    from pydantic import ValidationError
+
+    from vistrain.config.schema import ServeCfg
+
+    try:
+        return ServeCfg(formats=[f.strip() for f in text.split(",") if f.strip()]).formats
+    except ValidationError as err:
+        raise argparse.ArgumentTypeError(err.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 _positive_int = _number(int, "a positive whole number")
@@ -378,6 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
     p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32, "
                    "with 1 thread and every core")
+    p.add_argument("--quantize", choices=["int8"], help="also model_fold{k}.int8.onnx: static int8 calibrated on the "
+                   "fold's validation images (dynamic if that fails)")
+    p.add_argument("--fp16", action="store_true", help="also model_fold{k}.fp16.onnx (float32 input and outputs)")
+    p.add_argument("--budget-ms", type=_positive_float, metavar="MS",
+                   help="batch-1 p95 CPU latency (every usable core) each file must meet: a PASS/FAIL line per "
+                        "file, exit 1 when none passes")
+    p.add_argument("--budget-mb", type=_positive_float, metavar="MB", help="file size each file must meet (as above)")
 
     p = add("serve", cmd_serve, "HTTP inference for a run's model or an exported ONNX file (FastAPI)")
     p.add_argument("target", metavar="RUN|MODEL.onnx", help="run directory, or an ONNX file from vistrain export")
@@ -385,9 +414,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000, help="port, 1..65535 (default 8000)")
     p.add_argument("--fold", type=int, metavar="K",
                    help="with a RUN: serve this fold only (default: every trained fold averaged, as predict does)")
-    p.add_argument("--max-files", type=_positive_int, default=32, metavar="N", help="images per request (32)")
-    p.add_argument("--max-mb", type=_positive_float, default=20.0, metavar="MB", help="size of one upload (20 MB)")
-    p.add_argument("--top-k", type=_positive_int, default=5, metavar="K", help="classes per answer (5)")
+    # Default None: the serve: section of the run's config (or the ONNX file's vistrain.serve) applies.
+    p.add_argument("--max-files", type=_positive_int, metavar="N", help="images per request (serve.max_files: 32)")
+    p.add_argument("--max-mb", type=_positive_float, metavar="MB", help="size of one upload (serve.max_mb: 20)")
+    p.add_argument("--top-k", type=_positive_int, metavar="K", help="classes per answer (serve.top_k: 5)")
+    p.add_argument("--min-resolution", type=_number(int, "a whole number >= 0", above=-1), metavar="PX",
+                   help="an image with a side under PX gets a warning (serve.min_resolution: 512; 0: never)")
+    p.add_argument("--formats", type=_formats, metavar="JPEG,PNG",
+                   help="image formats that get no warning (serve.formats: JPEG,PNG)")
+    p.add_argument("--max-pixels", type=_positive_int, metavar="N", help="decode budget per image: a larger JPEG "
+                   "is decoded reduced (1/2..1/8), other formats refused (serve.max_pixels: 24000000)")
+    p.add_argument("--max-request-mb", type=_positive_float, metavar="MB",
+                   help="a larger request body is refused (413) before it is read (serve.max_request_mb: 64)")
+    p.add_argument("--max-concurrency", type=_positive_int, metavar="N",
+                   help="predictions in flight; more requests get 503 + Retry-After (serve.max_concurrency: 4)")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="a prediction taking longer is answered 504 (serve.timeout_s: 30)")
+    p.add_argument("--api-key-env", metavar="NAME", help="require Authorization: Bearer <key> on every route but "
+                   "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
                                                    "the ONNX file): start-up, refused uploads, errors with traceback")
     p.set_defaults(command_label="SERVING")

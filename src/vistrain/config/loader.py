@@ -109,8 +109,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 # What `evaluate` and `predict` take as key=value: options that change what is scored or how it is computed,
 # never the trained model (a training key there would describe a run that did not happen).
-EVAL_OVERRIDES = ("eval.*", "data.test_csv", "data.image_dir_test", "train.device", "train.num_workers",
-                  "train.num_threads")
+EVAL_OVERRIDES = ("eval.*", "data.test_csv", "data.image_dir_test", "data.max_image_pixels", "train.device",
+                  "train.num_workers", "train.num_threads")
 
 
 def restrict_overrides(items: list[str], allowed: tuple[str, ...], what: str) -> list[str]:

@@ -86,6 +86,7 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
+    max_image_pixels: PositiveInt = 100_000_000  # a larger image (header) is unreadable, refused before decoding
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
@@ -184,7 +185,9 @@ class TrainCfg(Section):
     eval_every_n_epochs: PositiveInt = 1  # validate (monitor, best, early stopping) every N epochs and at the last
     save_every_n_epochs: Annotated[int, Field(ge=0)] = 0  # also keep ckpt/epoch{E}_fold{k}.pth every N epochs; 0: no
     keep_best_k: Annotated[int, Field(ge=0)] = 0  # also keep the K best evaluated epochs: ckpt/top_epoch{E}_fold{k}.pth
-    monitor: str | None = None  # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty
+    # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty; a classifier may also
+    # monitor one domain: top1@<domain>, top5@<domain>, macro_f1@<domain> (e.g. top1@real)
+    monitor: str | None = None
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
@@ -315,7 +318,34 @@ class TuneCfg(Section):
     pruner: Literal["median", "hyperband", "none"] = "median"
     storage: str | None = None  # RDB URL; SQLite in the tune directory when empty
     study_name: str | None = None  # the config's project.name when empty
+    heartbeat_s: PositiveInt = 30  # shared storage: a dead worker's trial is failed after 3 missed beats
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
+
+
+class ServeCfg(Section):
+    """``vistrain serve`` limits and upload checks; its flags override them, an exported file carries them."""
+
+    max_files: PositiveInt = 32  # images per request; more is refused (HTTP 400)
+    max_mb: Annotated[float, Field(gt=0)] = 20.0  # size of one upload; larger is refused (HTTP 413)
+    top_k: PositiveInt = 5  # classes in each answer
+    min_resolution: Annotated[int, Field(ge=0)] = 512  # a side shorter than this gets a warning (seed 003); 0: none
+    formats: list[str] = ["JPEG", "PNG"]  # Pillow format names that get no warning; others are predicted, warned
+    max_pixels: PositiveInt = 24_000_000  # decode budget: a larger JPEG is decoded reduced (1/2..1/8), others 400
+    max_request_mb: Annotated[float, Field(gt=0)] = 64.0  # a larger request body is refused (413) before it is read
+    max_concurrency: PositiveInt = 4  # predictions in flight; one more request gets 503 with Retry-After
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a prediction taking longer is answered 504
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, v: list[str]) -> list[str]:
+        from PIL import Image
+
+        known = set(Image.registered_extensions().values())
+        for name in v:
+            if name.upper() not in known:
+                raise ValueError(f"'{name}' is not an image format Pillow reads; valid: its format names, e.g. JPEG, "
+                                 f"PNG, WEBP, BMP, TIFF, GIF{did_you_mean(name.upper(), known)}")
+        return [name.upper() for name in v]
 
 
 class OutputCfg(Section):
@@ -333,6 +363,23 @@ def retrieval_monitors(recall_ks: list[int]) -> list[str]:
 
 
 RETRIEVAL_MONITORS = retrieval_monitors(EvalCfg().recall_ks)  # with the default eval.recall_ks
+# A classifier's per-domain monitors, "<metric>@<domain>": metrics.classification.DOMAIN_METRICS (not imported
+# here, so loading a config does not load scikit-learn and torch).
+DOMAIN_MONITORS = ("top1", "top5", "macro_f1")
+
+
+def domain_monitor(monitor: str) -> tuple[str, str] | None:
+    """``(metric, domain)`` of a per-domain monitor such as ``top1@real``; None for any other name."""
+    metric, sep, domain = monitor.partition("@")
+    return (metric, domain) if sep and domain and metric in DOMAIN_MONITORS else None
+
+
+def _source_domains(d: DataCfg) -> list[str] | None:
+    """The domains a config fixes by itself: the names of ``data.sources`` (every item of a source gets its name
+    as its domain); None when they are known only from the data (a csv or manifest ``domain`` column)."""
+    return [s.name for s in d.sources] if d.sources else None
+
+
 MONITORS = {
     "classification": ["macro_f1", "accuracy", "valid_loss"],
     "embedding": REID_MONITORS + RETRIEVAL_MONITORS,  # re-id runs (data.source: reid) report the first five
@@ -352,7 +399,7 @@ NOT_READ_BY = {
     "embedding": ["data.folds", "data.valid_fold", "data.stratify", "data.split", "data.class_map",
                   "data.min_images_per_class", "model.drop_rate", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
-                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta"],
+                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta", "serve.top_k"],
 }
 
 
@@ -369,6 +416,7 @@ class Config(Section):
     eval: EvalCfg = EvalCfg()
     tracking: TrackingCfg = TrackingCfg()
     tune: TuneCfg = TuneCfg()
+    serve: ServeCfg = ServeCfg()
     output: OutputCfg = OutputCfg()
     # The --mode preset the config was built on (config.loader.ModeInfo, set by load_config; not a config key).
     _mode: Any = PrivateAttr(default=None)
@@ -390,14 +438,20 @@ class Config(Section):
             valid, kind = REID_MONITORS, "a re-id (data.source: reid)"
         else:
             valid, kind = retrieval_monitors(self.eval.recall_ks), "a retrieval"
+        by_domain = domain_monitor(self.train.monitor or "") if self.task == "classification" else None
         if self.train.monitor is None:
             self.train.monitor = valid[0]
-        elif self.train.monitor not in valid:
+        elif self.train.monitor not in valid and by_domain is None:
             why = ""
             if kind == "a retrieval" and self.train.monitor.startswith("recall@"):
                 why = f" (recall@K only for K in eval.recall_ks {self.eval.recall_ks}; add it there)"
+            shown = valid + [f"{m}@<domain>" for m in DOMAIN_MONITORS] if self.task == "classification" else valid
             raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run{why}; valid: "
-                             f"{', '.join(valid)}{did_you_mean(self.train.monitor, valid)}")
+                             f"{', '.join(shown)}{did_you_mean(self.train.monitor, valid)}")
+        domains = _source_domains(self.data)
+        if by_domain is not None and domains is not None and by_domain[1] not in domains:
+            raise ValueError(f"train.monitor: domain '{by_domain[1]}' is not in the data; domains: "
+                             f"{', '.join(sorted(domains))}{did_you_mean(by_domain[1], domains)}")
         ratio_split = self.task == "embedding" or self.data.split == "ratio"
         if ratio_split and self.data.train_ratio + self.data.val_ratio + self.data.test_ratio > 1 + 1e-9:
             raise ValueError("data.train_ratio + data.val_ratio + data.test_ratio: must not exceed 1")

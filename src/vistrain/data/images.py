@@ -11,10 +11,59 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
+# data.max_image_pixels: an image whose header claims more pixels is refused before anything is decoded, so a
+# decompression bomb (a tiny PNG of 30000 x 30000) or a lying header costs no memory. Every command sets it from
+# its config (set_max_pixels); DataLoader workers inherit it (fork). It replaces Pillow's own check (a warning
+# above 89 M pixels, an error above twice that), which would otherwise fire first with another number.
+DEFAULT_MAX_PIXELS = 100_000_000
+_max_pixels = DEFAULT_MAX_PIXELS
+Image.MAX_IMAGE_PIXELS = None
+
+
+def set_max_pixels(limit: int) -> None:
+    """The pixel limit of every later ``load_rgb`` in this process."""
+    global _max_pixels
+    _max_pixels = int(limit)
+
+
+class ImageTooLarge(ValueError):
+    """The header claims more pixels than data.max_image_pixels allows."""
+
+
+class ImageTruncated(ValueError):
+    """The file is too short for the image its header describes."""
+
+
+def _file_size(path: str | Path | IO[bytes]) -> int:
+    if isinstance(path, (str, Path)):
+        return Path(path).stat().st_size
+    here = path.tell()
+    size = path.seek(0, 2)
+    path.seek(here)
+    return size
+
+
+def _check_jpeg_length(img: Image.Image, path: str | Path | IO[bytes]) -> None:
+    """A JPEG codes every 8x8 luminance block with at least one bit (a DC difference; usually far more), so a file
+    shorter than blocks / 8 bytes cannot hold its image: libjpeg would pad the missing part with grey and report
+    nothing. Such a file (a truncated download, a header that lies about the size) is refused before decoding."""
+    w, h = img.size
+    least = -(-w // 8) * -(-h // 8) // 8
+    size = _file_size(path)
+    if size < least:
+        raise ImageTruncated(f"{size:,} bytes cannot hold a {w}x{h} JPEG (at least {least:,}): truncated, or its "
+                             "header lies about the size")
+
+
+def is_image_entry(path: Path) -> bool:
+    """A directory entry to treat as an image: an image suffix on a file, or on a link whether or not it leads
+    anywhere (a dangling link or a link loop is then reported as unreadable, never silently left out)."""
+    return path.suffix.lower() in IMAGE_EXTS and (path.is_file() or path.is_symlink())
+
 
 def list_images(folder: Path) -> list[Path]:
     """Every image file directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    return sorted(p for p in folder.iterdir() if is_image_entry(p))
 
 
 class ImageIndex:
@@ -27,7 +76,8 @@ class ImageIndex:
     def __init__(self, folder: Path, image_ext: str = ".jpg"):
         self.folder = folder
         self.exts = [image_ext.lower()] + [e for e in IMAGE_EXTS if e != image_ext.lower()]
-        self._by_lower = {p.name.lower(): p for p in folder.iterdir() if p.is_file()} if folder.is_dir() else {}
+        self._by_lower = {p.name.lower(): p for p in folder.iterdir() if p.is_file() or p.is_symlink()
+                          } if folder.is_dir() else {}
 
     def find(self, image_id: str) -> Path | None:
         name = str(image_id).strip()
@@ -57,24 +107,42 @@ class ImageIndex:
         return None
 
 
-def load_rgb(path: str | Path | IO[bytes]) -> Image.Image:
-    """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied.
+def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce_over: int | None = None
+             ) -> Image.Image:
+    """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied; an animated
+    image gives its first frame. More pixels than ``max_pixels`` (default: ``set_max_pixels``) is an
+    ``ImageTooLarge`` before decoding; a truncated or corrupt file raises (Pillow's ``OSError``), never half an image.
 
-    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function)."""
+    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function). ``reduce_over``
+    (serve's decode budget): a JPEG of more pixels is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, the
+    largest that fits), so its memory stays within the budget; ``img.info["reduced"]`` then holds the factor."""
+    limit, scale = max_pixels or _max_pixels, 1
     with Image.open(path) as img:
+        w, h = img.size
+        if img.format == "JPEG":
+            _check_jpeg_length(img, path)
+            if reduce_over and w * h > reduce_over:
+                scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= reduce_over), 8)
+                img.draft("RGB", (-(-w // scale), -(-h // scale)))
+                w, h = img.size
+        if w * h > limit:
+            raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16-bit and float images: scale the actual range to 0..255 instead of clipping it.
-            arr = np.asarray(img, dtype=np.float64)
+            arr = np.asarray(img).astype(np.float32)
             lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
             img = Image.fromarray(arr.astype(np.uint8), mode="L")
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             # Composite transparency on white, as documents and product photos are shown.
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+        rgb = img.convert("RGB")
+    if scale > 1:
+        rgb.info["reduced"] = scale
+    return rgb
 
 
 def check_images(paths: list[str], workers: int = 8) -> dict[str, str]:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vistrain.config.schema import DataCfg
 from vistrain.data.classmap import load_class_map
-from vistrain.data.images import IMAGE_EXTS, ImageIndex, check_images
+from vistrain.data.images import ImageIndex, check_images, is_image_entry
 from vistrain.errors import UserError, lookup
 
 ITEM_COLUMNS = ["path", "id", "label", "group"]
@@ -106,7 +106,7 @@ def folders_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+            if is_image_entry(path):
                 m = _SEQ_NAME.match(path.stem)
                 group = f"{class_dir.name}/{m['group'] if m else path.stem}"
                 rows.append((str(path), str(path.relative_to(root)), class_dir.name, group))
@@ -145,7 +145,7 @@ def reid_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
         if not path.is_dir():
             have = ", ".join(sorted(p.name for p in root.iterdir() if p.is_dir())) or "none"
             raise UserError(f"{key}: folder '{folder}' not found in {root} (is it unzipped?); folders there: {have}")
-        files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+        files = [p for p in sorted(path.iterdir()) if is_image_entry(p)]
         bad = [p.name for p in files if parse_reid_name(p.name) is None]
         if bad:
             raise UserError(f"{key}: {len(bad)} file(s) in {path} do not follow the <person>_c<camera>... name "

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from vistrain.config.loader import EVAL_OVERRIDES, config_to_dict, load_config, restrict_overrides
 from vistrain.config.schema import Config
+from vistrain.data.classmap import display_name
 from vistrain.data.dataset import ImageDataset, worker_init
-from vistrain.data.images import check_images
+from vistrain.data.images import check_images, set_max_pixels
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import load_checkpoint
@@ -38,6 +39,7 @@ class LoadedRun:
     folds: list[int]  # folds that have a best checkpoint
     temperature: float | None  # from calibration.json, when the run was calibrated
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # class_map.json's per-class metadata
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -50,6 +52,10 @@ class LoadedRun:
         """Class label (as text) -> index of the model's output."""
         return {str(c): i for i, c in enumerate(self.classes)}
 
+    def display_names(self) -> list[str | None]:
+        """Each class's display name in index order (``data.classmap.display_name``: class_map.json's
+        ``metadata.<class>.display_name``, else ``.name``), None for a class without one."""
+        return [display_name(self.metadata, c) for c in self.classes]
 
 def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
@@ -59,6 +65,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
         raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
     keys = restrict_overrides(list(overrides), EVAL_OVERRIDES, command)
     cfg = load_config(run_dir / "config.yaml", overrides=list(overrides))
+    set_max_pixels(cfg.data.max_image_pixels)
     class_map = json.loads((run_dir / "class_map.json").read_text())
     classes = [class_map["idx_to_class"][str(i)] for i in range(len(class_map["idx_to_class"]))]
     folds = sorted(int(p.stem.removeprefix("best_fold")) for p in (run_dir / "ckpt").glob("best_fold*.pth"))
@@ -67,7 +74,9 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     calib = run_dir / "calibration.json"
     temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
     _apply_threads(cfg)
-    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys))
+    metadata = class_map.get("metadata")
+    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys),
+                     metadata if isinstance(metadata, dict) else {})
 
 
 def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:
@@ -127,12 +136,13 @@ def checkpoint_preprocessor(ckpt: dict[str, Any], path: Path) -> Preprocessor:
         raise UserError(f"RUN: {path}: no usable preprocessing in the checkpoint ({err})") from err
 
 
-def require_readable(paths: Sequence[str]) -> None:
-    """Predictions cannot skip an image silently: the first unreadable one stops with its path."""
+def require_readable(paths: Sequence[str], key: str = "--input") -> None:
+    """Predictions cannot skip an image silently: the first unreadable one stops with its path and the reason
+    (decoded in full first, so a corrupt file never reaches a DataLoader worker as a traceback)."""
     bad = check_images(list(paths))
     if bad:
-        path, reason = next(iter(bad.items()))
-        raise UserError(f"--input: {len(bad)} unreadable image(s); first: {path}: {reason}")
+        path = next(p for p in paths if p in bad)
+        raise UserError(f"{key}: {len(bad)} unreadable image(s); first: {path}: {bad[path]}")
 
 
 @torch.no_grad()

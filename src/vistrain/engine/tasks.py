@@ -11,15 +11,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistrain.engine.distributed import unwrap
-from vistrain.metrics.classification import epoch_metrics, macro_f1
+from vistrain.metrics.classification import epoch_metrics, macro_f1, per_domain_metrics
 
 
 class ClassificationTask:
-    """Logits [B, C] from the model; CE (optionally on mixup/cutmix soft targets) for training."""
+    """Logits [B, C] from the model; CE (optionally on mixup/cutmix soft targets) for training.
 
-    def __init__(self, criterion: nn.Module, mixup: object | None = None):
+    ``valid_domains`` [N_valid]: the domain of each validation item in loader order (``None``: the data has no
+    domain column); the metrics then add ``top1@<d>``, ``top5@<d>`` and ``macro_f1@<d>`` per domain.
+    """
+
+    def __init__(self, criterion: nn.Module, mixup: object | None = None, valid_domains: np.ndarray | None = None):
         self.criterion = criterion
         self.mixup = mixup  # timm.data.Mixup: images, labels [B] -> mixed images, soft targets [B, C]
+        self.valid_domains = valid_domains
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         pass
@@ -46,7 +51,10 @@ class ClassificationTask:
         return F.cross_entropy(outputs, targets)
 
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return epoch_metrics(outputs, targets)
+        row = epoch_metrics(outputs, targets)
+        if self.valid_domains is not None:
+            row.update(per_domain_metrics(outputs, targets, self.valid_domains))
+        return row
 
 
 @dataclass

@@ -26,6 +26,7 @@ from sklearn import metrics as skm
 ArrayLike = np.ndarray | torch.Tensor | Sequence
 
 ECE_BINS: int = 15  # bins used for the ECE in classification_report
+DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # what per_domain_metrics reports for each domain, as "<metric>@<d>"
 
 
 def _np(x: ArrayLike) -> np.ndarray:
@@ -133,6 +134,35 @@ def epoch_metrics(logits: ArrayLike, targets: ArrayLike) -> dict[str, float]:
     out = {"macro_f1": macro_f1(y, pred, n_classes=n_classes), "accuracy": accuracy(y, pred)}
     if n_classes >= 5:
         out["top5"] = topk_accuracy(scores, y, k=5) if np.all(np.isfinite(scores)) else math.nan
+    return out
+
+
+def per_domain_metrics(logits: ArrayLike, targets: ArrayLike, domains: ArrayLike) -> dict[str, float]:
+    """``top1@<d>``, ``top5@<d>`` and ``macro_f1@<d>`` on the rows of each domain ``d``, keyed in sorted domain order.
+    logits [N, C], targets [N], domains [N] (strings; rows with an empty domain count overall only).
+
+    The definitions are the overall ones restricted to the domain's rows: ``top1`` and ``top5`` are
+    :func:`topk_accuracy` (k = 1, 5; ``top5`` only when C >= 5, as in :func:`epoch_metrics`), ``macro_f1`` averages
+    the F1 of **all C classes** (a class absent from the domain and never predicted there scores 0), so a domain's
+    number is comparable with the overall one. Non-finite logits give NaN top-k values, as in :func:`epoch_metrics`.
+    """
+    scores = np.asarray(_np(logits), dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"logits must have shape [N, C] with C >= 1, got {scores.shape}")
+    n_classes = scores.shape[1]
+    y = _as_targets(targets, len(scores), n_classes)
+    dom = np.asarray(_np(domains)).astype(str)
+    if dom.shape != y.shape:
+        raise ValueError(f"domains must have shape [{len(y)}], got {dom.shape}")
+    finite = bool(np.all(np.isfinite(scores)))
+    out: dict[str, float] = {}
+    for d in sorted(set(dom.tolist()) - {""}):
+        rows = dom == d
+        z, t = scores[rows], y[rows]
+        out[f"top1@{d}"] = topk_accuracy(z, t, k=1) if finite else math.nan
+        if n_classes >= 5:
+            out[f"top5@{d}"] = topk_accuracy(z, t, k=5) if finite else math.nan
+        out[f"macro_f1@{d}"] = macro_f1(t, z.argmax(axis=1), n_classes=n_classes)
     return out
 
 

@@ -1,5 +1,5 @@
-"""``vistrain evaluate RUN --split val|test|oof``: metrics, per-class table, confusion matrix, failures and
-top losses into ``RUN/eval/<split>/``."""
+"""``vistrain evaluate RUN --split val|test|oof``: metrics (overall and per domain), per-class table, predictions,
+confusion matrix, failures and top losses into ``RUN/eval/<split>/``."""
 
 from __future__ import annotations
 
@@ -15,15 +15,22 @@ import torch
 from vistrain.data.images import ImageIndex
 from vistrain.data.sources import read_csv, require_dir, require_file
 from vistrain.engine import device as dev
-from vistrain.engine.inference import LoadedRun, infer_logits, load_fold_model, load_run, select_folds
+from vistrain.engine.inference import (
+    LoadedRun,
+    infer_logits,
+    load_fold_model,
+    load_run,
+    require_readable,
+    select_folds,
+)
 from vistrain.errors import UserError
-from vistrain.metrics.classification import classification_report
+from vistrain.metrics.classification import classification_report, per_domain_metrics
 from vistrain.pipelines.predict import predict_probs
 from vistrain.tracking.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
 SPLITS = ("val", "test", "oof")
-DOMAIN_KEYS = ("top1", "macro_f1", "balanced_accuracy")  # the console's per-domain table (metrics.json has all)
+DOMAIN_KEYS = ("top1", "top5", "macro_f1", "balanced_accuracy")  # the console's per-domain table (metrics.json has all)
 
 
 def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
@@ -82,6 +89,7 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
     probabilities serve as logits."""
     table = ratio_test_items(run)
     if table is not None:
+        require_readable(table["path"].tolist(), "splits.csv (test)")
         probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
         return np.log(np.clip(probs, 1e-12, 1.0)), _targets(run, table["label"], "splits.csv"), table
     d = run.cfg.data
@@ -97,6 +105,7 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
     if "domain" in df.columns:
         table["domain"] = df["domain"]
     targets = _targets(run, table["label"], "data.test_csv")
+    require_readable(table["path"].tolist(), "data.test_csv")
     probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
     return np.log(np.clip(probs, 1e-12, 1.0)), targets, table
 
@@ -122,6 +131,38 @@ def failure_table(report: dict[str, Any], threshold: float) -> pd.DataFrame:
     cols = ["class", "f1", "recall", "precision", "support", "most_confused_with", "confused_count",
             "most_confused_from", "confused_from_count"]
     return pd.DataFrame(rows, columns=cols).sort_values("f1", kind="stable").reset_index(drop=True)
+
+
+def _scalars(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k not in ("per_class", "confusion_matrix")}
+
+
+def per_class_table(report: dict[str, Any], by_domain: dict[str, dict[str, Any]],
+                    display: Sequence[str | None] = ()) -> pd.DataFrame:
+    """per_class.csv: the overall per-class metrics, the display name when class_map.json gives any, then
+    ``recall@<d>`` (the class's accuracy on that domain's images), ``f1@<d>`` and ``support@<d>`` per domain."""
+    table = pd.DataFrame(report["per_class"])
+    if any(display):
+        table.insert(2, "display_name", [name or "" for name in display])
+    for dom, rep in by_domain.items():
+        for key in ("recall", "f1", "support"):
+            table[f"{key}@{dom}"] = [c[key] for c in rep["per_class"]]
+    return table
+
+
+def predictions_table(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, classes: list) -> pd.DataFrame:
+    """predictions.csv: one row per evaluated image in evaluation order: id, path, domain (when the data has
+    one), true and predicted class, the predicted class's probability and every class's (``prob_<class>``)."""
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=1).numpy()
+    pred = logits.argmax(axis=1)
+    out = pd.DataFrame({"id": table["id"].to_numpy(), "path": table["path"].to_numpy()})
+    if "domain" in table.columns:
+        out["domain"] = table["domain"].fillna("").astype(str).to_numpy()
+    out["true"] = [classes[t] for t in targets]
+    out["pred"] = [classes[p] for p in pred]
+    out["p_pred"] = probs[np.arange(len(pred)), pred]
+    prob_cols = pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])
+    return pd.concat([out, prob_cols], axis=1)
 
 
 def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, classes: list, n: int) -> pd.DataFrame:
@@ -158,19 +199,20 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
         logits, targets, table = test_outputs(run, chosen)
     names = [str(c) for c in run.classes]
     report = classification_report(logits, targets, names)
-    metrics = {k: v for k, v in report.items() if k not in ("per_class", "confusion_matrix")}
+    domains = table["domain"].fillna("").astype(str).to_numpy() if "domain" in table.columns else None
+    by_domain = {dom: classification_report(logits[domains == dom], targets[domains == dom], names)
+                 for dom in sorted(set(domains) - {""})} if domains is not None else {}
+    metrics = _scalars(report)
+    if domains is not None:
+        metrics.update(per_domain_metrics(logits, targets, domains))  # top1@<d> ...: the training row's keys
     metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature,
                    overrides=run.overrides)
-    if "domain" in table.columns:
-        metrics["per_domain"] = {
-            str(dom): {k: v for k, v in classification_report(logits[m], targets[m], names).items()
-                       if k not in ("per_class", "confusion_matrix")}
-            for dom in sorted(table["domain"].astype(str).unique())
-            for m in [(table["domain"].astype(str) == dom).to_numpy()]
-        }
+    if domains is not None:
+        metrics["per_domain"] = {dom: _scalars(r) for dom, r in by_domain.items()}
     out = run.path / "eval" / split
     write_json(out / "metrics.json", metrics)
-    write_csv(out / "per_class.csv", pd.DataFrame(report["per_class"]))
+    write_csv(out / "per_class.csv", per_class_table(report, by_domain, run.display_names()))
+    write_csv(out / "predictions.csv", predictions_table(logits, targets, table, run.classes))
     cm = np.asarray(report["confusion_matrix"])
     write_csv(out / "confusion_matrix.csv", pd.DataFrame(cm, index=names, columns=names).reset_index(names="true"))
     write_csv(out / "failures.csv", failure_table(report, run.cfg.eval.failure_threshold))

@@ -14,7 +14,8 @@ read) and compares with PyTorch: a difference beyond the tolerance, or a differe
 ``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32),
 with 1 thread and with every usable core, each figure a median repeated until stable.
 Everything is written to ``RUN/export/``: ``model_fold{k}.onnx``, ``preprocess.json`` (how to build the input from
-an image file, for a client in any language) and ``export.json``.
+an image file, for a client in any language) and ``export.json``. ``--quantize int8``, ``--fp16`` and
+``--budget-ms`` / ``--budget-mb`` add smaller variants and the figures a deployment is decided on (``deploy``).
 
 The exporter is ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript); onnx, onnxscript and onnxruntime
 come with ``pip install 'vistrain[export]'``.
@@ -30,7 +31,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,13 +102,15 @@ def _require_export_packages() -> None:
 
 
 def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
-    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON)."""
-    return {
+    """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON);
+    ``vistrain.display_names`` (per class, null where none) only when class_map.json names any class."""
+    out = {
         "vistrain.version": vistrain.__version__,
         "vistrain.run_id": run.path.name,
         "vistrain.fold": str(fold),
         "vistrain.task": run.cfg.task,
         "vistrain.model": run.cfg.model.name,
+        "vistrain.serve": json.dumps(run.cfg.serve.model_dump()),  # serve's limits and upload checks for this model
         "vistrain.classes": json.dumps([str(c) for c in run.classes]),
         "vistrain.preprocess": json.dumps(pre.to_dict()),
         "vistrain.img_size": json.dumps(list(pre.size)),
@@ -119,13 +122,17 @@ def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
         "vistrain.feat_norm": json.dumps(bool(run.cfg.eval.feat_norm)),
         "vistrain.flip_feats": json.dumps(bool(run.cfg.eval.flip_feats and run.cfg.task == "embedding")),
     }
+    names = run.display_names()
+    if any(names):
+        out["vistrain.display_names"] = json.dumps(names)
+    return out
 
 
 def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
     edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
-    answer fails. Returns task, classes, img_size (H, W), mean, std, preprocessor (``Preprocessor``), temperature and
-    model."""
+    answer fails. Returns task, classes, display_names (None when the file has none), img_size (H, W), mean, std,
+    preprocessor (``Preprocessor``), temperature and model."""
     meta = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_NEEDED if k not in meta]
     if missing:
@@ -168,10 +175,14 @@ def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
         raise fail("vistrain.classes", f"{len(classes)} classes, but the graph's probs output has {width}")
     temperature = value("vistrain.temperature", "a finite number above 0", lambda v: _numbers([v], 1) and v > 0,
                         default="1.0")
+    names = value("vistrain.display_names", f"a list of {len(classes)} strings or nulls, one per class",
+                  lambda v: v is None or (isinstance(v, list) and len(v) == len(classes)
+                                          and all(n is None or isinstance(n, str) for n in v)), default="null")
     pre = _preprocessor(meta, fail, size, mean, std)
-    return {"task": task, "classes": classes, "img_size": (size[0], size[1]), "mean": [float(x) for x in mean],
+    return {"task": task, "classes": classes, "display_names": names, "img_size": (size[0], size[1]),
+            "mean": [float(x) for x in mean],
             "std": [float(x) for x in std], "preprocessor": pre, "temperature": float(temperature),
-            "model": meta.get("vistrain.model", "?")}
+            "model": meta.get("vistrain.model", "?"), "serve": _serve_section(meta, fail)}
 
 
 def _preprocessor(meta: dict[str, str], fail: Callable[[str, str], UserError], size: list, mean: list, std: list
@@ -194,6 +205,23 @@ def _preprocessor(meta: dict[str, str], fail: Callable[[str, str], UserError], s
         if mine != theirs:
             raise fail(key, f"it says {mine}, {other} says {theirs}; export the run again")
     return pre
+
+
+def _serve_section(meta: dict[str, str], fail: Callable[[str, str], UserError]) -> dict[str, Any]:
+    """``vistrain.serve`` checked as the ``serve:`` config section; the section's defaults for a file without it."""
+    from pydantic import ValidationError
+
+    from vistrain.config.schema import ServeCfg
+
+    try:
+        values = json.loads(meta.get("vistrain.serve", "{}"))
+        return ServeCfg.model_validate(values).model_dump()
+    except json.JSONDecodeError:
+        raise fail("vistrain.serve", "not JSON; valid: the serve: config section as a JSON object") from None
+    except ValidationError as err:
+        e = err.errors()[0]
+        key = ".".join(["serve", *(str(x) for x in e["loc"])])
+        raise fail("vistrain.serve", f"{key}: {e['msg'].removeprefix('Value error, ')}") from None
 
 
 def _whole(x: Any) -> bool:
@@ -234,11 +262,12 @@ def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: di
         raise
 
 
-def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES) -> tuple[torch.Tensor, str]:
-    """Up to ``n`` of the run's own images through ``pre`` as ``predict`` does: float32 [n, 3, H, W]; random inputs
-    when none is readable."""
+def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, paths: Sequence[str] | None = None
+                  ) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` of the run's own images (``paths``, else splits.csv's) through ``pre`` as ``predict`` does:
+    float32 [n, 3, H, W]; random inputs when none is readable."""
     images = []
-    for path in run.splits()["path"].tolist():
+    for path in run.splits()["path"].tolist() if paths is None else paths:
         if len(images) == n:
             break
         try:
@@ -289,10 +318,12 @@ def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, An
 
 
 def stable_median_ms(measure: Callable[[], float], window: int = BENCH_WINDOW, tolerance: float = BENCH_TOLERANCE,
-                     budget_s: float | None = None) -> dict[str, Any]:
+                     budget_s: float | None = None, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
     """Time in windows of ``window`` runs (``measure()``: one run's milliseconds) until a window's median is within
-    ``tolerance`` of the one before, or ``budget_s`` (``BENCH_BUDGET_S``) has passed; the last window's median.
-    A loaded machine shows as a median that keeps moving: ``stable`` is then false."""
+    ``tolerance`` of the one before and at least ``min_runs`` runs are done, or ``budget_s`` (``BENCH_BUDGET_S``)
+    has passed with ``min_runs`` done; ``ms``: the last window's median, ``p50_ms`` / ``p95_ms``: percentiles of
+    the last ``max(window, min_runs)`` runs. A loaded machine shows as a median that keeps moving: ``stable`` is
+    then false."""
     deadline = time.perf_counter() + (BENCH_BUDGET_S if budget_s is None else budget_s)
     times: list[float] = []
     previous = None
@@ -300,12 +331,14 @@ def stable_median_ms(measure: Callable[[], float], window: int = BENCH_WINDOW, t
         times += [measure() for _ in range(window)]
         median = statistics.median(times[-window:])
         stable = previous is not None and abs(median - previous) <= tolerance * previous
-        if stable or time.perf_counter() >= deadline:
-            return {"ms": round(median, 3), "runs": len(times), "stable": stable}
+        if len(times) >= min_runs and (stable or time.perf_counter() >= deadline):
+            p50, p95 = np.percentile(times[-max(window, min_runs):], [50, 95])
+            return {"ms": round(median, 3), "p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3),
+                    "runs": len(times), "stable": stable}
         previous = median
 
 
-def _time_ms(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
+def _time_ms(fn: Callable[..., Any], *args: Any, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
     """``stable_median_ms`` of ``fn(*args)`` after two warm-up calls."""
     fn(*args)
     fn(*args)
@@ -315,7 +348,7 @@ def _time_ms(fn: Callable[..., Any], *args: Any) -> dict[str, Any]:
         fn(*args)
         return (time.perf_counter() - t0) * 1000
 
-    return stable_median_ms(once)
+    return stable_median_ms(once, min_runs=min_runs)
 
 
 def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tuple[int, ...] = (1, 32)
@@ -347,9 +380,17 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
 
 
 def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, output: Path | None = None,
-               do_verify: bool = False, do_benchmark: bool = False) -> dict[str, Any]:
+               do_verify: bool = False, do_benchmark: bool = False, quantize: str | None = None, fp16: bool = False,
+               budget_ms: float | None = None, budget_mb: float | None = None, fail_over_budget: bool = True
+               ) -> dict[str, Any]:
+    """``quantize`` ("int8"), ``fp16``, ``budget_ms`` / ``budget_mb``: the variants and figures of ``deploy``; when a
+    budget is given and no file meets it, RuntimeError (``fail_over_budget``) once export.json is written."""
+    from vistrain.pipelines import deploy
+
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not supported; valid: {', '.join(FORMATS)}")
+    if quantize is not None and quantize not in deploy.QUANTIZE:
+        raise UserError(f"--quantize: '{quantize}' is not supported; valid: {', '.join(deploy.QUANTIZE)}")
     _require_export_packages()
     run = load_run(run_dir)
     chosen = select_folds(run, folds)
@@ -383,6 +424,9 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
                     log.info("[EXPORT] fold=%d threads=%d batch=%s: onnxruntime %.2f ms, torch %.2f ms (x%.2f)%s",
                              fold, figures["threads"], b, r["onnxruntime_ms"], r["torch_ms"], r["speedup_vs_torch"],
                              "" if r["stable"] else f" (median still moving after {r['runs']} runs: a busy CPU?)")
+        if quantize or fp16 or budget_ms is not None or budget_mb is not None:
+            entry["files"], entry["validation"] = deploy.deploy_files(run, fold, pre, path, quantize, fp16,
+                                                                      budget_ms, budget_mb)
         results.append(entry)
     summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
                "models": results}
@@ -391,4 +435,12 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     if failed:
         raise RuntimeError(f"export: the ONNX outputs of fold(s) {failed} differ from PyTorch beyond "
                            f"atol={ATOL} rtol={RTOL}; see {out_dir / 'export.json'}")
+    budgeted = [f for e in results for f in e.get("files", []) if f["budget"] is not None]
+    for f in budgeted:
+        log.info("%s", deploy.budget_line(f))
+    if budgeted and fail_over_budget and not any(f["budget"]["pass"] for f in budgeted):
+        given = " ".join(f"{k} {v:g}" for k, v in (("--budget-ms", budget_ms), ("--budget-mb", budget_mb))
+                         if v is not None)
+        raise RuntimeError(f"export: no exported file meets the budget ({given}; latency as p95 at all threads); "
+                           f"see {out_dir / 'export.json'}")
     return summary

@@ -135,7 +135,7 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
         table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: labels})
         if probs:
             table["top1_similarity"] = top1
-        return _write(table, output or run.path / "predictions.csv")
+        return _write(_with_display_names(run, table), output or run.path / "predictions.csv")
     log.info("[PREDICT] %d images | folds=%s | tta=%s | temperature=%s", len(inputs.ids), chosen,
              run.cfg.eval.tta if tta else "off", run.temperature or "none")
     p = predict_probs(run, inputs.paths, chosen, tta)
@@ -143,7 +143,16 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
     if probs:
         for i, c in enumerate(run.classes):
             table[f"prob_{c}"] = p[:, i]
-    return _write(table, output or run.path / "predictions.csv")
+    return _write(_with_display_names(run, table), output or run.path / "predictions.csv")
+
+
+def _with_display_names(run: LoadedRun, table: pd.DataFrame) -> pd.DataFrame:
+    """A ``display_name`` column after the predicted class when class_map.json's metadata names any class."""
+    names = {str(c): n for c, n in zip(run.classes, run.display_names()) if n}
+    if names:
+        target = run.cfg.data.target_col
+        table.insert(table.columns.get_loc(target) + 1, "display_name", table[target].astype(str).map(names).fillna(""))
+    return table
 
 
 def _write(table: pd.DataFrame, output: Path) -> pd.DataFrame:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pandas as pd
 
-from vistrain.data.images import IMAGE_EXTS
+from vistrain.data.images import is_image_entry
 from vistrain.data.sources import parse_reid_name, require_dir
-from vistrain.engine.inference import embed_paths, load_run
+from vistrain.engine.inference import embed_paths, load_run, require_readable
 from vistrain.errors import UserError
 from vistrain.tracking.files import write_csv
 
@@ -33,7 +33,7 @@ def run_search(run_dir: Path, gallery: Path, query: Path, top_k: int = 20, outpu
     root = require_dir(gallery, "--gallery")
     if not query.is_file():
         raise UserError(f"--query: file not found: {query}")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    files = sorted(p for p in root.rglob("*") if is_image_entry(p))
     kept = [p for p in files if (parse_reid_name(p.name) or (0,))[0] != -1]
     if len(kept) < len(files):  # re-id junk (person -1) is never a result, as in the evaluation protocol
         log.info("[SEARCH] %d junk image(s) (person -1) left out of the gallery", len(files) - len(kept))
@@ -42,6 +42,8 @@ def run_search(run_dir: Path, gallery: Path, query: Path, top_k: int = 20, outpu
         raise UserError(f"--gallery: no images under {root}")
     from vistrain.metrics.retrieval import knn_search
 
+    require_readable([str(query)], "--query")
+    require_readable([str(p) for p in files], "--gallery")
     feats = embed_paths(run, [str(p) for p in files] + [str(query)], desc="gallery + query")  # one model load
     g, q = feats[:-1], feats[-1:]
     k = min(top_k, len(files))

@@ -2,15 +2,27 @@
 
 Endpoints:
   GET  /health    {"status": "ok", "task", "model", "backend", "classes"}
-  GET  /metadata  what the model needs and gives: task, classes, preprocess (the run's preprocess.json), img_size,
-                  mean, std, temperature, source (the run id or the file name, never a path on the server)
-  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its
-                  probability and the ``top_k`` classes; embedding: per file the embedding.
+  GET  /metadata  what the model needs and gives: task, classes, display_names, preprocess (the run's
+                  preprocess.json), img_size, mean, std, temperature, source (the run id or the file name, never a
+                  path on the server)
+  POST /predict   multipart form, one or more ``files`` (images). Classification: per file the class, its display
+                  name (class_map.json's metadata; null when none), its probability and the ``top_k`` classes;
+                  embedding: per file the embedding.
 
 Uploads are checked before anything runs: at most ``max_files`` per request, ``max_mb`` each, and every file must
-decode as an image (JPEG, PNG, ...; no more than ``MAX_PIXELS``). A rejected request names the file and the reason
-(HTTP 400, or 413 for size) and predicts nothing. Uploads are decoded as ``predict`` decodes files, then go through
-the run's own ``Preprocessor`` (crop, resize, CLAHE, normalisation): from the checkpoint for a RUN, from the
+decode in full as an image (JPEG, PNG, ...; a truncated file, or one whose header lies about its size, is a 400).
+Decoding has a budget of ``max_pixels`` per image: a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale while it is
+decoded (libjpeg's DCT scaling), any other larger image is refused. A rejected request names the file and the reason
+(HTTP 400, or 413 for size) and predicts nothing.
+
+As a public endpoint: a request body over ``max_request_mb`` is refused (413) before it is read (by its length, or
+cut off when it passes the limit without one); at most ``max_concurrency`` predictions run at once and one more gets
+503 with ``Retry-After``; a prediction over ``timeout_s`` is a 504; ``--api-key-env NAME`` makes every route but
+/health need ``Authorization: Bearer <key>`` (401 otherwise); no answer carries a traceback or a server path; freed
+memory is handed back to the system after each prediction.
+
+Uploads are decoded as ``predict`` decodes files, then go through the run's own ``Preprocessor`` (crop, resize,
+CLAHE, normalisation): from the checkpoint for a RUN, from the
 ``vistrain.preprocess`` metadata for an ONNX file (older files without it: resize to ``vistrain.img_size`` and
 normalise). A RUN is served with PyTorch: every trained fold averaged, as ``predict`` does, or one ``--fold``. An ONNX
 file (one fold, see ``vistrain export``) runs with onnxruntime, its metadata checked against the graph first
@@ -23,10 +35,16 @@ its traceback in the file) and, last, the outcome: a start-up failure with its t
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
 # endpoints' types (UploadFile) are imported inside create_app, where only evaluated annotations can see them.
+import asyncio
+import ctypes
+import hmac
 import io
+import json
 import logging
+import os
 import threading
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +53,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vistrain.config.schema import ServeCfg
 from vistrain.data.preprocess import Preprocessor
 from vistrain.errors import UserError, describe
 from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
@@ -42,14 +61,34 @@ from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
 log = logging.getLogger(__name__)
 
 SERVE_MISSING = "serve: needs fastapi, uvicorn and python-multipart; pip install 'vistrain[serve]'"
-MAX_PIXELS = 64_000_000  # a decompression bomb is refused before it is decoded
 
 
 @dataclass
 class Limits:
+    """The upload limits and checks of one server: the ``serve:`` section (``config.schema.ServeCfg``) of the run's
+    config or of an exported file's ``vistrain.serve`` metadata, with the CLI flags over it."""
+
     max_files: int = 32
     max_mb: float = 20.0
     top_k: int = 5
+    min_resolution: int = 512
+    formats: tuple[str, ...] = ("JPEG", "PNG")
+    max_pixels: int = 24_000_000
+    max_request_mb: float = 64.0
+    max_concurrency: int = 4
+    timeout_s: float = 30.0
+
+    @classmethod
+    def resolve(cls, section: dict[str, Any], flags: dict[str, Any] | None = None) -> "Limits":
+        """``section``'s values, each replaced by the flag of the same name that is not None."""
+        values = {**section, **{k: v for k, v in (flags or {}).items() if v is not None}}
+        return cls(**{**values, "formats": tuple(values["formats"])})
+
+    def describe(self) -> str:
+        return (f"max_files={self.max_files} max_mb={self.max_mb:g} top_k={self.top_k} "
+                f"min_resolution={self.min_resolution} formats={','.join(self.formats)} max_pixels={self.max_pixels} "
+                f"max_request_mb={self.max_request_mb:g} max_concurrency={self.max_concurrency} "
+                f"timeout_s={self.timeout_s:g}")
 
 
 @dataclass
@@ -64,7 +103,9 @@ class Predictor:
     source: str  # the run id and folds, or the file's name: never a path on the server's disk
     model_name: str
     _run: Any = field(repr=False, default=None)
+    serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB upload -> float32 [3, H, W]."""
@@ -77,8 +118,8 @@ class Predictor:
     def metadata(self) -> dict[str, Any]:
         p = self.preprocessor
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
-                "classes": self.classes, "preprocess": p.to_dict(), "img_size": list(p.size), "mean": list(p.mean),
-                "std": list(p.std), "temperature": self.temperature,
+                "classes": self.classes, "display_names": self.display_names, "preprocess": p.to_dict(),
+                "img_size": list(p.size), "mean": list(p.mean), "std": list(p.std), "temperature": self.temperature,
                 "input": "multipart/form-data, field 'files': one or more images"}
 
 
@@ -108,7 +149,8 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
 
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(run.temperature or 1.0), "torch",
-                     f"{run.path.name} {which}", run.cfg.model.name, infer)
+                     f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
+                     display_names=run.display_names())
 
 
 def onnx_predictor(path: Path) -> Predictor:
@@ -131,7 +173,7 @@ def onnx_predictor(path: Path) -> Predictor:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
-                     path.name, meta["model"], infer)
+                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"])
 
 
 def load_predictor(target: Path, fold: int | None = None) -> Predictor:
@@ -161,17 +203,32 @@ def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
         raise UploadError(413, f"{name}: larger than the limit of {limits.max_mb:g} MB")
     try:
         with Image.open(io.BytesIO(data)) as img:
-            size = img.size
-    except Image.DecompressionBombError as err:
-        raise UploadError(400, f"{name}: over the limit of {MAX_PIXELS} pixels ({err})") from err
+            (w, h), fmt = img.size, img.format
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds for a file that is not an image
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
-    if size[0] * size[1] > MAX_PIXELS:
-        raise UploadError(400, f"{name}: {size[0]}x{size[1]} pixels is over the limit of {MAX_PIXELS}")
+    if w * h > limits.max_pixels and (fmt != "JPEG" or w * h > 64 * limits.max_pixels):
+        raise UploadError(400, f"{name}: {w}x{h} pixels is over serve.max_pixels={limits.max_pixels:,} (only a "
+                               "JPEG up to 64 times that is decoded reduced)")
     try:
-        return load_rgb(io.BytesIO(data))
+        # The whole file is decoded (a truncated or lying file is refused, never half-read); a large JPEG at a
+        # reduced scale, so no upload costs more than the budget's pixels.
+        return load_rgb(io.BytesIO(data), max_pixels=limits.max_pixels, reduce_over=limits.max_pixels)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt body behind a valid header
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
+
+
+def upload_warnings(data: bytes, limits: Limits) -> list[str]:
+    """What seed 003's BFF warns about in an image it still passes on: a side under ``min_resolution``, a format not
+    in ``formats`` (from the file's header; ``decode_upload`` has already accepted it). A phone's multi-picture
+    JPEG (Pillow's MPO) counts as JPEG."""
+    with Image.open(io.BytesIO(data)) as img:
+        (w, h), fmt = img.size, img.format or "unknown"
+    notes = []
+    if min(w, h) < limits.min_resolution:
+        notes.append(f"resolution {w}x{h} is under serve.min_resolution={limits.min_resolution}")
+    if ("JPEG" if fmt == "MPO" else fmt) not in limits.formats:
+        notes.append(f"format {fmt} is not one of {', '.join(limits.formats)}")
+    return notes
 
 
 def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarray], top_k: int
@@ -182,32 +239,115 @@ def results(predictor: Predictor, names: list[str], outputs: dict[str, np.ndarra
         if predictor.task == "classification":
             probs = outputs["probs"][i]
             top = np.argsort(-probs, kind="stable")[: min(top_k, len(probs))]
-            rows.append({"file": name, "class": predictor.classes[int(top[0])], "prob": float(probs[top[0]]),
-                         "top": [{"class": predictor.classes[int(j)], "prob": float(probs[j])} for j in top]})
+            names = predictor.display_names or [None] * len(predictor.classes)
+            rows.append({"file": name, "class": predictor.classes[int(top[0])], "display_name": names[int(top[0])],
+                         "prob": float(probs[top[0]]),
+                         "top": [{"class": predictor.classes[int(j)], "display_name": names[int(j)],
+                                  "prob": float(probs[j])} for j in top]})
         else:
             rows.append({"file": name, "embedding": [float(x) for x in outputs["embedding"][i]]})
     return rows
 
 
-def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
-    """The FastAPI application around ``predictor`` (``uvicorn`` serves it; tests use its TestClient)."""
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Guard:
+    """Pure ASGI, around the whole application: the API key (every route but /health), the request-body limit
+    (by Content-Length before anything is read, then by counting what arrives, so an upload without a length is
+    cut at the limit too, never spooled whole to disk), and internal errors (a 500 that reveals nothing; the
+    traceback goes to the log file)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body: int):
+        self.app, self.max_body = app, max_body
+        self.key = None if api_key is None else f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        where = f"{scope['method']} {scope['path']}"
+        headers = dict(scope.get("headers") or [])
+        if self.key is not None and scope["path"] != "/health":
+            # compare_digest: the time taken does not tell how much of a guessed key was right
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.key):
+                log.warning("[SERVE] %s -> 401 missing or wrong API key", where)
+                return await _answer(send, 401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                                     [(b"www-authenticate", b"Bearer")])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            log.warning("[SERVE] %s -> 413 request body of %s bytes", where, length.decode(errors="replace"))
+            return await _answer(send, 413, f"request body over the limit of {self.max_body / 2**20:g} MB "
+                                            "(serve.max_request_mb)")
+        received, started, over = 0, False, False
+        too_large = f"request body over the limit of {self.max_body / 2**20:g} MB (serve.max_request_mb)"
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received, over
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                over = True
+                raise _BodyTooLarge
+            return message
+
+        async def watched(message: dict[str, Any]) -> None:
+            nonlocal started
+            if over:  # the application answered the cut-off body (FastAPI: 400 "error parsing the body"): ours instead
+                if not started:
+                    started = True
+                    log.warning("[SERVE] %s -> 413 request body over %d bytes (no length given)", where,
+                                self.max_body)
+                    await _answer(send, 413, too_large)
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _BodyTooLarge:
+            if not started:
+                log.warning("[SERVE] %s -> 413 request body over %d bytes (no length given)", where, self.max_body)
+                await _answer(send, 413, too_large)
+        except Exception as err:  # noqa: BLE001 - every unexpected error of a request ends here
+            log.error("[SERVE] %s -> 500 %s", where, describe(err))
+            log.error("%s", "".join(traceback.format_exception(err)).rstrip(), extra=FILE_ONLY)
+            if not started:
+                await _answer(send, 500, "internal error; see the server's log")
+
+
+async def _answer(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _return_memory() -> None:
+    """Give freed heap back to the system after a request (glibc keeps large freed arenas otherwise, so one burst
+    of big uploads would leave the server's resident size high for good)."""
     try:
-        from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def create_app(predictor: Predictor, limits: Limits | None = None, api_key: str | None = None) -> Any:
+    """The FastAPI application around ``predictor`` (``uvicorn`` serves it; tests use its TestClient).
+    ``api_key``: every route but /health needs ``Authorization: Bearer <api_key>``."""
+    try:
+        from fastapi import FastAPI, File, HTTPException, UploadFile
         from fastapi.responses import JSONResponse
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
-    limits = limits or Limits()
+    limits = limits or Limits.resolve(predictor.serve)
     app = FastAPI(title="vistrain", description=f"{predictor.task} model {predictor.model_name}")
-
-    @app.middleware("http")
-    async def log_errors(request: Request, call_next: Any) -> Any:
-        """An internal error: its line and traceback in the log, a 500 that reveals nothing of the server."""
-        try:
-            return await call_next(request)
-        except Exception as err:  # noqa: BLE001 - every unexpected error of a request ends here
-            log.error("[SERVE] %s %s -> 500 %s", request.method, request.url.path, describe(err))
-            log.error("%s", "".join(traceback.format_exception(err)).rstrip(), extra=FILE_ONLY)
-            return JSONResponse({"detail": "internal error; see the server's log"}, status_code=500)
+    app.add_middleware(_Guard, api_key=api_key, max_body=int(limits.max_request_mb * 2**20))
+    # At most max_concurrency predictions (each decoding one upload at a time) hold memory at once; the pool's
+    # threads run them so that a timed-out one can be left to finish while its slot stays taken.
+    slots = threading.BoundedSemaphore(limits.max_concurrency)
+    pool = ThreadPoolExecutor(limits.max_concurrency, thread_name_prefix="predict")
 
     def refuse(status: int, message: str) -> HTTPException:
         log.warning("[SERVE] POST /predict -> %d %s", status, message)
@@ -222,20 +362,46 @@ def create_app(predictor: Predictor, limits: Limits | None = None) -> Any:
     def metadata() -> dict[str, Any]:
         return predictor.metadata()
 
-    @app.post("/predict")
-    def predict(files: list[UploadFile] = File(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's declaration style
-        if len(files) > limits.max_files:
-            raise refuse(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
-        names = [f.filename or f"file{i}" for i, f in enumerate(files)]
-        tensors = []
+    def answer(names: list[str], bodies: list[bytes]) -> dict[str, Any]:
+        tensors, notes = [], []
         try:
-            for n, f in zip(names, files):  # one decoded image in memory at a time; only its small tensor stays
-                tensors.append(predictor.preprocess(decode_upload(n, f.file.read(int(limits.max_mb * 2**20) + 1),
-                                                                  limits)))
+            for n, data in zip(names, bodies):  # one decoded image in memory at a time; only its tensor stays
+                tensors.append(predictor.preprocess(decode_upload(n, data, limits)))
+                notes.append(upload_warnings(data, limits))
         except UploadError as err:
             raise refuse(err.status, str(err)) from err
         batch = torch.stack(tensors).numpy()
-        return {"task": predictor.task, "results": results(predictor, names, predictor(batch), limits.top_k)}
+        rows = results(predictor, names, predictor(batch), limits.top_k)
+        for row, warnings in zip(rows, notes):
+            row["warnings"] = warnings
+        return {"task": predictor.task, "results": rows}
+
+    def run_one(names: list[str], bodies: list[bytes]) -> dict[str, Any]:
+        try:
+            return answer(names, bodies)
+        finally:
+            slots.release()
+            _return_memory()
+
+    @app.post("/predict")
+    async def predict(files: list[UploadFile] = File(...)) -> Any:  # noqa: B008 - FastAPI's declaration style
+        if len(files) > limits.max_files:
+            raise refuse(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
+        if not slots.acquire(blocking=False):
+            log.warning("[SERVE] POST /predict -> 503 busy (%d predictions in flight)", limits.max_concurrency)
+            return JSONResponse({"detail": f"busy: {limits.max_concurrency} predictions in flight "
+                                           "(serve.max_concurrency); retry shortly"}, 503, {"Retry-After": "1"})
+        try:
+            names = [f.filename or f"file{i}" for i, f in enumerate(files)]
+            bodies = [await f.read(int(limits.max_mb * 2**20) + 1) for f in files]
+            job = asyncio.get_running_loop().run_in_executor(pool, run_one, names, bodies)
+        except BaseException:
+            slots.release()
+            raise
+        try:
+            return await asyncio.wait_for(job, limits.timeout_s)
+        except TimeoutError:
+            raise refuse(504, f"the prediction took longer than {limits.timeout_s:g} s (serve.timeout_s)") from None
 
     return app
 
@@ -247,9 +413,24 @@ def default_log_file(target: Path) -> Path | None:
     return target.parent / "serve.log" if target.is_file() else None
 
 
+def api_key_from(env_name: str | None) -> str | None:
+    """``--api-key-env NAME``: the key in that environment variable (a key on the command line would be visible to
+    every user of the machine in the process list)."""
+    if env_name is None:
+        return None
+    key = os.environ.get(env_name, "").strip()
+    if not key:
+        raise UserError(f"--api-key-env: environment variable {env_name} is not set or empty; export {env_name}=<key> "
+                        "first")
+    return key
+
+
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
-              limits: Limits | None = None, log_file: Path | None = None) -> None:
-    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome."""
+              limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None
+              ) -> None:
+    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome.
+    ``limits``: the ``Limits`` fields given on the command line (None: the model's ``serve:`` section)."""
+    api_key = api_key_from(api_key_env)
     log_file = log_file or default_log_file(target)
     if log_file is not None:
         try:
@@ -261,24 +442,33 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
     with run_logging([log_file] if log_file else []):
         log.info("[SERVE] log: %s | target: %s", log_file, target)
         try:
-            _serve(target, host, port, fold, limits)
+            _serve(target, host, port, fold, limits, api_key)
         except BaseException as err:
             log_outcome(log, "SERVING", err)
             raise
         log_outcome(log, "SERVING")
 
 
-def _serve(target: Path, host: str, port: int, fold: int | None, limits: Limits | None) -> None:
+def _serve(target: Path, host: str, port: int, fold: int | None, flags: dict[str, Any] | None,
+           api_key: str | None = None) -> None:
     try:
         import uvicorn
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
     predictor = load_predictor(target, fold)
-    app = create_app(predictor, limits)
+    limits = Limits.resolve(predictor.serve, flags)
+    given = sorted(k for k, v in (flags or {}).items() if v is not None)
+    log.info("[SERVE] limits: %s (the %s's serve: section%s)", limits.describe(),
+             "run" if predictor.backend == "torch" else "file", f"; flags: {', '.join(given)}" if given else "")
+    app = create_app(predictor, limits, api_key)
+    if api_key is not None:
+        log.info("[SERVE] every route but /health needs Authorization: Bearer <the key>")
     _check_port(host, port)
     log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
              predictor.task, predictor.model_name, predictor.backend, predictor.source, host, port)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    # uvicorn's own bound on open connections (503 beyond it) backs up max_concurrency, which counts predictions.
+    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=8 + 4 * limits.max_concurrency,
+                timeout_keep_alive=5)
     log.info("[SERVE] stopped")
 
 

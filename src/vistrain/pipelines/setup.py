@@ -90,7 +90,8 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
 
 
 def _domains(data: Prepared, idx: np.ndarray) -> np.ndarray | None:
-    return data.items["domain"].astype(str).to_numpy()[idx] if "domain" in data.items.columns else None
+    """The domain of each item of ``idx`` in that order ("" where a csv leaves it empty); None without domains."""
+    return data.items["domain"].fillna("").astype(str).to_numpy()[idx] if "domain" in data.items.columns else None
 
 
 def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
@@ -118,7 +119,8 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
         mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
-    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup)
+    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup,
+                              _domains(data, valid_idx))
     return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import re
 import shutil
@@ -20,8 +21,9 @@ import torch
 
 import vistrain
 from vistrain.config.loader import config_to_dict, mode_info
-from vistrain.config.schema import Config, DataCfg, TrackingCfg
+from vistrain.config.schema import Config, DataCfg, TrackingCfg, domain_monitor
 from vistrain.data.classmap import ClassMap, check_against, load_class_map
+from vistrain.data.images import set_max_pixels
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import (
     check_classes,
@@ -39,8 +41,8 @@ from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, 
 from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
-from vistrain.errors import UserError, describe, exit_code
-from vistrain.metrics.classification import epoch_metrics
+from vistrain.errors import UserError, describe, did_you_mean, exit_code
+from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
 from vistrain.models.build import check_model_name, count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
@@ -105,6 +107,7 @@ class RunResult:
 
 
 def prepare_data(cfg: Config) -> Prepared:
+    set_max_pixels(cfg.data.max_image_pixels)
     if cfg.task == "embedding":
         return _prepare_embedding(cfg)
     d = cfg.data
@@ -218,6 +221,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     info = distributed.init_distributed()
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
+        check_domain_monitor(cfg, data, folds)
         run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh, folds))
         if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
             with run_logging([], console=False):
@@ -226,6 +230,32 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
         return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
     finally:
         distributed.shutdown(info)
+
+
+def check_domain_monitor(cfg: Config, data: Prepared, folds: list[int]) -> None:
+    """A ``<metric>@<domain>`` monitor needs that domain among the validation images of every fold to train (and
+    ``top5`` five classes): a user error now, before the run directory, rather than a missing key after an epoch."""
+    found = domain_monitor(cfg.train.monitor) if cfg.task == "classification" else None
+    if found is None:
+        return
+    metric, domain = found
+    if "domain" not in data.items.columns:
+        raise UserError(f"train.monitor: domain '{domain}' is not in the data, which has no domains (give them as a "
+                        "'domain' column of the CSV or manifest, or as the names of data.sources)")
+    domains = data.items["domain"].fillna("").astype(str).to_numpy()
+    known = sorted(set(domains) - {""})
+    if domain not in known:
+        raise UserError(f"train.monitor: domain '{domain}' is not in the data; domains: {', '.join(known)}"
+                        f"{did_you_mean(domain, known)}")
+    if metric == "top5" and len(data.classes) < 5:
+        raise UserError(f"train.monitor: {cfg.train.monitor} is reported only with 5 or more classes; the data has "
+                        f"{len(data.classes)}; use top1@{domain} or macro_f1@{domain}")
+    for fold in folds:
+        if not np.any(domains[data.fold_indices(fold)[1]] == domain):
+            where = "the val split" if data.ratio_split else f"fold {fold}"
+            fix = "raise data.val_ratio" if data.ratio_split else "lower data.folds"
+            raise UserError(f"train.monitor: domain '{domain}' has no validation image in {where} "
+                            f"({int(np.sum(domains == domain))} image(s) in all); {fix} or monitor another domain")
 
 
 def check_final_steps(cfg: Config, use_calibration: bool, full_pipeline: bool) -> None:
@@ -606,11 +636,13 @@ def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]
 def _summarise(cfg: Config, run: rundir.RunDir, data: Prepared, results: list[dict[str, Any]], folds: list[int],
                device: torch.device, precision: dev.Precision, started: float, info: distributed.DistInfo
                ) -> dict[str, Any]:
-    names = list(results[0]["best"])
-    values = {n: np.array([r["best"][n] for r in results], dtype=np.float64) for n in names}
+    # Over the folds that report a metric: a domain absent from one fold's validation part has no value there.
+    names = list(dict.fromkeys(n for r in results for n in r["best"]))
+    values = {n: np.array([r["best"][n] for r in results if r["best"].get(n) is not None], dtype=np.float64)
+              for n in names}
     summary: dict[str, Any] = {
         "run_id": run.run_id, "task": cfg.task, "monitor": cfg.train.monitor, "folds": results,
-        "mean": {n: float(v.mean()) for n, v in values.items()},
+        "mean": {n: float(v.mean()) if len(v) else math.nan for n, v in values.items()},
         "std": {n: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for n, v in values.items()},
     }
     if data.ratio_split:
@@ -639,7 +671,10 @@ def _write_oof(run: rundir.RunDir, data: Prepared) -> dict[str, float]:
     write_csv(run / "oof" / "oof_ids.csv", pd.DataFrame({
         "id": data.items["id"], "fold": data.fold_of, "target": data.items["label"],
         "pred": [data.classes[i] for i in logits.argmax(axis=1)]}))
-    return epoch_metrics(logits, data.targets)
+    out = epoch_metrics(logits, data.targets)
+    if "domain" in data.items.columns:  # top1@<d> ... over every fold's held-out items of domain d
+        out.update(per_domain_metrics(logits, data.targets, data.items["domain"].fillna("").astype(str).to_numpy()))
+    return out
 
 
 def _fmt(key: str, v: Any) -> str:

@@ -9,7 +9,13 @@ values of a completed one reuses its result instead of training again.
 
 Sharing a study: processes (on one machine or many) work on one study when they use the same storage URL
 (``--storage`` / ``tune.storage``) and the same study name (``--study-name`` / ``tune.study_name`` /
-``project.name``); each runs its own ``--n-trials``. SQLite is fine for processes on one machine; across
+``project.name``); ``n_trials`` is then the study's total: every worker stops once the study holds that many
+trials that ran to an end (completed, pruned, or failed by an error), so two workers asked for 20 run 20, not
+40. A worker waits while the trials other workers are running would reach the total, and a trial started at the
+same moment as the last one needed is not run (the lower trial ID wins; recorded as failed, ``surplus``). Each
+worker beats an Optuna heartbeat (``tune.heartbeat_s``): the trial of a worker that died (killed, a lost machine)
+is failed after three missed beats by the next worker that looks, and another trial takes its place.
+SQLite is fine for processes on one machine; across
 machines use a database server URL (``postgresql://...``, ``mysql://...``), since SQLite on a network file
 system does not lock reliably. Each process writes its own tune directory (its trials' run directories and
 its reports); the reports describe the whole shared study as far as it had got when that process ended, so
@@ -38,6 +44,7 @@ import math
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -72,6 +79,10 @@ if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported 
 
 log = logging.getLogger(__name__)
 
+
+
+class _Surplus(Exception):
+    """A shared study's trial that another worker's trial made unnecessary: failed without running."""
 
 
 class TrialFailed(Exception):
@@ -128,7 +139,7 @@ class _Context:
     folds: list[int]
     epochs: int  # per trial and fold (for the global step)
     monitor: str
-    n_trials: int  # trials this process runs (or, continuing a study, the process that started it asked for)
+    n_trials: int  # private: trials this process runs (continuing: what the first asked for); shared: the total
     shared: bool  # storage given by the user (others may work on the study), not the tune directory's own
     done_before: int | None = None  # trials of the study that had ended when this tune directory started it
 
@@ -164,6 +175,8 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
 
         from vistrain.pipelines.train import run_train
 
+        if ctx.shared:
+            _refuse_surplus(trial, ctx.n_trials)
         values = {p.key: p.suggest(trial) for p in ctx.params}
         repeated = _completed_twin(trial, values)
         if repeated is not None:
@@ -194,6 +207,18 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         return float(result.summary["mean"][ctx.monitor])
 
     return objective
+
+
+def _refuse_surplus(trial: optuna.Trial, n_trials: int) -> None:
+    """Shared study: two workers may start a trial at the same moment when one more was needed; the one with the
+    higher trial ID (IDs are unique across workers, numbers too but read later) is not run."""
+    from optuna.trial import TrialState
+
+    ahead = sum(t._trial_id < trial._trial_id and (t.state == TrialState.RUNNING or _counts(t))
+                for t in trial.study.get_trials(deepcopy=False))
+    if ahead >= n_trials:
+        trial.set_user_attr("surplus", True)
+        raise _Surplus(f"the study already holds {n_trials} trial(s) ended or running")
 
 
 def _completed_twin(trial: optuna.Trial, values: dict[str, Any]) -> optuna.trial.FrozenTrial | None:
@@ -229,6 +254,10 @@ def _after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     torch = sys.modules.get("torch")  # only when a trial used it: the study itself never needs torch
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if trial.user_attrs.get("surplus"):
+        log.info("[TUNE] trial %d not run: another worker's trial completed the study at the same moment",
+                 trial.number)
+        return
     state = trial.state.name
     # A pruned trial's value is its last report, not an objective value.
     label = "last report" if state == "PRUNED" else "value"
@@ -414,7 +443,8 @@ def _run_study(ctx: _Context, storage_url: str, study_name: str, timeout: float 
     result = None
     try:
         study = _start(ctx, storage_url, study_name)
-        left = ctx.n_trials - (_done(study) - (ctx.done_before or 0))
+        # A shared study's n_trials is its total; a private one's counts from when this tune directory began.
+        left = ctx.n_trials - (_done(study) - (0 if ctx.shared else ctx.done_before or 0))
         if left > 0:
             _optimize(ctx, study, left, timeout)
         else:
@@ -433,13 +463,17 @@ def _run_study(ctx: _Context, storage_url: str, study_name: str, timeout: float 
 
 
 def _done(study: optuna.Study) -> int:
-    """Trials of the study that ran to an end: completed, pruned or failed (not those Ctrl-C or a lost process
-    stopped: a continued study runs those again)."""
+    """Trials of the study that ran to an end: completed, pruned or failed by an error (not those Ctrl-C, a lost
+    process or a heartbeat stopped, nor a shared study's surplus: a continued study runs those again)."""
+    return sum(_counts(t) for t in study.get_trials(deepcopy=False))
+
+
+def _counts(t: optuna.trial.FrozenTrial) -> bool:
     from optuna.trial import TrialState
 
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) or
-               (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))
-               for t in study.get_trials(deepcopy=False))
+    # Only _record_failure sets fail_reason: a failure the training itself reported.
+    return t.state in (TrialState.COMPLETE, TrialState.PRUNED) or (
+        t.state == TrialState.FAIL and "fail_reason" in t.user_attrs and not t.user_attrs.get("interrupted"))
 
 
 def _start(ctx: _Context, storage_url: str, study_name: str) -> optuna.Study:
@@ -475,13 +509,47 @@ def _optimize(ctx: _Context, study: optuna.Study, n_trials: int, timeout: float 
     design = _InitialDesign(first, n_trials, timeout)
     design.enqueue_next(study)
     try:
-        study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed,),
-                       callbacks=[_after_trial, design], gc_after_trial=True)
+        if ctx.shared:
+            _optimize_shared(ctx, study, design, timeout)
+        else:
+            study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed, _Surplus),
+                           callbacks=[_after_trial, design], gc_after_trial=True)
     except BaseException:
         _safe(write_trials_csv, ctx.tune_dir / "trials.csv", study)
         raise
     finally:
         gc.collect()
+
+
+def _optimize_shared(ctx: _Context, study: optuna.Study, design: _InitialDesign, timeout: float | None) -> None:
+    """One trial at a time until the study holds ``n_trials`` ended trials, waiting while other workers' running
+    trials would make up the rest (one of them may die: its heartbeat then lapses and it is failed here)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    deadline = time.monotonic() + timeout if timeout else math.inf
+    objective, waiting = _objective(ctx), False
+    while time.monotonic() < deadline:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        done, running = sum(_counts(t) for t in trials), sum(t.state == TrialState.RUNNING for t in trials)
+        if done >= ctx.n_trials:
+            log.info("[TUNE] the study holds its %d trial(s)", ctx.n_trials)
+            return
+        if done + running >= ctx.n_trials:
+            if not waiting:
+                log.info("[TUNE] %d trial(s) running in other workers would complete the study's %d: waiting for "
+                         "them (a dead worker's trial is failed after %d s without a heartbeat)", running,
+                         ctx.n_trials, 3 * ctx.cfg.tune.heartbeat_s)
+            waiting = True
+            time.sleep(min(2.0, ctx.cfg.tune.heartbeat_s / 2))
+            continue
+        waiting = False
+        study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus), callbacks=[_after_trial, design],
+                       gc_after_trial=True)
+    log.info("[TUNE] tune.timeout reached")
 
 
 def _safe(func: Callable[..., Any], *args: Any) -> None:

@@ -40,16 +40,20 @@ def safe_url(url: str) -> str:
         return url
 
 
-def open_storage(url: str, attempts: int = 5) -> optuna.storages.BaseStorage:
+def open_storage(url: str, attempts: int = 5, heartbeat_s: int | None = None) -> optuna.storages.BaseStorage:
     """An RDB storage; SQLite waits for the write lock, and opening is retried because several workers
-    starting at once race to create the tables."""
+    starting at once race to create the tables. ``heartbeat_s``: running trials beat every so many seconds and
+    one silent for three beats is failed (a shared study's dead worker)."""
     import optuna
 
     kwargs: dict[str, Any] = {"connect_args": {"timeout": SQLITE_LOCK_TIMEOUT_S}} if url.startswith("sqlite") \
         else {"pool_pre_ping": True}
     for attempt in range(1, attempts + 1):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            beat = {"heartbeat_interval": heartbeat_s, "grace_period": 3 * heartbeat_s} if heartbeat_s else {}
+            with warnings.catch_warnings():  # the heartbeat is marked experimental (Optuna 3-5)
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, **beat)
         except (ImportError, ValueError) as err:
             raise UserError(f"tune.storage: cannot open {safe_url(url)}: {first_line(err)}") from err
         except Exception as err:  # noqa: BLE001 - sqlalchemy errors: a concurrent worker, a lock, a server
@@ -71,7 +75,7 @@ def create_study(cfg: Config, storage_url: str, study_name: str, direction: str,
     # A private study is reproducible from project.seed; workers sharing a study must not all draw the
     # same "random" points, so they are left unseeded.
     sampler = optuna.samplers.TPESampler(seed=None if shared else cfg.project.seed)
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat_s=cfg.tune.heartbeat_s if shared else None)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
                                     pruner=pruner, load_if_exists=True)

@@ -23,6 +23,8 @@ from vistrain.tracking.files import atomic_write_text
 
 PER_CLASS_SPLITS = ("oof", "val", "valid", "test")  # which eval/<split>/per_class.csv the page shows first
 CALIBRATION_KEYS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
+DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # the "<metric>@<domain>" keys of metrics.jsonl / summary.json
+DOMAIN_COLUMNS = ("n", *DOMAIN_METRICS, "balanced_accuracy")  # the per-domain table's columns, those present
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2430;background:#f4f6f9}
@@ -240,6 +242,55 @@ def _per_class_cell(key: str, value: Any, low_f1: float) -> Any:
     return value
 
 
+def domain_html(run_dir: Path, summary: dict[str, Any], threshold: float = 0.7) -> str:
+    """Per-domain metrics: the best epochs' validation values (summary.json's ``<metric>@<domain>`` means over
+    the folds) and each eval/<split>/metrics.json ``per_domain`` block; then the classes whose accuracy on a
+    domain's images (per_class.csv's ``recall@<domain>``) is under ``threshold``."""
+    parts = []
+    validation: dict[str, dict[str, Any]] = {}
+    for key, value in (summary.get("mean") or {}).items():
+        metric, sep, domain = key.partition("@")
+        if sep and metric in DOMAIN_METRICS:
+            validation.setdefault(domain, {})[metric] = value
+    if validation:
+        parts.append("<h3>validation, best epoch (mean over folds)</h3>" + _domain_table(validation))
+    for path in sorted((run_dir / "eval").glob("*/metrics.json")):
+        per_domain = _read_json(path).get("per_domain")
+        if isinstance(per_domain, dict) and per_domain:
+            parts.append(f"<h3>eval / {html.escape(path.parent.name)}</h3>" + _domain_table(per_domain))
+    if not parts:
+        return ""
+    return section("Per-domain metrics", "".join(parts) + _domain_failures(run_dir, threshold))
+
+
+def _domain_table(per_domain: dict[str, Any]) -> str:
+    values = {d: m for d, m in sorted(per_domain.items()) if isinstance(m, dict)}
+    columns = [c for c in DOMAIN_COLUMNS if any(c in m for m in values.values())]
+    return table(["domain", *columns], [[d, *(m.get(c) for c in columns)] for d, m in values.items()])
+
+
+def _domain_failures(run_dir: Path, threshold: float) -> str:
+    """Per domain, the classes with images there whose accuracy on them is under ``threshold``, worst first."""
+    path = per_class_file(run_dir)
+    rows = _read_csv(path) if path is not None else []
+    domains = [k.removeprefix("recall@") for k in (rows[0] if rows else {}) if k.startswith("recall@")]
+    if not domains:
+        return ""
+    named = "display_name" in rows[0]
+    found = []
+    for domain in domains:
+        low = [(_num(r[f"recall@{domain}"]), r) for r in rows
+               if _num(r.get(f"support@{domain}", "0")) > 0 and _num(r[f"recall@{domain}"]) < threshold]
+        found += [[domain, r["class"], *([r["display_name"]] if named else []), Raw(f'<td class="low">{fmt(acc)}</td>'),
+                   _num(r[f"support@{domain}"])] for acc, r in sorted(low, key=lambda x: x[0])]
+    where = html.escape(str(path.relative_to(run_dir)))
+    if not found:
+        return f'<p class="note">every class scores at least {threshold} accuracy in every domain ({where})</p>'
+    headers = ["domain", "class", *(["display name"] if named else []), "accuracy", "images"]
+    return (f"<h3>classes under accuracy {threshold} per domain</h3>"
+            f'<p class="note">from {where}</p><div class="scroll">{table(headers, found)}</div>')
+
+
 def calibration_html(run_dir: Path) -> str:
     cal = _read_json(run_dir / "calibration.json")
     if not cal:
@@ -282,7 +333,8 @@ def render_report(run_dir: Path) -> str:
     status = _read_json(run_dir / "run.json")
     title = html.escape(f"vistrain report: {summary.get('run_id') or status.get('run_id') or run_dir.name}")
     body = "".join([
-        folds_html(summary), metrics_html(run_dir, summary), per_class_html(run_dir, failure_threshold(run_dir)),
+        folds_html(summary), metrics_html(run_dir, summary), domain_html(run_dir, summary, failure_threshold(run_dir)),
+        per_class_html(run_dir, failure_threshold(run_dir)),
         calibration_html(run_dir), images_html(run_dir), environment_html(summary), config_html(run_dir),
     ])
     return (

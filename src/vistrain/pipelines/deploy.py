@@ -1,0 +1,265 @@
+"""Smaller variants of an exported ONNX file, and the figures a deployment is decided on (``vistrain export
+--quantize int8 / --fp16 / --budget-ms / --budget-mb``).
+
+int8: onnxruntime static quantisation, QDQ format with int8 weights (per output channel) and int8 activations
+(onnxruntime's recommended CPU setting for CNNs), calibrated on the run's validation images after
+``quant_pre_process`` (shape inference and graph optimisation, as onnxruntime's documentation asks). Should the static
+path fail, dynamic quantisation (uint8 weights, activations quantised at run time, the only integer convolution
+onnxruntime's CPU provider has), and the report says which was used and why. fp16: every float tensor in half
+precision, input and outputs kept float32 (``keep_io_types``), for GPUs and phones; a CPU runs much of it through
+casts, so there it is smaller rather than faster.
+
+Every file, the float one included, gets: its size; CPU latency at batch 1 (p50 / p95 of at least ``LATENCY_RUNS``
+timed runs after warm-up, onnxruntime pinned to 1 thread and to every usable core); on the same validation images,
+its top-1 agreement with the float file, its top-1 accuracy and the change against the float file's; and, with a
+budget, the verdict: p95 latency at every usable core <= ``--budget-ms`` and size <= ``--budget-mb``. The
+validation images are the fold's rows of splits.csv (a K-fold run's validation part; a ratio split's ``val`` rows,
+which carry fold 0).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vistrain.data.images import check_images
+from vistrain.data.preprocess import Preprocessor
+from vistrain.engine import device as dev
+from vistrain.engine.inference import LoadedRun
+from vistrain.errors import UserError, describe
+from vistrain.pipelines.export import _time_ms, onnx_session, sample_inputs
+from vistrain.tracking.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+QUANTIZE = ("int8",)
+CALIB_IMAGES = 128  # static int8: calibration images, spread over the validation images (ranges settle by ~100)
+EVAL_IMAGES = 1000  # validation images every file is compared on (a seeded draw when there are more)
+CHUNK = 32  # images decoded and run at once: memory stays small at 512 px
+LATENCY_RUNS = 20  # timed runs behind each p50 / p95
+AGREEMENT_WARN = 0.99  # a variant that agrees less with the float model is reported with a warning
+BUDGET_MEASURE = "p95_ms at all threads"  # what --budget-ms is compared with
+
+
+def variant_path(float_path: Path, kind: str) -> Path:
+    """``model_fold0.onnx`` -> ``model_fold0.int8.onnx`` / ``model_fold0.fp16.onnx``."""
+    return float_path.with_name(f"{float_path.stem}.{kind}{float_path.suffix}")
+
+
+def validation_images(run: LoadedRun, fold: int, n: int = EVAL_IMAGES) -> tuple[list[str], np.ndarray, str]:
+    """The fold's validation images from splits.csv, the readable ones (the rest reported), at most ``n`` (a draw
+    seeded by project.seed, in splits.csv order), with their class indices."""
+    items = run.splits()
+    part = items[items["fold"] == fold]
+    if len(part) > n:
+        part = part.sample(n=n, random_state=run.cfg.project.seed).sort_index()
+    bad = check_images(part["path"].tolist())
+    if bad:
+        first = next(iter(bad.items()))
+        log.warning("[EXPORT] fold=%d: %d validation image(s) unreadable, left out of calibration and comparison; "
+                    "first: %s: %s", fold, len(bad), *first)
+        part = part[~part["path"].isin(list(bad))]
+    index = run.class_index()
+    labels = np.array([index.get(str(v), -1) for v in part["label"]], dtype=np.int64)
+    return part["path"].tolist(), labels, f"fold {fold}'s validation rows of splits.csv"
+
+
+def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterator[np.ndarray]:
+    """``paths`` preprocessed as ``predict`` does (``export.sample_inputs``), ``CHUNK`` images at a time."""
+    for start in range(0, len(paths), CHUNK):
+        chunk = paths[start:start + CHUNK]
+        inputs, source = sample_inputs(run, pre, len(chunk), chunk)
+        if len(inputs) != len(chunk) or not source.endswith("images of the run"):
+            raise UserError(f"export: validation images became unreadable during the export (one of {chunk[0]} "
+                            f"... {chunk[-1]}); run it again")
+        yield inputs.numpy()
+
+
+def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> dict[str, Any]:
+    """``src`` quantised to int8 into ``dst`` (written atomically, ``src``'s metadata kept, plus
+    ``vistrain.quantization``); static with the ``calibration`` batches [N, 3, H, W], else dynamic.
+    Returns what was done."""
+    from onnxruntime import quantization as q
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(q.CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches, self.count = iter(calibration), 0
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            self.count += 0 if batch is None else len(batch)
+            return None if batch is None else {"image": batch}
+
+    info: dict[str, Any] = {"dtype": "int8"}
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as tmp:
+        prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        try:
+            quant_pre_process(str(src), str(prepared))
+        except Exception as err:  # noqa: BLE001 - an optimisation step: quantising the file as is still works
+            log.warning("[EXPORT] quant_pre_process failed (%s); quantising the exported graph as is", describe(err))
+            prepared = src
+        reader = Reader()
+        try:
+            q.quantize_static(str(prepared), str(out), reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                              activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8)
+            info.update(method="static", format="QDQ", per_channel=True, calibration_images=reader.count)
+        except Exception as err:  # noqa: BLE001 - onnxruntime's own errors: an op it cannot calibrate, ...
+            log.warning("[EXPORT] static int8 quantisation failed (%s); quantising dynamically instead",
+                        describe(err))
+            q.quantize_dynamic(str(prepared), str(out), weight_type=q.QuantType.QUInt8)
+            info.update(method="dynamic", static_failed=describe(err))
+        _save(out, dst, src, info)
+    return info
+
+
+def to_fp16(src: Path, dst: Path) -> dict[str, Any]:
+    """``src`` in half precision into ``dst``, float32 input and outputs, metadata kept (+ vistrain.quantization)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    info = {"dtype": "float16", "method": "cast", "keep_io_types": True}
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".fp16.") as tmp:
+        out = Path(tmp) / "fp16.onnx"
+        onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(out))
+        _save(out, dst, src, info)
+    return info
+
+
+def _save(converted: Path, dst: Path, src: Path, info: dict[str, Any]) -> None:
+    """``converted`` with ``src``'s metadata_props (a converter may drop them) and ``vistrain.quantization``, written
+    atomically to ``dst``."""
+    import onnx
+
+    model = onnx.load(str(converted))
+    props = {p.key: p.value for p in model.metadata_props}
+    props.update({p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props})
+    props["vistrain.quantization"] = json.dumps(info)
+    del model.metadata_props[:]
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    atomic_write_bytes(dst, model.SerializeToString())
+
+
+def latency(path: Path, img_size: tuple[int, int] | list[int]) -> dict[str, Any]:
+    """Batch-1 CPU latency of ``path`` with onnxruntime and the process pinned to 1 thread and to every usable core:
+    ``{"1": {threads, p50_ms, p95_ms, runs, stable}, "all": {...}}``."""
+    x = {"image": np.zeros((1, 3, *img_size), np.float32)}
+    out: dict[str, Any] = {}
+    for key, n in (("1", 1), ("all", dev.usable_cores())):
+        if key == "all" and n == 1:  # a one-core machine: the same figures
+            out[key] = out["1"]
+            continue
+        session = onnx_session(path, n)
+        with dev.pinned_threads(n):
+            t = _time_ms(session.run, None, x, min_runs=LATENCY_RUNS)
+        out[key] = {"threads": n, "p50_ms": t["p50_ms"], "p95_ms": t["p95_ms"], "runs": t["runs"],
+                    "stable": t["stable"]}
+    return out
+
+
+def compare(outputs: dict[str, np.ndarray], labels: np.ndarray, task: str) -> dict[str, dict[str, Any]]:
+    """Per file kind: top-1 agreement with "float", top-1 accuracy and its change against "float" (classifiers:
+    ``outputs`` are probabilities [N, C]); embedding models: the cosine similarity to the float embeddings."""
+    if task != "classification":
+        ref = outputs["float"]
+        figures = {}
+        for kind, emb in outputs.items():
+            cos = np.sum(ref * emb, axis=1) / np.maximum(
+                np.linalg.norm(ref, axis=1) * np.linalg.norm(emb, axis=1), 1e-12)
+            figures[kind] = {"top1_agreement": None, "val_top1": None, "val_top1_change": None,
+                             "cosine_to_float": {"mean": float(cos.mean()), "min": float(cos.min())}}
+        return figures
+    top1 = {kind: probs.argmax(axis=1) for kind, probs in outputs.items()}
+    acc = {kind: float(np.mean(pred == labels)) for kind, pred in top1.items()}
+    return {kind: {"top1_agreement": float(np.mean(pred == top1["float"])), "val_top1": round(acc[kind], 6),
+                   "val_top1_change": round(acc[kind] - acc["float"], 6)} for kind, pred in top1.items()}
+
+
+def check_budget(f: dict[str, Any], budget_ms: float | None, budget_mb: float | None) -> dict[str, Any] | None:
+    if budget_ms is None and budget_mb is None:
+        return None
+    ok = budget_ms is None or f["latency"]["all"]["p95_ms"] <= budget_ms
+    ok &= budget_mb is None or f["size_mb"] <= budget_mb
+    return {"ms": budget_ms, "mb": budget_mb, "measure": BUDGET_MEASURE, "pass": bool(ok)}
+
+
+def budget_line(f: dict[str, Any]) -> str:
+    """``[BUDGET] model_fold0.int8.onnx: 12.3 ms p95 (<= 50) 11.2 MB (<= 100) PASS``."""
+    b, parts = f["budget"], [f"[BUDGET] {Path(f['path']).name}:"]
+    for value, limit, unit in ((f["latency"]["all"]["p95_ms"], b["ms"], "ms p95"), (f["size_mb"], b["mb"], "MB")):
+        if limit is not None:
+            parts.append(f"{value:.1f} {unit} ({'<=' if value <= limit else '>'} {limit:g})")
+    return " ".join([*parts, "PASS" if b["pass"] else "FAIL"])
+
+
+def deploy_files(run: LoadedRun, fold: int, pre: Preprocessor, float_path: Path, quantize: str | None,
+                 fp16: bool, budget_ms: float | None, budget_mb: float | None
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The fold's float file and the variants asked for, each with its figures; and the validation images used."""
+    paths, labels, source = validation_images(run, fold)
+    if not paths and quantize:
+        raise UserError(f"--quantize: fold {fold} has no readable validation image in {run.path / 'splits.csv'} "
+                        "to calibrate on")
+    files: list[dict[str, Any]] = [{"kind": "float", "path": str(float_path)}]
+    if quantize:
+        step = max(1, len(paths) // CALIB_IMAGES)
+        calib = paths[::step][:CALIB_IMAGES]
+        dst = variant_path(float_path, quantize)
+        info = quantize_int8(float_path, dst, input_batches(run, pre, calib))
+        files.append({"kind": quantize, "path": str(dst), "quantization": info})
+        log.info("[EXPORT] fold=%d int8 (%s%s) -> %s", fold, info["method"],
+                 f", QDQ per channel, {info['calibration_images']} calibration images of {source}"
+                 if info["method"] == "static" else "", dst)
+    if fp16:
+        dst = variant_path(float_path, "fp16")
+        files.append({"kind": "fp16", "path": str(dst), "quantization": to_fp16(float_path, dst)})
+        log.info("[EXPORT] fold=%d fp16 (float32 input and outputs) -> %s", fold, dst)
+    for f in files:
+        f["size_mb"] = round(Path(f["path"]).stat().st_size / 2**20, 3)
+    if paths:
+        figures = compare(_outputs(files, input_batches(run, pre, paths), run.cfg.task), labels, run.cfg.task)
+    else:
+        log.warning("[EXPORT] fold=%d: no readable validation image: no agreement or accuracy figures", fold)
+        figures = {f["kind"]: {"top1_agreement": None, "val_top1": None, "val_top1_change": None} for f in files}
+    for f in files:
+        f.update(figures[f["kind"]])
+        f["latency"] = latency(Path(f["path"]), pre.size)
+        f["budget"] = check_budget(f, budget_ms, budget_mb)
+        _log_file(fold, f, len(paths))
+    return files, {"images": len(paths), "source": source}
+
+
+def _outputs(files: list[dict[str, Any]], batches: Iterable[np.ndarray], task: str) -> dict[str, np.ndarray]:
+    """Every file run on the same batches (decoded once): probabilities or embeddings [N, ...] per kind."""
+    name = "probs" if task == "classification" else "embedding"
+    sessions = {f["kind"]: onnx_session(Path(f["path"])) for f in files}
+    out: dict[str, list[np.ndarray]] = {kind: [] for kind in sessions}
+    for batch in batches:
+        for kind, session in sessions.items():
+            out[kind].append(session.run([name], {"image": batch})[0].astype(np.float32))
+    return {kind: np.concatenate(parts) for kind, parts in out.items()}
+
+
+def _log_file(fold: int, f: dict[str, Any], n: int) -> None:
+    lat = ", ".join(f"{v['threads']} thread{'s' * (v['threads'] > 1)} {v['p50_ms']:.1f}/{v['p95_ms']:.1f} ms"
+                   for v in f["latency"].values())
+    figures = ""
+    if f.get("top1_agreement") is not None:
+        figures = (f" | top-1 agreement with float {f['top1_agreement']:.2%} on {n} validation images | val top-1 "
+                   f"{f['val_top1']:.4f} ({f['val_top1_change']:+.4f})")
+    elif "cosine_to_float" in f:
+        figures = f" | cosine to float mean {f['cosine_to_float']['mean']:.4f} min {f['cosine_to_float']['min']:.4f}"
+    log.info("[EXPORT] fold=%d %s: %.1f MB%s | batch-1 latency p50/p95: %s", fold, Path(f["path"]).name,
+             f["size_mb"], figures, lat)
+    if f.get("top1_agreement") is not None and f["top1_agreement"] < AGREEMENT_WARN:
+        log.warning("[EXPORT] fold=%d %s agrees with the float model on only %.2f%% of the validation images "
+                    "(under %.0f%%): check val_top1_change before shipping it", fold, Path(f["path"]).name,
+                    100 * f["top1_agreement"], 100 * AGREEMENT_WARN)

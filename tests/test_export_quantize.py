@@ -1,0 +1,211 @@
+"""vistrain export --quantize int8 / --fp16 / --budget-ms / --budget-mb: smaller files that still answer like the float
+model on the run's validation images, with the figures (size, latency, agreement) a deployment is decided on."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_config, write_csv_dataset, write_yaml
+from sklearn.metrics import accuracy_score
+
+from vistrain.config import load_config
+from vistrain.pipelines.train import run_train
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+FIGURES = {"path", "kind", "size_mb", "latency", "top1_agreement", "val_top1", "val_top1_change", "budget"}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A two-fold run (fold 0 trained, 24 validation images, CLAHE in its preprocessing) exported once with int8,
+    fp16 and a size budget that only the int8 file meets (in this process: the CLI's stdout captured)."""
+    from vistrain import cli
+    from vistrain.pipelines import export
+
+    root = tmp_path_factory.mktemp("quantize")
+    data = write_csv_dataset(root / "data", per_class=16)
+    cfg = tiny_config(data.root, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False}, preprocess={"clahe": {"enabled": True}})
+    run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
+    out = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
+        mp.setattr(export, "BENCH_BUDGET_S", 0.5)  # a busy test machine never settles: stop at the 20 runs
+        code = cli.main(["export", str(run), "--quantize", "int8", "--fp16", "--budget-ms", "10000",
+                         "--budget-mb", "8"])
+    assert code == 0, out.getvalue()
+    report = json.loads((run / "export" / "export.json").read_text())
+    return {"run": run, "stdout": out.getvalue(), "report": report,
+            "files": {f["kind"]: f for f in report["models"][0]["files"]}}
+
+
+def preprocess_from_metadata(path: str, meta: dict[str, str]) -> np.ndarray:
+    """A client's preprocessing, from the file's metadata only (``vistrain.preprocess``): [3, H, W] float32."""
+    from vistrain.data.preprocess import Preprocessor
+
+    pre = Preprocessor.from_dict(json.loads(meta["vistrain.preprocess"]))
+    assert pre.clahe  # the run's CLAHE travels with the file: calibration and clients see it
+    return pre.normalize(pre.load(path)).numpy()
+
+
+def props(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_int8_file_is_smaller_and_agrees_with_the_float_model_on_the_validation_images(exported: dict) -> None:
+    run, files = exported["run"], exported["files"]
+    float_path, int8_path = Path(files["float"]["path"]), Path(files["int8"]["path"])
+    assert float_path == run / "export" / "model_fold0.onnx" and int8_path == run / "export" / "model_fold0.int8.onnx"
+    assert int8_path.stat().st_size < float_path.stat().st_size / 2
+    meta = props(int8_path)
+    for key, value in props(float_path).items():
+        assert meta[key] == value, key  # the int8 file is served and fed exactly as the float one
+    quant = json.loads(meta["vistrain.quantization"])
+    assert quant == files["int8"]["quantization"] == {"dtype": "int8", "method": "static", "format": "QDQ",
+                                                      "per_channel": True, "calibration_images": 24}
+
+    # Recomputed here: both files on fold 0's validation images (splits.csv), labels from splits.csv.
+    splits = pd.read_csv(run / "splits.csv", dtype={"label": str})
+    val = splits[splits["fold"] == 0]
+    batch = np.stack([preprocess_from_metadata(p, meta) for p in val["path"]])
+    classes = json.loads(meta["vistrain.classes"])
+    probs = {kind: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"image": batch})[0] for kind, path in (("float", float_path), ("int8", int8_path))}
+    top1 = {kind: p.argmax(axis=1) for kind, p in probs.items()}
+    agreement = float(np.mean(top1["float"] == top1["int8"]))
+    assert agreement >= 0.99
+    # Not only the same argmax: the probabilities stay close (a broken calibration moves them by tenths).
+    assert np.abs(probs["int8"] - probs["float"]).max() < 0.05
+    labels = [classes.index(c) for c in val["label"]]
+    n = len(val)
+    report = exported["report"]["models"][0]
+    assert report["validation"]["images"] == n == 24
+    assert abs(files["int8"]["top1_agreement"] - agreement) <= 1 / n
+    for kind in ("float", "int8"):
+        assert abs(files[kind]["val_top1"] - accuracy_score(labels, top1[kind])) <= 1 / n
+    assert files["int8"]["val_top1_change"] == pytest.approx(files["int8"]["val_top1"] - files["float"]["val_top1"])
+    assert files["float"]["top1_agreement"] == 1.0 and files["float"]["val_top1_change"] == 0.0
+
+
+def test_export_json_has_every_figure_for_every_file_and_budget_lines(exported: dict) -> None:
+    from vistrain.engine.device import usable_cores
+
+    files = exported["files"]
+    assert list(files) == ["float", "int8", "fp16"]
+    for kind, f in files.items():
+        assert FIGURES <= set(f), (kind, set(f))
+        assert f["size_mb"] == pytest.approx(Path(f["path"]).stat().st_size / 2**20, abs=1e-3)
+        assert {k: v["threads"] for k, v in f["latency"].items()} == {"1": 1, "all": usable_cores()}
+        for figure in f["latency"].values():
+            assert 0 < figure["p50_ms"] <= figure["p95_ms"] and figure["runs"] >= 20
+        assert f["budget"] == {"ms": 10000.0, "mb": 8.0, "measure": "p95_ms at all threads",
+                               "pass": f["size_mb"] <= 8.0}
+    assert files["int8"]["budget"]["pass"] and not files["float"]["budget"]["pass"]
+    lines = [ln for ln in exported["stdout"].splitlines() if "[BUDGET]" in ln]
+    assert len(lines) == 3, exported["stdout"]
+    for line, f in zip(lines, files.values()):
+        name = Path(f["path"]).name
+        p95 = f["latency"]["all"]["p95_ms"]
+        pattern = (rf"\[BUDGET\] {re.escape(name)}: {p95:.1f} ms p95 \(<= 10000\) {f['size_mb']:.1f} MB "
+                   rf"\({'<=' if f['budget']['pass'] else '>'} 8\) {'PASS' if f['budget']['pass'] else 'FAIL'}$")
+        assert re.search(pattern, line), (line, pattern)
+
+
+def test_fp16_file_keeps_a_float32_input_and_agrees(exported: dict) -> None:
+    f = exported["files"]["fp16"]
+    path = Path(f["path"])
+    assert path.name == "model_fold0.fp16.onnx" and f["top1_agreement"] >= 0.99
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].type == "tensor(float)"
+    assert json.loads(props(path)["vistrain.classes"]) == ["0", "1", "2"]
+    assert exported["files"]["float"]["size_mb"] / 2.2 < f["size_mb"] < exported["files"]["float"]["size_mb"] / 1.8
+
+
+def test_no_file_within_the_budget_exits_1_and_keeps_the_report(exported: dict, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from vistrain import cli
+    from vistrain.pipelines import export
+
+    def copy_float_file(module: object, example: object, path: Path, props: object) -> int:
+        shutil.copy(exported["files"]["float"]["path"], path)  # what the exporter wrote before, without its 10 s
+        return 18
+
+    monkeypatch.setattr(export, "export_onnx", copy_float_file)
+    monkeypatch.setattr(export, "BENCH_BUDGET_S", 0.5)
+    assert cli.main(["export", str(exported["run"]), "--output", str(tmp_path), "--budget-ms", "0.001"]) == 1
+    out, err = capsys.readouterr()
+    lines = [ln for ln in out.splitlines() if "[BUDGET]" in ln]
+    assert len(lines) == 1 and re.search(r"\[BUDGET\] model_fold0\.onnx: [\d.]+ ms p95 \(> 0\.001\) FAIL$", lines[0])
+    assert ("error: RuntimeError: export: no exported file meets the budget (--budget-ms 0.001; latency as p95 at "
+            "all threads)") in err
+    (entry,) = json.loads((tmp_path / "export.json").read_text())["models"]
+    assert entry["files"][0]["budget"]["pass"] is False and (tmp_path / "model_fold0.onnx").is_file()
+    with pytest.raises(SystemExit) as excinfo:
+        cli.main(["export", str(exported["run"]), "--quantize", "int4"])
+    assert excinfo.value.code == 2
+
+
+def test_static_quantisation_failing_falls_back_to_dynamic(exported: dict, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnxruntime.quantization as q
+
+    from vistrain.pipelines import deploy
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("calibration exploded")
+
+    monkeypatch.setattr(q, "quantize_static", broken)
+    src = Path(exported["files"]["float"]["path"])
+    dst = tmp_path / "model.int8.onnx"
+    h, w = json.loads(props(src)["vistrain.img_size"])
+    info = deploy.quantize_int8(src, dst, [np.zeros((2, 3, h, w), np.float32)])
+    assert info["method"] == "dynamic" and "calibration exploded" in info["static_failed"]
+    assert json.loads(props(dst)["vistrain.quantization"])["method"] == "dynamic"
+    out = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(
+        ["probs"], {"image": np.zeros((1, 3, h, w), np.float32)})[0]
+    assert out.shape == (1, 3) and np.isclose(out.sum(), 1, atol=1e-3)
+
+
+def test_latency_percentiles_are_over_at_least_min_runs_timed_runs() -> None:
+    from vistrain.pipelines.export import stable_median_ms
+
+    seq = [50.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] * 20  # a slow first window, then a steady one
+    times = iter(seq)
+    figure = stable_median_ms(lambda: next(times), min_runs=20, budget_s=60)
+    # steady after 15 runs, but p50 / p95 need 20: the slow window counts in them
+    assert figure["runs"] == 20 and figure["ms"] == 3.0 and figure["stable"] is True
+    assert figure["p50_ms"] == pytest.approx(np.percentile(seq[:20], 50), abs=1e-3)
+    assert figure["p95_ms"] == pytest.approx(np.percentile(seq[:20], 95), abs=1e-3)
+
+
+def test_serve_accepts_the_int8_and_fp16_files_and_answers_like_the_float_file(exported: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    from vistrain.pipelines.export import read_onnx_metadata
+    from vistrain.pipelines.serve import create_app, load_predictor
+
+    files = exported["files"]
+    splits = pd.read_csv(exported["run"] / "splits.csv", dtype={"label": str})
+    val = splits[splits["fold"] == 0]["path"].tolist()[:6]
+    uploads = [("files", (Path(p).name, Path(p).read_bytes(), "image/png")) for p in val]
+    answers = {}
+    for kind in ("float", "int8", "fp16"):
+        path = Path(files[kind]["path"])
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        meta = read_onnx_metadata(path, session)  # the checks serve makes on a file before it starts
+        assert meta["classes"] == ["0", "1", "2"] and meta["preprocessor"].clahe
+        res = TestClient(create_app(load_predictor(path))).post("/predict", files=uploads)
+        assert res.status_code == 200, res.text
+        answers[kind] = [(r["file"], r["class"]) for r in res.json()["results"]]
+    assert answers["int8"] == answers["float"] == answers["fp16"]
