@@ -242,16 +242,7 @@ def test_configs_folder_is_not_empty():
     assert CONFIG_FILES, "configs/*.yaml: no config files found"
 
 
-# Configs that use keys of issue 10 items 2-6 (data.sources, data.class_map, data.split, data.min_images_per_class,
-# train.monitor: top1@real), built on other branches. Strict xfail: once they validate this fails -- remove the entry.
-PENDING_KEYS = {name: "needs data.sources / class_map / split / min_images_per_class and top1@real (issue 10)"
-                for name in ("pill_efficientnetv2s.yaml", "demo_pills.yaml")}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(p.name in PENDING_KEYS, reason=PENDING_KEYS.get(p.name, ""),
-                                            raises=ConfigError, strict=True)) for p in CONFIG_FILES
-], ids=[p.name for p in CONFIG_FILES])
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=[p.name for p in CONFIG_FILES])
 def test_every_shipped_config_validates(path):
     raw = yaml.safe_load(path.read_text())
     assert isinstance(raw, dict)

@@ -1,5 +1,5 @@
-"""``vistrain demo --scenario pills`` and the two pill configs (seed 003): what can be checked before the features of
-issue 10 items 2-7 are merged, and the end-to-end demo that needs them (skipped until then)."""
+"""``vistrain demo --scenario pills`` and the two pill configs (seed 003), and the end-to-end demo: data, training,
+int8 export with budget lines, manifest."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from vistrain.pipelines.demo import default_demo_config, pills_overrides
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "configs" / "pill_efficientnetv2s.yaml"
 DEMO = REPO / "configs" / "demo_pills.yaml"
-# Keys other issue-10 branches add; removed from the files before validating what exists today.
-PENDING = {"data": ["sources", "class_map", "split", "min_images_per_class"], "train": ["monitor"]}
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +34,6 @@ def _raw(path: Path) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def _without_pending(path: Path, tmp_path: Path):
-    raw = _raw(path)
-    for section, keys in PENDING.items():
-        for key in keys:
-            raw[section].pop(key, None)
-    return load_config(write_yaml(tmp_path / path.name, raw))
-
-
 def test_the_full_config_carries_seed_003s_settings(tmp_path: Path) -> None:
     raw = _raw(FULL)
     assert FULL.read_text().startswith("# vistrain train --config configs/pill_efficientnetv2s.yaml")
@@ -51,7 +41,7 @@ def test_the_full_config_carries_seed_003s_settings(tmp_path: Path) -> None:
         ("studio", "folders", 0.3), ("real", "folders", 0.7)]
     assert (raw["data"]["split"], raw["data"]["min_images_per_class"]) == ("ratio", 50)
     assert raw["train"]["monitor"] == "top1@real"
-    cfg = _without_pending(FULL, tmp_path)
+    cfg = load_config(FULL)
     d = cfg.data
     assert (d.train_ratio, d.val_ratio, d.test_ratio) == (0.8, 0.1, 0.1)
     assert (cfg.model.name, cfg.model.drop_rate, cfg.model.drop_path_rate) == ("tf_efficientnetv2_s", 0.3, 0.2)
@@ -76,7 +66,7 @@ def test_the_demo_config_is_the_full_one_shrunk(tmp_path: Path) -> None:
         assert demo["data"][key] == full["data"][key], key
     assert demo["preprocess"] == full["preprocess"]
     assert demo["train"]["monitor"] == full["train"]["monitor"]
-    cfg = _without_pending(DEMO, tmp_path)
+    cfg = load_config(DEMO)
     assert cfg.model.pretrained is False, "nothing can be downloaded in the demo"
     assert cfg.train.img_size <= 64 and cfg.train.epochs <= 12 and cfg.train.num_workers == 0
     assert default_demo_config("pills") == DEMO
@@ -105,17 +95,17 @@ def test_an_unknown_scenario_exits_2(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="needs issue 10 items 2-7 (data.sources / class_map / split: ratio, top1@real, "
-                         "export --quantize / --budget-*, vistrain manifest): the lead enables it after merging")
 def test_the_pills_demo_runs_in_minutes_far_above_chance_and_exports(tmp_path: Path) -> None:
     start = time.time()
     res = run_cli("demo", "--scenario", "pills", "--out", str(tmp_path / "pills"), "output.exp_dir=exp",
                   "output.logs_dir=null", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert time.time() - start < 300
-    m = re.search(r"\[DONE\] pills demo: top1@real=([0-9.]+) \(chance 1/(\d+)", res.stdout)
+    m = re.search(r"\[DONE\] pills demo: top1@real=([0-9.]+) on the test split \(chance 1/(\d+)", res.stdout)
     assert m, res.stdout
     assert float(m[1]) > 4 / int(m[2]), "far above chance"
+    assert re.search(r"\[DONE\] export: \S+model_fold0\.int8\.onnx \([0-9.]+ MB, top-1 agreement", res.stdout)
+    assert re.search(r"\[BUDGET\] model_fold0\.int8\.onnx: .* (PASS|FAIL)", res.stdout)
     run = next((tmp_path / "exp").glob("*/*/config.yaml")).parent
     assert list((run / "export").glob("*.onnx"))
     manifest = tmp_path / "manifest.json"

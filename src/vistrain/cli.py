@@ -206,13 +206,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.scenario == "digits":
         print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
         return 0
+    from vistrain.pipelines.deploy import budget_line
+
     for entry in (result.export or {}).get("models", []):
-        # HOOK(issue 10 item 7): the budget PASS/FAIL line per file, as `vistrain export --budget-ms/--budget-mb`
-        print(f"[DONE] export: {entry['path']} ({entry['size_mb']:.1f} MB)")
-    real = s["mean"].get("top1@real")
-    print(f"[DONE] pills demo: top1@real={'n/a' if real is None else f'{real:.4f}'} "
-          f"(chance 1/{result.num_classes} = {1 / result.num_classes:.4f}) top1={s['mean']['accuracy']:.4f} "
-          f"macro_f1={s['mean']['macro_f1']:.4f} in {result.seconds:.0f} s")
+        for f in entry.get("files", []):
+            agree = "" if f.get("top1_agreement") is None else f", top-1 agreement {f['top1_agreement']:.2%}"
+            print(f"[DONE] export: {f['path']} ({f['size_mb']:.1f} MB{agree})")
+            if f.get("budget"):
+                print(budget_line(f))
+    test = s.get("test") or {}
+    real = test.get("top1@real", s["mean"].get("top1@real"))
+    which = "test" if "top1@real" in test else "validation"
+    print(f"[DONE] pills demo: top1@real={'n/a' if real is None else f'{real:.4f}'} on the {which} split "
+          f"(chance 1/{result.num_classes} = {1 / result.num_classes:.4f}), validation top1@real="
+          f"{s['mean'].get('top1@real', float('nan')):.4f} macro_f1={s['mean']['macro_f1']:.4f} "
+          f"in {result.seconds:.0f} s")
     return 0
 
 
