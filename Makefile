@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 # Test files spread over one process per core (a file stays in one process, so its module fixtures run once).
 PYTEST_ARGS ?= -n auto --dist loadfile
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo demo-pills test lint bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: install
 	$(VENV)/bin/vistrain demo --out demo_data
+
+demo-pills: install
+	$(VENV)/bin/vistrain demo --scenario pills --out demo_data/pills
 
 test: install
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -72,7 +72,9 @@ def test_int8_file_is_smaller_and_agrees_with_the_float_model_on_the_validation_
         assert meta[key] == value, key  # the int8 file is served and fed exactly as the float one
     quant = json.loads(meta["vistrain.quantization"])
     assert quant == files["int8"]["quantization"] == {"dtype": "int8", "method": "static", "format": "QDQ",
-                                                      "per_channel": True, "calibration_images": 24}
+                                                      "per_channel": True, "calibration_images": 24,
+                                                      "kept_float": quant["kept_float"]}
+    assert len(quant["kept_float"]) == 2  # the stem convolution and the classifier stay float
 
     # Recomputed here: both files on fold 0's validation images (splits.csv), labels from splits.csv.
     splits = pd.read_csv(run / "splits.csv", dtype={"label": str})

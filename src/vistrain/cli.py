@@ -199,10 +199,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vistrain.tracking.logs import console_logging
 
     console_logging()
-    result = run_demo(Path(args.out), Path(args.config) if args.config else None, args.overrides)
-    s = result.summary
-    print(f"[DONE] run directory: {result.run_dir}")
-    print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
+    result = run_demo(Path(args.out) if args.out else None, Path(args.config) if args.config else None,
+                      args.overrides, scenario=args.scenario)
+    s = result.run.summary
+    print(f"[DONE] run directory: {result.run.run_dir}")
+    if args.scenario == "digits":
+        print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
+        return 0
+    from vistrain.pipelines.deploy import budget_line
+
+    for entry in (result.export or {}).get("models", []):
+        for f in entry.get("files", []):
+            agree = "" if f.get("top1_agreement") is None else f", top-1 agreement {f['top1_agreement']:.2%}"
+            print(f"[DONE] export: {f['path']} ({f['size_mb']:.1f} MB{agree})")
+            if f.get("budget"):
+                print(budget_line(f))
+    test = s.get("test") or {}
+    real = test.get("top1@real", s["mean"].get("top1@real"))
+    which = "test" if "top1@real" in test else "validation"
+    print(f"[DONE] pills demo: top1@real={'n/a' if real is None else f'{real:.4f}'} on the {which} split "
+          f"(chance 1/{result.num_classes} = {1 / result.num_classes:.4f}), validation top1@real="
+          f"{s['mean'].get('top1@real', float('nan')):.4f} macro_f1={s['mean']['macro_f1']:.4f} "
+          f"in {result.seconds:.0f} s")
     return 0
 
 
@@ -437,9 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("report", cmd_report, "write RUN/report.html: one self-contained page with the run's numbers and plots")
     p.add_argument("run", metavar="RUN", help="run directory")
 
-    p = add("demo", cmd_demo, "write the scikit-learn digits as images and train configs/demo.yaml on the CPU")
-    p.add_argument("--out", default="demo_data", help="where the demo images go (default: ./demo_data)")
-    p.add_argument("--config", help="demo config (default: configs/demo.yaml of this checkout)")
+    p = add("demo", cmd_demo, "write a demo data set and train its config on the CPU (digits, or pills + export)")
+    p.add_argument("--scenario", choices=["digits", "pills"], default="digits",
+                   help="digits: scikit-learn's digits, configs/demo.yaml; pills: generated studio + real pill "
+                        "photos, configs/demo_pills.yaml, then the int8 export (default: digits)")
+    p.add_argument("--out", help="where the demo images go (default: ./demo_data, pills: ./demo_data/pills)")
+    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml of this checkout)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.set_defaults(command_label="TRAINING")
 

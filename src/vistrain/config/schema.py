@@ -221,6 +221,7 @@ class AugmentCfg(Section):
     vflip: Annotated[float, Field(ge=0, le=1)] = 0.0
     rotate: Annotated[float, Field(ge=0, le=180)] = 10.0  # max rotation in degrees
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.2  # brightness/contrast/saturation strength
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0  # hue shift of the colour jitter (fraction of the hue circle)
     random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0  # probability (hard policy defaults to 0.25)
     mixup_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables mixup
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix

@@ -37,9 +37,9 @@ def augment_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list:
     scale = (0.9, 1.1) if aug.policy == "light" else (0.8, 1.2)
     translate = (0.05, 0.05) if aug.policy == "light" else (0.1, 0.1)
     ops.append(T.RandomAffine(degrees=aug.rotate, translate=translate, scale=scale, fill=255))
-    if aug.color_jitter:
+    if aug.color_jitter or aug.hue:
         cj = aug.color_jitter
-        ops.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj))
+        ops.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue))
     if aug.policy == "hard":
         ops.append(T.RandomApply([T.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.2))
     return ops

@@ -1,10 +1,20 @@
-"""``vistrain demo``: scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with scikit-learn,
-nothing downloaded) written as PNG files in the seed's CSV layout, then ``configs/demo.yaml`` trained on them."""
+"""``vistrain demo``: train a ready config on data written on the spot, on the CPU, nothing downloaded.
+
+``--scenario digits`` (default): scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with scikit-learn)
+written as PNG files in the seed's CSV layout, then ``configs/demo.yaml``.
+``--scenario pills``: the generated two-domain pill set (``data.synthetic_pills``: studio renders and "real" photos),
+then ``configs/demo_pills.yaml`` (seed 003 shrunk), then the int8 ONNX export with its budget lines.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -13,18 +23,32 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import vistrain
-from vistrain.config.loader import load_config
+from vistrain.config.loader import load_config, read_yaml
+from vistrain.data.synthetic_pills import DOMAINS, write_pills
 from vistrain.errors import UserError
 from vistrain.pipelines.train import RunResult, run_train
 from vistrain.tracking.files import write_csv
 
 log = logging.getLogger(__name__)
 DEMO_SIZE = 32  # pixels: the 8x8 scans upscaled 4x, so the usual resize path is exercised
+DEMO_CONFIGS = {"digits": "demo.yaml", "pills": "demo_pills.yaml"}
+DEFAULT_OUT = {"digits": Path("demo_data"), "pills": Path("demo_data") / "pills"}
+# The pills demo's export: seed 003's deployment targets (50 ms per image on a CPU, a 100 MB file).
+# A file over budget is a FAIL line, not a failed demo.
+PILLS_EXPORT = {"quantize": "int8", "budget_ms": 50.0, "budget_mb": 100.0, "fail_over_budget": False}
 
 
-def default_demo_config() -> Path:
-    """``configs/demo.yaml`` of the source checkout this package runs from."""
-    return Path(vistrain.__file__).resolve().parents[2] / "configs" / "demo.yaml"
+@dataclass
+class DemoResult:
+    run: RunResult
+    num_classes: int
+    seconds: float  # data, training and export together
+    export: dict[str, Any] | None = None  # pills: run_export's summary
+
+
+def default_demo_config(scenario: str = "digits") -> Path:
+    """``configs/demo.yaml`` (or the scenario's config) of the source checkout this package runs from."""
+    return Path(vistrain.__file__).resolve().parents[2] / "configs" / DEMO_CONFIGS[scenario]
 
 
 def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
@@ -52,16 +76,60 @@ def demo_paths(out: Path) -> dict[str, Path]:
             "sample_csv": out / "sample_submission.csv", "test_csv": out / "test_labels.csv"}
 
 
-def run_demo(out: Path, config: Path | None = None, overrides: list[str] | None = None) -> RunResult:
-    config = config or default_demo_config()
-    if not config.is_file():
-        raise UserError(f"--config: {config} not found; pass the demo config with --config")
-    out = out.resolve()
+def digits_overrides(out: Path, config: Path) -> tuple[list[str], int]:
+    """Write the digits under ``out`` unless they are there; the data keys pointing at them, and the class count."""
     if not (out / "train.csv").is_file():
         log.info("[DATA] writing the scikit-learn digits (1,797 scans) as PNG files under %s", out)
         paths = write_digits(out)
     else:
         paths = demo_paths(out)
-    data_overrides = [f"data.{k}={v}" for k, v in paths.items()]
+    return [f"data.{k}={v}" for k, v in paths.items()], 10
+
+
+def pills_overrides(out: Path, config: Path) -> tuple[list[str], int]:
+    """Write the pill set under ``out`` unless it is there; ``data.sources`` as in ``config`` with each source's
+    folder replaced by the domain the generator wrote, ``data.class_map``, and the class count."""
+    if not (out / "class_map.json").is_file():
+        start = time.time()
+        counts = write_pills(out)
+        log.info("[DATA] wrote %s generated pill images under %s in %.1f s",
+                 " + ".join(f"{n} {d}" for d, n in counts.items()), out, time.time() - start)
+    data = read_yaml(config).get("data")
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
+        raise UserError(f"{config}: data.sources: the pills demo needs a list of sources named after the domains it "
+                        f"writes ({', '.join(DOMAINS)}), as in configs/demo_pills.yaml")
+    for i, source in enumerate(sources):
+        if source.get("name") not in DOMAINS:
+            raise UserError(f"{config}: data.sources[{i}].name: '{source.get('name')}' is not a domain the pills demo "
+                            f"writes; valid: {', '.join(DOMAINS)}")
+        source["image_dir_train"] = str(out / source["name"])
+    num_classes = json.loads((out / "class_map.json").read_text())["num_classes"]
+    return [f"data.sources={json.dumps(sources)}", f"data.class_map={out / 'class_map.json'}"], num_classes
+
+
+SCENARIOS: dict[str, Callable[[Path, Path], tuple[list[str], int]]] = {
+    "digits": digits_overrides, "pills": pills_overrides}
+
+
+def run_demo(out: Path | None = None, config: Path | None = None, overrides: list[str] | None = None,
+             scenario: str = "digits") -> DemoResult:
+    if scenario not in SCENARIOS:
+        raise UserError(f"--scenario: unknown scenario '{scenario}'; valid: {', '.join(SCENARIOS)}")
+    start = time.time()
+    config = config or default_demo_config(scenario)
+    if not config.is_file():
+        raise UserError(f"--config: {config} not found; pass the demo config with --config")
+    out = (out or DEFAULT_OUT[scenario]).resolve()
+    data_overrides, num_classes = SCENARIOS[scenario](out, config)
     cfg = load_config(config, overrides=data_overrides + list(overrides or []))
-    return run_train(cfg, config_path=config)
+    result = run_train(cfg, config_path=config)
+    export = _export_pills(result.run_dir) if scenario == "pills" else None
+    return DemoResult(result, num_classes, time.time() - start, export)
+
+
+def _export_pills(run_dir: Path) -> dict[str, Any]:
+    """The deployable the pills demo ends with: int8 ONNX, checked against the float model, with budget lines."""
+    from vistrain.pipelines.export import run_export
+
+    return run_export(run_dir, do_verify=True, **PILLS_EXPORT)
