@@ -35,7 +35,13 @@ from vistrain.data.sources import (
 from vistrain.data.splits import assign_folds, assign_ratio_split, classification_split, splits_table
 from vistrain.engine import device as dev
 from vistrain.engine import distributed
-from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from vistrain.engine.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_weights,
+    seed_everything,
+    set_rng_state,
+)
 from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
@@ -533,12 +539,12 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             return
         weights = {"model": state.eval_model().state_dict(), "epoch": state.epoch, "metrics": row, **meta}
         if improved:
-            atomic_save(weights, run.ckpt("best", fold))
+            save_weights(weights, run.ckpt("best", fold))
             if setup.keep_valid_outputs and outputs is not None:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
         _policy_checkpoints(run, fold, t, state.history, weights)  # before the last: a crash re-runs the epoch
         # meta carries "task" (the config's task name), so the task's own state (center-loss centers) has its key
-        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
+        save_weights({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
                      **meta}, last_path)
         run.append_metrics(row)
         trackers.log_epoch(row)
@@ -562,7 +568,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                  stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
     if info.is_main:
-        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
+        save_weights({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
 
@@ -574,14 +580,14 @@ def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dic
     resumed run keeps it), and files of epochs pushed out of it (or left by a crash) are removed."""
     epoch = weights["epoch"]
     if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
-        atomic_save(weights, run.ckpt(f"epoch{epoch}", fold))
+        save_weights(weights, run.ckpt(f"epoch{epoch}", fold))
     if not t.keep_best_k or t.monitor not in history[-1]:
         return
     keep = best_epochs(history, t.monitor, t.keep_best_k)
     if epoch in keep:
-        atomic_save(weights, run.ckpt(f"top_epoch{epoch}", fold))
-    for path in (run / "ckpt").glob(f"top_epoch*_fold{fold}.pth"):
-        found = re.fullmatch(rf"top_epoch(\d+)_fold{fold}\.pth", path.name)
+        save_weights(weights, run.ckpt(f"top_epoch{epoch}", fold))
+    for path in (run / "ckpt").glob(f"top_epoch*_fold{fold}.*"):
+        found = re.fullmatch(rf"top_epoch(\d+)_fold{fold}\.(pth|safetensors)", path.name)
         if found and int(found.group(1)) not in keep:
             path.unlink()
 
