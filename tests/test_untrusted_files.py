@@ -27,8 +27,13 @@ class Evil:
         return (open, (str(self.marker), "w"))
 
 
-def write_evil(path: Path, marker: Path) -> Path:
-    path.write_bytes(pickle.dumps({"model": Evil(marker), "vistrain_version": "0.1.0"}, protocol=2))
+def write_evil(path: Path, marker: Path, plain_pickle: bool = False) -> Path:
+    """A checkpoint-shaped file (torch.save's zip, or a bare pickle) whose unpickling would create ``marker``."""
+    obj = {"model": Evil(marker), "vistrain_version": "0.1.0"}
+    if plain_pickle:
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    else:
+        torch.save(obj, path)
     return path
 
 
@@ -103,7 +108,7 @@ def _pretrained_run(flow: dict, tmp_path: Path, path: Path) -> tuple:
 
 def test_malicious_pretrained_path_is_exit_2_naming_it_and_never_runs(flow: dict, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    evil = write_evil(tmp_path / "weights.pth", marker)
+    evil = write_evil(tmp_path / "weights.pth", marker, plain_pickle=True)
     result, exp = _pretrained_run(flow, tmp_path, evil)
     assert result.returncode == 2, describe(result)
     assert f"model.pretrained_path: {evil}: refused" in result.stderr, describe(result)

@@ -270,10 +270,12 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             log.info("[DONE] report: %s", write_report(run.path))
             run.set_status("success", summary="summary.json", error=None, exit_code=None)  # a resumed failure's too
         except BaseException as err:
+            status = _stopped_status(err)
+            if status == "diverged":
+                _log_diverged(run, err)
             # The log files alone tell how the run ended: the error, its traceback, then [EXIT] last.
             log_outcome(log, "TRAINING", err)
-            status = _stopped_status(err)
-            code = {"exit_code": exit_code(err)} if status in ("error", "interrupted") else {}
+            code = {"exit_code": exit_code(err)} if status in ("error", "interrupted", "diverged") else {}
             run.set_status(status, error=describe(err), **code)
             raise
         log_outcome(log, "TRAINING")
@@ -290,6 +292,13 @@ def _evaluate_test(run: rundir.RunDir, summary: dict[str, Any]) -> None:
     write_json(run / "summary.json", summary)
     log.info("[DONE] test split: n=%d top1=%.4f macro_f1=%.4f -> %s", metrics["n"], metrics["top1"],
              metrics["macro_f1"], run / "eval" / "test")
+
+
+def _log_diverged(run: rundir.RunDir, err: BaseException) -> None:
+    """The divergence (the loop's message) and how to go on from the last good epoch, which the checkpoints keep."""
+    log.error("[ERROR] %s", describe(err))
+    log.warning("[DIVERGED] kept the last good epoch's checkpoint and the best model in %s; continue from there "
+                "with: vistrain train --resume %s train.lr=<lower>", run / "ckpt", run.path)
 
 
 def _stopped_status(err: BaseException) -> str:
@@ -468,7 +477,9 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
         if before["id"].tolist() != splits["id"].astype(str).tolist() or \
                 before["fold"].tolist() != splits["fold"].astype(str).tolist():
             raise UserError(f"--resume: the data or split changed since {run.path} started; use --fresh")
-    if not run.resumed:
+    if run.resumed:
+        _log_resume_changes(run, config_to_dict(cfg))
+    else:
         write_yaml(run / "config.yaml", config_to_dict(cfg))
         if cfg.output.snapshots and config_path is not None and config_path.is_file():
             shutil.copyfile(config_path, run / "config.source.yaml")
@@ -487,6 +498,27 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
     write_json(run / "manifest.json", build_manifest(cfg, data))
     if len(data.bad):
         write_csv(run / "bad_images.csv", data.bad[["id", "path", "reason"]])
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _log_resume_changes(run: rundir.RunDir, now: dict[str, Any]) -> None:
+    """``--resume RUN key=value``: each value that differs from the run's config.yaml, in the log and in run.json
+    (``resume_overrides``); config.yaml keeps what the run started with."""
+    import yaml
+
+    before = _flat(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {})
+    changed = {k: [before.get(k), v] for k, v in _flat(now).items() if before.get(k) != v}
+    if changed:
+        log.warning("[RESUME] config changed since the run started: %s", ", ".join(
+            f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+        history = run.read_status().get("resume_overrides", [])
+        run.set_status(run.read_status().get("status", "running"), resume_overrides=[*history, changed])
 
 
 def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> list[dict[str, Any]]:
@@ -523,6 +555,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device, hint=RESUME_HINT)
         state.load_state_dict(ckpt)
+        _apply_new_lr(state, ckpt.get("config", {}).get("train", {}).get("lr"), t.lr, fold)
         task.load_state_dict(ckpt.get("task_state", {}))
         set_rng_state(ckpt["rng"])
         if ckpt.get("finished"):
@@ -571,6 +604,27 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         save_weights({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
+
+
+def _apply_new_lr(state: TrainState, old: float | None, new: float, fold: int) -> None:
+    """A resumed fold whose ``train.lr`` was overridden (``--resume RUN train.lr=...``, e.g. after a divergence):
+    the optimiser and scheduler state just loaded carry the old rate, so every learning rate they hold (the
+    groups' current and initial rates, the scheduler's base and warm-up values) is scaled by new / old; the
+    schedule's shape and position stay."""
+    if old is None or old == new or old <= 0:
+        return
+    factor = new / old
+    for group in state.optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                group[key] *= factor
+    sched = state.scheduler
+    sched.base_values = [v * factor for v in sched.base_values]
+    if getattr(sched, "warmup_t", 0):
+        sched.warmup_lr_init *= factor
+        sched.warmup_steps = [(v - sched.warmup_lr_init) / sched.warmup_t for v in sched.base_values]
+    log.warning("[RESUME] fold=%d train.lr %g -> %g: the optimiser's and scheduler's learning rates are scaled by "
+                "%g from epoch %d on", fold, old, new, factor, state.epoch + 1)
 
 
 def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dict[str, Any]],
