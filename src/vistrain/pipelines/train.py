@@ -222,15 +222,19 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
+    run: rundir.RunDir | None = None
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
         run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh, folds))
         if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
+            run.locked = False  # the lock is rank 0's
             with run_logging([], console=False):
                 summary = _train_run(cfg, run, data, folds, config_path, time.time(), on_epoch, info)
             return RunResult(run.path, summary)
         return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
     finally:
+        if run is not None:
+            rundir.release_lock(run)
         distributed.shutdown(info)
 
 
@@ -313,7 +317,11 @@ def _stopped_status(err: BaseException) -> str:
 def _open_run(cfg: Config, resume: bool | Path, fresh: bool, folds: list[int]) -> rundir.RunDir:
     if isinstance(resume, Path):
         run = rundir.open_existing(resume)
-        rundir.require_work_left(run, folds)
+        try:
+            rundir.require_work_left(run, folds)
+        except UserError:
+            rundir.release_lock(run)
+            raise
         return run
     if resume and not fresh:
         found = rundir.find_unfinished(cfg)
