@@ -10,10 +10,8 @@ RNG state) is refused with a UserError naming it. ``save_weights`` also writes t
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +19,13 @@ import numpy as np
 import torch
 
 from vistrain.errors import UserError
-from vistrain.tracking.files import atomic_write_bytes
+from vistrain.tracking.files import atomic_write, atomic_write_bytes
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` to a temporary file in the same folder, then rename: a reader never sees half a file, and a
+    full or read-only disk is a ``StorageError`` naming the file, the previous version left intact."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def save_weights(obj: dict[str, Any], path: Path) -> None:

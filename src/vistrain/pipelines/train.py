@@ -51,7 +51,15 @@ from vistrain.models.build import check_model_name, count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
-from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
+from vistrain.tracking.files import (
+    StorageError,
+    atomic_write_text,
+    json_line,
+    write_csv,
+    write_json,
+    write_npy,
+    write_yaml,
+)
 from vistrain.tracking.logs import log_outcome, run_logging, show_progress
 from vistrain.tracking.writers import Trackers
 from vistrain.viz.plots import training_plots
@@ -280,7 +288,10 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             # The log files alone tell how the run ended: the error, its traceback, then [EXIT] last.
             log_outcome(log, "TRAINING", err)
             code = {"exit_code": exit_code(err)} if status in ("error", "interrupted", "diverged") else {}
-            run.set_status(status, error=describe(err), **code)
+            try:
+                run.set_status(status, error=describe(err), **code)
+            except (OSError, StorageError) as also:  # the disk that stopped the run may refuse run.json too
+                log.warning("[EXIT] could not record the status in %s: %s", run / "run.json", describe(also))
             raise
         log_outcome(log, "TRAINING")
     return RunResult(run.path, summary)

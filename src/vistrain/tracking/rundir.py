@@ -24,7 +24,7 @@ from typing import Any
 from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
-from vistrain.tracking.files import json_line, write_json
+from vistrain.tracking.files import json_line, write_json, writing
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
@@ -63,7 +63,8 @@ class RunDir:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """One line per fold and epoch, flushed to disk before the call returns."""
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        path = self.path / "metrics.jsonl"
+        with writing(path), open(path, "a", encoding="utf-8") as fh:
             fh.write(json_line(row))
             fh.flush()
             os.fsync(fh.fileno())
@@ -87,11 +88,13 @@ def new_run(cfg: Config) -> RunDir:
 def make_run_dir(parent: Path, run_id: str) -> Path:
     """``parent/run_id``, created by this call and no other: ``mkdir`` is atomic, so of two processes that chose
     the same name one gets it and the other tries ``run_id-2``, ``run_id-3`` ..."""
-    parent.mkdir(parents=True, exist_ok=True)
+    with writing(parent):
+        parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         path = parent / (run_id if n == 1 else f"{run_id}-{n}")
         try:
-            path.mkdir()
+            with writing(path):
+                path.mkdir()
             return path
         except FileExistsError:
             continue
@@ -115,7 +118,8 @@ def acquire_lock(run: RunDir) -> None:
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
     for _ in range(3):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with writing(lock):
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             _check_stale(run, lock)
             continue
@@ -161,6 +165,8 @@ def find_unfinished(cfg: Config) -> Path | None:
             info = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not (f.parent / "config.yaml").is_file():
+            continue  # killed before it wrote its config: nothing trained to resume
         if info.get("config_hash") == want and info.get("status") != "success":
             key = info.get("started", "")
             if best is None or key > best[0]:
