@@ -126,3 +126,16 @@ def test_pretrained_path_accepts_a_runs_safetensors(flow: dict, tmp_path: Path) 
     n = len(load_file(str(source)))
     assert f"pretrained_path={source} loaded {n}/{n} tensors" in log, log[-2000:]
     assert "a vistrain checkpoint" in log
+
+
+def test_a_run_directorys_config_with_a_python_tag_is_exit_2_and_never_runs(flow: dict, tmp_path: Path) -> None:
+    """config.yaml is read with yaml.safe_load: a ``!!python/object/apply`` tag is refused, not called."""
+    run = _resumable_copy(flow, "evil_yaml")
+    marker = tmp_path / "pwned"
+    (run / "config.yaml").write_text(f'project: !!python/object/apply:os.system ["touch {marker}"]\n')
+    from test_run_outcome import main_captured
+
+    r = main_captured("train", "--resume", str(run))
+    assert r.returncode == 2, describe(r)
+    assert f"{run / 'config.yaml'}: line 1 not valid YAML" in r.stderr, describe(r)
+    assert not marker.exists()
