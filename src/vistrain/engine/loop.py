@@ -24,7 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss became NaN or infinite. The run stops with run.json status "diverged"; its last checkpoint
+    is the last good epoch, from which ``--resume RUN train.lr=...`` continues."""
+
+    run_status = "diverged"
 
 
 class Task(Protocol):

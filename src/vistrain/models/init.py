@@ -92,13 +92,25 @@ def resolve_source(path: Path, fold: int, key: str) -> Path:
 
 
 def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """(tensors by name, whether the file is a vistrain checkpoint) of a .pth / .pt / .bin / .safetensors file."""
+    """(tensors by name, whether the file is a vistrain checkpoint) of a .pth / .pt / .bin / .safetensors file.
+
+    Both read without running code from the file: safetensors has no code, and a pickle file goes through the
+    safe unpickler (``load_checkpoint``), which refuses a file holding objects other than tensors and plain values.
+    """
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file, safe_open
 
-            return load_file(str(path)), False
-        obj = _load(path)
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    ours = "vistrain_version" in (fh.metadata() or {})
+                return load_file(str(path)), ours
+            except SafetensorError as err:
+                raise ValueError(str(err)) from err
+        obj = load_checkpoint(path)
+    except UserError as err:
+        raise UserError(f"{key}: {err}") from err
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{key}: cannot read {path}: {first}") from err
@@ -113,20 +125,9 @@ def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
     return tensors, ours
 
 
-def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # A run's best / epoch / top checkpoints load with the safe unpickler; its last_fold{k}.pth (NumPy RNG
-        # state) and whole pickled modules need the full one, which trusts the file. To be hardened later.
-        log.warning("[MODEL] %s needs the full unpickler (not only tensors); load only files you trust", path)
-        return load_checkpoint(path)
-
-
 def _plain_state_dict(obj: Any) -> dict[str, Any]:
-    """The state_dict inside common wrappers: {"state_dict": ...}, {"model": ...}, a pickled module."""
-    if isinstance(obj, nn.Module):
-        return obj.state_dict()
+    """The state_dict inside common wrappers: {"state_dict": ...}, {"model": ...} (a pickled module is refused by
+    the safe unpickler before it gets here)."""
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict):

@@ -37,7 +37,13 @@ from vistrain.data.sources import (
 from vistrain.data.splits import assign_folds, assign_ratio_split, classification_split, splits_table
 from vistrain.engine import device as dev
 from vistrain.engine import distributed
-from vistrain.engine.checkpoint import atomic_save, load_checkpoint, rng_state, seed_everything, set_rng_state
+from vistrain.engine.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_weights,
+    seed_everything,
+    set_rng_state,
+)
 from vistrain.engine.hooks import EarlyStopping, best_epochs
 from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
@@ -47,7 +53,15 @@ from vistrain.models.build import check_model_name, count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
-from vistrain.tracking.files import atomic_write_text, json_line, write_csv, write_json, write_npy, write_yaml
+from vistrain.tracking.files import (
+    StorageError,
+    atomic_write_text,
+    json_line,
+    write_csv,
+    write_json,
+    write_npy,
+    write_yaml,
+)
 from vistrain.tracking.logs import log_outcome, run_logging, show_progress
 from vistrain.tracking.writers import Trackers
 from vistrain.viz.plots import training_plots
@@ -219,16 +233,20 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
+    run: rundir.RunDir | None = None
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
         check_domain_monitor(cfg, data, folds)
         run = distributed.from_main(info, lambda: _open_run(cfg, resume, fresh, folds))
         if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
+            run.locked = False  # the lock is rank 0's
             with run_logging([], console=False):
                 summary = _train_run(cfg, run, data, folds, config_path, time.time(), on_epoch, info)
             return RunResult(run.path, summary)
         return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, on_epoch, info)
     finally:
+        if run is not None:
+            rundir.release_lock(run)
         distributed.shutdown(info)
 
 
@@ -294,11 +312,16 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
             log.info("[DONE] report: %s", write_report(run.path))
             run.set_status("success", summary="summary.json", error=None, exit_code=None)  # a resumed failure's too
         except BaseException as err:
+            status = _stopped_status(err)
+            if status == "diverged":
+                _log_diverged(run, err)
             # The log files alone tell how the run ended: the error, its traceback, then [EXIT] last.
             log_outcome(log, "TRAINING", err)
-            status = _stopped_status(err)
-            code = {"exit_code": exit_code(err)} if status in ("error", "interrupted") else {}
-            run.set_status(status, error=describe(err), **code)
+            code = {"exit_code": exit_code(err)} if status in ("error", "interrupted", "diverged") else {}
+            try:
+                run.set_status(status, error=describe(err), **code)
+            except (OSError, StorageError) as also:  # the disk that stopped the run may refuse run.json too
+                log.warning("[EXIT] could not record the status in %s: %s", run / "run.json", describe(also))
             raise
         log_outcome(log, "TRAINING")
     return RunResult(run.path, summary)
@@ -316,6 +339,13 @@ def _evaluate_test(run: rundir.RunDir, summary: dict[str, Any]) -> None:
              metrics["macro_f1"], run / "eval" / "test")
 
 
+def _log_diverged(run: rundir.RunDir, err: BaseException) -> None:
+    """The divergence (the loop's message) and how to go on from the last good epoch, which the checkpoints keep."""
+    log.error("[ERROR] %s", describe(err))
+    log.warning("[DIVERGED] kept the last good epoch's checkpoint and the best model in %s; continue from there "
+                "with: vistrain train --resume %s train.lr=<lower>", run / "ckpt", run.path)
+
+
 def _stopped_status(err: BaseException) -> str:
     """run.json's status for a run that ended by ``err``: what a caller that stops runs on purpose set on it
     (``run_status``, e.g. "pruned" by ``tune``), "interrupted" for Ctrl-C, else "error"."""
@@ -328,7 +358,11 @@ def _stopped_status(err: BaseException) -> str:
 def _open_run(cfg: Config, resume: bool | Path, fresh: bool, folds: list[int]) -> rundir.RunDir:
     if isinstance(resume, Path):
         run = rundir.open_existing(resume)
-        rundir.require_work_left(run, folds)
+        try:
+            rundir.require_work_left(run, folds)
+        except UserError:
+            rundir.release_lock(run)
+            raise
         return run
     if resume and not fresh:
         found = rundir.find_unfinished(cfg)
@@ -492,7 +526,9 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
         if before["id"].tolist() != splits["id"].astype(str).tolist() or \
                 before["fold"].tolist() != splits["fold"].astype(str).tolist():
             raise UserError(f"--resume: the data or split changed since {run.path} started; use --fresh")
-    if not run.resumed:
+    if run.resumed:
+        _log_resume_changes(run, config_to_dict(cfg))
+    else:
         write_yaml(run / "config.yaml", config_to_dict(cfg))
         if cfg.output.snapshots and config_path is not None and config_path.is_file():
             shutil.copyfile(config_path, run / "config.source.yaml")
@@ -511,6 +547,27 @@ def _write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_pat
     write_json(run / "manifest.json", build_manifest(cfg, data))
     if len(data.bad):
         write_csv(run / "bad_images.csv", data.bad[["id", "path", "reason"]])
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _log_resume_changes(run: rundir.RunDir, now: dict[str, Any]) -> None:
+    """``--resume RUN key=value``: each value that differs from the run's config.yaml, in the log and in run.json
+    (``resume_overrides``); config.yaml keeps what the run started with."""
+    import yaml
+
+    before = _flat(yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {})
+    changed = {k: [before.get(k), v] for k, v in _flat(now).items() if before.get(k) != v}
+    if changed:
+        log.warning("[RESUME] config changed since the run started: %s", ", ".join(
+            f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+        history = run.read_status().get("resume_overrides", [])
+        run.set_status(run.read_status().get("status", "running"), resume_overrides=[*history, changed])
 
 
 def _rebuild_metrics(run: rundir.RunDir, n_folds: int) -> list[dict[str, Any]]:
@@ -547,6 +604,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     if run.resumed and last_path.is_file():
         ckpt = load_checkpoint(last_path, device, hint=RESUME_HINT)
         state.load_state_dict(ckpt)
+        _apply_new_lr(state, ckpt.get("config", {}).get("train", {}).get("lr"), t.lr, fold)
         task.load_state_dict(ckpt.get("task_state", {}))
         set_rng_state(ckpt["rng"])
         if ckpt.get("finished"):
@@ -563,12 +621,12 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
             return
         weights = {"model": state.eval_model().state_dict(), "epoch": state.epoch, "metrics": row, **meta}
         if improved:
-            atomic_save(weights, run.ckpt("best", fold))
+            save_weights(weights, run.ckpt("best", fold))
             if setup.keep_valid_outputs and outputs is not None:
                 write_npy(run / "oof" / f"fold{fold}_valid_logits.npy", outputs.numpy().astype(np.float32))
         _policy_checkpoints(run, fold, t, state.history, weights)  # before the last: a crash re-runs the epoch
         # meta carries "task" (the config's task name), so the task's own state (center-loss centers) has its key
-        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
+        save_weights({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": False,
                      **meta}, last_path)
         run.append_metrics(row)
         trackers.log_epoch(row)
@@ -592,9 +650,30 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                  stopper.best, stopper.best_epoch)
     elapsed = time.time() - fold_start
     if info.is_main:
-        atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
+        save_weights({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
+
+
+def _apply_new_lr(state: TrainState, old: float | None, new: float, fold: int) -> None:
+    """A resumed fold whose ``train.lr`` was overridden (``--resume RUN train.lr=...``, e.g. after a divergence):
+    the optimiser and scheduler state just loaded carry the old rate, so every learning rate they hold (the
+    groups' current and initial rates, the scheduler's base and warm-up values) is scaled by new / old; the
+    schedule's shape and position stay."""
+    if old is None or old == new or old <= 0:
+        return
+    factor = new / old
+    for group in state.optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            if key in group:
+                group[key] *= factor
+    sched = state.scheduler
+    sched.base_values = [v * factor for v in sched.base_values]
+    if getattr(sched, "warmup_t", 0):
+        sched.warmup_lr_init *= factor
+        sched.warmup_steps = [(v - sched.warmup_lr_init) / sched.warmup_t for v in sched.base_values]
+    log.warning("[RESUME] fold=%d train.lr %g -> %g: the optimiser's and scheduler's learning rates are scaled by "
+                "%g from epoch %d on", fold, old, new, factor, state.epoch + 1)
 
 
 def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dict[str, Any]],
@@ -604,14 +683,14 @@ def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dic
     resumed run keeps it), and files of epochs pushed out of it (or left by a crash) are removed."""
     epoch = weights["epoch"]
     if t.save_every_n_epochs and epoch % t.save_every_n_epochs == 0:
-        atomic_save(weights, run.ckpt(f"epoch{epoch}", fold))
+        save_weights(weights, run.ckpt(f"epoch{epoch}", fold))
     if not t.keep_best_k or t.monitor not in history[-1]:
         return
     keep = best_epochs(history, t.monitor, t.keep_best_k)
     if epoch in keep:
-        atomic_save(weights, run.ckpt(f"top_epoch{epoch}", fold))
-    for path in (run / "ckpt").glob(f"top_epoch*_fold{fold}.pth"):
-        found = re.fullmatch(rf"top_epoch(\d+)_fold{fold}\.pth", path.name)
+        save_weights(weights, run.ckpt(f"top_epoch{epoch}", fold))
+    for path in (run / "ckpt").glob(f"top_epoch*_fold{fold}.*"):
+        found = re.fullmatch(rf"top_epoch(\d+)_fold{fold}\.(pth|safetensors)", path.name)
         if found and int(found.group(1)) not in keep:
             path.unlink()
 

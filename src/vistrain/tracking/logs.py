@@ -68,6 +68,15 @@ def log_outcome(logger: logging.Logger, label: str, err: BaseException | None = 
     logger.info(exit_line(label, exit_code(err)), extra=FILE_ONLY)
 
 
+class _FileHandler(logging.FileHandler):
+    """A log file on a full or read-only disk: its lines are lost (the console still has them) without the
+    "--- Logging error ---" traceback that logging prints for every failed record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 @contextmanager
 def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Logger]:
     """Attach file (append mode, so a resumed run keeps its history) and console handlers for one run."""
@@ -77,7 +86,7 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
     handlers: list[logging.Handler] = []
     for f in files:
         f.parent.mkdir(parents=True, exist_ok=True)
-        h = logging.FileHandler(f, mode="a", encoding="utf-8")
+        h = _FileHandler(f, mode="a", encoding="utf-8")
         h.setFormatter(_FILE_FMT)
         handlers.append(h)
     if console and not _has_console(logger):

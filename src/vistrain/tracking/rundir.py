@@ -1,7 +1,11 @@
 """The run directory: ``exp_dir/YYYYMMDD/<run_id>/`` with the fixed layout of DESIGN.md.
 
-``run.json`` records the run's status (running / success / error / interrupted / pruned) and the hash of its
-resolved config, which is how ``--resume`` finds the newest unfinished run of the same config.
+``run.json`` records the run's status (running / success / error / interrupted / pruned / diverged) and the hash
+of its resolved config, which is how ``--resume`` finds the newest unfinished run of the same config.
+
+Two runs started at once in one ``output.exp_dir`` never share a directory: it is created with an atomic ``mkdir``
+(a taken name gets a ``-2``, ``-3`` ... suffix). ``RUN/.lock`` (PID, host, start time) marks the process training
+a run; another one resuming it is refused while that process lives, and takes a stale lock over.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import hashlib
 import json
 import os
 import secrets
+import socket
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,9 +24,10 @@ from typing import Any
 from vistrain.config.loader import config_to_dict, mode_info
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
-from vistrain.tracking.files import json_line, write_json
+from vistrain.tracking.files import json_line, write_json, writing
 
 RUN_FILE = "run.json"
+LOCK_FILE = ".lock"
 
 
 def config_hash(cfg: Config) -> str:
@@ -34,6 +40,7 @@ class RunDir:
     path: Path
     resumed: bool = False
     notes: list[str] = field(default_factory=list)  # lines for the run's log, once its log files are open
+    locked: bool = False  # this process holds RUN/.lock
 
     @property
     def run_id(self) -> str:
@@ -56,7 +63,8 @@ class RunDir:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """One line per fold and epoch, flushed to disk before the call returns."""
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        path = self.path / "metrics.jsonl"
+        with writing(path), open(path, "a", encoding="utf-8") as fh:
             fh.write(json_line(row))
             fh.flush()
             os.fsync(fh.fileno())
@@ -64,17 +72,88 @@ class RunDir:
 
 def new_run(cfg: Config) -> RunDir:
     now = datetime.now()
-    run_id = f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}"
-    path = cfg.output.exp_dir / f"{now:%Y%m%d}" / run_id
+    path = make_run_dir(cfg.output.exp_dir / f"{now:%Y%m%d}", f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}")
     for sub in ("ckpt", "oof", "plots"):
-        (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / sub).mkdir(exist_ok=True)
     run = RunDir(path)
+    acquire_lock(run)
     mode = mode_info(cfg)
     write_json(path / RUN_FILE, {
-        "run_id": run_id, "status": "running", "config_hash": config_hash(cfg),
+        "run_id": path.name, "status": "running", "config_hash": config_hash(cfg),
         "started": now.isoformat(timespec="seconds"), "command": sys.argv, "mode": mode.name if mode else None,
     })
     return run
+
+
+def make_run_dir(parent: Path, run_id: str) -> Path:
+    """``parent/run_id``, created by this call and no other: ``mkdir`` is atomic, so of two processes that chose
+    the same name one gets it and the other tries ``run_id-2``, ``run_id-3`` ..."""
+    with writing(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = parent / (run_id if n == 1 else f"{run_id}-{n}")
+        try:
+            with writing(path):
+                path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"output.exp_dir: could not create a new run directory {parent / run_id} (1000 names taken)")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def acquire_lock(run: RunDir) -> None:
+    """Create ``RUN/.lock`` for this process (``O_EXCL``: one winner). A lock of a live process on this host, or of
+    another host (which cannot be checked), is a UserError; a dead process's lock is taken over, noted in the log."""
+    lock = run.path / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+    for _ in range(3):
+        try:
+            with writing(lock):
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            _check_stale(run, lock)
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(me) + "\n")
+        run.locked = True
+        return
+    raise UserError(f"--resume: {run.path}: could not take {lock}; another process keeps taking it")
+
+
+def _check_stale(run: RunDir, lock: Path) -> None:
+    """Remove ``lock`` when its process is gone (or is this one); else refuse, naming the process."""
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return  # released meanwhile: try again
+    except (OSError, ValueError, KeyError, TypeError):
+        holder, pid, host = {}, -1, socket.gethostname()  # half-written by a process killed at that moment
+    here = host == socket.gethostname()
+    if here and pid > 0 and pid != os.getpid() and _alive(pid):
+        raise UserError(f"--resume: {run.path} is being trained by PID {pid} on {host} since "
+                        f"{holder.get('started', '?')} ({lock}); wait for it to finish or stop it first")
+    if not here:
+        raise UserError(f"--resume: {run.path} is locked by PID {pid} on host {host} since "
+                        f"{holder.get('started', '?')} ({lock}); if that process is gone, delete the lock file")
+    run.notes.append(f"[LOCK] {lock}: stale lock of PID {pid} (no longer running) taken over")
+    lock.unlink(missing_ok=True)
+
+
+def release_lock(run: RunDir) -> None:
+    if run.locked:
+        (run.path / LOCK_FILE).unlink(missing_ok=True)
+        run.locked = False
 
 
 def find_unfinished(cfg: Config) -> Path | None:
@@ -86,6 +165,8 @@ def find_unfinished(cfg: Config) -> Path | None:
             info = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
+        if not (f.parent / "config.yaml").is_file():
+            continue  # killed before it wrote its config: nothing trained to resume
         if info.get("config_hash") == want and info.get("status") != "success":
             key = info.get("started", "")
             if best is None or key > best[0]:
@@ -94,9 +175,12 @@ def find_unfinished(cfg: Config) -> Path | None:
 
 
 def open_existing(path: Path) -> RunDir:
+    """The run at ``path``, locked for this process (a UserError while another live process trains it)."""
     if not (path / "config.yaml").is_file():
         raise UserError(f"--resume: {path} is not a vistrain run directory (no config.yaml)")
-    return RunDir(path, resumed=True)
+    run = RunDir(path, resumed=True)
+    acquire_lock(run)
+    return run
 
 
 def require_work_left(run: RunDir, folds: list[int]) -> None:

@@ -1,0 +1,35 @@
+"""Kills at any moment (issue 12 item 1), the suite's short version of ``benchmarks/kill_resume.py``: one run
+SIGKILLed at start-up, while a checkpoint is written and at the end-of-run files, resumed each time, finishes with
+valid files and the uninterrupted run's metrics bit for bit. The full sweep (>= 15 kills) is the slow test."""
+
+from __future__ import annotations
+
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import kill_resume  # noqa: E402
+
+
+def test_three_kills_then_resume_equal_an_uninterrupted_run(tmp_path: Path) -> None:
+    data = kill_resume.write_data(tmp_path / "data")
+    with ThreadPoolExecutor(2) as pool:  # the uninterrupted run goes beside the killed one
+        want = pool.submit(kill_resume.reference, tmp_path, data)
+        trial = kill_resume.chain(tmp_path / "killed", data, ("startup", "checkpoint", "end-of-run"),
+                                  random.Random(0), want.result)
+    assert trial.ok, f"killed: {trial.killed_at}; problems: {trial.problems}"
+    assert "(not killed)" not in trial.killed_at, trial.killed_at
+
+
+@pytest.mark.slow
+def test_kill_sweep_of_15_moments(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    # slow tests run by default (no -m in addopts); this one takes ~15 x a short run, so only when asked for
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the 15-kill sweep runs with -m slow only (or: python benchmarks/kill_resume.py)")
+    trials = kill_resume.sweep(15, 0, tmp_path)
+    failed = [t for t in trials if not t.ok]
+    assert not failed, failed
