@@ -49,7 +49,8 @@ from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.errors import UserError, describe, did_you_mean, exit_code
 from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
-from vistrain.models.build import check_model_name, count_parameters
+from vistrain.models.backbone import check_model_name
+from vistrain.models.build import count_parameters
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
