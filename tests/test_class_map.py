@@ -48,7 +48,7 @@ def test_the_class_map_fixes_the_class_order(tmp_path):
 
 
 def test_from_class_map_weights_go_into_the_cross_entropy_in_class_order(tmp_path):
-    from vistrain.pipelines.setup import classification_setup
+    from vistrain.engine.setup import classification_setup
     from vistrain.pipelines.train import prepare_data
 
     map_path = write_map(tmp_path / "map.json", ["dog", "fox", "cat"], METADATA)
@@ -58,7 +58,7 @@ def test_from_class_map_weights_go_into_the_cross_entropy_in_class_order(tmp_pat
 
 
 def test_from_class_map_without_a_weight_names_the_class(tmp_path):
-    from vistrain.pipelines.setup import classification_setup
+    from vistrain.engine.setup import classification_setup
     from vistrain.pipelines.train import prepare_data
 
     meta = {k: dict(v) for k, v in METADATA.items()}

@@ -199,7 +199,7 @@ def test_ranks_share_the_domain_ratio_epoch_without_overlap():
 
 def test_a_two_source_run_trains_on_the_domain_ratios(tmp_path):
     """The loader classification_setup builds for a 0.3:0.7 run whose real domain holds 5x fewer images."""
-    from vistrain.pipelines.setup import classification_setup
+    from vistrain.engine.setup import classification_setup
     from vistrain.pipelines.train import prepare_data
 
     cfg = config(tmp_path, two_sources(tmp_path, studio_objects=20, real_objects=4))
