@@ -172,3 +172,76 @@ def test_audit_finds_cross_split_duplicates_groups_and_blanks(planted: dict) -> 
     assert set(planted["blanks"]) <= blank
     assert summary["duplicates"]["cross_split"] >= found
     assert f"leakage: {summary['duplicates']['cross_split']} duplicate pair(s) across splits" in planted["stdout"]
+
+
+def test_audit_html_is_self_contained_and_linked_from_the_report(planted: dict) -> None:
+    import re
+
+    page = (planted["out"] / "audit.html").read_text()
+    assert "Content-Security-Policy" in page
+    assert not re.search(r'(src|href)="(?!data:)', page), "nothing fetched from outside the file"
+    assert page.count('src="data:image/jpeg;base64,') >= 20  # thumbnails of the top findings
+    assert "dup_exact_0" in page or "dup_exact_0.png" in page
+    report = (planted["run"] / "report.html").read_text()
+    assert 'href="audit/audit.html"' in report
+
+
+def test_write_clean_drops_the_flagged_rows_and_trains_as_a_manifest(planted: dict) -> None:
+    clean = pd.read_csv(planted["root"] / "clean.csv", dtype=str, keep_default_na=False)
+    summary = json.loads((planted["out"] / "audit.json").read_text())
+    c = summary["clean"]
+    assert c["policy"] == "drop" and c["rows_in"] == planted["n"] and c["rows_out"] == len(clean)
+    assert c["rows_changed"] == c["dropped"] == planted["n"] - len(clean) > 0
+    kept = {Path(p).stem for p in clean["path"]}
+    assert not kept & set(planted["blanks"])
+    assert all(not (a in kept and b in kept) for a, b in planted["pairs"]), "one copy of each duplicate goes"
+    assert len(planted["flipped"] - kept) >= 0.8 * len(planted["flipped"])
+    assert list(clean.columns) == ["path", "label", "group"]
+    cfg = tiny_config(planted["root"] / "data", data={"source": "manifest", "manifest": str(planted["root"] /
+                                                                                          "clean.csv")})
+    config = write_yaml(planted["root"] / "clean.yaml", cfg)
+    result = run_cli("manifest", "--config", str(config), "--output", str(planted["root"] / "m.json"),
+                     cwd=planted["root"])
+    assert result.returncode == 0, describe(result)
+    assert json.loads((planted["root"] / "m.json").read_text())["total_images"] == len(clean)
+
+
+def test_audit_with_config_before_training_finds_duplicates_and_blanks(planted: dict) -> None:
+    out = planted["root"] / "config_audit"
+    result = run_cli("audit", "--config", str(planted["config"]), "--output", str(out), cwd=planted["root"])
+    assert result.returncode == 0, describe(result)
+    found, false = _cross_split_found(out, planted)
+    assert found >= 0.95 * len(planted["pairs"]) and false <= 5, (found, false)
+    outliers = pd.read_csv(out / "outliers.csv", dtype=str, keep_default_na=False)
+    assert set(planted["blanks"]) <= set(outliers.loc[outliers["reason"] == "near_constant", "id"])
+    assert pd.read_csv(out / "label_issues.csv").empty  # nothing trained: no held-out probabilities
+    summary = json.loads((out / "audit.json").read_text())
+    assert "random init" in summary["sources"]["embeddings"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--policy", "keep"], "--policy: unknown policy 'keep'; valid: drop, relabel, review"),
+    (["audit.near_dup_threshold=1.5"], "audit.near_dup_threshold"),
+    (["audit.hash_threshold=-0.1"], "audit.hash_threshold"),
+])
+def test_audit_bad_input_is_one_line_and_exit_2(planted: dict, args: list[str], expected: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from vistrain.cli import main
+
+    extra = ["--write-clean", str(planted["root"] / "x.csv")] if "--policy" in args else []
+    assert main(["audit", str(planted["run"]), *extra, *args]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
+
+
+def test_audit_of_a_run_without_out_of_fold_predictions_says_how_to_make_them(
+        planted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vistrain.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(planted["run"], run, ignore=shutil.ignore_patterns("oof_logits.npy", "audit", "tensorboard"))
+    assert main(["audit", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no out-of-fold predictions" in err and "data.valid_fold=all" in err, err
+    assert not (run / "audit").exists()

@@ -95,6 +95,10 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     write_csv(out / "outliers.csv", outliers)
     write_json(out / "audit.json", summary)
     write_page(out / "audit.html", summary, issues, dups, outliers, data.items, confused, a.thumbnails)
+    if data.run is not None and (data.run.path / "report.html").is_file():
+        from vistrain.viz.report import write_report
+
+        write_report(data.run.path)  # the run's page links the audit now
     _log_summary(summary, out)
     return summary
 
