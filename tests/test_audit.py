@@ -245,3 +245,45 @@ def test_audit_of_a_run_without_out_of_fold_predictions_says_how_to_make_them(
     err = capsys.readouterr().err
     assert "no out-of-fold predictions" in err and "data.valid_fold=all" in err, err
     assert not (run / "audit").exists()
+
+
+# ------------------------------------------------------------------------------------------ unit checks (no images)
+def _items(n: int, splits: list[str], labels: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"path": [f"/d/{i}.png" for i in range(n)], "id": [str(i) for i in range(n)],
+                         "label": labels, "group": [str(i) for i in range(n)], "split_name": splits})
+
+
+def test_duplicate_table_ranks_conflicts_then_leakage() -> None:
+    from vistrain.audit.duplicates import duplicate_table
+
+    items = _items(6, ["train", "train", "train", "val", "train", "train"], ["a", "a", "a", "a", "a", "b"])
+    pairs = pd.DataFrame({"a": [0, 2, 4], "b": [1, 3, 5], "kind": ["exact", "near", "near"],
+                          "similarity": [1.0, 0.97, 0.96], "hash_distance": [0, 4, 6]})
+    table = duplicate_table(items, pairs, groups_meaningful=False)
+    assert table["id_a"].tolist() == ["4", "2", "0"]  # conflict (labels a / b), then train-val leakage, then the rest
+    assert table["relation"].tolist() == ["within_split", "cross_split", "within_split"]
+    assert table["conflict"].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("policy, rows_out, labels", [
+    ("drop", 2, ["a", "a"]),  # the label issue, the blank and one copy of the duplicate go
+    ("relabel", 3, ["a", "b", "a"]),  # the label issue takes the suggested class
+    ("review", 5, ["a", "a", "a", "a", "a"]),  # every row stays, flagged
+])
+def test_write_clean_policies(tmp_path: Path, policy: str, rows_out: int, labels: list[str]) -> None:
+    from vistrain.audit.clean import write_clean
+
+    items = _items(5, ["train", "train", "train", "train", "val"], ["a"] * 5)
+    issues = pd.DataFrame({"path": ["/d/1.png"], "suggested_label": ["b"]})
+    dups = pd.DataFrame({"path_a": ["/d/3.png"], "path_b": ["/d/4.png"], "split_a": ["train"], "split_b": ["val"],
+                         "conflict": [False]})
+    outliers = pd.DataFrame({"path": ["/d/2.png"], "reason": ["near_constant"]})
+    out = write_clean(tmp_path / "m.csv", items, policy, issues, dups, outliers, keep_split=False, keep_group=False)
+    table = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
+    assert len(table) == out["rows_out"] == rows_out and table["label"].tolist() == labels
+    assert "/d/4.png" not in table["path"].tolist() or policy == "review"  # leakage: the val copy goes
+    if policy == "review":
+        assert table["audit_flags"].tolist() == ["", "label_issue", "outlier:near_constant", "duplicate", "duplicate"]
+        assert out["rows_changed"] == 4
+    else:
+        assert out["rows_changed"] == 5 - rows_out + (policy == "relabel")

@@ -62,6 +62,7 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     if policy is not None and clean is None:
         raise UserError("--policy: only with --write-clean F (the manifest the policy writes)")
     check_policy(policy or "drop")
+    _require_extra()
     data = _from_run(Path(run_dir), overrides) if run_dir is not None else _from_config(Path(config), overrides)
     out = Path(output) if output is not None else (data.run.path / "audit" if data.run else Path("audit"))
     a = data.cfg.audit
@@ -101,6 +102,15 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
         write_report(data.run.path)  # the run's page links the audit now
     _log_summary(summary, out)
     return summary
+
+
+def _require_extra() -> None:
+    import importlib.util
+
+    missing = [m for m in ("cleanlab", "imagehash") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"audit: needs {', '.join(missing)}; install the audit extra: pip install 'vistrain[audit]' "
+                        "(make install does)")
 
 
 # ------------------------------------------------------------------------------------------ reading
