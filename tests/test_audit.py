@@ -287,3 +287,28 @@ def test_write_clean_policies(tmp_path: Path, policy: str, rows_out: int, labels
         assert out["rows_changed"] == 4
     else:
         assert out["rows_changed"] == 5 - rows_out + (policy == "relabel")
+
+
+def test_audit_of_a_ratio_split_run_checks_its_val_and_test_labels(tmp_path: Path) -> None:
+    """A ratio split has no out-of-fold logits: its validation logits and test predictions are the held-out
+    probabilities; the clean manifest keeps the split."""
+    from tests.conftest import write_csv_dataset
+
+    ds = write_csv_dataset(tmp_path / "data", per_class=10)
+    cfg = tiny_config(ds.root, data={"split": "ratio", "train_ratio": 0.6, "val_ratio": 0.2, "test_ratio": 0.2},
+                      train={"epochs": 1})
+    config = write_yaml(tmp_path / "c.yaml", cfg)
+    assert run_cli("train", "--config", str(config), f"output.exp_dir={tmp_path / 'exp'}",
+                   cwd=tmp_path).returncode == 0
+    run = only_run_dir(tmp_path / "exp")
+    result = run_cli("audit", str(run), "--write-clean", str(tmp_path / "clean.csv"), "--policy", "review",
+                     cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    summary = json.loads((run / "audit" / "audit.json").read_text())
+    splits = pd.read_csv(run / "splits.csv")
+    held_out = int(splits["split"].isin(["val", "test"]).sum())
+    assert summary["label_issues"]["checked"] == held_out
+    assert summary["label_issues"]["source"] == "ratio split: validation logits and test predictions"
+    clean = pd.read_csv(tmp_path / "clean.csv", dtype=str, keep_default_na=False)
+    assert len(clean) == len(splits) and clean["split"].tolist() == splits["split"].tolist()
+    assert summary["clean"]["policy"] == "review"

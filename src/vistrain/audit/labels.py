@@ -23,7 +23,7 @@ def label_issues(probs: np.ndarray, targets: np.ndarray, items: pd.DataFrame, cl
     sub = probs[:, present]
     sub = sub / np.clip(sub.sum(axis=1, keepdims=True), 1e-12, None)
     local = np.searchsorted(present, targets)
-    ranked = find_label_issues(local, sub, return_indices_ranked_by="self_confidence")
+    ranked = find_label_issues(local, sub, return_indices_ranked_by="self_confidence", n_jobs=1)  # no process pool
     rows = items.iloc[ranked]
     suggested = probs[ranked].argmax(axis=1)
     return pd.DataFrame({

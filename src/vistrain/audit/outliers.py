@@ -47,11 +47,14 @@ def file_outliers(items: pd.DataFrame, scan: pd.DataFrame, img_size: tuple[int, 
 
 
 def bad_image_rows(bad: pd.DataFrame) -> pd.DataFrame:
-    """Items the data pass could not read (``Prepared.bad`` / bad_images.csv), as ``unreadable`` outliers."""
+    """Items the data pass left out (``Prepared.bad`` / bad_images.csv): ``unreadable`` (or ``too_small`` for
+    those data.min_image_size dropped), the pass's reason in the action."""
+    small = bad["reason"].astype(str).str.contains("data.min_image_size", regex=False).to_numpy()
+    reason = np.where(small, "too_small", "unreadable")
     return pd.DataFrame({"path": bad["path"].astype(str).to_numpy(), "id": bad["id"].astype(str).to_numpy(),
-                         "reason": "unreadable", "score": 1.0,
+                         "reason": reason, "score": 1.0,
                          "label": bad["label"].astype(str).to_numpy() if "label" in bad else "",
-                         "split": "", "action": [f"{ACTIONS['unreadable']} ({r})" for r in bad["reason"]]},
+                         "split": "", "action": [f"{ACTIONS[r]} ({why})" for r, why in zip(reason, bad["reason"])]},
                         columns=COLUMNS)
 
 

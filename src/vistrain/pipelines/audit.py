@@ -90,7 +90,7 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     summary = _summary(data, out, dups, outliers, issues, meaningful, feat_source)
     if clean is not None:
         summary["clean"] = write_clean(Path(clean), data.items, policy or "drop", issues, dups, outliers,
-                                       keep_split=_split_is_data(data.cfg, data.items), keep_group=meaningful)
+                                       keep_split=_manifest_split(data), keep_group=meaningful)
     write_csv(out / "label_issues.csv", issues)
     write_csv(out / "duplicates.csv", dups)
     write_csv(out / "outliers.csv", outliers)
@@ -117,6 +117,14 @@ def _require_extra() -> None:
 def _split_is_data(cfg: Config, items: pd.DataFrame) -> bool:
     """Whether the items' ``split`` column is the split (ratio splits, embedding data) rather than folds."""
     return "split" in items.columns and (cfg.task == "embedding" or cfg.data.split == "ratio")
+
+
+def _manifest_split(data: AuditData) -> bool:
+    """Whether the clean manifest keeps a split column: the data's own train / val / test split (a manifest
+    cannot hold re-id query / gallery splits, nor K folds)."""
+    from vistrain.data.sources import SPLIT_VALUES
+
+    return _split_is_data(data.cfg, data.items) and set(data.items["split"].astype(str)) <= set(SPLIT_VALUES)
 
 
 def _with_split_names(cfg: Config, items: pd.DataFrame) -> pd.DataFrame:
