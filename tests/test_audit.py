@@ -325,3 +325,25 @@ def test_audit_of_a_ratio_split_run_checks_its_val_and_test_labels(tmp_path: Pat
     clean = pd.read_csv(tmp_path / "clean.csv", dtype=str, keep_default_na=False)
     assert len(clean) == len(splits) and clean["split"].tolist() == splits["split"].tolist()
     assert summary["clean"]["policy"] == "review"
+
+
+@pytest.mark.slow
+def test_audit_of_an_embedding_run_uses_its_embeddings_and_skips_label_issues(tmp_path: Path) -> None:
+    from tests.conftest import write_folders_dataset
+
+    root = write_folders_dataset(tmp_path / "f", classes=("cat", "dog", "cow"), objects=6, views=3)
+    shutil.copyfile(root / "cat" / "obj0_0.png", root / "dog" / "obj5_9.png")  # one image under two identities
+    cfg = tiny_config(tmp_path, data={"source": "folders", "image_dir_train": str(root)},
+                      train={"epochs": 1, "monitor": "recall@1"}, sampler={"name": "pk", "p": 2, "k": 2})
+    for key in ("train_csv", "folds", "valid_fold"):
+        cfg["data"].pop(key)
+    config = write_yaml(tmp_path / "c.yaml", {"task": "embedding", **cfg})
+    train = run_cli("train", "--config", str(config), f"output.exp_dir={tmp_path / 'exp'}", cwd=tmp_path)
+    assert train.returncode == 0, describe(train)
+    run = only_run_dir(tmp_path / "exp")
+    code, stdout = audit_in_process(str(run))
+    assert code == 0, stdout
+    summary = json.loads((run / "audit" / "audit.json").read_text())
+    assert summary["label_issues"]["count"] == 0
+    assert summary["sources"]["note"] == "no label issues: an embedding run has no class probabilities"
+    assert ["cat/obj0", "dog/obj5"] in summary["duplicates"]["groups_sharing_images"]

@@ -67,7 +67,7 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     out = Path(output) if output is not None else (data.run.path / "audit" if data.run else Path("audit"))
     a = data.cfg.audit
     log.info("[AUDIT] %d images, %d classes, %d unreadable | %s", len(data.items), len(data.classes),
-             len(data.bad), data.prob_source or "no held-out predictions (label issues need a trained RUN)")
+             len(data.bad), data.prob_source or _no_probs(data))
     scan = scan_images(data.items["path"].tolist(), workers=max(2, dev.usable_cores()))
     eligible = (scan["error"] == "").to_numpy() & (scan["std"].fillna(0).to_numpy() >= a.constant_std)
     feats, feat_source = _features(data) if a.embeddings else (None, "none (audit.embeddings: false)")
@@ -163,6 +163,13 @@ def _from_run(run_dir: Path, overrides: Sequence[str]) -> AuditData:
     return data
 
 
+def _no_probs(data: AuditData) -> str:
+    """Why there are no label issues."""
+    if data.run is not None:
+        return "no label issues: an embedding run has no class probabilities"
+    return "no label issues: they need held-out predictions of a trained run (vistrain audit RUN)"
+
+
 def _held_out_probs(run: LoadedRun, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, str]:
     """Probabilities no model saw the label of: the out-of-fold logits (all folds), or a ratio split's
     validation logits and its test split's predictions; softmax at the calibration temperature when fitted."""
@@ -235,8 +242,7 @@ def _summary(data: AuditData, out: Path, dups: pd.DataFrame, outliers: pd.DataFr
         "outliers": {"total": len(outliers), **{str(k): int(v) for k, v in outliers["reason"].value_counts().items()}},
         "class_health": class_health(data.items, data.classes, data.cfg.data.min_images_per_class),
         "sources": {"probabilities": data.prob_source or "none", "embeddings": feat_source,
-                    "note": "" if data.probs is not None else
-                    "no label issues: they need held-out predictions of a trained run (vistrain audit RUN)"},
+                    "note": "" if data.probs is not None else _no_probs(data)},
         "thresholds": a.model_dump(),
     }
 
