@@ -220,7 +220,8 @@ def test_write_clean_drops_the_flagged_rows_and_trains_as_a_manifest(planted: di
 
 def test_audit_with_config_before_training_finds_duplicates_and_blanks(planted: dict) -> None:
     out = planted["root"] / "config_audit"
-    code, stdout = audit_in_process("--config", str(planted["config"]), "--output", str(out))
+    code, stdout = audit_in_process("--config", str(planted["config"]), "--output", str(out),
+                                    "data.min_images_per_class=1000")  # train would stop: the audit reports it
     assert code == 0 and f"[DONE] audit written to {out}" in stdout, stdout
     found, false = _cross_split_found(out, planted)
     assert found >= 0.95 * len(planted["pairs"]) and false <= 5, (found, false)
@@ -229,6 +230,8 @@ def test_audit_with_config_before_training_finds_duplicates_and_blanks(planted: 
     assert pd.read_csv(out / "label_issues.csv").empty  # nothing trained: no held-out probabilities
     summary = json.loads((out / "audit.json").read_text())
     assert "random init" in summary["sources"]["embeddings"]
+    health = summary["class_health"]
+    assert health["under_min_images_per_class"] == {c: n for c, n in health["per_class"].items() if n < 1000} != {}
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -142,7 +142,11 @@ def _from_config(path: Path, overrides: Sequence[str]) -> AuditData:
 
     cfg = load_config(path, overrides=list(overrides))
     dev.set_num_threads(dev.env_threads() or dev.usable_cores())
-    data = prepare_data(cfg)
+    # What would stop train is what the audit reports: unreadable images and classes under
+    # data.min_images_per_class are findings here, not errors.
+    lenient = cfg.model_copy(update={"data": cfg.data.model_copy(update={"on_bad_image": "skip",
+                                                                         "min_images_per_class": None})})
+    data = prepare_data(lenient)
     items = _with_split_names(cfg, splits_table(data.items, data.fold_of))
     return AuditData(cfg, items, data.bad, data.classes)
 
