@@ -350,3 +350,21 @@ def test_audit_of_an_embedding_run_uses_its_embeddings_and_skips_label_issues(tm
     assert summary["label_issues"]["count"] == 0
     assert summary["sources"]["note"] == "no label issues: an embedding run has no class probabilities"
     assert ["cat/obj0", "dog/obj5"] in summary["duplicates"]["groups_sharing_images"]
+
+
+def test_near_pairs_need_hash_and_embedding_to_agree() -> None:
+    from vistrain.audit.duplicates import near_pairs
+
+    far = np.random.default_rng(0).integers(0, 2**62, size=3)  # three hashes ~31 bits apart
+    hashes = np.array([far[0], far[0] ^ 0b11, far[1], far[1] ^ (2**10 - 1), far[2], far[2] ^ (2**10 - 1)],
+                      dtype=np.int64)  # pairs (0,1) 2 bits apart, (2,3) and (4,5) 10 bits apart
+    unit = np.eye(6, dtype=np.float32)
+    feats = np.stack([unit[0], -unit[0], unit[1], unit[1] * 0.99 + unit[2] * 0.1, unit[3], unit[3] + unit[4]])
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    everyone = np.ones(6, dtype=bool)
+    with_emb = near_pairs(hashes, everyone, 6, feats, 0.95)
+    # (0,1): hashes agree but the model says opposite (a colour-blind hash match); (2,3): the model confirms a
+    # pair the hash alone misses; (4,5): neither close enough
+    assert list(zip(with_emb["a"], with_emb["b"])) == [(2, 3)]
+    hash_only = near_pairs(hashes, everyone, 6, None, 0.95)
+    assert list(zip(hash_only["a"], hash_only["b"])) == [(0, 1)]

@@ -17,8 +17,11 @@ from vistrain.audit.scan import HASH_BITS
 
 log = logging.getLogger(__name__)
 PAIR_COLUMNS = ["a", "b", "kind", "similarity", "hash_distance"]
-HASH_BLOCK = 512  # hash rows compared at once: a [512, N] block of int64 distances
+HASH_BLOCK = 512  # hash rows compared at once: a [512, N] block of XORs (8 bytes each) and bit counts
 ALL_PAIRS_UP_TO = 50  # an exact-duplicate cluster larger than this is linked to its first member only
+# With embeddings, a hash match the model contradicts (centred cosine below this: less alike than two average
+# images) is dropped: pHash sees grey levels only, so two layouts in different colours can share a hash.
+HASH_VETO_COSINE = 0.0
 
 
 def exact_pairs(digest: pd.Series, eligible: np.ndarray) -> pd.DataFrame:
@@ -62,7 +65,8 @@ def near_pairs(phash: np.ndarray, eligible: np.ndarray, max_distance: int, feats
     An embedding match alone is not a duplicate: a trained classifier maps every image of a class close together
     (that is what it is trained for), so look-alikes of one class reach any cosine threshold. Requiring the
     pictures to be alike too (a loose hash bound) keeps the crops and re-colourings the hash alone misses
-    without reporting every pair of a class. ``similarity`` is the cosine when embeddings are given, else
+    without reporting every pair of a class; a hash match needs a cosine >= ``HASH_VETO_COSINE``.
+    ``similarity`` is the cosine when embeddings are given, else
     1 - distance / 64."""
     cand = hash_pairs(phash, eligible, 2 * max_distance if feats is not None else max_distance)
     a, b, d = cand["a"].to_numpy(), cand["b"].to_numpy(), cand["distance"].to_numpy()
@@ -70,7 +74,7 @@ def near_pairs(phash: np.ndarray, eligible: np.ndarray, max_distance: int, feats
         keep, sim = np.ones(len(cand), dtype=bool), 1.0 - d / HASH_BITS
     else:
         sim = np.einsum("ij,ij->i", feats[a], feats[b]).astype(np.float64) if len(cand) else np.zeros(0)
-        keep = (d <= max_distance) | (sim >= threshold)
+        keep = ((d <= max_distance) & (sim >= HASH_VETO_COSINE)) | (sim >= threshold)
     return pd.DataFrame({"a": a[keep], "b": b[keep], "kind": "near", "similarity": sim[keep],
                          "hash_distance": d[keep]})
 
