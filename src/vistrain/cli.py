@@ -248,6 +248,22 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.audit import run_audit
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    if args.run is not None and "=" in args.run:  # `audit --config F key=value`: the first word is an override
+        args.overrides.insert(0, args.run)
+        args.run = None
+    summary = run_audit(Path(args.run) if args.run else None, Path(args.config) if args.config else None,
+                        output=Path(args.output) if args.output else None,
+                        clean=Path(args.write_clean) if args.write_clean else None, policy=args.policy,
+                        overrides=args.overrides)
+    print(f"[DONE] audit written to {summary['output']}")
+    return 0
+
+
 def _number(cast: Callable[[str], Any], what: str, above: float = 0, most: float | None = None
             ) -> Callable[[str], Any]:
     """An argparse ``type``: ``cast(text)`` greater than ``above`` (and at most ``most``), else one-line error."""
@@ -491,6 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
                                       "hash, preprocessing) in a manifest.json, without training")
     config_args(p, required=True)
     p.add_argument("--output", default="manifest.json", help="JSON to write (default: ./manifest.json)")
+
+    p = add("audit", cmd_audit, "find label issues, duplicates (leakage across splits and groups), outliers and "
+                                "class imbalance in a run's or a config's data -> audit/")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run directory (uses its out-of-fold predictions and model)")
+    p.add_argument("--config", help="YAML config: audit its data before any training")
+    p.add_argument("--output", metavar="DIR", help="folder to write (default: RUN/audit, or ./audit with --config)")
+    p.add_argument("--write-clean", metavar="F", help="also write a manifest (data.source: manifest) of the data "
+                                                      "with the flagged rows handled by --policy")
+    p.add_argument("--policy", metavar="drop|relabel|review",
+                   help="with --write-clean: drop flagged rows (default), relabel label issues to the suggested "
+                        "class (dropping the other flagged rows), or keep every row with audit_flags for review")
+    p.add_argument("overrides", nargs="*", metavar="audit.key=value", help="e.g. audit.near_dup_threshold=0.9")
     return parser
 
 

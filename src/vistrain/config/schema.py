@@ -310,6 +310,21 @@ class EvalCfg(Section):
         return sorted(v)
 
 
+class AuditCfg(Section):
+    """``vistrain audit``: thresholds of its findings (fractions in [0, 1] unless said otherwise)."""
+
+    near_dup_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95  # embedding cosine similarity at or above: near dup
+    hash_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1  # perceptual hashes differing in at most this fraction
+    # of their 64 bits (0.1: 6 bits) are near duplicates; 0 finds identical hashes only
+    outlier_percentile: Annotated[float, Field(ge=0, le=1)] = 0.99  # k-NN distance above this quantile of its class
+    knn_k: PositiveInt = 5  # neighbours searched per image (duplicates and outliers)
+    min_size_fraction: Annotated[float, Field(ge=0, le=1)] = 0.25  # shorter side under this x train.img_size: too small
+    max_aspect_ratio: Annotated[float, Field(ge=1)] = 4.0  # long side / short side above this: extreme aspect ratio
+    constant_std: Annotated[float, Field(ge=0, le=1)] = 0.02  # grey-level std (0..1) under this: near-constant image
+    embeddings: bool = True  # search embeddings (the run's model, else the configured backbone); false: hashes only
+    thumbnails: PositiveInt = 24  # findings per audit.html section shown with thumbnails
+
+
 class TuneCfg(Section):
     n_trials: PositiveInt = 20
     epochs: PositiveInt | None = None  # epochs per trial; a third of train.epochs when empty
@@ -414,6 +429,7 @@ class Config(Section):
     sampler: SamplerCfg = SamplerCfg()
     loss: LossCfg = LossCfg()
     eval: EvalCfg = EvalCfg()
+    audit: AuditCfg = AuditCfg()
     tracking: TrackingCfg = TrackingCfg()
     tune: TuneCfg = TuneCfg()
     serve: ServeCfg = ServeCfg()

@@ -314,6 +314,19 @@ def images_html(run_dir: Path) -> str:
     return section("Plots", "".join(figures)) if figures else ""
 
 
+def audit_html(run_dir: Path) -> str:
+    """A link to ``audit/audit.html`` (``vistrain audit RUN``) with its headline counts, when it exists."""
+    if not (run_dir / "audit" / "audit.html").is_file():
+        return ""
+    audit = _read_json(run_dir / "audit" / "audit.json")
+    dups, issues = audit.get("duplicates") or {}, audit.get("label_issues") or {}
+    counts = {"duplicate pairs across splits (leakage)": dups.get("cross_split"),
+              "duplicate pairs": dups.get("total"), "label issues": issues.get("count"),
+              "outliers": (audit.get("outliers") or {}).get("total")}
+    link = '<p><a href="audit/audit.html">audit/audit.html</a>: label issues, duplicates, outliers, class health</p>'
+    return section("Data audit", link + key_values({k: v for k, v in counts.items() if v is not None}))
+
+
 def environment_html(summary: dict[str, Any]) -> str:
     env = summary.get("environment") or {}
     return section("Environment", key_values(env)) if env else ""
@@ -335,7 +348,8 @@ def render_report(run_dir: Path) -> str:
     body = "".join([
         folds_html(summary), metrics_html(run_dir, summary), domain_html(run_dir, summary, failure_threshold(run_dir)),
         per_class_html(run_dir, failure_threshold(run_dir)),
-        calibration_html(run_dir), images_html(run_dir), environment_html(summary), config_html(run_dir),
+        calibration_html(run_dir), audit_html(run_dir), images_html(run_dir), environment_html(summary),
+        config_html(run_dir),
     ])
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
