@@ -38,7 +38,7 @@ def config(tmp_path: Path, train: dict | None = None, **data: object) -> object:
 
 
 def test_the_class_map_fixes_the_class_order(tmp_path):
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     order = ["fox", "cat", "dog"]  # not the sorted order the data alone would give
     data = prepare_data(config(tmp_path, class_map=str(write_map(tmp_path / "map.json", order, METADATA))))
@@ -48,8 +48,8 @@ def test_the_class_map_fixes_the_class_order(tmp_path):
 
 
 def test_from_class_map_weights_go_into_the_cross_entropy_in_class_order(tmp_path):
-    from vistrain.pipelines.setup import classification_setup
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
+    from vistrain.engine.setup import classification_setup
 
     map_path = write_map(tmp_path / "map.json", ["dog", "fox", "cat"], METADATA)
     cfg = config(tmp_path, class_map=str(map_path), train={"class_weights": "from_class_map"})
@@ -58,8 +58,8 @@ def test_from_class_map_weights_go_into_the_cross_entropy_in_class_order(tmp_pat
 
 
 def test_from_class_map_without_a_weight_names_the_class(tmp_path):
-    from vistrain.pipelines.setup import classification_setup
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
+    from vistrain.engine.setup import classification_setup
 
     meta = {k: dict(v) for k, v in METADATA.items()}
     del meta["fox"]["training_weight"]
@@ -71,7 +71,7 @@ def test_from_class_map_without_a_weight_names_the_class(tmp_path):
 
 
 def test_a_class_in_the_data_but_not_in_the_map_is_an_error_naming_it(tmp_path):
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     map_path = write_map(tmp_path / "map.json", ["cat", "dog"])
     with pytest.raises(UserError) as err:
@@ -81,7 +81,7 @@ def test_a_class_in_the_data_but_not_in_the_map_is_an_error_naming_it(tmp_path):
 
 
 def test_a_map_class_without_images_is_an_error_naming_it(tmp_path):
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     map_path = write_map(tmp_path / "map.json", ["cat", "dog", "fox", "owl"])
     with pytest.raises(UserError, match=r"^data.class_map: class\(es\) of .* with no image in the data: owl;"):

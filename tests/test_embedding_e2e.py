@@ -276,7 +276,7 @@ def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_reid_queries_without_a_cross_camera_match_are_counted(tmp_path: Path) -> None:
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     root = write_market(tmp_path / "market")
     for f in (root / "bounding_box_test").glob("0011_*"):  # person 11's gallery images onto the query's camera
@@ -287,8 +287,8 @@ def test_reid_queries_without_a_cross_camera_match_are_counted(tmp_path: Path) -
 
 
 def test_class_names_pick_the_classes_of_an_embedding_run(tmp_path: Path) -> None:
+    from vistrain.data.prepare import prepare_data
     from vistrain.errors import UserError
-    from vistrain.pipelines.train import prepare_data
 
     root = write_products(tmp_path / "products", classes=5, objects=4)
     cfg = _retrieval_config(tmp_path, root, class_names=["class3", "class0", "class1"])

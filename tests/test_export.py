@@ -97,12 +97,11 @@ def test_verify_catches_a_graph_that_differs_from_the_model_and_benchmark_pins_t
         trained: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture) -> None:
     from vistrain import cli
+    from vistrain.engine import deploy
     from vistrain.engine.device import usable_cores
     from vistrain.engine.inference import load_fold_model, load_run
-    from vistrain.pipelines import export
     from vistrain.pipelines.export import Deployable, sample_inputs, verify
-
-    monkeypatch.setattr(export, "BENCH_BUDGET_S", 0.5)  # one or two windows per figure: this is not a benchmark
+    monkeypatch.setattr(deploy, "BENCH_BUDGET_S", 0.5)  # one or two windows per figure: this is not a benchmark
     load_run(trained[0])
     applied = torch.get_num_threads()  # what loading the run set (its train.num_threads on this machine)
     assert cli.main(["export", str(trained[0]), "--output", str(tmp_path), "--benchmark"]) == 0
@@ -148,7 +147,7 @@ def test_missing_export_packages_name_the_extra(trained: tuple[Path, Path], monk
 
 
 def test_benchmark_figures_are_medians_repeated_until_stable() -> None:
-    from vistrain.pipelines.export import stable_median_ms
+    from vistrain.engine.deploy import stable_median_ms
 
     settling = iter([100.0] * 5 + [50.0, 49.0, 70.0, 51.0, 50.0] + [52.0, 51.0, 53.0, 90.0, 52.0])
     assert stable_median_ms(lambda: next(settling)) == {"ms": 52.0, "p50_ms": 52.0, "p95_ms": 82.6, "runs": 15,

@@ -31,7 +31,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A two-fold run (fold 0 trained, 24 validation images, CLAHE in its preprocessing) exported once with int8,
     fp16 and a size budget that only the int8 file meets (in this process: the CLI's stdout captured)."""
     from vistrain import cli
-    from vistrain.pipelines import export
 
     root = tmp_path_factory.mktemp("quantize")
     data = write_csv_dataset(root / "data", per_class=16)
@@ -40,7 +39,8 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run = run_train(load_config(write_yaml(root / "cfg.yaml", cfg))).run_dir
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out):
-        mp.setattr(export, "BENCH_BUDGET_S", 0.5)  # a busy test machine never settles: stop at the 20 runs
+        from vistrain.engine import deploy
+        mp.setattr(deploy, "BENCH_BUDGET_S", 0.5)  # a busy test machine never settles: stop at the 20 runs
         code = cli.main(["export", str(run), "--quantize", "int8", "--fp16", "--budget-ms", "10000",
                          "--budget-mb", "8"])
     assert code == 0, out.getvalue()
@@ -144,7 +144,8 @@ def test_no_file_within_the_budget_exits_1_and_keeps_the_report(exported: dict, 
         return 18
 
     monkeypatch.setattr(export, "export_onnx", copy_float_file)
-    monkeypatch.setattr(export, "BENCH_BUDGET_S", 0.5)
+    from vistrain.engine import deploy
+    monkeypatch.setattr(deploy, "BENCH_BUDGET_S", 0.5)
     assert cli.main(["export", str(exported["run"]), "--output", str(tmp_path), "--budget-ms", "0.001"]) == 1
     out, err = capsys.readouterr()
     lines = [ln for ln in out.splitlines() if "[BUDGET]" in ln]
@@ -162,7 +163,7 @@ def test_static_quantisation_failing_falls_back_to_dynamic(exported: dict, tmp_p
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import onnxruntime.quantization as q
 
-    from vistrain.pipelines import deploy
+    from vistrain.engine import deploy
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("calibration exploded")
@@ -180,7 +181,7 @@ def test_static_quantisation_failing_falls_back_to_dynamic(exported: dict, tmp_p
 
 
 def test_latency_percentiles_are_over_at_least_min_runs_timed_runs() -> None:
-    from vistrain.pipelines.export import stable_median_ms
+    from vistrain.engine.deploy import stable_median_ms
 
     seq = [50.0] * 5 + [1.0, 2.0, 3.0, 4.0, 5.0] * 20  # a slow first window, then a steady one
     times = iter(seq)

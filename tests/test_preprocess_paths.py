@@ -110,8 +110,8 @@ def test_validation_loader_gives_exactly_the_preprocessors_tensor(paths: dict) -
     """The training run's own validation dataset (its decode and transform) on each file, against
     ``Preprocessor.from_dict(preprocess.json).process(load_rgb(file))``; and the training transform with the
     ``none`` policy adds nothing to the deterministic steps."""
-    from vistrain.pipelines.setup import SETUPS
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
+    from vistrain.engine.setup import SETUPS
 
     cfg = load_config(paths["cfg"])
     setup = SETUPS["classification"](cfg, prepare_data(cfg), 0, torch.device("cpu"))

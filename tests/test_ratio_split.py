@@ -143,7 +143,7 @@ def test_other_commands_work_on_a_ratio_split_run(trained):
 
 def test_a_split_column_in_the_data_is_taken_as_is(tmp_path):
     from vistrain.config.loader import load_config
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     given = ["train", "train", "val", "test"] * 3
     ds = write_csv_dataset(tmp_path, classes=("x", "y", "z"), per_class=4, size=8, extra_columns={"split": given})

@@ -119,7 +119,7 @@ def test_a_split_column_in_some_sources_only_is_a_user_error(tmp_path):
 
 
 def test_min_images_per_class_counts_all_domains_and_names_the_classes_below(tmp_path):
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     # a and b: 2 objects x 2 views in each domain = 8 images; c only in studio (4 images)
     write_folders_dataset(tmp_path / "studio", classes=("a", "b", "c"), objects=2, views=2, size=16)
@@ -199,8 +199,8 @@ def test_ranks_share_the_domain_ratio_epoch_without_overlap():
 
 def test_a_two_source_run_trains_on_the_domain_ratios(tmp_path):
     """The loader classification_setup builds for a 0.3:0.7 run whose real domain holds 5x fewer images."""
-    from vistrain.pipelines.setup import classification_setup
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
+    from vistrain.engine.setup import classification_setup
 
     cfg = config(tmp_path, two_sources(tmp_path, studio_objects=20, real_objects=4))
     data = prepare_data(cfg)

@@ -19,11 +19,11 @@ from conftest import tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config.loader import load_config, validate
 from vistrain.config.schema import Config
-from vistrain.config.space import Param, config_keys, default_space, parse_space
 from vistrain.engine.loop import DivergedError
 from vistrain.errors import ConfigError, UserError
 from vistrain.pipelines import train as train_mod
 from vistrain.pipelines.tune import _initial_trials
+from vistrain.tuning.space import Param, config_keys, default_space, parse_space
 
 LR_SPACE = {"train.lr": {"type": "categorical", "choices": ["1e-9", 3e-3]}}  # "1e-9": how YAML reads 1e-9
 

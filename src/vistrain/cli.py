@@ -206,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.scenario == "digits":
         print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
         return 0
-    from vistrain.pipelines.deploy import budget_line
+    from vistrain.engine.deploy import budget_line
 
     for entry in (result.export or {}).get("models", []):
         for f in entry.get("files", []):

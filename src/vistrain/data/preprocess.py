@@ -66,6 +66,11 @@ def model_normalisation(model_name: str) -> tuple[tuple[float, ...], tuple[float
     return tuple(float(x) for x in mean), tuple(float(x) for x in std)
 
 
+def size_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """``224`` or ``[256, 128]`` -> ``(H, W)``."""
+    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """RGB uint8 [H, W, 3] -> normalised float32 [3, size[0], size[1]]; see the module docstring for the steps."""
@@ -108,8 +113,6 @@ class Preprocessor:
     def from_config(cls, cfg: Config) -> Preprocessor:
         """The preprocessor of a run: ``preprocess:`` + ``train.img_size``; mean / std default to the timm
         model's pretrained config."""
-        from vistrain.data.transforms import size_hw
-
         p = cfg.preprocess
         mean, std = model_normalisation(cfg.model.name)
         return cls(size=size_hw(cfg.train.img_size), crop=p.crop, interpolation=p.resize.interpolation,

@@ -7,20 +7,13 @@ runs ``TrainTransform``: the policy's random operations on those pixels, the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2 as T
 
 from vistrain.config.schema import AugmentCfg
-from vistrain.data.preprocess import Preprocessor
-
-
-def size_hw(img_size: int | Sequence[int]) -> tuple[int, int]:
-    """``224`` or ``[256, 128]`` -> ``(H, W)``."""
-    return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+from vistrain.data.preprocess import Preprocessor, size_hw  # noqa: F401 - size_hw: re-exported
 
 
 def augment_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list:

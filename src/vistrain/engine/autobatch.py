@@ -209,7 +209,7 @@ def resolve_batch_size(cfg: Config, device: torch.device, precision: Precision, 
     t = cfg.train
     if device.type != "cuda":
         return t.batch_size_cpu, "train.batch_size_cpu: the memory search needs a GPU"
-    from vistrain.data.transforms import size_hw
+    from vistrain.data.preprocess import size_hw
     from vistrain.models.build import build_model
 
     batch = find_batch_size(lambda: build_model(cfg.task, cfg.model, n_classes, pretrained=False),

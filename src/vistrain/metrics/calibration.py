@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from scipy import optimize
 
-from vistrain.metrics.classification import ArrayLike, _as_logits_targets, _np, _positive_int
+from vistrain.metrics._common import ArrayLike, _as_logits_targets, _np, _positive_int
 
 # The temperature search interval. Real networks land in roughly [0.5, 5]; the interval is wide so that logits on
 # an unusual scale still find an interior optimum, and finite so that a separable (or hopeless) set of logits,

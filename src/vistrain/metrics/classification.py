@@ -19,60 +19,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from scipy import special
 from sklearn import metrics as skm
 
-ArrayLike = np.ndarray | torch.Tensor | Sequence
+from vistrain.metrics._common import ArrayLike, _as_logits_targets, _as_targets, _np, _positive_int
+from vistrain.metrics.calibration import expected_calibration_error
 
 ECE_BINS: int = 15  # bins used for the ECE in classification_report
 DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # what per_domain_metrics reports for each domain, as "<metric>@<d>"
-
-
-def _np(x: ArrayLike) -> np.ndarray:
-    """A numpy view / copy of ``x`` on the CPU. float16 / bfloat16 tensors become float32 (numpy has no bfloat16);
-    float32 / float64 keep their precision, so near-ties in float64 logits are not merged by rounding."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach()
-        if x.is_floating_point() and x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        return x.cpu().numpy()
-    return np.asarray(x)
-
-
-def _positive_int(value: object, name: str) -> int:
-    """``value`` as an int >= 1. Python and numpy integers only: a bool, a float (even 2.0) or a string is refused,
-    since ``True`` or ``1.5`` as a count of neighbours or classes is a mistake, not a value to round."""
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _as_targets(targets: ArrayLike, n: int, n_classes: int, name: str = "targets") -> np.ndarray:
-    """Class indices as int64 [n]; a float array is accepted only when it holds whole numbers."""
-    y = _np(targets)
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}], got {y.shape}")
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y) & (y == np.round(y))):
-            raise ValueError(f"{name} must be whole numbers (class indices)")
-    elif y.dtype.kind not in "iub":
-        raise ValueError(f"{name} must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if n and (y.min() < 0 or y.max() >= n_classes):
-        raise ValueError(f"{name} must lie in [0, {n_classes - 1}] (n_classes={n_classes}), "
-                         f"got range [{y.min()}, {y.max()}]")
-    return y
-
-
-def _as_logits_targets(logits: ArrayLike, targets: ArrayLike, name: str = "logits") -> tuple[np.ndarray, np.ndarray]:
-    """Validated float64 scores [N, C] (N, C >= 1, all finite) and int64 targets [N] in ``0..C-1``."""
-    z = np.asarray(_np(logits), dtype=np.float64)  # float32 -> float64 is exact, so rankings are unchanged
-    if z.ndim != 2 or z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"{name} must have shape [N, C] with N, C >= 1, got {z.shape}")
-    if not np.all(np.isfinite(z)):
-        raise ValueError(f"{name} contain NaN or inf")
-    return z, _as_targets(targets, n=z.shape[0], n_classes=z.shape[1])
 
 
 def topk_accuracy(logits: ArrayLike, targets: ArrayLike, k: int = 1) -> float:
@@ -189,7 +143,6 @@ def classification_report(logits: ArrayLike, targets: ArrayLike,
     Per-class values and the confusion matrix use the argmax prediction (ties: lowest index); ``top1`` uses
     scikit-learn's top-k tie rule, so the two can differ only on rows with exactly tied top scores.
     """
-    from vistrain.metrics.calibration import expected_calibration_error  # lazy: calibration imports this module
 
     z, y = _as_logits_targets(logits, targets)
     n, n_classes = z.shape

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from vistrain.errors import UserError, lookup
-from vistrain.models.build import GeM, create_backbone_model
+from vistrain.models.backbone import GeM, create_backbone_model
 from vistrain.models.heads import HEADS
 
 POOLINGS = ("avg", "max", "gem")

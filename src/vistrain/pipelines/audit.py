@@ -137,8 +137,8 @@ def _with_split_names(cfg: Config, items: pd.DataFrame) -> pd.DataFrame:
 
 
 def _from_config(path: Path, overrides: Sequence[str]) -> AuditData:
+    from vistrain.data.prepare import prepare_data
     from vistrain.data.splits import splits_table
-    from vistrain.pipelines.train import prepare_data
 
     cfg = load_config(path, overrides=list(overrides))
     dev.set_num_threads(dev.env_threads() or dev.usable_cores())

@@ -185,7 +185,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
     run = load_run(run_dir, overrides, "evaluate")
     if run.cfg.task == "embedding":
-        from vistrain.pipelines.embedding_eval import evaluate_embedding
+        from vistrain.engine.embedding_eval import evaluate_embedding
 
         return evaluate_embedding(run, split)
     chosen = select_folds(run, folds)

@@ -27,11 +27,10 @@ import json
 import logging
 import math
 import os
-import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +42,7 @@ from torch import nn
 import vistrain
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
+from vistrain.engine.deploy import onnx_session, sample_inputs, time_ms
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
 from vistrain.errors import UserError
 from vistrain.tracking.files import write_json
@@ -51,15 +51,11 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("onnx",)
 EXPORT_MISSING = "export: needs onnx, onnxscript and onnxruntime; pip install 'vistrain[export]'"
-VERIFY_IMAGES = 32
 # Parity: |onnx - torch| <= ATOL + RTOL * |torch| for every output value. Both run float32 on the CPU; the ONNX
 # graph fuses and reorders operations (batch norm folded into convolutions), which moves values by a few ulps per
 # layer, so the bound is loose enough for deep backbones and tight enough to catch a wrong graph.
 ATOL, RTOL = 1e-4, 1e-3
 METADATA_NEEDED = ("vistrain.task", "vistrain.img_size", "vistrain.mean", "vistrain.std", "vistrain.classes")
-# --benchmark: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
-# about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
-BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
 
 
 class Deployable(nn.Module):
@@ -262,34 +258,6 @@ def export_onnx(module: Deployable, example: torch.Tensor, path: Path, props: di
         raise
 
 
-def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, paths: Sequence[str] | None = None
-                  ) -> tuple[torch.Tensor, str]:
-    """Up to ``n`` of the run's own images (``paths``, else splits.csv's) through ``pre`` as ``predict`` does:
-    float32 [n, 3, H, W]; random inputs when none is readable."""
-    images = []
-    for path in run.splits()["path"].tolist() if paths is None else paths:
-        if len(images) == n:
-            break
-        try:
-            images.append(pre.normalize(pre.load(path)))
-        except Exception:  # noqa: BLE001 - moved or deleted since training: try the next one
-            continue
-    if images:
-        return torch.stack(images), f"{len(images)} images of the run"
-    h, w = pre.size
-    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
-
-
-def onnx_session(path: Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session with ``threads`` intra-op threads; by default the process's setting
-    (``train.num_threads``), not onnxruntime's own default of every core whatever else runs."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
 def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, Any]:
     """Run both on ``inputs`` (all at once, and the first one alone: the batch dimension must be dynamic)."""
     session = onnx_session(path)
@@ -317,40 +285,6 @@ def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, An
     return report
 
 
-def stable_median_ms(measure: Callable[[], float], window: int = BENCH_WINDOW, tolerance: float = BENCH_TOLERANCE,
-                     budget_s: float | None = None, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
-    """Time in windows of ``window`` runs (``measure()``: one run's milliseconds) until a window's median is within
-    ``tolerance`` of the one before and at least ``min_runs`` runs are done, or ``budget_s`` (``BENCH_BUDGET_S``)
-    has passed with ``min_runs`` done; ``ms``: the last window's median, ``p50_ms`` / ``p95_ms``: percentiles of
-    the last ``max(window, min_runs)`` runs. A loaded machine shows as a median that keeps moving: ``stable`` is
-    then false."""
-    deadline = time.perf_counter() + (BENCH_BUDGET_S if budget_s is None else budget_s)
-    times: list[float] = []
-    previous = None
-    while True:
-        times += [measure() for _ in range(window)]
-        median = statistics.median(times[-window:])
-        stable = previous is not None and abs(median - previous) <= tolerance * previous
-        if len(times) >= min_runs and (stable or time.perf_counter() >= deadline):
-            p50, p95 = np.percentile(times[-max(window, min_runs):], [50, 95])
-            return {"ms": round(median, 3), "p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3),
-                    "runs": len(times), "stable": stable}
-        previous = median
-
-
-def _time_ms(fn: Callable[..., Any], *args: Any, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
-    """``stable_median_ms`` of ``fn(*args)`` after two warm-up calls."""
-    fn(*args)
-    fn(*args)
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        fn(*args)
-        return (time.perf_counter() - t0) * 1000
-
-    return stable_median_ms(once, min_runs=min_runs)
-
-
 def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tuple[int, ...] = (1, 32)
               ) -> dict[str, Any]:
     """CPU latency of onnxruntime and PyTorch (eager, float32) on the same inputs, with 1 thread and with every usable
@@ -370,7 +304,7 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
         with dev.pinned_threads(n):
             for b in batches:
                 x = example[:1].repeat(b, 1, 1, 1)
-                t, o = _time_ms(run_torch, x), _time_ms(session.run, None, {"image": x.numpy()})
+                t, o = time_ms(run_torch, x), time_ms(session.run, None, {"image": x.numpy()})
                 figures[str(b)] = {"torch_ms": t["ms"], "onnxruntime_ms": o["ms"],
                                    "onnxruntime_ms_per_image": round(o["ms"] / b, 3),
                                    "speedup_vs_torch": round(t["ms"] / o["ms"], 3),
@@ -385,7 +319,7 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
                ) -> dict[str, Any]:
     """``quantize`` ("int8"), ``fp16``, ``budget_ms`` / ``budget_mb``: the variants and figures of ``deploy``; when a
     budget is given and no file meets it, RuntimeError (``fail_over_budget``) once export.json is written."""
-    from vistrain.pipelines import deploy
+    from vistrain.engine import deploy
 
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not supported; valid: {', '.join(FORMATS)}")

@@ -86,7 +86,7 @@ def build_manifest(cfg: Config, data: Any) -> dict[str, Any]:
 
 def run_manifest(cfg: Config, output: Path) -> dict[str, Any]:
     """Read and check the data as ``train`` would (user errors surface the same way), then write the manifest."""
-    from vistrain.pipelines.train import prepare_data
+    from vistrain.data.prepare import prepare_data
 
     data = prepare_data(cfg)
     manifest = build_manifest(cfg, data)

@@ -129,7 +129,7 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
     if tta:  # embedding runs average with the mirror image only
         _warn_untrained_views(run.cfg, ["hflip"] if run.cfg.task == "embedding" else run.cfg.eval.tta)
     if run.cfg.task == "embedding":
-        from vistrain.pipelines.embedding_eval import knn_predict
+        from vistrain.engine.embedding_eval import knn_predict
 
         labels, top1 = knn_predict(run, inputs.paths, flip=tta or None)
         table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: labels})

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from vistrain.config.schema import Config
+from vistrain.data.prepare import prepare_data
 from vistrain.data.splits import splits_table
-from vistrain.pipelines.train import prepare_data
 from vistrain.tracking.files import write_csv
 
 log = logging.getLogger(__name__)

@@ -54,9 +54,12 @@ from typing import TYPE_CHECKING, Any
 
 from vistrain.config.loader import config_to_dict, validate
 from vistrain.config.schema import Config
-from vistrain.config.space import Param, get_key, parse_space, with_values
 from vistrain.errors import ConfigError, UserError, describe, exit_code
-from vistrain.pipelines.tune_outputs import (
+from vistrain.tracking.files import atomic_write_text, write_json
+from vistrain.tracking.logs import log_outcome
+from vistrain.tracking.rundir import config_hash
+from vistrain.tuning.space import Param, get_key, parse_space, with_values
+from vistrain.tuning.study import (
     close_stale_trials,
     create_study,
     find_unfinished_tune,
@@ -70,9 +73,6 @@ from vistrain.pipelines.tune_outputs import (
     write_plots,
     write_trials_csv,
 )
-from vistrain.tracking.files import atomic_write_text, write_json
-from vistrain.tracking.logs import log_outcome
-from vistrain.tracking.rundir import config_hash
 
 if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
     import optuna
@@ -328,7 +328,7 @@ def _tune_logging(path: Path) -> Iterator[None]:
     logger = logging.getLogger(LOGGER)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
-    handler.addFilter(lambda r: r.name in (__name__, f"{__name__}_outputs", "vistrain.engine.autobatch"))
+    handler.addFilter(lambda r: r.name in (__name__, "vistrain.tuning.study", "vistrain.engine.autobatch"))
     logger.addHandler(handler)
     try:
         yield

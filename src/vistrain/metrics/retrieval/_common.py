@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike, _np
+from vistrain.metrics._common import ArrayLike, _int_vector, _np
 
 Metric = Literal["cosine", "euclidean"]
 
@@ -35,15 +35,7 @@ def _features(x: ArrayLike, name: str) -> np.ndarray:
 
 def _ids(x: ArrayLike, n: int, name: str) -> np.ndarray:
     """Integer ids as int64 [n]; a float array is accepted only when it holds whole numbers."""
-    a = _np(x)
-    if a.ndim != 1 or a.shape[0] != n:
-        raise ValueError(f"{name} must have shape [{n}], got {a.shape}")
-    if a.dtype.kind == "f":
-        if not np.all(np.isfinite(a) & (a == np.round(a))):
-            raise ValueError(f"{name} must be whole numbers")
-    elif a.dtype.kind not in "iub":
-        raise ValueError(f"{name} must be integers, got dtype {a.dtype}")
-    return a.astype(np.int64)
+    return _int_vector(x, n, name)
 
 
 def _l2_normalise(x: np.ndarray) -> np.ndarray:

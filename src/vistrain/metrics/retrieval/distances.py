@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike
+from vistrain.metrics._common import ArrayLike
 from vistrain.metrics.retrieval._common import GEMM_TILE_ROWS, Metric, _chunk_rows, _features, _l2_normalise
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike
+from vistrain.metrics._common import ArrayLike
 from vistrain.metrics.retrieval._common import _ids
 
 NO_VALID_QUERY = "no query has a valid match in the gallery (same-camera matches are excluded)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike
+from vistrain.metrics._common import ArrayLike
 from vistrain.metrics.retrieval._common import GEMM_TILE_ROWS, Metric, _chunk_rows
 from vistrain.metrics.retrieval.distances import _fill_distances_torch, _ieee_fp32_matmul, _prepare_features_torch
 from vistrain.metrics.retrieval.ranking import _GalleryGroups

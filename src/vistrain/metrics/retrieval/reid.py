@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike, _np
+from vistrain.metrics._common import ArrayLike, _np
 from vistrain.metrics.retrieval._common import GEMM_TILE_ROWS, Metric, _as_tensor, _chunk_rows, _features, _threads
 from vistrain.metrics.retrieval.distances import _distance_matrix, _fill_distances, _prepare_features
 from vistrain.metrics.retrieval.ranking import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vistrain.metrics.classification import ArrayLike, _np, _positive_int
+from vistrain.metrics._common import ArrayLike, _np, _positive_int
 
 
 def _reciprocal_neighbours(nearest: np.ndarray, k: int) -> list[np.ndarray]:

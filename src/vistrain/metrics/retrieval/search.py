@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vistrain.metrics.classification import ArrayLike, _positive_int
+from vistrain.metrics._common import ArrayLike, _positive_int
 from vistrain.metrics.retrieval._common import (
     Metric,
     _as_tensor,

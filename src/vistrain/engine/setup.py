@@ -29,7 +29,7 @@ from vistrain.models.init import init_weights
 from vistrain.models.losses import LOSSES
 
 if TYPE_CHECKING:
-    from vistrain.pipelines.train import Prepared
+    from vistrain.data.prepare import Prepared
 
 
 @dataclass

@@ -21,19 +21,21 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import tempfile
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from vistrain.data.images import check_images
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun
 from vistrain.errors import UserError, describe
-from vistrain.pipelines.export import _time_ms, onnx_session, sample_inputs
 from vistrain.tracking.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,74 @@ CHUNK = 32  # images decoded and run at once: memory stays small at 512 px
 LATENCY_RUNS = 20  # timed runs behind each p50 / p95
 AGREEMENT_WARN = 0.99  # a variant that agrees less with the float model is reported with a warning
 BUDGET_MEASURE = "p95_ms at all threads"  # what --budget-ms is compared with
+
+
+VERIFY_IMAGES = 32  # export --verify: images of the run compared between PyTorch and onnxruntime
+# Timings: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
+# about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
+BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
+
+
+def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, paths: Sequence[str] | None = None
+                  ) -> tuple[torch.Tensor, str]:
+    """Up to ``n`` of the run's own images (``paths``, else splits.csv's) through ``pre`` as ``predict`` does:
+    float32 [n, 3, H, W]; random inputs when none is readable."""
+    images = []
+    for path in run.splits()["path"].tolist() if paths is None else paths:
+        if len(images) == n:
+            break
+        try:
+            images.append(pre.normalize(pre.load(path)))
+        except Exception:  # noqa: BLE001 - moved or deleted since training: try the next one
+            continue
+    if images:
+        return torch.stack(images), f"{len(images)} images of the run"
+    h, w = pre.size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session with ``threads`` intra-op threads; by default the process's setting
+    (``train.num_threads``), not onnxruntime's own default of every core whatever else runs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def stable_median_ms(measure: Callable[[], float], window: int = BENCH_WINDOW, tolerance: float = BENCH_TOLERANCE,
+                     budget_s: float | None = None, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
+    """Time in windows of ``window`` runs (``measure()``: one run's milliseconds) until a window's median is within
+    ``tolerance`` of the one before and at least ``min_runs`` runs are done, or ``budget_s`` (``BENCH_BUDGET_S``)
+    has passed with ``min_runs`` done; ``ms``: the last window's median, ``p50_ms`` / ``p95_ms``: percentiles of
+    the last ``max(window, min_runs)`` runs. A loaded machine shows as a median that keeps moving: ``stable`` is
+    then false."""
+    deadline = time.perf_counter() + (BENCH_BUDGET_S if budget_s is None else budget_s)
+    times: list[float] = []
+    previous = None
+    while True:
+        times += [measure() for _ in range(window)]
+        median = statistics.median(times[-window:])
+        stable = previous is not None and abs(median - previous) <= tolerance * previous
+        if len(times) >= min_runs and (stable or time.perf_counter() >= deadline):
+            p50, p95 = np.percentile(times[-max(window, min_runs):], [50, 95])
+            return {"ms": round(median, 3), "p50_ms": round(float(p50), 3), "p95_ms": round(float(p95), 3),
+                    "runs": len(times), "stable": stable}
+        previous = median
+
+
+def time_ms(fn: Callable[..., Any], *args: Any, min_runs: int = BENCH_WINDOW) -> dict[str, Any]:
+    """``stable_median_ms`` of ``fn(*args)`` after two warm-up calls."""
+    fn(*args)
+    fn(*args)
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        fn(*args)
+        return (time.perf_counter() - t0) * 1000
+
+    return stable_median_ms(once, min_runs=min_runs)
 
 
 def variant_path(float_path: Path, kind: str) -> Path:
@@ -181,7 +251,7 @@ def latency(path: Path, img_size: tuple[int, int] | list[int]) -> dict[str, Any]
             continue
         session = onnx_session(path, n)
         with dev.pinned_threads(n):
-            t = _time_ms(session.run, None, x, min_runs=LATENCY_RUNS)
+            t = time_ms(session.run, None, x, min_runs=LATENCY_RUNS)
         out[key] = {"threads": n, "p50_ms": t["p50_ms"], "p95_ms": t["p95_ms"], "runs": t["runs"],
                     "stable": t["stable"]}
     return out

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vistrain.config.schema import Config
-from vistrain.config.space import nest
 from vistrain.errors import UserError
 from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from vistrain.tracking.rundir import config_hash
+from vistrain.tuning.space import nest
 
 if TYPE_CHECKING:  # optuna is optional (and absent on some machines): imported inside the functions
     import optuna

@@ -1,0 +1,1 @@
+"""Tuning: the search space (tune.space) and the Optuna study around it (storage, reports, continuing)."""

@@ -1,0 +1,99 @@
+"""The package's shape, as docs/architecture.md promises it: no module imports one that imports it back (directly
+or through others), every file under pipelines/ is a verb (defines a ``run_*`` function), and the map in
+docs/architecture.md names every module of the tree."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "src" / "vistrain"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PKG.rglob("*.py"))}
+
+
+def imported(name: str, path: Path) -> set[str]:
+    """The vistrain modules ``path`` imports, anywhere in the file (a function-level import is still a dependency)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            for a in node.names:  # "from vistrain.data import images" imports the module vistrain.data.images
+                found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base)
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: imported(name, path) for name, path in MODULES.items()}
+
+
+def cycles() -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in GRAPH[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in GRAPH:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_module_imports_one_that_imports_it_back() -> None:
+    # Package __init__ files re-export their modules; a module importing its own package's __init__ is not a cycle
+    # of the code's layers, so __init__ files are left out of the walk.
+    assert [c for c in cycles() if not any(MODULES[m].name == "__init__.py" for m in c)] == []
+
+
+def test_every_file_under_pipelines_is_a_verb() -> None:
+    for name, path in MODULES.items():
+        if name.startswith("vistrain.pipelines.") and path.name != "__init__.py":
+            tree = ast.parse(path.read_text())
+            verbs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("run_")]
+            assert verbs, f"{path.relative_to(ROOT)}: no run_* function; pipelines/ holds only verbs"
+
+
+def test_the_architecture_map_matches_the_tree_file_for_file() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## The map"):]
+    section = section[: section.index("\n## ", 3)]
+    mapped = set(re.findall(r"^\s+(\w+\.py)\b", section, re.M))
+    files = {p.name for p in MODULES.values() if p.name != "__init__.py"}
+    assert sorted(files - mapped) == [], "in the tree, not in docs/architecture.md's map"
+    assert sorted(mapped - files) == [], "in docs/architecture.md's map, not in the tree"
