@@ -86,6 +86,13 @@ class DataCfg(Section):
     stratify: bool = True  # keep class proportions in every fold
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
+    # decode each image once for every epoch, fold, tune trial and resumed run: auto = memory when the pixels fit
+    # in a quarter of the available memory, else disk (one memory-mapped file under data.cache_dir); off = decode
+    # every epoch
+    cache: Literal["auto", "off", "memory", "disk"] = "auto"
+    # stored size / train.img_size when training draws a random resized crop (augment.policy: hard); else 1
+    cache_scale: Annotated[float, Field(ge=1, le=4)] = 1.15
+    cache_dir: Path | None = None  # where disk caches live; default $VISTRAIN_CACHE_DIR, else ~/.cache/vistrain
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
