@@ -179,7 +179,11 @@ class TrainCfg(Section):
     restart_mult: Annotated[float, Field(ge=1)] = 1.0  # cosine_restarts: cycle length multiplier
     plateau_patience: Annotated[int, Field(ge=0)] = 2  # plateau: epochs without improvement before lr *= step_gamma
     amp: Literal["auto", "bf16", "fp16", "fp32"] | bool = "auto"  # auto: bf16 on Ampere+, fp16 older, fp32 CPU
-    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
+    # NHWC memory format (faster convolutions on tensor cores); auto: on CUDA for convolutional models
+    channels_last: Literal["auto"] | bool = "auto"
+    # torch.compile the model: true (default mode), max-autotune (longer compile, faster steps); a model that
+    # cannot be compiled here trains without it (the log says why)
+    compile: Literal["max-autotune"] | bool = False
     ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998  # reached gradually (warm-up) in short runs
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None

@@ -299,7 +299,7 @@ def _build(paths: list[str], files: list[list[Any]], pre: Preprocessor, targets:
             if t.tmp is not None:
                 t.tmp.unlink(missing_ok=True)
     seconds = time.time() - started
-    line = (f"cache {kind} built: {len(rows)} images ({len(errors)} unreadable) at "
+    line = (f"cache {kind} built: {len(rows)} images{f' ({len(errors)} unreadable)' if errors else ''} at "
             f"{' + '.join(f'{t.size[0]}x{t.size[1]}' for t in targets)} in {seconds:.1f} s "
             f"({len(paths) / max(seconds, 1e-9):.0f} img/s, {processes if len(paths) >= PARALLEL_FROM else 1} "
             f"process(es)), {sum(c.nbytes for c in caches.values()) / 2**20:.1f} MiB"

@@ -52,7 +52,7 @@ def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: i
     model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
     weights = init_weights(model, cfg.model, fold)
     model.to(device)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last is True:  # "auto" is resolved for the machine before any fold starts
         model.to(memory_format=torch.channels_last)
     return model, Preprocessor.from_config(cfg), weights
 
@@ -73,6 +73,8 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     workers = dev.auto_workers(t.num_workers, device)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": worker_init if workers else None}
+    if workers and device.type == "cuda":
+        common["prefetch_factor"] = 4  # batches queued per worker: a slow batch does not stall the device
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 

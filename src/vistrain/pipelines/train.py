@@ -42,7 +42,7 @@ from vistrain.engine.loop import LoopOptions, TrainState, fit
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.errors import UserError, describe, exit_code
 from vistrain.metrics.classification import epoch_metrics
-from vistrain.models.build import check_model_name, count_parameters
+from vistrain.models.build import check_model_name, compile_model, count_parameters, is_convolutional
 from vistrain.models.init import require_source
 from vistrain.pipelines.setup import SETUPS
 from vistrain.tracking import rundir
@@ -386,6 +386,9 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
     the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere."""
     t = cfg.train
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
+        update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
+        cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
     update["num_threads"], why = dev.resolve_num_threads(t.num_threads, update["num_workers"])
     log.info("[CFG] train.num_threads=%d (%s)", update["num_threads"], why)
     if t.batch_size == "auto":
@@ -526,6 +529,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, t, updates, stopper.mode),
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
                        seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
+    compile_model(setup.model, t.compile)  # after the EMA copy: a compiled module's deepcopy would call the original
     total, trainable = count_parameters(model)
     log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | %s | "
              "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights, total / 1e6,
@@ -568,7 +572,8 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                      run.ckpt("best", fold).relative_to(run.path))
 
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
-                       grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
+                       grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last is True,
+                       log_interval=t.log_interval,
                        progress=show_progress() and info.is_main, label=f"fold {fold}", row_prefix={"fold": fold},
                        dist=info, eval_every=t.eval_every_n_epochs)
     fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
@@ -615,7 +620,8 @@ def _ema(model: torch.nn.Module, t: Any) -> Any:
 
 def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]:
     best = next(r for r in state.history if r["epoch"] == state.stopper.best_epoch)
-    metrics = {k: v for k, v in best.items() if k not in ("fold", "epoch", "lr", "time_s", "mem_MiB", "fold_time_s")}
+    metrics = {k: v for k, v in best.items() if k not in ("fold", "epoch", "lr", "time_s", "mem_MiB", "fold_time_s",
+                                                          "img_per_s", "data_wait_frac")}
     return {"fold": fold, "best_epoch": state.stopper.best_epoch, "epochs_run": state.epoch,
             "stopped_early": state.stopper.should_stop, "best": metrics, "time_s": round(elapsed, 2)}
 
@@ -660,7 +666,7 @@ def _write_oof(run: rundir.RunDir, data: Prepared) -> dict[str, float]:
 
 
 def _fmt(key: str, v: Any) -> str:
-    if key in ("time_s", "mem_MiB"):
+    if key in ("time_s", "mem_MiB", "img_per_s"):
         return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"
