@@ -10,7 +10,7 @@ then measures:
                 no data path at all (same model, optimiser, precision, channels_last, compile)
   off           ``run_train`` with ``data.cache: off`` and the CPU augmentation (decode every image every epoch)
   cache         ``run_train`` with ``data.cache: auto`` and the CPU augmentation
-  cache+device  ``data.cache: auto`` with ``augment.device`` on the training device (when this vistrain has it)
+  cache+device  ``data.cache: auto`` with ``augment.device: cuda`` (GPU only: uint8 batches augmented there)
 Each run's figure is the last epoch's ``img_per_s`` from ``metrics.jsonl`` (training images per second, data
 included; the one-off cache build is reported separately). Prints a table and writes JSON with every figure, the
 ratios to the ceiling, the machine and the command line. On a shared CPU the absolute numbers drift with the load:
@@ -72,8 +72,8 @@ def make_dataset(folder: Path, n: int, w: int, h: int) -> Path:
 
 def run_config(args: argparse.Namespace, data: Path, exp: Path, variant: str, compiled: bool) -> dict[str, Any]:
     aug: dict[str, Any] = {"policy": args.policy}
-    if variant == "cache+device":
-        aug["device"] = "auto"
+    if "device" in AugmentCfg.model_fields:
+        aug["device"] = "cuda" if variant == "cache+device" else "cpu"
     return {
         "project": {"name": f"bench-{variant.replace('+', '-')}{'-compile' if compiled else ''}", "seed": 0},
         "data": {"source": "csv", "train_csv": str(data / "train.csv"), "image_dir_train": str(data / "train"),
@@ -164,10 +164,10 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
-    if "cache+device" in variants and "device" not in AugmentCfg.model_fields:
-        print("cache+device: augment.device is not in this vistrain; skipped", file=sys.stderr)
-        variants.remove("cache+device")
     device = dev.pick_device(args.device)
+    if "cache+device" in variants and device.type != "cuda":
+        print("cache+device: augment.device: cuda needs a GPU; skipped on this machine", file=sys.stderr)
+        variants.remove("cache+device")
     workers = dev.auto_workers(args.workers if args.workers == "auto" else int(args.workers), device)
     args.workers = workers
     args.threads = int(args.threads) if args.threads else max(1, dev.usable_cores() - workers)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import read_metrics, tiny_config, write_csv_dataset
 from PIL import Image
 
@@ -107,7 +108,10 @@ def test_same_seed_same_metrics_with_and_without_the_cache(data_root: Path, tmp_
     for mode in ("off", "memory", "disk"):
         cfg = cfg_of(data_root, tmp_path / mode, data={"cache": mode}, augment={"policy": "light"},
                      train={"epochs": 2})
-        rows[mode] = read_metrics(run_train(cfg).run_dir)
+        run_dir = run_train(cfg).run_dir
+        rows[mode] = read_metrics(run_dir)
+        resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert resolved["augment"]["device"] == "cpu" and resolved["train"]["channels_last"] is False  # auto on CPU
         assert all(r["img_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 for r in rows[mode]), rows[mode]
     keys = ["train_loss", "valid_loss", "accuracy", "macro_f1"]
     for mode in ("memory", "disk"):

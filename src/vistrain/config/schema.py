@@ -230,6 +230,9 @@ class AugmentCfg(Section):
     rotate: Annotated[float, Field(ge=0, le=180)] = 10.0  # max rotation in degrees
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.2  # brightness/contrast/saturation strength
     random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0  # probability (hard policy defaults to 0.25)
+    # where the random operations run: cpu (loader workers, torchvision), cuda (uint8 batches on the GPU, per
+    # sample, Kornia: pip install 'vistrain[augment]'); auto: cuda when training on a GPU and Kornia is installed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     mixup_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables mixup
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # probability a batch is mixed at all

@@ -94,10 +94,15 @@ class LoopOptions:
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
     dist: DistInfo = SINGLE  # several processes: every rank acts on rank 0's monitor value
     eval_every: int = 1  # validate every N epochs and at the last one; early stopping counts evaluations
+    # training batches on the device -> the model's input (augment.device: uint8 -> augmented, normalised float)
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(opt.device, non_blocking=True)
+    if transform is not None:
+        images = transform(images)
     if opt.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(opt.device, non_blocking=True)
@@ -153,7 +158,7 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
     waited, step, read_from = 0.0, 0, 1
     for step, (images, targets, _) in enumerate(loader, start=1):
         waited += time.perf_counter() - ready
-        images, targets = _to_device(images, targets, opt)
+        images, targets = _to_device(images, targets, opt, opt.batch_transform)
         with autocast(opt.device, opt.precision):
             loss, parts = task.training_loss(model, images, targets)
         state.scaler.scale(loss / opt.grad_accum_steps).backward()

@@ -20,7 +20,7 @@ from vistrain.data.cache import CacheSet
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
-from vistrain.data.transforms import TrainTransform
+from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
@@ -67,7 +67,9 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     t, s = cfg.train, cfg.sampler
     ratios = cfg.data.domain_ratios()
     train_decode, valid_decode = (cache.train.decode, cache.valid.decode) if cache else (pre.load, pre.load)
-    train_ds = ImageDataset(train_paths, train_labels.tolist(), TrainTransform(cfg.augment, pre), train_decode)
+    # augment.device: cuda: the loader yields uint8 pixels and the loop augments whole batches on the GPU
+    augment = to_uint8_tensor if cfg.augment.device == "cuda" else TrainTransform(cfg.augment, pre)
+    train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, train_decode)
     valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, valid_decode)
     generator = torch.Generator()  # reseeded by the loop every epoch
     workers = dev.auto_workers(t.num_workers, device)

@@ -386,6 +386,9 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
     the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere."""
     t = cfg.train
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    if cfg.augment.device != "cpu":
+        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(
+            update={"device": _augment_device(cfg.augment.device, device)})})
     if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
         update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
@@ -404,6 +407,21 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
     if changed:
         log.info("[CFG] resolved for this machine: %s", ", ".join(f"train.{k}={v}" for k, v in changed.items()))
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
+def _augment_device(setting: str, device: torch.device) -> str:
+    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there."""
+    import importlib.util
+
+    has_kornia = importlib.util.find_spec("kornia") is not None
+    if setting == "cuda" and device.type != "cuda":
+        raise UserError(f"augment.device: cuda needs training on a GPU; train.device resolved to {device.type} "
+                        "(valid here: auto, cpu)")
+    if setting == "cuda" and not has_kornia:
+        raise UserError("augment.device: cuda needs Kornia: pip install 'vistrain[augment]' (or use cpu)")
+    if setting == "auto":
+        return "cuda" if device.type == "cuda" and has_kornia else "cpu"
+    return setting
 
 
 def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir) -> None:
@@ -573,7 +591,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
 
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
                        grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last is True,
-                       log_interval=t.log_interval,
+                       log_interval=t.log_interval, batch_transform=_device_augment(cfg, pre, device),
                        progress=show_progress() and info.is_main, label=f"fold {fold}", row_prefix={"fold": fold},
                        dist=info, eval_every=t.eval_every_n_epochs)
     fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
@@ -587,6 +605,15 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
         atomic_save({**state.state_dict(), "task_state": task.state_dict(), "rng": rng_state(), "finished": True,
                      "time_s": elapsed, **meta}, last_path)
     return _fold_result(fold, state, elapsed)
+
+
+def _device_augment(cfg: Config, pre: Preprocessor, device: torch.device) -> Any:
+    """augment.device: cuda: the policy on whole uint8 batches on the device (``data.device_augment``)."""
+    if cfg.augment.device != "cuda":
+        return None
+    from vistrain.data.device_augment import DeviceAugment
+
+    return DeviceAugment(cfg.augment, pre).to(device)
 
 
 def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dict[str, Any]],
