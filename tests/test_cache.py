@@ -274,3 +274,8 @@ def test_a_loader_worker_does_not_hold_the_disk_cache(tmp_path: Path) -> None:
     assert len(pickle.dumps(cache.train)) < 2**20  # what a spawned worker receives: the file's name, not pixels
     meta = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
     assert meta["size"] == [256, 256]
+
+
+def test_no_files_build_no_disk_cache(tmp_path: Path) -> None:
+    cache = open_caches([], Preprocessor(size=(32, 32)), (32, 32), "disk", tmp_path / "cache")
+    assert cache.errors == {} and cache.train.rows == {} and not (tmp_path / "cache").exists()

@@ -362,7 +362,7 @@ def open_caches(paths: Sequence[str], pre: Preprocessor, train_size: tuple[int, 
     paths = [str(p) for p in paths]
     files = _file_list(paths)
     sizes = list(dict.fromkeys([train_size, pre.size]))
-    kind = resolve_mode(mode, len(paths), sizes)
+    kind = resolve_mode(mode, len(paths), sizes) if paths else "memory"  # nothing to map: no empty file
     root = cache_dir(root)
     found: dict[str, ImageCache] = {}
     missing: list[_Target] = []
