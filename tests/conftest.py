@@ -77,6 +77,18 @@ def write_folders_dataset(root: Path, classes: tuple[str, ...] = ("cat", "dog"),
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Disk caches (data.cache) of every test and its subprocesses go to a temporary folder, never ~/.cache."""
+    before = os.environ.get("VISTRAIN_CACHE_DIR")
+    os.environ["VISTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("vistrain-cache"))
+    yield Path(os.environ["VISTRAIN_CACHE_DIR"])
+    if before is None:
+        os.environ.pop("VISTRAIN_CACHE_DIR", None)
+    else:
+        os.environ["VISTRAIN_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def csv_dataset(tmp_path: Path) -> CsvDataset:
     return write_csv_dataset(tmp_path / "data")

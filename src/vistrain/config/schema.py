@@ -87,6 +87,13 @@ class DataCfg(Section):
     class_names: list[str] | None = None  # when given, must equal the classes found in the data
     on_bad_image: Literal["skip", "error"] = "skip"  # unreadable images: list and skip, or stop the run
     max_image_pixels: PositiveInt = 100_000_000  # a larger image (header) is unreadable, refused before decoding
+    # decode each image once for every epoch, fold, tune trial and resumed run: auto = memory when the pixels fit
+    # in a quarter of the available memory, else disk (one memory-mapped file under data.cache_dir); off = decode
+    # every epoch
+    cache: Literal["auto", "off", "memory", "disk"] = "auto"
+    # stored size / train.img_size when training draws a random resized crop (augment.policy: hard); else 1
+    cache_scale: Annotated[float, Field(ge=1, le=4)] = 1.15
+    cache_dir: Path | None = None  # where disk caches live; default $VISTRAIN_CACHE_DIR, else ~/.cache/vistrain
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio
     train_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.70
@@ -173,7 +180,11 @@ class TrainCfg(Section):
     restart_mult: Annotated[float, Field(ge=1)] = 1.0  # cosine_restarts: cycle length multiplier
     plateau_patience: Annotated[int, Field(ge=0)] = 2  # plateau: epochs without improvement before lr *= step_gamma
     amp: Literal["auto", "bf16", "fp16", "fp32"] | bool = "auto"  # auto: bf16 on Ampere+, fp16 older, fp32 CPU
-    channels_last: bool = False  # NHWC memory format (faster convolutions on tensor cores)
+    # NHWC memory format (faster convolutions on tensor cores); auto: on CUDA for convolutional models
+    channels_last: Literal["auto"] | bool = "auto"
+    # torch.compile the model: true (default mode), max-autotune (longer compile, faster steps); a model that
+    # cannot be compiled here trains without it (the log says why)
+    compile: Literal["max-autotune"] | bool = False
     ema: bool = False  # evaluate and checkpoint an exponential moving average of the weights
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998  # reached gradually (warm-up) in short runs
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
@@ -223,6 +234,9 @@ class AugmentCfg(Section):
     color_jitter: Annotated[float, Field(ge=0, le=1)] = 0.2  # brightness/contrast/saturation strength
     hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0  # hue shift of the colour jitter (fraction of the hue circle)
     random_erasing: Annotated[float, Field(ge=0, le=1)] = 0.0  # probability (hard policy defaults to 0.25)
+    # where the random operations run: cpu (loader workers, torchvision), cuda (uint8 batches on the GPU, per
+    # sample, Kornia: pip install 'vistrain[augment]'); auto: cuda when training on a GPU and Kornia is installed
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     mixup_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables mixup
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # probability a batch is mixed at all

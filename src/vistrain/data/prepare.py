@@ -10,8 +10,10 @@ import numpy as np
 import pandas as pd
 
 from vistrain.config.schema import Config, DataCfg
+from vistrain.data.cache import CacheSet, open_caches, stored_size
 from vistrain.data.classmap import ClassMap, check_against, load_class_map
 from vistrain.data.images import set_max_pixels
+from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import (
     check_classes,
     check_min_images,
@@ -40,6 +42,7 @@ class Prepared:
     class_map: ClassMap | None = None  # data.class_map, when given
     ratio_split: bool = False  # classification with data.split: ratio (items["split"]: train / val / test)
     split_given: bool = False  # ... taken from the data's split column rather than drawn by the ratios
+    cache: CacheSet | None = None  # decoded pixels of every readable item (data.cache), None when off
 
     def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """(training, validation) item indices of a classifier's fold; a ratio split's test items are in neither."""
@@ -74,7 +77,7 @@ def prepare_data(cfg: Config) -> Prepared:
     items = load_items(d)
     class_map = load_class_map(d.class_map) if d.class_map is not None else None
     classes = check_against(class_map, items) if class_map else check_classes(items, d.class_names)
-    items, bad = split_bad_images(items, d.on_bad_image)
+    items, bad, cache = _readable(cfg, items)
     if items.empty:
         raise UserError(f"data: no readable image among {len(bad)} items (see the paths, e.g. {bad['path'].iloc[0]})")
     check_min_images(items, classes, d.min_images_per_class)
@@ -87,7 +90,20 @@ def prepare_data(cfg: Config) -> Prepared:
     else:
         fold_of = assign_folds(items, d.folds, cfg.project.seed, d.stratify)
     return Prepared(items, bad, classes, targets, fold_of, class_map=class_map, ratio_split=d.split == "ratio",
-                    split_given=given)
+                    split_given=given, cache=cache)
+
+
+def _readable(cfg: Config, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, CacheSet | None]:
+    """(readable items, unreadable ones with the reason, the decode-once cache): with ``data.cache`` the one decode
+    that fills the cache is also the check for unreadable files."""
+    d = cfg.data
+    if d.cache == "off":
+        return (*split_bad_images(items, d.on_bad_image), None)
+    pre = Preprocessor.from_config(cfg)
+    # only a random resized crop (augment.policy: hard) uses the margin; the others train on exactly img_size
+    train_size = stored_size(pre.size, cfg.augment.policy == "hard", d.cache_scale)
+    cache = open_caches(items.loc[items["path"] != "", "path"].tolist(), pre, train_size, d.cache, d.cache_dir)
+    return (*split_bad_images(items, d.on_bad_image, cache.errors), cache)
 
 
 def _queries_without_match(items: pd.DataFrame) -> tuple[int, int]:
@@ -122,7 +138,7 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     dropped = pd.DataFrame()
     if d.min_image_size:
         items, dropped = drop_small_groups(items, d.min_image_size)
-    items, bad = split_bad_images(items, d.on_bad_image)
+    items, bad, cache = _readable(cfg, items)
     bad = pd.concat([bad, dropped], ignore_index=True)
     skipped = 0
     if "split" not in items.columns:
@@ -138,7 +154,7 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     codes = {v: i for i, v in enumerate(sorted(items["label"].astype(str).unique()))}
     eval_codes = items["label"].astype(str).map(codes).to_numpy(dtype=np.int64)
     return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes, skipped,
-                    len(dropped), not_listed)
+                    len(dropped), not_listed, cache=cache)
 
 
 def _select_classes(items: pd.DataFrame, d: DataCfg) -> tuple[pd.DataFrame, tuple[int, int]]:

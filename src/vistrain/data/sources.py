@@ -307,14 +307,17 @@ def check_classes(items: pd.DataFrame, class_names: list[str] | None) -> list:
     return [by_name[n] for n in class_names]
 
 
-def split_bad_images(items: pd.DataFrame, on_bad_image: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode every image once; return (readable items, bad items with a ``reason`` column).
+def split_bad_images(items: pd.DataFrame, on_bad_image: str, errors: dict[str, str] | None = None
+                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode every image once (or take ``errors``, ``{path: reason}`` found while building the decode-once
+    cache); return (readable items, bad items with a ``reason`` column).
 
     With ``on_bad_image: error`` the first bad file stops the run with its path and reason.
     """
     reasons = {p: "file not found" for p in items.loc[items["path"] == "", "id"]}
     found = items[items["path"] != ""]
-    errors = check_images(found["path"].tolist())
+    if errors is None:
+        errors = check_images(found["path"].tolist())
     bad_mask = items["path"].isin(errors) | (items["path"] == "")
     bad = items[bad_mask].copy()
     bad["reason"] = [errors.get(p) or reasons.get(i, "unreadable") for p, i in zip(bad["path"], bad["id"])]

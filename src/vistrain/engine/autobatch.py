@@ -213,5 +213,6 @@ def resolve_batch_size(cfg: Config, device: torch.device, precision: Precision, 
     from vistrain.models.build import build_model
 
     batch = find_batch_size(lambda: build_model(cfg.task, cfg.model, n_classes, pretrained=False),
-                            size_hw(t.img_size), device, precision, channels_last=t.channels_last, n_classes=n_classes)
+                            size_hw(t.img_size), device, precision, channels_last=t.channels_last is True,
+                            n_classes=n_classes)
     return batch, "largest batch that trained within GPU memory, with head-room"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ def infer_logits(run: LoadedRun, model: nn.Module, paths: Sequence[str], pre: Pr
     the training batch) and workers as the run's config says."""
     t = run.cfg.train
     workers = dev.auto_workers(t.num_workers, device)
-    loader = DataLoader(ImageDataset(paths, None, pre.normalize, pre.load),
+    loader = DataLoader(ImageDataset(paths, None, pre.normalize, _decoder(run, paths, pre)),
                         batch_size=run.cfg.eval.batch_size or t.batch_size * 2, shuffle=False, num_workers=workers,
                         pin_memory=device.type == "cuda", worker_init_fn=worker_init if workers else None)
     precision = dev.pick_precision("auto", device)
@@ -167,6 +167,19 @@ def infer_logits(run: LoadedRun, model: nn.Module, paths: Sequence[str], pre: Pr
             for v, view in enumerate(views, start=1):
                 out[v].append(model(torch.flip(images, dims=flips[view])).float().cpu())
     return torch.stack([torch.cat(o) for o in out]).numpy()
+
+
+def _decoder(run: LoadedRun, paths: Sequence[str], pre: Preprocessor) -> Callable[[str], np.ndarray]:
+    """The training run's disk cache when it holds every one of ``paths`` unchanged at ``pre``'s preprocessing
+    (``evaluate`` and ``predict`` on training images decode nothing), else ``pre.load``."""
+    from vistrain.data.cache import find_cache
+
+    d = run.cfg.data
+    cache = find_cache(paths, pre, d.cache_dir) if d.cache != "off" else None
+    if cache is None:
+        return pre.load
+    log.info("[DATA] cache disk reused: %d images at %dx%d (%s)", len(paths), *pre.size, cache.data_path)
+    return cache.decode
 
 
 def ensemble_probs(logits: Sequence[np.ndarray], temperature: float | None = None) -> np.ndarray:

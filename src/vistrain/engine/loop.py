@@ -35,7 +35,7 @@ class Task(Protocol):
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None: ...  # epoch is 0-based
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, float]]: ...
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]: ...  # loss, its parts
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor: ...
     def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None: ...
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
@@ -97,31 +97,73 @@ class LoopOptions:
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
     dist: DistInfo = SINGLE  # several processes: every rank acts on rank 0's monitor value
     eval_every: int = 1  # validate every N epochs and at the last one; early stopping counts evaluations
+    # training batches on the device -> the model's input (augment.device: uint8 -> augmented, normalised float)
+    batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions) -> tuple[torch.Tensor, torch.Tensor]:
+def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions,
+               transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     images = images.to(opt.device, non_blocking=True)
+    if transform is not None:
+        images = transform(images)
     if opt.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, targets.to(opt.device, non_blocking=True)
 
 
+class _LossSums:
+    """Batch-weighted sums of the loss and its parts, kept on the device: adding one is an asynchronous kernel, so
+    the host never waits for the device on a step; ``read`` copies them back (one synchronisation)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.total = torch.zeros((), device=device)
+        self.window = torch.zeros((), device=device)  # since the last read: where a non-finite loss is looked for
+        self.parts: dict[str, torch.Tensor | float] = {}
+        self.count = 0
+        self.window_count = 0
+
+    def add(self, loss: torch.Tensor, parts: dict[str, Any], batch: int) -> None:
+        weighted = loss.detach().float() * batch
+        self.total += weighted
+        self.window += weighted
+        for name, value in parts.items():
+            value = value.detach().float() if torch.is_tensor(value) else float(value)
+            self.parts[name] = self.parts.get(name, 0.0) + value * batch
+        self.count += batch
+        self.window_count += batch
+
+    def read(self) -> tuple[float, float, dict[str, float]]:
+        """(mean loss of the window since the last read, mean loss so far, mean of each part so far)."""
+        values = [self.window, self.total, *(torch.as_tensor(v, device=self.device) for v in self.parts.values())]
+        window, total, *parts = torch.stack([v.float() for v in values]).tolist()
+        window_mean = window / max(self.window_count, 1)
+        self.window.zero_()
+        self.window_count = 0
+        return window_mean, total / max(self.count, 1), {k: v / self.count for k, v in zip(self.parts, parts)}
+
+
 def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean training loss and the mean of each loss part."""
+    """One pass over ``loader``; returns the mean training loss, the mean of each loss part, ``img_per_s`` (training
+    images per second, data loading included) and ``data_wait_frac`` (the share of the epoch spent waiting for the
+    next batch).
+
+    Losses stay on the device and are read every ``opt.log_interval`` steps and at the end of the epoch; a
+    non-finite loss is caught there and named with the range of steps it came from."""
     model, optimizer = state.model, state.optimizer
     model.train()
-    total, count, parts_sum = 0.0, 0, {}
     n_batches = len(loader)
-    bar = tqdm(loader, total=n_batches, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False,
-               disable=not opt.progress, dynamic_ncols=True)
+    bar = tqdm(total=n_batches, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False, disable=not opt.progress,
+               dynamic_ncols=True)
+    sums = _LossSums(opt.device)
     optimizer.zero_grad(set_to_none=True)
-    for step, (images, targets, _) in enumerate(bar, start=1):
-        images, targets = _to_device(images, targets, opt)
+    started = ready = time.perf_counter()
+    waited, step, read_from = 0.0, 0, 1
+    for step, (images, targets, _) in enumerate(loader, start=1):
+        waited += time.perf_counter() - ready
+        images, targets = _to_device(images, targets, opt, opt.batch_transform)
         with autocast(opt.device, opt.precision):
             loss, parts = task.training_loss(model, images, targets)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"training loss is {loss.item()} at {opt.label} epoch {state.epoch + 1} step {step}; "
-                                "lower train.lr, set train.grad_clip_norm or use train.amp=fp32")
         state.scaler.scale(loss / opt.grad_accum_steps).backward()
         if step % opt.grad_accum_steps == 0 or step == n_batches:
             if opt.grad_clip_norm:
@@ -134,19 +176,37 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
             state.scheduler.step_update(num_updates=state.num_updates)
             if state.ema is not None:
                 state.ema.update(unwrap(model), step=state.num_updates)
-        batch = images.shape[0]
-        total += loss.item() * batch
-        count += batch
-        for name, value in parts.items():
-            parts_sum[name] = parts_sum.get(name, 0.0) + value * batch
-        lr = optimizer.param_groups[0]["lr"]
-        bar.set_postfix(loss=f"{total / count:.4f}", lr=f"{lr:.2e}")
-        if not opt.progress and opt.log_interval and step % opt.log_interval == 0:
-            log.info("[TRAIN] %s epoch=%d step=%d/%d loss=%.4f lr=%.3e", opt.label, state.epoch + 1, step,
-                     n_batches, total / count, lr)
-    if count == 0:
+        sums.add(loss, parts, images.shape[0])
+        bar.update(1)
+        if opt.log_interval and step % opt.log_interval == 0:
+            mean = _checked(sums, opt, state, read_from, step)
+            read_from = step + 1
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
+            if not opt.progress:
+                log.info("[TRAIN] %s epoch=%d step=%d/%d loss=%.4f lr=%.3e", opt.label, state.epoch + 1, step,
+                         n_batches, mean, lr)
+        ready = time.perf_counter()
+    bar.close()
+    if sums.count == 0:
         raise RuntimeError("the training loader yielded no batch")
-    return {"train_loss": total / count, **{k: v / count for k, v in parts_sum.items()}}
+    if read_from <= step:
+        _checked(sums, opt, state, read_from, step)
+    _, mean, parts_mean = sums.read()
+    seconds = max(time.perf_counter() - started, 1e-9)
+    return {"train_loss": mean, **parts_mean, "img_per_s": round(sums.count / seconds, 1),
+            "data_wait_frac": round(waited / seconds, 4)}
+
+
+def _checked(sums: _LossSums, opt: LoopOptions, state: TrainState, first: int, last: int) -> float:
+    """The mean loss so far, after the one synchronisation that reads it; a non-finite loss in steps
+    ``first``..``last`` stops training."""
+    window, mean, _ = sums.read()
+    if not math.isfinite(window):
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        raise DivergedError(f"training loss is {window} at {opt.label} epoch {state.epoch + 1} {steps}; "
+                            "lower train.lr, set train.grad_clip_norm or use train.amp=fp32")
+    return mean
 
 
 @torch.no_grad()

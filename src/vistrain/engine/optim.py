@@ -24,8 +24,16 @@ OPTIMIZERS = {"adamw": "adamw", "adam": "adam", "sgd": "momentum"}  # our name -
 def build_optimizer(params: nn.Module | list[dict[str, Any]], cfg: TrainCfg) -> Optimizer:
     """Weight decay is skipped for biases and norm layers (timm's ``filter_bias_and_bn``)."""
     opt = lookup(OPTIMIZERS, cfg.optimizer, "train.optimizer")
-    extra = {"momentum": cfg.momentum, "nesterov": True} if opt == "momentum" else {}
+    extra: dict[str, Any] = {"momentum": cfg.momentum, "nesterov": True} if opt == "momentum" else {}
+    if opt in ("adamw", "adam") and _on_cuda(params):
+        extra["fused"] = True  # one kernel updates every tensor: no per-tensor launches on the step
     return create_optimizer_v2(params, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+
+
+def _on_cuda(params: nn.Module | list[dict[str, Any]]) -> bool:
+    tensors = params.parameters() if isinstance(params, nn.Module) else (p for g in params for p in g["params"])
+    first = next(iter(tensors), None)
+    return first is not None and first.is_cuda
 
 
 def _warmup(cfg: TrainCfg, upe: int) -> dict[str, Any]:

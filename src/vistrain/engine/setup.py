@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
+from vistrain.data.cache import CacheSet
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
-from vistrain.data.transforms import TrainTransform
+from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
@@ -51,25 +52,31 @@ def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: i
     model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
     weights = init_weights(model, cfg.model, fold)
     model.to(device)
-    if cfg.train.channels_last:
+    if cfg.train.channels_last is True:  # "auto" is resolved for the machine before any fold starts
         model.to(memory_format=torch.channels_last)
     return model, Preprocessor.from_config(cfg), weights
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
              valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo,
-             train_domains: np.ndarray | None = None) -> tuple[DataLoader, DataLoader]:
-    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels); training augments those pixels
+             train_domains: np.ndarray | None = None, cache: CacheSet | None = None) -> tuple[DataLoader, DataLoader]:
+    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels), or read the same pixels from ``cache``
+    (training: maybe stored larger, for the random resized crop); training augments those pixels
     (``TrainTransform``), validation only normalises them, as inference does. ``train_domains``: each training
     item's domain; with ``data.sources`` ratios the epoch follows them."""
     t, s = cfg.train, cfg.sampler
     ratios = cfg.data.domain_ratios()
-    train_ds = ImageDataset(train_paths, train_labels.tolist(), TrainTransform(cfg.augment, pre), pre.load)
-    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, pre.load)
+    train_decode, valid_decode = (cache.train.decode, cache.valid.decode) if cache else (pre.load, pre.load)
+    # augment.device: cuda: the loader yields uint8 pixels and the loop augments whole batches on the GPU
+    augment = to_uint8_tensor if cfg.augment.device == "cuda" else TrainTransform(cfg.augment, pre)
+    train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, train_decode)
+    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, valid_decode)
     generator = torch.Generator()  # reseeded by the loop every epoch
     workers = dev.auto_workers(t.num_workers, device)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": worker_init if workers else None}
+    if workers and device.type == "cuda":
+        common["prefetch_factor"] = 4  # batches queued per worker: a slow batch does not stall the device
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 
@@ -102,7 +109,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
     model, pre, start = _model_and_config(cfg, n_classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
-                                          pre, device, info, _domains(data, train_idx))
+                                          pre, device, info, _domains(data, train_idx), data.cache)
     weights = None
     if t.class_weights == "balanced":
         counts = np.bincount(y_train, minlength=n_classes).astype(np.float64)
@@ -143,7 +150,8 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],
-                                          data.eval_codes[v_idx], pre, device, info, _domains(data, train_idx))
+                                          data.eval_codes[v_idx], pre, device, info, _domains(data, train_idx),
+                                          data.cache)
     feat_dim = model.num_features
     terms = []
     for term in cfg.loss.terms:

@@ -36,7 +36,7 @@ class ClassificationTask:
         pass
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.mixup is not None and len(images) > 1:
             if len(images) % 2:  # timm mixes pairs: an odd last batch gives up one image
                 images, targets = images[:-1], targets[:-1]
@@ -101,11 +101,11 @@ class EmbeddingTask:
             module.train()
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
-                      ) -> tuple[torch.Tensor, dict[str, float]]:
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(images, targets)
         parts = {f"loss_{name}": weight * module(out, targets) for name, weight, module in self.terms}
         total = torch.stack(list(parts.values())).sum()
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}  # tensors: the loop reads them when it logs
 
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         feats = model(images).float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import timm
 import torch
 from torch import nn
 
@@ -12,6 +13,34 @@ from vistrain.errors import UserError
 from vistrain.models.backbone import GeM, create_backbone_model
 
 log = logging.getLogger(__name__)
+
+
+def is_convolutional(name: str) -> bool:
+    """Whether the timm model ``name`` is mostly convolutions (more than a stem or patch embedding: a ViT's one
+    Conv2d does not count); built on the meta device, so it costs no memory and no weights."""
+    with torch.device("meta"):
+        model = timm.create_model(name.split(".")[0], pretrained=False, num_classes=0)
+    return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
+
+
+def compile_model(model: nn.Module, setting: bool | str) -> None:
+    """``train.compile``: ``torch.compile`` the module in place (``nn.Module.compile``: its state_dict keys and the
+    checkpoints stay as without it). Where compiling is not possible here the model trains as it is and the log
+    says why; a graph that fails to compile later, at the first steps, runs eagerly (torch warns)."""
+    if setting is False:
+        return
+    mode = "max-autotune" if setting == "max-autotune" else None
+    try:
+        import torch._dynamo
+
+        torch._dynamo.config.suppress_errors = True  # a graph that cannot compile runs eagerly, not crash the run
+        model.compile(mode=mode)
+    except Exception as err:  # noqa: BLE001 - any failure here means: train without compile
+        log.warning("[MODEL] train.compile=%s: torch.compile is not available here (%s: %s); training without it",
+                    setting, type(err).__name__, err)
+        return
+    log.info("[MODEL] train.compile=%s: torch.compile(mode=%s); the first steps compile the model", setting,
+             mode or "default")
 
 
 class PooledClassifier(nn.Module):

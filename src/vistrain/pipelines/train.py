@@ -45,7 +45,7 @@ from vistrain.engine.setup import SETUPS
 from vistrain.errors import UserError, describe, did_you_mean, exit_code
 from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
 from vistrain.models.backbone import check_model_name
-from vistrain.models.build import count_parameters
+from vistrain.models.build import compile_model, count_parameters, is_convolutional
 from vistrain.models.init import require_source
 from vistrain.tracking import rundir
 from vistrain.tracking.files import (
@@ -295,6 +295,12 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
     the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere."""
     t = cfg.train
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    if cfg.augment.device != "cpu":
+        cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(
+            update={"device": _augment_device(cfg.augment.device, device)})})
+    if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
+        update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
+        cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
     update["num_threads"], why = dev.resolve_num_threads(t.num_threads, update["num_workers"])
     log.info("[CFG] train.num_threads=%d (%s)", update["num_threads"], why)
     if t.batch_size == "auto":
@@ -310,6 +316,21 @@ def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n
     if changed:
         log.info("[CFG] resolved for this machine: %s", ", ".join(f"train.{k}={v}" for k, v in changed.items()))
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
+def _augment_device(setting: str, device: torch.device) -> str:
+    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there."""
+    import importlib.util
+
+    has_kornia = importlib.util.find_spec("kornia") is not None
+    if setting == "cuda" and device.type != "cuda":
+        raise UserError(f"augment.device: cuda needs training on a GPU; train.device resolved to {device.type} "
+                        "(valid here: auto, cpu)")
+    if setting == "cuda" and not has_kornia:
+        raise UserError("augment.device: cuda needs Kornia: pip install 'vistrain[augment]' (or use cpu)")
+    if setting == "auto":
+        return "cuda" if device.type == "cuda" and has_kornia else "cpu"
+    return setting
 
 
 def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir) -> None:
@@ -334,6 +355,8 @@ def _log_data(cfg: Config, data: Prepared, folds: list[int], run: rundir.RunDir)
              "classes" if cfg.task == "classification" else "training identities/classes", shown,
              f" ... ({len(per_class) - 30} more)" if len(per_class) > 30 else "")
     _log_domains(cfg, data)
+    for line in data.cache.lines if data.cache else []:
+        log.info("[DATA] %s", line)
     for message, listed in data.left_out(d):
         if len(listed):
             log.warning("[DATA] %s; listed in %s", message, run / "bad_images.csv")
@@ -456,6 +479,7 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
     state = TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, t, updates, stopper.mode),
                        scaler=torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper=stopper,
                        seed=cfg.project.seed * 1000 + fold * 100_000, ema=_ema(setup.model, t))
+    compile_model(setup.model, t.compile)  # after the EMA copy: a compiled module's deepcopy would call the original
     total, trainable = count_parameters(model)
     log.info("[MODEL] fold=%d %s | pooling=%s | weights=%s | params=%.2fM (trainable %.2fM) | %s | "
              "train=%d valid=%d | batches/epoch=%d", fold, m.name, m.pooling, setup.weights, total / 1e6,
@@ -499,7 +523,8 @@ def _train_fold(cfg: Config, run: rundir.RunDir, data: Prepared, fold: int, devi
                      run.ckpt("best", fold).relative_to(run.path))
 
     opts = LoopOptions(device=device, precision=precision, grad_accum_steps=t.grad_accum_steps,
-                       grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last, log_interval=t.log_interval,
+                       grad_clip_norm=t.grad_clip_norm, channels_last=t.channels_last is True,
+                       log_interval=t.log_interval, batch_transform=_device_augment(cfg, pre, device),
                        progress=show_progress() and info.is_main, label=f"fold {fold}", row_prefix={"fold": fold},
                        dist=info, eval_every=t.eval_every_n_epochs)
     fit(state, task, train_loader, setup.valid_loader, t.epochs, opts, on_epoch_end)
@@ -536,6 +561,15 @@ def _apply_new_lr(state: TrainState, old: float | None, new: float, fold: int) -
                 "%g from epoch %d on", fold, old, new, factor, state.epoch + 1)
 
 
+def _device_augment(cfg: Config, pre: Preprocessor, device: torch.device) -> Any:
+    """augment.device: cuda: the policy on whole uint8 batches on the device (``data.device_augment``)."""
+    if cfg.augment.device != "cuda":
+        return None
+    from vistrain.data.device_augment import DeviceAugment
+
+    return DeviceAugment(cfg.augment, pre).to(device)
+
+
 def _policy_checkpoints(run: rundir.RunDir, fold: int, t: Any, history: list[dict[str, Any]],
                         weights: dict[str, Any]) -> None:
     """``train.save_every_n_epochs``: ``epoch{E}_fold{k}.pth``, kept. ``train.keep_best_k``: the K best evaluated
@@ -567,7 +601,8 @@ def _ema(model: torch.nn.Module, t: Any) -> Any:
 
 def _fold_result(fold: int, state: TrainState, elapsed: float) -> dict[str, Any]:
     best = next(r for r in state.history if r["epoch"] == state.stopper.best_epoch)
-    metrics = {k: v for k, v in best.items() if k not in ("fold", "epoch", "lr", "time_s", "mem_MiB", "fold_time_s")}
+    metrics = {k: v for k, v in best.items() if k not in ("fold", "epoch", "lr", "time_s", "mem_MiB", "fold_time_s",
+                                                          "img_per_s", "data_wait_frac")}
     return {"fold": fold, "best_epoch": state.stopper.best_epoch, "epochs_run": state.epoch,
             "stopped_early": state.stopper.should_stop, "best": metrics, "time_s": round(elapsed, 2)}
 
@@ -617,7 +652,7 @@ def _write_oof(run: rundir.RunDir, data: Prepared) -> dict[str, float]:
 
 
 def _fmt(key: str, v: Any) -> str:
-    if key in ("time_s", "mem_MiB"):
+    if key in ("time_s", "mem_MiB", "img_per_s"):
         return f"{v:.1f}"
     if isinstance(v, float):
         return f"{v:.3e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}"

@@ -1,0 +1,281 @@
+"""The decode-once cache (data.cache): one decode per image for a whole K-fold run and a whole study, disk caches
+that are rebuilt when a file changes and never read when a build was cut short, the same metrics as decoding
+every epoch, and loader workers that read the memory map without holding the data set."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import read_metrics, tiny_config, write_csv_dataset
+from PIL import Image
+
+from vistrain.config.loader import validate
+from vistrain.data import cache as cache_mod
+from vistrain.data import images, preprocess
+from vistrain.data.cache import find_cache, open_caches, stored_size
+from vistrain.data.preprocess import Preprocessor
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def fresh_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the memory caches of earlier tests in this process."""
+    monkeypatch.setattr(cache_mod, "_MEMORY", {})
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_csv_dataset(tmp_path_factory.mktemp("cache") / "data", per_class=10, size=40).root  # 30 images
+
+
+def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every full decode of an image file, whichever path makes it (cache build, dataset, bad-image check)."""
+    seen: list[str] = []
+    real = images.load_rgb
+
+    def counted(path: Any) -> Image.Image:
+        seen.append(str(path))
+        return real(path)
+    for module in (images, preprocess, cache_mod):
+        monkeypatch.setattr(module, "load_rgb", counted)
+    return seen
+
+
+def cfg_of(root: Path, tmp_path: Path, **sections: dict[str, Any]) -> Any:
+    raw = tiny_config(root, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
+    raw["train"]["epochs"] = 1
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return validate(raw)
+
+
+def dataset_paths(root: Path) -> list[str]:
+    return sorted(str(p) for p in (root / "train").glob("*.png"))
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+def test_five_fold_run_decodes_each_image_once(data_root: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from vistrain.pipelines.train import run_train
+
+    seen = count_decodes(monkeypatch)
+    cfg = cfg_of(data_root, tmp_path, data={"folds": 5, "valid_fold": "all", "cache": "memory"},
+                 model={"name": "test_resnet"}, train={"epochs": 2})
+    result = run_train(cfg)
+    assert sorted(seen) == dataset_paths(data_root)  # 30 decodes for 5 folds x 2 epochs x (train + valid)
+    log = (result.run_dir / "train.log").read_text()
+    assert log.count("[DATA] cache memory built: 30 images at 32x32") == 1, log
+
+
+def test_four_trial_study_builds_the_cache_once(data_root: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    seen = count_decodes(monkeypatch)
+    space = {"train.lr": {"type": "categorical", "choices": [1e-3, 2e-3, 3e-3, 4e-3]}}
+    cfg = cfg_of(data_root, tmp_path, model={"name": "test_resnet"},
+                 tune={"epochs": 1, "pruner": "none", "space": space})
+    result = run_tune(cfg, n_trials=4)
+    assert sorted(seen) == dataset_paths(data_root)
+    logs = [p.read_text() for p in sorted((result.tune_dir / "trials").glob("*/*/train.log"))]
+    assert len(logs) == 4
+    assert sum("[DATA] cache memory built: 30 images" in t for t in logs) == 1
+    assert sum("[DATA] cache memory reused: 30 images at 32x32" in t for t in logs) == 3
+
+
+def test_same_seed_same_metrics_with_and_without_the_cache(data_root: Path, tmp_path: Path) -> None:
+    from vistrain.pipelines.train import run_train
+
+    rows = {}
+    for mode in ("off", "memory", "disk"):
+        cfg = cfg_of(data_root, tmp_path / mode, data={"cache": mode}, augment={"policy": "light"},
+                     train={"epochs": 2})
+        run_dir = run_train(cfg).run_dir
+        rows[mode] = read_metrics(run_dir)
+        resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert resolved["augment"]["device"] == "cpu" and resolved["train"]["channels_last"] is False  # auto on CPU
+        assert all(r["img_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 for r in rows[mode]), rows[mode]
+    keys = ["train_loss", "valid_loss", "accuracy", "macro_f1"]
+    for mode in ("memory", "disk"):
+        for a, b in zip(rows["off"], rows[mode]):
+            assert [b[k] for k in keys] == pytest.approx([a[k] for k in keys], rel=1e-5, abs=1e-6), mode
+
+
+def test_unreadable_files_found_while_caching_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vistrain.pipelines.train import run_train
+
+    root = write_csv_dataset(tmp_path / "data", per_class=6, size=40).root
+    (root / "train" / "img_0_000.png").write_bytes(b"not a png")
+    seen = count_decodes(monkeypatch)
+    result = run_train(cfg_of(root, tmp_path, data={"cache": "disk"}))
+    bad = (result.run_dir / "bad_images.csv").read_text()
+    assert "img_0_000" in bad and "UnidentifiedImageError" in bad
+    assert len(seen) == 18  # the cache build was the bad-image check: no second pass
+
+
+# ------------------------------------------------------------------------------------------ disk caches
+
+@pytest.fixture
+def small_set(tmp_path: Path) -> list[str]:
+    return dataset_paths(write_csv_dataset(tmp_path / "d", per_class=3, size=40).root)
+
+
+def build(paths: list[str], root: Path, size: int = 32, train: int | None = None) -> Any:
+    pre = Preprocessor(size=(size, size))
+    return open_caches(paths, pre, (train or size, train or size), "disk", root)
+
+
+def test_disk_cache_is_reused_and_rebuilt_when_a_file_changes(small_set: list[str], tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    first = build(small_set, root)
+    assert first.lines[0].startswith("cache disk built: 9 images")
+    assert build(small_set, root).lines[0].startswith("cache disk reused: 9 images at 32x32")
+    st = os.stat(small_set[4])
+    os.utime(small_set[4], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    again = build(small_set, root)
+    assert again.lines[0].startswith("cache disk built: 9 images"), again.lines
+    assert sorted(p.suffix for p in root.iterdir()) == [".json", ".u8"]  # the stale one is gone
+    expected = Preprocessor(size=(32, 32)).load(small_set[4])
+    assert np.array_equal(again.train.decode(small_set[4]), expected)
+
+
+def test_a_killed_build_leaves_nothing_a_later_run_reads(small_set: list[str], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "cache"
+    real = cache_mod._decode_one
+    calls = []
+
+    def dies(path: str) -> Any:
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # Ctrl-C half way through
+        return real(path)
+    monkeypatch.setattr(cache_mod, "_decode_one", dies)
+    with pytest.raises(KeyboardInterrupt):
+        build(small_set, root)
+    assert not list(root.glob("*.json"))  # no index: nothing to read
+    monkeypatch.setattr(cache_mod, "_decode_one", real)
+    # a SIGKILL leaves its temporary file behind (a pid that no longer runs): ignored, then cleaned up
+    key_file = root / ".deadbeef.999999999.tmp"
+    key_file.write_bytes(b"\0" * 100)
+    cache = build(small_set, root)
+    assert cache.lines[0].startswith("cache disk built")
+    assert np.array_equal(cache.train.decode(small_set[0]), Preprocessor(size=(32, 32)).load(small_set[0]))
+
+
+def test_a_truncated_data_file_is_rebuilt_not_read(small_set: list[str], tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "cache"
+    cache = build(small_set, root)
+    data = cache.train.data_path
+    data.write_bytes(data.read_bytes()[:1000])
+    again = build(small_set, root)
+    assert again.lines[0].startswith("cache disk built"), again.lines
+    assert data.stat().st_size == 9 * 32 * 32 * 3
+
+
+def test_parallel_build_equals_the_serial_one(small_set: list[str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    broken = Path(small_set[0]).parent / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    paths = [*small_set, str(broken)]
+    pre = Preprocessor(size=(32, 32), clahe=True)
+    serial = open_caches(paths, pre, (37, 37), "memory", tmp_path)
+    monkeypatch.setattr(cache_mod, "_MEMORY", {})
+    monkeypatch.setattr(cache_mod, "PARALLEL_FROM", 0)
+    parallel = open_caches(paths, pre, (37, 37), "disk", tmp_path / "c", processes=2)
+    assert "2 process(es)" in parallel.lines[0]
+    assert serial.errors.keys() == parallel.errors.keys() == {str(broken)}
+    for p in small_set:
+        assert np.array_equal(serial.train.decode(p), parallel.train.decode(p))
+        assert np.array_equal(serial.valid.decode(p), parallel.valid.decode(p))
+    assert serial.train.decode(small_set[0]).shape == (37, 37, 3)
+    assert serial.valid.decode(small_set[0]).shape == (32, 32, 3)
+
+
+def test_stored_size_has_a_margin_only_for_a_random_crop() -> None:
+    assert stored_size((224, 224), random_crop=True, scale=1.15) == (258, 258)
+    assert stored_size((256, 128), random_crop=True, scale=1.15) == (294, 147)
+    assert stored_size((224, 224), random_crop=False, scale=1.15) == (224, 224)
+
+
+def test_evaluate_and_predict_find_the_training_cache(small_set: list[str], tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    build(small_set, root, size=32, train=37)
+    pre = Preprocessor(size=(32, 32))
+    found = find_cache(small_set[2:5], pre, root)
+    assert found is not None and found.size == (32, 32)
+    assert find_cache(small_set[2:5], Preprocessor(size=(32, 32), crop="center_square"), root) is None
+    os.utime(small_set[3], ns=(1, 1))
+    assert find_cache(small_set[2:5], pre, root) is None  # a changed file is decoded, not read stale
+
+
+# ------------------------------------------------------------------------------------------ worker memory
+
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _RssProbe(torch.utils.data.Dataset):
+    """Reads every cached image in a loader worker; returns the worker's private resident memory (KiB)."""
+
+    def __init__(self, decode: Any, paths: list[str]):
+        self.decode, self.paths = decode, paths
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, _: int) -> torch.Tensor:
+        before = peak = _rss_anon_kib()
+        for _ in range(3):
+            for p in self.paths:
+                pixels = self.decode(p)
+                peak = max(peak, _rss_anon_kib())
+                del pixels
+        return torch.tensor([before, peak])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc")
+def test_a_loader_worker_does_not_hold_the_disk_cache(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(300):  # 300 rows of 256x256x3: a 56 MiB cache file, read three times by the worker
+        paths.append(str(folder / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    pre = Preprocessor(size=(256, 256))
+    cache = open_caches(paths, pre, (256, 256), "disk", tmp_path / "cache", processes=1)
+    assert cache.train.nbytes > 50 * 2**20
+    loader = torch.utils.data.DataLoader(_RssProbe(cache.train.decode, paths), num_workers=1, batch_size=None)
+    before, peak = next(iter(loader)).tolist()
+    assert (peak - before) * 1024 < 8 * 2**20, f"worker private memory grew {peak - before} KiB"
+    assert len(pickle.dumps(cache.train)) < 2**20  # what a spawned worker receives: the file's name, not pixels
+    meta = json.loads(next((tmp_path / "cache").glob("*.json")).read_text())
+    assert meta["size"] == [256, 256]
+
+
+def test_no_files_build_no_disk_cache(tmp_path: Path) -> None:
+    cache = open_caches([], Preprocessor(size=(32, 32)), (32, 32), "disk", tmp_path / "cache")
+    assert cache.errors == {} and cache.train.rows == {} and not (tmp_path / "cache").exists()
