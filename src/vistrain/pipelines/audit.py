@@ -29,7 +29,7 @@ from vistrain.audit.page import write_page
 from vistrain.audit.scan import HASH_BITS, scan_images
 from vistrain.config.loader import load_config
 from vistrain.config.schema import Config
-from vistrain.data.transforms import size_hw
+from vistrain.data.preprocess import size_hw
 from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun, load_run
 from vistrain.errors import UserError
