@@ -10,7 +10,8 @@ from PIL import Image
 
 from vistrain.config import load_config
 from vistrain.config.schema import AugmentCfg
-from vistrain.data.transforms import train_transform
+from vistrain.data.preprocess import Preprocessor
+from vistrain.data.transforms import TrainTransform
 from vistrain.errors import ConfigError
 
 RED = (200, 30, 30)
@@ -18,10 +19,10 @@ RED = (200, 30, 30)
 
 def _centre_pixels(aug: AugmentCfg, draws: int = 24) -> np.ndarray:
     """The centre pixel (0..255 RGB) of a plain red picture after ``draws`` train-time draws."""
-    img = Image.new("RGB", (40, 40), RED)
-    tf = train_transform(aug, 32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    pixels = np.asarray(Image.new("RGB", (32, 32), RED))  # already preprocessed: uint8 [32, 32, 3]
+    tf = TrainTransform(aug, Preprocessor(size=(32, 32), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)))
     torch.manual_seed(0)
-    return np.array([(tf(img)[:, 16, 16] * 255).numpy() for _ in range(draws)])
+    return np.array([(tf(pixels)[:, 16, 16] * 255).numpy() for _ in range(draws)])
 
 
 def test_hue_shifts_the_colour_and_zero_leaves_it() -> None:

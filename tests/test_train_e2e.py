@@ -111,9 +111,11 @@ def test_config_yaml_reloads_to_the_same_settings(runs):
     assert saved.train.amp == "fp32" and used.train.amp == "auto"
     assert saved.train.num_workers == used.train.num_workers == 0
     assert saved.train.num_threads == 1 and used.train.num_threads == "auto"  # auto honours cli_env's OMP_NUM_THREADS
+    assert saved.train.channels_last is False and used.train.channels_last == "auto"  # NHWC only on CUDA
+    assert saved.augment.device == "cpu" and used.augment.device == "auto"
     saved_dict, used_dict = config_to_dict(saved), config_to_dict(used)
-    for key in ("amp", "num_threads"):
-        saved_dict["train"].pop(key), used_dict["train"].pop(key)
+    for section, key in (("train", "amp"), ("train", "num_threads"), ("train", "channels_last"), ("augment", "device")):
+        saved_dict[section].pop(key), used_dict[section].pop(key)
     assert saved_dict == used_dict
     assert saved.data.train_csv == runs.data.train_csv.resolve()
     assert saved.data.valid_fold == "all" and saved.train.epochs == 2

@@ -275,7 +275,7 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
 
 def _log_config(cfg: Config) -> None:
     """One [CFG] line per section with the keys this run reads (config.yaml keeps them all)."""
-    unread = set(cfg.keys_not_read())
+    unread = set(cfg.keys_not_read()) | {"audit"}  # audit: read by `vistrain audit`, never by training
     for section, values in config_to_dict(cfg).items():
         if section in unread:
             continue

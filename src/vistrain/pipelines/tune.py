@@ -507,11 +507,11 @@ def _optimize(ctx: _Context, study: optuna.Study, n_trials: int, timeout: float 
     # Only the process that opens an empty study seeds it with the initial trials.
     first = _initial_trials(ctx.cfg, ctx.params, n_trials) if not study.get_trials(deepcopy=False) else []
     design = _InitialDesign(first, n_trials, timeout)
-    design.enqueue_next(study)
     try:
         if ctx.shared:
             _optimize_shared(ctx, study, design, timeout)
         else:
+            design.enqueue_next(study)
             study.optimize(_objective(ctx), n_trials=n_trials, timeout=timeout, catch=(TrialFailed, _Surplus),
                            callbacks=[_after_trial, design], gc_after_trial=True)
     except BaseException:
@@ -547,7 +547,11 @@ def _optimize_shared(ctx: _Context, study: optuna.Study, design: _InitialDesign,
             time.sleep(min(2.0, ctx.cfg.tune.heartbeat_s / 2))
             continue
         waiting = False
-        study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus), callbacks=[_after_trial, design],
+        # The next initial trial is queued only now, right before this worker runs a trial (which takes it unless
+        # another worker does first): queued after a trial, it could be left waiting in a study already complete.
+        if not any(t.state == TrialState.WAITING for t in trials):
+            design.enqueue_next(study)
+        study.optimize(objective, n_trials=1, catch=(TrialFailed, _Surplus), callbacks=[_after_trial],
                        gc_after_trial=True)
     log.info("[TUNE] tune.timeout reached")
 
