@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import io
 import os
-import struct
-import zlib
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_bomb(width: int = 30000, height: int = 30000) -> bytes:
-    """A valid 1-bit PNG of width x height, all zeros: ~100 KB on disk, 900 M pixels once decoded."""
-    row = b"\0" * (1 + (width + 7) // 8)  # filter byte + packed bits
-    packer, parts = zlib.compressobj(9), []
-    for _ in range(height // 1000):
-        parts.append(packer.compress(row * 1000))
-    parts.append(packer.compress(row * (height % 1000)) + packer.flush())
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", b"".join(parts)) + \
-        _png_chunk(b"IEND", b"")
-
-
-def jpeg_claiming(width: int, height: int) -> bytes:
-    """A small JPEG whose frame header claims width x height (the scan data is that of a 16 x 16 image)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG")
-    data = bytearray(buf.getvalue())
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5: sof + 9] = struct.pack(">HH", height, width)
-    return bytes(data)
+# One generator of these files for the tests and the load test
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_load import lying_jpeg as jpeg_claiming  # noqa: E402
+from serve_load import png_bomb  # noqa: E402
 
 
 def _image(rng: np.random.Generator, h: int = 48, w: int = 40) -> Image.Image:
