@@ -43,7 +43,8 @@ import yaml
 from PIL import Image
 
 PHASES = ("startup", "mid-epoch", "checkpoint", "metrics-row", "end-of-run")
-TIMING_KEYS = {"time_s", "mem_MiB", "fold_time_s", "total_s", "per_fold_s", "timings", "environment"}
+TIMING_KEYS = {"time_s", "mem_MiB", "fold_time_s", "total_s", "per_fold_s", "timings", "environment", "img_per_s",
+               "data_wait_frac"}
 EPOCHS, FOLDS = 3, 2
 
 

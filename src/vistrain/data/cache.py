@@ -122,11 +122,15 @@ def _pixel_spec(pre: Preprocessor, size: tuple[int, int]) -> dict[str, Any]:
 
 
 def _file_list(paths: Sequence[str]) -> list[list[Any]]:
-    """[path, bytes, mtime_ns] of each file: a changed file changes the key."""
+    """[path, bytes, mtime_ns] of each file: a changed file changes the key. A file that cannot be stat'ed (gone, a
+    link loop, no permission) keys as [path, -1, -1]; its decode then fails and lists it as unreadable."""
     out = []
     for p in paths:
-        st = os.stat(p)
-        out.append([str(p), st.st_size, st.st_mtime_ns])
+        try:
+            st = os.stat(p)
+            out.append([str(p), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(p), -1, -1])
     return out
 
 
