@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_checkpoint_policy import ConstantTask
 from torch import nn
 
 from vistrain.config.loader import validate
@@ -29,13 +30,12 @@ class Scheduler:
     def step(self, epoch: int, metric: Any = None) -> None: ...
 
 
-class Task:
-    """Cross-entropy of a linear model; ``nan_at`` (1-based step) makes that step's loss NaN."""
+class Task(ConstantTask):
+    """Cross-entropy of a linear model (validation as ``ConstantTask``); ``nan_at`` (1-based step) makes that step's
+    loss NaN."""
 
     def __init__(self, nan_at: int | None = None):
         self.nan_at, self.step = nan_at, 0
-
-    def on_epoch_start(self, model: nn.Module, epoch: int) -> None: ...
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -44,15 +44,6 @@ class Task:
         if self.step == self.nan_at:
             loss = loss * float("nan")
         return loss, {"loss_ce": loss.detach()}
-
-    def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return model(images)
-
-    def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
-        return None
-
-    def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return {"macro_f1": 0.5}
 
 
 class Batches:
