@@ -177,15 +177,14 @@ def sweep(args: argparse.Namespace, data: Path, exp: Path) -> dict[str, Any]:
             figures = measure_run(args, raw)
             chosen = yaml.safe_load((Path(figures["run_dir"]) / "config.yaml").read_text())["train"]
             log = (Path(figures["run_dir"]) / "train.log").read_text()
-            why = {k: (re.search(rf"\[CFG\] train\.{k}=\d+ \((.*)\)", log) or [None, ""])[1]
-                   for k in ("num_workers", "num_threads")}
-            runs.setdefault(f"{workers}x{threads}", []).append(
+            why = {k: _logged_reason(log, k) for k in ("num_workers", "num_threads")}
+            runs.setdefault("auto" if workers == "auto" else f"{workers}x{threads}", []).append(
                 {**figures, "workers": chosen["num_workers"], "threads": chosen["num_threads"], "why": why})
     best_of = {name: min(rs, key=lambda r: r["train_s"]) for name, rs in runs.items()}
     rows = [{"split": name, **r, "train_s_each": [x["train_s"] for x in runs[name]]} for name, r in best_of.items()]
-    grid = [r for r in rows if r["split"] != "autoxauto"]
+    grid = [r for r in rows if r["split"] != "auto"]
     best = min(grid, key=lambda r: r["train_s"])
-    auto = best_of["autoxauto"]
+    auto = best_of["auto"]
     same = next((r for r in grid if (r["workers"], r["threads"]) == (auto["workers"], auto["threads"])), None)
     gap = auto["train_s"] / best["train_s"] - 1
     return {"rows": rows, "best": best["split"], "auto": {
@@ -194,13 +193,17 @@ def sweep(args: argparse.Namespace, data: Path, exp: Path) -> dict[str, Any]:
         "grid_run_of_that_split_gap": None if same is None else round(same["train_s"] / best["train_s"] - 1, 4)}}
 
 
+def _logged_reason(log: str, key: str) -> str:
+    """The reason train.log gives for ``train.<key>`` (``[CFG] train.num_workers=0 (why)``)."""
+    found = re.search(rf"\[CFG\] train\.{key}=\d+ \((.*)\)", log)
+    return found[1] if found else ""
+
+
 def print_sweep(result: dict[str, Any], load: tuple[float, float]) -> None:
     print(f"\n{'workers x threads':<18} {'fold s':>8} {'img/s':>8} {'wait':>6}  each run (fold s)")
     best = next(r for r in result["rows"] if r["split"] == result["best"])
     for r in result["rows"]:
-        name = "auto" if r["split"] == "autoxauto" else r["split"]
-        if name == "auto":
-            name = f"auto ({r['workers']}x{r['threads']})"
+        name = f"auto ({r['workers']}x{r['threads']})" if r["split"] == "auto" else r["split"]
         mark = "  <- best" if r is best else ""
         print(f"{name:<18} {r['train_s']:>8.1f} {r['img_per_s']:>8.1f} {r['data_wait_frac']:>6.2f}  "
               f"{', '.join(f'{x:.1f}' for x in r['train_s_each'])}{mark}")
@@ -263,7 +266,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None,
                     help="per run; the last epoch's img_per_s is reported; default 2 (--sweep: 3)")
     ap.add_argument("--policy", default="light", help="augment.policy of every run")
-    ap.add_argument("--variants", default="off,cache", help=f"comma list of {', '.join(VARIANTS)}")
+    ap.add_argument("--variants", default="off,cache",
+                    help=f"comma list of {', '.join(VARIANTS)}; empty: the ceiling alone")
     ap.add_argument("--compile", choices=("no", "yes", "both"), default="no")
     ap.add_argument("--workers", default="auto", help="train.num_workers")
     ap.add_argument("--threads", default=None, help="train.num_threads (default: usable cores - workers, >= 1)")

@@ -74,7 +74,7 @@ def test_unknown_steps_are_named_with_the_valid_ones(tmp_path):
 def test_cpu_mode_runs_every_step_and_writes_the_json(tmp_path):
     """The whole script at toy sizes, as the suite can run it: proves each step's command line is right."""
     out = tmp_path / "gpu_check.json"
-    env = {k: v for k, v in cli_env().items() if k != "OUT"}
+    env = {**{k: v for k, v in cli_env().items() if k != "OUT"}, "PYTHON": sys.executable}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--out", str(out)],
                          env=env, capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())

@@ -3,6 +3,7 @@ compute threads and the DataLoader workers do not fight over the same cores."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -239,3 +240,27 @@ def test_train_with_the_defaults_computes_on_every_free_core(tmp_path):
     assert int(found[1]) == max(cores - int(found[2] or 0), 1)
     recorded = yaml.safe_load((run / "config.yaml").read_text())["train"]
     assert (recorded["num_workers"], recorded["num_threads"]) == (0, int(found[1]))
+
+
+@pytest.mark.slow
+def test_throughput_sweep_times_each_split_and_the_automatic_one(tmp_path):
+    """``benchmarks/throughput.py --sweep`` at toy sizes: a row per split, the automatic choice with its reason and
+    its gap to the best split, in the JSON and the printed table."""
+    out = tmp_path / "sweep.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    res = subprocess.run([sys.executable, str(script), "--sweep", "--images", "24", "--image-size", "64x48",
+                          "--img-size", "32", "--epochs", "1", "--batch", "8", "--sweep-workers", "0,1",
+                          "--sweep-threads", "1", "--out", str(out)], cwd=tmp_path, env=cli_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, describe(res)
+    report = json.loads(out.read_text())
+    assert [r["split"] for r in report["rows"]] == ["0x1", "1x1", "auto"]
+    assert all(r["train_s"] > 0 for r in report["rows"])
+    auto = report["auto"]
+    assert auto["threads"] == 1  # cli_env sets OMP_NUM_THREADS=1, which auto takes
+    assert auto["workers"] == (0 if len(os.sched_getaffinity(0)) < 8 else 1)
+    best = min(r["train_s"] for r in report["rows"] if r["split"] != "auto")
+    assert auto["gap_to_best"] == pytest.approx(auto["train_s"] / best - 1, abs=1e-3)
+    assert "the cache holds decoded pixels" in auto["why"]["num_workers"]
+    assert "automatic settings chose" in res.stdout and "gap to the best split" in res.stdout
+    assert len(report["load_avg_1m_before_after"]) == 2
