@@ -2,7 +2,7 @@
 
     python benchmarks/bench_reid_eval.py [--queries 3368] [--gallery 15913] [--dim 2048] [--ids 750]
                                          [--cameras 6] [--distractors 2798] [--repeats 3] [--ref-queries 400]
-                                         [--device cuda|cpu|none]
+                                         [--device cuda|cpu|none] [--json PATH]
 
 Generates a random problem with a fixed seed: each identity has a random centre on the unit sphere and its images are
 the centre plus noise (so mAP is neither 0 nor 1); ``--distractors`` gallery items get person id 0 and pure-noise
@@ -20,15 +20,18 @@ features; features are L2-normalised, as with ``feat_norm``. Then times, in one 
                   ``--ref-queries`` queries and extrapolated linearly to all of them (0 skips it; -1 runs all).
 
 Prints wall and CPU seconds, metrics and the ratios, with the CPU count and load average (wall times on a shared,
-busy machine mean little; CPU seconds and the ratio measured in one run say more).
+busy machine mean little; CPU seconds and the ratio measured in one run say more); ``--json PATH`` also writes the
+figures there (what ``benchmarks/gpu_check.sh`` collects).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,7 +123,18 @@ def main() -> None:
     ap.add_argument("--ref-queries", type=int, default=400, help="queries for the reference (0: skip, -1: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="device of the torch path (cuda, cuda:1, cpu; none: skip it); default cuda when available")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = ap.parse_args()
+    report: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    try:
+        run(args, report)
+    finally:
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def run(args: argparse.Namespace, report: dict) -> None:
+    """The measurements, printed and added to ``report`` as they come (a failure later keeps the earlier ones)."""
 
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -129,6 +143,7 @@ def main() -> None:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"cpus available: {cpus}  torch threads: {torch.get_num_threads()}  "
           f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    report["machine"] = {"cpus": cpus, "torch_threads": torch.get_num_threads(), "load_avg": list(load)}
     t0 = time.perf_counter()
     q, g, qp, gp, qc, gc = make_problem(args.queries, args.gallery, args.dim, args.ids, args.cameras,
                                         args.distractors)
@@ -146,6 +161,8 @@ def main() -> None:
           f"{statistics.median(cpu_times):.2f} CPU-seconds over all threads (on an idle machine wall time is about "
           f"this divided by the {cpus} cores)")
     print("  " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in res.items()))
+    report["numpy_path"] = {"wall_s": ours, "wall_s_each": times, "cpu_s": statistics.median(cpu_times),
+                            "metrics": res}
 
     if args.device != "none":
         dev = torch.device(args.device)
@@ -160,11 +177,14 @@ def main() -> None:
               f"{', '.join(f'{x:.3f}' for x in times_t)}); {ours / mine:.2f}x the numpy CPU path's speed")
         diff = max(abs(res_t[k] - res[k]) for k in res)
         print(f"  largest difference from the numpy path over all metrics: {diff:.2e}")
+        report["torch_path"] = {"device": str(dev), "name": name, "wall_s": mine, "wall_s_each": times_t,
+                                "speedup_vs_numpy_path": ours / mine, "max_metric_diff_vs_numpy_path": diff}
         if dev.type == "cuda":
             peak = torch.cuda.max_memory_allocated(dev) / 2**20
             times_h, _ = time_torch_path(q, g, ids, dev, args.budget_mb, args.repeats)
             print(f"  from numpy features (host-to-device copy included): {statistics.median(times_h):.3f} s; "
                   f"peak GPU memory {peak:.0f} MiB (features {(qt.numel() + gt.numel()) * 4 / 2**20:.0f} MiB)")
+            report["torch_path"].update(wall_s_from_numpy=statistics.median(times_h), peak_gpu_MiB=peak)
 
     n_ref = len(q) if args.ref_queries < 0 else min(args.ref_queries, len(q))
     if n_ref == 0:
@@ -185,6 +205,10 @@ def main() -> None:
           f"speed-up {ref_time / ours:.1f}x (wall), {ref_cpu / statistics.median(cpu_times):.1f}x (CPU)")
     ref_rank_cpu = ref_cpu - ref_dist_cpu * len(q) / n_ref
     print(f"reference ranking alone (argsort + loop, without the distance matrix): {ref_rank_cpu:.1f} CPU-seconds")
+    report["reference"] = {"queries": n_ref, "mAP": ref_map, "rank1": ref_r1, "vistrain_mAP_same_distmat": mine.mAP,
+                           "vistrain_rank1_same_distmat": mine.rank(1), "wall_s_all_queries": ref_time,
+                           "cpu_s_all_queries": ref_cpu, "speedup_wall": ref_time / ours,
+                           "speedup_cpu": ref_cpu / statistics.median(cpu_times)}
 
 
 if __name__ == "__main__":

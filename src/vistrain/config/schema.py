@@ -202,7 +202,7 @@ class TrainCfg(Section):
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
     backbone_lr_mult: Annotated[float, Field(gt=0)] = 1.0  # backbone lr = train.lr * this
     log_interval: Annotated[int, Field(ge=0)] = 50  # steps between progress lines in train.log; 0: none
-    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # DataLoader workers
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"  # DataLoader workers; auto: by device and cache
     # CPU compute threads (torch, OpenMP/BLAS, OpenCV, onnxruntime); auto: $OMP_NUM_THREADS when set, else the
     # usable cores left after the DataLoader workers (at least 1): more threads than free cores only make them wait
     num_threads: PositiveInt | Literal["auto"] = "auto"

@@ -43,13 +43,15 @@ def run_doctor(cfg: Config | None, auto_batch: bool = False) -> dict[str, Any]:
     device = _device(cfg, warnings)
     t = cfg.train if cfg is not None else None
     precision = dev.pick_precision(t.amp if t else "auto", device)
-    workers = dev.auto_workers(t.num_workers if t else "auto", device)
+    cached = cfg is None or cfg.data.cache != "off"  # the default data.cache (auto) always caches
+    workers = dev.auto_workers(t.num_workers if t else "auto", device, cached)
     threads, threads_why = dev.resolve_num_threads(t.num_threads if t else "auto", workers)
     info.update(
         device=str(device),
         precision=precision.name,
         tf32=_tf32(device),
         num_workers=workers,
+        num_workers_why=dev.workers_reason(t.num_workers if t else "auto", device, cached),
         num_threads=threads,
         num_threads_why=threads_why,
         cpu_count=os.cpu_count(),
@@ -57,6 +59,9 @@ def run_doctor(cfg: Config | None, auto_batch: bool = False) -> dict[str, Any]:
         shm_bytes=_shm_bytes(),
     )
     _check(info, warnings)
+    crowded = dev.oversubscription(threads, workers)
+    if crowded:
+        warnings.append(crowded)
     if auto_batch and cfg is not None:
         info["auto_batch"] = _auto_batch(cfg, device, precision)
     info["warnings"] = warnings
@@ -183,7 +188,7 @@ def format_table(info: dict[str, Any]) -> str:
     shm = info["shm_bytes"]
     rows += [
         ("device", info["device"]), ("precision", info["precision"]), ("TF32", "on" if info["tf32"] else "off"),
-        ("num_workers", str(info["num_workers"])),
+        ("num_workers", f"{info['num_workers']} ({info['num_workers_why']})"),
         ("num_threads", f"{info['num_threads']} ({info['num_threads_why']})"),
         ("CPUs", f"{info['cpus_usable']} usable of {info['cpu_count']}"),
         ("/dev/shm", "n/a" if shm is None else f"{shm / GIB:.1f} GiB"),

@@ -239,7 +239,8 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
                ) -> dict[str, Any]:
     device = dev.pick_device(cfg.train.device, info.local_rank)
     # every rank, before anything computes; _resolve_auto records the same count in config.yaml
-    dev.apply_num_threads(cfg.train.num_threads, dev.auto_workers(cfg.train.num_workers, device))
+    cached = data.cache is not None
+    dev.apply_num_threads(cfg.train.num_threads, dev.auto_workers(cfg.train.num_workers, device, cached))
     precision = dev.pick_precision(cfg.train.amp, device)
     dev.configure_backends(device)
     log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | processes=%d | run=%s%s",
@@ -248,7 +249,7 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
     mode = mode_info(cfg)
     if mode is not None:
         log.info("[CFG] %s", mode.line())
-    cfg = distributed.from_main(info, lambda: _resolve_auto(cfg, device, precision, len(data.classes)))
+    cfg = distributed.from_main(info, lambda: _resolve_auto(cfg, device, precision, len(data.classes), cached))
     _log_config(cfg)
     if info.is_main:
         _write_run_files(cfg, run, data, config_path)
@@ -290,19 +291,26 @@ def _log_config(cfg: Config) -> None:
         log.info("[CFG] validation every %d epochs; %s", t.eval_every_n_epochs, patience)
 
 
-def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int) -> Config:
+def _resolve_auto(cfg: Config, device: torch.device, precision: dev.Precision, n_classes: int,
+                  cached: bool) -> Config:
     """Replace ``auto`` settings with what was chosen for this machine, so config.yaml records the values
-    the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere."""
+    the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere.
+    ``cached``: the data comes from the decode-once cache (the loader's work is then augmentation alone)."""
     t = cfg.train
-    update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device)}
+    update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device, cached)}
     if cfg.augment.device != "cpu":
         cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(
             update={"device": _augment_device(cfg.augment.device, device)})})
     if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
         update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
+    workers_why = dev.workers_reason(t.num_workers, device, cached)
+    log.info("[CFG] train.num_workers=%d (%s)", update["num_workers"], workers_why)
     update["num_threads"], why = dev.resolve_num_threads(t.num_threads, update["num_workers"])
     log.info("[CFG] train.num_threads=%d (%s)", update["num_threads"], why)
+    crowded = dev.oversubscription(update["num_threads"], update["num_workers"]) if device.type == "cpu" else None
+    if crowded:
+        log.warning("[CFG] %s", crowded)
     if t.batch_size == "auto":
         from vistrain.engine.autobatch import resolve_batch_size
 
