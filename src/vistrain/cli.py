@@ -451,9 +451,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=_positive_float, metavar="MB",
                    help="a larger request body is refused (413) before it is read (serve.max_request_mb: 64)")
     p.add_argument("--max-concurrency", type=_positive_int, metavar="N",
-                   help="predictions in flight; more requests get 503 + Retry-After (serve.max_concurrency: 4)")
+                   help="POST /predict requests in flight, upload to answer; one more gets 503 + Retry-After "
+                        "(serve.max_concurrency: 4)")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
-                   help="a prediction taking longer is answered 504 (serve.timeout_s: 30)")
+                   help="a prediction taking longer is answered 504; on SIGTERM the requests in flight get this "
+                        "long to be answered (serve.timeout_s: 30)")
     p.add_argument("--api-key-env", metavar="NAME", help="require Authorization: Bearer <key> on every route but "
                    "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
