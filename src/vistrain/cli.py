@@ -1,6 +1,7 @@
 """Command line: parse flags, build the config, call one pipeline, map errors to exit codes.
 
-Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 anything else.
+Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 a failed check (export's budget or
+--verify: one line) or anything else.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import vistrain
-from vistrain.errors import UserError, describe, exit_code
+from vistrain.errors import CheckFailed, UserError, describe, exit_code
 
 
 def _folds(text: str) -> list[int]:
@@ -538,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(err)
         if args.debug and not isinstance(err, KeyboardInterrupt):
             traceback.print_exc()
-        hint = "" if code != 1 or args.debug else " (run with --debug for the traceback)"
+        bug = code == 1 and not isinstance(err, CheckFailed)
+        hint = " (run with --debug for the traceback)" if bug and not args.debug else ""
         print(f"error: {describe(err)}{hint}", file=sys.stderr, flush=True)
     # The commands whose log files end with the [EXIT] line say it on the console too (rank 0 only).
     if args.command_label in ("TRAINING", "TUNING", "SERVING") and not _worker_rank():
