@@ -6,7 +6,8 @@
 Each request uploads one file drawn by the mix (valid, invalid, oversized): valid images come from --valid (default:
 generated PNG / JPEG photos-like images), invalid ones are hostile files (text named .jpg, a truncated JPEG, a JPEG
 whose header claims 7000x9000, a 30000x30000 PNG decompression bomb, a 16-bit 5000x5000 PNG over the default decode
-budget), oversized ones are a few MB over ``--max-mb``. A 503 (max_concurrency) is retried after its Retry-After.
+budget), oversized ones are a few MB over ``--max-mb``. A 503 (max_concurrency) is retried after its Retry-After;
+a 503 without one (not vistrain's limiter: a server in front, or the HTTP server's own limit) is counted apart.
 Reports p50 / p95 / p99 latency per kind, throughput, status counts, the server's peak
 resident memory (sampled from /proc every 20 ms) and whether it still answers /health afterwards; --json writes every
 figure with the machine and the command line. Exit status 1 when any answer is a 5xx or the server died.
@@ -161,7 +162,7 @@ def run_load(server: Server, uploads: dict[str, list[tuple[str, bytes]]], mix: t
         with httpx.Client(base_url=server.url, timeout=timeout, headers=headers) as http:
             for kind, pick in jobs:
                 name, body = uploads[kind][pick % len(uploads[kind])]
-                start, busy = time.perf_counter(), 0
+                start, busy, bare = time.perf_counter(), 0, 0
                 while True:
                     try:
                         res = http.post("/predict", files=[("files", (name, body, "application/octet-stream"))])
@@ -170,13 +171,14 @@ def run_load(server: Server, uploads: dict[str, list[tuple[str, bytes]]], mix: t
                     except httpx.HTTPError as err:
                         status, payload = 0, f"{type(err).__name__}: {err}"
                         break
+                    bare += status == 503 and "retry-after" not in res.headers
                     if status != 503 or busy == retries:
                         break
                     busy += 1
                     time.sleep(float(res.headers.get("retry-after", "1")))
                 with lock:
                     answers.append({"kind": kind, "file": name, "status": status, "ms": (time.perf_counter() - start)
-                                    * 1000, "answer": payload, "busy_retries": busy})
+                                    * 1000, "answer": payload, "busy_retries": busy, "busy_without_retry_after": bare})
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -196,7 +198,8 @@ def summarise(load: dict[str, Any], server: Server) -> dict[str, Any]:
         ms = [a["ms"] for a in answers if kind in ("all", a["kind"])]
         if ms:
             out["latency_ms"][kind] = {f"p{q}": round(float(np.percentile(ms, q)), 1) for q in (50, 95, 99)}
-    out["busy_retries"] = sum(a["busy_retries"] for a in answers)  # 503 + Retry-After, then retried
+    out["busy_retries"] = sum(a["busy_retries"] for a in answers)  # 503, then retried
+    out["busy_without_retry_after"] = sum(a["busy_without_retry_after"] for a in answers)
     out["server_errors"] = sum(a["status"] >= 500 or a["status"] == 0 for a in answers)
     return out
 
@@ -234,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                 "command": " ".join(sys.argv), "clients": args.clients, "requests_per_client": args.requests,
                 "mix": mix}
     print(f"{figures['requests']} requests in {figures['wall_s']} s ({figures['throughput_rps']} req/s), "
-          f"status {figures['status']} ({figures['busy_retries']} retries after 503), server peak RSS "
+          f"status {figures['status']} ({figures['busy_retries']} retries after 503, "
+          f"{figures['busy_without_retry_after']} 503 without Retry-After), server peak RSS "
           f"{figures['peak_rss_mb']} MB, alive after: {alive}")
     for kind, q in figures["latency_ms"].items():
         print(f"  {kind:10s} p50 {q['p50']:8.1f} ms   p95 {q['p95']:8.1f} ms   p99 {q['p99']:8.1f} ms")

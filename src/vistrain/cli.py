@@ -1,6 +1,7 @@
 """Command line: parse flags, build the config, call one pipeline, map errors to exit codes.
 
-Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 anything else.
+Exit codes: 0 success, 2 user error (one line, no traceback unless --debug), 1 a failed check (export's budget or
+--verify: one line) or anything else.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import vistrain
-from vistrain.errors import UserError, describe, exit_code
+from vistrain.errors import CheckFailed, UserError, describe, exit_code
 
 
 def _folds(text: str) -> list[int]:
@@ -451,9 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-request-mb", type=_positive_float, metavar="MB",
                    help="a larger request body is refused (413) before it is read (serve.max_request_mb: 64)")
     p.add_argument("--max-concurrency", type=_positive_int, metavar="N",
-                   help="predictions in flight; more requests get 503 + Retry-After (serve.max_concurrency: 4)")
+                   help="POST /predict requests in flight, upload to answer; one more gets 503 + Retry-After "
+                        "(serve.max_concurrency: 4)")
     p.add_argument("--timeout", type=_positive_float, metavar="S",
-                   help="a prediction taking longer is answered 504 (serve.timeout_s: 30)")
+                   help="a prediction taking longer is answered 504; on SIGTERM the requests in flight get this "
+                        "long to be answered (serve.timeout_s: 30)")
     p.add_argument("--api-key-env", metavar="NAME", help="require Authorization: Bearer <key> on every route but "
                    "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
@@ -536,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code(err)
         if args.debug and not isinstance(err, KeyboardInterrupt):
             traceback.print_exc()
-        hint = "" if code != 1 or args.debug else " (run with --debug for the traceback)"
+        bug = code == 1 and not isinstance(err, CheckFailed)
+        hint = " (run with --debug for the traceback)" if bug and not args.debug else ""
         print(f"error: {describe(err)}{hint}", file=sys.stderr, flush=True)
     # The commands whose log files end with the [EXIT] line say it on the console too (rank 0 only).
     if args.command_label in ("TRAINING", "TUNING", "SERVING") and not _worker_rank():

@@ -19,6 +19,14 @@ class UserError(Exception):
     exit_code = 2
 
 
+class CheckFailed(Exception):
+    """A check the user asked for did not pass (``export --budget-ms`` met by no file, ``export --verify`` finding
+    outputs that differ from PyTorch): the command's answer, neither a mistake in the input (exit 2) nor a bug. Exit
+    1, and ``str(err)`` is the whole line shown (no exception name, no traceback hint)."""
+
+    exit_code = 1
+
+
 class ConfigError(UserError):
     """One or more problems in the configuration; each problem is one line."""
 
@@ -28,19 +36,19 @@ class ConfigError(UserError):
 
 
 def exit_code(err: BaseException) -> int:
-    """The process exit code for a command that ended by ``err``: 2 (or the error's own) for a user error, 130 for
-    Ctrl-C, 1 for anything else."""
-    if isinstance(err, UserError):
+    """The process exit code for a command that ended by ``err``: 2 (or the error's own) for a user error, 1 for a
+    failed check, 130 for Ctrl-C, 1 for anything else."""
+    if isinstance(err, UserError | CheckFailed):
         return err.exit_code
     return 130 if isinstance(err, KeyboardInterrupt) else 1
 
 
 def describe(err: BaseException) -> str:
     """The error as the one line the user sees (the console's ``error:`` line, the logs' ``[ERROR]`` line,
-    run.json's ``error``): a user error's own message, else the exception type and its first line."""
+    run.json's ``error``): a user error's or failed check's own message, else the exception type and its first line."""
     if isinstance(err, ConfigError):  # one line per problem
         return "\n".join(one_line(problem) for problem in err.problems)
-    if isinstance(err, UserError):
+    if isinstance(err, UserError | CheckFailed):
         return one_line(str(err))
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

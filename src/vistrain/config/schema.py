@@ -361,8 +361,8 @@ class ServeCfg(Section):
     formats: list[str] = ["JPEG", "PNG"]  # Pillow format names that get no warning; others are predicted, warned
     max_pixels: PositiveInt = 24_000_000  # decode budget: a larger JPEG is decoded reduced (1/2..1/8), others 400
     max_request_mb: Annotated[float, Field(gt=0)] = 64.0  # a larger request body is refused (413) before it is read
-    max_concurrency: PositiveInt = 4  # predictions in flight; one more request gets 503 with Retry-After
-    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a prediction taking longer is answered 504
+    max_concurrency: PositiveInt = 4  # POST /predict requests in flight (upload to answer); one more: 503 + Retry-After
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0  # a prediction taking longer is answered 504; SIGTERM's grace
 
     @field_validator("formats")
     @classmethod

@@ -3,9 +3,11 @@
 
 int8: onnxruntime static quantisation, QDQ format with int8 weights (per output channel) and int8 activations
 (onnxruntime's recommended CPU setting for CNNs), calibrated on the run's validation images after
-``quant_pre_process`` (shape inference and graph optimisation, as onnxruntime's documentation asks). Should the static
-path fail, dynamic quantisation (uint8 weights, activations quantised at run time, the only integer convolution
-onnxruntime's CPU provider has), and the report says which was used and why. fp16: every float tensor in half
+``quant_pre_process`` (shape inference and graph optimisation, as onnxruntime's documentation asks); the stem
+convolution and everything from the classifier to the outputs (softmax, an embedding's neck and normalisation) stay
+float, so ``probs`` is a float softmax of float ``logits``. Should the static path fail, dynamic quantisation (uint8
+weights, activations quantised at run time, the only integer convolution onnxruntime's CPU provider has; the same
+nodes kept float), and the report says which was used and why. fp16: every float tensor in half
 precision, input and outputs kept float32 (``keep_io_types``), for GPUs and phones; a CPU runs much of it through
 casts, so there it is smaller rather than faster.
 
@@ -156,7 +158,6 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> di
     ``vistrain.quantization``); static with the ``calibration`` batches [N, 3, H, W], else dynamic.
     Returns what was done."""
     from onnxruntime import quantization as q
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -171,7 +172,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> di
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".quantize.") as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         try:
-            quant_pre_process(str(src), str(prepared))
+            _pre_process(src, prepared)
         except Exception as err:  # noqa: BLE001 - an optimisation step: quantising the file as is still works
             log.warning("[EXPORT] quant_pre_process failed (%s); quantising the exported graph as is", describe(err))
             prepared = src
@@ -185,30 +186,56 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> di
         except Exception as err:  # noqa: BLE001 - onnxruntime's own errors: an op it cannot calibrate, ...
             log.warning("[EXPORT] static int8 quantisation failed (%s); quantising dynamically instead",
                         describe(err))
-            q.quantize_dynamic(str(prepared), str(out), weight_type=q.QuantType.QUInt8)
-            info.update(method="dynamic", static_failed=describe(err))
+            q.quantize_dynamic(str(prepared), str(out), weight_type=q.QuantType.QUInt8, nodes_to_exclude=keep)
+            info.update(method="dynamic", static_failed=describe(err), kept_float=keep)
         _save(out, dst, src, info)
     return info
 
 
+def _pre_process(src: Path, dst: Path) -> None:
+    """onnxruntime's quantisation pre-processing (``quant_pre_process``: shape inference, then its graph optimisation;
+    the step its quantiser asks for). Its symbolic shape inference, meant for transformers, fails on some graphs (the
+    Expand of an embedding's L2 normalisation); ONNX's own shape inference then does, as onnxruntime's documentation
+    says it does for other models."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst))
+    except Exception as err:  # noqa: BLE001 - sympy-based inference raises whatever it meets
+        log.debug("[EXPORT] symbolic shape inference failed (%s); ONNX shape inference only", describe(err))
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+# Kept float after the last Gemm / MatMul: what turns its output into the graph's outputs (a bias, a reshape, the
+# temperature, the softmax; an embedding's BNNeck and L2 normalisation). Cheap, and where int8 would be seen: a
+# quantised softmax gives probabilities in steps of 1/255 (rows not summing to 1, exact zeros, ties in the top k).
+TAIL_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Cast",
+                      "Softmax", "LogSoftmax", "BatchNormalization", "LpNormalization", "ReduceL2", "Sqrt", "Clip",
+                      "Max", "Expand"})
+HEAD_OPS = frozenset({"Gemm", "MatMul"})
+
+
 def _float_ends(path: Path) -> list[str]:
-    """The convolution that reads the image and the Gemm / MatMul that writes an output: kept in float, the common
-    practice (the 3-channel stem and the logits are where int8 costs the most accuracy for a few per cent of the
-    compute). On the pills demo: top-1 agreement with the float model 97.0% with them quantised, 100% without."""
+    """The nodes kept float: the convolution that reads the image, and every node from the last Gemm / MatMul (the
+    classifier) to the outputs (``TAIL_OPS``). The stem and the classifier are the common practice (where int8 costs
+    the most accuracy for a few per cent of the compute; on the pills demo top-1 agreement with the float model was
+    97.0% with them quantised, 100% without); the tail keeps the outputs themselves float."""
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
     first = [n.name for n in graph.node if n.op_type == "Conv" and inputs & set(n.input)]
     produced = {o: n for n in graph.node for o in n.output}
-    last = []
-    for name in outputs:  # through the ops that only reshape or add a bias after the classifier
-        node = produced.get(name)
-        while node is not None and node.op_type in ("Add", "Reshape", "Flatten", "Identity", "Squeeze"):
-            node = produced.get(node.input[0])
-        if node is not None and node.op_type in ("Gemm", "MatMul"):
-            last.append(node.name)
-    return first[:1] + sorted(set(last))
+    tail: set[str] = set()
+    todo = [produced.get(name) for name in outputs]
+    while todo:  # back from each output, through every input of the tail's nodes, up to the classifier
+        node = todo.pop()
+        if node is None or not node.name or node.name in tail or node.op_type not in TAIL_OPS | HEAD_OPS:
+            continue
+        tail.add(node.name)
+        if node.op_type not in HEAD_OPS:
+            todo.extend(produced.get(name) for name in node.input)
+    return first[:1] + sorted(tail)
 
 
 def to_fp16(src: Path, dst: Path) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.deploy import onnx_session, sample_inputs, time_ms
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
-from vistrain.errors import UserError
+from vistrain.errors import CheckFailed, UserError
 from vistrain.tracking.files import write_json
 
 log = logging.getLogger(__name__)
@@ -318,7 +318,8 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
                budget_ms: float | None = None, budget_mb: float | None = None, fail_over_budget: bool = True
                ) -> dict[str, Any]:
     """``quantize`` ("int8"), ``fp16``, ``budget_ms`` / ``budget_mb``: the variants and figures of ``deploy``; when a
-    budget is given and no file meets it, RuntimeError (``fail_over_budget``) once export.json is written."""
+    budget is given and no file meets it, ``CheckFailed`` (``fail_over_budget``; exit 1) once export.json is written;
+    so too when ``do_verify`` finds outputs that differ from PyTorch."""
     from vistrain.engine import deploy
 
     if fmt not in FORMATS:
@@ -367,14 +368,14 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     write_json(out_dir / "export.json", summary)
     failed = [e["fold"] for e in results if e.get("verify", {}).get("passed") is False]
     if failed:
-        raise RuntimeError(f"export: the ONNX outputs of fold(s) {failed} differ from PyTorch beyond "
-                           f"atol={ATOL} rtol={RTOL}; see {out_dir / 'export.json'}")
+        raise CheckFailed(f"export: the ONNX outputs of fold(s) {failed} differ from PyTorch beyond "
+                          f"atol={ATOL} rtol={RTOL}; see {out_dir / 'export.json'}")
     budgeted = [f for e in results for f in e.get("files", []) if f["budget"] is not None]
     for f in budgeted:
         log.info("%s", deploy.budget_line(f))
     if budgeted and fail_over_budget and not any(f["budget"]["pass"] for f in budgeted):
         given = " ".join(f"{k} {v:g}" for k, v in (("--budget-ms", budget_ms), ("--budget-mb", budget_mb))
                          if v is not None)
-        raise RuntimeError(f"export: no exported file meets the budget ({given}; latency as p95 at all threads); "
-                           f"see {out_dir / 'export.json'}")
+        raise CheckFailed(f"export: no exported file meets the budget ({given}; latency as p95 at all threads); "
+                          f"see {out_dir / 'export.json'}")
     return summary

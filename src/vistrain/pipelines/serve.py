@@ -16,10 +16,14 @@ decoded (libjpeg's DCT scaling), any other larger image is refused. A rejected r
 (HTTP 400, or 413 for size) and predicts nothing.
 
 As a public endpoint: a request body over ``max_request_mb`` is refused (413) before it is read (by its length, or
-cut off when it passes the limit without one); at most ``max_concurrency`` predictions run at once and one more gets
-503 with ``Retry-After``; a prediction over ``timeout_s`` is a 504; ``--api-key-env NAME`` makes every route but
-/health need ``Authorization: Bearer <key>`` (401 otherwise); no answer carries a traceback or a server path; freed
-memory is handed back to the system after each prediction.
+cut off when it passes the limit without one); at most ``max_concurrency`` POST /predict requests are in flight, each
+counted from its arrival (its upload included) until its prediction has returned, and one more gets vistrain's 503
+(JSON, ``Retry-After``, logged) before its body is read: the only limiter, uvicorn is given none of its own; a
+prediction over ``timeout_s`` is a 504, logged as such; ``--api-key-env NAME`` makes every route but /health need
+``Authorization: Bearer <key>`` (401 otherwise); no answer carries a traceback or a server path; freed memory is
+handed back to the system after each prediction. SIGTERM (Docker, Kubernetes, systemd) stops gracefully: no new
+connection is accepted, the requests in flight get up to ``timeout_s`` to be answered, the log ends with
+``[EXIT] SERVING SUCCESS code=0`` and the process exits 0.
 
 Uploads are decoded as ``predict`` decodes files, then go through the run's own ``Preprocessor`` (crop, resize,
 CLAHE, normalisation): from the checkpoint for a RUN, from the
@@ -30,7 +34,8 @@ file (one fold, see ``vistrain export``) runs with onnxruntime, its metadata che
 
 Log: the console, and a file (``--log-file``; by default ``RUN/serve.log`` for a run, ``serve.log`` beside an ONNX
 file): the start-up line, each refused upload (one line), each internal error (a 500 whose answer says no more;
-its traceback in the file) and, last, the outcome: a start-up failure with its traceback, then ``[EXIT] SERVING``.
+its traceback in the file), a stop by SIGTERM and, last, the outcome: a start-up failure with its traceback, then
+``[EXIT] SERVING``.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at run time, and the
@@ -41,10 +46,12 @@ import hmac
 import io
 import json
 import logging
+import math
 import os
+import signal
 import threading
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +68,7 @@ from vistrain.tracking.logs import FILE_ONLY, log_outcome, run_logging
 log = logging.getLogger(__name__)
 
 SERVE_MISSING = "serve: needs fastapi, uvicorn and python-multipart; pip install 'vistrain[serve]'"
+TICKET = "vistrain.ticket"  # the ASGI scope key under which _Limiter hands a POST /predict its slot
 
 
 @dataclass
@@ -324,6 +332,49 @@ async def _answer(send: Any, status: int, detail: str, headers: list[tuple[bytes
     await send({"type": "http.response.body", "body": body})
 
 
+class _Ticket:
+    """One POST /predict's slot: held by the request and, once it starts, by its prediction's thread; given back when
+    both have let go (a prediction answered 504 keeps its memory, so its slot, until its thread returns)."""
+
+    def __init__(self, slots: threading.BoundedSemaphore):
+        self._slots, self._holders, self._lock = slots, 1, threading.Lock()
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            self._slots.release()
+
+
+class _Limiter:
+    """Pure ASGI, inside ``_Guard`` (an unauthorised or oversized request takes no slot): vistrain's one limit on
+    POST /predict. A request takes a slot when it arrives, before its body is read, so a busy server is refused
+    cheaply (no upload read or spooled to disk) and uploads in progress count against the memory bound; beyond
+    ``limit`` the answer is a JSON 503 with ``Retry-After``, and a log line."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+        self.slots = threading.BoundedSemaphore(limit)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) != ("POST", "/predict"):
+            return await self.app(scope, receive, send)
+        if not self.slots.acquire(blocking=False):
+            log.warning("[SERVE] POST /predict -> 503 busy (%d requests in flight)", self.limit)
+            return await _answer(send, 503, f"busy: {self.limit} requests in flight (serve.max_concurrency); retry "
+                                            "shortly", [(b"retry-after", b"1")])
+        ticket = scope[TICKET] = _Ticket(self.slots)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            ticket.release()
+
+
 def _return_memory() -> None:
     """Give freed heap back to the system after a request (glibc keeps large freed arenas otherwise, so one burst
     of big uploads would leave the server's resident size high for good)."""
@@ -333,20 +384,28 @@ def _return_memory() -> None:
         pass
 
 
+def _after_timeout(job: Future) -> None:
+    """A prediction answered 504 that ends later: an unusable upload was no answer anyone got (not logged); an internal
+    error is still a bug to see in the log."""
+    err = None if job.cancelled() else job.exception()
+    if err is not None and not isinstance(err, UploadError):
+        log.error("[SERVE] POST /predict (answered 504) then failed: %s", describe(err))
+        log.error("%s", "".join(traceback.format_exception(err)).rstrip(), extra=FILE_ONLY)
+
+
 def create_app(predictor: Predictor, limits: Limits | None = None, api_key: str | None = None) -> Any:
     """The FastAPI application around ``predictor`` (``uvicorn`` serves it; tests use its TestClient).
     ``api_key``: every route but /health needs ``Authorization: Bearer <api_key>``."""
     try:
-        from fastapi import FastAPI, File, HTTPException, UploadFile
-        from fastapi.responses import JSONResponse
+        from fastapi import FastAPI, File, HTTPException, Request, UploadFile
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
     limits = limits or Limits.resolve(predictor.serve)
     app = FastAPI(title="vistrain", description=f"{predictor.task} model {predictor.model_name}")
-    app.add_middleware(_Guard, api_key=api_key, max_body=int(limits.max_request_mb * 2**20))
-    # At most max_concurrency predictions (each decoding one upload at a time) hold memory at once; the pool's
-    # threads run them so that a timed-out one can be left to finish while its slot stays taken.
-    slots = threading.BoundedSemaphore(limits.max_concurrency)
+    app.add_middleware(_Limiter, limit=limits.max_concurrency)
+    app.add_middleware(_Guard, api_key=api_key, max_body=int(limits.max_request_mb * 2**20))  # added last: outermost
+    # One thread per slot (each prediction decodes one upload at a time): a timed-out prediction is left to finish in
+    # its thread while its slot stays taken.
     pool = ThreadPoolExecutor(limits.max_concurrency, thread_name_prefix="predict")
 
     def refuse(status: int, message: str) -> HTTPException:
@@ -363,44 +422,41 @@ def create_app(predictor: Predictor, limits: Limits | None = None, api_key: str 
         return predictor.metadata()
 
     def answer(names: list[str], bodies: list[bytes]) -> dict[str, Any]:
-        tensors, notes = [], []
+        """Runs in a pool thread; an unusable upload raises UploadError, which the request answers (and logs)
+        unless it has already answered 504."""
         try:
+            tensors, notes = [], []
             for n, data in zip(names, bodies):  # one decoded image in memory at a time; only its tensor stays
                 tensors.append(predictor.preprocess(decode_upload(n, data, limits)))
                 notes.append(upload_warnings(data, limits))
-        except UploadError as err:
-            raise refuse(err.status, str(err)) from err
-        batch = torch.stack(tensors).numpy()
-        rows = results(predictor, names, predictor(batch), limits.top_k)
-        for row, warnings in zip(rows, notes):
-            row["warnings"] = warnings
-        return {"task": predictor.task, "results": rows}
-
-    def run_one(names: list[str], bodies: list[bytes]) -> dict[str, Any]:
-        try:
-            return answer(names, bodies)
+            batch = torch.stack(tensors).numpy()
+            rows = results(predictor, names, predictor(batch), limits.top_k)
+            for row, warnings in zip(rows, notes):
+                row["warnings"] = warnings
+            return {"task": predictor.task, "results": rows}
         finally:
-            slots.release()
             _return_memory()
 
     @app.post("/predict")
-    async def predict(files: list[UploadFile] = File(...)) -> Any:  # noqa: B008 - FastAPI's declaration style
+    async def predict(request: Request, files: list[UploadFile] = File(...)) -> Any:  # noqa: B008 - FastAPI's style
         if len(files) > limits.max_files:
             raise refuse(400, f"files: {len(files)} in one request, over the limit of {limits.max_files}")
-        if not slots.acquire(blocking=False):
-            log.warning("[SERVE] POST /predict -> 503 busy (%d predictions in flight)", limits.max_concurrency)
-            return JSONResponse({"detail": f"busy: {limits.max_concurrency} predictions in flight "
-                                           "(serve.max_concurrency); retry shortly"}, 503, {"Retry-After": "1"})
+        names = [f.filename or f"file{i}" for i, f in enumerate(files)]
+        bodies = [await f.read(int(limits.max_mb * 2**20) + 1) for f in files]
+        ticket: _Ticket = request.scope[TICKET]
+        ticket.hold()
         try:
-            names = [f.filename or f"file{i}" for i, f in enumerate(files)]
-            bodies = [await f.read(int(limits.max_mb * 2**20) + 1) for f in files]
-            job = asyncio.get_running_loop().run_in_executor(pool, run_one, names, bodies)
+            job = pool.submit(answer, names, bodies)
         except BaseException:
-            slots.release()
+            ticket.release()
             raise
+        job.add_done_callback(lambda _: ticket.release())  # also when it never ran (cancelled)
         try:
-            return await asyncio.wait_for(job, limits.timeout_s)
+            return await asyncio.wait_for(asyncio.wrap_future(job), limits.timeout_s)
+        except UploadError as err:
+            raise refuse(err.status, str(err)) from None
         except TimeoutError:
+            job.add_done_callback(_after_timeout)
             raise refuse(504, f"the prediction took longer than {limits.timeout_s:g} s (serve.timeout_s)") from None
 
     return app
@@ -425,11 +481,21 @@ def api_key_from(env_name: str | None) -> str | None:
     return key
 
 
+class _Terminated(BaseException):
+    """SIGTERM: the orderly stop that Docker, Kubernetes and systemd ask for, not an error (a BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it)."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
               limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None
               ) -> None:
-    """Serve until Ctrl-C; the log file (``log_file``, else ``default_log_file``) ends with the outcome.
-    ``limits``: the ``Limits`` fields given on the command line (None: the model's ``serve:`` section)."""
+    """Serve until Ctrl-C or SIGTERM (both an orderly stop: the requests in flight are answered first); the log file
+    (``log_file``, else ``default_log_file``) ends with the outcome. ``limits``: the ``Limits`` fields given on the
+    command line (None: the model's ``serve:`` section)."""
     api_key = api_key_from(api_key_env)
     log_file = log_file or default_log_file(target)
     if log_file is not None:
@@ -439,13 +505,23 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
         except OSError as err:
             raise UserError(f"--log-file: cannot write {log_file} ({err.strerror or err}); choose another "
                             "--log-file") from err
+    # While uvicorn serves, its own handler takes SIGTERM (stop accepting, let the requests in flight finish) and
+    # raises the signal again once done: this handler then ends the command as a success. Before that (loading the
+    # model) it stops the start-up.
+    main = threading.current_thread() is threading.main_thread()  # signal handlers belong to the main thread
+    previous = signal.signal(signal.SIGTERM, _terminated) if main else None
     with run_logging([log_file] if log_file else []):
         log.info("[SERVE] log: %s | target: %s", log_file, target)
         try:
             _serve(target, host, port, fold, limits, api_key)
+        except _Terminated:
+            log.info("[SERVE] SIGTERM during start-up: stopped before serving")
         except BaseException as err:
             log_outcome(log, "SERVING", err)
             raise
+        finally:
+            if main:  # None: the previous handler was not set from Python (the default, as far as it can tell)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         log_outcome(log, "SERVING")
 
 
@@ -466,9 +542,15 @@ def _serve(target: Path, host: str, port: int, fold: int | None, flags: dict[str
     _check_port(host, port)
     log.info("[SERVE] %s model %s (%s, %s) on http://%s:%d  (POST /predict, GET /health, GET /metadata)",
              predictor.task, predictor.model_name, predictor.backend, predictor.source, host, port)
-    # uvicorn's own bound on open connections (503 beyond it) backs up max_concurrency, which counts predictions.
-    uvicorn.run(app, host=host, port=port, log_level="warning", limit_concurrency=8 + 4 * limits.max_concurrency,
-                timeout_keep_alive=5)
+    # No limit_concurrency: uvicorn's own limit would answer a plain-text 503 (no Retry-After, not logged) before
+    # vistrain's _Limiter sees the request. On Ctrl-C or SIGTERM the requests in flight get timeout_s to finish.
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning", timeout_keep_alive=5,
+                    timeout_graceful_shutdown=math.ceil(limits.timeout_s))
+    except _Terminated:
+        log.info("[SERVE] stopped by SIGTERM: new connections refused, the requests in flight given up to %g s "
+                 "(serve.timeout_s) to be answered", math.ceil(limits.timeout_s))
+        return
     log.info("[SERVE] stopped")
 
 
