@@ -141,10 +141,11 @@ def restrict_overrides(items: list[str], allowed: tuple[str, ...], what: str) ->
     """The dotted keys of ``items``, each of which must be in ``allowed`` (``section.*``: any key of it)."""
     parse_overrides(items)  # malformed items are reported as for train
     keys = [item.partition("=")[0] for item in items]
-    for key in keys:
-        if not any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed):
-            raise UserError(f"{key}: cannot be changed by {what}; valid keys: {', '.join(allowed)} "
-                            "(other keys describe the training: train a new run)")
+    refused = [key for key in keys if not any(key == a or (a.endswith(".*") and key.startswith(a[:-1]))
+                                              for a in allowed)]
+    if refused:  # every refused key at once, as a config file's problems are
+        raise UserError(f"{', '.join(dict.fromkeys(refused))}: cannot be changed by {what}; valid keys: "
+                        f"{', '.join(allowed)} (other keys describe the training: train a new run)")
     return keys
 
 

@@ -10,11 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vistrain.errors import did_you_mean
 
 PositiveInt = Annotated[int, Field(gt=0)]
+TTA_VIEWS = ("hflip", "vflip")  # eval.tta: the flipped views inference can average with the plain image
 ImgSize = int | tuple[int, int]
 
 
@@ -302,7 +312,9 @@ class TrackingCfg(Section):
 class EvalCfg(Section):
     failure_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7  # classes with F1 below this go to failures.csv
     top_losses: Annotated[int, Field(ge=0)] = 50  # worst-scored items listed in top_losses.csv
-    tta: list[Literal["hflip", "vflip"]] = ["hflip"]  # views averaged by `predict --tta`
+    # views averaged with the plain image by `predict --tta` and `evaluate --tta` (or eval.tta=... on their command
+    # line); true means [hflip], false none
+    tta: list[Literal["hflip", "vflip"]] = ["hflip"]
     batch_size: PositiveInt | None = None  # inference batch; train.batch_size * 2 when empty
     # embedding runs
     feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
@@ -312,6 +324,23 @@ class EvalCfg(Section):
     rerank: bool = False  # k-reciprocal re-ranking for re-id
     max_rank: PositiveInt = 50  # CMC length
     memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_views(cls, v: Any) -> Any:
+        """``true`` (any bool word a bool key takes) is the horizontal flip, ``false`` no view, one view name that
+        view; anything else that is not a list of the views is one line saying what is valid."""
+        if isinstance(v, str) and v in TTA_VIEWS:
+            return [v]
+        if isinstance(v, bool | str):
+            try:
+                return ["hflip"] if TypeAdapter(bool).validate_python(v) else []
+            except ValidationError:
+                pass
+        if not isinstance(v, list) or any(view not in TTA_VIEWS for view in v):
+            raise ValueError(f"expected a list of the views {', '.join(map(repr, TTA_VIEWS))} (e.g. [hflip, vflip]), "
+                             "true for [hflip] or false for none")
+        return v
 
     @field_validator("recall_ks")
     @classmethod
