@@ -222,8 +222,12 @@ def _absolute_defaults(cfg: Config) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain YAML-safe dict (paths as strings, tuples as lists): what config.yaml holds."""
-    return cfg.model_dump(mode="json")
+    """Plain YAML-safe dict (paths as strings, tuples as lists): what config.yaml holds. Without ``data.source``
+    when ``data.sources`` is given: each source names its own, and a config naming both is refused."""
+    out = cfg.model_dump(mode="json")
+    if cfg.data.sources:
+        del out["data"]["source"]
+    return out
 
 
 def _format_error(e: dict[str, Any]) -> str:

@@ -532,6 +532,9 @@ class Config(Section):
     def _check_data_keys(self) -> None:
         """data.sources, data.class_map and what depends on them."""
         d = self.data
+        if d.sources and "source" in d.model_fields_set:  # config_to_dict leaves it out, so config.yaml reloads
+            raise ValueError("data.source and data.sources: set one; each entry of data.sources names its own "
+                             "(source: csv | folders | manifest), so remove data.source")
         if d.sources:
             top = [k for k in ("train_csv", "image_dir_train", "manifest") if getattr(d, k) is not None]
             if top:
