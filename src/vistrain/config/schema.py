@@ -321,7 +321,7 @@ class EvalCfg(Section):
     flip_feats: bool = False  # average each embedding with the horizontally flipped image's
     knn_k: PositiveInt = 5  # search-based classification: majority class of the k nearest gallery items
     recall_ks: list[PositiveInt] = [1, 5]  # retrieval runs report recall@K for each K (sorted; monitorable)
-    rerank: bool = False  # k-reciprocal re-ranking for re-id
+    rerank: bool = False  # k-reciprocal re-ranking of the query-gallery distances (re-id and retrieval)
     max_rank: PositiveInt = 50  # CMC length
     memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
 
