@@ -344,3 +344,30 @@ def test_loss_term_problems_name_the_key_inside_the_term():
         load_config(None, overrides=[*FOLDERS, "loss.terms=[{name: triplet, marg: 0.3}]"])
     msg = one_problem(excinfo)
     assert msg.startswith("loss.terms[0].marg: not a parameter of the triplet term") and "did you mean 'margin'" in msg
+
+
+# ------------------------------------------------------------------------------------------- data.sources
+
+SOURCES = {"sources": [{"name": "studio", "source": "folders", "image_dir_train": "/data/studio"},
+                       {"name": "real", "source": "csv", "train_csv": "/data/real.csv", "image_dir_train": "/data/r"}]}
+
+
+@pytest.mark.parametrize("source", ["csv", "folders"])
+def test_data_source_beside_data_sources_is_an_error_naming_both(tmp_path, source):
+    """data.sources replaces data.source (each entry names its own): writing both is a mistake, not a no-op."""
+    path = write_yaml(tmp_path / "c.yaml", {"data": {"source": source, **SOURCES}})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path)
+    msg = one_problem(excinfo)
+    assert msg.startswith("data.source and data.sources:"), msg
+    assert "source: csv | folders | manifest" in msg and "remove data.source" in msg, msg
+    with pytest.raises(ConfigError):
+        load_config(write_yaml(tmp_path / "d.yaml", {"data": SOURCES}), overrides=[f"data.source={source}"])
+
+
+def test_a_saved_config_with_data_sources_reloads_and_hashes_the_same(tmp_path):
+    """config.yaml (and a tune trial's config) is written from config_to_dict: it must reload as it was."""
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"data": SOURCES}))
+    assert "source" not in config_to_dict(cfg)["data"]
+    again = load_config(write_yaml(tmp_path / "saved.yaml", config_to_dict(cfg)))
+    assert config_to_dict(again) == config_to_dict(cfg)

@@ -203,6 +203,21 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     sides = splits.groupby("group")["split"].nunique()
     assert (sides == 1).all()  # no object on two sides
     assert set(splits["split"]) == {"train", "val", "test"}
+    # eval.rerank re-ranks the retrieval protocol too: the figures of the re-ranked distances of the same features
+    rr = run_cli("evaluate", str(run), "eval.rerank=true", cwd=tmp_path)
+    assert rr.returncode == 0, rr.stdout + rr.stderr
+    reranked = json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    from test_retrieval import reranked_reference
+
+    from vistrain.engine.inference import embed_paths, load_run
+
+    query, gallery = splits[splits["split"] == "val"], splits[splits["split"] == "train"]
+    feats = embed_paths(load_run(run), query["path"].tolist() + gallery["path"].tolist())
+    labels = pd.concat([query["label"], gallery["label"]]).astype("category").cat.codes.to_numpy()
+    want = reranked_reference(feats, labels, len(query), ks=(1, 5), knn_k=5)
+    assert {k: reranked[k] for k in want} == pytest.approx(want, abs=1e-9)
+    tta = run_cli("evaluate", str(run), "eval.tta=[hflip]", cwd=tmp_path)  # a classifier's option
+    assert tta.returncode == 2 and "eval.flip_feats" in tta.stderr, tta.stdout + tta.stderr
     # predict = kNN classification against the training images
     test_items = splits[splits["split"] == "test"]
     csv = tmp_path / "q.csv"

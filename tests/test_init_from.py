@@ -82,6 +82,42 @@ def test_init_from_logs_what_it_skipped_and_trains(tmp_path: Path, source_run: P
     assert "skipped: fc.weight (shape [3, 512] vs [4, 512]), fc.bias (shape [3] vs [4])" in line
     model_line = next(ln for ln in log.splitlines() if "[MODEL] fold=0" in ln)
     assert f"weights=init_from {best} (" in model_line
+    assert "preprocessing" not in log  # the same size, crop and normalisation: nothing to warn about
+
+
+def test_a_run_of_other_classes_skips_its_head_and_other_preprocessing_is_warned(tmp_path: Path,
+                                                                                   source_run: Path) -> None:
+    """The same number of classes under other names (a pills run into the digits config) loaded the head as if the
+    classes were the same ("loaded 86/86 tensors, skipped: none"): the head is skipped and the [MODEL] lines say
+    so. The source trained at 32 px, this config at 48: a warning names the difference."""
+    config = _config(tmp_path, ("x", "y", "z"))
+    result = run_cli("train", "--config", str(config), f"model.init_from={source_run}", "train.img_size=48",
+                     cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    log = (only_run_dir(tmp_path / "exp") / "train.log").read_text()
+    best = source_run / "ckpt" / "best_fold0.pth"
+    line = next((ln for ln in log.splitlines() if f"[MODEL] init_from={best} loaded" in ln), None)
+    assert line is not None, log
+    n = len(torch.load(best, weights_only=True)["model"])
+    assert f"loaded {n - 2}/{n} tensors; skipped: fc.weight (other classes), fc.bias (other classes)" in line, line
+    assert "the source's classes a, b, c are not this run's x, y, z" in line, line
+    model_line = next(ln for ln in log.splitlines() if "[MODEL] fold=0" in ln)
+    assert f"weights=init_from {best} ({n - 2}/{n} tensors; head not loaded: other classes)" in model_line
+    warns = [ln for ln in log.splitlines() if "[WARN]" in ln and "preprocessing" in ln]
+    assert len(warns) == 1 and "input 32x32 (this config: 48x48)" in warns[0], warns
+
+
+@pytest.mark.parametrize(("classes", "head_loaded"), [(["a", "b", "c"], True), (["c", "b", "a"], False),
+                                                      (["a", "b", "x"], False), (None, True)])
+def test_the_head_loads_only_for_the_same_classes_in_the_same_order(source_run: Path, classes: list[str] | None,
+                                                                    head_loaded: bool) -> None:
+    m = ModelCfg(name="resnet10t", init_from=source_run)
+    model = build_model("classification", m, 3)
+    weights = init_weights(model, m, fold=0, classes=classes)
+    source = torch.load(source_run / "ckpt" / "best_fold0.pth", weights_only=True)["model"]
+    assert _equal_except(model, source, set() if head_loaded else {"fc.weight", "fc.bias"}) == []
+    assert torch.equal(model.fc.weight, source["fc.weight"]) is head_loaded
+    assert ("head not loaded: other classes" in weights) is not head_loaded, weights
 
 
 def test_a_run_dir_gives_each_fold_its_own_best_checkpoint_else_fold_0(tmp_path: Path) -> None:

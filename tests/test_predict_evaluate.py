@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import timm
+import torch
 from conftest import class_image, run_cli, tiny_config, write_csv_dataset, write_yaml
+
+from vistrain.data.preprocess import Preprocessor
 
 EVAL_FILES = ["metrics.json", "per_class.csv", "confusion_matrix.csv", "confusion_matrix.png", "failures.csv",
               "top_losses.csv"]
@@ -171,6 +175,16 @@ def test_evaluate_refuses_a_training_key(trained: dict, override: str) -> None:
     assert "eval." in lines[0] and "data.test_csv" in lines[0]  # what is allowed
 
 
+def test_evaluate_names_every_training_key_it_refuses(trained: dict) -> None:
+    res = run_cli("evaluate", str(trained["run"]), "train.epochs=3", "eval.batch_size=4", "model.name=x",
+                  "augment.hflip=0", cwd=trained["root"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, lines
+    assert lines[0].startswith("error: train.epochs, model.name, augment.hflip: cannot be changed by evaluate; "
+                               "valid keys: eval.*"), lines
+
+
 def test_evaluate_override_is_validated_like_a_training_one(trained: dict) -> None:
     res = run_cli("evaluate", str(trained["run"]), "--split", "val", "eval.batch_size=0", "eval.tta=[spin]",
                   cwd=trained["root"])
@@ -219,6 +233,94 @@ def test_tta_views_the_training_never_saw(augment: dict, views: list[str], expec
     from vistrain.pipelines.predict import untrained_views
 
     assert untrained_views(validate({"augment": augment}), views) == expected
+
+
+# ------------------------------------------------------------------------------------------- evaluate TTA
+
+def _reference_probs(run: Path, paths: list[str], folds: list[int], views: list[str]) -> np.ndarray:
+    """Mean over folds and views (the plain image, then each of ``views``) of softmax(logits / T), computed here
+    from the checkpoints with timm and torch, not through vistrain's inference code: what TTA must give."""
+    temperature = json.loads((run / "calibration.json").read_text())["temperature"]
+    flip_dims = {"hflip": [-1], "vflip": [-2]}
+    probs = []
+    for fold in folds:
+        ckpt = torch.load(run / "ckpt" / f"best_fold{fold}.pth", weights_only=True)
+        model = timm.create_model("resnet10t", num_classes=3)
+        model.load_state_dict(ckpt["model"])
+        model.eval()
+        pre = Preprocessor.from_dict(ckpt["preprocess"])
+        x = torch.stack([pre.normalize(pre.load(p)) for p in paths])
+        with torch.no_grad():
+            for view in [None, *views]:
+                logits = model(x if view is None else torch.flip(x, flip_dims[view]))
+                probs.append(torch.softmax(logits.double() / temperature, dim=1).numpy())
+    return np.mean(probs, axis=0)
+
+
+def _eval_probs(run: Path, split: str) -> tuple[pd.DataFrame, np.ndarray]:
+    pred = pd.read_csv(run / "eval" / split / "predictions.csv", dtype={"id": str})
+    return pred, pred[[f"prob_{c}" for c in range(3)]].to_numpy()
+
+
+def test_evaluate_applies_eval_tta_as_the_average_of_the_views(trained: dict) -> None:
+    """The test split (fold ensemble): each eval.tta setting gives other numbers, each the mean of the views'
+    probabilities over both folds."""
+    from vistrain.pipelines.evaluate import run_evaluate
+
+    run = trained["run"]
+    nll = {}
+    for views in ([], ["hflip"], ["vflip"], ["hflip", "vflip"]):
+        metrics = run_evaluate(run, "test", overrides=[f"eval.tta=[{', '.join(views)}]"], echo=False)
+        pred, probs = _eval_probs(run, "test")
+        np.testing.assert_allclose(probs, _reference_probs(run, pred["path"].tolist(), [0, 1], views), atol=1e-5)
+        assert metrics["tta"] == views
+        nll[tuple(views)] = metrics["nll"]
+    assert len(set(nll.values())) == 4, nll
+
+
+def test_evaluate_val_tta_scores_each_fold_on_its_own_validation_images(trained: dict) -> None:
+    from vistrain.pipelines.evaluate import run_evaluate
+
+    run = trained["run"]
+    plain = run_evaluate(run, "val", echo=False)
+    metrics = run_evaluate(run, "val", overrides=["eval.tta=[hflip, vflip]"], echo=False)
+    assert metrics["nll"] != plain["nll"]
+    pred, probs = _eval_probs(run, "val")
+    splits = pd.read_csv(run / "splits.csv")
+    for fold in (0, 1):
+        rows = pred["path"].isin(splits.loc[splits["fold"] == fold, "path"]).to_numpy()
+        assert rows.sum() == 15
+        want = _reference_probs(run, pred["path"][rows].tolist(), [fold], ["hflip", "vflip"])
+        np.testing.assert_allclose(probs[rows], want, atol=1e-5)
+    assert plain["tta"] == [] and metrics["tta"] == ["hflip", "vflip"]
+
+
+def test_evaluate_tta_true_flag_warnings_and_errors(trained: dict) -> None:
+    """eval.tta=true means [hflip] (as --tta does), with predict's warning for a run trained without flips;
+    false means none; a wrong value is one line listing the valid views; oof has stored logits only."""
+    run, root = trained["run"], trained["root"]
+    res = run_cli("evaluate", str(run), "--split", "test", "eval.tta=true", cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    on = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert on["tta"] == ["hflip"] and on["overrides"] == {"eval.tta": ["hflip"]}
+    assert any("[WARN]" in ln and "hflip" in ln and "never saw mirrored images during training" in ln
+               for ln in res.stdout.splitlines()), res.stdout
+    res = run_cli("evaluate", str(run), "--split", "test", "--tta", cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    flag = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert flag["tta"] == ["hflip"] and flag["nll"] == on["nll"]
+    res = run_cli("evaluate", str(run), "--split", "test", "eval.tta=off", cwd=root)
+    assert res.returncode == 0, res.stdout + res.stderr
+    off = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    assert off["tta"] == [] and off["nll"] != on["nll"] and "[WARN]" not in res.stdout
+    for value in ("sideways", "[hflip, spin]"):
+        bad = run_cli("evaluate", str(run), "--split", "test", f"eval.tta={value}", cwd=root)
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: eval.tta"), lines
+        assert "hflip" in lines[0] and "vflip" in lines[0] and "true" in lines[0], lines
+    oof = run_cli("evaluate", str(run), "--split", "oof", "eval.tta=[hflip]", cwd=root)
+    assert oof.returncode == 2 and "--split val" in oof.stderr, oof.stdout + oof.stderr
 
 
 # ------------------------------------------------------------------------------------------- predict IDs

@@ -111,7 +111,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vistrain.tracking.logs import console_logging
 
     console_logging()
-    run_evaluate(Path(args.run), split=args.split, folds=args.folds, overrides=args.overrides)
+    run_evaluate(Path(args.run), split=args.split, folds=args.folds, overrides=args.overrides, tta=args.tta)
     return 0
 
 
@@ -399,6 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run directory")
     p.add_argument("--split", default="val", choices=["val", "test", "oof"])
     p.add_argument("--folds", default="all", metavar="all|0,2")
+    p.add_argument("--tta", action="store_true",
+                   help="average the eval.tta views, as predict --tta (also on when eval.tta=... is given)")
     eval_overrides(p)
 
     p = add("predict", cmd_predict, "fold-ensemble predictions for a folder or CSV of images -> ID,target CSV")

@@ -83,6 +83,30 @@ def _leaf_keys(layer: dict[str, Any], prefix: str = "") -> set[str]:
     return keys
 
 
+class ConfigYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` whose plain booleans are YAML 1.2's: ``true`` / ``false`` (any of the three cases).
+
+    PyYAML follows YAML 1.1, which also reads ``off / on / yes / no`` as booleans, so ``data.cache: off`` reached
+    the schema as ``False`` while the README documents the word. Here those words stay strings: a string field
+    (``data.cache``, ``project.name``) keeps them as written, and a bool field still takes them, because pydantic
+    reads ``'off'`` / ``'yes'`` ... as booleans. Files written by ``yaml.safe_dump`` quote such strings, so a run's
+    config.yaml reads back the same with either loader.
+    """
+
+
+_BOOL_TAG = "tag:yaml.org,2002:bool"
+ConfigYamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigYamlLoader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse config text (a file, or a ``key=value`` value) with ``ConfigYamlLoader``: safe, YAML 1.2 booleans."""
+    return yaml.load(text, Loader=ConfigYamlLoader)  # a SafeLoader subclass: builds plain values only
+
+
 # What PyYAML raises for text it cannot read: its own errors, and a few plain ones from its constructors
 # (``!!float`` with no value is an IndexError, ``!!int 'x'`` a ValueError; very deep nesting a RecursionError).
 YAML_ERRORS = (yaml.YAMLError, ValueError, IndexError, TypeError, RecursionError)
@@ -92,7 +116,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     except YAML_ERRORS as err:
@@ -117,22 +141,24 @@ def restrict_overrides(items: list[str], allowed: tuple[str, ...], what: str) ->
     """The dotted keys of ``items``, each of which must be in ``allowed`` (``section.*``: any key of it)."""
     parse_overrides(items)  # malformed items are reported as for train
     keys = [item.partition("=")[0] for item in items]
-    for key in keys:
-        if not any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed):
-            raise UserError(f"{key}: cannot be changed by {what}; valid keys: {', '.join(allowed)} "
-                            "(other keys describe the training: train a new run)")
+    refused = [key for key in keys if not any(key == a or (a.endswith(".*") and key.startswith(a[:-1]))
+                                              for a in allowed)]
+    if refused:  # every refused key at once, as a config file's problems are
+        raise UserError(f"{', '.join(dict.fromkeys(refused))}: cannot be changed by {what}; valid keys: "
+                        f"{', '.join(allowed)} (other keys describe the training: train a new run)")
     return keys
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=3e-4", "data.valid_fold=all"]`` -> nested dict; values are parsed as YAML."""
+    """``["train.lr=3e-4", "data.valid_fold=all"]`` -> nested dict; values are parsed as YAML (``load_yaml``, as a
+    config file is: ``data.cache=off`` is the word)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part or any(c.isspace() for c in part) for part in key.split(".")):
             raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = load_yaml(raw) if raw != "" else None
         except YAML_ERRORS as err:
             raise UserError(f"override '{item}': value is not valid YAML") from err
         node = out
@@ -196,8 +222,12 @@ def _absolute_defaults(cfg: Config) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain YAML-safe dict (paths as strings, tuples as lists): what config.yaml holds."""
-    return cfg.model_dump(mode="json")
+    """Plain YAML-safe dict (paths as strings, tuples as lists): what config.yaml holds. Without ``data.source``
+    when ``data.sources`` is given: each source names its own, and a config naming both is refused."""
+    out = cfg.model_dump(mode="json")
+    if cfg.data.sources:
+        del out["data"]["source"]
+    return out
 
 
 def _format_error(e: dict[str, Any]) -> str:

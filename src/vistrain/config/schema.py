@@ -10,11 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vistrain.errors import did_you_mean
 
 PositiveInt = Annotated[int, Field(gt=0)]
+TTA_VIEWS = ("hflip", "vflip")  # eval.tta: the flipped views inference can average with the plain image
 ImgSize = int | tuple[int, int]
 
 
@@ -302,16 +312,35 @@ class TrackingCfg(Section):
 class EvalCfg(Section):
     failure_threshold: Annotated[float, Field(ge=0, le=1)] = 0.7  # classes with F1 below this go to failures.csv
     top_losses: Annotated[int, Field(ge=0)] = 50  # worst-scored items listed in top_losses.csv
-    tta: list[Literal["hflip", "vflip"]] = ["hflip"]  # views averaged by `predict --tta`
+    # views averaged with the plain image by `predict --tta` and `evaluate --tta` (or eval.tta=... on their command
+    # line); true means [hflip], false none
+    tta: list[Literal["hflip", "vflip"]] = ["hflip"]
     batch_size: PositiveInt | None = None  # inference batch; train.batch_size * 2 when empty
     # embedding runs
     feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
     flip_feats: bool = False  # average each embedding with the horizontally flipped image's
     knn_k: PositiveInt = 5  # search-based classification: majority class of the k nearest gallery items
     recall_ks: list[PositiveInt] = [1, 5]  # retrieval runs report recall@K for each K (sorted; monitorable)
-    rerank: bool = False  # k-reciprocal re-ranking for re-id
+    rerank: bool = False  # k-reciprocal re-ranking of the query-gallery distances (re-id and retrieval)
     max_rank: PositiveInt = 50  # CMC length
     memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_views(cls, v: Any) -> Any:
+        """``true`` (any bool word a bool key takes) is the horizontal flip, ``false`` no view, one view name that
+        view; anything else that is not a list of the views is one line saying what is valid."""
+        if isinstance(v, str) and v in TTA_VIEWS:
+            return [v]
+        if isinstance(v, bool | str):
+            try:
+                return ["hflip"] if TypeAdapter(bool).validate_python(v) else []
+            except ValidationError:
+                pass
+        if not isinstance(v, list) or any(view not in TTA_VIEWS for view in v):
+            raise ValueError(f"expected a list of the views {', '.join(map(repr, TTA_VIEWS))} (e.g. [hflip, vflip]), "
+                             "true for [hflip] or false for none")
+        return v
 
     @field_validator("recall_ks")
     @classmethod
@@ -503,6 +532,9 @@ class Config(Section):
     def _check_data_keys(self) -> None:
         """data.sources, data.class_map and what depends on them."""
         d = self.data
+        if d.sources and "source" in d.model_fields_set:  # config_to_dict leaves it out, so config.yaml reloads
+            raise ValueError("data.source and data.sources: set one; each entry of data.sources names its own "
+                             "(source: csv | folders | manifest), so remove data.source")
         if d.sources:
             top = [k for k in ("train_csv", "image_dir_train", "manifest") if getattr(d, k) is not None]
             if top:

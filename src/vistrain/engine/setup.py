@@ -46,15 +46,16 @@ class FoldSetup:
     weights: str = "random init"  # where the starting weights came from, for the [MODEL] line
 
 
-def _model_and_config(cfg: Config, n_classes: int, device: torch.device, fold: int
+def _model_and_config(cfg: Config, classes: list, device: torch.device, fold: int
                       ) -> tuple[nn.Module, Preprocessor, str]:
     """The fold's model with its starting weights, the run's preprocessing, and where the weights came from."""
-    model = build_model(cfg.task, cfg.model, n_classes, pretrained=True)
-    weights = init_weights(model, cfg.model, fold)
+    model = build_model(cfg.task, cfg.model, len(classes), pretrained=True)
+    pre = Preprocessor.from_config(cfg)
+    weights = init_weights(model, cfg.model, fold, classes, pre)  # a source of other classes or pixels is said
     model.to(device)
     if cfg.train.channels_last is True:  # "auto" is resolved for the machine before any fold starts
         model.to(memory_format=torch.channels_last)
-    return model, Preprocessor.from_config(cfg), weights
+    return model, pre, weights
 
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
@@ -106,7 +107,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
     t, a, n_classes = cfg.train, cfg.augment, len(data.classes)
     paths = data.items["path"].to_numpy()
     train_idx, valid_idx = data.fold_indices(fold)
-    model, pre, start = _model_and_config(cfg, n_classes, device, fold)
+    model, pre, start = _model_and_config(cfg, data.classes, device, fold)
     y_train = data.targets[train_idx]
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], y_train, paths[valid_idx], data.targets[valid_idx],
                                           pre, device, info, _domains(data, train_idx), data.cache)
@@ -146,7 +147,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     train_idx = np.flatnonzero(split == "train")
     if len(q_idx) == 0:
         raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
-    model, pre, start = _model_and_config(cfg, len(data.classes), device, fold)
+    model, pre, start = _model_and_config(cfg, data.classes, device, fold)
     paths = data.items["path"].to_numpy()
     v_idx = np.concatenate([q_idx, g_idx])
     train_loader, valid_loader = _loaders(cfg, paths[train_idx], data.targets[train_idx], paths[v_idx],

@@ -128,12 +128,26 @@ class EmbeddingTask:
                 module.load_state_dict(state[name])
 
 
+def _reranked_retrieval(q: np.ndarray, g: np.ndarray, ql: np.ndarray, gl: np.ndarray, ks: tuple[int, ...],
+                        knn_k: int) -> tuple[dict[str, float], np.ndarray]:
+    """Recall@K and the kNN vote from k-reciprocal re-ranked distances (as re-id's ``eval.rerank``), in the cosine
+    geometry of the plain retrieval protocol: squared euclidean distance of the unit vectors, which re-ranks as
+    cosine distance does. Needs the pooled [Q + G]^2 matrices on the CPU (``k_reciprocal_rerank``'s memory note)."""
+    from vistrain.metrics import retrieval
+
+    unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (q, g)]
+    idx = retrieval.nearest_by_distance(retrieval.rerank_features(*unit, metric="euclidean"), max(*ks, knn_k))
+    recall = retrieval.recall_from_neighbours(idx, ql, gl, ks)
+    return recall, retrieval.knn_vote(idx[:, :knn_k], gl)
+
+
 def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False) -> dict[str, float | int]:
     """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D].
 
     ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera).
     Retrieval: ``recall@K`` for each K in ``ev.recall_ks``; ``knn_acc`` and ``knn_macro_f1`` of the majority vote of
-    the ``ev.knn_k`` nearest gallery items (the whole gallery when it is smaller). ``knn_macro_f1`` averages the
+    the ``ev.knn_k`` nearest gallery items (the whole gallery when it is smaller); with ``ev.rerank`` both rank by
+    the k-reciprocal re-ranked distances, as re-id does. ``knn_macro_f1`` averages the
     per-class F1 over every class of the evaluation, i.e. the classes among query **or** gallery labels; a class no
     query holds and the vote never predicts scores 0, as a class of a classifier's run does in ``macro_f1``.
     """
@@ -149,8 +163,13 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
         if counts:
             out.update(num_valid_queries=int(res["num_valid_queries"]), num_skipped=int(res["num_skipped"]))
         return out
-    out = {k: float(v) for k, v in retrieval.recall_at_k(q, ql, g, gl, ks=ev.recall_ks, device=ev.device).items()}
-    pred = retrieval.knn_classify(q, g, gl, k=min(ev.knn_k, len(g)), device=ev.device)
+    k = min(ev.knn_k, len(g))
+    if ev.rerank:
+        out, pred = _reranked_retrieval(q, g, ql, gl, ev.recall_ks, k)
+    else:
+        out = {key: float(v) for key, v in retrieval.recall_at_k(q, ql, g, gl, ks=ev.recall_ks,
+                                                                 device=ev.device).items()}
+        pred = retrieval.knn_classify(q, g, gl, k=k, device=ev.device)
     out["knn_acc"] = float((pred == ql).mean())
     classes = np.union1d(ql, gl)  # sorted: searchsorted maps each label to its index among the classes
     out["knn_macro_f1"] = macro_f1(np.searchsorted(classes, ql), np.searchsorted(classes, pred),

@@ -2,7 +2,10 @@
 run, the strong baseline's PRETRAIN_CHOICE 'self') and ``model.pretrained_path`` (a vistrain checkpoint, or a
 plain timm / torchvision state_dict in a .pth / .bin / .safetensors file).
 
-Every tensor whose name and shape match is copied; the rest are listed in the log. A file that matches under
+Every tensor whose name and shape match is copied; the rest are listed in the log. The head of a vistrain checkpoint
+trained on other classes (other names, or another order) is not copied even when its shape matches: its rows would
+score classes they were never trained on. A source trained with other preprocessing is warned about, since its
+weights expect other pixels. A file that matches under
 half of the backbone's tensors is another architecture or layout, and starting from random weights anyway
 would waste the run: it is a UserError naming the file. Names are aligned on the backbone, so a classifier's
 timm names (``conv1.weight``) and the ``backbone.`` prefix of embedding and GeM models map onto each other:
@@ -11,8 +14,10 @@ an embedding run can start a classifier and the other way round.
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vistrain.data.preprocess import Preprocessor
 from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.errors import UserError
 
@@ -36,6 +42,7 @@ class LoadReport:
     backbone_loaded: int
     backbone_total: int
     skipped: list[str]  # "name (why)": other shape, not in the file, not in the model
+    held_back: int = 0  # of them: tensors that matched but were left out on purpose (a head of other classes)
 
     def summary(self, limit: int = 10) -> str:
         shown = ", ".join(self.skipped[:limit]) or "none"
@@ -43,9 +50,12 @@ class LoadReport:
         return f"loaded {self.loaded}/{self.total} tensors; skipped: {shown}{more}"
 
 
-def init_weights(model: nn.Module, m: Any, fold: int) -> str:
+def init_weights(model: nn.Module, m: Any, fold: int, classes: Sequence[Any] | None = None,
+                 preprocessor: Preprocessor | None = None) -> str:
     """Load ``m.init_from`` or ``m.pretrained_path`` (the ``model`` config section) into ``model``, built
-    without them; returns what the ``[MODEL]`` line says about the starting weights."""
+    without them; returns what the ``[MODEL]`` line says about the starting weights. ``classes`` (this run's, in
+    output order) and ``preprocessor`` (this run's) are compared with a vistrain checkpoint's: other classes leave
+    its head out, other preprocessing is a warning; None skips the comparison."""
     if m.init_from is not None:
         key, path = "model.init_from", m.init_from
     elif m.pretrained_path is not None:
@@ -56,10 +66,16 @@ def init_weights(model: nn.Module, m: Any, fold: int) -> str:
     else:
         return "random init"
     source = resolve_source(path, fold, key)
-    state, ours = read_weights(source, key)
-    report = load_matching(model, state, source, key)
-    log.info("[MODEL] %s=%s %s", key.removeprefix("model."), source, report.summary())
-    counts = f"{report.loaded}/{report.total} tensors"
+    state, meta = read_weights(source, key)
+    ours = meta is not None
+    theirs = _other_classes(meta, classes)
+    skip = dict.fromkeys(_head_names(model), "other classes") if theirs is not None else {}
+    report = load_matching(model, state, source, key, skip)
+    held = report.held_back > 0  # a head of the same shape as ours, trained on other classes
+    note = f"; the source's classes {_preview(theirs)} are not this run's {_preview(classes)}" if held else ""
+    log.info("[MODEL] %s=%s %s%s", key.removeprefix("model."), source, report.summary(), note)
+    _warn_other_preprocessing(meta, preprocessor, source, key)
+    counts = f"{report.loaded}/{report.total} tensors" + ("; head not loaded: other classes" if held else "")
     if key == "model.init_from":
         return f"init_from {source} ({counts})"
     return f"pretrained_path {source} (a vistrain checkpoint; {counts})" if ours else \
@@ -91,8 +107,49 @@ def resolve_source(path: Path, fold: int, key: str) -> Path:
     return first
 
 
-def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
-    """(tensors by name, whether the file is a vistrain checkpoint) of a .pth / .pt / .bin / .safetensors file.
+def _other_classes(meta: dict[str, Any] | None, classes: Sequence[Any] | None) -> list[str] | None:
+    """The source checkpoint's classes when they are not ``classes`` (as text, in order); None when they are the
+    same or either is unknown (a plain state_dict, or no classes given)."""
+    theirs = (meta or {}).get("classes")
+    if classes is None or not isinstance(theirs, list):
+        return None
+    theirs = [str(c) for c in theirs]
+    return theirs if theirs != [str(c) for c in classes] else None
+
+
+def _preview(classes: Sequence[Any] | None, limit: int = 6) -> str:
+    names = [str(c) for c in classes or []]
+    return ", ".join(names) if len(names) <= limit else f"{', '.join(names[:limit])}, ... ({len(names)} classes)"
+
+
+def _warn_other_preprocessing(meta: dict[str, Any] | None, ours: Preprocessor | None, source: Path, key: str) -> None:
+    """A warning listing each preprocessing setting in which the source checkpoint differs from this run."""
+    spec = (meta or {}).get("preprocess")
+    if ours is None or spec is None:
+        return
+    try:
+        theirs = Preprocessor.from_dict(spec)
+    except ValueError:  # a checkpoint from before preprocess was recorded, or an edited one: nothing to compare
+        return
+
+    def clahe(p: Preprocessor) -> str:
+        return f"{p.clip_limit}/{p.grid}" if p.clahe else "off"
+
+    settings = {
+        "input": lambda p: f"{p.size[0]}x{p.size[1]}", "crop": lambda p: p.crop,
+        "resize": lambda p: p.interpolation, "clahe": clahe,
+        "mean": lambda p: str([round(x, 3) for x in p.mean]), "std": lambda p: str([round(x, 3) for x in p.std]),
+    }
+    diffs = [f"{name} {show(theirs)} (this config: {show(ours)})" for name, show in settings.items()
+             if show(theirs) != show(ours)]
+    if diffs:
+        log.warning("[WARN] %s: %s was trained with other preprocessing: %s; its weights start from the pixels it "
+                    "saw, this run trains on this config's", key, source, ", ".join(diffs))
+
+
+def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """(tensors by name, the checkpoint's plain fields: classes, preprocess ...) of a .pth / .pt / .bin /
+    .safetensors file; the fields are None when the file is not a vistrain checkpoint.
 
     Both read without running code from the file: safetensors has no code, and a pickle file goes through the
     safe unpickler (``load_checkpoint``), which refuses a file holding objects other than tensors and plain values.
@@ -104,8 +161,8 @@ def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
 
             try:
                 with safe_open(str(path), framework="pt") as fh:
-                    ours = "vistrain_version" in (fh.metadata() or {})
-                return load_file(str(path)), ours
+                    fields = fh.metadata() or {}
+                return load_file(str(path)), _json_fields(fields) if "vistrain_version" in fields else None
             except SafetensorError as err:
                 raise ValueError(str(err)) from err
         obj = load_checkpoint(path)
@@ -122,7 +179,18 @@ def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], bool]:
     tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{key}: {path} holds no tensors; expected a state_dict or a vistrain checkpoint")
-    return tensors, ours
+    return tensors, ({k: v for k, v in obj.items() if k in ("classes", "preprocess", "task")} if ours else None)
+
+
+def _json_fields(metadata: dict[str, str]) -> dict[str, Any]:
+    """A vistrain .safetensors file's metadata (``save_weights``: JSON strings) as values; unreadable ones left out."""
+    out = {}
+    for k, v in metadata.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            continue
+    return out
 
 
 def _plain_state_dict(obj: Any) -> dict[str, Any]:
@@ -136,24 +204,29 @@ def _plain_state_dict(obj: Any) -> dict[str, Any]:
     return {}
 
 
-def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: Path, key: str) -> LoadReport:
-    """Copy the tensors of ``state`` whose name and shape match ``model``'s; refuse a file matching under
-    ``MIN_BACKBONE_MATCH`` of the backbone's tensors (parameters and buffers, the head left out)."""
+def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: Path, key: str,
+                  skip: dict[str, str] | None = None) -> LoadReport:
+    """Copy the tensors of ``state`` whose name and shape match ``model``'s, except those of ``skip`` (model
+    tensor name -> why); refuse a file matching under ``MIN_BACKBONE_MATCH`` of the backbone's tensors (parameters
+    and buffers, the head left out)."""
     target = model.state_dict()
     state = _align(state, target, BACKBONE if _has_backbone(model) else "")
+    skip = skip or {}
     matched: dict[str, torch.Tensor] = {}
-    other_shape, not_in_file = [], []
+    refused, other_shape, not_in_file = [], [], []
     for name, tensor in target.items():
         if name not in state:
             not_in_file.append(f"{name} (not in file)")
         elif state[name].shape != tensor.shape:
             other_shape.append(f"{name} (shape {list(state[name].shape)} vs {list(tensor.shape)})")
+        elif name in skip:
+            refused.append(f"{name} ({skip[name]})")
         else:
             matched[name] = state[name]
     not_in_model = [f"{name} (not in model)" for name in state if name not in target]
     backbone = _backbone_names(model, target)
     report = LoadReport(len(matched), len(target), sum(n in matched for n in backbone), len(backbone),
-                        other_shape + not_in_file + not_in_model)
+                        refused + other_shape + not_in_file + not_in_model, len(refused))
     if report.backbone_loaded < MIN_BACKBONE_MATCH * report.backbone_total:
         raise UserError(f"{key}: {source} matches {report.backbone_loaded} of {report.backbone_total} backbone "
                         f"tensors by name and shape (at least half must): a checkpoint of another architecture "
@@ -181,7 +254,18 @@ def _backbone_names(model: nn.Module, target: dict[str, Any]) -> list[str]:
     ``get_classifier()`` module (its name differs per model: fc, head, classifier, head.fc ...)."""
     if _has_backbone(model):
         return [n for n in target if n.startswith(BACKBONE)]
+    prefixes = _classifier_prefixes(model)
+    return [n for n in target if not n.startswith(prefixes)] if prefixes else list(target)
+
+
+def _head_names(model: nn.Module) -> list[str]:
+    """The tensors that hold one row per class: the ``head.`` of EmbeddingModel and PooledClassifier (not their
+    projection, neck or pooling), or a timm classifier's ``get_classifier()`` module."""
+    prefixes = ("head.",) if _has_backbone(model) else _classifier_prefixes(model)
+    return [n for n in model.state_dict() if prefixes and n.startswith(prefixes)]
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     heads = model.get_classifier() if hasattr(model, "get_classifier") else ()
     heads = heads if isinstance(heads, tuple) else (heads,)
-    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is h for h in heads))
-    return [n for n in target if not n.startswith(prefixes)] if prefixes else list(target)
+    return tuple(f"{name}." for name, module in model.named_modules() if any(module is h for h in heads))

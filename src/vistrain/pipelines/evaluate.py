@@ -17,6 +17,7 @@ from vistrain.data.sources import read_csv, require_dir, require_file
 from vistrain.engine import device as dev
 from vistrain.engine.inference import (
     LoadedRun,
+    ensemble_probs,
     infer_logits,
     load_fold_model,
     load_run,
@@ -25,7 +26,7 @@ from vistrain.engine.inference import (
 )
 from vistrain.errors import UserError
 from vistrain.metrics.classification import classification_report, per_domain_metrics
-from vistrain.pipelines.predict import predict_probs
+from vistrain.pipelines.predict import predict_probs, tta_wanted, warn_untrained_views
 from vistrain.tracking.files import write_csv, write_json
 
 log = logging.getLogger(__name__)
@@ -58,15 +59,23 @@ def oof_outputs(run: LoadedRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     return np.load(oof), np.load(run.path / "oof" / "oof_targets.npy"), items
 
 
-def val_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Each fold's best model on its own validation part (no ensembling: these are held-out scores)."""
+def _log_probs(probs: np.ndarray) -> np.ndarray:
+    """Probabilities averaged over models or views, as logits (their softmax gives them back)."""
+    return np.log(np.clip(probs, 1e-12, 1.0))
+
+
+def val_outputs(run: LoadedRun, folds: list[int], tta: bool = False) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Each fold's best model on its own validation part (no ensembling: these are held-out scores), at the run's
+    temperature; ``tta``: the log of the mean probability over the plain image and the ``eval.tta`` views."""
     items = run.splits()
     device = dev.pick_device(run.cfg.train.device)
+    views = run.cfg.eval.tta if tta else []
     parts, logits = [], []
     for fold in folds:
         part = items[items["fold"] == fold]
         model, pre = load_fold_model(run, fold, device)
-        logits.append(infer_logits(run, model, part["path"].tolist(), pre, device, desc=f"fold {fold}")[0])
+        out = infer_logits(run, model, part["path"].tolist(), pre, device, views, desc=f"fold {fold}")
+        logits.append(_log_probs(ensemble_probs([out], run.temperature)) if tta else _scaled(out[0], run.temperature))
         parts.append(part)
     table = pd.concat(parts, ignore_index=True)
     return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table
@@ -84,14 +93,14 @@ def ratio_test_items(run: LoadedRun) -> pd.DataFrame | None:
     return items[items["split"] == "test"].reset_index(drop=True)
 
 
-def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """The fold ensemble on the run's test split (data.split: ratio) or ``data.test_csv``; log of the mean
-    probabilities serve as logits."""
+def test_outputs(run: LoadedRun, folds: list[int], tta: bool = False) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The fold ensemble (with ``tta``: and the ``eval.tta`` views) on the run's test split (data.split: ratio) or
+    ``data.test_csv``; log of the mean probabilities serve as logits."""
     table = ratio_test_items(run)
     if table is not None:
         require_readable(table["path"].tolist(), "splits.csv (test)")
-        probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
-        return np.log(np.clip(probs, 1e-12, 1.0)), _targets(run, table["label"], "splits.csv"), table
+        probs = predict_probs(run, table["path"].tolist(), folds, tta)  # temperature applied inside
+        return _log_probs(probs), _targets(run, table["label"], "splits.csv"), table
     d = run.cfg.data
     csv = require_file(d.test_csv, "data.test_csv")
     folder = require_dir(d.image_dir_test, "data.image_dir_test")
@@ -106,8 +115,8 @@ def test_outputs(run: LoadedRun, folds: list[int]) -> tuple[np.ndarray, np.ndarr
         table["domain"] = df["domain"]
     targets = _targets(run, table["label"], "data.test_csv")
     require_readable(table["path"].tolist(), "data.test_csv")
-    probs = predict_probs(run, table["path"].tolist(), folds, tta=False)  # temperature applied inside
-    return np.log(np.clip(probs, 1e-12, 1.0)), targets, table
+    probs = predict_probs(run, table["path"].tolist(), folds, tta)  # temperature applied inside
+    return _log_probs(probs), targets, table
 
 
 def failure_table(report: dict[str, Any], threshold: float) -> pd.DataFrame:
@@ -177,13 +186,30 @@ def _top_losses(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, cl
     })
 
 
+def _tta(run: LoadedRun, split: str, flag: bool) -> bool:
+    """Whether this evaluation averages the ``eval.tta`` views (``predict``'s rule), with its warnings."""
+    if flag and run.cfg.task == "embedding":
+        raise UserError("--tta: an embedding run averages each embedding with its mirror image's with "
+                        "eval.flip_feats=true")
+    if not (tta_wanted(run, flag) and run.cfg.eval.tta):  # eval.tta=false: the plain image only
+        return False
+    if split == "oof":
+        raise UserError("eval.tta: --split oof scores the out-of-fold logits stored by training (no image is run "
+                        "again); use --split val for the same held-out images with TTA")
+    warn_untrained_views(run.cfg, run.cfg.eval.tta, "evaluate (eval.tta)")
+    return True
+
+
 def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, overrides: Sequence[str] = (),
-                 echo: bool = True) -> dict[str, Any]:
+                 echo: bool = True, tta: bool = False) -> dict[str, Any]:
     """``overrides``: ``key=value`` evaluation options (``data.test_csv``, ``eval.*`` ...) for this evaluation
-    only; their effective values are recorded in metrics.json. ``echo``: print the console table."""
+    only; their effective values are recorded in metrics.json. ``echo``: print the console table. ``tta``
+    (``--tta``; also when ``eval.tta`` is among the overrides): average the plain image and the ``eval.tta``
+    views, as ``predict --tta`` does; metrics.json records the views under ``tta``."""
     if split not in SPLITS:
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
     run = load_run(run_dir, overrides, "evaluate")
+    tta = _tta(run, split, tta)
     if run.cfg.task == "embedding":
         from vistrain.engine.embedding_eval import evaluate_embedding
 
@@ -193,10 +219,9 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
         logits, targets, table = oof_outputs(run)
         logits = _scaled(logits, run.temperature)
     elif split == "val":
-        logits, targets, table = val_outputs(run, chosen)
-        logits = _scaled(logits, run.temperature)
+        logits, targets, table = val_outputs(run, chosen, tta)
     else:
-        logits, targets, table = test_outputs(run, chosen)
+        logits, targets, table = test_outputs(run, chosen, tta)
     names = [str(c) for c in run.classes]
     report = classification_report(logits, targets, names)
     domains = table["domain"].fillna("").astype(str).to_numpy() if "domain" in table.columns else None
@@ -206,7 +231,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     if domains is not None:
         metrics.update(per_domain_metrics(logits, targets, domains))  # top1@<d> ...: the training row's keys
     metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature,
-                   overrides=run.overrides)
+                   tta=list(run.cfg.eval.tta) if tta else [], overrides=run.overrides)
     if domains is not None:
         metrics["per_domain"] = {dom: _scalars(r) for dom, r in by_domain.items()}
     out = run.path / "eval" / split

@@ -96,12 +96,22 @@ def untrained_views(cfg: Config, views: Sequence[str]) -> list[str]:
     return [v for v in views if a.policy == "none" or not prob[v]]
 
 
-def _warn_untrained_views(cfg: Config, views: Sequence[str]) -> None:
+def warn_untrained_views(cfg: Config, views: Sequence[str], command: str = "predict --tta") -> None:
     seen = {"hflip": "mirrored", "vflip": "upside-down (vertically flipped)"}
     for view in untrained_views(cfg, views):
         why = "augment.policy=none" if cfg.augment.policy == "none" else f"augment.{view}=0"
-        log.warning("[WARN] predict --tta: the %s view, but with %s the model never saw %s images during training; "
-                    "TTA may lower accuracy", view, why, seen[view])
+        log.warning("[WARN] %s: the %s view, but with %s the model never saw %s images during training; "
+                    "TTA may lower accuracy", command, view, why, seen[view])
+
+
+def tta_wanted(run: LoadedRun, flag: bool) -> bool:
+    """Whether a command averages the ``eval.tta`` views: ``--tta``, or ``eval.tta=...`` given on its command line
+    (naming views for this command is asking for them; ``eval.tta=false`` asks for none)."""
+    given = "eval.tta" in run.overrides
+    if given and run.cfg.task == "embedding":
+        raise UserError("eval.tta: a classifier's views; an embedding run averages each embedding with its mirror "
+                        "image's: use --tta (predict) or eval.flip_feats=true")
+    return flag or given
 
 
 def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool) -> np.ndarray:
@@ -126,8 +136,9 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
     inputs = resolve_inputs(run, input_path, image_dir, sample)
     require_readable(inputs.paths)
     d = run.cfg.data
+    tta = tta_wanted(run, tta)
     if tta:  # embedding runs average with the mirror image only
-        _warn_untrained_views(run.cfg, ["hflip"] if run.cfg.task == "embedding" else run.cfg.eval.tta)
+        warn_untrained_views(run.cfg, ["hflip"] if run.cfg.task == "embedding" else run.cfg.eval.tta)
     if run.cfg.task == "embedding":
         from vistrain.engine.embedding_eval import knn_predict
 

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from vistrain.config.loader import config_to_dict, deep_merge, validate
 from vistrain.config.schema import Config
@@ -158,9 +158,12 @@ def _parse_range(key: str, kind: str, spec: dict[str, Any]) -> tuple[Param | Non
             problems.append(f"{where}: {name} must be {'an integer' if kind == 'int' else 'a number'}; "
                             f"got {spec[name]!r}")
         values[name] = number
+    log_ = _as_bool(spec.get("log", False))
+    if log_ is None:
+        problems.append(f"{where}: log must be true or false; got {spec['log']!r}")
     if problems:
         return None, problems
-    low, high, step, log_ = values["low"], values["high"], values.get("step"), bool(spec.get("log", False))
+    low, high, step = values["low"], values["high"], values.get("step")
     if low >= high:
         problems.append(f"{where}: low ({low}) must be less than high ({high})")
     if log_ and low <= 0:
@@ -183,6 +186,15 @@ def _as_number(value: Any, kind: str) -> float | int | None:
     if kind == "int":
         return int(number) if number.is_integer() else None
     return number
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A bool as a config field reads it (pydantic: true / false, yes / no, on / off ... as the config loader
+    leaves them strings); None when it is none of them. ``bool('no')`` would be True."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return None
 
 
 def _is_number(value: Any) -> bool:

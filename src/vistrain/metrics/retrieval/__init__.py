@@ -21,7 +21,9 @@ Speed: on the CPU a ranking is never fully argsorted (value sort + binary search
 stably ranked on the device and only per-query results come back (``ranking_torch``).
 
 Retrieval: ``knn_search`` (Faiss on the CPU when installed, a chunked torch matrix product + ``topk`` otherwise or on
-a CUDA device), ``recall_at_k`` and ``knn_classify``. ``k_reciprocal_rerank`` implements Zhong et al. (2017).
+a CUDA device), ``recall_at_k`` and ``knn_classify``; from a distance matrix (re-ranked, say): ``nearest_by_distance``,
+then ``recall_from_neighbours`` and ``knn_vote``. ``k_reciprocal_rerank`` (``rerank_features`` from features)
+implements Zhong et al. (2017), for re-id and retrieval alike.
 
 Array arguments may be numpy arrays, torch tensors (any device) or sequences. Faiss is imported inside the functions
 that use it, so this package imports without it.
@@ -35,8 +37,15 @@ from vistrain.metrics.retrieval.distances import distance_matrix_chunks
 from vistrain.metrics.retrieval.ranking import NO_VALID_QUERY, ReidResult
 from vistrain.metrics.retrieval.ranking_torch import TORCH_PAIR_BYTES
 from vistrain.metrics.retrieval.reid import reid_cmc_map, reid_cmc_map_detailed, reid_evaluate
-from vistrain.metrics.retrieval.rerank import k_reciprocal_rerank
-from vistrain.metrics.retrieval.search import knn_classify, knn_search, recall_at_k
+from vistrain.metrics.retrieval.rerank import k_reciprocal_rerank, rerank_features
+from vistrain.metrics.retrieval.search import (
+    knn_classify,
+    knn_search,
+    knn_vote,
+    nearest_by_distance,
+    recall_at_k,
+    recall_from_neighbours,
+)
 
 __all__ = [
     "GEMM_TILE_ROWS",
@@ -48,8 +57,12 @@ __all__ = [
     "k_reciprocal_rerank",
     "knn_classify",
     "knn_search",
+    "knn_vote",
+    "nearest_by_distance",
     "recall_at_k",
+    "recall_from_neighbours",
     "reid_cmc_map",
     "reid_cmc_map_detailed",
     "reid_evaluate",
+    "rerank_features",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from vistrain.metrics._common import ArrayLike, _np
 from vistrain.metrics.retrieval._common import GEMM_TILE_ROWS, Metric, _as_tensor, _chunk_rows, _features, _threads
-from vistrain.metrics.retrieval.distances import _distance_matrix, _fill_distances, _prepare_features
+from vistrain.metrics.retrieval.distances import _fill_distances, _prepare_features
 from vistrain.metrics.retrieval.ranking import (
     NO_VALID_QUERY,
     ReidResult,
@@ -22,7 +22,7 @@ from vistrain.metrics.retrieval.ranking import (
     _warn_short_gallery,
 )
 from vistrain.metrics.retrieval.ranking_torch import _eval_device, _reid_torch
-from vistrain.metrics.retrieval.rerank import k_reciprocal_rerank
+from vistrain.metrics.retrieval.rerank import rerank_features
 
 
 def reid_cmc_map_detailed(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_camids: ArrayLike,
@@ -119,10 +119,7 @@ def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_p
         if len(g) == 0:
             raise ValueError(NO_VALID_QUERY)
     if rerank:
-        qg = _distance_matrix(q, g, metric)
-        qq = _distance_matrix(q, q, metric)
-        gg = _distance_matrix(g, g, metric)
-        res = reid_cmc_map_detailed(k_reciprocal_rerank(qg, qq, gg, k1=k1, k2=k2, lambda_value=lambda_value),
+        res = reid_cmc_map_detailed(rerank_features(q, g, metric, k1=k1, k2=k2, lambda_value=lambda_value),
                                     qp, gp, qc, gc, max_rank, memory_budget_mb=memory_budget_mb)
     elif dev is not None:
         _warn_short_gallery(len(g), max_rank)

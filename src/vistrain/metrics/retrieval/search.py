@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vistrain.metrics._common import ArrayLike, _positive_int
+from vistrain.metrics._common import ArrayLike, _np, _positive_int
 from vistrain.metrics.retrieval._common import (
     Metric,
     _as_tensor,
@@ -178,6 +178,26 @@ def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, galler
         keep = idx != np.arange(n_q)[:, None]
         keep[keep.all(axis=1), -1] = False  # self not returned (tied with a duplicate): drop the farthest instead
         idx = idx[keep].reshape(n_q, depth)
+    return recall_from_neighbours(idx, ql, gl, ks)
+
+
+def nearest_by_distance(distmat: ArrayLike, k: int) -> np.ndarray:
+    """The ``k`` nearest gallery indices of each row of a distance matrix [Q, G] (smaller = closer, e.g. re-ranked
+    distances): int64 [Q, min(k, G)], nearest first, equal distances by gallery index (as ``knn_search``)."""
+    dist = np.asarray(_np(distmat))
+    if dist.ndim != 2:
+        raise ValueError(f"distmat must have shape [Q, G], got {dist.shape}")
+    return np.argsort(dist, axis=1, kind="stable")[:, : _positive_int(k, "k")].astype(np.int64)
+
+
+def recall_from_neighbours(idx: np.ndarray, query_labels: ArrayLike | Sequence,
+                           gallery_labels: ArrayLike | Sequence, ks: Sequence[int]) -> dict[str, float]:
+    """``recall_at_k``'s figures from neighbours already found: idx [Q, depth] gallery indices, nearest first
+    (``knn_search``, ``nearest_by_distance``); a K beyond ``depth`` counts the ``depth`` found."""
+    ks = _recall_ks(ks)
+    ql = _labels(query_labels, len(idx), "query_labels")
+    gl = np.asarray(gallery_labels)
+    depth = idx.shape[1]
     hit = gl[idx] == ql[:, None]  # [Q, depth]
     first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), depth)  # 0-based position of the first hit
     return {f"recall@{k}": float(np.mean(first < min(k, depth))) for k in ks}
