@@ -371,3 +371,15 @@ def test_a_saved_config_with_data_sources_reloads_and_hashes_the_same(tmp_path):
     assert "source" not in config_to_dict(cfg)["data"]
     again = load_config(write_yaml(tmp_path / "saved.yaml", config_to_dict(cfg)))
     assert config_to_dict(again) == config_to_dict(cfg)
+
+
+def test_a_run_written_before_the_rule_still_loads_its_config(tmp_path):
+    """Older versions wrote the default ``data.source: csv`` beside ``data.sources`` into every run's config.yaml;
+    evaluate / predict / --resume / audit of such a run read it as a run file, not as a user's config."""
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"data": SOURCES}))
+    old = config_to_dict(cfg)
+    old["data"]["source"] = "csv"
+    saved = write_yaml(tmp_path / "run" / "config.yaml", old)
+    with pytest.raises(UserError, match="data.source and data.sources"):
+        load_config(saved)
+    assert config_to_dict(load_config(saved, run_file=True)) == config_to_dict(cfg)

@@ -13,7 +13,6 @@ import shlex
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 from conftest import class_image, describe, run_cli, write_folders_dataset
 

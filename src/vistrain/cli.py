@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise UserError("--fresh: cannot be combined with --resume RUN_DIR")
         if not (args.resume / "config.yaml").is_file():
             raise UserError(f"--resume: {args.resume} is not a vistrain run directory (no config.yaml)")
-        cfg = load_config(args.resume / "config.yaml", overrides=args.overrides)
+        cfg = load_config(args.resume / "config.yaml", overrides=args.overrides, run_file=True)
         config_path = None
     else:
         if args.config is None:

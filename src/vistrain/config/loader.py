@@ -47,9 +47,11 @@ def load_config(
     path: str | Path | None,
     mode: str | None = None,
     overrides: list[str] | None = None,
+    run_file: bool = False,
 ) -> Config:
     """Build the validated config. ``path`` None means defaults only (tests, ``demo``). The mode, and which of
-    its keys the file and overrides replaced, is attached for the log (``mode_info``)."""
+    its keys the file and overrides replaced, is attached for the log (``mode_info``). ``run_file``: ``path`` is a
+    run's own config.yaml, written by vistrain (see ``_upgrade_run_file``)."""
     merged: dict[str, Any] = {}
     user: dict[str, Any] = {}
     if mode:
@@ -59,6 +61,8 @@ def load_config(
     if path is not None:
         path = Path(path)
         user = read_yaml(path)
+        if run_file:
+            _upgrade_run_file(user)
         _resolve_paths(user, path.resolve().parent)
         merged = deep_merge(merged, user)
         merged.setdefault("project", {})
@@ -72,6 +76,15 @@ def load_config(
         preset = _leaf_keys(MODES[mode])
         cfg._mode = ModeInfo(mode, tuple(sorted(preset & _leaf_keys(user))), tuple(sorted(preset & _leaf_keys(cli))))
     return cfg
+
+
+def _upgrade_run_file(saved: dict[str, Any]) -> None:
+    """What older vistrain versions wrote into a run's config.yaml that this one refuses in a user's file: the
+    default ``data.source`` beside ``data.sources`` (never read there), so that their runs still evaluate, predict,
+    resume and audit."""
+    data = saved.get("data")
+    if isinstance(data, dict) and data.get("sources"):
+        data.pop("source", None)
 
 
 def _leaf_keys(layer: dict[str, Any], prefix: str = "") -> set[str]:

@@ -64,7 +64,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
     keys = restrict_overrides(list(overrides), EVAL_OVERRIDES, command)
-    cfg = load_config(run_dir / "config.yaml", overrides=list(overrides))
+    cfg = load_config(run_dir / "config.yaml", overrides=list(overrides), run_file=True)
     set_max_pixels(cfg.data.max_image_pixels)
     class_map = json.loads((run_dir / "class_map.json").read_text())
     classes = [class_map["idx_to_class"][str(i)] for i in range(len(class_map["idx_to_class"]))]

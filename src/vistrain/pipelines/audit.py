@@ -156,7 +156,7 @@ def _from_run(run_dir: Path, overrides: Sequence[str]) -> AuditData:
     if wrong:
         raise UserError(f"audit RUN: only audit.* keys can be overridden for a run; got '{wrong[0]}'")
     run = load_run(run_dir, command="audit")
-    run.cfg = load_config(run.path / "config.yaml", overrides=list(overrides))
+    run.cfg = load_config(run.path / "config.yaml", overrides=list(overrides), run_file=True)
     items = _with_split_names(run.cfg, run.splits())
     bad_file = run.path / "bad_images.csv"
     bad = pd.read_csv(bad_file, dtype=str, keep_default_na=False) if bad_file.is_file() else \
