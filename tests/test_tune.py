@@ -134,10 +134,15 @@ def test_first_trials_are_the_baseline_then_every_choice() -> None:
 
 # ------------------------------------------------------------------------------- studies with a fake trainer
 
+CKPT_FILES = ("best_fold{k}.pth", "best_fold{k}.safetensors", "last_fold{k}.pth", "last_fold{k}.safetensors",
+              "epoch1_fold{k}.pth")  # what a run's ckpt/ holds after an epoch (with train.save_every_n_epochs)
+
+
 def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[str, Any]] | None = None
                  ) -> list[Config]:
-    """Replace run_train: each epoch reports ``score(cfg, epoch)``; a raised exception crashes the trial.
-    ``calls`` collects each call's other keyword arguments."""
+    """Replace run_train: each epoch writes the checkpoint files of ``CKPT_FILES`` and reports
+    ``score(cfg, epoch)``; a raised exception crashes the trial. ``calls`` collects each call's other keyword
+    arguments."""
     seen: list[Config] = []
 
     def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **kwargs: Any
@@ -145,15 +150,17 @@ def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[s
         seen.append(cfg)
         if calls is not None:
             calls.append(kwargs)
+        run_dir = Path(cfg.output.exp_dir) / "day" / f"{cfg.project.name}-x"
+        (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
         best = None
         for fold in folds or cfg.folds_to_train():
             for epoch in range(1, cfg.train.epochs + 1):
+                for name in CKPT_FILES:
+                    (run_dir / "ckpt" / name.format(k=fold)).write_bytes(b"weights")
                 value = score(cfg, epoch)
                 best = value if best is None else max(best, value)
                 if on_epoch is not None:
                     on_epoch({"fold": fold, "epoch": epoch, cfg.train.monitor: value})
-        run_dir = Path(cfg.output.exp_dir) / "day" / f"{cfg.project.name}-x"
-        run_dir.mkdir(parents=True, exist_ok=True)
         return train_mod.RunResult(run_dir, {"mean": {cfg.train.monitor: best}})
 
     monkeypatch.setattr(train_mod, "run_train", run_train)
