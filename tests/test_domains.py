@@ -370,7 +370,8 @@ def test_a_class_without_images_in_a_domain_has_no_recall_or_f1_there(tmp_path: 
     pred = np.array([0, 1, 1, 1, 2, 2, 1, 0])  # studio: a predicted as c once, although c has no studio image
     domains = np.array(["real"] * 5 + ["studio"] * 3)
     logits = np.eye(3)[pred]
-    by_domain = {d: classification_report(logits[domains == d], targets[domains == d], names) for d in ("real", "studio")}
+    by_domain = {d: classification_report(logits[domains == d], targets[domains == d], names)
+                 for d in ("real", "studio")}
     write_csv(tmp_path / "eval" / "val" / "per_class.csv",
               per_class_table(classification_report(logits, targets, names), by_domain))
     table = pd.read_csv(tmp_path / "eval" / "val" / "per_class.csv")

@@ -299,22 +299,22 @@ class PrunerPlan:
     startup: int  # completed trials the median pruner waits for (one lucky or unlucky trial must not set the bar)
     first_epoch: int  # the first epoch (= step) whose report may prune a trial
 
-    def line(self, name: str, warmup_epochs: int, epochs: int) -> str:
+    def line(self, name: str, warmup_epochs: float, epochs: int) -> str:
         if name == "none":
             return "pruner=none: every trial runs all its epochs"
         after = f"once {self.startup} trial(s) have completed, " if name == "median" else ""
         return (f"pruner={name}: {after}a trial may be stopped from epoch {self.first_epoch} of {epochs} on "
-                f"(train.warmup_epochs={warmup_epochs}: no pruning during the learning-rate warm-up)")
+                f"(train.warmup_epochs={warmup_epochs:g}: no pruning during the learning-rate warm-up)")
 
 
-def pruner_plan(n_trials: int, warmup_epochs: int, epochs: int) -> PrunerPlan:
+def pruner_plan(n_trials: int, warmup_epochs: float, epochs: int) -> PrunerPlan:
     """Defaults that let a study learn. During the learning-rate warm-up every trial scores near chance, so a
     report from it says nothing about the values tried: no trial is stopped before the first epoch after the
     warm-up, nor in the first third of the epochs after it. The median of one or two completed trials is a noisy
     bar, so the median pruner waits for a quarter of the study's trials (2 to 10; Optuna's own default, 5, at
     the default 20 trials)."""
-    after_warmup = max(1, math.ceil((epochs - warmup_epochs) / 3))
-    first = max(1, min(epochs, warmup_epochs + after_warmup))
+    warm = math.ceil(warmup_epochs)  # the epochs the warm-up touches (it may end within one)
+    first = max(1, min(epochs, warm + max(1, math.ceil((epochs - warm) / 3))))
     return PrunerPlan(startup=min(10, max(2, n_trials // 4)), first_epoch=first)
 
 
