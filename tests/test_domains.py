@@ -357,6 +357,41 @@ def test_report_lists_the_classes_under_the_threshold_per_domain(tmp_path: Path)
                    ["studio", "c", "Cetirizine", "0.5500"]], got
 
 
+def test_a_class_without_images_in_a_domain_has_no_recall_or_f1_there(tmp_path: Path) -> None:
+    """per_class.csv leaves recall@d / f1@d empty (and the report shows a dash) where support@d is 0; the other
+    cells are scikit-learn's numbers on that domain's rows."""
+    from vistrain.metrics.classification import classification_report
+    from vistrain.pipelines.evaluate import per_class_table
+    from vistrain.tracking.files import write_csv
+    from vistrain.viz.report import render_report
+
+    names = ["a", "b", "c"]
+    targets = np.array([0, 0, 1, 1, 2, 0, 1, 0])
+    pred = np.array([0, 1, 1, 1, 2, 2, 1, 0])  # studio: a predicted as c once, although c has no studio image
+    domains = np.array(["real"] * 5 + ["studio"] * 3)
+    logits = np.eye(3)[pred]
+    by_domain = {d: classification_report(logits[domains == d], targets[domains == d], names)
+                 for d in ("real", "studio")}
+    write_csv(tmp_path / "eval" / "val" / "per_class.csv",
+              per_class_table(classification_report(logits, targets, names), by_domain))
+    table = pd.read_csv(tmp_path / "eval" / "val" / "per_class.csv")
+    rows = domains == "studio"
+    recall = skm.recall_score(targets[rows], pred[rows], labels=[0, 1, 2], average=None, zero_division=np.nan)
+    f1 = skm.f1_score(targets[rows], pred[rows], labels=[0, 1, 2], average=None)
+    assert table["support@studio"].tolist() == [2, 1, 0]
+    assert table["recall@studio"].tolist()[:2] == pytest.approx(recall[:2]) and np.isnan(recall[2])
+    assert table["f1@studio"].tolist()[:2] == pytest.approx(f1[:2])
+    assert table[["recall@studio", "f1@studio"]].iloc[2].isna().all(), "no studio image of c: no recall, no F1"
+    assert table[["recall@real", "f1@real"]].notna().all().all()
+    line_c = (tmp_path / "eval" / "val" / "per_class.csv").read_text().splitlines()[3]
+    assert ",,0" in line_c and ",0.0,0.0,0" not in line_c, line_c  # recall@studio,f1@studio,support@studio
+
+    page = render_report(tmp_path)
+    section = page[page.index("Per-class metrics"):]
+    row_c = section[section.index("<td>c</td>"):].split("</tr>")[0]
+    assert row_c.count("\u2014</td>") == 2 and "<td>0.0000</td><td>0.0000</td><td>0</td>" not in row_c, row_c
+
+
 # -------------------------------------------------------------------------------------- display names
 
 METADATA = {"0": {"display_name": "Zero tablet", "training_weight": 1.0}, "1": {"name": "One capsule"},

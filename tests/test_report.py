@@ -185,3 +185,21 @@ def test_headless_check_catches_requests_and_console_errors(tmp_path: Path) -> N
     seen = visit(page, tmp_path / "profile")
     assert seen.requests == ["http://127.0.0.1:9/x.png"]
     assert any('"boom"' in line for line in seen.console)
+
+
+def test_the_report_train_writes_shows_the_runs_final_status(tmp_path: Path) -> None:
+    """The report written at the end of ``train`` is drawn once run.json holds the final status, so it agrees with
+    run.json and with what ``vistrain report RUN`` draws later."""
+    from conftest import tiny_config, write_csv_dataset
+
+    from vistrain.config.loader import validate
+    from vistrain.pipelines.train import run_train
+
+    data = write_csv_dataset(tmp_path / "data", classes=("a", "b"), per_class=4, size=16)
+    cfg = validate(tiny_config(data.root, model={"name": "test_resnet"}, train={"epochs": 1},
+                               tracking={"tensorboard": False},
+                               output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None}))
+    run = run_train(cfg).run_dir
+    assert json.loads((run / "run.json").read_text())["status"] == "success"
+    header = re.search(r'<div class="meta">([^<]*)</div>', (run / "report.html").read_text(encoding="utf-8"))
+    assert header is not None and header.group(1).startswith("status: success |"), header

@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import tiny_config, write_csv_dataset, write_yaml
+from conftest import describe, last_line, run_cli, run_dirs, tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config.loader import load_config, validate
 from vistrain.config.schema import Config
@@ -134,10 +135,15 @@ def test_first_trials_are_the_baseline_then_every_choice() -> None:
 
 # ------------------------------------------------------------------------------- studies with a fake trainer
 
+CKPT_FILES = ("best_fold{k}.pth", "best_fold{k}.safetensors", "last_fold{k}.pth", "last_fold{k}.safetensors",
+              "epoch1_fold{k}.pth")  # what a run's ckpt/ holds after an epoch (with train.save_every_n_epochs)
+
+
 def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[str, Any]] | None = None
                  ) -> list[Config]:
-    """Replace run_train: each epoch reports ``score(cfg, epoch)``; a raised exception crashes the trial.
-    ``calls`` collects each call's other keyword arguments."""
+    """Replace run_train: each epoch writes the checkpoint files of ``CKPT_FILES`` and reports
+    ``score(cfg, epoch)``; a raised exception crashes the trial. ``calls`` collects each call's other keyword
+    arguments."""
     seen: list[Config] = []
 
     def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **kwargs: Any
@@ -145,15 +151,17 @@ def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[s
         seen.append(cfg)
         if calls is not None:
             calls.append(kwargs)
+        run_dir = Path(cfg.output.exp_dir) / "day" / f"{cfg.project.name}-x"
+        (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
         best = None
         for fold in folds or cfg.folds_to_train():
             for epoch in range(1, cfg.train.epochs + 1):
+                for name in CKPT_FILES:
+                    (run_dir / "ckpt" / name.format(k=fold)).write_bytes(b"weights")
                 value = score(cfg, epoch)
                 best = value if best is None else max(best, value)
                 if on_epoch is not None:
                     on_epoch({"fold": fold, "epoch": epoch, cfg.train.monitor: value})
-        run_dir = Path(cfg.output.exp_dir) / "day" / f"{cfg.project.name}-x"
-        run_dir.mkdir(parents=True, exist_ok=True)
         return train_mod.RunResult(run_dir, {"mean": {cfg.train.monitor: best}})
 
     monkeypatch.setattr(train_mod, "run_train", run_train)
@@ -265,7 +273,9 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     optuna = pytest.importorskip("optuna")
     from vistrain.pipelines.tune import run_tune
 
-    cfg = make_cfg(data_root, tmp_path, tune={"space": LR_SPACE})
+    # The pruner waits for 2 completed trials (the baseline, then 1e-9); 1e-8 learns no more than 1e-9 did.
+    cfg = make_cfg(data_root, tmp_path, tune={"space": {"train.lr": {"type": "categorical",
+                                                                     "choices": ["1e-9", 3e-3, "1e-8"]}}})
     result = run_tune(cfg, n_trials=4, auto_continue=True, use_calibration=True)
 
     tune_dir = result.tune_dir
@@ -275,7 +285,7 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{tune_dir / 'study.db'}")
     states = [t.state.name for t in study.trials]
     assert len(states) == 4 and "PRUNED" in states, states
-    assert all(t.params["train.lr"] == 1e-9 for t in study.trials if t.state.name == "PRUNED")
+    assert all(t.params["train.lr"] == 1e-8 for t in study.trials if t.state.name == "PRUNED")
     best = yaml.safe_load((tune_dir / "best_params.yaml").read_text())
     assert best == {"train": {"lr": 3e-3}} == {"train": {"lr": result.best_params["train.lr"]}}
     assert (tune_dir / "best_params.yaml").read_text().startswith("# best trial ")
@@ -291,6 +301,9 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
                   for t in trained}
     assert last_lines["PRUNED"].endswith("[EXIT] TRAINING PRUNED"), last_lines
     assert last_lines["COMPLETE"].endswith("[EXIT] TRAINING SUCCESS code=0"), last_lines
+    # tune.keep_checkpoints: best (the default): a completed trial keeps its best weights only, a pruned one none.
+    kept = {t.state.name: sorted(p.name for p in (Path(t.user_attrs["run_dir"]) / "ckpt").iterdir()) for t in trained}
+    assert kept == {"COMPLETE": ["best_fold0.pth"], "PRUNED": []}, kept
 
     # auto-continue: an ordinary run directory with the best values and a note of where they came from.
     run_dir = result.run_dir
@@ -302,6 +315,30 @@ def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_
     assert (run_dir / "summary.json").is_file()
     calibration = json.loads((run_dir / "calibration.json").read_text())  # --use-calibration: the run is calibrated
     assert calibration["temperature"] > 0
+
+
+def test_cli_optimize_auto_continue_ends_each_log_with_one_exit_line(data_root: Path, tmp_path: Path) -> None:
+    """``train --optimize --auto-continue`` for real: the console, tune.log and every run's train.log (the trials'
+    and the final run's) end with exactly one [EXIT] line; the final run's report shows its final status."""
+    pytest.importorskip("optuna")
+    raw = tiny_config(data_root, model={"name": "test_resnet"}, tracking={"tensorboard": False},
+                      output={"exp_dir": str(tmp_path / "exp"), "logs_dir": str(tmp_path / "logs")})
+    raw["tune"] = {"epochs": 1, "space": LR_SPACE}
+    config = write_yaml(tmp_path / "tune.yaml", raw)
+    r = run_cli("train", "--config", str(config), "--optimize", "--n-trials", "2", "--auto-continue", cwd=tmp_path)
+    assert r.returncode == 0, describe(r)
+    assert r.stdout.count("[EXIT]") == 1 and last_line(r.stdout) == "[EXIT] TRAINING SUCCESS code=0", describe(r)
+    (final,) = run_dirs(tmp_path / "exp")
+    (tune_dir,) = (tmp_path / "exp").glob("*/*_tune")
+    (copy,) = (tmp_path / "logs").glob(f"run_*_{final.name}.log")
+    trial_logs = sorted((tune_dir / "trials").glob("*/*/train.log"))
+    assert len(trial_logs) == 2
+    success = "[EXIT] TRAINING SUCCESS code=0"
+    for log, marker in [(final / "train.log", success), (copy, success), (tune_dir / "tune.log", "TUNING SUCCESS"),
+                        *((p, "[EXIT] TRAINING ") for p in trial_logs)]:
+        text = log.read_text()
+        assert text.count("[EXIT]") == 1 and marker in text.rstrip().splitlines()[-1], (log, text[-600:])
+    assert "status: success |" in (final / "report.html").read_text(encoding="utf-8")
 
 
 # Shared studies (several worker processes on one storage): tests/test_tune_shared.py.
@@ -480,4 +517,177 @@ def test_auto_continue_finishes_the_interrupted_study_then_trains_the_best(
     capsys.readouterr()
     assert main(["train", "--config", str(config), "--auto-continue"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: --auto-continue: no unfinished study") and "--optimize" in line, line
+    assert line.startswith("error: --auto-continue: nothing left to continue") and "--optimize" in line, line
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_auto_continue_after_a_finished_search_trains_its_best_values(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed 000: ``--optimize`` alone searches; ``--auto-continue`` afterwards goes on to the full training of the
+    best trial's values (no trial runs again), logged with the study and its best value."""
+    pytest.importorskip("optuna")
+    from vistrain.cli import main
+
+    calls: list[dict[str, Any]] = []
+    seen = fake_trainer(monkeypatch, good_lr, calls)
+    config = tune_config(tmp_path)
+    assert main(["train", "--config", str(config), "--optimize", "--n-trials", "2"]) == 0
+    assert len(seen) == 2
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--auto-continue"]) == 0, capsys.readouterr().err
+    assert len(seen) == 3, "only the full training ran"
+    final = seen[-1]
+    assert final.train.lr == 3e-3 and "-trial" not in final.project.name and final.train.epochs == 2
+    assert calls[-1]["resume"] is True
+    tune_dir = only_tune_dir(tmp_path)
+    info = json.loads((tune_dir / "tune.json").read_text())
+    assert info["continued"]["status"] == "success" and info["best"]["params"] == {"train.lr": 3e-3}
+    run_dir = Path(info["continued"]["run_dir"])
+    assert json.loads((run_dir / "tuned_from.json").read_text())["tune_dir"] == str(tune_dir)
+    log = (tune_dir / "tune.log").read_text()
+    assert (f"[TUNE] auto-continue: full training with the best values of study 'tiny': trial 0, "
+            f"macro_f1={info['best']['value']:.4f}: train.lr=0.003") in log, log
+    # Both trained: nothing is left, and the message says where the best values were trained.
+    capsys.readouterr()
+    assert main(["train", "--config", str(config), "--auto-continue"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "nothing left to continue" in line and str(run_dir) in line and "--optimize" in line, line
+
+
+# ------------------------------------------------------------ what n_trials means, the pruner, the metric name
+
+def test_help_says_n_trials_is_the_studys_total() -> None:
+    from vistrain.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for verb in ("tune", "train"):
+        text = " ".join(sub.choices[verb].format_help().split())
+        assert "trials this process runs" not in text, verb
+        assert "--n-trials N" in text and "the study's total" in text, text
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_n_trials_is_the_studys_total_as_the_log_says_and_the_study_names_its_metric(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A second process asked for 3 trials of a study that holds 2 runs one; its log says so; Optuna's dashboard
+    (and trials.csv) name the objective after train.monitor."""
+    optuna = pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    seen = fake_trainer(monkeypatch, good_lr)
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    cfg = make_cfg(tmp_path, tmp_path, tune={"pruner": "none", "space": {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    first = run_tune(cfg, n_trials=2, storage=url, study_name="shared")
+    second = run_tune(cfg, n_trials=3, storage=url, study_name="shared")
+    assert len(seen) == 3, "3 is the study's total, not this process's count"
+    study = optuna.load_study(study_name="shared", storage=url)
+    assert len(study.trials) == 3 and study.metric_names == ["macro_f1"]
+    assert "value_macro_f1" in pd.read_csv(second.tune_dir / "trials.csv").columns
+    for result, before in ((first, 0), (second, 2)):
+        log = (result.tune_dir / "tune.log").read_text()
+        n = 2 if result is first else 3
+        assert (f"{n} trial(s) in the study in all, by every process working on it ({before} ended so far, "
+                f"{n - before} left)") in log, log
+
+
+@pytest.mark.parametrize(("n_trials", "warmup", "epochs", "startup", "first_epoch"), [
+    (6, 1, 4, 2, 2),  # the digits demo: 12 epochs, a third per trial, one warm-up epoch
+    (20, 1, 4, 5, 2),  # the default 20 trials: Optuna's own default of 5 startup trials
+    (100, 0, 10, 10, 4),
+    (20, 3, 9, 5, 5),
+    (2, 0, 1, 2, 1),
+    (8, 5, 3, 2, 3),  # a warm-up longer than the trial: only the last epoch may prune
+    (20, 0.5, 4, 5, 2),  # a warm-up ending within epoch 1
+])
+def test_pruner_plan_scales_with_the_study_and_the_warm_up(n_trials: int, warmup: float, epochs: int, startup: int,
+                                                           first_epoch: int) -> None:
+    from vistrain.pipelines.tune import pruner_plan
+
+    plan = pruner_plan(n_trials, warmup, epochs)
+    assert (plan.startup, plan.first_epoch) == (startup, first_epoch)
+    assert plan.first_epoch > min(warmup, epochs - 1), "never judged on a warm-up epoch while a later one comes"
+
+
+@pytest.mark.usefixtures("no_plots")
+def test_the_pruner_lets_a_study_learn_past_the_warm_up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The issue's study: in the warm-up epoch every new trial scores near chance while the baseline does not,
+    and later they all beat it. Judged on epoch 1 after one completed trial, every sampled trial was pruned."""
+    pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    def score(cfg: Config, epoch: int) -> float:
+        if cfg.train.lr < 3e-4:
+            return 0.1  # a learning rate that cannot learn in 3 epochs: pruned once it may be
+        baseline = cfg.train.lr == 3e-3
+        if epoch == 1:
+            return 0.5 if baseline else 0.1
+        return (0.5 if baseline else 0.8) + epoch / 10
+
+    fake_trainer(monkeypatch, score)
+    cfg = make_cfg(tmp_path, tmp_path, train={"warmup_epochs": 1}, tune={"epochs": 3, "space": {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
+    result = run_tune(cfg, n_trials=6)
+    trials = pd.read_csv(result.tune_dir / "trials.csv")
+    assert (trials["state"] == "COMPLETE").sum() >= 3, trials[["number", "state", "params_train.lr"]]
+    assert result.best_params["train.lr"] != 3e-3, "a trial that learns better than the baseline won"
+    for at in trials.get("user_attrs_pruned_at", pd.Series(dtype=object)).dropna():
+        assert eval(at)["epoch"] >= 2, at  # noqa: S307 - a dict repr Optuna wrote from our own user attribute
+    log = (result.tune_dir / "tune.log").read_text()
+    assert ("[TUNE] pruner=median: once 2 trial(s) have completed, a trial may be stopped from epoch 2 of 3 on "
+            "(train.warmup_epochs=1: no pruning during the learning-rate warm-up)") in log, log
+
+
+# --------------------------------------------------------------------------------- tune.keep_checkpoints
+
+@pytest.mark.usefixtures("no_plots")
+@pytest.mark.parametrize("keep", ["best", "none", "all"])
+def test_keep_checkpoints_decides_what_an_ended_trial_leaves_on_disk(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path, keep: str) -> None:
+    optuna = pytest.importorskip("optuna")
+    from vistrain.pipelines.tune import run_tune
+
+    fake_trainer(monkeypatch, good_lr)
+    space = {"train.lr": {"type": "categorical", "choices": [3e-3, 1e-9, 1e-8]}}
+    cfg = make_cfg(tmp_path, tmp_path, tune={"space": space, "keep_checkpoints": keep})
+    result = run_tune(cfg, n_trials=3)
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{result.tune_dir / 'study.db'}")
+    left = {t.number: (t.state.name, sorted(p.name for p in (Path(t.user_attrs["run_dir"]) / "ckpt").iterdir()))
+            for t in study.trials}
+    everything = sorted(name.format(k=0) for name in CKPT_FILES)
+    expected = {"best": {0: ("COMPLETE", ["best_fold0.pth"]), 1: ("COMPLETE", ["best_fold0.pth"]), 2: ("PRUNED", [])},
+                "none": {0: ("COMPLETE", []), 1: ("COMPLETE", []), 2: ("PRUNED", [])},
+                "all": {0: ("COMPLETE", everything), 1: ("COMPLETE", everything), 2: ("PRUNED", everything)}}
+    assert left == expected[keep]
+
+
+@pytest.mark.slow
+def test_a_six_trial_digits_study_completes_at_least_two_trials(tmp_path: Path) -> None:
+    """The issue's set-up (the digits demo), shorter: scikit-learn's 1,797 digits (real scans) as 32 px PNGs,
+    resnet10t, one warm-up epoch, 3 epochs per trial, the default space. The baseline learns within its first
+    epoch, so every sampled trial used to be pruned at its warm-up epoch, measured against that one trial."""
+    optuna = pytest.importorskip("optuna")
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from vistrain.pipelines.tune import run_tune
+
+    digits = load_digits()
+    keep = np.arange(len(digits.target))
+    (tmp_path / "train").mkdir()
+    for i in keep:
+        pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
+        image = Image.fromarray(pixels, mode="L").resize((32, 32), Image.Resampling.BICUBIC)
+        image.save(tmp_path / "train" / f"d{i}.png")
+    pd.DataFrame({"ID": [f"d{i}" for i in keep], "target": digits.target[keep]}).to_csv(tmp_path / "train.csv",
+                                                                                        index=False)
+    raw = tiny_config(tmp_path, project={"name": "digits", "seed": 42}, data={"folds": 5},
+                      train={"batch_size": 64, "epochs": 9, "warmup_epochs": 1, "weight_decay": 0.01},
+                      output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None})
+    result = run_tune(validate(raw), n_trials=6)
+    study = optuna.load_study(study_name=result.study_name, storage=f"sqlite:///{result.tune_dir / 'study.db'}")
+    states = [t.state.name for t in study.trials]
+    print(f"6-trial digits study: {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned "
+          f"({', '.join(f'{t.number}:{t.state.name}:{t.value}' for t in study.trials)})")
+    assert states.count("COMPLETE") >= 2, states
+    assert all(t.user_attrs["pruned_at"]["epoch"] >= 2 for t in study.trials if t.state.name == "PRUNED")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -199,3 +200,46 @@ def test_matplotlib_is_lazy_and_pyplot_untouched(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert_png(tmp_path / "cm.png")
+
+
+def _titles(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The titles (figure and panels) and legend labels of every figure the plots module saves, by file name."""
+    seen: dict[str, list[str]] = {}
+    save = plots.save_png
+
+    def record(fig: Any, path: Path) -> Path:
+        texts = [fig._suptitle.get_text()] if fig._suptitle is not None else []
+        for ax in fig.axes:
+            texts += [ax.get_title(), *ax.get_legend_handles_labels()[1]]
+        texts += [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        texts += [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()]
+        seen[path.name] = [t for t in texts if t]
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "save_png", record)
+    return seen
+
+
+def test_a_ratio_split_runs_plots_speak_of_its_splits_not_of_folds(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.split: ratio trains one model on split=train and validates on split=val: no plot of it may say
+    "each fold" (the class distribution's panels, bars and the curves' title did)."""
+    run = make_run_dir(tmp_path, n_folds=1, oof=False)
+    splits = pd.read_csv(run / "splits.csv")
+    splits["split"] = np.resize(["train", "train", "val", "test"], len(splits))
+    splits["fold"] = np.where(splits["split"] == "val", 0, -1)
+    splits.to_csv(run / "splits.csv", index=False)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "split": {"type": "ratio"}}))
+    titles = _titles(monkeypatch)
+    training_plots(run)
+    text = " | ".join(titles["class_distribution.png"] + titles["fold0_curves.png"])
+    assert "fold" not in text, text
+    assert "train split" in " ".join(titles["class_distribution.png"])
+    assert "val split" in " ".join(titles["class_distribution.png"])
+    assert "ratio split" in titles["fold0_curves.png"][0]
+    # A K-fold run keeps its fold wording.
+    kfold = make_run_dir(tmp_path / "kfold", oof=False)
+    training_plots(kfold)
+    assert "train part of each fold" in titles["class_distribution.png"]
+    assert titles["fold1_curves.png"][0].startswith("fold 1")

@@ -389,10 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", action="store_true",
                    help="search tune.space first (as vistrain tune); with --auto-continue, then train the best")
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
-                   help="with --optimize: trials (default: tune.n_trials)")
+                   help="with --optimize: the study's total of trials run to an end (default: tune.n_trials)")
     p.add_argument("--auto-continue", action="store_true",
                    help="with --optimize: then train the config with the best values, recording them in "
-                        "tuned_from.json; alone: continue the newest unfinished study of this config, then do that")
+                        "tuned_from.json; alone: continue the newest study of this config whose trials or whose "
+                        "training of the best values are not done (e.g. after --optimize alone), then do that")
     p.set_defaults(command_label="TRAINING")
 
     p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")
@@ -488,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("tune", cmd_tune, "search tune.space with Optuna (pruning bad trials early) -> a tune directory")
     config_args(p, required=True)
     p.add_argument("--n-trials", type=_positive_int, metavar="N",
-                   help="trials this process runs (default: tune.n_trials)")
+                   help="the study's total: trials run to an end (completed, pruned or failed) by every process "
+                        "working on the study, those before this one included; a process stops when the study "
+                        "holds N (default: tune.n_trials)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage shared by workers, e.g. sqlite:///study.db or postgresql://host/db "
                         "(default: tune.storage, else a private SQLite file in the tune directory)")

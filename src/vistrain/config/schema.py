@@ -373,11 +373,14 @@ class TuneCfg(Section):
     epochs: PositiveInt | None = None  # epochs per trial; a third of train.epochs when empty
     folds: list[Annotated[int, Field(ge=0)]] = [0]  # folds each trial trains; the objective is their mean
     space: dict[str, dict[str, Any]] = {}  # "train.lr": {type: float, low: 1e-5, high: 1e-2, log: true}; empty: default
-    pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner: Literal["median", "hyperband", "none"] = "median"  # no pruning in the warm-up (tune.py pruner_plan)
     storage: str | None = None  # RDB URL; SQLite in the tune directory when empty
     study_name: str | None = None  # the config's project.name when empty
     heartbeat_s: PositiveInt = 30  # shared storage: a dead worker's trial is failed after 3 missed beats
     timeout: Annotated[float, Field(gt=0)] | None = None  # seconds for the whole study
+    # What a trial's run directory keeps once the trial ends (each last checkpoint holds the optimiser state too):
+    # best: a completed trial its best weights only, others nothing; none: nothing; all: every checkpoint
+    keep_checkpoints: Literal["best", "none", "all"] = "best"
 
 
 class ServeCfg(Section):

@@ -149,14 +149,25 @@ def _scalars(report: dict[str, Any]) -> dict[str, Any]:
 def per_class_table(report: dict[str, Any], by_domain: dict[str, dict[str, Any]],
                     display: Sequence[str | None] = ()) -> pd.DataFrame:
     """per_class.csv: the overall per-class metrics, the display name when class_map.json gives any, then
-    ``recall@<d>`` (the class's accuracy on that domain's images), ``f1@<d>`` and ``support@<d>`` per domain."""
+    ``recall@<d>`` (the class's accuracy on that domain's images), ``f1@<d>`` and ``support@<d>`` per domain.
+
+    A class without images (overall, or in a domain) has no recall, accuracy or F1 there: those cells are NaN
+    (empty in the CSV), not the 0 that scikit-learn's ``zero_division`` puts in; no images is not zero recall."""
     table = pd.DataFrame(report["per_class"])
+    _undefined_without_support(table, ("recall", "accuracy", "f1"), "support")
     if any(display):
         table.insert(2, "display_name", [name or "" for name in display])
     for dom, rep in by_domain.items():
         for key in ("recall", "f1", "support"):
             table[f"{key}@{dom}"] = [c[key] for c in rep["per_class"]]
+        _undefined_without_support(table, (f"recall@{dom}", f"f1@{dom}"), f"support@{dom}")
     return table
+
+
+def _undefined_without_support(table: pd.DataFrame, columns: Sequence[str], support: str) -> None:
+    absent = table[support] == 0
+    for column in columns:
+        table[column] = table[column].astype(float).mask(absent)
 
 
 def predictions_table(logits: np.ndarray, targets: np.ndarray, table: pd.DataFrame, classes: list) -> pd.DataFrame:

@@ -169,8 +169,9 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
                             sample=cfg.data.sample_csv)
             from vistrain.viz.report import write_report
 
-            log.info("[DONE] report: %s", write_report(run.path))
             run.set_status("success", summary="summary.json", error=None, exit_code=None)  # a resumed failure's too
+            # After the status: the page shows run.json's status as it stays (a failure here sets "error" again).
+            log.info("[DONE] report: %s", write_report(run.path))
         except BaseException as err:
             status = _stopped_status(err)
             if status == "diverged":

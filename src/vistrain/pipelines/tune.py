@@ -1,32 +1,34 @@
 """``vistrain tune`` (and ``train --optimize``): an Optuna study over config keys, with pruning.
 
 Each trial is an ordinary ``run_train`` of the config with the sampled values applied as overrides, shorter
-(``tune.epochs``, or a third of ``train.epochs``) and on ``tune.folds``. After every epoch the monitor metric
-is reported to Optuna; the pruner stops trials that are clearly worse than the completed ones at the same
-epoch. The objective is the mean over the folds of each fold's best monitor value. The first trial is the
-config's own values (moved into the space), then every categorical choice once; a trial that draws the
-values of a completed one reuses its result instead of training again.
+(``tune.epochs``, or a third of ``train.epochs``) and on ``tune.folds``. After every epoch the monitor metric is
+reported to Optuna; the pruner stops trials that are clearly worse than the completed ones at the same epoch, never
+during the learning-rate warm-up (``pruner_plan``). The objective, named after the monitor in the study
+(``set_metric_names``), is the mean over the folds of each fold's best monitor value. When a trial ends, its run
+directory keeps the checkpoints ``tune.keep_checkpoints`` says (best: a completed trial its best weights only). The
+first trial is the config's own values (moved into the space), then every categorical choice once; a trial that
+draws the values of a completed one reuses its result instead of training again.
 
-Sharing a study: processes (on one machine or many) work on one study when they use the same storage URL
-(``--storage`` / ``tune.storage``) and the same study name (``--study-name`` / ``tune.study_name`` /
-``project.name``); ``n_trials`` is then the study's total: every worker stops once the study holds that many
-trials that ran to an end (completed, pruned, or failed by an error), so two workers asked for 20 run 20, not
-40. A worker waits while the trials other workers are running would reach the total, and a trial started at the
-same moment as the last one needed is not run (the lower trial ID wins; recorded as failed, ``surplus``). Each
-worker beats an Optuna heartbeat (``tune.heartbeat_s``): the trial of a worker that died (killed, a lost machine)
-is failed after three missed beats by the next worker that looks, and another trial takes its place.
-SQLite is fine for processes on one machine; across
-machines use a database server URL (``postgresql://...``, ``mysql://...``), since SQLite on a network file
-system does not lock reliably. Each process writes its own tune directory (its trials' run directories and
-its reports); the reports describe the whole shared study as far as it had got when that process ended, so
-the last process to finish has the complete picture. Without ``--storage``, the study lives in
-``<tune dir>/study.db`` and is private to one process.
+``n_trials`` is always the study's total, not a count per process: a process stops once the study holds that many
+trials that ran to an end (completed, pruned, or failed by an error). Sharing a study: processes (on one machine or
+many) work on one study when they use the same storage URL (``--storage`` / ``tune.storage``) and the same study
+name (``--study-name`` / ``tune.study_name`` / ``project.name``); two workers asked for 20 run 20, not 40, and a
+process that joins a study already holding 20 ended trials runs none. A worker waits while the trials other workers
+are running would reach the total, and a trial started at the same moment as the last one needed is not run (the
+lower trial ID wins; recorded as failed, ``surplus``). Each worker beats an Optuna heartbeat (``tune.heartbeat_s``):
+the trial of a worker that died (killed, a lost machine) is failed after three missed beats by the next worker that
+looks, and another trial takes its place. SQLite is fine for processes on one machine; across machines use a
+database server URL (``postgresql://...``, ``mysql://...``), since SQLite on a network file system does not lock
+reliably. Each process writes its own tune directory (its trials' run directories and its reports); the reports
+describe the whole shared study as far as it had got when that process ended, so the last process to finish has the
+complete picture. Without ``--storage``, the study lives in ``<tune dir>/study.db`` and is private to one process.
 
 Continuing (``train --config F --auto-continue``, ``continue_tune``): the newest tune directory of the same
-resolved config whose study or final training did not succeed is reopened; its study (storage and name from
-``tune.json``) runs the trials still missing of the ``n_trials`` it was started with (trials stopped by Ctrl-C,
-or left running by a killed process in a private study, do not count and are recorded as failed, ``interrupted``),
-then the final training runs, resuming an unfinished one of the best config.
+resolved config whose study did not end, or whose best values have not been trained successfully (a finished
+``train --optimize`` without ``--auto-continue``), is reopened; its study (storage and name from ``tune.json``)
+runs the trials still missing of the ``n_trials`` it was started with (trials stopped by Ctrl-C, or left running
+by a killed process in a private study, do not count and are recorded as failed, ``interrupted``), then the final
+training runs, resuming an unfinished one of the best config.
 
 Tune directory ``<output.exp_dir>/YYYYMMDD/<run_id>_tune/``: ``study.db`` (default storage), ``tune.log`` (ends
 with ``[EXIT] TUNING SUCCESS code=0`` or the error, its traceback and ``[EXIT] TUNING ERROR code=N``),
@@ -60,15 +62,18 @@ from vistrain.tracking.logs import log_outcome
 from vistrain.tracking.rundir import config_hash
 from vistrain.tuning.space import Param, get_key, parse_space, with_values
 from vistrain.tuning.study import (
+    KEEP_NOTE,
     close_stale_trials,
     create_study,
-    find_unfinished_tune,
     first_line,
     new_tune_dir,
     rejoin_url,
     safe_url,
     state_counts,
+    trim_checkpoints,
+    tunes_of,
     update_tune_json,
+    work_left,
     write_best_params,
     write_plots,
     write_trials_csv,
@@ -139,7 +144,7 @@ class _Context:
     folds: list[int]
     epochs: int  # per trial and fold (for the global step)
     monitor: str
-    n_trials: int  # private: trials this process runs (continuing: what the first asked for); shared: the total
+    n_trials: int  # the study's total of ended trials, over every process working on it (continuing: as started)
     shared: bool  # storage given by the user (others may work on the study), not the tune directory's own
     done_before: int | None = None  # trials of the study that had ended when this tune directory started it
 
@@ -194,16 +199,19 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
             result = run_train(trial_cfg, folds=ctx.folds, on_epoch=_Reporter(trial, ctx))
         except optuna.TrialPruned:
             _record_run_dir(trial, ctx)
+            _trim(trial, ctx, "pruned")
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)  # not a result: a continued study runs it again
             raise
         except Exception as err:
             _record_failure(trial, ctx, err)
+            _trim(trial, ctx, "failed")
             if isinstance(err, UserError):
                 raise  # a mistake in the config fails every trial alike: stop the study now
             raise TrialFailed(trial.user_attrs.get("fail_reason", "")) from err
         trial.set_user_attr("run_dir", str(result.run_dir))
+        _trim(trial, ctx, "completed")
         return float(result.summary["mean"][ctx.monitor])
 
     return objective
@@ -236,6 +244,17 @@ def _record_run_dir(trial: optuna.Trial, ctx: _Context) -> None:
     found = sorted((ctx.tune_dir / "trials").glob(f"*/{prefix}*"))
     if found:
         trial.set_user_attr("run_dir", str(found[-1]))
+
+
+def _trim(trial: optuna.Trial, ctx: _Context, how: str) -> None:
+    """``tune.keep_checkpoints`` applied to the run directory of a trial that has ended ``how``."""
+    run_dir = trial.user_attrs.get("run_dir")
+    if run_dir is None:
+        return
+    files, size = trim_checkpoints(Path(run_dir), ctx.cfg.tune.keep_checkpoints, completed=how == "completed")
+    if files:
+        log.info("[TUNE] trial %d %s: %d checkpoint file(s) deleted (%.1f MB; tune.keep_checkpoints=%s)",
+                 trial.number, how, files, size / 2**20, ctx.cfg.tune.keep_checkpoints)
 
 
 def _record_failure(trial: optuna.Trial, ctx: _Context, err: BaseException) -> None:
@@ -273,17 +292,42 @@ def _fmt_params(values: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
-def _pruner(cfg: Config, n_trials: int, total_steps: int) -> optuna.pruners.BasePruner:
+@dataclass(frozen=True)
+class PrunerPlan:
+    """When the pruner may stop a trial: after ``startup`` completed trials, from epoch ``first_epoch`` of a trial."""
+
+    startup: int  # completed trials the median pruner waits for (one lucky or unlucky trial must not set the bar)
+    first_epoch: int  # the first epoch (= step) whose report may prune a trial
+
+    def line(self, name: str, warmup_epochs: float, epochs: int) -> str:
+        if name == "none":
+            return "pruner=none: every trial runs all its epochs"
+        after = f"once {self.startup} trial(s) have completed, " if name == "median" else ""
+        return (f"pruner={name}: {after}a trial may be stopped from epoch {self.first_epoch} of {epochs} on "
+                f"(train.warmup_epochs={warmup_epochs:g}: no pruning during the learning-rate warm-up)")
+
+
+def pruner_plan(n_trials: int, warmup_epochs: float, epochs: int) -> PrunerPlan:
+    """Defaults that let a study learn. During the learning-rate warm-up every trial scores near chance, so a
+    report from it says nothing about the values tried: no trial is stopped before the first epoch after the
+    warm-up, nor in the first third of the epochs after it. The median of one or two completed trials is a noisy
+    bar, so the median pruner waits for a quarter of the study's trials (2 to 10; Optuna's own default, 5, at
+    the default 20 trials)."""
+    warm = math.ceil(warmup_epochs)  # the epochs the warm-up touches (it may end within one)
+    first = max(1, min(epochs, warm + max(1, math.ceil((epochs - warm) / 3))))
+    return PrunerPlan(startup=min(10, max(2, n_trials // 4)), first_epoch=first)
+
+
+def _pruner(cfg: Config, plan: PrunerPlan, total_steps: int) -> optuna.pruners.BasePruner:
     import optuna
 
     name = cfg.tune.pruner
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(total_steps, 1), reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(min_resource=plan.first_epoch, max_resource=max(total_steps, 1),
+                                              reduction_factor=3)
     if name == "median":
-        # One completed trial is enough to compare against in a small study (so a learning rate that cannot
-        # learn is stopped early); larger studies wait for two, so one lucky first trial does not set the bar.
-        startup = 1 if n_trials < 10 else 2
-        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
+        # Steps are 1-based epochs (see _Reporter): a report at a step below n_warmup_steps never prunes.
+        return optuna.pruners.MedianPruner(n_startup_trials=plan.startup, n_warmup_steps=plan.first_epoch)
     return optuna.pruners.NopPruner()
 
 
@@ -403,17 +447,32 @@ def continue_tune(cfg: Config, config_path: Path | None = None, folds: list[int]
     _require_optuna()
     params = parse_space(cfg)
     _check_folds(cfg)
-    found = find_unfinished_tune(cfg)
-    if found is None:
-        raise UserError(f"--auto-continue: no unfinished study of this config under {cfg.output.exp_dir}; "
-                        "start one with --optimize (train --config F --optimize --auto-continue)")
-    tune_dir, info = found
+    tune_dir, info = _study_to_continue(cfg)
     ctx = _context(cfg, params, tune_dir, int(info["n_trials"]), shared=bool(info.get("shared")),
                    done_before=int(info.get("done_before", 0)))
     final = FinalRun(config_path, folds, use_calibration, full_pipeline, resume=True)
     with _tune_logging(tune_dir / "tune.log"), _quiet_optuna():
-        log.info("[TUNE] continuing the unfinished study of %s (status %s)", tune_dir, info.get("status"))
+        if info.get("status") == "success":
+            log.info("[TUNE] continuing study '%s' of %s: its %s trial(s) have ended; its best values are trained "
+                     "now", info.get("study_name"), tune_dir, info["n_trials"])
+        else:
+            log.info("[TUNE] continuing the unfinished study of %s (status %s)", tune_dir, info.get("status"))
         return _run_study(ctx, rejoin_url(info, cfg, tune_dir), info["study_name"], cfg.tune.timeout, final)
+
+
+def _study_to_continue(cfg: Config) -> tuple[Path, dict[str, Any]]:
+    """The newest study of this config with work left (trials, or the full training of its best values)."""
+    studies = tunes_of(cfg)
+    for tune_dir, info in studies:
+        if work_left(info):
+            return tune_dir, info
+    if not studies:
+        raise UserError(f"--auto-continue: no study of this config under {cfg.output.exp_dir}; start one with "
+                        "--optimize (train --config F --optimize --auto-continue)")
+    tune_dir, info = studies[0]
+    raise UserError(f"--auto-continue: nothing left to continue: the newest study of this config ({tune_dir}) has "
+                    f"ended and its best values were trained in {(info.get('continued') or {}).get('run_dir')}; "
+                    "start a new study with --optimize")
 
 
 @dataclass
@@ -480,18 +539,23 @@ def _start(ctx: _Context, storage_url: str, study_name: str) -> optuna.Study:
     """Create or join the study and log what it searches."""
     cfg = ctx.cfg
     direction = direction_of(ctx.monitor)
-    pruner = _pruner(cfg, ctx.n_trials, ctx.epochs * len(ctx.folds))
-    study = create_study(cfg, storage_url, study_name, direction, ctx.shared, pruner)
+    plan = pruner_plan(ctx.n_trials, cfg.train.warmup_epochs, ctx.epochs)
+    study = create_study(cfg, storage_url, study_name, direction, ctx.shared,
+                         _pruner(cfg, plan, ctx.epochs * len(ctx.folds)), ctx.monitor)
     if not ctx.shared:
         close_stale_trials(storage_url, study)
     if ctx.done_before is None:
         ctx.done_before = _done(study)
     _write_status(ctx, study, storage_url, "running")
-    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    log.info("[TUNE] study '%s' in %s | %s %s | %d trial(s) here (%d finished in the study so far) | pruner=%s | "
-             "epochs per trial=%d | folds=%s | dir=%s", study_name, safe_url(storage_url), direction, ctx.monitor,
-             ctx.n_trials, finished, cfg.tune.pruner, ctx.epochs, ctx.folds, ctx.tune_dir)
+    ended = _done(study)
+    log.info("[TUNE] study '%s' in %s | %s %s | %d trial(s) in the study in all, by every process working on it "
+             "(%d ended so far, %d left) | epochs per trial=%d | folds=%s | dir=%s", study_name,
+             safe_url(storage_url), direction, ctx.monitor, ctx.n_trials, ended, max(0, ctx.n_trials - ended),
+             ctx.epochs, ctx.folds, ctx.tune_dir)
+    log.info("[TUNE] %s", plan.line(cfg.tune.pruner, cfg.train.warmup_epochs, ctx.epochs))
     log.info("[TUNE] space: %s", " | ".join(_fmt_param(p) for p in ctx.params))
+    log.info("[TUNE] checkpoints: tune.keep_checkpoints=%s (%s)", cfg.tune.keep_checkpoints,
+             KEEP_NOTE[cfg.tune.keep_checkpoints])
     return study
 
 
@@ -607,8 +671,9 @@ def _continue(ctx: _Context, result: TuneResult, final: FinalRun) -> Path:
     from vistrain.pipelines.train import run_train
 
     best_cfg = best_config(ctx.cfg, result.best_params)
-    log.info("[TUNE] auto-continue: full training with trial %d's values: %s%s", result.best_trial,
-             _fmt_params(result.best_params), " (then calibrated)" if final.use_calibration else "")
+    log.info("[TUNE] auto-continue: full training with the best values of study '%s': trial %d, %s=%.4f: %s%s",
+             result.study_name, result.best_trial, result.monitor, result.best_value, _fmt_params(result.best_params),
+             " (then calibrated)" if final.use_calibration else "")
     update_tune_json(ctx.tune_dir, {"continued": {"status": "running"}})
     run = run_train(best_cfg, folds=final.folds, config_path=final.config_path, resume=final.resume,
                     use_calibration=final.use_calibration, full_pipeline=final.full_pipeline)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import secrets
 import sys
 import time
@@ -69,7 +70,9 @@ def first_line(err: BaseException) -> str:
 
 
 def create_study(cfg: Config, storage_url: str, study_name: str, direction: str, shared: bool,
-                  pruner: optuna.pruners.BasePruner) -> optuna.Study:
+                 pruner: optuna.pruners.BasePruner, monitor: str) -> optuna.Study:
+    """Create or join the study; its objective is named ``monitor`` (Optuna's dashboard and trials.csv's
+    ``value_<monitor>`` column show the name)."""
     import optuna
 
     # A private study is reproducible from project.seed; workers sharing a study must not all draw the
@@ -86,6 +89,10 @@ def create_study(cfg: Config, storage_url: str, study_name: str, direction: str,
         raise UserError(f"--study-name: study '{study_name}' in {safe_url(storage_url)} was created to "
                         f"{study.direction.name.lower()}, but train.monitor={cfg.train.monitor} needs {direction}; "
                         "use another study name")
+    if study.metric_names != [monitor]:
+        with warnings.catch_warnings():  # experimental in some Optuna versions
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([monitor])
     return study
 
 
@@ -130,23 +137,55 @@ def update_tune_json(tune_dir: Path, fields: dict[str, Any]) -> None:
     write_json(path, {**info, **fields})
 
 
-def find_unfinished_tune(cfg: Config) -> tuple[Path, dict[str, Any]] | None:
-    """The newest tune directory under ``output.exp_dir`` of this exact config whose study, or the full training
-    after it, did not succeed; with its tune.json."""
+def tunes_of(cfg: Config) -> list[tuple[Path, dict[str, Any]]]:
+    """The tune directories under ``output.exp_dir`` of this exact config, newest first, with their tune.json."""
     want = config_hash(cfg)
-    best: tuple[str, Path, dict[str, Any]] | None = None
+    found = []
     for f in Path(cfg.output.exp_dir).glob(f"*/*_tune/{TUNE_FILE}"):
         try:
             info = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        unfinished = info.get("status") != "success" or (info.get("continued") or {}).get("status",
-                                                                                          "success") != "success"
-        if info.get("config_hash") == want and unfinished and "n_trials" in info:
-            key = info.get("started", "")
-            if best is None or key > best[0]:
-                best = (key, f.parent, info)
-    return (best[1], best[2]) if best else None
+        if info.get("config_hash") == want and "n_trials" in info:
+            found.append((str(info.get("started", "")), f.parent, info))
+    return [(path, info) for _, path, info in sorted(found, key=lambda x: x[0], reverse=True)]
+
+
+def work_left(info: dict[str, Any]) -> bool:
+    """A study (its tune.json) that ``train --auto-continue`` has something to do for: its trials did not all
+    end, or the full training of its best values has not succeeded (``train --optimize`` without
+    ``--auto-continue`` never starts it)."""
+    return info.get("status") != "success" or (info.get("continued") or {}).get("status") != "success"
+
+
+# ------------------------------------------------------------------------------- the trials' checkpoints
+
+KEEP_NOTE = {  # tune.keep_checkpoints, as the study's log states it
+    "best": "a completed trial keeps ckpt/best_fold{k}.pth; a pruned or failed one no checkpoint",
+    "none": "no trial keeps a checkpoint",
+    "all": "every trial keeps every checkpoint",
+}
+BEST_WEIGHTS = re.compile(r"best_fold\d+\.pth")  # what evaluate / predict / export / model.init_from read
+
+
+def trim_checkpoints(run_dir: Path, keep: str, completed: bool) -> tuple[int, int]:
+    """Delete from a trial's ``run_dir/ckpt`` what ``tune.keep_checkpoints`` (``keep``) does not keep now that the
+    trial has ended (a last checkpoint of a resnet10t with its optimiser state is ~60 MB, kept for a resume that
+    a trial never has); returns (files, bytes) removed. The rest of the run directory stays."""
+    if keep == "all":
+        return 0, 0
+    files, size = 0, 0
+    for path in sorted((run_dir / "ckpt").glob("*")):
+        if not path.is_file() or (keep == "best" and completed and BEST_WEIGHTS.fullmatch(path.name)):
+            continue
+        try:
+            n = path.stat().st_size
+            path.unlink()
+        except OSError as err:
+            log.warning("[TUNE] could not delete %s: %s", path, first_line(err))
+            continue
+        files, size = files + 1, size + n
+    return files, size
 
 
 def new_tune_dir(cfg: Config) -> Path:

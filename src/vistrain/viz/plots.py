@@ -145,7 +145,8 @@ def training_plots(run_dir: Path) -> list[Path]:
     summary = read_json(run_dir / "summary.json")
     monitor = run_monitor(run_dir, summary)
     best_epochs = {int(f["fold"]): f.get("best_epoch") for f in summary.get("folds", []) if "fold" in f}
-    written = [fold_curves_png(rows, monitor, out / f"fold{fold}_curves.png", fold, best_epochs.get(fold))
+    ratio = (summary.get("split") or {}).get("type") == "ratio"
+    written = [fold_curves_png(rows, monitor, out / f"fold{fold}_curves.png", fold, best_epochs.get(fold), ratio)
                for fold, rows in read_metrics(run_dir / "metrics.jsonl").items()]
     names = class_names(run_dir)
     if (run_dir / "splits.csv").is_file():
@@ -156,11 +157,13 @@ def training_plots(run_dir: Path) -> list[Path]:
 
 
 def fold_curves_png(rows: list[dict[str, Any]], monitor: str, path: Path, fold: int,
-                    best_epoch: int | None = None) -> Path:
-    """Three panels for one fold: losses, the monitor metric (+ accuracy), learning rate (log scale)."""
+                    best_epoch: int | None = None, ratio: bool = False) -> Path:
+    """Three panels for one fold: losses, the monitor metric (+ accuracy), learning rate (log scale). ``ratio``:
+    the run's one model of a ratio split (data.split: ratio), trained on the train split, validated on val."""
     fig = new_figure(15, 4.2)
     ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
-    fig.suptitle(f"fold {fold}" + (f" (best epoch {best_epoch})" if best_epoch is not None else ""))
+    which = "ratio split: trained on split=train, validated on split=val" if ratio else f"fold {fold}"
+    fig.suptitle(which + (f" (best epoch {best_epoch})" if best_epoch is not None else ""))
     _plot_series(ax_loss, rows, ["train_loss", "valid_loss"], "loss")
     metric_keys = [monitor] + (["accuracy"] if monitor != "accuracy" else [])
     _plot_series(ax_metric, rows, metric_keys, monitor, twin_second=lower_is_better(monitor))
@@ -224,7 +227,8 @@ def _epoch_axis(ax: Axes, epochs: list[float]) -> None:
 
 # -------------------------------------------------------------------------------- class distribution
 def fold_class_counts(splits_csv: Path, names: list[str]) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
-    """(class names, folds, train counts [F, C], valid counts [F, C]) for every fold in splits.csv.
+    """(class names, folds, train counts [F, C], valid counts [F, C]) for every fold in splits.csv; a ratio split
+    (``is_ratio_split``) as one "fold" 0: its train and val splits.
 
     Labels absent from ``names`` (no class_map.json) are appended in sorted order.
     """
@@ -235,7 +239,7 @@ def fold_class_counts(splits_csv: Path, names: list[str]) -> tuple[list[str], li
     index = {n: i for i, n in enumerate(names)}
     label_idx = splits["label"].map(index).to_numpy(dtype=np.int64)
     fold = splits["fold"].to_numpy(dtype=np.int64)
-    if (fold < 0).any() and "split" in splits.columns:  # data.split: ratio: one model; the test items train in none
+    if is_ratio_split(splits):  # one model; the test items train in none
         split = splits["split"].to_numpy()
         train, valid = (np.bincount(label_idx[split == part], minlength=len(names))[None] for part in ("train", "val"))
         return names, [0], train, valid
@@ -245,12 +249,24 @@ def fold_class_counts(splits_csv: Path, names: list[str]) -> tuple[list[str], li
     return names, folds, train, valid
 
 
+RATIO_SPLIT_NAMES = {"train": "train", "validation": "val"}  # the panels' parts as splits.csv's split column names
+
+
+def is_ratio_split(splits: Any) -> bool:
+    """splits.csv (a DataFrame) of a ``data.split: ratio`` run: a split column, fold -1 outside the val split."""
+    return "split" in splits.columns and bool((splits["fold"].to_numpy(dtype=np.int64) < 0).any())
+
+
 def class_distribution_png(splits_csv: Path, names: list[str], path: Path) -> Path:
-    """Per-class image counts of each fold's train part (top) and validation part (bottom).
+    """Per-class image counts of each fold's train part (top) and validation part (bottom); of a ratio split, its
+    train and val splits.
 
     Grouped bars (one per fold) while they stay wider than a hairline; beyond ``MAX_GROUPED_BARS`` bars
     a fold x class heat map, which stays readable at 100 classes and still shows an empty class.
     """
+    import pandas as pd
+
+    ratio = is_ratio_split(pd.read_csv(splits_csv, usecols=lambda c: c in ("fold", "split")))
     names, folds, train, valid = fold_class_counts(splits_csv, names)
     n_classes = len(names)
     grouped = n_classes * len(folds) <= MAX_GROUPED_BARS
@@ -258,8 +274,8 @@ def class_distribution_png(splits_csv: Path, names: list[str], path: Path) -> Pa
     fig = new_figure(width, 7.5 if grouped else 2.2 + 0.5 * len(folds))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, counts, part in zip(axes, (train, valid), ("train", "validation"), strict=True):
-        (_grouped_bars if grouped else _count_heatmap)(ax, counts, folds, part)
-        ax.set_title(f"{part} part of each fold")
+        (_grouped_bars if grouped else _count_heatmap)(ax, counts, folds, part, ratio)
+        ax.set_title(f"{RATIO_SPLIT_NAMES[part]} split (data.split: ratio)" if ratio else f"{part} part of each fold")
     if grouped:  # above the panels, where it cannot cover a bar
         fig.legend(*axes[0].get_legend_handles_labels(), loc="outside upper center", ncols=min(len(folds), 10),
                    fontsize=8)
@@ -268,19 +284,20 @@ def class_distribution_png(splits_csv: Path, names: list[str], path: Path) -> Pa
     return save_png(fig, path)
 
 
-def _grouped_bars(ax: Axes, counts: np.ndarray, folds: list[int], part: str) -> None:
+def _grouped_bars(ax: Axes, counts: np.ndarray, folds: list[int], part: str, ratio: bool = False) -> None:
     width = 0.8 / len(folds)
     for i, k in enumerate(folds):
         offset = (i - (len(folds) - 1) / 2) * width
-        ax.bar(np.arange(counts.shape[1]) + offset, counts[i], width=width, label=f"fold {k}", color=f"C{i % 10}")
+        label = "ratio split" if ratio else f"fold {k}"
+        ax.bar(np.arange(counts.shape[1]) + offset, counts[i], width=width, label=label, color=f"C{i % 10}")
     ax.set_ylabel(f"{part} images")
     ax.grid(axis="y", alpha=0.3)
 
 
-def _count_heatmap(ax: Axes, counts: np.ndarray, folds: list[int], part: str) -> None:
+def _count_heatmap(ax: Axes, counts: np.ndarray, folds: list[int], part: str, ratio: bool = False) -> None:
     image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
     ax.figure.colorbar(image, ax=ax, pad=0.01, fraction=0.03, label=f"{part} images")
-    ax.set_yticks(range(len(folds)), [f"fold {k}" for k in folds], fontsize=8)
+    ax.set_yticks(range(len(folds)), ["ratio split" if ratio else f"fold {k}" for k in folds], fontsize=8)
 
 
 # -------------------------------------------------------------------------------- confusion matrices

@@ -150,6 +150,9 @@ class Raw:
         self.html = html_text
 
 
+UNDEFINED = Raw('<td title="no images of this class here">\u2014</td>')  # an empty metric cell of a CSV
+
+
 def section(title: str, body: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
 
@@ -239,6 +242,8 @@ def per_class_html(run_dir: Path, low_f1: float = 0.7) -> str:
 def _per_class_cell(key: str, value: Any, low_f1: float) -> Any:
     if key == "f1" and isinstance(value, int | float) and value < low_f1:
         return Raw(f'<td class="low">{fmt(value)}</td>')
+    if value == "" and key not in ("class", "display_name"):
+        return UNDEFINED  # a class without images there: no recall or F1, not 0
     return value
 
 
