@@ -386,6 +386,35 @@ def test_trained_embeddings_must_agree() -> None:
     assert agree.tolist() == [True, False]
 
 
+def test_nearest_above_the_exact_limit_finds_near_copies_like_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverted-file index (used above EXACT_UP_TO vectors) returns each planted near copy as its original's
+    nearest neighbour, as the exact search does, and never the query itself."""
+    from vistrain.audit import neighbours
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 96)).astype(np.float32)
+    x[2950:] = x[:50] + 0.05 * rng.normal(size=(50, 96))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact_sims, exact_idx = neighbours.nearest(x, 5)
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 1000)
+    sims, idx = neighbours.nearest(x, 5)
+    assert (idx[:50, 0] == np.arange(2950, 3000)).all() and (exact_idx[:50, 0] == idx[:50, 0]).all()
+    assert not (idx == np.arange(3000)[:, None]).any() and (np.diff(sims, axis=1) <= 1e-6).all()
+    brute = np.sort(x @ x.T - 2 * np.eye(3000), axis=1)[:, ::-1][:, :5]
+    assert np.allclose(exact_sims, brute, atol=1e-5)
+
+
+def test_duplicates_csv_is_written_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vistrain.audit import duplicates
+
+    table = pd.DataFrame({"path_a": [f"a{i}" for i in range(25)], "path_b": [f"b{i}" for i in range(25)]})
+    monkeypatch.setattr(duplicates, "CSV_CHUNK", 10)
+    duplicates.write_table(tmp_path / "d.csv", table)
+    assert pd.read_csv(tmp_path / "d.csv").equals(table)
+    duplicates.write_table(tmp_path / "e.csv", table.iloc[:0])
+    assert (tmp_path / "e.csv").read_text().strip() == "path_a,path_b"
+
+
 def _clean_inputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Five training rows: 1 a label issue, 2 blank, 3 (train) and 4 (val) one image; 5 a test image."""
     items = _items(6, ["train", "train", "train", "train", "val", "test"], ["a"] * 6)

@@ -153,6 +153,34 @@ def test_test_images_copied_from_training_are_leakage(digits: dict) -> None:
     assert any(k.endswith("-test") for k in summary["duplicates"]["split_pairs"]), summary["duplicates"]
 
 
+def test_a_ratio_split_test_part_is_checked_for_leakage(digits: dict, tmp_path: Path) -> None:
+    """The data's own split column (data.split: ratio): copies of training images in its test part are leakage."""
+    root = digits["root"] / "data"
+    train = pd.read_csv(root / "train.csv", dtype=str).iloc[:300]
+    train = train[~train["ID"].str.startswith("copy_")].reset_index(drop=True)
+    train["split"] = np.where(np.arange(len(train)) % 5 == 0, "val", np.where(np.arange(len(train)) % 5 == 1, "test",
+                                                                              "train"))
+    sources = [root / "train" / f"{i}.png" for i in train.loc[train["split"] == "train", "ID"].iloc[:8]]
+    leaks = plant(sources, tmp_path, "ratio_leak_", np.random.default_rng(5))
+    label = dict(zip(train["ID"], train["target"]))
+    rows = pd.concat([train, pd.DataFrame({"ID": [str(d) for _, d, _ in leaks],
+                                           "target": [label[s.stem] for s, _, _ in leaks], "split": "test"})])
+    rows["ID"] = [i if i.endswith(".png") else str(root / "train" / f"{i}.png") for i in rows["ID"]]
+    rows.to_csv(tmp_path / "ratio.csv", index=False)
+    cfg = tiny_config(root, data={"train_csv": str(tmp_path / "ratio.csv"), "image_dir_train": "/",
+                                  "split": "ratio"})
+    config = write_yaml(tmp_path / "c.yaml", cfg)
+    code, stdout = audit_in_process("--config", str(config), "--output", str(tmp_path / "audit"))
+    assert code == 0, stdout
+    dups = pd.read_csv(tmp_path / "audit" / "duplicates.csv", dtype=str, keep_default_na=False)
+    leak = dups[(dups["relation"] == "cross_split")]
+    pairs = {frozenset(p) for p in zip(leak["path_a"], leak["path_b"])}
+    assert sum(frozenset((str(s), str(d))) in pairs for s, d, _ in leaks) == len(leaks), leak
+    assert set(zip(leak["split_a"], leak["split_b"])) == {("train", "test")}
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert summary["images_per_split"]["test"] == int((rows["split"] == "test").sum())
+
+
 def test_a_one_fold_run_is_audited_with_its_scope_stated(digits_run: dict, digits: dict) -> None:
     out = digits_run["out"]
     summary = json.loads((out / "audit.json").read_text())

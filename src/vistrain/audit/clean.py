@@ -16,7 +16,6 @@ import pandas as pd
 
 from vistrain.audit.outliers import HARD_REASONS
 from vistrain.errors import UserError, did_you_mean
-from vistrain.tracking.files import write_csv
 
 POLICIES = ("drop", "relabel", "review")
 CHANGE_COLUMNS = ["path", "id", "change", "reason", "detail", "label", "new_label"]
@@ -149,8 +148,4 @@ def refusals(plan: CleanPlan, max_drop_frac: float, min_images: int | None) -> l
         listed = ", ".join(f"'{c}' {int(n)}" for c, n in short.sort_values().items())
         out.append(f"it would leave {len(short)} class(es) under data.min_images_per_class={floor}: {listed}")
     return out
-
-
-def write_clean(path: Path, plan: CleanPlan) -> None:
-    write_csv(path, plan.table)
 

@@ -1,7 +1,7 @@
 """A bounded number of nearest neighbours per image (Faiss), so the audit's searches grow with N, not N squared.
 
 Up to ``EXACT_UP_TO`` vectors the search is exact (``IndexFlatL2``); above, an inverted-file index
-(``IndexIVFFlat``: ``4 sqrt(N)`` k-means cells, ``NPROBE`` of them searched per query), which returns the close
+(``IndexIVFFlat``: about ``4 sqrt(N)`` k-means cells, ``NPROBE`` of them searched per query), which returns the close
 neighbours that matter here (a near duplicate lies deep inside its original's cell) at a fraction of the cost.
 The IVF index searches the first ``SEARCH_DIMS`` principal components of wider vectors (euclidean distance there
 approximates the cosine distance of the unit vectors); the similarities returned are always the inner products of
@@ -27,7 +27,8 @@ def _index(x: np.ndarray) -> object:
     if n <= EXACT_UP_TO:
         index = faiss.IndexFlatL2(d)
     else:
-        cells = int(min(4096, max(16, 4 * math.sqrt(n))))
+        # about 4 sqrt(N) cells, with the 40 training points per cell k-means wants
+        cells = int(min(4096, max(16, min(4 * math.sqrt(n), n / 40))))
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, cells, faiss.METRIC_L2)
         index.cp.seed = 0  # the same cells every run: the same answer every run
         index.train(x)
