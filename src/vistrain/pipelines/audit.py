@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from vistrain.audit import duplicates as dup
-from vistrain.audit.clean import check_policy, plan_clean, refusals
+from vistrain.audit.clean import CleanPlan, check_policy, plan_clean, refusals
 from vistrain.audit.features import centred, config_features, run_features
 from vistrain.audit.health import class_health
 from vistrain.audit.labels import confused_pairs, label_issues
@@ -80,7 +80,7 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     # groups mean something when the data names them (a group column, {ID}_{seq} files, person IDs)
     meaningful = bool((data.items["group"].astype(str) != data.items["id"].astype(str)).any())
     dups, rule = _duplicates(data, scan, thumbs, eligible, feats if votes else None, a.near_dup_z, meaningful)
-    del thumbs
+    del thumbs  # 3 KB per image, no longer needed: the outliers and the page read the files
     outliers = pd.concat([t for t in (
         bad_image_rows(data.bad),
         file_outliers(data.items, scan, size_hw(data.cfg.train.img_size), a.min_size_fraction, a.max_aspect_ratio,
@@ -112,7 +112,7 @@ def run_audit(run_dir: Path | None = None, config: Path | None = None, output: P
     return summary
 
 
-def _finish_clean(path: Path, plan: Any, force: bool, out: Path) -> None:
+def _finish_clean(path: Path, plan: CleanPlan, force: bool, out: Path) -> None:
     """Write the clean manifest, or refuse (exit 2) when it drops too much and --force was not given."""
     if plan.refused and not force:
         raise UserError(f"--write-clean {path}: not written: {'; and '.join(plan.refused)}. The audit is in {out} "
