@@ -12,9 +12,9 @@ The rule (README, "audit"):
   the pair is a near duplicate when it lies ``audit.near_dup_z`` robust deviations (1.4826 x the median absolute
   deviation, at least ``MIN_LOG_SCALE``) below their median, i.e. when it stands out from what nearest neighbours
   look like in this data set. With embeddings of trained weights (a run's model, ``model.init_from`` /
-  ``model.pretrained_path``) the model must agree: the pair's cosine distance may not exceed either image's
-  typical embedding-neighbour distance. A randomly initialised backbone does not vote (its features follow
-  brightness more than content).
+  ``model.pretrained_path``) the model must agree: the pair's cosine distance may exceed neither image's
+  typical embedding-neighbour distance (a model that was never taught brightness changes may veto a brightened
+  copy). A randomly initialised backbone does not vote (its features follow brightness more than content).
 
 Exact links and near pairs are joined into connected components (groups, as fastdup reports them); each group's
 representative is a training image when it has one (else the first). ``duplicates.csv`` has one row per other
