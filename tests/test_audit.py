@@ -135,7 +135,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     assert result.returncode == 0, describe(result)
     run = only_run_dir(root / "exp")
     colour_model_oof(run)
-    code, stdout = audit_in_process(str(run), "--write-clean", str(root / "clean.csv"))
+    code, stdout = audit_in_process(str(run), "--write-clean", str(root / "clean.csv"), "audit.max_drop_frac=0.2")
     assert code == 0, stdout
     return {**truth, "root": root, "run": run, "config": config, "out": run / "audit", "stdout": stdout}
 
@@ -185,7 +185,7 @@ def test_audit_finds_cross_split_duplicates_groups_and_blanks(planted: dict) -> 
     blank = set(outliers.loc[outliers["reason"] == "near_constant", "id"])
     assert set(planted["blanks"]) <= blank
     assert summary["duplicates"]["cross_split"] >= found
-    assert f"leakage: {summary['duplicates']['cross_split']} duplicate pair(s) across splits" in planted["stdout"]
+    assert f"leakage: {summary['duplicates']['cross_split']} duplicate image(s) across splits" in planted["stdout"]
 
 
 def test_audit_html_is_self_contained_and_linked_from_the_report(planted: dict) -> None:
@@ -205,7 +205,7 @@ def test_write_clean_drops_the_flagged_rows_and_trains_as_a_manifest(planted: di
     summary = json.loads((planted["out"] / "audit.json").read_text())
     c = summary["clean"]
     assert c["policy"] == "drop" and c["rows_in"] == planted["n"] and c["rows_out"] == len(clean)
-    assert c["rows_changed"] == c["dropped"] == planted["n"] - len(clean) > 0
+    assert c["rows_changed"] == c["dropped"] == c["rows_in"] - len(clean) > 0
     kept = {Path(p).stem for p in clean["path"]}
     assert not kept & set(planted["blanks"])
     assert all(not (a in kept and b in kept) for a, b in planted["pairs"]), "one copy of each duplicate goes"
@@ -216,6 +216,52 @@ def test_write_clean_drops_the_flagged_rows_and_trains_as_a_manifest(planted: di
 
     items = manifest_source(DataCfg(source="manifest", manifest=planted["root"] / "clean.csv"))  # what train reads
     assert len(items) == len(clean) and set(items["group"]) == set(clean["group"])
+
+
+def test_write_clean_changed_rows_are_the_reported_ones(planted: dict) -> None:
+    clean = pd.read_csv(planted["root"] / "clean.csv", dtype=str, keep_default_na=False)
+    changes = pd.read_csv(planted["out"] / "clean_changes.csv", dtype=str, keep_default_na=False)
+    splits = pd.read_csv(planted["run"] / "splits.csv", dtype=str, keep_default_na=False)
+    gone = set(splits["path"]) - set(clean["path"])
+    assert gone == set(changes.loc[changes["change"] == "dropped", "path"]) and len(gone) == len(changes)
+    assert (changes["reason"] != "").all() and (changes["detail"] != "").all()
+
+
+def test_write_clean_refuses_a_flood_unless_forced_and_review_changes_nothing(
+        planted: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    from vistrain.cli import main
+
+    run, root = str(planted["run"]), planted["root"]
+    args = ["--output", str(root / "flood"), "audit.embeddings=false"]  # pixel evidence only: quicker, same flags
+    clean = root / "refused.csv"
+    assert main(["audit", run, "--write-clean", str(clean), *args]) == 2  # ~6% of the rows: over the default 5%
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    changes = pd.read_csv(root / "flood" / "clean_changes.csv")
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"it would drop {len(changes)} of {planted['n']} rows" in lines[0] and "audit.max_drop_frac=0.05" in lines[0]
+    assert "--force" in lines[0] and not clean.exists()
+    assert json.loads((root / "flood" / "audit.json").read_text())["clean"]["written"] is False
+    assert main(["audit", run, "--write-clean", str(clean), "--force", *args]) == 0
+    assert len(pd.read_csv(clean)) == planted["n"] - len(changes)
+    capsys.readouterr()
+    review = root / "review.csv"
+    assert main(["audit", run, "--write-clean", str(review), "--policy", "review", *args]) == 0
+    out = capsys.readouterr().out
+    assert f"0 of {planted['n']} row(s) changed" in out, out
+    table = pd.read_csv(review, dtype=str, keep_default_na=False)
+    assert len(table) == planted["n"] and (table["review"] != "").sum() > 0
+
+
+def test_audit_page_thumbnails_have_a_visible_border(planted: dict) -> None:
+    """A white image on the white page needs a frame (issue 18, item 5)."""
+    import re
+
+    page = (planted["out"] / "audit.html").read_text()
+    rule = re.search(r"td img\{([^}]*)\}", page)
+    assert rule, "no style for the thumbnails"
+    border = re.search(r"border:\s*(\d+)px solid #([0-9a-fA-F]{6})", rule.group(1))
+    assert border and int(border.group(1)) >= 1 and border.group(2).lower() not in ("ffffff", "fefefe"), rule.group(1)
 
 
 def test_audit_with_config_before_training_finds_duplicates_and_blanks(planted: dict) -> None:
@@ -236,8 +282,9 @@ def test_audit_with_config_before_training_finds_duplicates_and_blanks(planted: 
 
 @pytest.mark.parametrize("args, expected", [
     (["--policy", "keep"], "--policy: unknown policy 'keep'; valid: drop, relabel, review"),
-    (["audit.near_dup_threshold=1.5"], "audit.near_dup_threshold"),
-    (["audit.hash_threshold=-0.1"], "audit.hash_threshold"),
+    (["audit.near_dup_z=0"], "audit.near_dup_z"),
+    (["audit.max_drop_frac=1.5"], "audit.max_drop_frac"),
+    (["audit.near_dup_threshold=0.9"], "audit.near_dup_threshold"),  # the old key: unknown now
 ])
 def test_audit_bad_input_is_one_line_and_exit_2(planted: dict, args: list[str], expected: str,
                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,15 +297,15 @@ def test_audit_bad_input_is_one_line_and_exit_2(planted: dict, args: list[str], 
     assert len(lines) == 1 and expected in lines[0] and "Traceback" not in err, err
 
 
-def test_audit_of_a_run_without_out_of_fold_predictions_says_how_to_make_them(
+def test_audit_of_a_run_without_held_out_predictions_says_how_to_make_them(
         planted: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from vistrain.cli import main
 
     run = tmp_path / "run"
-    shutil.copytree(planted["run"], run, ignore=shutil.ignore_patterns("oof_logits.npy", "audit", "tensorboard"))
+    shutil.copytree(planted["run"], run, ignore=shutil.ignore_patterns("oof", "audit", "tensorboard"))
     assert main(["audit", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "no out-of-fold predictions" in err and "data.valid_fold=all" in err, err
+    assert "no held-out predictions" in err and "data.valid_fold=all" in err, err
     assert not (run / "audit").exists()
 
 
@@ -269,39 +316,164 @@ def _items(n: int, splits: list[str], labels: list[str]) -> pd.DataFrame:
 
 
 def test_duplicate_table_ranks_conflicts_then_leakage() -> None:
-    from vistrain.audit.duplicates import duplicate_table
+    from vistrain.audit.duplicates import duplicate_table, groups
 
     items = _items(6, ["train", "train", "train", "val", "train", "train"], ["a", "a", "a", "a", "a", "b"])
-    pairs = pd.DataFrame({"a": [0, 2, 4], "b": [1, 3, 5], "kind": ["exact", "near", "near"],
-                          "similarity": [1.0, 0.97, 0.96], "hash_distance": [0, 4, 6]})
-    table = duplicate_table(items, pairs, groups_meaningful=False)
+    members = groups(6, np.array([0, 2, 4]), np.array([1, 3, 5]), items["split_name"].to_numpy())
+    thumbs = np.random.default_rng(0).integers(0, 255, (6, 32, 32, 3)).astype(np.uint8)
+    digest = pd.Series(list("xxyzuv"))  # 0 and 1: identical pixels
+    table = duplicate_table(items, members, digest, np.zeros(6, np.int64), thumbs, np.ones(6), False)
     assert table["id_a"].tolist() == ["4", "2", "0"]  # conflict (labels a / b), then train-val leakage, then the rest
     assert table["relation"].tolist() == ["within_split", "cross_split", "within_split"]
     assert table["conflict"].tolist() == [True, False, False]
+    assert table["kind"].tolist() == ["near", "near", "exact"]
 
 
-@pytest.mark.parametrize("policy, rows_out, labels", [
-    ("drop", 2, ["a", "a"]),  # the label issue, the blank and one copy of the duplicate go
-    ("relabel", 3, ["a", "b", "a"]),  # the label issue takes the suggested class
-    ("review", 5, ["a", "a", "a", "a", "a"]),  # every row stays, flagged
+def test_groups_are_connected_components_with_a_training_representative() -> None:
+    from vistrain.audit.duplicates import groups
+
+    splits = np.array(["test", "val", "train", "train", "fold1", "fold0"])
+    out = groups(6, np.array([0, 1, 4]), np.array([1, 2, 5]), splits)  # 0-1-2 chained, 4-5; 3 alone
+    by_item = out.set_index("item")
+    assert set(by_item.index) == {0, 1, 2, 4, 5}
+    assert by_item.loc[0, "group"] == by_item.loc[2, "group"] != by_item.loc[4, "group"]
+    assert by_item.loc[0, "rep"] == 2  # the training image represents the group, whatever its position
+    assert by_item.loc[5, "rep"] == 4  # folds rank alike: the first
+
+
+def _smooth_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """n distinct smooth images: 8 x 8 colour noise enlarged to 96 px."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (8, 8, 3)).astype(np.uint8)).resize((96, 96), Image.BICUBIC)
+            for _ in range(n)]
+
+
+def _thumb(img: Image.Image) -> np.ndarray:
+    """The thumbnail the scan stores."""
+    return np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR))
+
+
+def test_near_pairs_stand_out_from_the_typical_neighbours() -> None:
+    """A brightened copy, a 4% crop and a JPEG re-encode stand out; 200 distinct images make no pair."""
+    from io import BytesIO
+
+    from PIL import ImageEnhance
+
+    from vistrain.audit.duplicates import near_pairs
+
+    images = _smooth_images(200)
+    buf = BytesIO()
+    images[2].save(buf, format="JPEG", quality=75)
+    copies = [ImageEnhance.Brightness(images[0]).enhance(1.05), images[1].crop((0, 4, 92, 96)),
+              Image.open(BytesIO(buf.getvalue())).convert("RGB")]
+    thumbs = np.stack([_thumb(i) for i in images + copies])
+    pairs, typical, rule = near_pairs(thumbs, np.arange(len(thumbs)), 7.0)
+    assert sorted(zip(pairs["a"], pairs["b"])) == [(0, 200), (1, 201), (2, 202)], pairs
+    assert (pairs["ratio"] < rule["max_ratio"]).all() and len(typical) == len(thumbs)
+    assert near_pairs(thumbs[:200], np.arange(200), 7.0)[0].empty
+
+
+def test_trained_embeddings_must_agree() -> None:
+    """The model vetoes a pair it puts further apart than the images' typical neighbours."""
+    from vistrain.audit.duplicates import embedding_agrees
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 16)).astype(np.float32)
+    feats[1] = feats[0] + 0.01 * rng.normal(size=16)  # the model: 0 and 1 are one image; 2 and 3 are far apart
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    feats[3] = -feats[2]
+    agree = embedding_agrees(feats, np.arange(50), np.array([0, 2]), np.array([1, 3]))
+    assert agree.tolist() == [True, False]
+
+
+def test_nearest_above_the_exact_limit_finds_near_copies_like_brute_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inverted-file index (used above EXACT_UP_TO vectors) returns each planted near copy as its original's
+    nearest neighbour, as the exact search does, and never the query itself."""
+    from vistrain.audit import neighbours
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3000, 96)).astype(np.float32)
+    x[2950:] = x[:50] + 0.05 * rng.normal(size=(50, 96))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact_sims, exact_idx = neighbours.nearest(x, 5)
+    monkeypatch.setattr(neighbours, "EXACT_UP_TO", 1000)
+    sims, idx = neighbours.nearest(x, 5)
+    assert (idx[:50, 0] == np.arange(2950, 3000)).all() and (exact_idx[:50, 0] == idx[:50, 0]).all()
+    assert not (idx == np.arange(3000)[:, None]).any() and (np.diff(sims, axis=1) <= 1e-6).all()
+    brute = np.sort(x @ x.T - 2 * np.eye(3000), axis=1)[:, ::-1][:, :5]
+    assert np.allclose(exact_sims, brute, atol=1e-5)
+
+
+def test_duplicates_csv_is_written_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vistrain.audit import duplicates
+
+    table = pd.DataFrame({"path_a": [f"a{i}" for i in range(25)], "path_b": [f"b{i}" for i in range(25)]})
+    monkeypatch.setattr(duplicates, "CSV_CHUNK", 10)
+    duplicates.write_table(tmp_path / "d.csv", table)
+    assert pd.read_csv(tmp_path / "d.csv").equals(table)
+    duplicates.write_table(tmp_path / "e.csv", table.iloc[:0])
+    assert (tmp_path / "e.csv").read_text().strip() == "path_a,path_b"
+
+
+def _clean_inputs() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Five training rows: 1 a label issue, 2 blank, 3 (train) and 4 (val) one image; 5 a test image."""
+    items = _items(6, ["train", "train", "train", "train", "val", "test"], ["a"] * 6)
+    items["external"] = [False] * 5 + [True]
+    issues = pd.DataFrame({"path": ["/d/1.png"], "given_label": ["a"], "suggested_label": ["b"]})
+    dups = pd.DataFrame({"dup_group": [0], "path_a": ["/d/3.png"], "path_b": ["/d/4.png"], "split_a": ["train"],
+                         "split_b": ["val"], "label_a": ["a"], "label_b": ["a"], "id_a": ["3"]})
+    outliers = pd.DataFrame({"path": ["/d/2.png"], "reason": ["near_constant"], "score": [0.01]})
+    return items, issues, dups, outliers
+
+
+@pytest.mark.parametrize("policy, kept, labels, changes", [
+    ("drop", ["0", "3"], ["a", "a"], {"/d/1.png": "label_issue", "/d/2.png": "near_constant", "/d/4.png": "leakage"}),
+    ("relabel", ["0", "1", "3"], ["a", "b", "a"], {"/d/1.png": "label_issue", "/d/2.png": "near_constant",
+                                                   "/d/4.png": "leakage"}),
+    ("review", ["0", "1", "2", "3", "4"], ["a"] * 5, {}),  # every row stays, flagged in the review column
 ])
-def test_write_clean_policies(tmp_path: Path, policy: str, rows_out: int, labels: list[str]) -> None:
-    from vistrain.audit.clean import write_clean
+def test_write_clean_changes_only_the_rows_it_reports(policy: str, kept: list[str], labels: list[str],
+                                                     changes: dict[str, str]) -> None:
+    from vistrain.audit.clean import plan_clean
 
-    items = _items(5, ["train", "train", "train", "train", "val"], ["a"] * 5)
-    issues = pd.DataFrame({"path": ["/d/1.png"], "suggested_label": ["b"]})
-    dups = pd.DataFrame({"path_a": ["/d/3.png"], "path_b": ["/d/4.png"], "split_a": ["train"], "split_b": ["val"],
-                         "conflict": [False]})
-    outliers = pd.DataFrame({"path": ["/d/2.png"], "reason": ["near_constant"]})
-    out = write_clean(tmp_path / "m.csv", items, policy, issues, dups, outliers, keep_split=False, keep_group=False)
-    table = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
-    assert len(table) == out["rows_out"] == rows_out and table["label"].tolist() == labels
-    assert "/d/4.png" not in table["path"].tolist() or policy == "review"  # leakage: the val copy goes
+    items, issues, dups, outliers = _clean_inputs()
+    plan = plan_clean(items, policy, issues, dups, outliers, keep_split=False, keep_group=False)
+    assert [Path(p).stem for p in plan.table["path"]] == kept and plan.table["label"].tolist() == labels
+    assert dict(zip(plan.changes["path"], plan.changes["reason"])) == changes  # the test image is never a row
+    before = dict(zip(items["path"][:5], items["label"][:5]))
+    after = dict(zip(plan.table["path"], plan.table["label"]))
+    differ = {p for p in before if after.get(p) != before[p]}
+    assert differ == set(changes) and (plan.changes["detail"] != "").all()
+    summary = plan.summary(Path("m.csv"), forced=False)
+    assert summary["rows_changed"] == len(changes) and summary["rows_in"] == 5
     if policy == "review":
-        assert table["audit_flags"].tolist() == ["", "label_issue", "outlier:near_constant", "duplicate", "duplicate"]
-        assert out["rows_changed"] == 4
-    else:
-        assert out["rows_changed"] == 5 - rows_out + (policy == "relabel")
+        assert plan.table["review"].tolist() == ["", "label_issue", "outlier:near_constant", "duplicate", "duplicate"]
+        assert summary["flagged"] == 4 and summary["rows_changed"] == 0
+
+
+def test_a_test_image_in_a_duplicate_group_drops_the_training_copy() -> None:
+    from vistrain.audit.clean import plan_clean
+
+    items, issues, _, outliers = _clean_inputs()
+    dups = pd.DataFrame({"dup_group": [0], "path_a": ["/d/0.png"], "path_b": ["/d/5.png"], "split_a": ["train"],
+                         "split_b": ["test"], "label_a": ["a"], "label_b": ["a"], "id_a": ["0"]})
+    plan = plan_clean(items, "drop", issues.iloc[:0], dups, outliers.iloc[:0], keep_split=False, keep_group=False)
+    assert plan.changes["path"].tolist() == ["/d/0.png"] and plan.changes["reason"].tolist() == ["leakage"]
+
+
+def test_write_clean_refuses_to_drop_too_much_or_starve_a_class() -> None:
+    from vistrain.audit.clean import plan_clean, refusals
+
+    items = _items(10, ["train"] * 10, ["a"] * 6 + ["b"] * 4)
+    issues = pd.DataFrame({"path": ["/d/9.png"], "given_label": ["b"], "suggested_label": ["a"]})
+    no_dups = pd.DataFrame(columns=["dup_group", "path_a", "path_b", "split_a", "split_b", "label_a", "label_b",
+                                    "id_a"])
+    no_outliers = pd.DataFrame(columns=["path", "reason", "score"])
+    plan = plan_clean(items, "drop", issues, no_dups, no_outliers, keep_split=False, keep_group=False)
+    why = refusals(plan, max_drop_frac=0.05, min_images=4)
+    assert why == ["it would drop 1 of 10 rows (10.0%), more than audit.max_drop_frac=0.05",
+                   "it would leave 1 class(es) under data.min_images_per_class=4: 'b' 3"]
+    assert refusals(plan, max_drop_frac=0.1, min_images=3) == []
 
 
 @pytest.mark.slow
@@ -350,21 +522,3 @@ def test_audit_of_an_embedding_run_uses_its_embeddings_and_skips_label_issues(tm
     assert summary["label_issues"]["count"] == 0
     assert summary["sources"]["note"] == "no label issues: an embedding run has no class probabilities"
     assert ["cat/obj0", "dog/obj5"] in summary["duplicates"]["groups_sharing_images"]
-
-
-def test_near_pairs_need_hash_and_embedding_to_agree() -> None:
-    from vistrain.audit.duplicates import near_pairs
-
-    far = np.random.default_rng(0).integers(0, 2**62, size=3)  # three hashes ~31 bits apart
-    hashes = np.array([far[0], far[0] ^ 0b11, far[1], far[1] ^ (2**10 - 1), far[2], far[2] ^ (2**10 - 1)],
-                      dtype=np.int64)  # pairs (0,1) 2 bits apart, (2,3) and (4,5) 10 bits apart
-    unit = np.eye(6, dtype=np.float32)
-    feats = np.stack([unit[0], -unit[0], unit[1], unit[1] * 0.99 + unit[2] * 0.1, unit[3], unit[3] + unit[4]])
-    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    everyone = np.ones(6, dtype=bool)
-    with_emb = near_pairs(hashes, everyone, 6, feats, 0.95)
-    # (0,1): hashes agree but the model says opposite (a colour-blind hash match); (2,3): the model confirms a
-    # pair the hash alone misses; (4,5): neither close enough
-    assert list(zip(with_emb["a"], with_emb["b"])) == [(2, 3)]
-    hash_only = near_pairs(hashes, everyone, 6, None, 0.95)
-    assert list(zip(hash_only["a"], hash_only["b"])) == [(0, 1)]

@@ -260,7 +260,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     summary = run_audit(Path(args.run) if args.run else None, Path(args.config) if args.config else None,
                         output=Path(args.output) if args.output else None,
                         clean=Path(args.write_clean) if args.write_clean else None, policy=args.policy,
-                        overrides=args.overrides)
+                        overrides=args.overrides, force=args.force)
     print(f"[DONE] audit written to {summary['output']}")
     return 0
 
@@ -525,8 +525,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "with the flagged rows handled by --policy")
     p.add_argument("--policy", metavar="drop|relabel|review",
                    help="with --write-clean: drop flagged rows (default), relabel label issues to the suggested "
-                        "class (dropping the other flagged rows), or keep every row with audit_flags for review")
-    p.add_argument("overrides", nargs="*", metavar="audit.key=value", help="e.g. audit.near_dup_threshold=0.9")
+                        "class (dropping the other flagged rows), or keep every row with a review column")
+    p.add_argument("--force", action="store_true",
+                   help="with --write-clean: write the manifest even when it drops more than audit.max_drop_frac of "
+                        "the rows or leaves a class under data.min_images_per_class (refused otherwise, exit 2)")
+    p.add_argument("overrides", nargs="*", metavar="audit.key=value", help="e.g. audit.near_dup_z=8")
     return parser
 
 

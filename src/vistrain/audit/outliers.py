@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from vistrain.metrics.retrieval import knn_search
+from vistrain.audit.neighbours import nearest
 
 COLUMNS = ["path", "id", "reason", "score", "label", "split", "action"]
 ACTIONS = {
@@ -58,10 +58,11 @@ def bad_image_rows(bad: pd.DataFrame) -> pd.DataFrame:
                         columns=COLUMNS)
 
 
-def embedding_outliers(items: pd.DataFrame, feats: np.ndarray, eligible: np.ndarray, k: int, percentile: float,
-                       memory_budget_mb: float = 256) -> pd.DataFrame:
-    """Per class: mean cosine distance to the ``k`` nearest other images of the class; those above the class's
-    ``percentile`` quantile (classes of more than ``k + 1`` images) are outliers, score = that distance."""
+def embedding_outliers(items: pd.DataFrame, feats: np.ndarray, eligible: np.ndarray, k: int,
+                       percentile: float) -> pd.DataFrame:
+    """Per class: mean cosine distance to the ``k`` nearest other images of the class (``neighbours.nearest``:
+    bounded work per image); those above the class's ``percentile`` quantile (classes of more than ``k + 1``
+    images) are outliers, score = that distance."""
     labels = items["label"].astype(str).to_numpy()
     score = np.zeros(len(items))
     flagged = np.zeros(len(items), dtype=bool)
@@ -69,8 +70,8 @@ def embedding_outliers(items: pd.DataFrame, feats: np.ndarray, eligible: np.ndar
         idx = np.flatnonzero((labels == label) & eligible)
         if len(idx) <= k + 1:
             continue
-        sims, _ = knn_search(feats[idx], feats[idx], k + 1, "cosine", memory_budget_mb)
-        dist = 1.0 - sims[:, 1:].mean(axis=1)  # the first neighbour is the image itself
+        sims, _ = nearest(feats[idx], k)
+        dist = 1.0 - sims.mean(axis=1)
         score[idx] = dist
         flagged[idx] = dist > np.quantile(dist, percentile)
     out = _rows(items, flagged, "embedding", score)

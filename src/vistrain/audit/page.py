@@ -15,7 +15,9 @@ from vistrain.tracking.files import atomic_write_text
 from vistrain.viz.report import CSP, CSS, SCRIPT, Raw, key_values, section, table
 
 THUMB = 72  # pixels, longest side
-EXTRA_CSS = "td img{display:block;border-radius:3px}.headline{font-size:16px}.bad{color:#b3261e;font-weight:600}"
+# the border keeps a white (or blank) image visible against the white page
+EXTRA_CSS = ("td img{display:block;border:1px solid #8a8f98;border-radius:3px}.headline{font-size:16px}"
+             ".bad{color:#b3261e;font-weight:600}")
 
 
 def thumbnail(path: str) -> Raw:
@@ -69,21 +71,28 @@ def _health(health: dict[str, Any], confused: list[dict], items: pd.DataFrame) -
 
 def render(summary: dict[str, Any], issues: pd.DataFrame, dups: pd.DataFrame, outliers: pd.DataFrame,
            items: pd.DataFrame, confused: list[dict], limit: int) -> str:
-    leak = summary["duplicates"]["cross_split"]
-    head = (f'<p class="headline">Leakage: <b class="{"bad" if leak else ""}">{leak}</b> duplicate pair(s) across '
-            f"splits / folds; {summary['duplicates']['total']} duplicate pair(s) in all, "
-            f"{summary['label_issues']['count']} label issue(s), {summary['outliers']['total']} outlier(s).</p>")
-    counts = {"label issues": summary["label_issues"]["count"], **{
-        f"duplicates {k}": v for k, v in summary["duplicates"].items() if not isinstance(v, list | dict)},
-        **{f"outliers {k}": v for k, v in summary["outliers"].items()}}
+    d = summary["duplicates"]
+    leak = d["cross_split"]
+    head = (f'<p class="headline">Leakage: <b class="{"bad" if leak else ""}">{leak}</b> duplicate image(s) across '
+            f"splits / folds / test in {d['cross_split_groups']} group(s); {d['groups']} duplicate group(s) in all "
+            f"({d['total']} image(s) beside their representative), {summary['label_issues']['count']} label "
+            f"issue(s), {summary['outliers']['total']} outlier(s).</p>")
+    counts = {"images per split": ", ".join(f"{k} {v}" for k, v in summary["images_per_split"].items()),
+              "label issues": summary["label_issues"]["count"], "label issues checked on":
+              summary["label_issues"]["scope"], **{f"duplicates {k}": v for k, v in d.items()
+                                                   if not isinstance(v, list | dict)},
+              **{f"outliers {k}": v for k, v in summary["outliers"].items()}}
+    note = summary["sources"].get("note") or ""
     body = "".join([
-        section("Summary", head + key_values(counts) + (f'<p class="note">{html.escape(summary["sources"]["note"])}'
-                                                         "</p>" if summary["sources"].get("note") else "")),
-        _findings("Duplicates (conflicts and leakage first)", dups, ["path_a", "path_b"],
-                  ["kind", "relation", "similarity", "split_a", "split_b", "label_a", "label_b", "action"], limit,
-                  "pairs of exact or near-identical images"),
+        section("Summary", head + key_values(counts) + (f'<p class="note">{html.escape(note)}</p>' if note else "")),
+        _findings("Duplicate groups (conflicts and leakage first)", dups, ["path_a", "path_b"],
+                  ["dup_group", "kind", "relation", "similarity", "ratio", "split_a", "split_b", "label_a", "label_b",
+                   "action"], limit,
+                  "each group's representative (left) beside each other member: identical pixels, or a pixel "
+                  "distance far below the images' typical neighbours (ratio: the pair's distance / theirs)"),
         _findings("Label issues", issues, ["path"], ["id", "given_label", "suggested_label", "score", "split"], limit,
-                  "cleanlab confident learning on held-out probabilities, most suspicious first"),
+                  "cleanlab confident learning on held-out probabilities, most suspicious first; checked on "
+                  f"{summary['label_issues']['scope']}"),
         _findings("Outliers and broken images", outliers, ["path"], ["id", "reason", "score", "label", "split"],
                   limit, "file checks and embedding outliers"),
         _health(summary["class_health"], confused, items),

@@ -356,11 +356,12 @@ class EvalCfg(Section):
 class AuditCfg(Section):
     """``vistrain audit``: thresholds of its findings (fractions in [0, 1] unless said otherwise)."""
 
-    near_dup_threshold: Annotated[float, Field(ge=0, le=1)] = 0.95  # embedding cosine similarity at or above: near dup
-    hash_threshold: Annotated[float, Field(ge=0, le=1)] = 0.1  # perceptual hashes differing in at most this fraction
-    # of their 64 bits (0.1: 6 bits) are near duplicates; 0 finds identical hashes only
+    # near duplicates: a pair's pixel distance must lie this many robust deviations below what nearest neighbours
+    # look like in this data set (see audit/duplicates.py); higher finds fewer
+    near_dup_z: Annotated[float, Field(gt=0)] = 7.0
+    max_drop_frac: Annotated[float, Field(ge=0, le=1)] = 0.05  # --write-clean refuses to drop more rows (--force)
     outlier_percentile: Annotated[float, Field(ge=0, le=1)] = 0.99  # k-NN distance above this quantile of its class
-    knn_k: PositiveInt = 5  # neighbours searched per image (duplicates and outliers)
+    knn_k: PositiveInt = 5  # embedding outliers: neighbours per image within its class
     min_size_fraction: Annotated[float, Field(ge=0, le=1)] = 0.25  # shorter side under this x train.img_size: too small
     max_aspect_ratio: Annotated[float, Field(ge=1)] = 4.0  # long side / short side above this: extreme aspect ratio
     constant_std: Annotated[float, Field(ge=0, le=1)] = 0.02  # grey-level std (0..1) under this: near-constant image

@@ -325,8 +325,8 @@ def audit_html(run_dir: Path) -> str:
         return ""
     audit = _read_json(run_dir / "audit" / "audit.json")
     dups, issues = audit.get("duplicates") or {}, audit.get("label_issues") or {}
-    counts = {"duplicate pairs across splits (leakage)": dups.get("cross_split"),
-              "duplicate pairs": dups.get("total"), "label issues": issues.get("count"),
+    counts = {"duplicate images across splits (leakage)": dups.get("cross_split"),
+              "duplicate groups": dups.get("groups"), "label issues": issues.get("count"),
               "outliers": (audit.get("outliers") or {}).get("total")}
     link = '<p><a href="audit/audit.html">audit/audit.html</a>: label issues, duplicates, outliers, class health</p>'
     return section("Data audit", link + key_values({k: v for k, v in counts.items() if v is not None}))
