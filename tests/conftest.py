@@ -219,3 +219,15 @@ def read_metrics(run_dir: Path, complete_only: bool = False) -> list[dict[str, A
     if complete_only:
         text = text[: text.rfind("\n") + 1]
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``sweep`` tests (a 15-kill sweep, a 6-trial study, a benchmark sweep: minutes each) run only when asked for
+    with ``-m slow`` or ``-m sweep``; other ``slow`` tests run in ``make test`` as well."""
+    asked = config.getoption("markexpr") or ""
+    if "slow" in asked or "sweep" in asked:
+        return
+    skip = pytest.mark.skip(reason="a sweep: runs with -m slow (or -m sweep) only")
+    for item in items:
+        if "sweep" in item.keywords:
+            item.add_marker(skip)

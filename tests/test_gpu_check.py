@@ -71,6 +71,7 @@ def test_unknown_steps_are_named_with_the_valid_ones(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_cpu_mode_runs_every_step_and_writes_the_json(tmp_path):
     """The whole script at toy sizes, as the suite can run it: proves each step's command line is right."""
     out = tmp_path / "gpu_check.json"

@@ -26,10 +26,8 @@ def test_three_kills_then_resume_equal_an_uninterrupted_run(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-def test_kill_sweep_of_15_moments(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    # slow tests run by default (no -m in addopts); this one takes ~15 x a short run, so only when asked for
-    if "slow" not in (request.config.getoption("markexpr") or ""):
-        pytest.skip("the 15-kill sweep runs with -m slow only (or: python benchmarks/kill_resume.py)")
+@pytest.mark.sweep  # ~15 x a short run: only with -m slow (or: python benchmarks/kill_resume.py)
+def test_kill_sweep_of_15_moments(tmp_path: Path) -> None:
     trials = kill_resume.sweep(15, 0, tmp_path)
     failed = [t for t in trials if not t.ok]
     assert not failed, failed

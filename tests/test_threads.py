@@ -243,6 +243,7 @@ def test_train_with_the_defaults_computes_on_every_free_core(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_throughput_sweep_times_each_split_and_the_automatic_one(tmp_path):
     """``benchmarks/throughput.py --sweep`` at toy sizes: a row per split, the automatic choice with its reason and
     its gap to the best split, in the JSON and the printed table."""

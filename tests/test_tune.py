@@ -662,6 +662,7 @@ def test_keep_checkpoints_decides_what_an_ended_trial_leaves_on_disk(monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.sweep
 def test_a_six_trial_digits_study_completes_at_least_two_trials(tmp_path: Path) -> None:
     """The issue's set-up (the digits demo), shorter: scikit-learn's 1,797 digits (real scans) as 32 px PNGs,
     resnet10t, one warm-up epoch, 3 epochs per trial, the default space. The baseline learns within its first
