@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    """Trains ``folds`` of one run. ``extra_hooks`` run after the default ones in every fold (``tune`` adds its
-    reporter); unlike those, built afresh per fold, they are shared by the folds."""
+    """Trains ``folds`` of one run. ``extra_hooks`` run after the default ones in every fold, so after the metrics
+    row (``tune`` reports there). They are observers: what they change at ``after_epoch`` is not in that epoch's
+    last checkpoint, so a behaviour with state goes into ``default_hooks`` above ``Checkpoints``. Unlike the
+    default hooks, built afresh per fold, they are shared by the folds."""
 
     def __init__(self, cfg: Config, data: Prepared, run: RunDir, machine: Machine, info: distributed.DistInfo,
                  trackers: Trackers, extra_hooks: Sequence[Hook] = ()):
