@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class Task(Protocol):
-    """What the loop asks of a task (see engine/tasks.py)."""
+    """What the loop and the Trainer ask of a task (see engine/tasks.py)."""
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None: ...  # epoch is 0-based
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
@@ -30,6 +30,8 @@ class Task(Protocol):
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor: ...
     def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None: ...
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...  # in the last checkpoint (center-loss centres)
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
