@@ -54,7 +54,7 @@ from PIL import Image
 from vistrain.config.loader import validate
 from vistrain.config.schema import AugmentCfg
 from vistrain.engine import device as dev
-from vistrain.engine.hooks import EarlyStopping
+from vistrain.engine.hooks import monitor_mode
 from vistrain.engine.loop import LoopOptions, TrainState, train_one_epoch
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.engine.tasks import ClassificationTask
@@ -117,9 +117,8 @@ def ceiling(args: argparse.Namespace, cfg: Any, compiled: bool, steps: int) -> f
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, t)
-    stopper = EarlyStopping(t.monitor, 0)
-    state = TrainState(model, optimizer, build_scheduler(optimizer, t, steps, stopper.mode),
-                       torch.amp.GradScaler(device.type, enabled=precision.use_scaler), stopper, seed=0)
+    state = TrainState(model, optimizer, build_scheduler(optimizer, t, steps, monitor_mode(t.monitor)),
+                       torch.amp.GradScaler(device.type, enabled=precision.use_scaler), seed=0)
     if compiled:
         compile_model(model, t.compile)
     h, w = (t.img_size, t.img_size) if isinstance(t.img_size, int) else t.img_size

@@ -16,9 +16,10 @@ from torch import nn
 
 from vistrain.config.schema import TrainCfg
 from vistrain.engine.device import pick_precision
-from vistrain.engine.hooks import EarlyStopping
-from vistrain.engine.loop import LoopOptions, TrainState, fit
+from vistrain.engine.hooks import EarlyStopping, FoldRun, Hook
+from vistrain.engine.loop import LoopOptions, TrainState
 from vistrain.engine.optim import build_optimizer, build_scheduler
+from vistrain.engine.trainer import run_epochs
 
 METRICS = {"valid_loss", "macro_f1", "accuracy"}
 
@@ -84,6 +85,7 @@ def test_eval_every_n_epochs_rows_and_log(runs: Runs) -> None:
 def test_keep_best_k_ranking_survives_a_resume(tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed: the kept files are the 2 best of all 3 epochs, not of the resumed 2."""
     from vistrain.config import load_config
+    from vistrain.engine.hooks import Reporter
     from vistrain.pipelines.train import run_train
 
     data = write_csv_dataset(tmp_path / "data", classes=("a", "b"), per_class=6)
@@ -95,7 +97,7 @@ def test_keep_best_k_ranking_survives_a_resume(tmp_path: Path) -> None:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, on_epoch=stop)
+        run_train(cfg, hooks=[Reporter(stop)])
     run_dir = run_train(cfg, resume=True).run_dir
     rows = read_metrics(run_dir)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -127,35 +129,44 @@ class ConstantTask:
         return {"macro_f1": 0.5}
 
 
-def _fit(epochs: int, every: int, patience: int) -> tuple[list[dict[str, Any]], list[int], TrainState]:
+class Record(Hook):
+    """Collects each epoch's row and the epochs that improved the monitor (after early stopping, as the
+    checkpoints hook sees them)."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.improved: list[int] = []
+
+    def after_epoch(self, fold: FoldRun) -> None:
+        self.rows.append(fold.row)
+        if fold.improved:
+            self.improved.append(fold.row["epoch"])
+
+
+def _fit(epochs: int, every: int, patience: int) -> tuple[list[dict[str, Any]], list[int], EarlyStopping]:
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     t = TrainCfg(epochs=epochs, scheduler="plateau", warmup_epochs=0, eval_every_n_epochs=every,
                  early_stopping_patience=patience)
     optimizer = build_optimizer(model, t)
-    stopper = EarlyStopping("macro_f1", patience)
+    stopper = EarlyStopping("macro_f1", patience, every)
     state = TrainState(model, optimizer, build_scheduler(optimizer, t, 1, stopper.mode),
-                       torch.amp.GradScaler("cpu", enabled=False), stopper, seed=0)
+                       torch.amp.GradScaler("cpu", enabled=False), seed=0)
     batch = [(torch.randn(6, 4), torch.tensor([0, 1] * 3), None)]
-    rows, improved = [], []
-
-    def on_epoch_end(state: TrainState, row: dict[str, Any], outputs: torch.Tensor | None, better: bool) -> None:
-        rows.append(row)
-        if better:
-            improved.append(row["epoch"])
-
+    record = Record()
     cpu = torch.device("cpu")
-    fit(state, ConstantTask(), batch, batch, epochs, LoopOptions(cpu, pick_precision("fp32", cpu), eval_every=every),
-        on_epoch_end)
-    return rows, improved, state
+    run_epochs(FoldRun(fold=0, state=state, task=ConstantTask(), train_loader=batch, valid_loader=batch,
+                       opts=LoopOptions(cpu, pick_precision("fp32", cpu), eval_every=every), epochs=epochs,
+                       monitor="macro_f1", hooks=[stopper, record]))
+    return record.rows, record.improved, stopper
 
 
 def test_early_stopping_counts_evaluations() -> None:
-    rows, improved, state = _fit(epochs=30, every=3, patience=2)
+    rows, improved, stopper = _fit(epochs=30, every=3, patience=2)
     # evaluations at 3 (first: best), 6 and 9 (no better): two evaluations without improvement stop after epoch 9
     assert [r["epoch"] for r in rows] == list(range(1, 10))
     assert [r["epoch"] for r in rows if "macro_f1" in r] == [3, 6, 9]
-    assert improved == [3] and state.stopper.should_stop and state.stopper.best_epoch == 3
+    assert improved == [3] and stopper.should_stop and stopper.best_epoch == 3
 
 
 def test_the_last_epoch_is_always_evaluated() -> None:

@@ -116,7 +116,6 @@ def test_on_cuda_the_policy_matches_its_cpu_twin(pixels: np.ndarray) -> None:
 def test_the_loop_augments_uint8_batches_with_the_device_policy() -> None:
     """LoopOptions.batch_transform: the loader's uint8 batches reach the model augmented and normalised."""
     from vistrain.engine.device import pick_precision
-    from vistrain.engine.hooks import EarlyStopping
     from vistrain.engine.loop import LoopOptions, TrainState, train_one_epoch
 
     cpu = torch.device("cpu")
@@ -132,8 +131,7 @@ def test_the_loop_augments_uint8_batches_with_the_device_policy() -> None:
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    state = TrainState(model, optimizer, Scheduler(), torch.amp.GradScaler("cpu", enabled=False),
-                       EarlyStopping("macro_f1", 0), seed=0)
+    state = TrainState(model, optimizer, Scheduler(), torch.amp.GradScaler("cpu", enabled=False), seed=0)
     batches = [(torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8), torch.tensor([0, 1, 0, 1]), None)] * 2
     augment = DeviceAugment(AUG, Preprocessor(size=HW))
     opts = LoopOptions(cpu, pick_precision("fp32", cpu), log_interval=0, batch_transform=augment)

@@ -1,11 +1,13 @@
 """Divergence (issue 12 item 3): a NaN training loss, injected at epoch 2, stops the run with the loop's message,
 run.json status "diverged", the last good epoch's checkpoint and the best model kept; ``--resume RUN train.lr=...``
-continues from that epoch with the lower learning rate and finishes."""
+continues from that epoch with the lower learning rate and finishes. A resume with the lower lr that is stopped
+again, then continued by a plain ``--resume RUN``, keeps the lower lr (issue 19 item 2: the effective config)."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -14,6 +16,7 @@ from conftest import describe, read_metrics, run_dirs, tiny_config, write_csv_da
 from test_run_outcome import main_captured
 
 from vistrain.engine.tasks import ClassificationTask
+from vistrain.tracking.rundir import RunDir
 
 EPOCHS = 3
 BATCHES_PER_EPOCH = 2  # 36 images, 2 folds: 18 training images in batches of 8, the last one dropped
@@ -43,8 +46,28 @@ def flow(tmp_path_factory: pytest.TempPathFactory) -> dict:
            "rows": read_metrics(run), "log": (run / "train.log").read_text(),
            "best_bytes": (run / "ckpt" / "best_fold0.pth").read_bytes(),
            "last": torch.load(run / "ckpt" / "last_fold0.pth", weights_only=True)}
+    out["copy"] = root / "exp2" / run.parent.name / run.name  # the diverged run, for the double resume below
+    shutil.copytree(run, out["copy"])
     out["resumed"] = main_captured("train", "--resume", str(run), f"train.lr={NEW_LR}")
     return out
+
+
+@pytest.fixture(scope="module")
+def double_resume(flow: dict) -> dict:
+    """The diverged run resumed with the lower lr and stopped (Ctrl-C) once epoch 2 is written, then continued by a
+    plain ``--resume RUN``."""
+    run = flow["copy"]
+    real = RunDir.append_metrics
+
+    def stop_after_writing(self: RunDir, row: dict) -> None:
+        real(self, row)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RunDir, "append_metrics", stop_after_writing)
+        stopped = main_captured("train", "--resume", str(run), f"train.lr={NEW_LR}")
+    return {"run": run, "stopped": stopped, "rows_stopped": read_metrics(run),
+            "plain": main_captured("train", "--resume", str(run)), "log": (run / "train.log").read_text()}
 
 
 def test_nan_loss_stops_with_todays_message_and_status_diverged(flow: dict) -> None:
@@ -80,3 +103,27 @@ def test_resume_with_a_lower_lr_continues_from_the_last_good_epoch(flow: dict) -
     assert "[RESUME] fold=0 from epoch 1 of 3" in log
     assert "[RESUME] fold=0 train.lr 0.003 -> 0.001" in log
     assert "[RESUME] config changed since the run started: train.lr: 0.003 -> 0.001" in log
+
+
+def test_a_plain_resume_after_a_resume_with_a_lower_lr_keeps_the_lower_lr(flow: dict, double_resume: dict) -> None:
+    """Issue 19 item 2: the second resume trains with config.yaml + the first resume's train.lr, so the optimiser
+    stays on the lower lr's schedule (it was scaled back up to config.yaml's lr) and the run ends with the rows of
+    the resume that was never stopped."""
+    assert double_resume["stopped"].returncode != 0, describe(double_resume["stopped"])
+    assert [r["epoch"] for r in double_resume["rows_stopped"]] == [1, 2]
+    r = double_resume["plain"]
+    assert r.returncode == 0, describe(r)
+    run = double_resume["run"]
+    timing = ("time_s", "img_per_s", "data_wait_frac", "mem_MiB", "fold_time_s")
+    rows = [{k: v for k, v in x.items() if k not in timing} for x in read_metrics(run)]
+    want = [{k: v for k, v in x.items() if k not in timing} for x in read_metrics(flow["run"])]
+    last = torch.load(run / "ckpt" / "last_fold0.pth", weights_only=True)
+    # the schedule's peak: scaled to NEW_LR by the first resume, and not back to 3e-3 by the plain one
+    assert {g["initial_lr"] for g in last["optimizer"]["param_groups"]} == {NEW_LR}, last["optimizer"]["param_groups"]
+    assert last["config"]["train"]["lr"] == NEW_LR and last["finished"]
+    assert "train.lr 0.003 -> 0.001" not in double_resume["log"].split("[EXIT]")[-1], "the plain resume scaled the lr"
+    assert rows == want, "the stopped and resumed run must end with the rows of the resume that was never stopped"
+    info = json.loads((run / "run.json").read_text())
+    assert info["resume_overrides"] == [{"train.lr": [3e-3, NEW_LR]}], "a plain resume changes nothing"
+    assert info["effective_overrides"] == {"train.lr": NEW_LR}
+    assert "[RESUME] earlier resumes' changes kept (run.json resume_overrides): train.lr=0.001" in double_resume["log"]

@@ -262,6 +262,7 @@ def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.
     """The centers are in the last checkpoint and a resumed run starts from them, not from zero."""
     import torch
 
+    from vistrain.engine.hooks import Reporter
     from vistrain.models.losses import CenterTerm
     from vistrain.pipelines.train import run_train
 
@@ -273,7 +274,7 @@ def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, on_epoch=stop)
+        run_train(cfg, hooks=[Reporter(stop)])
     (last,) = (tmp_path / "exp").glob("*/*/ckpt/last_fold0.pth")
     saved = torch.load(last, map_location="cpu", weights_only=False)["task_state"]["center"]["centers"]
     assert saved.abs().sum() > 0  # one epoch of updates moved them from zero

@@ -16,9 +16,10 @@ from torch import nn
 
 from vistrain.config.loader import validate
 from vistrain.engine.device import pick_precision
-from vistrain.engine.hooks import EarlyStopping
-from vistrain.engine.loop import DivergedError, LoopOptions, TrainState, fit, train_one_epoch
+from vistrain.engine.hooks import DivergedError, DivergenceGuard, FoldRun, Hook
+from vistrain.engine.loop import LoopOptions, TrainState, train_one_epoch
 from vistrain.engine.optim import build_optimizer
+from vistrain.engine.trainer import run_epochs
 from vistrain.errors import ConfigError
 from vistrain.models.build import compile_model, is_convolutional
 
@@ -66,8 +67,7 @@ def make_state() -> TrainState:
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no .item() inside its step
-    return TrainState(model, optimizer, Scheduler(), torch.amp.GradScaler("cpu", enabled=False),
-                      EarlyStopping("macro_f1", 0), seed=0)
+    return TrainState(model, optimizer, Scheduler(), torch.amp.GradScaler("cpu", enabled=False), seed=0)
 
 
 def opts(log_interval: int) -> LoopOptions:
@@ -89,18 +89,37 @@ def test_losses_are_read_at_log_interval_not_every_step(monkeypatch: pytest.Monk
     assert out["train_loss"] == pytest.approx(out["loss_ce"]) and out["train_loss"] > 0
 
 
+def fold_run(state: TrainState, task: Any, train: Any, valid: Any, epochs: int, options: LoopOptions,
+             hooks: list[Hook]) -> FoldRun:
+    return FoldRun(fold=0, state=state, task=task, train_loader=train, valid_loader=valid, opts=options,
+                   epochs=epochs, monitor="macro_f1", hooks=hooks)
+
+
+class Rows(Hook):
+    """Collects each epoch's row."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def after_epoch(self, fold: FoldRun) -> None:
+        self.rows.append(fold.row)
+
+
 @pytest.mark.parametrize(("log_interval", "steps"), [(4, "steps 5-8"), (0, "steps 1-10")])
 def test_a_nan_loss_is_caught_with_its_step_range(log_interval: int, steps: str) -> None:
+    """The divergence guard sees the loss where the loop reads it anyway, and names the steps that read covers."""
+    state, task, batches, options = make_state(), Task(nan_at=6), Batches(10), opts(log_interval)
+    fold = fold_run(state, task, batches, Batches(1), 1, options, [DivergenceGuard()])
     with pytest.raises(DivergedError, match=rf"^training loss is nan at fold 0 epoch 1 {steps}; lower train.lr"):
-        train_one_epoch(make_state(), Task(nan_at=6), Batches(10), opts(log_interval))
+        run_epochs(fold)
 
 
 def test_each_epoch_reports_throughput_and_data_wait() -> None:
     state = make_state()
     fast = train_one_epoch(state, Task(), Batches(8), opts(0))  # also the warm-up of autograd's first call
-    rows = []
-    fit(state, Task(), Batches(8, delay=0.1), Batches(1), 2, opts(0), lambda s, row, o, i: rows.append(row))
-    row = rows[0]
+    rows = Rows()
+    run_epochs(fold_run(state, Task(), Batches(8, delay=0.1), Batches(1), 2, opts(0), [rows]))
+    row = rows.rows[0]
     assert set(row) >= {"img_per_s", "data_wait_frac"}
     assert row["data_wait_frac"] > 0.5, row  # 0.8 s of the epoch waiting for batches
     assert row["img_per_s"] <= 48 / 0.8, row  # no faster than the data arrives

@@ -148,6 +148,7 @@ def test_resume_run_dir_continues_that_run(flows):
 def test_ctrl_c_marks_the_run_interrupted_and_resume_picks_it_up(tmp_path: Path) -> None:
     """A run stopped with Ctrl-C says "interrupted" in run.json (not "error"); ``--resume`` continues it."""
     from vistrain.config import load_config
+    from vistrain.engine.hooks import Reporter
     from vistrain.pipelines.train import run_train
 
     config, exp_dir, _ = setup_run(tmp_path)
@@ -157,7 +158,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_picks_it_up(tmp_path: Path)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg, on_epoch=stop)
+        run_train(cfg, hooks=[Reporter(stop)])
     (run_dir,) = run_dirs(exp_dir)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "interrupted", info

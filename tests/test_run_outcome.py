@@ -14,7 +14,7 @@ import pytest
 from conftest import describe, last_line, run_cli, run_dirs, tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.cli import main
-from vistrain.pipelines import train as train_mod
+from vistrain.engine.trainer import Trainer
 
 RESUME_NEW = "[RESUME] no unfinished run of this config; starting a new run"
 
@@ -137,7 +137,7 @@ def test_crash_and_ctrl_c_end_the_log_files_with_the_error_traceback_and_marker(
     def crash(*args: object, **kwargs: object) -> None:
         raise raised
 
-    monkeypatch.setattr(train_mod, "_train_fold", crash)
+    monkeypatch.setattr(Trainer, "train_fold", crash)
     assert main(["train", "--config", str(config)]) == code
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err, "without --debug the console shows no traceback"

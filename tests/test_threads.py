@@ -199,15 +199,15 @@ def test_oversubscription_is_silent_where_the_load_cannot_be_read(monkeypatch):
 
 def test_training_logs_the_split_and_the_oversubscription_warning(monkeypatch, caplog):
     """What a CPU run records: workers and threads with the reason, and a warning under load."""
-    from vistrain.pipelines.train import _resolve_auto
+    from vistrain.engine.run_setup import Machine, resolve_auto
 
     _cores(monkeypatch, 2)
     monkeypatch.setattr(os, "getloadavg", lambda: (10.0, 8.0, 6.0))
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     cfg = load_config(None, overrides=["train.device=cpu"])
     cpu = torch.device("cpu")
-    with caplog.at_level("INFO", logger="vistrain.pipelines.train"):
-        resolved = _resolve_auto(cfg, cpu, dev.pick_precision("auto", cpu), 2, cached=True)
+    with caplog.at_level("INFO", logger="vistrain.engine.run_setup"):
+        resolved = resolve_auto(cfg, Machine(cpu, dev.pick_precision("auto", cpu)), 2, cached=True)
     assert (resolved.train.num_workers, resolved.train.num_threads) == (0, 2)
     text = caplog.text
     assert "[CFG] train.num_workers=0 (auto: the cache holds decoded pixels" in text

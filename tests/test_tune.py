@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from conftest import describe, last_line, run_cli, run_dirs, tiny_config, write_
 
 from vistrain.config.loader import load_config, validate
 from vistrain.config.schema import Config
-from vistrain.engine.loop import DivergedError
+from vistrain.engine.hooks import DivergedError
 from vistrain.errors import ConfigError, UserError
 from vistrain.pipelines import train as train_mod
 from vistrain.pipelines.tune import _initial_trials
@@ -141,12 +142,12 @@ CKPT_FILES = ("best_fold{k}.pth", "best_fold{k}.safetensors", "last_fold{k}.pth"
 
 def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[str, Any]] | None = None
                  ) -> list[Config]:
-    """Replace run_train: each epoch writes the checkpoint files of ``CKPT_FILES`` and reports
-    ``score(cfg, epoch)``; a raised exception crashes the trial. ``calls`` collects each call's other keyword
-    arguments."""
+    """Replace run_train: each epoch writes the checkpoint files of ``CKPT_FILES`` and hands the row with
+    ``score(cfg, epoch)`` to the hooks' ``after_epoch`` (tune's reporter); a raised exception crashes the trial.
+    ``calls`` collects each call's other keyword arguments."""
     seen: list[Config] = []
 
-    def run_train(cfg: Config, *, folds: list[int] | None = None, on_epoch: Any = None, **kwargs: Any
+    def run_train(cfg: Config, *, folds: list[int] | None = None, hooks: Any = (), **kwargs: Any
                   ) -> train_mod.RunResult:
         seen.append(cfg)
         if calls is not None:
@@ -160,8 +161,8 @@ def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[s
                     (run_dir / "ckpt" / name.format(k=fold)).write_bytes(b"weights")
                 value = score(cfg, epoch)
                 best = value if best is None else max(best, value)
-                if on_epoch is not None:
-                    on_epoch({"fold": fold, "epoch": epoch, cfg.train.monitor: value})
+                for hook in hooks:
+                    hook.after_epoch(SimpleNamespace(row={"fold": fold, "epoch": epoch, cfg.train.monitor: value}))
         return train_mod.RunResult(run_dir, {"mean": {cfg.train.monitor: best}})
 
     monkeypatch.setattr(train_mod, "run_train", run_train)

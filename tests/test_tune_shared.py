@@ -22,19 +22,21 @@ LR_SPACE = {"train.lr": {"type": "categorical", "choices": ["1e-9", 3e-3, 1e-3, 
 
 # A worker process with a fake trainer ($EPOCH_S seconds per epoch), so the workers' trials overlap and write to
 # the database at once; lr 1e-9 scores low, so the pruner has work too. The fake stands in for the whole train
-# module, so a worker never imports torch or timm.
+# module and the hooks package (its Reporter is the report function itself), so a worker never imports torch or timm.
 WORKER = textwrap.dedent("""
     import os, sys, time, types
     from pathlib import Path
     from vistrain.config.loader import load_config
 
-    def run_train(cfg, folds=None, on_epoch=None, **kwargs):
+    def run_train(cfg, folds=None, hooks=(), **kwargs):
+        (report,) = hooks
         for epoch in range(1, cfg.train.epochs + 1):
             time.sleep(float(os.environ.get("EPOCH_S", "0.3")))
-            on_epoch({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
+            report({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
         return types.SimpleNamespace(run_dir=Path(cfg.output.exp_dir), summary={"mean": {"macro_f1": 0.7}})
 
     sys.modules["vistrain.pipelines.train"] = types.SimpleNamespace(run_train=run_train)
+    sys.modules["vistrain.engine.hooks"] = types.SimpleNamespace(Reporter=lambda report: report)
     from vistrain.pipelines import tune
     tune.write_plots = lambda study, out: {}
     tune.run_tune(load_config(sys.argv[1]), n_trials=int(sys.argv[3]), storage=sys.argv[2], study_name="shared")

@@ -43,6 +43,12 @@ def mode_info(cfg: Config) -> ModeInfo | None:
     return cfg._mode
 
 
+def override_keys(cfg: Config) -> tuple[str, ...]:
+    """The dotted keys a config from ``load_config`` was given as ``key.path=value`` (what a resume applies over
+    the run's effective config, even a value equal to config.yaml's)."""
+    return cfg._overrides
+
+
 def load_config(
     path: str | Path | None,
     mode: str | None = None,
@@ -72,6 +78,7 @@ def load_config(
     _resolve_paths(cli, Path.cwd())
     merged = deep_merge(merged, cli)
     cfg = validate(merged)
+    cfg._overrides = tuple(sorted(_leaf_keys(cli)))
     if mode:
         preset = _leaf_keys(MODES[mode])
         cfg._mode = ModeInfo(mode, tuple(sorted(preset & _leaf_keys(user))), tuple(sorted(preset & _leaf_keys(cli))))

@@ -483,6 +483,7 @@ class Config(Section):
     output: OutputCfg = OutputCfg()
     # The --mode preset the config was built on (config.loader.ModeInfo, set by load_config; not a config key).
     _mode: Any = PrivateAttr(default=None)
+    _overrides: Any = PrivateAttr(default=())  # dotted keys given as key=value (load_config)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -1,37 +1,28 @@
-"""The training loop: ``fit`` calls ``train_one_epoch`` and ``evaluate``; a task object supplies the loss
-and the metrics, so every task shares this loop and the loop never branches on the task."""
+"""The training step and the evaluation pass: ``train_one_epoch`` and ``evaluate`` (``engine/trainer.py`` runs the
+epochs around them, with hooks). A task object supplies the loss and the metrics, so every task shares this loop
+and the loop never branches on the task."""
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from vistrain.engine.device import Precision, autocast, peak_memory_mib
-from vistrain.engine.distributed import SINGLE, DistInfo, main_value, unwrap
-from vistrain.engine.hooks import EarlyStopping
+from vistrain.engine.device import Precision, autocast
+from vistrain.engine.distributed import SINGLE, DistInfo, unwrap
 
 log = logging.getLogger(__name__)
 
 
-class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite. The run stops with run.json status "diverged"; its last checkpoint
-    is the last good epoch, from which ``--resume RUN train.lr=...`` continues."""
-
-    run_status = "diverged"
-
-
 class Task(Protocol):
-    """What the loop asks of a task (see engine/tasks.py)."""
+    """What the loop and the Trainer ask of a task (see engine/tasks.py)."""
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None: ...  # epoch is 0-based
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
@@ -39,6 +30,8 @@ class Task(Protocol):
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor: ...
     def eval_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None: ...
     def metrics(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]: ...
+    def state_dict(self) -> dict[str, Any]: ...  # in the last checkpoint (center-loss centres)
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -49,9 +42,9 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: Any  # timm Scheduler
     scaler: torch.amp.GradScaler
-    stopper: EarlyStopping
     seed: int  # reseeds shuffling and augmentation every epoch, so a resumed epoch draws the same batches
-    ema: Any = None  # timm ModelEmaV3 when train.ema: evaluated and checkpointed instead of the raw weights
+    # timm ModelEmaV3 when train.ema (made by the EMA hook): evaluated and saved as best instead of the raw weights
+    ema: Any = None
     epoch: int = 0  # completed epochs
     num_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -61,13 +54,14 @@ class TrainState:
         return self.ema.module if self.ema is not None else unwrap(self.model)
 
     def state_dict(self) -> dict[str, Any]:
+        """The last checkpoint's training state; ``ema`` sits beside ``model`` because the weights files read it
+        from there (the EMA hook, which creates the average, loads it back)."""
         return {
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "early_stopping": self.stopper.state_dict(),
             "epoch": self.epoch,
             "num_updates": self.num_updates,
             "history": self.history,
@@ -75,12 +69,9 @@ class TrainState:
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
         unwrap(self.model).load_state_dict(ckpt["model"])
-        if self.ema is not None and ckpt.get("ema") is not None:
-            self.ema.module.load_state_dict(ckpt["ema"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.stopper.load_state_dict(ckpt["early_stopping"])
         self.epoch, self.num_updates, self.history = ckpt["epoch"], ckpt["num_updates"], list(ckpt["history"])
 
 
@@ -143,13 +134,26 @@ class _LossSums:
         return window_mean, total / max(self.count, 1), {k: v / self.count for k, v in zip(self.parts, parts)}
 
 
-def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions) -> dict[str, float]:
+@dataclass(frozen=True)
+class Step:
+    """One training batch, as the ``after_step`` hooks see it."""
+
+    index: int  # 1-based batch number in the epoch
+    updated: bool  # the optimiser stepped after this batch (every grad_accum_steps batches and the epoch's last)
+    # The mean loss of batches window_start..index, read from the device at this batch (every log_interval batches
+    # and the epoch's last: the one host synchronisation there is); None between reads.
+    window_loss: float | None
+    window_start: int
+
+
+def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions,
+                    after_step: Callable[[Step], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss, the mean of each loss part, ``img_per_s`` (training
     images per second, data loading included) and ``data_wait_frac`` (the share of the epoch spent waiting for the
-    next batch).
+    next batch). ``after_step(step)`` runs after every batch (the trainer's hooks: EMA, divergence guard).
 
-    Losses stay on the device and are read every ``opt.log_interval`` steps and at the end of the epoch; a
-    non-finite loss is caught there and named with the range of steps it came from."""
+    Losses stay on the device and are read every ``opt.log_interval`` steps and at the epoch's last batch, so the
+    host waits for the device only there; ``Step.window_loss`` carries what was read."""
     model, optimizer = state.model, state.optimizer
     model.train()
     n_batches = len(loader)
@@ -158,14 +162,15 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
     sums = _LossSums(opt.device)
     optimizer.zero_grad(set_to_none=True)
     started = ready = time.perf_counter()
-    waited, step, read_from = 0.0, 0, 1
+    waited, read_from = 0.0, 1
     for step, (images, targets, _) in enumerate(loader, start=1):
         waited += time.perf_counter() - ready
         images, targets = _to_device(images, targets, opt, opt.batch_transform)
         with autocast(opt.device, opt.precision):
             loss, parts = task.training_loss(model, images, targets)
         state.scaler.scale(loss / opt.grad_accum_steps).backward()
-        if step % opt.grad_accum_steps == 0 or step == n_batches:
+        updated = step % opt.grad_accum_steps == 0 or step == n_batches
+        if updated:
             if opt.grad_clip_norm:
                 state.scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip_norm)
@@ -174,13 +179,17 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
             optimizer.zero_grad(set_to_none=True)
             state.num_updates += 1
             state.scheduler.step_update(num_updates=state.num_updates)
-            if state.ema is not None:
-                state.ema.update(unwrap(model), step=state.num_updates)
         sums.add(loss, parts, images.shape[0])
         bar.update(1)
-        if opt.log_interval and step % opt.log_interval == 0:
-            mean = _checked(sums, opt, state, read_from, step)
+        logged = bool(opt.log_interval) and step % opt.log_interval == 0
+        window = mean = None
+        if logged or step == n_batches:
+            window, mean, _ = sums.read()
+        if after_step is not None:
+            after_step(Step(step, updated, window, read_from))
+        if window is not None:
             read_from = step + 1
+        if logged:
             lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
             if not opt.progress:
@@ -190,23 +199,10 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
     bar.close()
     if sums.count == 0:
         raise RuntimeError("the training loader yielded no batch")
-    if read_from <= step:
-        _checked(sums, opt, state, read_from, step)
     _, mean, parts_mean = sums.read()
     seconds = max(time.perf_counter() - started, 1e-9)
     return {"train_loss": mean, **parts_mean, "img_per_s": round(sums.count / seconds, 1),
             "data_wait_frac": round(waited / seconds, 4)}
-
-
-def _checked(sums: _LossSums, opt: LoopOptions, state: TrainState, first: int, last: int) -> float:
-    """The mean loss so far, after the one synchronisation that reads it; a non-finite loss in steps
-    ``first``..``last`` stops training."""
-    window, mean, _ = sums.read()
-    if not math.isfinite(window):
-        steps = f"step {last}" if first == last else f"steps {first}-{last}"
-        raise DivergedError(f"training loss is {window} at {opt.label} epoch {state.epoch + 1} {steps}; "
-                            "lower train.lr, set train.grad_clip_norm or use train.amp=fp32")
-    return mean
 
 
 @torch.no_grad()
@@ -225,44 +221,3 @@ def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
     out, tgt = torch.cat(outputs), torch.cat(targets_all)
     loss = task.eval_loss(out, tgt)
     return (None if loss is None else float(loss)), out, tgt
-
-
-EpochCallback = Callable[[TrainState, dict[str, Any], torch.Tensor | None, bool], None]
-
-
-def fit(state: TrainState, task: Task, train_loader: DataLoader, valid_loader: DataLoader, epochs: int,
-        opt: LoopOptions, on_epoch_end: EpochCallback) -> TrainState:
-    """Train from ``state.epoch`` to ``epochs`` or until early stopping.
-
-    ``on_epoch_end(state, row, outputs, improved)`` runs after each epoch's state is final: it is where the
-    caller saves checkpoints and writes the metrics row, so a crash after it loses nothing. An epoch without
-    validation (``opt.eval_every``) has a row of training values only and ``outputs`` None.
-    """
-    device = opt.device
-    while state.epoch < epochs and not state.stopper.should_stop:
-        start = time.time()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        generator = getattr(train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(state.seed + state.epoch)
-        task.on_epoch_start(state.model, state.epoch)
-        train = train_one_epoch(state, task, train_loader, opt)
-        row = {**opt.row_prefix, "epoch": state.epoch + 1, **train}
-        outputs, monitor, improved = None, None, False
-        if (state.epoch + 1) % opt.eval_every == 0 or state.epoch + 1 == epochs:
-            valid_loss, outputs, targets = evaluate(state.eval_model(), task, valid_loader, opt)
-            row.update({"valid_loss": valid_loss, **task.metrics(outputs, targets)})
-            monitor = main_value(opt.dist, row[state.stopper.monitor])
-            if not math.isfinite(monitor):
-                raise DivergedError(f"{state.stopper.monitor} is {monitor} at {opt.label} epoch {state.epoch + 1}")
-            improved = state.stopper.step(monitor, state.epoch + 1)
-        row["lr"] = state.optimizer.param_groups[0]["lr"]
-        state.epoch += 1
-        state.scheduler.step(state.epoch, metric=monitor)  # plateau: only evaluated epochs count
-        row["time_s"] = round(time.time() - start, 3)
-        row["mem_MiB"] = round(peak_memory_mib(device), 1)
-        row = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in row.items()}
-        state.history.append(row)
-        on_epoch_end(state, row, outputs, improved)
-    return state

@@ -1,7 +1,7 @@
 """What differs between tasks when a fold is set up: the model, the loaders, the task object.
 
-``SETUPS[cfg.task](cfg, data, fold, device)`` returns a ``FoldSetup``; the fold loop in ``train.py``
-and the epoch loop in ``engine/loop.py`` are shared by every task.
+``SETUPS[cfg.task](cfg, data, fold, device)`` returns a ``FoldSetup``; the Trainer's folds and epochs
+(``engine/trainer.py``) and the loop (``engine/loop.py``) are shared by every task.
 """
 
 from __future__ import annotations

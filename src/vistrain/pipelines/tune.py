@@ -150,7 +150,8 @@ class _Context:
 
 
 class _Reporter:
-    """``run_train``'s ``on_epoch``: reports the monitor to Optuna and prunes."""
+    """What the trial's ``engine.hooks.Reporter`` hook calls with each metrics row: reports the monitor to Optuna
+    and prunes (the engine itself knows nothing of Optuna)."""
 
     def __init__(self, trial: optuna.Trial, ctx: _Context):
         self.trial, self.ctx = trial, ctx
@@ -178,6 +179,7 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
     def objective(trial: optuna.Trial) -> float:
         import optuna
 
+        from vistrain.engine.hooks import Reporter
         from vistrain.pipelines.train import run_train
 
         if ctx.shared:
@@ -196,7 +198,7 @@ def _objective(ctx: _Context) -> Callable[[optuna.Trial], float]:
         log.info("[TUNE] trial %d started: %s", trial.number, _fmt_params(values))
         try:
             trial_cfg = trial_config(ctx.cfg, values, ctx.tune_dir, trial.number)
-            result = run_train(trial_cfg, folds=ctx.folds, on_epoch=_Reporter(trial, ctx))
+            result = run_train(trial_cfg, folds=ctx.folds, hooks=[Reporter(_Reporter(trial, ctx))])
         except optuna.TrialPruned:
             _record_run_dir(trial, ctx)
             _trim(trial, ctx, "pruned")

@@ -1,7 +1,9 @@
 """The run directory: ``exp_dir/YYYYMMDD/<run_id>/`` with the fixed layout of DESIGN.md.
 
 ``run.json`` records the run's status (running / success / error / interrupted / pruned / diverged) and the hash
-of its resolved config, which is how ``--resume`` finds the newest unfinished run of the same config.
+of its resolved config, which is how ``--resume`` finds the newest unfinished run of the same config. A resumed
+run trains with its effective config: config.yaml (as the run started), then the changes of every resume in
+order (run.json ``resume_overrides``), then the new command's ``key=value`` overrides (``effective_config``).
 
 Two runs started at once in one ``output.exp_dir`` never share a directory: it is created with an atomic ``mkdir``
 (a taken name gets a ``-2``, ``-3`` ... suffix). ``RUN/.lock`` (PID, host, start time) marks the process training
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import socket
@@ -21,11 +24,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.loader import config_to_dict, mode_info
+from vistrain.config.loader import config_to_dict, load_config, load_yaml, mode_info, override_keys, validate
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
 from vistrain.tracking.files import json_line, write_json, writing
 
+log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 LOCK_FILE = ".lock"
 
@@ -190,3 +194,78 @@ def require_work_left(run: RunDir, folds: list[int]) -> None:
         done = ", ".join(map(str, folds))
         raise UserError(f"--resume: {run.path} already finished fold(s) {done}; nothing is left to train: start a "
                         "new run with --fresh, or train another fold of it with --fold K")
+
+
+def open_run(cfg: Config, resume: bool | Path, fresh: bool, folds: list[int]) -> RunDir:
+    """``--resume RUN`` (that run, with work left), ``--resume`` (the newest unfinished run of this config, else a
+    new one) or a new run directory; locked for this process."""
+    if isinstance(resume, Path):
+        run = open_existing(resume)
+        try:
+            require_work_left(run, folds)
+        except UserError:
+            release_lock(run)
+            raise
+        return run
+    if resume and not fresh:
+        found = find_unfinished(cfg)
+        if found is not None:
+            return open_existing(found)
+        run = new_run(cfg)
+        run.notes.append("[RESUME] no unfinished run of this config; starting a new run")
+        return run
+    return new_run(cfg)
+
+
+def effective_config(cfg: Config, run: RunDir) -> Config:
+    """What a resumed run trains with: its config.yaml, each earlier resume's changes in order, then the keys this
+    command gives as ``key=value`` (``override_keys``; the rest of ``cfg`` is config.yaml or, for ``--config F
+    --resume``, the same config by its hash). Without the earlier changes a plain ``--resume`` would undo them: an
+    lr lowered after a divergence would be scaled back up."""
+    merged = config_to_dict(load_config(run / "config.yaml", run_file=True))
+    now = _flat(config_to_dict(cfg))
+    for layer in [*_earlier_overrides(run), {k: now[k] for k in override_keys(cfg) if k in now}]:
+        for key, value in layer.items():
+            *parents, leaf = key.split(".")
+            node = merged
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+    return validate(merged)
+
+
+def record_resume(run: RunDir, cfg: Config) -> None:
+    """The resumed run's config (``auto`` values resolved for this machine) against the effective config it had:
+    each changed value in the log and appended to run.json ``resume_overrides``; ``effective_overrides`` holds
+    every value that now differs from config.yaml, which keeps what the run started with."""
+    base = _flat(load_yaml((run / "config.yaml").read_text(encoding="utf-8")) or {})
+    earlier = _earlier_overrides(run)
+    before = dict(base)
+    for layer in earlier:
+        before.update(layer)
+    now = _flat(config_to_dict(cfg))
+    changed = {k: [before.get(k), v] for k, v in now.items() if before.get(k) != v}
+    if earlier:
+        log.info("[RESUME] earlier resumes' changes kept (run.json resume_overrides): %s", ", ".join(
+            f"{k}={v}" for k, v in before.items() if base.get(k) != v))
+    if changed:
+        log.warning("[RESUME] config changed since the %s: %s", "last resume" if earlier else "run started",
+                    ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items()))
+    info = run.read_status()
+    update: dict[str, Any] = {"effective_overrides": {k: v for k, v in now.items() if base.get(k) != v}}
+    if changed:
+        update["resume_overrides"] = [*info.get("resume_overrides", []), changed]
+    run.set_status(info.get("status", "running"), **update)
+
+
+def _earlier_overrides(run: RunDir) -> list[dict[str, Any]]:
+    """run.json ``resume_overrides`` (each resume's ``{key: [old, new]}``) as ``{key: new}`` layers, in order."""
+    return [{k: change[1] for k, change in entry.items()} for entry in run.read_status().get("resume_overrides", [])]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists and empty mappings are values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
