@@ -185,6 +185,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[s
 
 # ---------------------------------------------------------------------------------------------- the tests
 
+@pytest.mark.dist
 def test_logged_train_loss_is_the_sample_weighted_mean_over_ranks(two_ranks: dict[str, Any]) -> None:
     torch.manual_seed(0)
     model = nn.Linear(4, 3)  # the weights every rank starts from (and keeps, at lr 0)
@@ -198,18 +199,21 @@ def test_logged_train_loss_is_the_sample_weighted_mean_over_ranks(two_ranks: dic
         assert rank["out"]["loss_ce"] == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.dist
 def test_rates_are_the_whole_jobs(two_ranks: dict[str, Any]) -> None:
     """img_per_s is the sum over the ranks and data_wait_frac their mean: one value, the same on every rank."""
     first, second = (r["out"] for r in two_ranks["train_epoch"])
     assert first["img_per_s"] == second["img_per_s"] and first["data_wait_frac"] == second["data_wait_frac"]
 
 
+@pytest.mark.dist
 def test_accumulation_steps_do_not_all_reduce_gradients(two_ranks: dict[str, Any]) -> None:
     """4 batches with grad_accum_steps 2: the gradients cross the ranks at the 2 optimiser updates only."""
     for rank in two_ranks["train_epoch"]:
         assert rank["allreduces"] == 2
 
 
+@pytest.mark.dist
 def test_batchnorm_statistics_are_averaged_over_ranks_before_validation(two_ranks: dict[str, Any]) -> None:
     """train.sync_bn: false: timm's distribute_bn (reduce) before evaluation: every rank holds the mean of the ranks'
     running statistics, recomputed here from each rank's batch (momentum 0.1 from 0 and 1)."""
@@ -227,6 +231,7 @@ def test_batchnorm_statistics_are_averaged_over_ranks_before_validation(two_rank
         torch.testing.assert_close(rank["running_var"], (variances[0] + variances[1]) / 2)
 
 
+@pytest.mark.dist
 def test_sharded_validation_equals_a_single_process_exactly(two_ranks: dict[str, Any], tmp_path: Path) -> None:
     """Each rank evaluates its own whole batches (no padding duplicates, no image twice); rank 0 gathers them in
     order: outputs, loss and metrics are bit-equal to one process evaluating the same model."""
@@ -279,9 +284,10 @@ def test_sync_bn_key() -> None:
         validate({**cfg, "train": {**cfg["train"], "sync_bn": "sometimes"}})
 
 
-def test_sync_bn_converts_batchnorm_before_the_ddp_wrap() -> None:
-    """timm's convert_sync_batchnorm (BatchNormAct2d too): same parameters (the optimiser's), same state_dict keys
-    (checkpoints load into a plain model); one process has nothing to synchronise; a CPU cannot."""
+def test_sync_bn_converts_every_batchnorm_keeping_parameters_and_keys() -> None:
+    """What the trainer does before the DDP wrap: timm's convert_sync_batchnorm (BatchNormAct2d too), same parameters
+    (the optimiser's), same state_dict keys (checkpoints load into a plain model); one process has nothing to
+    synchronise; a CPU cannot (torch's SyncBatchNorm runs on GPUs): exit 2 naming the key."""
     import timm
 
     model = timm.create_model("resnet10t", num_classes=3)
