@@ -174,7 +174,8 @@ class TrainCfg(Section):
     img_size: ImgSize = 224  # int or [H, W]
     batch_size: PositiveInt | Literal["auto"] = 32  # auto: the largest batch that fits the GPU (CPU: batch_size_cpu)
     batch_size_cpu: PositiveInt = 32  # what batch_size: auto means on a CPU
-    target_batch_size: PositiveInt | None = None  # with batch_size auto: keep this effective batch by accumulation
+    # with batch_size auto: the global batch (batch_size x grad_accum_steps x processes) to reach by accumulation
+    target_batch_size: PositiveInt | None = None
     epochs: PositiveInt = 10
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr: Annotated[float, Field(ge=0)] = 1e-6  # floor of cosine schedules
@@ -199,6 +200,9 @@ class TrainCfg(Section):
     ema_decay: Annotated[float, Field(gt=0, lt=1)] = 0.9998  # reached gradually (warm-up) in short runs
     grad_clip_norm: Annotated[float, Field(gt=0)] | None = None
     grad_accum_steps: PositiveInt = 1
+    # several GPU processes: BatchNorm batch statistics over all ranks (SyncBatchNorm); false: each rank's own,
+    # the running statistics averaged over the ranks before each evaluation (timm's distribute_bn)
+    sync_bn: bool = False
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # balanced: CE weights inverse to class frequency; from_class_map: data.class_map's metadata.training_weight
     class_weights: Literal["none", "balanced", "from_class_map"] = "none"

@@ -3,8 +3,12 @@ NCCL on GPUs and gloo on CPUs. Rank 0 alone reads the data, owns the run directo
 the others receive what they need from it.
 
 Each rank trains on its own share of every epoch's batches (so the effective batch is batch_size x N) and
-evaluates the whole validation set, so all ranks see the same metrics; rank 0's monitor value is the one
-every rank acts on, so early stopping and the plateau schedule stay in step.
+evaluates its own whole batches of the validation set (``EvalShard``); rank 0 gathers the outputs in order,
+computes the metrics and sends the row to every rank, so early stopping and the plateau schedule stay in step
+and the numbers are those of one process evaluating the same model. As in timm's train.py: gradients cross the
+ranks only at an optimiser update (``no_sync``), the logged loss and rates are the whole job's, and BatchNorm
+statistics are averaged over the ranks before each evaluation (``distribute_bn``) unless ``train.sync_bn``
+synchronises them in every forward.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
+
+from vistrain.errors import UserError
 
 T = TypeVar("T")
 
@@ -76,18 +82,45 @@ def from_main(info: DistInfo, make: Callable[[], T]) -> T:
     return value
 
 
-def main_value(info: DistInfo, value: float) -> float:
-    """Rank 0's ``value`` on every rank (metrics can differ in the last bits between GPUs)."""
+def all_reduce_floats(info: DistInfo, values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """``values`` summed (``op="sum"``) or maximised (``"max"``) over the ranks, on every rank; one collective.
+    ``device``: where the backend reduces (NCCL: the rank's GPU)."""
     if not info.enabled:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor.tolist()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DistributedDataParallel wrapper (its state_dict has no ``module.`` prefix)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def sync_batchnorm(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """``train.sync_bn: true``: every BatchNorm (timm's BatchNormAct2d too) computes its batch statistics over all
+    ranks, before the DDP wrap (timm's ``convert_sync_batchnorm``; the parameters stay the same objects, the
+    state_dict keys the same). One process has nothing to synchronise; torch synchronises on GPUs only."""
+    if not info.enabled:
+        return model
+    if device.type != "cuda":
+        raise UserError(f"train.sync_bn: true needs CUDA devices (torch's SyncBatchNorm); this run trains on "
+                        f"{device.type}: use train.sync_bn=false (BatchNorm statistics are then averaged over the "
+                        "processes before each evaluation)")
+    from timm.layers import convert_sync_batchnorm
+
+    return convert_sync_batchnorm(model)
+
+
+def distribute_bn(info: DistInfo, *models: nn.Module) -> None:
+    """Each model's BatchNorm running statistics averaged over the ranks (timm's ``distribute_bn``, reduce): the
+    ranks trained them on different batches, and validation, the checkpoints and a resumed run need one value."""
+    if not info.enabled:
+        return
+    from timm.utils import distribute_bn as timm_distribute_bn
+
+    for model in models:
+        timm_distribute_bn(model, info.world, reduce=True)
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device, find_unused: bool = False) -> nn.Module:
@@ -111,3 +144,36 @@ class RankShare(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.sampler) // self.world
+
+
+class EvalShard(Sampler[int]):
+    """Validation under several processes: each rank takes a contiguous run of whole batches of ``batch_size``
+    (rank r: batches ``r * B // N`` to ``(r + 1) * B // N`` of the ``B`` a single process makes), so no image is
+    evaluated twice (torch's DistributedSampler pads with duplicates), concatenating the ranks' outputs in rank
+    order gives the items' order, and every batch holds the same images as in one process: the outputs are
+    bit-equal to a single-process evaluation (CPU kernels may round differently for another batch size)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int):
+        batches = -(-n // batch_size)
+        self.bounds = [min(n, (r * batches // world) * batch_size) for r in range(world + 1)]
+        self.rank = rank
+
+    @property
+    def sizes(self) -> list[int]:
+        """How many items each rank evaluates."""
+        return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.bounds[self.rank], self.bounds[self.rank + 1]))
+
+    def __len__(self) -> int:
+        return self.sizes[self.rank]
+
+
+def gather_to_main(info: DistInfo, value: T) -> list[T] | None:
+    """Every rank's ``value`` on rank 0, in rank order (None elsewhere): validation outputs to score once."""
+    if not info.enabled:
+        return [value]
+    box: list[Any] | None = [None] * info.world if info.is_main else None
+    dist.gather_object(value, box, dst=0)
+    return box

@@ -4,6 +4,7 @@ and the loop never branches on the task."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from vistrain.engine.device import Precision, autocast
-from vistrain.engine.distributed import SINGLE, DistInfo, unwrap
+from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, all_reduce_floats, gather_to_main, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ class LoopOptions:
     progress: bool = False  # a tqdm bar (terminals only); plain log lines otherwise
     label: str = ""  # "fold 0" in progress lines
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
-    dist: DistInfo = SINGLE  # several processes: every rank acts on rank 0's monitor value
+    dist: DistInfo = SINGLE  # several processes: losses and rates summed over the ranks, rank 0's validation row
+    sync_bn: bool = False  # train.sync_bn: BatchNorm synchronised in the forward; else averaged before evaluation
     eval_every: int = 1  # validate every N epochs and at the last one; early stopping counts evaluations
     # training batches on the device -> the model's input (augment.device: uint8 -> augmented, normalised float)
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -104,10 +106,13 @@ def _to_device(images: torch.Tensor, targets: torch.Tensor, opt: LoopOptions,
 
 class _LossSums:
     """Batch-weighted sums of the loss and its parts, kept on the device: adding one is an asynchronous kernel, so
-    the host never waits for the device on a step; ``read`` copies them back (one synchronisation)."""
+    the host never waits for the device on a step; ``read`` copies them back (one synchronisation). Under several
+    processes ``read`` sums them over the ranks first (one all-reduce, at the same steps on every rank): the means
+    are the whole job's, weighted by images, and a non-finite loss on any rank is non-finite on all of them, so
+    the divergence guard stops every rank at the same step."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, info: DistInfo = SINGLE):
+        self.device, self.info = device, info
         self.total = torch.zeros((), device=device)
         self.window = torch.zeros((), device=device)  # since the last read: where a non-finite loss is looked for
         self.parts: dict[str, torch.Tensor | float] = {}
@@ -127,11 +132,14 @@ class _LossSums:
     def read(self) -> tuple[float, float, dict[str, float]]:
         """(mean loss of the window since the last read, mean loss so far, mean of each part so far)."""
         values = [self.window, self.total, *(torch.as_tensor(v, device=self.device) for v in self.parts.values())]
-        window, total, *parts = torch.stack([v.float() for v in values]).tolist()
-        window_mean = window / max(self.window_count, 1)
+        counts = torch.tensor([self.window_count, self.count], dtype=torch.float64, device=self.device)
+        stacked = torch.cat([torch.stack([v.double() for v in values]), counts])
+        if self.info.enabled:
+            torch.distributed.all_reduce(stacked)
+        window, total, *parts, window_count, count = stacked.tolist()
         self.window.zero_()
         self.window_count = 0
-        return window_mean, total / max(self.count, 1), {k: v / self.count for k, v in zip(self.parts, parts)}
+        return window / max(window_count, 1), total / max(count, 1), {k: v / count for k, v in zip(self.parts, parts)}
 
 
 @dataclass(frozen=True)
@@ -146,11 +154,20 @@ class Step:
     window_start: int
 
 
+def _group_size(step: int, n_batches: int, accum: int) -> int:
+    """How many batches the optimiser update that ``step`` (1-based) belongs to averages: ``accum``, or fewer in a
+    short last group (timm's train.py: its losses are divided by its own length, so each update is a mean)."""
+    tail = n_batches % accum
+    return tail if tail and step > n_batches - tail else accum
+
+
 def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions,
                     after_step: Callable[[Step], None] | None = None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean training loss, the mean of each loss part, ``img_per_s`` (training
     images per second, data loading included) and ``data_wait_frac`` (the share of the epoch spent waiting for the
-    next batch). ``after_step(step)`` runs after every batch (the trainer's hooks: EMA, divergence guard).
+    next batch). ``after_step(step)`` runs after every batch (the trainer's hooks: EMA, divergence guard). Under
+    several processes the means are over every rank's images, ``img_per_s`` the ranks' sum, ``data_wait_frac``
+    their mean, and DDP all-reduces the gradients only at an optimiser update (``no_sync`` on the other batches).
 
     Losses stay on the device and are read every ``opt.log_interval`` steps and at the epoch's last batch, so the
     host waits for the device only there; ``Step.window_loss`` carries what was read."""
@@ -159,17 +176,20 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
     n_batches = len(loader)
     bar = tqdm(total=n_batches, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False, disable=not opt.progress,
                dynamic_ncols=True)
-    sums = _LossSums(opt.device)
+    sums = _LossSums(opt.device, opt.dist)
     optimizer.zero_grad(set_to_none=True)
     started = ready = time.perf_counter()
-    waited, read_from = 0.0, 1
+    waited, read_from, last_read = 0.0, 1, None
     for step, (images, targets, _) in enumerate(loader, start=1):
         waited += time.perf_counter() - ready
         images, targets = _to_device(images, targets, opt, opt.batch_transform)
-        with autocast(opt.device, opt.precision):
-            loss, parts = task.training_loss(model, images, targets)
-        state.scaler.scale(loss / opt.grad_accum_steps).backward()
         updated = step % opt.grad_accum_steps == 0 or step == n_batches
+        # DDP: a batch that does not step the optimiser keeps its gradients local (they add up in .grad)
+        local = model.no_sync() if not updated and hasattr(model, "no_sync") else contextlib.nullcontext()
+        with local:
+            with autocast(opt.device, opt.precision):
+                loss, parts = task.training_loss(model, images, targets)
+            state.scaler.scale(loss / _group_size(step, n_batches, opt.grad_accum_steps)).backward()
         if updated:
             if opt.grad_clip_norm:
                 state.scaler.unscale_(optimizer)
@@ -184,7 +204,8 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
         logged = bool(opt.log_interval) and step % opt.log_interval == 0
         window = mean = None
         if logged or step == n_batches:
-            window, mean, _ = sums.read()
+            last_read = sums.read()
+            window, mean, _ = last_read
         if after_step is not None:
             after_step(Step(step, updated, window, read_from))
         if window is not None:
@@ -197,19 +218,21 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
                          n_batches, mean, lr)
         ready = time.perf_counter()
     bar.close()
-    if sums.count == 0:
+    if last_read is None:
         raise RuntimeError("the training loader yielded no batch")
-    _, mean, parts_mean = sums.read()
+    _, mean, parts_mean = last_read  # read at the last batch: nothing was added since
     seconds = max(time.perf_counter() - started, 1e-9)
-    return {"train_loss": mean, **parts_mean, "img_per_s": round(sums.count / seconds, 1),
-            "data_wait_frac": round(waited / seconds, 4)}
+    img_per_s, wait = all_reduce_floats(opt.dist, [sums.count / seconds, waited / seconds], opt.device)
+    return {"train_loss": mean, **parts_mean, "img_per_s": round(img_per_s, 1),
+            "data_wait_frac": round(wait / opt.dist.world, 4)}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
-             ) -> tuple[float | None, torch.Tensor, torch.Tensor]:
+             ) -> tuple[float | None, torch.Tensor | None, torch.Tensor | None]:
     """Model outputs for every item of ``loader`` in order: (mean loss or None when the task has no validation
-    loss, outputs [N, ...] fp32 CPU, targets [N])."""
+    loss, outputs [N, ...] fp32 CPU, targets [N]). A loader sharded over the ranks (``EvalShard``) evaluates this
+    rank's share; rank 0 gets every rank's outputs in order, the other ranks (None, None, None)."""
     model.eval()
     outputs, targets_all = [], []
     for images, targets, _ in tqdm(loader, desc=f"{opt.label} eval", leave=False, disable=not opt.progress):
@@ -218,6 +241,11 @@ def evaluate(model: nn.Module, task: Task, loader: DataLoader, opt: LoopOptions
             out = task.eval_outputs(model, images)
         outputs.append(out.float().cpu())
         targets_all.append(targets.cpu())
+    if isinstance(getattr(loader, "sampler", None), EvalShard):
+        shards = gather_to_main(opt.dist, (outputs, targets_all))
+        if shards is None:
+            return None, None, None
+        outputs, targets_all = [o for shard, _ in shards for o in shard], [t for _, shard in shards for t in shard]
     out, tgt = torch.cat(outputs), torch.cat(targets_all)
     loss = task.eval_loss(out, tgt)
     return (None if loss is None else float(loss)), out, tgt

@@ -102,10 +102,11 @@ def log_boot(machine: Machine, info: DistInfo, run: rundir.RunDir, mode: ModeInf
         log.info("[CFG] %s", mode.line())
 
 
-def resolve_auto(cfg: Config, machine: Machine, n_classes: int, cached: bool) -> Config:
+def resolve_auto(cfg: Config, machine: Machine, n_classes: int, cached: bool, world: int = 1) -> Config:
     """Replace ``auto`` settings with what was chosen for this machine, so config.yaml records the values
     the run actually used (precision, workers, threads, batch size and accumulation) and re-runs them elsewhere.
-    ``cached``: the data comes from the decode-once cache (the loader's work is then augmentation alone)."""
+    ``cached``: the data comes from the decode-once cache (the loader's work is then augmentation alone);
+    ``world``: the number of processes, over which ``train.target_batch_size`` is shared."""
     t, device, precision = cfg.train, machine.device, machine.precision
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device, cached)}
     if cfg.augment.device != "cpu":
@@ -125,15 +126,26 @@ def resolve_auto(cfg: Config, machine: Machine, n_classes: int, cached: bool) ->
         from vistrain.engine.autobatch import resolve_batch_size
 
         update["batch_size"], why = resolve_batch_size(cfg, device, precision, n_classes)
+        target = ""
         if t.target_batch_size:
-            update["grad_accum_steps"] = max(1, -(-t.target_batch_size // update["batch_size"]))
-        log.info("[CFG] train.batch_size=auto -> %d (%s)%s", update["batch_size"], why,
-                 f"; grad_accum_steps={update['grad_accum_steps']} for target_batch_size={t.target_batch_size}"
-                 if "grad_accum_steps" in update else "")
+            update["batch_size"], update["grad_accum_steps"] = share_target(t.target_batch_size, update["batch_size"],
+                                                                            world)
+            target = (f"; grad_accum_steps={update['grad_accum_steps']} for target_batch_size={t.target_batch_size} "
+                      f"(global batch {update['batch_size'] * update['grad_accum_steps'] * world} over {world} "
+                      f"process{'es' if world > 1 else ''})")
+        log.info("[CFG] train.batch_size=auto -> %d (%s)%s", update["batch_size"], why, target)
     changed = {k: v for k, v in update.items() if getattr(t, k) != v}
     if changed:
         log.info("[CFG] resolved for this machine: %s", ", ".join(f"train.{k}={v}" for k, v in changed.items()))
     return cfg.model_copy(update={"train": t.model_copy(update=update)})
+
+
+def share_target(target: int, fits: int, world: int) -> tuple[int, int]:
+    """(per-process batch, accumulation steps) for a global ``target`` batch over ``world`` processes when each
+    fits ``fits`` images: batch x steps x world >= target, with no process given more than its share."""
+    share = -(-target // world)
+    batch = min(fits, share)
+    return batch, -(-share // batch)
 
 
 def _augment_device(setting: str, device: torch.device) -> str:

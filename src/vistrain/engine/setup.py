@@ -22,7 +22,7 @@ from vistrain.data.preprocess import Preprocessor
 from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
 from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
-from vistrain.engine.distributed import SINGLE, DistInfo, RankShare
+from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
 from vistrain.errors import UserError, lookup
 from vistrain.models.build import build_model
@@ -93,7 +93,10 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
             sampler = RankShare(sampler, info.rank, info.world)
         train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
                                   drop_last=len(sampler) > t.batch_size, **common)  # no 1-image BN batch
-    valid_loader = DataLoader(valid_ds, batch_size=cfg.eval.batch_size or t.batch_size * 2, shuffle=False, **common)
+    eval_batch = cfg.eval.batch_size or t.batch_size * 2
+    # several processes: each rank evaluates its own whole batches; the loop gathers them on rank 0 in order
+    shard = EvalShard(len(valid_ds), eval_batch, info.rank, info.world) if info.enabled else None
+    valid_loader = DataLoader(valid_ds, batch_size=eval_batch, sampler=shard, shuffle=False, **common)
     return train_loader, valid_loader
 
 

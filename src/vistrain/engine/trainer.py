@@ -76,8 +76,11 @@ class Trainer:
         cfg, t, info = self.cfg, self.cfg.train, self.info
         seed_everything(cfg.project.seed + k)
         setup = SETUPS[cfg.task](cfg, self.data, k, self.machine.device, info)
+        model = setup.model
+        if t.sync_bn:
+            model = distributed.sync_batchnorm(model, info, self.machine.device)
         # A frozen backbone leaves parameters without gradients, which DDP must be told to expect.
-        model = distributed.wrap(setup.model, info, self.machine.device, find_unused=t.freeze_backbone_epochs > 0)
+        model = distributed.wrap(model, info, self.machine.device, find_unused=t.freeze_backbone_epochs > 0)
         optimizer = build_optimizer(setup.params, t)
         updates = -(-len(setup.train_loader) // t.grad_accum_steps)
         state = TrainState(model=model, optimizer=optimizer,
@@ -101,7 +104,7 @@ class Trainer:
                            channels_last=t.channels_last is True, log_interval=t.log_interval,
                            batch_transform=_device_augment(cfg, pre, self.machine.device),
                            progress=show_progress() and self.info.is_main, label=f"fold {k}", row_prefix={"fold": k},
-                           dist=self.info, eval_every=t.eval_every_n_epochs)
+                           dist=self.info, sync_bn=t.sync_bn, eval_every=t.eval_every_n_epochs)
 
     def _log_model(self, k: int, setup: FoldSetup) -> None:
         total, trainable = count_parameters(setup.model)
@@ -142,22 +145,35 @@ def run_epochs(fold: FoldRun) -> None:
         fold.task.on_epoch_start(state.model, state.epoch)
         fold.call("before_epoch")
         train = train_one_epoch(state, fold.task, fold.train_loader, opts, fold.after_step)
+        if not opts.sync_bn:  # every epoch: the last checkpoint, and so a resume, has the statistics all ranks share
+            averages = [state.ema.module] if state.ema is not None else []
+            distributed.distribute_bn(opts.dist, distributed.unwrap(state.model), *averages)
         row = {**opts.row_prefix, "epoch": state.epoch + 1, **train}
         fold.outputs, fold.monitor_value, fold.improved = None, None, False
         if (state.epoch + 1) % opts.eval_every == 0 or state.epoch + 1 == fold.epochs:
-            valid_loss, fold.outputs, targets = evaluate(state.eval_model(), fold.task, fold.valid_loader, opts)
-            row.update({"valid_loss": valid_loss, **fold.task.metrics(fold.outputs, targets)})
-            fold.monitor_value = distributed.main_value(opts.dist, row[fold.monitor])
+            row.update(validate(fold))
+            fold.monitor_value = row[fold.monitor]
         row["lr"] = state.optimizer.param_groups[0]["lr"]
         state.epoch += 1
         state.scheduler.step(state.epoch, metric=fold.monitor_value)  # plateau: only evaluated epochs count
         row["time_s"] = round(time.time() - start, 3)
-        row["mem_MiB"] = round(peak_memory_mib(opts.device), 1)
+        (mem,) = distributed.all_reduce_floats(opts.dist, [peak_memory_mib(opts.device)], opts.device, op="max")
+        row["mem_MiB"] = round(mem, 1)
         row = {k: (float(v) if isinstance(v, np.floating) else v) for k, v in row.items()}
         row["fold_time_s"] = round(time.time() - fold.started, 3)
         state.history.append(row)
         fold.row = row
         fold.call("after_epoch")
+
+
+def validate(fold: FoldRun) -> dict[str, Any]:
+    """The epoch's validation entries (``valid_loss`` and the task's metrics) on every rank. Under several processes
+    each rank evaluates its shard, rank 0 scores the gathered outputs (``fold.outputs``) once and sends the entries
+    to the others (or its error, so no rank waits for a row that never comes)."""
+    state, opts = fold.state, fold.opts
+    valid_loss, fold.outputs, targets = evaluate(state.eval_model(), fold.task, fold.valid_loader, opts)
+    return distributed.from_main(opts.dist, lambda: {"valid_loss": valid_loss,
+                                                     **fold.task.metrics(fold.outputs, targets)})
 
 
 def _device_augment(cfg: Config, pre: Preprocessor, device: torch.device) -> Any:

@@ -137,7 +137,8 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
         cfg = distributed.from_main(info, lambda: rundir.effective_config(cfg, run))
     machine = setup_machine(cfg, data, info)
     log_boot(machine, info, run, mode)
-    cfg = distributed.from_main(info, lambda: resolve_auto(cfg, machine, len(data.classes), data.cache is not None))
+    cfg = distributed.from_main(info, lambda: resolve_auto(cfg, machine, len(data.classes), data.cache is not None,
+                                                           info.world))
     log_config(cfg)
     if info.is_main:
         write_run_files(cfg, run, data, config_path)

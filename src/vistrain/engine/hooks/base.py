@@ -42,8 +42,8 @@ class Hook:
         """After every training batch (``step.updated``: the optimiser stepped)."""
 
     def after_epoch(self, fold: FoldRun) -> None:
-        """The epoch's state is final: ``fold.row`` (already in ``state.history``), ``fold.outputs`` and
-        ``fold.monitor_value`` when it was evaluated, the schedule stepped."""
+        """The epoch's state is final: ``fold.row`` (already in ``state.history``), ``fold.outputs`` (on rank 0: the
+        whole validation set) and ``fold.monitor_value`` when it was evaluated, the schedule stepped."""
 
     def after_train(self, fold: FoldRun) -> None:
         """The fold ended (its epochs, or early stopping); not called for a fold a resume finds finished."""
@@ -77,7 +77,7 @@ class FoldRun:
     # the epoch just trained
     row: dict[str, Any] = field(default_factory=dict)
     outputs: torch.Tensor | None = None  # validation outputs [N, ...] of an evaluated epoch
-    monitor_value: float | None = None  # rank 0's value of the monitor; None on an epoch without validation
+    monitor_value: float | None = None  # the monitor (rank 0 scores, every rank gets it); None: epoch not validated
     improved: bool = False
     best_epoch: int = -1
     stop: bool = False  # a hook ended training before the last epoch

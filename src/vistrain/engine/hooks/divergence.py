@@ -22,7 +22,8 @@ class DivergedError(RuntimeError):
 class DivergenceGuard(Hook):
     """Looks at the loss where the loop reads it from the device anyway (every ``train.log_interval`` batches and
     at the epoch's last one: no synchronisation of its own), and at each evaluated monitor value. It stops the run
-    before the epoch's checkpoints, so the last checkpoint stays the last good epoch."""
+    before the epoch's checkpoints, so the last checkpoint stays the last good epoch. Under several processes the
+    loss it sees is summed over the ranks and the monitor is rank 0's, so every rank stops at the same step."""
 
     name = "divergence"
 
