@@ -7,12 +7,14 @@ batch. The launchers and the data are ``benchmarks/multinode.py``'s, whose sweep
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import describe, run_cli
+from node_first_worker import two_processes_on_one_machine
 from sklearn.metrics import f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -102,3 +104,25 @@ def test_final_metrics_equal_one_process_with_the_same_global_batch(data: Path) 
 def test_with_batchnorm_final_metrics_are_near_one_process(nodes: multinode.Launch) -> None:
     config = _ok(nodes).parents[2] / "config.yaml"
     _within(_ok(nodes), _ok(multinode.one_process(config)), TOLERANCE_BN)
+
+
+def test_node_first_runs_the_machines_first_process_first_and_shares_its_error(tmp_path: Path) -> None:
+    """What fills a machine's local disk runs on its first process before the others; an error there stops every
+    rank with that error instead of leaving one waiting for the other."""
+    ctx, log = mp.get_context("spawn"), tmp_path / "log"
+    procs = [ctx.Process(target=two_processes_on_one_machine, args=(r, str(tmp_path / "store"), str(log)))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    lines = log.read_text().splitlines()
+    assert lines.index("0 done") < lines.index("1 start")  # the second process waited for the first
+    assert {"0 got 0", "1 got 1"} <= set(lines)
+    error = "got error: data.cache_dir: /local/cache: read-only file system"
+    assert f"0 {error}" in lines and f"1 {error}" in lines
+    assert lines.count("1 start") == 1  # after the first process failed, the second did not try
