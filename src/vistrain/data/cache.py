@@ -406,13 +406,19 @@ def on_this_machine(caches: CacheSet) -> CacheSet:
     object, but a disk cache under ``data.cache_dir`` on a machine-local disk is not here. Such a cache is opened from
     this machine's disk when complete there, else built there from the same files (the same key when the files are
     the same: a shared file system); call it on one process per machine first (``distributed.node_first``)."""
-    if caches.train.kind != "disk" or all(
-            c.data_path is not None and c.pre is not None and _open_disk(c.data_path.parent, c.key, c.size, c.pre)
-            for c in (caches.train, caches.valid)):
+    if caches.train.kind != "disk" or all(_complete_here(c) for c in (caches.train, caches.valid)):
         return caches
     valid = caches.valid
     assert valid.data_path is not None and valid.pre is not None  # a disk cache has both
     return open_caches(valid.paths(), valid.pre, caches.train.size, "disk", valid.data_path.parent)
+
+
+def _complete_here(cache: ImageCache) -> bool:
+    """The data file of ``cache`` at its full length and its index, on this machine (a build in progress has neither
+    name: both are renamed into place when complete)."""
+    data = cache.data_path
+    return (data is not None and data.is_file() and data.stat().st_size == cache.nbytes
+            and _index_path(data.parent, cache.key).is_file())
 
 
 def _remember(caches: dict[str, ImageCache]) -> None:

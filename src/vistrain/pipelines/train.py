@@ -69,7 +69,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     run: rundir.RunDir | None = None
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
-        if data.cache is not None:  # a disk cache on rank 0's machine-local disk: each machine decodes its own
+        if data.cache is not None and info.enabled:  # a disk cache on a machine-local disk: one per machine
             data.cache = distributed.node_first(info, partial(on_this_machine, data.cache))
         check_domain_monitor(cfg, data, folds)
         run = distributed.from_main(info, lambda: rundir.open_run(cfg, resume, fresh, folds))
