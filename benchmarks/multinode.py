@@ -10,9 +10,10 @@ launchers share the folder (``node_isolation()`` says which).
 Why the two runs differ at all: the ranks' shares of an epoch together are exactly the single process's batches
 (``RankShare`` deals the same seeded permutation out index by index, and DDP averages the two halves' gradients),
 so only BatchNorm differs: each rank normalises with the statistics of its half-batch and evaluates with rank 0's
-running statistics; plus the order of floating-point sums.
+running statistics; plus the order of floating-point sums. (And the logged ``train_loss``, until it is the mean over
+ranks: rank 0's mean over its half of the epoch.) ``--model test_efficientnet_gn`` (GroupNorm) leaves rounding alone.
 
-    PYTHONPATH=src python benchmarks/multinode.py --seeds 5
+    PYTHONPATH=src python benchmarks/multinode.py --seeds 5 [--model test_efficientnet_gn]
 
 prints, per seed, each metric of the final epoch of both runs and their difference, then the largest difference;
 ``tests/test_multinode.py`` runs one seed and asserts the tolerance chosen from this sweep.

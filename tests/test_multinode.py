@@ -1,5 +1,5 @@
 """Many machines, on one (issue 19 item 6): two ``torchrun`` launchers, ``--nnodes=2 --nproc_per_node=1`` with a c10d
-rendezvous on 127.0.0.1 (gloo), train 300 digits into one run directory, each 'machine' with its decode cache on
+rendezvous on 127.0.0.1 (gloo), train 400 digits into one run directory, each 'machine' with its decode cache on
 its own local disk. The best logged validation macro-F1 is what a single-process ``vistrain evaluate`` of that
 checkpoint computes, and the final epoch is within a stated tolerance of one process trained with the same global
 batch. The launchers and the data are ``benchmarks/multinode.py``'s, whose sweep over seeds set the tolerance."""
@@ -43,7 +43,7 @@ TOLERANCE_BN = {"train_loss": 0.1, "valid_loss": 0.1, "macro_f1": 0.05, "accurac
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if multinode.torchrun() is None:
         pytest.skip("torchrun is not installed beside this Python")
-    return multinode.write_data(tmp_path_factory.mktemp("digits"))
+    return multinode.write_data(tmp_path_factory.mktemp("nodes") / "data")
 
 
 @pytest.fixture(scope="module")
