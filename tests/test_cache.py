@@ -211,6 +211,25 @@ def test_parallel_build_equals_the_serial_one(small_set: list[str], tmp_path: Pa
     assert serial.valid.decode(small_set[0]).shape == (32, 32, 3)
 
 
+def test_another_machine_builds_the_same_disk_cache_on_its_own_disk(small_set: list[str], tmp_path: Path) -> None:
+    """Under torchrun rank 0 builds the cache and sends the CacheSet to every rank; on another machine whose
+    data.cache_dir is a local disk the files are not there, so that machine builds the same cache there (same key:
+    same files in the same order, the unreadable one included) instead of failing to map rank 0's file."""
+    broken = Path(small_set[0]).parent / "broken.png"
+    broken.write_bytes(b"\x89PNG broken")
+    paths = [small_set[0], str(broken), *small_set[1:]]  # an unreadable file between readable ones
+    local = tmp_path / "local-disk"
+    sent = pickle.loads(pickle.dumps(build(paths, local, size=32, train=37)))  # as another rank receives it
+    rank0 = tmp_path / "rank0-local-disk"
+    local.rename(rank0)  # this machine's local disk: empty
+    here = cache_mod.on_this_machine(sent)
+    assert here.lines[0].startswith("cache disk built: 9 images (1 unreadable)"), here.lines
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in rank0.iterdir())
+    for data in rank0.glob("*.u8"):
+        assert (local / data.name).read_bytes() == data.read_bytes()
+    assert cache_mod.on_this_machine(here) is here  # complete on this disk: opened as it is
+
+
 def test_stored_size_has_a_margin_only_for_a_random_crop() -> None:
     assert stored_size((224, 224), random_crop=True, scale=1.15) == (258, 258)
     assert stored_size((256, 128), random_crop=True, scale=1.15) == (294, 147)

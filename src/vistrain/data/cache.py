@@ -92,6 +92,15 @@ class ImageCache:
             return (self.pre or Preprocessor(size=self.size)).load(path)
         return np.array(self.pixels()[row])
 
+    def paths(self) -> list[str]:
+        """The file list the cache was built from, in its order (its key depends on it): row i is file i; the
+        unreadable files keep their empty rows, and ``errors`` holds them in the order the decode met them."""
+        slots: list[str | None] = [None] * self.count
+        for path, row in self.rows.items():
+            slots[row] = path
+        unreadable = iter(self.errors)
+        return [path if path is not None else next(unreadable) for path in slots]
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         if self.kind == "disk":  # a spawned worker maps the file itself instead of receiving the pixels
@@ -390,6 +399,26 @@ def open_caches(paths: Sequence[str], pre: Preprocessor, train_size: tuple[int, 
         _remember(found)
     by_size = {c.size: c for c in found.values()}
     return CacheSet(by_size[train_size], by_size[pre.size], errors, lines)
+
+
+def on_this_machine(caches: CacheSet) -> CacheSet:
+    """``caches`` as a process on another machine received them from rank 0 (torchrun): memory caches came with the
+    object, but a disk cache under ``data.cache_dir`` on a machine-local disk is not here. Such a cache is opened from
+    this machine's disk when complete there, else built there from the same files (the same key when the files are
+    the same: a shared file system); call it on one process per machine first (``distributed.node_first``)."""
+    if caches.train.kind != "disk" or all(_complete_here(c) for c in (caches.train, caches.valid)):
+        return caches
+    valid = caches.valid
+    assert valid.data_path is not None and valid.pre is not None  # a disk cache has both
+    return open_caches(valid.paths(), valid.pre, caches.train.size, "disk", valid.data_path.parent)
+
+
+def _complete_here(cache: ImageCache) -> bool:
+    """The data file of ``cache`` at its full length and its index, on this machine (a build in progress has neither
+    name: both are renamed into place when complete)."""
+    data = cache.data_path
+    return (data is not None and data.is_file() and data.stat().st_size == cache.nbytes
+            and _index_path(data.parent, cache.key).is_file())
 
 
 def _remember(caches: dict[str, ImageCache]) -> None:

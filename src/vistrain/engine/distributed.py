@@ -82,6 +82,27 @@ def from_main(info: DistInfo, make: Callable[[], T]) -> T:
     return value
 
 
+def node_first(info: DistInfo, make: Callable[[], T]) -> T:
+    """``make()`` on each machine's first process (local rank 0), then on the machine's others: what it writes to a
+    machine's local disk (a decode cache) is written once per machine, and the others find it there. An error on
+    any machine's first process is raised on every rank, so no rank waits for a partner that has stopped."""
+    if not info.enabled:
+        return make()
+    result: Any = None
+    error: Exception | None = None
+    if info.local_rank == 0:
+        try:
+            result = make()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = err
+    errors: list[Any] = [None] * info.world
+    dist.all_gather_object(errors, error)
+    failed = error or next((e for e in errors if e is not None), None)
+    if failed is not None:
+        raise failed
+    return result if info.local_rank == 0 else make()
+
+
 def all_reduce_floats(info: DistInfo, values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     """``values`` summed (``op="sum"``) or maximised (``"max"``) over the ranks, on every rank; one collective.
     ``device``: where the backend reduces (NCCL: the rank's GPU)."""

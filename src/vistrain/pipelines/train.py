@@ -10,11 +10,13 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from vistrain.config.loader import mode_info
 from vistrain.config.schema import Config
+from vistrain.data.cache import on_this_machine
 from vistrain.data.prepare import Prepared, prepare_data
 from vistrain.data.sources import require_dir
 from vistrain.engine import distributed
@@ -67,6 +69,8 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     run: rundir.RunDir | None = None
     try:
         data = distributed.from_main(info, lambda: prepare_data(cfg))
+        if data.cache is not None and info.enabled:  # a disk cache on a machine-local disk: one per machine
+            data.cache = distributed.node_first(info, partial(on_this_machine, data.cache))
         check_domain_monitor(cfg, data, folds)
         run = distributed.from_main(info, lambda: rundir.open_run(cfg, resume, fresh, folds))
         if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
