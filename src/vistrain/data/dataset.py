@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -66,12 +68,30 @@ def item_rng(seed: int) -> Iterator[None]:
 
 def worker_init(_: int) -> None:
     """A DataLoader worker is one of several processes already filling the cores: one OpenCV thread each (OpenCV's
-    own pool, sized for the whole machine, would oversubscribe them). It ignores the preemption signals: a
-    scheduler may send them to every process of the job (SLURM does), and the main process, which stops training
-    after the current step (``engine.preemption``), shuts its workers down itself; a worker that died of the signal
-    would stop the run before its checkpoint."""
+    own pool, sized for the whole machine, would oversubscribe them). It outlives the preemption signals sent to
+    every process of a job (SLURM signals the whole job step, systemd the whole control group): the main process
+    finishes its training step and writes its checkpoint first (``engine.preemption``), and a worker that died of
+    the signal would end the run with a DataLoader error before that."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _sigterm_from_parent_only()  # first: the threads started after it (OpenCV's) inherit its signal mask
     import cv2
 
     cv2.setNumThreads(1)
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+
+
+def _sigterm_from_parent_only() -> None:
+    """SIGTERM ends the worker only when its parent sends it: the loader shutting its workers down, or
+    multiprocessing at interpreter exit (torch's own worker handler makes the same distinction, but dies of
+    anyone's SIGTERM). The signal is blocked and a thread reads who sent it (``sigwaitinfo``: Linux only; elsewhere
+    torch's handler stays)."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # this thread; the waiting thread inherits it
+
+    def wait() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # as torch's handler exits on its parent's SIGTERM: no "worker killed" error in the parent
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()

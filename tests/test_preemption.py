@@ -1,0 +1,141 @@
+"""Preemption (issue 19 item 4): SIGTERM (Kubernetes, Docker, systemd) and SIGUSR1 (SLURM's ``--signal``) during
+training stop it after the current optimiser step with the last checkpoint of the partial epoch, the
+``[EXIT] TRAINING INTERRUPTED code=143`` line (or ``train.requeue_exit_code``) and run.json status ``interrupted``;
+``--resume`` goes on in the middle of that epoch and ends bit for bit where an uninterrupted run ends, with real
+training settings (hard augmentation in 2 DataLoader workers, mixup + cutmix, EMA, dropout, accumulation 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import cli_command, cli_env, describe, last_line, only_run_dir, read_metrics, tiny_config, write_yaml
+from conftest import write_csv_dataset as write_data
+
+from vistrain.config import load_config
+from vistrain.engine.hooks import FoldRun, Hook
+from vistrain.engine.loop import Step
+from vistrain.errors import Preempted
+from vistrain.pipelines.train import run_train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kill_resume import comparable  # noqa: E402 - the kill sweep's definition of "the same numbers"
+
+# 12 training images in batches of 2: 6 batches per epoch, an optimiser update after every second one.
+SETTINGS = {
+    "model": {"drop_rate": 0.2},
+    "train": {"batch_size": 2, "epochs": 2, "num_workers": 2, "num_threads": 1, "amp": "fp32", "ema": True,
+              "ema_decay": 0.9, "grad_accum_steps": 2},
+    "augment": {"policy": "hard", "mixup_alpha": 0.4, "cutmix_alpha": 1.0},
+    "tracking": {"tensorboard": False},
+}
+
+
+def config(data: Path, exp: Path, path: Path, **train: Any) -> Path:
+    raw = tiny_config(data, **{k: dict(v) for k, v in SETTINGS.items()})
+    raw["train"].update(train)
+    raw["output"] = {"exp_dir": str(exp), "logs_dir": None}
+    return write_yaml(path, raw)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_data(tmp_path_factory.mktemp("preempt") / "data", per_class=8, size=32).root
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("reference")
+    result = run_train(load_config(config(data, root / "exp", root / "cfg.yaml")))
+    return comparable(result.run_dir)
+
+
+class SignalAt(Hook):
+    """Sends ``sig`` to this process after batch ``step`` of epoch ``epoch`` (1-based): in the middle of an
+    accumulation group, as a scheduler's signal comes at any moment."""
+
+    name = "signal_at"
+
+    def __init__(self, sig: signal.Signals, epoch: int, step: int):
+        self.sig, self.epoch, self.step = sig, epoch, step
+
+    def after_step(self, fold: FoldRun, step: Step) -> None:
+        if fold.state.epoch + 1 == self.epoch and step.index == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize(("sig", "requeue", "code"), [(signal.SIGTERM, None, 143), (signal.SIGUSR1, 0, 0)],
+                         ids=["SIGTERM", "SIGUSR1-requeue-0"])
+def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_ends_bit_equal(
+        data: Path, uninterrupted: dict[str, Any], tmp_path: Path, sig: signal.Signals, requeue: int | None,
+        code: int) -> None:
+    cfg = load_config(config(data, tmp_path / "exp", tmp_path / "cfg.yaml", requeue_exit_code=requeue))
+    with pytest.raises(Preempted) as stopped:
+        run_train(cfg, hooks=[SignalAt(sig, epoch=2, step=3)])
+    assert stopped.value.exit_code == code
+    run = only_run_dir(tmp_path / "exp")
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["exit_code"] == code, status
+    log = (run / "train.log").read_text()
+    # Batch 3 is the first of an accumulation group: the step finishes with batch 4, the group's update.
+    assert f"[STOP] stopped by {sig.name} after fold 0 epoch 2 step 4;" in log, log[-2000:]
+    assert last_line(log).endswith(f"[EXIT] TRAINING INTERRUPTED code={code}"), log[-2000:]
+    last = torch.load(run / "ckpt" / "last_fold0.pth", weights_only=True)
+    assert (last["epoch"], last["step"], last["finished"]) == (1, 4, False)
+    assert [r["epoch"] for r in read_metrics(run)] == [1], "no row for the unfinished epoch"
+
+    run_train(cfg, resume=True)
+    log = (run / "train.log").read_text()
+    assert "[RESUME] fold=0 in epoch 2 of 2 after its step 4" in log
+    assert json.loads((run / "run.json").read_text())["status"] == "success"
+    assert comparable(run) == uninterrupted
+
+
+def _log_with(exp: Path, text: str, proc: subprocess.Popen, timeout: float = 300) -> Path:
+    """The run's train.log once it holds ``text``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for log in exp.glob("*/*/train.log"):
+            if text in log.read_text():
+                return log
+        assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before {text!r} was logged"
+        time.sleep(0.01)
+    raise AssertionError(f"{text!r} not logged under {exp} after {timeout} s")
+
+
+def _train(cfg: Path, cwd: Path, *flags: str) -> subprocess.Popen:
+    # A session of its own: the signal goes to the whole process group, DataLoader workers included, as SLURM
+    # signals every process of a job step.
+    return subprocess.Popen(cli_command("train", "--config", str(cfg), *flags), cwd=cwd, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_sigterm_to_the_cli_exits_143_with_the_exit_line_and_resume_finishes_bit_equal(
+        data: Path, uninterrupted: dict[str, Any], tmp_path: Path) -> None:
+    cfg = config(data, tmp_path / "exp", tmp_path / "cfg.yaml", log_interval=1)
+    proc = _train(cfg, tmp_path)
+    log_file = _log_with(tmp_path / "exp", "[TRAIN] fold 0 epoch=1 step=1/6", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert proc.returncode == 143, describe(result)
+    assert last_line(out) == "[EXIT] TRAINING INTERRUPTED code=143", describe(result)
+    assert last_line(err).startswith("stopped by SIGTERM after fold 0 epoch"), describe(result)
+    assert "Traceback" not in err and "error:" not in err, describe(result)
+    run = log_file.parent
+    assert json.loads((run / "run.json").read_text())["status"] == "interrupted"
+    assert last_line(log_file.read_text()).endswith("[EXIT] TRAINING INTERRUPTED code=143")
+
+    proc = _train(cfg, tmp_path, "--resume")
+    out, err = proc.communicate(timeout=300)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    assert proc.returncode == 0, describe(result)
+    assert comparable(run) == uninterrupted
