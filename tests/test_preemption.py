@@ -139,3 +139,54 @@ def test_sigterm_to_the_cli_exits_143_with_the_exit_line_and_resume_finishes_bit
     result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, describe(result)
     assert comparable(run) == uninterrupted
+
+
+def _rank_pid(launcher: int, rank: int, timeout: float = 120) -> int:
+    """The PID of torchrun's worker process of ``rank`` (its environment says RANK=...)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{launcher}/task").iterdir():
+            for pid in (task / "children").read_text().split():
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if f"RANK={rank}".encode() in env:
+                    return int(pid)
+        time.sleep(0.05)
+    raise AssertionError(f"no rank {rank} process under torchrun {launcher}")
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
+    """SIGTERM reaches rank 1 only: the ranks agree (an all-reduced flag) and both stop, none waits forever in a
+    collective; rank 0, which got no signal, writes the checkpoint and says why it stopped; resume finishes."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed beside this Python")
+    root = write_data(tmp_path / "data", per_class=10, size=32).root  # 15 training images per rank
+    raw = tiny_config(root, train={"batch_size": 2, "epochs": 2, "num_threads": 1, "log_interval": 1},
+                      output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None}, tracking={"tensorboard": False})
+    cfg = write_yaml(tmp_path / "cfg.yaml", raw)
+
+    def launch(*flags: str) -> subprocess.Popen:
+        return subprocess.Popen([str(torchrun), "--nproc_per_node=2", "--master_port=29767", "-m", "vistrain",
+                                 "train", "--config", str(cfg), *flags], cwd=tmp_path, env=cli_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = launch()
+    log = _log_with(tmp_path / "exp", "[TRAIN] fold 0 epoch=1 step=1/", proc)
+    os.kill(_rank_pid(proc.pid, 1), signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    run = log.parent
+    status = json.loads((run / "run.json").read_text())
+    assert status["status"] == "interrupted" and status["exit_code"] == 143, (status, out[-3000:], err[-3000:])
+    text = log.read_text()
+    assert "[STOP] stopped by a preemption signal on another process after fold 0 epoch" in text, text[-3000:]
+    assert last_line(text).endswith("[EXIT] TRAINING INTERRUPTED code=143")
+    assert "stopped by SIGTERM after fold 0 epoch" in err, err[-3000:]  # rank 1's own line
+    proc = launch("--resume")
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert [(r["fold"], r["epoch"]) for r in read_metrics(run)] == [(0, 1), (0, 2)]

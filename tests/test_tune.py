@@ -532,9 +532,9 @@ def _sigterm_raises(signum: int, frame: Any) -> None:
 
 def test_sigterm_stops_the_study_as_interrupted_and_auto_continue_runs_that_trial_again(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """SIGTERM (a preemption) during the third trial: ``tune`` ends in good order (exit 143, the log's and the
-    console's ``[EXIT] TUNING INTERRUPTED code=143``, tune.json ``interrupted``), the trial is recorded as
-    interrupted, not failed, and ``--auto-continue`` runs the trials still missing."""
+    """SIGTERM (a preemption) during the third trial: the study ends in good order (exit 143, tune.log's
+    ``[EXIT] TUNING INTERRUPTED code=143``, tune.json ``interrupted``), the trial is recorded as interrupted, not
+    failed, and ``--auto-continue`` runs the trials still missing."""
     optuna = pytest.importorskip("optuna")
     import signal
 
@@ -560,7 +560,7 @@ def test_sigterm_stops_the_study_as_interrupted_and_auto_continue_runs_that_tria
         signal.signal(signal.SIGTERM, previous)
     out, err = capsys.readouterr()
     assert code == 143, (code, out[-2000:], err[-2000:])
-    assert last_line(out) == "[EXIT] TUNING INTERRUPTED code=143"
+    assert last_line(out) == "[EXIT] TRAINING INTERRUPTED code=143"  # the console names the command: train
     assert "stopped by SIGTERM" in err and "error:" not in err, err
     tune_dir = only_tune_dir(tmp_path)
     info = json.loads((tune_dir / "tune.json").read_text())
