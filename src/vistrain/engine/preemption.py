@@ -46,20 +46,11 @@ class _Requests:
 _requests = _Requests()
 
 
-def requested() -> str | None:
-    """The name of the preemption signal this process received while handling them, or None."""
-    return _requests.signal
-
-
-def exit_code() -> int:
-    return _requests.exit_code
-
-
 def _handle(signum: int, frame: FrameType | None) -> None:
     name = signal.Signals(signum).name
     _requests.signal = _requests.signal or name
     if not _requests.deferring:
-        raise Preempted(f"stopped by {name} before training had anything to save", _requests.exit_code)
+        raise Preempted(f"stopped by {name} outside training (no step to finish)", _requests.exit_code)
 
 
 @contextmanager
@@ -90,7 +81,7 @@ def deferred() -> Iterator[None]:
     """Inside (the Trainer's folds) a signal is only recorded: ``StopCheck`` finds it at the next step or epoch.
     A signal recorded before stops here at once."""
     if _requests.signal is not None:
-        raise Preempted(f"stopped by {_requests.signal} before training had anything to save", _requests.exit_code)
+        raise Preempted(f"stopped by {_requests.signal} outside training (no step to finish)", _requests.exit_code)
     _requests.deferring = True
     try:
         yield
