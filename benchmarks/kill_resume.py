@@ -1,9 +1,10 @@
 """Kill-and-resume sweep (issue 12 item 1): SIGKILL a real ``vistrain train`` at random moments and check that
 ``--resume`` always finishes the run with valid files and the same numbers as an uninterrupted run.
 
-Each trial starts a tiny run (resnet10t, 32 px, CPU, ``num_workers: 0``, 2 folds x 3 epochs), kills it at a moment
-of one phase, then resumes it with ``vistrain train --config C --resume`` (as a user would) until it succeeds, and
-checks:
+Each trial starts a tiny run (resnet10t, 32 px, CPU, 2 folds x 3 epochs) with real training settings
+(``augment.policy: hard``, ``num_workers: 2``, mixup + cutmix, EMA, dropout, ``train.grad_accum_steps: 2``), kills
+it at a moment of one phase, then resumes it with ``vistrain train --config C --resume`` (as a user would) until it
+succeeds, and checks:
 
 * the resume exits 0 and run.json says success;
 * every ``*.json`` of the run parses, every ``metrics.jsonl`` line parses and it holds each (fold, epoch) once;
@@ -19,7 +20,7 @@ are being written).
     PYTHONPATH=src python benchmarks/kill_resume.py --kills 15 --seed 0
 
 prints one line per kill and ``kills survived: S/N``; exit 1 when any failed. ``tests/test_kill_resume.py`` runs
-a 3-kill version of the same functions.
+a 2-kill version of the same functions.
 """
 
 from __future__ import annotations
@@ -88,11 +89,13 @@ def make_workspace(root: Path, data: Path) -> Workspace:
         "project": {"name": "kill", "seed": 11},
         "data": {"source": "csv", "train_csv": str(data / "train.csv"), "image_dir_train": str(data / "train"),
                  "image_ext": ".png", "folds": FOLDS, "valid_fold": "all"},
-        "model": {"name": "resnet10t", "pretrained": False},
-        "train": {"img_size": 32, "batch_size": 8, "epochs": EPOCHS, "lr": 3e-3, "warmup_epochs": 0,
-                  "early_stopping_patience": 0, "num_workers": 0, "num_threads": 1, "log_interval": 0,
-                  "device": "cpu", "amp": "fp32"},
-        "augment": {"policy": "none"},
+        "model": {"name": "resnet10t", "pretrained": False, "drop_rate": 0.2},
+        # Real training settings: every source of randomness a resume must reproduce (worker augmentation,
+        # shuffling, dropout, mixup / cutmix) and state it must carry (EMA, an accumulation group per update).
+        "train": {"img_size": 32, "batch_size": 4, "epochs": EPOCHS, "lr": 3e-3, "warmup_epochs": 0,
+                  "early_stopping_patience": 0, "num_workers": 2, "num_threads": 1, "log_interval": 0,
+                  "device": "cpu", "amp": "fp32", "ema": True, "ema_decay": 0.9, "grad_accum_steps": 2},
+        "augment": {"policy": "hard", "mixup_alpha": 0.4, "cutmix_alpha": 1.0},
         "tracking": {"tensorboard": False},
         "output": {"exp_dir": str(root / "exp"), "logs_dir": None},
     }

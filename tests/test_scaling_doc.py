@@ -22,9 +22,6 @@ from vistrain.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"
 OPERATORS = {"|", "||", "&", "&&", ";", ";;", ">", ">>", "<", ">&", "(", ")", "$("}
-# Keys another branch of issue 19 adds (items 3-4: preemption): named by the doc before that branch is merged. A key
-# here is checked like any other once the schema has it; delete its line then.
-PENDING = {"train.requeue_exit_code"}
 FILE_SUFFIXES = {"log", "json", "jsonl", "yaml", "yml", "csv", "pth", "py", "md", "sh", "txt", "u8", "db", "out"}
 
 
@@ -92,7 +89,7 @@ def check_key(key: str) -> str | None:
     first, _, rest = key.partition(".")
     if not rest or first not in Config.model_fields or key.rsplit(".", 1)[-1] in FILE_SUFFIXES:
         return None
-    if key in schema_keys() or key in PENDING:
+    if key in schema_keys():
         return None
     return f"{key}: no such config key"
 

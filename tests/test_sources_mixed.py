@@ -208,7 +208,7 @@ def test_a_two_source_run_trains_on_the_domain_ratios(tmp_path):
     setup = classification_setup(cfg, data, 0, torch.device("cpu"))
     train_idx, _ = data.fold_indices(0)
     domains = data.items["domain"].to_numpy()[train_idx]
-    sampler = setup.train_loader.sampler
+    sampler = setup.train_loader.batch_sampler.source  # EpochBatches draws each epoch from it
     assert len(sampler) == len(train_idx)
     for seed in range(3):
         drawn = epoch(sampler, seed)

@@ -8,6 +8,7 @@ directions, two worker processes sharing one SQLite study) is checked in millise
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -519,6 +520,60 @@ def test_auto_continue_finishes_the_interrupted_study_then_trains_the_best(
     assert main(["train", "--config", str(config), "--auto-continue"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: --auto-continue: nothing left to continue") and "--optimize" in line, line
+
+
+class _Killed(BaseException):
+    """What SIGTERM raises in this test where vistrain leaves it unhandled (instead of ending pytest)."""
+
+
+def _sigterm_raises(signum: int, frame: Any) -> None:
+    raise _Killed
+
+
+def test_sigterm_stops_the_study_as_interrupted_and_auto_continue_runs_that_trial_again(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM (a preemption) during the third trial: the study ends in good order (exit 143, tune.log's
+    ``[EXIT] TUNING INTERRUPTED code=143``, tune.json ``interrupted``), the trial is recorded as interrupted, not
+    failed, and ``--auto-continue`` runs the trials still missing."""
+    optuna = pytest.importorskip("optuna")
+    import signal
+
+    from vistrain.cli import main
+
+    config = tune_config(tmp_path, {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}})
+    trained = 0
+
+    def score(cfg: Config, epoch: int) -> float:
+        nonlocal trained
+        trained += epoch == 1
+        if trained == 3 and epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return good_lr(cfg, epoch)
+
+    fake_trainer(monkeypatch, score)
+    previous = signal.signal(signal.SIGTERM, _sigterm_raises)
+    try:
+        code = main(["train", "--config", str(config), "--optimize", "--n-trials", "4"])
+    except _Killed:
+        code = None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out, err = capsys.readouterr()
+    assert code == 143, (code, out[-2000:], err[-2000:])
+    assert last_line(out) == "[EXIT] TRAINING INTERRUPTED code=143"  # the console names the command: train
+    assert "stopped by SIGTERM" in err and "error:" not in err, err
+    tune_dir = only_tune_dir(tmp_path)
+    info = json.loads((tune_dir / "tune.json").read_text())
+    assert info["status"] == "interrupted" and info["exit_code"] == 143, info
+    assert last_line((tune_dir / "tune.log").read_text()).endswith("[EXIT] TUNING INTERRUPTED code=143")
+    study = optuna.load_study(study_name=info["study_name"], storage=f"sqlite:///{tune_dir / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL"]
+    assert study.trials[2].user_attrs.get("interrupted") is True and "fail_reason" not in study.trials[2].user_attrs
+
+    assert main(["train", "--config", str(config), "--auto-continue"]) == 0, capsys.readouterr().err
+    study = optuna.load_study(study_name=info["study_name"], storage=f"sqlite:///{tune_dir / 'study.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert json.loads((tune_dir / "tune.json").read_text())["status"] == "success"
 
 
 @pytest.mark.usefixtures("no_plots")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import vistrain
-from vistrain.errors import CheckFailed, UserError, describe, exit_code
+from vistrain.errors import CheckFailed, Preempted, UserError, describe, exit_code
 
 
 def _folds(text: str) -> list[int]:
@@ -540,9 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     if not args.debug:
         _one_line_warnings()
-    code = 1
+    code, outcome = 1, None
     try:
         code = args.func(args)
+    except Preempted as err:  # SIGTERM / SIGUSR1: stopped in good order, not an error
+        code, outcome = exit_code(err), "INTERRUPTED"
+        print(describe(err), file=sys.stderr, flush=True)
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 - the one place that turns an error into a code
         code = exit_code(err)
         if args.debug and not isinstance(err, KeyboardInterrupt):
@@ -552,5 +555,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {describe(err)}{hint}", file=sys.stderr, flush=True)
     # The commands whose log files end with the [EXIT] line say it on the console too (rank 0 only).
     if args.command_label in ("TRAINING", "TUNING", "SERVING") and not _worker_rank():
-        print(exit_line(args.command_label, code), flush=True)
+        print(exit_line(args.command_label, code, outcome), flush=True)
     return code

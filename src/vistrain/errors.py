@@ -27,6 +27,20 @@ class CheckFailed(Exception):
     exit_code = 1
 
 
+class Preempted(KeyboardInterrupt):
+    """SIGTERM or SIGUSR1 (a scheduler taking the machine back; SLURM's ``--signal``) stopped the command in good
+    order: training finished its current optimiser step and wrote its last checkpoint, run.json says "interrupted",
+    and ``--resume`` continues where it stopped (``engine/preemption.py``). A ``KeyboardInterrupt`` like Ctrl-C, so
+    what lets Ctrl-C through (``tune``'s trials, Optuna) takes it as an interruption, not a failure. ``exit_code``:
+    143 (as a process ended by SIGTERM), or ``train.requeue_exit_code``."""
+
+    run_status = "interrupted"
+
+    def __init__(self, message: str, exit_code: int = 143):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ConfigError(UserError):
     """One or more problems in the configuration; each problem is one line."""
 
@@ -37,8 +51,8 @@ class ConfigError(UserError):
 
 def exit_code(err: BaseException) -> int:
     """The process exit code for a command that ended by ``err``: 2 (or the error's own) for a user error, 1 for a
-    failed check, 130 for Ctrl-C, 1 for anything else."""
-    if isinstance(err, UserError | CheckFailed):
+    failed check, the preemption's code (143, or ``train.requeue_exit_code``), 130 for Ctrl-C, 1 for anything else."""
+    if isinstance(err, UserError | CheckFailed | Preempted):
         return err.exit_code
     return 130 if isinstance(err, KeyboardInterrupt) else 1
 
@@ -48,7 +62,7 @@ def describe(err: BaseException) -> str:
     run.json's ``error``): a user error's or failed check's own message, else the exception type and its first line."""
     if isinstance(err, ConfigError):  # one line per problem
         return "\n".join(one_line(problem) for problem in err.problems)
-    if isinstance(err, UserError | CheckFailed):
+    if isinstance(err, UserError | CheckFailed | Preempted):
         return one_line(str(err))
     if isinstance(err, KeyboardInterrupt):
         return "interrupted"

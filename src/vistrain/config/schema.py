@@ -221,6 +221,9 @@ class TrainCfg(Section):
     # usable cores left after the DataLoader workers (at least 1): more threads than free cores only make them wait
     num_threads: PositiveInt | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The exit code of a run that SIGTERM / SIGUSR1 stopped after writing its checkpoint (status interrupted);
+    # null: 143, as a process ended by SIGTERM. 0 for a job that requeues itself and must not count as failed.
+    requeue_exit_code: Annotated[int, Field(ge=0, le=255)] | None = None
 
     @field_validator("img_size")
     @classmethod

@@ -2,11 +2,14 @@
 domain-ratio sampler (``DomainRatioSampler``, chosen by the run when ``data.sources`` gives ratios, combined with
 ``weighted`` class balance when that is the name); and the P×K batch sampler of metric learning
 (``PKBatchSampler``), a batch sampler. The last two need more than the labels, so they are built by
-``domain_ratio_sampler`` and ``pk_sampler`` rather than through ``SAMPLERS``."""
+``domain_ratio_sampler`` and ``pk_sampler`` rather than through ``SAMPLERS``. A training loader takes any of them
+through ``EpochBatches``: the epoch's batches as a function of (seed, fold, epoch), each item with the seed of its
+augmentation, and the batches a mid-epoch checkpoint has trained left out."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -236,3 +239,65 @@ def pk_sampler(labels: Sequence[int], generator: torch.Generator, p: int | None,
                world_size: int = 1) -> PKBatchSampler:
     """A ``PKBatchSampler``; pass it to ``DataLoader(batch_sampler=...)`` (with no batch_size or shuffle)."""
     return PKBatchSampler(labels, p, k, generator, rank=rank, world_size=world_size)
+
+
+class SeededIndex(NamedTuple):
+    """A training item as ``EpochBatches`` hands it to the dataset: its index and the seed of its augmentation."""
+
+    index: int
+    seed: int  # 64-bit, from (seed, fold, epoch, rank, position in the epoch)
+
+
+class EpochBatches(Sampler[list[SeededIndex]]):
+    """A training loader's batch sampler: the batches of the epoch named by ``set_epoch``, a function of
+    (seed, epoch) alone, with every item's augmentation seed, so that a resumed epoch (at its start or in its
+    middle) trains the very batches of the uninterrupted one.
+
+    ``source`` draws the epoch from ``generator``: a sampler of indices (random, weighted, domain ratios; under DDP
+    a ``RankShare`` of one), grouped here into ``batch_size`` batches as a DataLoader would, or a batch sampler
+    (P×K) when ``batch_size`` is None. ``generator`` is reseeded with ``seed + epoch`` before each draw. Each item
+    gets its own seed from ``SeedSequence((seed, epoch, rank))`` by its position in the epoch; the dataset seeds
+    the augmentation of that item with it (``dataset.ImageDataset``). The random draws of an image therefore
+    depend neither on which DataLoader worker decodes it, nor on how many workers there are or whether they
+    persist across epochs, nor on anything trained before: per-worker seeds could not give that for a resume in
+    the middle of an epoch, where each worker's generator would have to be where the interrupted run left it.
+
+    ``skip``: the first batches of the epoch, which a mid-epoch checkpoint has trained, are left out (and so never
+    loaded); ``len()`` counts the batches still to come.
+    """
+
+    def __init__(self, source: Sampler, generator: torch.Generator, batch_size: int | None = None,
+                 drop_last: bool = False, rank: int = 0):
+        self.source, self.generator = source, generator
+        self.batch_size, self.drop_last, self.rank = batch_size, drop_last, rank
+        self.seed, self.epoch, self.skip = 0, 0, 0
+
+    def set_epoch(self, seed: int, epoch: int, skip: int = 0) -> None:
+        """Epoch ``epoch`` (0-based) of a fold whose seed is ``seed``; its first ``skip`` batches left out."""
+        self.seed, self.epoch, self.skip = seed, epoch, skip
+
+    def _full_len(self) -> int:
+        if self.batch_size is None:
+            return len(self.source)
+        n = len(self.source)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(self._full_len() - self.skip, 0)
+
+    def _batches(self) -> list[list[int]]:
+        self.generator.manual_seed(self.seed + self.epoch)
+        if self.batch_size is None:
+            return [list(batch) for batch in self.source]
+        order, size = list(self.source), self.batch_size
+        batches = [order[i: i + size] for i in range(0, len(order), size)]
+        return batches[: self._full_len()]
+
+    def __iter__(self) -> Iterator[list[SeededIndex]]:
+        batches = self._batches()
+        seeds = np.random.SeedSequence((self.seed, self.epoch, self.rank)).generate_state(
+            sum(map(len, batches)), dtype=np.uint64).tolist()
+        start = sum(map(len, batches[: self.skip]))
+        for batch in batches[self.skip:]:
+            yield [SeededIndex(int(i), seeds[start + j]) for j, i in enumerate(batch)]
+            start += len(batch)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from vistrain.engine.device import Precision, autocast
 from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, all_reduce_floats, gather_to_main, unwrap
+from vistrain.engine.preemption import StopCheck
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class TrainState:
     epoch: int = 0  # completed epochs
     num_updates: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    # A checkpoint written in the middle of epoch ``epoch + 1`` (a preemption): the batches of it already trained
+    # (the loader leaves them out on resume) and the loss sums over them (``_LossSums.state_dict``); 0 and None
+    # between epochs.
+    step: int = 0
+    epoch_sums: dict[str, Any] | None = None
 
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated and saved as best: the EMA when there is one."""
@@ -66,6 +72,8 @@ class TrainState:
             "epoch": self.epoch,
             "num_updates": self.num_updates,
             "history": self.history,
+            "step": self.step,
+            "epoch_sums": self.epoch_sums,
         }
 
     def load_state_dict(self, ckpt: dict[str, Any]) -> None:
@@ -74,6 +82,7 @@ class TrainState:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.num_updates, self.history = ckpt["epoch"], ckpt["num_updates"], list(ckpt["history"])
+        self.step, self.epoch_sums = ckpt.get("step", 0), ckpt.get("epoch_sums")  # older checkpoints: epoch ends
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,8 @@ class LoopOptions:
     row_prefix: dict[str, Any] = field(default_factory=dict)  # leading fields of each metrics row ({"fold": 0})
     dist: DistInfo = SINGLE  # several processes: losses and rates summed over the ranks, rank 0's validation row
     sync_bn: bool = False  # train.sync_bn: BatchNorm synchronised in the forward; else averaged before evaluation
+    # asked after each optimiser update: True ends the epoch there, mid-epoch checkpoint to follow (preemption)
+    stop: StopCheck | None = None
     eval_every: int = 1  # validate every N epochs and at the last one; early stopping counts evaluations
     # training batches on the device -> the model's input (augment.device: uint8 -> augmented, normalised float)
     batch_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -111,13 +122,38 @@ class _LossSums:
     are the whole job's, weighted by images, and a non-finite loss on any rank is non-finite on all of them, so
     the divergence guard stops every rank at the same step."""
 
-    def __init__(self, device: torch.device, info: DistInfo = SINGLE):
+    def __init__(self, device: torch.device, info: DistInfo = SINGLE, saved: dict[str, Any] | None = None):
+        """``saved``: the job's sums over the batches a mid-epoch checkpoint trained (``state_dict``), to go on
+        from; under several processes rank 0 holds them and the other ranks start from zero."""
         self.device, self.info = device, info
         self.total = torch.zeros((), device=device)
         self.window = torch.zeros((), device=device)  # since the last read: where a non-finite loss is looked for
         self.parts: dict[str, torch.Tensor | float] = {}
         self.count = 0
         self.window_count = 0
+        if saved is not None and info.rank == 0:
+            self.total = saved["total"].to(device)
+            self.parts = {k: v.to(device) if torch.is_tensor(v) else v for k, v in saved["parts"].items()}
+            self.count = saved["count"]
+        self.resumed = self.count  # images counted before this process: not in its img_per_s
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums so far, for a checkpoint in the middle of the epoch: adding the rest to them gives the bits the
+        uninterrupted epoch would have. Under several processes they are summed over the ranks (a collective:
+        every rank calls it at the same step)."""
+        total, count = self.total.detach().clone(), self.count
+        parts = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in self.parts.items()}
+        if self.info.enabled:
+            stacked = torch.stack([total.double(), *(torch.as_tensor(v, device=self.device).double()
+                                                     for v in parts.values()),
+                                   torch.tensor(float(count), dtype=torch.float64, device=self.device)])
+            torch.distributed.all_reduce(stacked)
+            total_d, *parts_d, count_d = stacked.tolist()
+            total = torch.tensor(total_d, dtype=torch.float32)
+            parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in zip(parts, parts_d)}
+            count = int(round(count_d))
+        return {"total": total.cpu(), "parts": {k: v.cpu() if torch.is_tensor(v) else v for k, v in parts.items()},
+                "count": count}
 
     def add(self, loss: torch.Tensor, parts: dict[str, Any], batch: int) -> None:
         weighted = loss.detach().float() * batch
@@ -162,7 +198,7 @@ def _group_size(step: int, n_batches: int, accum: int) -> int:
 
 
 def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: LoopOptions,
-                    after_step: Callable[[Step], None] | None = None) -> dict[str, float]:
+                    after_step: Callable[[Step], None] | None = None) -> dict[str, float] | None:
     """One pass over ``loader``; returns the mean training loss, the mean of each loss part, ``img_per_s`` (training
     images per second, data loading included) and ``data_wait_frac`` (the share of the epoch spent waiting for the
     next batch). ``after_step(step)`` runs after every batch (the trainer's hooks: EMA, divergence guard). Under
@@ -170,17 +206,23 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
     their mean, and DDP all-reduces the gradients only at an optimiser update (``no_sync`` on the other batches).
 
     Losses stay on the device and are read every ``opt.log_interval`` steps and at the epoch's last batch, so the
-    host waits for the device only there; ``Step.window_loss`` carries what was read."""
+    host waits for the device only there; ``Step.window_loss`` carries what was read.
+
+    A mid-epoch checkpoint's epoch (``state.step`` > 0) goes on from its batch ``state.step + 1``: the loader leaves
+    out the batches before (``EpochBatches``) and the loss sums start from ``state.epoch_sums``. When ``opt.stop``
+    says so after an optimiser update, the epoch ends there: ``state.step`` and ``state.epoch_sums`` say how far it
+    got (for the last checkpoint) and the return value is None."""
     model, optimizer = state.model, state.optimizer
     model.train()
-    n_batches = len(loader)
-    bar = tqdm(total=n_batches, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False, disable=not opt.progress,
-               dynamic_ncols=True)
-    sums = _LossSums(opt.device, opt.dist)
+    start = state.step
+    n_batches = start + len(loader)
+    bar = tqdm(total=n_batches, initial=start, desc=f"{opt.label} epoch {state.epoch + 1}", leave=False,
+               disable=not opt.progress, dynamic_ncols=True)
+    sums = _LossSums(opt.device, opt.dist, state.epoch_sums)
     optimizer.zero_grad(set_to_none=True)
     started = ready = time.perf_counter()
-    waited, read_from, last_read = 0.0, 1, None
-    for step, (images, targets, _) in enumerate(loader, start=1):
+    waited, read_from, last_read = 0.0, start + 1, None
+    for step, (images, targets, _) in enumerate(loader, start=start + 1):
         waited += time.perf_counter() - ready
         images, targets = _to_device(images, targets, opt, opt.batch_transform)
         updated = step % opt.grad_accum_steps == 0 or step == n_batches
@@ -201,9 +243,11 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
             state.scheduler.step_update(num_updates=state.num_updates)
         sums.add(loss, parts, images.shape[0])
         bar.update(1)
+        # Only after an update: the gradients of an unfinished accumulation group are in no checkpoint.
+        stopping = updated and step < n_batches and opt.stop is not None and opt.stop(state.num_updates)
         logged = bool(opt.log_interval) and step % opt.log_interval == 0
         window = mean = None
-        if logged or step == n_batches:
+        if logged or step == n_batches or stopping:
             last_read = sums.read()
             window, mean, _ = last_read
         if after_step is not None:
@@ -216,13 +260,19 @@ def train_one_epoch(state: TrainState, task: Task, loader: DataLoader, opt: Loop
             if not opt.progress:
                 log.info("[TRAIN] %s epoch=%d step=%d/%d loss=%.4f lr=%.3e", opt.label, state.epoch + 1, step,
                          n_batches, mean, lr)
+        if stopping:
+            bar.close()
+            state.step, state.epoch_sums = step, sums.state_dict()
+            return None
         ready = time.perf_counter()
     bar.close()
     if last_read is None:
         raise RuntimeError("the training loader yielded no batch")
     _, mean, parts_mean = last_read  # read at the last batch: nothing was added since
     seconds = max(time.perf_counter() - started, 1e-9)
-    img_per_s, wait = all_reduce_floats(opt.dist, [sums.count / seconds, waited / seconds], opt.device)
+    state.step, state.epoch_sums = 0, None
+    img_per_s, wait = all_reduce_floats(opt.dist, [(sums.count - sums.resumed) / seconds, waited / seconds],
+                                        opt.device)
     return {"train_loss": mean, **parts_mean, "img_per_s": round(img_per_s, 1),
             "data_wait_frac": round(wait / opt.dist.world, 4)}
 

@@ -19,7 +19,7 @@ from vistrain.config.schema import Config
 from vistrain.data.cache import CacheSet
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
-from vistrain.data.samplers import SAMPLERS, domain_ratio_sampler
+from vistrain.data.samplers import SAMPLERS, EpochBatches, domain_ratio_sampler
 from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, RankShare
@@ -72,7 +72,7 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     augment = to_uint8_tensor if cfg.augment.device == "cuda" else TrainTransform(cfg.augment, pre)
     train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, train_decode)
     valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, valid_decode)
-    generator = torch.Generator()  # reseeded by the loop every epoch
+    order = torch.Generator()  # the epoch's draw: EpochBatches reseeds it every epoch
     workers = dev.auto_workers(t.num_workers, device)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": worker_init if workers else None}
@@ -81,22 +81,27 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     if s.name == "pk":
         from vistrain.data.samplers import pk_sampler
 
-        batches = pk_sampler(train_labels.tolist(), generator, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
-        train_loader = DataLoader(train_ds, batch_sampler=batches, generator=generator, **common)
+        pk = pk_sampler(train_labels.tolist(), order, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
+        batches = EpochBatches(pk, order, rank=info.rank)
     else:
         if ratios and train_domains is not None:  # weighted: classes balanced too, within the domain shares
-            sampler = domain_ratio_sampler(train_labels.tolist(), generator, train_domains, ratios,
+            sampler = domain_ratio_sampler(train_labels.tolist(), order, train_domains, ratios,
                                            balance_classes=s.name == "weighted")
         else:
-            sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), generator)
+            sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), order)
         if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
             sampler = RankShare(sampler, info.rank, info.world)
-        train_loader = DataLoader(train_ds, batch_size=t.batch_size, sampler=sampler, generator=generator,
-                                  drop_last=len(sampler) > t.batch_size, **common)  # no 1-image BN batch
+        batches = EpochBatches(sampler, order, t.batch_size, drop_last=len(sampler) > t.batch_size,  # no 1-image BN
+                               rank=info.rank)
+    # Each loader draws its workers' base seed from a generator of its own, never from torch's global one: that
+    # stream (dropout) must be where the last checkpoint left it when a resumed run trains, whichever loader
+    # started its workers first.
+    train_loader = DataLoader(train_ds, batch_sampler=batches, generator=torch.Generator(), **common)
     eval_batch = cfg.eval.batch_size or t.batch_size * 2
     # several processes: each rank evaluates its own whole batches; the loop gathers them on rank 0 in order
     shard = EvalShard(len(valid_ds), eval_batch, info.rank, info.world) if info.enabled else None
-    valid_loader = DataLoader(valid_ds, batch_size=eval_batch, sampler=shard, shuffle=False, **common)
+    valid_loader = DataLoader(valid_ds, batch_size=eval_batch, sampler=shard, shuffle=False,
+                              generator=torch.Generator(), **common)
     return train_loader, valid_loader
 
 
@@ -131,7 +136,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
     task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup,
-                              _domains(data, valid_idx))
+                              _domains(data, valid_idx), mix_seed=(cfg.project.seed, fold))
     return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 

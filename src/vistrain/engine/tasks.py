@@ -21,25 +21,33 @@ class ClassificationTask:
     domain column); the metrics then add ``top1@<d>``, ``top5@<d>`` and ``macro_f1@<d>`` per domain.
     """
 
-    def __init__(self, criterion: nn.Module, mixup: object | None = None, valid_domains: np.ndarray | None = None):
+    def __init__(self, criterion: nn.Module, mixup: object | None = None, valid_domains: np.ndarray | None = None,
+                 mix_seed: tuple[int, ...] = (0,)):
         self.criterion = criterion
         self.mixup = mixup  # timm.data.Mixup: images, labels [B] -> mixed images, soft targets [B, C]
         self.valid_domains = valid_domains
+        self.mix_seed = mix_seed  # (project.seed, fold): with the count below, the seed of each batch's mixing
+        self.mixed = 0  # batches mixed so far in the fold: the task's state in the last checkpoint
 
     def on_epoch_start(self, model: nn.Module, epoch: int) -> None:
         pass
 
     def state_dict(self) -> dict:
-        return {}
+        return {"mixed": self.mixed}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        self.mixed = state.get("mixed", 0)  # a checkpoint of vistrain before this kept none
 
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.mixup is not None and len(images) > 1:
             if len(images) % 2:  # timm mixes pairs: an odd last batch gives up one image
                 images, targets = images[:-1], targets[:-1]
+            # timm's Mixup draws (mixup or cutmix, lambda, the box) from NumPy's global generator: seeded for each
+            # batch from (seed, fold, batches mixed so far), so a resumed fold mixes its next batch as the
+            # uninterrupted one would, whatever else used that generator in between.
+            np.random.seed(np.random.SeedSequence((*self.mix_seed, self.mixed)).generate_state(1)[0])
+            self.mixed += 1
             images, targets = self.mixup(images, targets)
         return self.criterion(model(images), targets), {}
 

@@ -6,6 +6,10 @@
 Per fold: seed, the task's setup (``SETUPS``: model, loaders, task object), DDP wrap, optimiser, schedule and
 ``TrainState``; the hooks; when resuming, the last checkpoint restores the state, the task, the RNG and every
 hook's state; ``before_train``; ``torch.compile``; then the epochs.
+
+A preemption signal (``engine/preemption.py``) during the folds ends the epoch after its current optimiser update
+(or before the next epoch); ``after_train`` then writes the last checkpoint of the unfinished fold and the Trainer
+raises ``Preempted``.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
 from vistrain.data.prepare import Prepared
 from vistrain.data.preprocess import Preprocessor
-from vistrain.engine import distributed
+from vistrain.engine import distributed, preemption
 from vistrain.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
 from vistrain.engine.device import peak_memory_mib
 from vistrain.engine.hooks import FoldRun, Hook, default_hooks, monitor_mode
@@ -33,6 +37,7 @@ from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.engine.run_setup import Machine
 from vistrain.engine.setup import SETUPS, FoldSetup
 from vistrain.engine.summary import fold_result
+from vistrain.errors import Preempted
 from vistrain.models.build import compile_model, count_parameters
 from vistrain.tracking.logs import show_progress
 from vistrain.tracking.rundir import RunDir
@@ -53,8 +58,10 @@ class Trainer:
         self.trackers, self.extra_hooks = trackers, list(extra_hooks)
 
     def fit(self, folds: list[int]) -> list[dict[str, Any]]:
-        """Each fold's summary entry (``engine.summary.fold_result``)."""
-        return [self.train_fold(k) for k in folds]
+        """Each fold's summary entry (``engine.summary.fold_result``). A preemption signal meanwhile stops the
+        training at the next step in good order (``Preempted``)."""
+        with preemption.deferred():
+            return [self.train_fold(k) for k in folds]
 
     def train_fold(self, k: int) -> dict[str, Any]:
         t = self.cfg.train
@@ -66,10 +73,25 @@ class Trainer:
             if fold.restored.get("finished"):
                 log.info("[RESUME] fold=%d already finished (%d epochs); skipped", k, fold.state.epoch)
                 return fold_result(fold, fold.restored.get("time_s", 0.0))
-            log.info("[RESUME] fold=%d from epoch %d of %d", k, fold.state.epoch, t.epochs)
+            if fold.state.step:  # written by a preemption in the middle of an epoch
+                log.info("[RESUME] fold=%d in epoch %d of %d after its step %d", k, fold.state.epoch + 1, t.epochs,
+                         fold.state.step)
+            else:
+                log.info("[RESUME] fold=%d from epoch %d of %d", k, fold.state.epoch, t.epochs)
         run_epochs(fold)
         fold.call("after_train")
+        if fold.interrupted:
+            raise self._stopped(fold)
         return fold_result(fold, time.time() - fold.started)
+
+    def _stopped(self, fold: FoldRun) -> Preempted:
+        """What a preempted fold finished, logged, as the exception that ends the command."""
+        state = fold.state
+        where = (f"fold {fold.fold} epoch {state.epoch + 1} step {state.step}" if state.step
+                 else f"fold {fold.fold} epoch {state.epoch}")
+        err = preemption.stopped(where, f"vistrain train --resume {self.run.path}")
+        log.warning("[STOP] %s", err)
+        return err
 
     def _build(self, k: int) -> FoldRun:
         """The fold's setup, optimiser, schedule, state and hooks, from a seed of its own."""
@@ -104,7 +126,8 @@ class Trainer:
                            channels_last=t.channels_last is True, log_interval=t.log_interval,
                            batch_transform=_device_augment(cfg, pre, self.machine.device),
                            progress=show_progress() and self.info.is_main, label=f"fold {k}", row_prefix={"fold": k},
-                           dist=self.info, sync_bn=t.sync_bn, eval_every=t.eval_every_n_epochs)
+                           dist=self.info, sync_bn=t.sync_bn, eval_every=t.eval_every_n_epochs,
+                           stop=preemption.StopCheck(self.info, self.machine.device))
 
     def _log_model(self, k: int, setup: FoldSetup) -> None:
         total, trainable = count_parameters(setup.model)
@@ -133,18 +156,22 @@ class Trainer:
 
 def run_epochs(fold: FoldRun) -> None:
     """Train from ``fold.state.epoch`` to ``fold.epochs`` or until a hook stops it; validate every
-    ``opts.eval_every`` epochs and at the last. An epoch without validation has a row of training values only."""
+    ``opts.eval_every`` epochs and at the last. An epoch without validation has a row of training values only.
+    A preemption signal ends it with ``fold.interrupted`` (mid-epoch: ``state.step`` says where)."""
     state, opts = fold.state, fold.opts
     while state.epoch < fold.epochs and not fold.stop:
+        if opts.stop is not None and opts.stop.now():  # a preemption signal since the last epoch
+            fold.interrupted = True
+            return
         start = time.time()
         if opts.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(opts.device)
-        generator = getattr(fold.train_loader, "generator", None)
-        if generator is not None:
-            generator.manual_seed(state.seed + state.epoch)
         fold.task.on_epoch_start(state.model, state.epoch)
         fold.call("before_epoch")
         train = train_one_epoch(state, fold.task, fold.train_loader, opts, fold.after_step)
+        if train is None:  # stopped after an optimiser update by a preemption signal
+            fold.interrupted = True
+            return
         if not opts.sync_bn:  # every epoch: the last checkpoint, and so a resume, has the statistics all ranks share
             averages = [state.ema.module] if state.ema is not None else []
             distributed.distribute_bn(opts.dist, distributed.unwrap(state.model), *averages)

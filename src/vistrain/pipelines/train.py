@@ -19,7 +19,7 @@ from vistrain.config.schema import Config
 from vistrain.data.cache import on_this_machine
 from vistrain.data.prepare import Prepared, prepare_data
 from vistrain.data.sources import require_dir
-from vistrain.engine import distributed
+from vistrain.engine import distributed, preemption
 from vistrain.engine.hooks import Hook
 from vistrain.engine.hooks.metrics import open_trackers
 from vistrain.engine.run_setup import (
@@ -67,17 +67,19 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
     run: rundir.RunDir | None = None
+    # SIGTERM / SIGUSR1 (preemption): training stops after its current step with a checkpoint, the run "interrupted"
     try:
-        data = distributed.from_main(info, lambda: prepare_data(cfg))
-        if data.cache is not None and info.enabled:  # a disk cache on a machine-local disk: one per machine
-            data.cache = distributed.node_first(info, partial(on_this_machine, data.cache))
-        check_domain_monitor(cfg, data, folds)
-        run = distributed.from_main(info, lambda: rundir.open_run(cfg, resume, fresh, folds))
-        if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
-            run.locked = False  # the lock is rank 0's
-            with run_logging([], console=False):
-                return RunResult(run.path, _train_run(cfg, run, data, folds, config_path, hooks, info))
-        return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, hooks, info)
+        with preemption.handle_signals(cfg.train.requeue_exit_code):
+            data = distributed.from_main(info, lambda: prepare_data(cfg))
+            if data.cache is not None and info.enabled:  # a disk cache on a machine-local disk: one per machine
+                data.cache = distributed.node_first(info, partial(on_this_machine, data.cache))
+            check_domain_monitor(cfg, data, folds)
+            run = distributed.from_main(info, lambda: rundir.open_run(cfg, resume, fresh, folds))
+            if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
+                run.locked = False  # the lock is rank 0's
+                with run_logging([], console=False):
+                    return RunResult(run.path, _train_run(cfg, run, data, folds, config_path, hooks, info))
+            return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, hooks, info)
     finally:
         if run is not None:
             rundir.release_lock(run)
@@ -171,7 +173,8 @@ def _evaluate_test(run: rundir.RunDir, summary: dict[str, Any]) -> None:
 
 def _stopped_status(err: BaseException) -> str:
     """run.json's status for a run that ended by ``err``: what the code that stopped it set on it (``run_status``:
-    "diverged" by the divergence guard, "pruned" by ``tune``), "interrupted" for Ctrl-C, else "error"."""
+    "diverged" by the divergence guard, "pruned" by ``tune``, "interrupted" by a preemption signal), "interrupted"
+    for Ctrl-C, else "error"."""
     status = getattr(err, "run_status", None)
     if isinstance(status, str):
         return status

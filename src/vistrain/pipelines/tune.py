@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from vistrain.config.loader import config_to_dict, validate
 from vistrain.config.schema import Config
+from vistrain.engine import preemption
 from vistrain.errors import ConfigError, UserError, describe, exit_code
 from vistrain.tracking.files import atomic_write_text, write_json
 from vistrain.tracking.logs import log_outcome
@@ -500,25 +501,28 @@ def _context(cfg: Config, params: list[Param], tune_dir: Path, n_trials: int, sh
 def _run_study(ctx: _Context, storage_url: str, study_name: str, timeout: float | None, final: FinalRun | None
                ) -> TuneResult:
     """The study (what is left of it), its reports, then the final training; ``tune.log`` ends with the
-    outcome and ``tune.json`` records an error."""
+    outcome and ``tune.json`` records an error. SIGTERM / SIGUSR1 stop it as Ctrl-C does (the trial in progress is
+    recorded as interrupted, and a continued study runs it again), with exit code 143 or
+    ``train.requeue_exit_code``."""
     result = None
-    try:
-        study = _start(ctx, storage_url, study_name)
-        # A shared study's n_trials is its total; a private one's counts from when this tune directory began.
-        left = ctx.n_trials - (_done(study) - (0 if ctx.shared else ctx.done_before or 0))
-        if left > 0:
-            _optimize(ctx, study, left, timeout)
-        else:
-            log.info("[TUNE] the %d trial(s) asked for are done", ctx.n_trials)
-        result = _finish(ctx, study, storage_url)
-        if final is not None:
-            result.run_dir = _continue(ctx, result, final)
-    except BaseException as err:
-        log_outcome(log, "TUNING", err)
-        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
-        failure = {"status": status, "error": describe(err), "exit_code": exit_code(err)}
-        _safe(update_tune_json, ctx.tune_dir, {"continued": failure} if result is not None else failure)
-        raise
+    with preemption.handle_signals(ctx.cfg.train.requeue_exit_code):
+        try:
+            study = _start(ctx, storage_url, study_name)
+            # A shared study's n_trials is its total; a private one's counts from when this tune directory began.
+            left = ctx.n_trials - (_done(study) - (0 if ctx.shared else ctx.done_before or 0))
+            if left > 0:
+                _optimize(ctx, study, left, timeout)
+            else:
+                log.info("[TUNE] the %d trial(s) asked for are done", ctx.n_trials)
+            result = _finish(ctx, study, storage_url)
+            if final is not None:
+                result.run_dir = _continue(ctx, result, final)
+        except BaseException as err:
+            log_outcome(log, "TUNING", err)
+            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "error"
+            failure = {"status": status, "error": describe(err), "exit_code": exit_code(err)}
+            _safe(update_tune_json, ctx.tune_dir, {"continued": failure} if result is not None else failure)
+            raise
     log_outcome(log, "TUNING")
     return result
 

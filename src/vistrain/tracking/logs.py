@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from vistrain.errors import describe, exit_code
+from vistrain.errors import Preempted, describe, exit_code
 
 LOGGER = "vistrain"
 FILE_ONLY = {"file_only": True}  # ``extra=`` of a record for the log files, not the console
@@ -46,18 +46,23 @@ def _has_console(logger: logging.Logger) -> bool:
     return any(isinstance(h, _Console) for h in logger.handlers)
 
 
-def exit_line(label: str, code: int) -> str:
-    """``[EXIT] TRAINING SUCCESS code=0`` / ``[EXIT] TRAINING ERROR code=2``: the last line of the console and of
-    the command's log files."""
-    return f"[EXIT] {label} {'SUCCESS' if code == 0 else 'ERROR'} code={code}"
+def exit_line(label: str, code: int, outcome: str | None = None) -> str:
+    """``[EXIT] TRAINING SUCCESS code=0`` / ``[EXIT] TRAINING ERROR code=2`` / ``[EXIT] TRAINING INTERRUPTED
+    code=143`` (``outcome``: a preemption signal stopped it): the last line of the console and of the command's log
+    files."""
+    return f"[EXIT] {label} {outcome or ('SUCCESS' if code == 0 else 'ERROR')} code={code}"
 
 
 def log_outcome(logger: logging.Logger, label: str, err: BaseException | None = None) -> None:
     """The last records of a command's log files (not the console): for an error its one line (as the console
     shows it) and its traceback, then the ``[EXIT]`` line. An error that a caller raised on purpose to stop a
-    run (``run_status``, e.g. a trial pruned by ``tune``) ends the log with ``[EXIT] LABEL PRUNED`` instead."""
+    run (``run_status``, e.g. a trial pruned by ``tune``) ends the log with ``[EXIT] LABEL PRUNED`` instead; a
+    preemption signal with ``[EXIT] LABEL INTERRUPTED code=N`` (143, or ``train.requeue_exit_code``)."""
     if err is None:
         logger.info(exit_line(label, 0), extra=FILE_ONLY)
+        return
+    if isinstance(err, Preempted):
+        logger.info(exit_line(label, exit_code(err), "INTERRUPTED"), extra=FILE_ONLY)
         return
     status = getattr(err, "run_status", None)
     if isinstance(status, str):

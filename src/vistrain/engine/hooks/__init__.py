@@ -12,6 +12,7 @@ from vistrain.engine.hooks.checkpoints import Checkpoints
 from vistrain.engine.hooks.divergence import DivergedError, DivergenceGuard
 from vistrain.engine.hooks.early_stopping import EarlyStopping, best_epochs, monitor_mode
 from vistrain.engine.hooks.ema import Ema
+from vistrain.engine.hooks.epoch_order import EpochOrder
 from vistrain.engine.hooks.lr_override import LrOverride
 from vistrain.engine.hooks.metrics import MetricsRow
 from vistrain.engine.hooks.oof import OofLogits
@@ -19,17 +20,19 @@ from vistrain.engine.hooks.reporter import Reporter
 from vistrain.tracking.rundir import RunDir
 from vistrain.tracking.writers import Trackers
 
-__all__ = ["Checkpoints", "DivergedError", "DivergenceGuard", "EarlyStopping", "Ema", "FoldRun", "Hook",
+__all__ = ["Checkpoints", "DivergedError", "DivergenceGuard", "EarlyStopping", "Ema", "EpochOrder", "FoldRun", "Hook",
            "LrOverride", "MetricsRow", "OofLogits", "Reporter", "best_epochs", "default_hooks", "monitor_mode"]
 
 
 def default_hooks(cfg: Config, fold: int, run: RunDir, trackers: Trackers, keep_valid_outputs: bool) -> list[Hook]:
-    """A fold's hooks in the order they run. At the end of an epoch: a non-finite value stops the run before
-    anything is written; early stopping decides whether the epoch is the best; then the files, in the order that
-    makes a kill at any moment safe (OOF logits and best weights, the policy files, the last checkpoint) and the
-    metrics row last of all, so a kill leaves exactly one row per completed epoch."""
+    """A fold's hooks in the order they run. Before an epoch: the loader is set to it. At the end of an epoch: a
+    non-finite value stops the run before anything is written; early stopping decides whether the epoch is the
+    best; then the files, in the order that makes a kill at any moment safe (OOF logits and best weights, the
+    policy files, the last checkpoint) and the metrics row last of all, so a kill leaves exactly one row per
+    completed epoch."""
     t = cfg.train
     hooks: list[Hook | None] = [
+        EpochOrder(),
         DivergenceGuard(),
         Ema(t.ema_decay) if t.ema else None,
         LrOverride(t.lr),

@@ -36,7 +36,8 @@ class Hook:
         """The fold's model, optimiser and state exist (restored when resuming); the model is not compiled yet."""
 
     def before_epoch(self, fold: FoldRun) -> None:
-        """Epoch ``fold.state.epoch + 1`` is about to start (its shuffling is already seeded)."""
+        """Epoch ``fold.state.epoch + 1`` is about to start (after its step ``fold.state.step`` when a mid-epoch
+        checkpoint resumed; the ``EpochOrder`` hook, first in the list, sets the loader to that epoch)."""
 
     def after_step(self, fold: FoldRun, step: Step) -> None:
         """After every training batch (``step.updated``: the optimiser stepped)."""
@@ -46,7 +47,8 @@ class Hook:
         whole validation set) and ``fold.monitor_value`` when it was evaluated, the schedule stepped."""
 
     def after_train(self, fold: FoldRun) -> None:
-        """The fold ended (its epochs, or early stopping); not called for a fold a resume finds finished."""
+        """The fold ended (its epochs, or early stopping), or a preemption signal stopped it (``fold.interrupted``:
+        in the middle of an epoch when ``fold.state.step`` > 0); not called for a fold a resume finds finished."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -81,6 +83,7 @@ class FoldRun:
     improved: bool = False
     best_epoch: int = -1
     stop: bool = False  # a hook ended training before the last epoch
+    interrupted: bool = False  # a preemption signal stopped the fold (engine/preemption.py); it is not finished
 
     def call(self, point: str, *args: Any) -> None:
         """Every hook's method ``point``, in the list's order."""

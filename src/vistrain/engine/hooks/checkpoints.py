@@ -35,8 +35,11 @@ class Checkpoints(Hook):
         save_weights(fold.last_checkpoint(finished=False), self.run.ckpt("last", fold.fold))
 
     def after_train(self, fold: FoldRun) -> None:
+        """The finished last checkpoint; a preempted fold's unfinished one (mid-epoch: ``state.step`` and the loss
+        sums so far are in it)."""
         elapsed = time.time() - fold.started
-        save_weights(fold.last_checkpoint(finished=True, time_s=elapsed), self.run.ckpt("last", fold.fold))
+        save_weights(fold.last_checkpoint(finished=not fold.interrupted, time_s=elapsed),
+                     self.run.ckpt("last", fold.fold))
 
     def _policy(self, fold: int, history: list[dict[str, Any]], weights: dict[str, Any]) -> None:
         """``epoch{E}_fold{k}.pth``, kept. The K best evaluated epochs as ``top_epoch{E}_fold{k}.pth``; the ranking
