@@ -223,12 +223,14 @@ def pills(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 def test_pills_config_audit_finds_copies_of_photos_and_no_untouched_pairs(pills: dict) -> None:
-    """Every exact and brightness copy, and every copy of a "real" photo, is found; the 1,220 untouched images
-    make at most one pair (two studio renders of one unmarked round pill can be pixel-identical)."""
-    photos = [p for p in pills["planted"] if "real" in p[0].parts or p[2] in ("exact", "bright")]
+    """Every exact, brightness and crop copy (a crop of a studio render too: the crop stage), and every copy of a
+    "real" photo, is found; the 1,220 untouched images make at most one pair (two studio renders of one unmarked
+    round pill can be pixel-identical)."""
+    photos = [p for p in pills["planted"] if "real" in p[0].parts or p[2] in ("exact", "bright", "crop")]
     per_kind, false, n = found_and_false(pills["out"], photos)
     found, total = sum(f for f, _ in per_kind.values()), sum(t for _, t in per_kind.values())
     assert found >= 0.95 * total and per_kind["exact"][0] == per_kind["exact"][1], per_kind
+    assert per_kind["crop"][0] == per_kind["crop"][1], per_kind
     assert false <= max(1, n // 1000), (false, n)
 
 
@@ -236,8 +238,42 @@ def test_pills_config_audit_finds_copies_of_photos_and_no_untouched_pairs(pills:
                                        "each other by their pixels: at 128 px, 6.7-30.6% of untouched renders have "
                                        "a sibling closer than the median JPEG (q70-90) copy is to its source "
                                        "(benchmarks/audit_pills_siblings.py), so no pixel rule finds 95% of the "
-                                       "copies with <= 1 false pair per 1,000 images")
+                                       "copies with <= 1 false pair per 1,000 images (49 of 60: the 11 JPEG "
+                                       "copies of studio renders are not found)")
 def test_pills_copies_of_studio_renders_are_found_too(pills: dict) -> None:
     per_kind, _, _ = found_and_false(pills["out"], pills["planted"])
     found, total = sum(f for f, _ in per_kind.values()), sum(t for _, t in per_kind.values())
     assert found >= 0.95 * total, per_kind
+
+
+# ------------------------------------------------------------------------------------------ crops kept at size
+def test_crops_kept_at_their_size_are_found_among_real_scans_of_compatible_sizes() -> None:
+    """The crop stage on scikit-learn's digits (real scans, 32 px as the demo writes them): 20 crops of 1-2 px a
+    side kept at their size are each paired with their source; 200 other scans resized to 30 x 31 and 31 x 30
+    (sizes a crop could have, but no crop of anything here) and the 300 untouched scans give no pair."""
+    from sklearn.datasets import load_digits
+
+    from vistrain.audit import crops
+    from vistrain.audit.scan import THUMB_SIDE
+
+    scans = (load_digits().images * (255.0 / 16.0)).astype(np.uint8)
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(scans))[:500]
+
+    def scan(i: int, size: tuple[int, int]) -> np.ndarray:
+        return np.asarray(Image.fromarray(scans[i]).resize(size, Image.Resampling.BICUBIC).convert("RGB"))
+
+    images = [scan(i, (32, 32)) for i in order[:300]]
+    images += [scan(i, (30, 31) if k % 2 else (31, 30)) for k, i in enumerate(order[300:])]
+    sources = rng.choice(300, 20, replace=False)
+    for s in sources:
+        left, top = int(rng.integers(0, 2)), int(rng.integers(0, 2))
+        right, bottom = 32 - int(rng.integers(0, 2)) - (left == 0), 32 - int(rng.integers(0, 2)) - (top == 0)
+        images.append(images[s][top:bottom, left:right].copy())
+    thumbs = np.stack([np.asarray(Image.fromarray(im).resize((THUMB_SIDE, THUMB_SIDE), Image.Resampling.BILINEAR))
+                       for im in images])
+    height, width = np.array([im.shape[0] for im in images]), np.array([im.shape[1] for im in images])
+    pairs, figures = crops.crop_pairs(thumbs, width, height, np.arange(len(images)), lambda i: images[i])
+    found = set(zip(pairs["a"].astype(int), pairs["b"].astype(int)))
+    assert found == {(500 + k, int(s)) for k, s in enumerate(sources)}, (sorted(found), figures)
+    assert figures["size_pairs_skipped"] == 0 and figures["crops"] == 20

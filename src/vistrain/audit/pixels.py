@@ -37,16 +37,18 @@ def crop_matrix(size_in: int, scale: float, offset: float, size_out: int = SIDE)
     return out.reshape(size_out, SUPERSAMPLE, size_in).mean(axis=1)
 
 
-def descriptors(thumbs: np.ndarray, variants: tuple[tuple[float, float, float], ...] = VARIANTS) -> np.ndarray:
-    """[B, S, S, 3] uint8 thumbnails -> [B, len(variants), SIDE * SIDE * 3] float32 unit vectors."""
+def descriptors(thumbs: np.ndarray, variants: tuple[tuple[float, ...], ...] = VARIANTS) -> np.ndarray:
+    """[B, S, S, 3] uint8 thumbnails -> [B, len(variants), SIDE * SIDE * 3] float32 unit vectors. A variant is
+    (scale, x offset, y offset), or (x scale, y scale, x offset, y offset) for a cut of another aspect."""
     b, side = thumbs.shape[0], thumbs.shape[1]
     x = thumbs.astype(np.float32).transpose(1, 0, 3, 2).reshape(side, -1)  # [S(y), B * 3 * S(x)]: one product
     out = np.empty((b, len(variants), 3 * SIDE * SIDE), dtype=np.float32)
     rows: dict[tuple[float, float], np.ndarray] = {}
-    for v, (scale, ox, oy) in enumerate(variants):
-        if (scale, oy) not in rows:  # the vertical pass is shared by the variants of one scale and row offset
-            rows[scale, oy] = (crop_matrix(side, scale, oy).astype(np.float32) @ x).reshape(-1, side)
-        cols = rows[scale, oy] @ crop_matrix(side, scale, ox).astype(np.float32).T  # [SIDE(y) * B * 3, SIDE(x)]
+    for v, variant in enumerate(variants):
+        sx, sy, ox, oy = variant if len(variant) == 4 else (variant[0], *variant)
+        if (sy, oy) not in rows:  # the vertical pass is shared by the variants of one scale and row offset
+            rows[sy, oy] = (crop_matrix(side, sy, oy).astype(np.float32) @ x).reshape(-1, side)
+        cols = rows[sy, oy] @ crop_matrix(side, sx, ox).astype(np.float32).T  # [SIDE(y) * B * 3, SIDE(x)]
         img = cols.reshape(SIDE, b, 3, SIDE).transpose(1, 2, 0, 3)  # [B, 3, SIDE(y), SIDE(x)]
         img = img - img.mean(axis=(2, 3), keepdims=True)  # each colour channel minus its mean
         flat = img.reshape(b, -1)

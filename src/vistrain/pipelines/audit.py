@@ -22,6 +22,7 @@ import pandas as pd
 
 from vistrain.audit import duplicates as dup
 from vistrain.audit.clean import CleanPlan, check_policy, plan_clean, refusals
+from vistrain.audit.crops import crop_pairs
 from vistrain.audit.features import centred, config_features, run_features
 from vistrain.audit.health import class_health
 from vistrain.audit.labels import confused_pairs, label_issues
@@ -31,6 +32,7 @@ from vistrain.audit.page import write_page
 from vistrain.audit.scan import scan_images
 from vistrain.config.loader import load_config
 from vistrain.config.schema import Config
+from vistrain.data.images import load_rgb
 from vistrain.data.preprocess import size_hw
 from vistrain.engine import device as dev
 from vistrain.engine.inference import LoadedRun, load_run
@@ -131,7 +133,11 @@ def _duplicates(data: AuditData, scan: pd.DataFrame, thumbs: np.ndarray, eligibl
     ea, eb, unique = dup.exact_links(scan["digest"], eligible)
     nodes = np.flatnonzero(unique)
     near, typical_nodes, rule = dup.near_pairs(thumbs, nodes, z_min)
-    na, nb = near["a"].to_numpy(), near["b"].to_numpy()
+    paths = data.items["path"].to_numpy()
+    cut, rule["crops"] = crop_pairs(thumbs, scan["width"].to_numpy(), scan["height"].to_numpy(), nodes,
+                                    lambda i: np.asarray(load_rgb(paths[i]), dtype=np.uint8))
+    na, nb = np.concatenate([near["a"].to_numpy(), cut["a"].to_numpy()]).astype(np.int64), \
+        np.concatenate([near["b"].to_numpy(), cut["b"].to_numpy()]).astype(np.int64)
     if feats is not None and len(na):
         agree = dup.embedding_agrees(feats, np.flatnonzero(eligible), na, nb)
         rule["vetoed_by_embeddings"] = int((~agree).sum())
