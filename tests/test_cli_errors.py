@@ -21,6 +21,7 @@ CASES: dict[str, list[str]] = {
     "debug_before_command": ["--debug", "train", "--config", "CONFIG", "data.train_csv=BADCSV"],
     "resume_not_a_run": ["train", "--resume", "NOT_A_RUN"],
     "unknown_model": ["train", "--config", "CONFIG", "model.name=resnet18x"],
+    "double_balancing": ["train", "--config", "CONFIG", "sampler.name=weighted", "train.class_weights=balanced"],
 }
 MAX_PARALLEL = 4
 
@@ -114,6 +115,12 @@ def test_unknown_model_name_leaves_no_run_directory(results):
     r = results["unknown_model"]
     line = assert_one_line_user_error(r, "model.name", "resnet18x")
     assert "did you mean 'resnet18'" in line
+    assert_no_run_directory(r)
+
+
+def test_weighted_sampler_with_balanced_class_weights(results):
+    r = results["double_balancing"]
+    assert_one_line_user_error(r, "sampler.name: weighted", "train.class_weights: balanced", "weighs 100×")
     assert_no_run_directory(r)
 
 

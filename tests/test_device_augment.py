@@ -1,14 +1,16 @@
 """augment.device: the Kornia policy on uint8 batches draws what the CPU policy (torchvision on PIL) draws: per
-operation, on a fixed seed, the output statistics of the two match within tolerance (on CPU tensors here; on CUDA
-in the ``gpu`` test)."""
+operation, and for every ``augment`` key set away from its default, on a fixed seed, the output statistics of the
+two match within tolerance (on CPU tensors here; on CUDA in the ``gpu`` tests)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from vistrain.config.schema import AugmentCfg
@@ -18,7 +20,7 @@ from vistrain.data.transforms import TrainTransform, augment_ops, to_uint8_tenso
 
 pytest.importorskip("kornia")
 
-AUG = AugmentCfg(policy="hard", hflip=0.5, vflip=0.5, rotate=20, color_jitter=0.4)
+AUG = AugmentCfg(policy="hard", hflip=0.5, vflip=0.5, rotate=20, color_jitter=0.4, hue=0.1)
 HW = (32, 32)
 N = 1024  # the whole policy's statistics vary by about 0.01 (pixel mean) between seeds at this size
 PER_OP = 384
@@ -92,6 +94,112 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
     erased_cpu = (cpu == 0).all(dim=1).float().mean().item()  # erased pixels are exactly 0 after normalising
     erased_dev = (dev == 0).all(dim=1).float().mean().item()
     assert erased_dev == pytest.approx(erased_cpu, abs=0.02) and erased_cpu > 0.01
+
+
+# Every key of the CPU policy (TrainTransform) with a value away from its default, one case each, then the combinations
+# that matter: hue without colour jitter, and the pills recipe's policy (hue 0.1). The remaining keys act on whole
+# batches inside ClassificationTask, after either policy (mixup / cutmix), or pick the path itself (device); a new
+# augment key must land in one of the two, or this file fails.
+LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob"}
+KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
+             {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]
+PILLS = {k: v for k, v in yaml.safe_load((Path(__file__).parents[1] / "configs" / "pill_efficientnetv2s.yaml")
+                                         .read_text())["augment"].items() if k not in LOOP_KEYS}
+CASES = [*KEY_CASES, {"color_jitter": 0.0, "hue": 0.1}, PILLS]
+CASE_IDS = [*(",".join(f"{k}={v}" for k, v in case.items()) for case in CASES[:-1]), "pills"]
+# Per statistic: CPU and device may differ by this much at N images on one seed (about 4x the spread between seeds
+# measured for either policy; the CPU policy also runs about 0.005 darker: PIL truncates to 8 bits after each
+# colour step, Kornia stays in float).
+TOL = {"mean": 0.015, "std": 0.01, "change": 0.012, "bright": 0.012, "lr_asym": 0.025, "tb_asym": 0.02,
+       "orient": 0.05, "hue_shift": 0.005, "chroma": 0.03, "erased": 0.01}
+
+
+def test_every_augment_key_is_in_the_parity_test() -> None:
+    assert {key for case in KEY_CASES for key in case} | LOOP_KEYS == set(AugmentCfg.model_fields)
+    assert all(len(case) == 1 and getattr(AugmentCfg(), k) != v for case in KEY_CASES for k, v in case.items())
+    assert PILLS["hue"] > 0
+
+
+def _hue(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hue angle in radians, chroma) of each picture's mean colour [N, 3, H, W] -> [N], [N]."""
+    r, g, b = x.mean(dim=(2, 3)).unbind(1)
+    a, c = r - (g + b) / 2, math.sqrt(3) / 2 * (g - b)
+    return torch.atan2(c, a), torch.hypot(a, c)
+
+
+def policy_stats(out: torch.Tensor, source: torch.Tensor, pre: Preprocessor) -> dict[str, float]:
+    """Statistics of normalised policy outputs [N, 3, H, W] against their sources [N, 3, H, W] in [0, 1], each one
+    moved by some key: brightness and spread (policy, color_jitter), per-picture brightness change (color_jitter),
+    left-right and top-bottom asymmetry (hflip, vflip), stripe orientation (rotate), rotation of the mean colour's
+    hue (hue), chroma (color_jitter), erased pixels (random_erasing, the hard policy)."""
+    erased = (out == 0).all(dim=1).float().mean().item()  # erased pixels are exactly 0 after normalising
+    x = out * torch.tensor(pre.std).view(1, 3, 1, 1) + torch.tensor(pre.mean).view(1, 3, 1, 1)
+    (hue, chroma), (hue0, chroma0) = _hue(x), _hue(source)
+    turn = torch.remainder(hue - hue0 + math.pi, 2 * math.pi) - math.pi
+    grey = x.mean(1)
+    gx, gy = (grey.diff(dim=2) ** 2).sum((1, 2)), (grey.diff(dim=1) ** 2).sum((1, 2))
+    return {"mean": x.mean().item(), "std": x.std().item(), "change": (x - source).abs().mean().item(),
+            "bright": (x.mean((1, 2, 3)) - source.mean((1, 2, 3))).std().item(),
+            "lr_asym": (x[..., :16] - x[..., 16:].flip(-1)).mean().item(),
+            "tb_asym": (x[..., :16, :] - x[..., 16:, :].flip(-2)).mean().item(),
+            "orient": ((gx - gy) / (gx + gy)).mean().item(), "hue_shift": (turn.abs() / (2 * math.pi)).mean().item(),
+            "chroma": (chroma / chroma0).mean().item(), "erased": erased}
+
+
+class KeyParity:
+    """One key's CPU and device outputs on the same N pictures at the training size, seed 0 for both; the device
+    policy gets batches of 64, as the loop does (Kornia draws one colour-step order per batch)."""
+
+    def __init__(self, pixels: np.ndarray):
+        self.pixels = pixels[:, 4:36, 4:36]
+        self.pre = Preprocessor(size=HW)
+        self.source = torch.from_numpy(self.pixels).permute(0, 3, 1, 2).float() / 255
+        self.batch = torch.stack([to_uint8_tensor(x) for x in self.pixels])
+
+    def cpu(self, aug: AugmentCfg) -> dict[str, float]:
+        torch.manual_seed(0)
+        transform = TrainTransform(aug, self.pre)
+        return policy_stats(torch.stack([transform(x) for x in self.pixels]), self.source, self.pre)
+
+    def device(self, aug: AugmentCfg, device: str = "cpu") -> dict[str, float]:
+        torch.manual_seed(0)
+        augment = DeviceAugment(aug, self.pre).to(device)
+        out = torch.cat([augment(b.to(device)).cpu() for b in self.batch.split(64)])
+        return policy_stats(out, self.source, self.pre)
+
+
+@pytest.fixture(scope="module")
+def parity(pixels: np.ndarray) -> KeyParity:
+    return KeyParity(pixels)
+
+
+@pytest.fixture(scope="module")
+def default_cpu(parity: KeyParity) -> dict[str, float]:
+    return parity.cpu(AugmentCfg())
+
+
+def assert_key_parity(keys: str, cpu: dict[str, float], dev: dict[str, float], default: dict[str, float]) -> None:
+    # the statistics can see the key: on the CPU it moves at least one of them well past the tolerance
+    moved = {s: round(cpu[s] - default[s], 4) for s in TOL if abs(cpu[s] - default[s]) > 2 * TOL[s]}
+    assert moved, f"no statistic sees augment {keys}"
+    off = {s: (round(cpu[s], 4), round(dev[s], 4)) for s in TOL if abs(cpu[s] - dev[s]) > TOL[s]}
+    assert not off, f"augment {keys}: device policy differs from the CPU policy (cpu, device): {off}; moved {moved}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_augment_key_draws_the_same_on_the_device(parity: KeyParity, default_cpu: dict[str, float],
+                                                         case: dict) -> None:
+    aug = AugmentCfg(**case)
+    assert_key_parity(str(case), parity.cpu(aug), parity.device(aug), default_cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_on_cuda_every_augment_key_draws_the_same(parity: KeyParity, default_cpu: dict[str, float],
+                                                  case: dict) -> None:
+    aug = AugmentCfg(**case)
+    assert_key_parity(str(case), parity.cpu(aug), parity.device(aug, "cuda"), default_cpu)
 
 
 def test_no_augmentation_is_only_the_normalisation(pixels: np.ndarray) -> None:

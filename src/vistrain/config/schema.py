@@ -573,6 +573,14 @@ class Config(Section):
         if changed:
             raise ValueError(f"{', '.join(changed)}: used by task: embedding only (a classifier has a linear head "
                              "and cross-entropy with train.label_smoothing); remove them or set task: embedding")
+        if self.sampler.name == "weighted" and self.train.class_weights == "balanced":
+            # Either alone makes every class count the same. Together the sampler draws class c in 1/C of the
+            # picks and each pick weighs N / (C n_c): class c counts as 1 / n_c, the imbalance turned upside down.
+            raise ValueError("sampler.name: weighted and train.class_weights: balanced: both balance the classes, "
+                             "so together they over-correct: the sampler already draws every class equally often "
+                             "and the balanced weights N/(C·n_c) scale each draw again, so a class counts in the "
+                             "loss as 1/n_c (a class of 10 images beside one of 1000 weighs 100× it instead of 1×); "
+                             "keep one (sampler.name: random, or train.class_weights: none)")
 
     def _check_sampler(self) -> None:
         """Batch-hard triplet mining needs positives in every batch: P x K batches with K >= 2."""

@@ -3,7 +3,7 @@ uint8 batches, every sample with its own random draw (Kornia's batched augmentat
 
 The loader then only decodes (or reads the cache) and stacks uint8 pixels; ``DeviceAugment`` turns a batch on the
 device into the model's input: the policy's random operations (random resized crop, flips, affine, colour jitter,
-blur: the same config keys and ranges as the CPU policy), normalisation, random erasing. Validation and inference
+hue jitter, blur: every config key and range of the CPU policy), normalisation, random erasing. Validation and inference
 are unchanged (``Preprocessor.normalize``).
 """
 
@@ -34,9 +34,10 @@ def device_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list[nn.Module]:
     # torchvision's RandomAffine: nearest-neighbour sampling, white where the image moved away (fill=255)
     ops.append(K.RandomAffine(degrees=aug.rotate, translate=translate, scale=scale, resample="nearest",
                               padding_mode="fill", fill_value=torch.ones(3), p=1.0))
-    if aug.color_jitter:
+    if aug.color_jitter or aug.hue:  # hue alone is a colour jitter too, as on the CPU
         cj = aug.color_jitter
-        ops.append(K.ColorJitter(brightness=cj, contrast=cj, saturation=cj, p=1.0))
+        # Kornia's ColorJitter (not ColorJiggle) runs torchvision's four formulas; hue in turns, as torchvision's
+        ops.append(K.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue, p=1.0))
     if aug.policy == "hard":
         ops.append(K.RandomGaussianBlur((BLUR["kernel"],) * 2, BLUR["sigma"], p=BLUR["p"]))
     return ops
