@@ -17,6 +17,11 @@ CASES = {
                   "error: data.class_map: class 'fox' is in the data"),
     "manifest_label": ({"source": "manifest", "manifest": "list.jsonl", "class_map": "map.json"},
                        "error: data.manifest: LIST line 2: label 'fox' is not in data.class_map"),
+    "straddling_groups": ({"train_csv": "groups.csv", "image_dir_train": "img", "image_ext": ".png",
+                           "group_col": "patient", "folds": 2},
+                          "error: data.group_col: 2 group(s) straddle the folds of the 'fold' column, e.g. p1 (folds "
+                          "0, 1), p2 (folds 0, 1); groups: column 'patient' (data.group_col); give every image of a "
+                          "group the same fold"),
 }
 
 
@@ -27,6 +32,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Co
     (root / "map.json").write_text(json.dumps({"class_to_idx": {"cat": 0}}))
     (root / "list.jsonl").write_text("".join(json.dumps({"path": f"img/{c}/obj0_0.png", "label": c}) + "\n"
                                              for c in ("cat", "fox")))
+    # each patient's two images in two folds of the CSV's own fold column
+    (root / "groups.csv").write_text("ID,target,patient,fold\n" + "".join(
+        f"{c}/obj{j}_0,{c},{p},{j}\n" for c, p in (("cat", "p1"), ("fox", "p2")) for j in (0, 1)))
     started = {}
     for name, (data, _) in CASES.items():
         config = write_yaml(root / f"{name}.yaml", {"data": data, "model": {"name": "resnet10t"},

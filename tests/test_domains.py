@@ -22,10 +22,10 @@ from vistrain.metrics.classification import DOMAIN_METRICS, per_domain_metrics
 
 
 def sk_domain(logits: np.ndarray, y: np.ndarray, n_classes: int) -> dict[str, float]:
-    """The reference: scikit-learn on one domain's rows."""
+    """The reference: scikit-learn on one domain's rows (macro F1 over the classes present in its targets)."""
     pred = logits.argmax(axis=1)
     out = {"top1": skm.accuracy_score(y, pred),
-           "macro_f1": skm.f1_score(y, pred, labels=range(n_classes), average="macro", zero_division=0)}
+           "macro_f1": skm.f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0)}
     if n_classes >= 5:
         out["top5"] = skm.top_k_accuracy_score(y, logits, k=5, labels=range(n_classes))
     return out
@@ -42,7 +42,7 @@ def test_per_domain_metrics_equal_scikit_learn_on_each_domains_rows(n_classes: i
     logits[np.arange(n), y] += rng.normal(1.0, 1.0, n)  # better than chance, not perfect
     domains = rng.choice(["studio", "real", "phone"], n, p=[0.5, 0.4, 0.1])
     domains[:5] = ""  # rows without a domain count overall only
-    y[domains == "phone"] = 0  # a domain holding one class: macro F1 still averages over all C classes
+    y[domains == "phone"] = 0  # a domain holding one class: its macro F1 is that class's F1
     got = per_domain_metrics(logits, y, domains)
     expected = {}
     for dom in ("phone", "real", "studio"):
@@ -52,6 +52,26 @@ def test_per_domain_metrics_equal_scikit_learn_on_each_domains_rows(n_classes: i
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
     assert ("top5@real" in got) == (n_classes >= 5)  # as the overall top5: only when C >= 5
+
+
+def test_a_domain_holding_2_of_10_classes_with_perfect_predictions_scores_macro_f1_one() -> None:
+    y = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 7, 3, 7])
+    domains = np.array(["studio"] * 10 + ["real"] * 4)  # real holds classes 3 and 7 only
+    logits = np.eye(10)[y] * 5.0  # every prediction right
+    got = per_domain_metrics(logits, y, domains)
+    assert got["macro_f1@real"] == 1.0 and got["macro_f1@studio"] == 1.0
+    assert got["top1@real"] == 1.0
+
+
+def test_a_domains_macro_f1_counts_its_false_positives_but_not_the_classes_it_lacks() -> None:
+    # real holds classes 0 and 1; one class-1 image is predicted as 2, a class absent from real
+    y = np.array([0, 0, 1, 1, 2, 3])
+    pred = np.array([0, 0, 1, 2, 2, 3])
+    domains = np.array(["real"] * 4 + ["studio"] * 2)
+    got = per_domain_metrics(np.eye(4)[pred], y, domains)
+    expected = skm.f1_score(y[:4], pred[:4], labels=[0, 1], average="macro", zero_division=0)
+    assert got["macro_f1@real"] == pytest.approx(expected, abs=1e-12)
+    assert expected == pytest.approx((1.0 + 2 / 3) / 2)  # class 0: F1 1; class 1: P 1, R 1/2, F1 2/3
 
 
 def test_per_domain_metrics_accept_tensors_and_check_lengths() -> None:
@@ -118,13 +138,17 @@ def test_named_sources_fix_the_domains_at_config_load(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- one two-domain run
 
 CLASSES = ("0", "1", "2", "3", "4", "5")  # top5@<domain> is reported from C >= 5 on; with 6 it is not always 1
-SPLIT = ["train", "train", "val", "test"]  # per class and source: each domain in val and test with every class
+SPLIT = ["train", "train", "val", "test"]  # per class and source
+# real validates and tests every class; studio only the first three (its other classes train only), so studio's
+# macro F1 is a mean over 3 classes, not 6
+STUDIO_SPLIT = SPLIT * 3 + ["train"] * 4 * 3
 
 
 @pytest.fixture(scope="module")
 def domain_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two data.sources (studio, real: 6 classes x 4 images each, the data's own split column) with data.split:
-    ratio, 2 epochs, best epoch by top1@real; training ends with eval/test/; then ``evaluate --split val``."""
+    """Two data.sources (studio, real: 6 classes x 4 images each, the data's own split column; studio's val and
+    test hold 3 of the classes) with data.split: ratio, 2 epochs, best epoch by top1@real; training ends with
+    eval/test/; then ``evaluate --split val``."""
     from vistrain.pipelines.evaluate import run_evaluate
     from vistrain.pipelines.train import run_train
 
@@ -132,7 +156,7 @@ def domain_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     sources = []
     for seed, name in enumerate(("studio", "real")):
         data = write_csv_dataset(root / name, classes=CLASSES, per_class=4, size=32, seed=seed,
-                                 extra_columns={"split": SPLIT * len(CLASSES)})
+                                 extra_columns={"split": STUDIO_SPLIT if name == "studio" else SPLIT * len(CLASSES)})
         sources.append({"name": name, "source": "csv", "train_csv": str(data.train_csv),
                         "image_dir_train": str(data.image_dir), "ratio": 0.5})
     cfg = tiny_config(root, train={"monitor": "top1@real"}, output={"exp_dir": str(root / "exp"), "logs_dir": None})
@@ -210,12 +234,13 @@ def test_per_domain_numbers_agree_with_scikit_learn_on_the_domains_rows_of_predi
         part = pred[pred["domain"] == dom]
         y, p = part["true"].map(index).to_numpy(), part["pred"].map(index).to_numpy()
         top1 = skm.accuracy_score(y, p)
-        f1 = skm.f1_score(y, p, labels=range(len(CLASSES)), average="macro", zero_division=0)
+        f1 = skm.f1_score(y, p, labels=np.unique(y), average="macro", zero_division=0)  # the domain's classes
         top5 = skm.top_k_accuracy_score(y, probs[part.index], k=5, labels=range(len(CLASSES)))
         for key, value in (("top1", top1), ("macro_f1", f1), ("top5", top5)):
             assert metrics[f"{key}@{dom}"] == pytest.approx(value, abs=1e-9), (key, dom)
             assert metrics["per_domain"][dom][key] == pytest.approx(value, abs=1e-9), (key, dom)
-        assert metrics["per_domain"][dom]["n"] == len(part) == len(CLASSES)
+        assert metrics["per_domain"][dom]["n"] == len(part) == {"real": 6, "studio": 3}[dom]
+        assert part["true"].nunique() == len(part)  # one image per class present
 
 
 def test_summary_json_carries_the_test_splits_per_domain_numbers(domain_run: dict) -> None:
@@ -235,8 +260,10 @@ def test_per_class_csv_has_each_domains_columns(domain_run: dict) -> None:
         part = pred[pred["domain"] == dom]
         precision, recall, f1, support = skm.precision_recall_fscore_support(
             part["true"], part["pred"], labels=list(CLASSES), zero_division=0)
-        assert per_class[f"recall@{dom}"].to_numpy() == pytest.approx(recall)
-        assert per_class[f"f1@{dom}"].to_numpy() == pytest.approx(f1)
+        absent = support == 0  # studio's classes 3-5: no images there, so no recall or F1 (empty cells), not 0
+        assert absent.sum() == {"real": 0, "studio": 3}[dom]
+        assert per_class[f"recall@{dom}"].to_numpy() == pytest.approx(np.where(absent, np.nan, recall), nan_ok=True)
+        assert per_class[f"f1@{dom}"].to_numpy() == pytest.approx(np.where(absent, np.nan, f1), nan_ok=True)
         assert per_class[f"support@{dom}"].tolist() == support.tolist()
 
 
@@ -251,7 +278,8 @@ def test_report_shows_the_per_domain_table(domain_run: dict) -> None:
         assert f"<h3>eval / {split}</h3>" in section
         metrics = json.loads((run / "eval" / split / "metrics.json").read_text())
         for dom in ("real", "studio"):
-            assert f"<td>{dom}</td><td>{len(CLASSES)}</td><td>{metrics['per_domain'][dom]['top1']:.4f}</td>" in section
+            m = metrics["per_domain"][dom]
+            assert f"<td>{dom}</td><td>{m['n']}</td><td>{m['top1']:.4f}</td>" in section
 
 
 def test_an_unknown_source_domain_in_the_monitor_exits_2_in_one_line(domain_run: dict, tmp_path: Path) -> None:

@@ -30,8 +30,9 @@ def write_manifest_data(root: Path, per_class: int = 6) -> pd.DataFrame:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (12, 12), PALETTE[k]).save(path)
             split = "test" if i == per_class - 1 else "val" if i == per_class - 2 else "train"
+            obj = i // 2 if split == "train" else i  # two training views per object; val and test objects apart
             rows.append({"path": f"images/{domain}/{label}_{i}.png", "label": label, "domain": domain,
-                         "group": f"{label}-obj{i // 2}", "split": split})
+                         "group": f"{label}-obj{obj}", "split": split})
     return pd.DataFrame(rows)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import write_csv_dataset, write_folders_dataset, write_yaml
@@ -77,15 +78,75 @@ def test_source_paths_resolve_against_the_config_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ items
 
-def test_every_item_keeps_its_source_name_as_domain_and_ids_and_groups_stay_unique(tmp_path):
+def test_every_item_keeps_its_source_name_as_domain_and_ids_stay_unique(tmp_path):
     cfg = config(tmp_path, two_sources(tmp_path, studio_objects=3, real_objects=3))
     items = load_items(cfg.data)
     assert items["domain"].value_counts().to_dict() == {"studio": 18, "real": 18}
     assert items["id"].is_unique
-    # the same file names in both folders: without the prefix the groups "a/obj0" would merge across sources
-    assert set(items.loc[items["domain"] == "real", "group"]) == {f"real/{c}/obj{j}" for c in "abc" for j in range(3)}
     assert items.loc[0, "id"] == "studio/a/obj0_0.png"
     assert all(Path(p).is_file() for p in items["path"])
+
+
+def test_the_same_object_in_two_sources_is_one_group_by_default(tmp_path):
+    # the same <class>/<ID> in both folders (obj0 of class a photographed in the studio and for real) is one group
+    cfg = config(tmp_path, two_sources(tmp_path, studio_objects=3, real_objects=3))
+    assert cfg.data.group_across_sources is True
+    items = load_items(cfg.data)
+    objects = {f"{c}/obj{j}" for c in "abc" for j in range(3)}
+    for dom in ("studio", "real"):
+        assert set(items.loc[items["domain"] == dom, "group"]) == objects
+    apart = load_items(config(tmp_path, {**two_sources(tmp_path), "group_across_sources": False}).data)
+    assert set(apart.loc[apart["domain"] == "real", "group"]) == {f"real/{o}" for o in objects}  # as before
+
+
+@pytest.mark.parametrize("split", ["kfold", "ratio"])
+def test_an_object_in_two_sources_sits_on_one_side_of_the_split(tmp_path, split):
+    from vistrain.data.prepare import prepare_data
+
+    cfg = config(tmp_path, {**two_sources(tmp_path, studio_objects=8, real_objects=8), "split": split,
+                            "val_ratio": 0.3, "test_ratio": 0.2, "train_ratio": 0.5})
+    data = prepare_data(cfg)
+    part = data.items["split"] if split == "ratio" else pd.Series(data.fold_of)
+    obj = data.items["id"].str.split("/").str[1:3].str.join("/")  # studio/a/obj3_1.png -> a/obj3
+    obj = obj.str.replace(r"_\d+\.png$", "", regex=True)
+    sides = part.groupby(obj.to_numpy()).nunique()
+    assert (sides == 1).all(), f"objects on two sides: {sides[sides > 1].index.tolist()}"
+
+
+def test_csv_sources_join_their_group_col_values_but_not_their_image_ids(tmp_path):
+    # both CSVs name their images img_0_000 ...: unrelated images, so without a group column they stay apart
+    a = write_csv_dataset(tmp_path / "a", classes=("x", "y"), per_class=2, size=8,
+                          extra_columns={"pill": ["p1", "p2", "p3", "p4"]})
+    b = write_csv_dataset(tmp_path / "b", classes=("x", "y"), per_class=2, size=8,
+                          extra_columns={"pill": ["p1", "p1", "p3", "p5"]})
+    entries = [{"name": "a", "train_csv": str(a.train_csv), "image_dir_train": str(a.image_dir)},
+               {"name": "b", "train_csv": str(b.train_csv), "image_dir_train": str(b.image_dir)}]
+    plain = load_items(config(tmp_path, {"image_ext": ".png", "sources": entries}).data)
+    assert plain["group"].is_unique and plain["group"].tolist() == plain["id"].tolist()
+    grouped = load_items(config(tmp_path, {"image_ext": ".png", "group_col": "pill", "sources": entries}).data)
+    assert grouped["group"].tolist() == ["p1", "p2", "p3", "p4", "p1", "p1", "p3", "p5"]
+
+
+def test_a_group_the_sources_fold_columns_put_in_two_folds_is_refused(tmp_path):
+    from vistrain.data.prepare import prepare_data
+
+    a = write_csv_dataset(tmp_path / "a", classes=("x", "y"), per_class=2, size=8,
+                          extra_columns={"pill": ["p1", "p2", "p3", "p4"], "fold": [0, 1, 0, 1]})
+    b = write_csv_dataset(tmp_path / "b", classes=("x", "y"), per_class=2, size=8,
+                          extra_columns={"pill": ["p1", "p2", "p3", "p4"], "fold": [1, 1, 0, 1]})
+    entries = [{"name": "studio", "train_csv": str(a.train_csv), "image_dir_train": str(a.image_dir)},
+               {"name": "real", "train_csv": str(b.train_csv), "image_dir_train": str(b.image_dir),
+                "group_col": "pill"}]
+    cfg = config(tmp_path, {"image_ext": ".png", "group_col": "pill", "sources": entries})
+    with pytest.raises(UserError) as err:
+        prepare_data(cfg)
+    msg = str(err.value)
+    assert msg.startswith("data.sources: 1 group(s) straddle the folds of the 'fold' column, e.g. p1 (folds 0, 1); "
+                          "groups: column 'pill' (data.group_col, data.sources[1].group_col); one group in every "
+                          "source (data.group_across_sources: true)"), msg
+    cfg = config(tmp_path, {"image_ext": ".png", "group_col": "pill", "sources": entries,
+                            "group_across_sources": False})
+    assert prepare_data(cfg).fold_of.tolist() == [0, 1, 0, 1, 1, 1, 0, 1]  # per source, as before
 
 
 def test_csv_entry_takes_the_data_sections_column_and_extension_keys(tmp_path):

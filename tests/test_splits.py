@@ -9,7 +9,7 @@ from conftest import write_csv_dataset
 
 from vistrain.config.schema import DataCfg
 from vistrain.data.sources import load_items
-from vistrain.data.splits import assign_folds, splits_table
+from vistrain.data.splits import assign_folds, classification_split, splits_table
 from vistrain.errors import UserError
 
 
@@ -124,3 +124,50 @@ def test_splits_table_has_every_item_and_its_fold():
     assert table["id"].tolist() == items["id"].tolist()
     assert table["fold"].tolist() == fold_of.tolist()
     assert {"id", "path", "label", "group", "fold"} <= set(table.columns)
+
+
+# ------------------------------------------------------------------------- groups against a given split
+
+def with_given_folds(groups: list[str], folds: list[int]) -> pd.DataFrame:
+    ids = [f"id{i}" for i in range(len(groups))]
+    return pd.DataFrame({"path": ids, "id": ids, "label": ["a", "b"] * (len(ids) // 2), "group": groups,
+                         "fold": [str(f) for f in folds]})  # text, as read from the CSV
+
+
+def test_a_group_straddling_the_fold_column_is_refused_naming_the_groups():
+    # p1, p3 and p4 each lie in two folds; p0 and p2 in one
+    items = with_given_folds(["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3", "p4", "p4"],
+                             [0, 0, 0, 1, 1, 1, 2, 0, 1, 2])
+    with pytest.raises(UserError) as err:
+        assign_folds(items, 3, seed=0, groups_from=("data.group_col", "column 'patient' (data.group_col)"))
+    msg = str(err.value)
+    assert msg.startswith("data.group_col: 3 group(s) straddle the folds of the 'fold' column, e.g. p1 (folds 0, 1), "
+                          "p3 (folds 0, 2), p4 (folds 1, 2); groups: column 'patient' (data.group_col); give every "
+                          "image of a group the same fold"), msg
+    assert "\n" not in msg
+
+
+def test_a_fold_column_that_keeps_every_group_in_one_fold_is_used_as_is():
+    folds = [0, 0, 1, 1, 2, 2, 0, 0]
+    items = with_given_folds(["p0", "p0", "p1", "p1", "p2", "p2", "p3", "p3"], folds)
+    assert assign_folds(items, 3, seed=0).tolist() == folds
+
+
+def test_many_straddling_groups_are_counted_and_a_few_named():
+    groups = [f"g{i // 2:02d}" for i in range(40)]
+    items = with_given_folds(groups, [i % 2 for i in range(40)])  # every group in folds 0 and 1
+    with pytest.raises(UserError) as err:
+        assign_folds(items, 2, seed=0)
+    msg = str(err.value)
+    assert "20 group(s)" in msg and "g00 (folds 0, 1)" in msg and "and 17 more" in msg and "g19" not in msg, msg
+
+
+def test_a_group_in_two_parts_of_the_data_split_column_is_refused():
+    items = pd.DataFrame({"id": [f"i{k}" for k in range(6)], "label": list("aabbcc"),
+                          "group": ["p0", "p0", "p1", "p1", "p2", "p2"],
+                          "split": ["train", "val", "train", "train", "val", "test"]})
+    with pytest.raises(UserError) as err:
+        classification_split(items, 0.8, 0.1, 0.1, seed=0)
+    assert str(err.value).startswith("data.group_col: 2 group(s) straddle the parts of the data's 'split' column, "
+                                     "e.g. p0 (train, val), p2 (test, val); groups: the 'group' column; give every "
+                                     "image of a group the same split"), str(err.value)

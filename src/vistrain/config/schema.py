@@ -75,6 +75,9 @@ class DataCfg(Section):
     # several named sources (each as above) mixed by ratio, e.g. [{name: studio, source: folders,
     # image_dir_train: ..., ratio: 0.3}, {name: real, ..., ratio: 0.7}]; replaces data.source when given
     sources: list[SourceCfg] | None = None
+    # data.sources: a group the sources declare (group_col value, folders' <ID>, manifest group) is one group in
+    # every source, so the same object never sits on both sides of a split; false: each source's groups are its own
+    group_across_sources: bool = True
     class_map: Path | None = None  # class_map.json (class_to_idx, idx_to_class, metadata): fixes the class order
     min_images_per_class: PositiveInt | None = None  # classification: fewer readable images (all domains) is an error
     split: Literal["kfold", "ratio"] = "kfold"  # classification: K folds, or one train/val/test split by ratio

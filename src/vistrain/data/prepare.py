@@ -18,6 +18,7 @@ from vistrain.data.sources import (
     check_classes,
     check_min_images,
     drop_small_groups,
+    group_origin,
     load_items,
     split_bad_images,
 )
@@ -85,10 +86,11 @@ def prepare_data(cfg: Config) -> Prepared:
     targets = items["label"].map(index).to_numpy(dtype=np.int64)
     given = "split" in items.columns
     if d.split == "ratio":
-        items["split"] = classification_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
+        items["split"] = classification_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed,
+                                              group_origin(d))
         fold_of = np.where(items["split"] == "val", 0, -1).astype(np.int64)
     else:
-        fold_of = assign_folds(items, d.folds, cfg.project.seed, d.stratify)
+        fold_of = assign_folds(items, d.folds, cfg.project.seed, d.stratify, group_origin(d))
     return Prepared(items, bad, classes, targets, fold_of, class_map=class_map, ratio_split=d.split == "ratio",
                     split_given=given, cache=cache)
 

@@ -242,18 +242,39 @@ SOURCES: dict[str, Callable[[DataCfg, str], pd.DataFrame]] = {
 }
 
 
+def _entry_settings(cfg: DataCfg, i: int) -> DataCfg:
+    """The data section's settings under ``data.sources[i]``'s own."""
+    entry = (cfg.sources or [])[i]
+    own = {k: v for k, v in entry.model_dump(exclude={"name", "ratio"}).items() if v is not None}
+    return cfg.model_copy(update={**own, "sources": None})
+
+
+def _image_own_groups(items: pd.DataFrame, source: str, settings: DataCfg) -> pd.Series:
+    """Items whose group is only the image itself, the source declaring none: a csv without ``group_col``, a file
+    not named ``<ID>_<seq>``, a manifest row without a group (its group is its path, its ID). Equal names of such
+    groups in two sources (img_001 in both) are two unrelated images, never joined."""
+    if source == "csv":
+        return pd.Series(not settings.group_col, index=items.index)
+    if source == "folders":
+        return ~items["id"].map(lambda i: bool(_SEQ_NAME.match(Path(i).stem)))
+    alone = items.groupby("group")["group"].transform("size") == 1  # a group of one named after its path
+    return alone & (items["group"].astype(str) == items["id"].astype(str))
+
+
 def mixed_source(cfg: DataCfg) -> pd.DataFrame:
     """``data.sources``: each entry read by its own source, the data section's settings under the entry's.
-    Every item gets the source's name as ``domain``, and as a prefix of its ``id`` and ``group`` (``studio/x``),
-    so IDs and groups stay unique across sources."""
+    Every item gets the source's name as ``domain`` and as a prefix of its ``id`` (``studio/x``), so IDs stay unique
+    across sources. A group the source declares keeps its name (``data.group_across_sources``), so the same object
+    in two sources is one group and stays on one side of every split; an image's own group, and with
+    ``group_across_sources: false`` every group, gets the prefix too."""
     parts = []
     for i, entry in enumerate(cfg.sources or []):
         where = f"data.sources[{i}]"
-        own = {k: v for k, v in entry.model_dump(exclude={"name", "ratio"}).items() if v is not None}
-        settings = cfg.model_copy(update={**own, "sources": None})
+        settings = _entry_settings(cfg, i)
         items = lookup(SOURCES, entry.source, f"{where}.source")(settings, where)
+        own = _image_own_groups(items, entry.source, settings) | (not cfg.group_across_sources)
+        items["group"] = items["group"].astype(str).mask(own, entry.name + "/" + items["group"].astype(str))
         items["id"] = entry.name + "/" + items["id"].astype(str)
-        items["group"] = entry.name + "/" + items["group"].astype(str)
         items["domain"] = entry.name
         parts.append(items)
     names = [e.name for e in cfg.sources or []]
@@ -267,6 +288,40 @@ def mixed_source(cfg: DataCfg) -> pd.DataFrame:
     # Labels as text first: one source's integer labels and another's names must meet as the same type.
     items["label"] = _natural_labels(items["label"].astype(str))
     return items
+
+
+def _source_groups(source: str, settings: DataCfg, where: str) -> tuple[str, str]:
+    """(what a source's groups are, the key that sets it) for the messages about groups."""
+    if source == "csv":
+        if settings.group_col:
+            return f"column '{settings.group_col}'", f"{where}.group_col"
+        return f"column '{settings.id_col}', every image its own group", f"{where}.id_col"
+    if source == "folders":
+        return "the <ID> of <ID>_<seq> file names", f"{where}.image_dir_train"
+    if source == "manifest":
+        return "the manifest's group field", f"{where}.manifest"
+    return "the person ids of the file names", f"{where}.root"
+
+
+def group_origin(cfg: DataCfg) -> tuple[str, str]:
+    """(config key, where the groups come from) for a message about groups: ``("data.group_col", "column
+    'patient' (data.group_col)")``; with ``data.sources`` the key is ``data.sources`` and each source's origin is
+    named, with whether ``data.group_across_sources`` joins them."""
+    if not cfg.sources:
+        what, key = _source_groups(cfg.source, cfg, "data")
+        return key, f"{what} ({key})"
+    keys: dict[str, list[str]] = {}
+    for i, entry in enumerate(cfg.sources):
+        settings = _entry_settings(cfg, i)
+        field = ("group_col" if settings.group_col else "id_col") if entry.source == "csv" else None
+        inherited = field is not None and getattr(entry, field) is None  # a csv column key of the data section
+        what, key = _source_groups(entry.source, settings, "data" if inherited else f"data.sources[{i}]")
+        keys.setdefault(what, [])
+        if key not in keys[what]:
+            keys[what].append(key)
+    text = ", ".join(f"{what} ({', '.join(k)})" for what, k in keys.items())
+    joined = "one group in every source" if cfg.group_across_sources else "each source's groups its own"
+    return "data.sources", f"{text}; {joined} (data.group_across_sources: {str(cfg.group_across_sources).lower()})"
 
 
 def drop_small_groups(items: pd.DataFrame, min_size: int) -> tuple[pd.DataFrame, pd.DataFrame]:

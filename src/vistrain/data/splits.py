@@ -9,15 +9,22 @@ from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, Str
 from vistrain.data.sources import SPLIT_VALUES
 from vistrain.errors import UserError
 
+GROUPS = ("data.group_col", "the 'group' column")  # group_origin's answer for an item table with no config
 
-def assign_folds(items: pd.DataFrame, folds: int, seed: int, stratify: bool = True) -> np.ndarray:
+
+def assign_folds(items: pd.DataFrame, folds: int, seed: int, stratify: bool = True,
+                 groups_from: tuple[str, str] = GROUPS) -> np.ndarray:
     """Fold index per row of ``items`` ([N] int). Deterministic for the same items, folds and seed.
 
-    An existing ``fold`` column (from the CSV) is used as is. Otherwise StratifiedKFold, or
-    StratifiedGroupKFold when some group holds several images, so no group is on both sides.
+    An existing ``fold`` column (from the CSV) is used as is, once no group lies in two of its folds (a
+    ``UserError`` naming them and ``groups_from``: ``sources.group_origin``'s key and text). Otherwise
+    StratifiedKFold, or StratifiedGroupKFold when some group holds several images, so no group is on both sides.
     """
     if "fold" in items.columns:
-        return _given_folds(items["fold"], folds)
+        values = _given_folds(items["fold"], folds)
+        _refuse_straddling(items["group"], pd.Series(values, index=items.index), groups_from,
+                           "the folds of the 'fold' column", "fold")
+        return values
     n_groups = items["group"].nunique()
     grouped = n_groups < len(items)
     units = n_groups if grouped else len(items)
@@ -67,6 +74,23 @@ def _given_folds(column: pd.Series, folds: int) -> np.ndarray:
     return values
 
 
+def _refuse_straddling(groups: pd.Series, parts: pd.Series, groups_from: tuple[str, str], what: str,
+                       unit: str) -> None:
+    """A ``UserError`` when a group lies in more than one of the given ``parts`` (folds, or train / val / test):
+    its images would be trained on and validated on, the leak grouping exists to prevent."""
+    per_group = parts.groupby(groups.astype(str).to_numpy()).agg(lambda v: [str(x) for x in sorted(set(v))])
+    straddling = per_group[per_group.map(len) > 1]
+    if straddling.empty:
+        return
+    key, origin = groups_from
+    label = "folds " if unit == "fold" else ""
+    shown = ", ".join(f"{g} ({label}{', '.join(p)})" for g, p in straddling.head(3).items())
+    more = f" and {len(straddling) - 3} more" if len(straddling) > 3 else ""
+    raise UserError(f"{key}: {len(straddling)} group(s) straddle {what}, e.g. {shown}{more}; groups: {origin}; give "
+                    f"every image of a group the same {unit}, or drop the data's {unit} column to let vistrain "
+                    "assign grouped ones")
+
+
 def splits_table(items: pd.DataFrame, fold_of: np.ndarray) -> pd.DataFrame:
     """What ``splits.csv`` holds: every item with its fold."""
     cols = [c for c in ("id", "path", "label", "group", "domain", "camera", "split") if c in items.columns]
@@ -99,9 +123,11 @@ def assign_ratio_split(items: pd.DataFrame, train: float, val: float, test: floa
     return items["group"].map(split_of_group).to_numpy()
 
 
-def classification_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int) -> np.ndarray:
+def classification_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int,
+                         groups_from: tuple[str, str] = GROUPS) -> np.ndarray:
     """``data.split: ratio`` for a classifier: the data's own ``split`` column when it has one (train / val /
-    test), else ``assign_ratio_split``. Either way there must be training and validation images."""
+    test; no group in two of them, see :func:`assign_folds`), else ``assign_ratio_split``. Either way there must
+    be training and validation images."""
     if "split" in items.columns:
         values = items["split"].astype(str)
         bad = values[~values.isin(SPLIT_VALUES)]
@@ -112,6 +138,7 @@ def classification_split(items: pd.DataFrame, train: float, val: float, test: fl
             if not (values == needed).any():
                 raise UserError(f"data.split: the data's split column has no '{needed}' rows; a classifier needs "
                                 "train and val (test is optional)")
+        _refuse_straddling(items["group"], values, groups_from, "the parts of the data's 'split' column", "split")
         return values.to_numpy()
     split = assign_ratio_split(items, train, val, test, seed)
     if not (split == "val").any():

@@ -4,7 +4,9 @@ every class index ``0..C-1`` counts, a class never predicted scores F1 0 rather 
 ``macro_f1`` means one thing in every vistrain output (the epoch log, ``train.monitor``, the OOF summary and
 ``evaluate``'s metrics.json): the unweighted mean of the per-class F1 over **all C classes of the run**, a class
 neither present in the targets nor predicted scoring 0 (scikit-learn's
-``f1_score(y, pred, labels=range(C), average="macro", zero_division=0)``).
+``f1_score(y, pred, labels=range(C), average="macro", zero_division=0)``). A domain's ``macro_f1@<d>`` is the one
+exception (:func:`present_classes_macro_f1`): the mean over the classes present in that domain's targets, so a
+domain holding 2 of 10 classes can reach 1.0.
 
 Shapes: ``logits`` [N, C] float scores (any monotone transform of the probabilities gives the same top-k),
 ``targets`` / ``y_true`` / ``y_pred`` [N] int class indices in ``0..C-1``. numpy arrays, torch tensors (any device)
@@ -16,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from scipy import special
@@ -67,6 +69,22 @@ def macro_f1(y_true: ArrayLike, y_pred: ArrayLike, *, n_classes: int | None = No
     return float(skm.f1_score(t, p, labels=np.arange(n_classes), average="macro", zero_division=0))
 
 
+def present_classes_macro_f1(y_true: ArrayLike, y_pred: ArrayLike, *, n_classes: int) -> float:
+    """Unweighted mean of the F1 of the classes present in ``y_true``. y_true [N], y_pred [N] int in 0..C-1.
+
+    The per-domain figure: a domain often holds some of the classes only (studio renders of a few products), and
+    over all C classes its absent classes would each score 0, capping a perfect domain at (classes present) / C.
+    Predictions of an absent class still count, as misses of the true class (scikit-learn's
+    ``f1_score(y, pred, labels=np.unique(y), average="macro", zero_division=0)``).
+    """
+    n_classes = _positive_int(n_classes, "n_classes")
+    t = _as_targets(y_true, len(_np(y_true)), n_classes, name="y_true")
+    p = _as_targets(y_pred, len(t), n_classes, name="y_pred")
+    if len(t) == 0:
+        raise ValueError("y_true is empty: no class is present")
+    return float(skm.f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0))
+
+
 def accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Fraction of equal entries. y_true [N], y_pred [N]."""
     return float(skm.accuracy_score(_np(y_true), _np(y_pred)))
@@ -95,10 +113,10 @@ def per_domain_metrics(logits: ArrayLike, targets: ArrayLike, domains: ArrayLike
     """``top1@<d>``, ``top5@<d>`` and ``macro_f1@<d>`` on the rows of each domain ``d``, keyed in sorted domain order.
     logits [N, C], targets [N], domains [N] (strings; rows with an empty domain count overall only).
 
-    The definitions are the overall ones restricted to the domain's rows: ``top1`` and ``top5`` are
-    :func:`topk_accuracy` (k = 1, 5; ``top5`` only when C >= 5, as in :func:`epoch_metrics`), ``macro_f1`` averages
-    the F1 of **all C classes** (a class absent from the domain and never predicted there scores 0), so a domain's
-    number is comparable with the overall one. Non-finite logits give NaN top-k values, as in :func:`epoch_metrics`.
+    ``top1`` and ``top5`` are the overall definitions restricted to the domain's rows (:func:`topk_accuracy`,
+    k = 1, 5; ``top5`` only when C >= 5, as in :func:`epoch_metrics`); ``macro_f1`` averages the F1 of the classes
+    present in the domain's targets (:func:`present_classes_macro_f1`), as the domain's ``balanced_accuracy`` does
+    its recalls. Non-finite logits give NaN top-k values, as in :func:`epoch_metrics`.
     """
     scores = np.asarray(_np(logits), dtype=np.float64)
     if scores.ndim != 2 or scores.shape[1] == 0:
@@ -116,21 +134,23 @@ def per_domain_metrics(logits: ArrayLike, targets: ArrayLike, domains: ArrayLike
         out[f"top1@{d}"] = topk_accuracy(z, t, k=1) if finite else math.nan
         if n_classes >= 5:
             out[f"top5@{d}"] = topk_accuracy(z, t, k=5) if finite else math.nan
-        out[f"macro_f1@{d}"] = macro_f1(t, z.argmax(axis=1), n_classes=n_classes)
+        out[f"macro_f1@{d}"] = present_classes_macro_f1(t, z.argmax(axis=1), n_classes=n_classes)
     return out
 
 
-def classification_report(logits: ArrayLike, targets: ArrayLike,
-                          class_names: Sequence[str] | None = None) -> dict[str, Any]:
+def classification_report(logits: ArrayLike, targets: ArrayLike, class_names: Sequence[str] | None = None,
+                          macro_f1_classes: Literal["all", "present"] = "all") -> dict[str, Any]:
     """Everything an evaluation writes to metrics.json for a classifier, as JSON-ready Python scalars / lists.
 
     logits [N, C] float, targets [N] int, class_names [C] (``None``: ``"0" .. "C-1"``). All C classes count, also
-    those absent from ``targets``. Keys:
+    those absent from ``targets``, except in ``macro_f1`` when ``macro_f1_classes`` is ``"present"`` (a domain's
+    report, see :func:`per_domain_metrics`). Keys:
 
     * ``n``, ``n_classes``;
     * ``top1``, ``top5`` (:func:`topk_accuracy` with k = 1 and k = ``top5_k`` = min(5, C));
-    * ``macro_f1`` (mean over all C classes; a class neither present nor predicted scores 0), ``weighted_f1``
-      (weighted by support, so absent classes weigh nothing);
+    * ``macro_f1`` (``"all"``: mean over all C classes, a class neither present nor predicted scoring 0;
+      ``"present"``: :func:`present_classes_macro_f1`), ``weighted_f1`` (weighted by support, so absent classes
+      weigh nothing);
     * ``balanced_accuracy``: mean recall over the classes present in ``targets`` (scikit-learn's definition; the
       recall of an absent class is undefined, not 0);
     * ``nll``: mean cross-entropy of ``softmax(logits)``, from a float64 log-softmax (no probability clipping);
@@ -172,7 +192,8 @@ def classification_report(logits: ArrayLike, targets: ArrayLike,
         "top1": topk_accuracy(z, y, k=1),
         "top5": topk_accuracy(z, y, k=top5_k),
         "top5_k": top5_k,
-        "macro_f1": macro_f1(y, pred, n_classes=n_classes),
+        "macro_f1": macro_f1(y, pred, n_classes=n_classes) if macro_f1_classes == "all"
+        else present_classes_macro_f1(y, pred, n_classes=n_classes),
         "weighted_f1": float(skm.f1_score(y, pred, labels=labels, average="weighted", zero_division=0)),
         "balanced_accuracy": float(balanced),
         "nll": float(-np.mean(log_probs[np.arange(n), y])),

@@ -236,7 +236,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     names = [str(c) for c in run.classes]
     report = classification_report(logits, targets, names)
     domains = table["domain"].fillna("").astype(str).to_numpy() if "domain" in table.columns else None
-    by_domain = {dom: classification_report(logits[domains == dom], targets[domains == dom], names)
+    by_domain = {dom: classification_report(logits[domains == dom], targets[domains == dom], names, "present")
                  for dom in sorted(set(domains) - {""})} if domains is not None else {}
     metrics = _scalars(report)
     if domains is not None:
