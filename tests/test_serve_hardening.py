@@ -83,19 +83,37 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(run: Path) -> None:
     client = TestClient(create_app(load_predictor(run), limits))
     res = client.post("/predict", files=one("big.bin", b"\0" * 200_000))  # Content-Length tells
     assert res.status_code == 413 and "serve.max_request_mb" in res.json()["detail"]
-    read = []
-
-    def stream():  # no Content-Length: chunked; the server must stop reading at the limit
-        yield (b'--x\r\nContent-Disposition: form-data; name="files"; filename="a.bin"\r\n'
-               b"Content-Type: application/octet-stream\r\n\r\n")
-        for _ in range(100):
-            read.append(1)
-            yield b"\0" * 10_000
-
-    res = client.post("/predict", content=stream(), headers={"content-type": "multipart/form-data; boundary=x"})
-    assert res.status_code == 413, res.text
-    print("chunks read", len(read))
     assert client.post("/predict", files=one("a.png", png())).status_code == 200
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit(run: Path) -> None:
+    """No Content-Length (chunked): the server stops reading once the body passes ``serve.max_request_mb``, so the
+    bytes it pulled from the client are at most the limit plus one chunk of the 1 MB sent. httpx's ASGI transport
+    hands the app one chunk per ``receive()`` as the app asks for it (the TestClient reads the whole body first, so it
+    cannot show where reading stopped)."""
+    import asyncio
+
+    import httpx
+
+    limits, chunk, pulled = Limits(max_request_mb=0.05), 10_000, []
+    app = create_app(load_predictor(run), limits)
+
+    async def stream():
+        yield multipart_head("a.bin")
+        for _ in range(100):
+            pulled.append(chunk)
+            yield b"\0" * chunk
+        yield b"\r\n--x--\r\n"
+
+    async def post() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve") as client:
+            return await client.post("/predict", content=stream(),
+                                     headers={"content-type": "multipart/form-data; boundary=x"})
+
+    res = asyncio.run(post())
+    assert res.status_code == 413 and "serve.max_request_mb" in res.json()["detail"], res.text
+    limit = int(limits.max_request_mb * 2**20)
+    assert limit < sum(pulled) <= limit + chunk, f"{sum(pulled)} bytes of {100 * chunk} read; limit {limit}"
 
 
 def test_excess_requests_get_503_with_retry_after_and_slow_ones_504(run: Path) -> None:
