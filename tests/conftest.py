@@ -195,6 +195,28 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+# ------------------------------------------------------------------------------------------ predictions
+
+def assert_same_probabilities(got: Any, want: Any, atol: float, what: str = "", spread_of: Any = None) -> None:
+    """Two paths' class probabilities [N, C] for the same N images (columns in the same class order) agree within
+    ``atol``.
+
+    The tests' models train 1-2 epochs on a few dozen images: one may answer nearly the same for every image, and its
+    top class can sit in a near tie. So probabilities are compared, never argmax classes, and the reference must
+    first vary between the images: a path that ignored its image (one answer for all) is within ``atol`` of every
+    reference row only when no class's probability spans more than 2 * atol over the images; 4 * atol is asked for.
+    ``spread_of``: the reference answers whose spread counts (default ``want``; a load test compares the few requests
+    that were answered, against predict's answers for all its images)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape and want.ndim == 2, (what, got.shape, want.shape)
+    reference = want if spread_of is None else np.asarray(spread_of, dtype=np.float64)
+    spread = float(np.ptp(reference, axis=0).max())
+    assert spread > 4 * atol, (f"{what}: the reference probabilities span at most {spread:.3g} over the "
+                               f"{len(reference)} images; a tolerance of {atol:g} cannot tell a path that ignores its "
+                               "image")
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=what)
+
+
 # ------------------------------------------------------------------------------------------ run folders
 
 def run_dirs(exp_dir: Path) -> list[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import run_cli, tiny_config, write_csv_dataset, write_yaml
+from conftest import assert_same_probabilities, run_cli, tiny_config, write_csv_dataset, write_yaml
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -163,8 +163,9 @@ def test_a_bounded_load_gets_no_5xx_answers_predict_and_leaves_the_server_alive(
     res = run_cli("predict", str(run), "--input", str(folder), "--probs", "--output", str(tmp_path / "p.csv"),
                   cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    expected = pd.read_csv(tmp_path / "p.csv", dtype={"target": str})
-    expected = dict(zip(expected.iloc[:, 0].astype(str), expected["target"]))
+    pred = pd.read_csv(tmp_path / "p.csv", dtype={"target": str})
+    columns = [c for c in pred.columns if c.startswith("prob_")]
+    expected = {Path(str(name)).stem: row for name, row in zip(pred.iloc[:, 0], pred[columns].to_numpy())}
 
     uploads = {"valid": list(valid.items()), "invalid": list(serve_load.invalid_images().items()),
                "oversized": [("big.jpg", b"\xff" * int(1.2 * 2**20))]}
@@ -180,12 +181,16 @@ def test_a_bounded_load_gets_no_5xx_answers_predict_and_leaves_the_server_alive(
     assert figures["server_errors"] == 0, figures
     assert alive
     statuses = {a["kind"]: set() for a in load["answers"]}
+    served, wanted = [], []
     for a in load["answers"]:
         statuses[a["kind"]].add(a["status"])
         if a["kind"] == "valid" and a["status"] == 200:
             (row,) = a["answer"]["results"]
-            key = next(k for k in expected if Path(k).stem == Path(a["file"]).stem)
-            assert row["class"] == expected[key], (a["file"], row, expected[key])
+            probs = {t["class"]: t["prob"] for t in row["top"]}
+            served.append([probs[c.removeprefix("prob_")] for c in columns])
+            wanted.append(expected[Path(a["file"]).stem])
+    assert served, statuses
+    assert_same_probabilities(served, wanted, atol=1e-4, what="serve under load vs predict", spread_of=pred[columns])
     assert statuses.get("invalid", {400}) <= {400, 503} and statuses.get("oversized", {413}) <= {413, 503}
     assert statuses.get("valid", {200}) <= {200, 503}
 
