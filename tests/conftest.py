@@ -20,6 +20,10 @@ import pytest
 import yaml
 from PIL import Image
 
+# pytest's hooks, used because this module holds them: under VISTRAIN_REQUIRE_EXTRAS=1 (.ci/run) a test skipped for a
+# missing optional extra fails
+from required_extras import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401
+
 # One colour and one stripe direction per class index (cycled for more classes).
 PALETTE = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 220), (40, 210, 210)]
 
@@ -193,6 +197,28 @@ def describe(result: subprocess.CompletedProcess) -> str:
 def last_line(text: str) -> str:
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return lines[-1] if lines else ""
+
+
+# ------------------------------------------------------------------------------------------ predictions
+
+def assert_same_probabilities(got: Any, want: Any, atol: float, what: str = "", spread_of: Any = None) -> None:
+    """Two paths' class probabilities [N, C] for the same N images (columns in the same class order) agree within
+    ``atol``.
+
+    The tests' models train 1-2 epochs on a few dozen images: one may answer nearly the same for every image, and its
+    top class can sit in a near tie. So probabilities are compared, never argmax classes, and the reference must
+    first vary between the images: a path that ignored its image (one answer for all) is within ``atol`` of every
+    reference row only when no class's probability spans more than 2 * atol over the images; 4 * atol is asked for.
+    ``spread_of``: the reference answers whose spread counts (default ``want``; a load test compares the few requests
+    that were answered, against predict's answers for all its images)."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert got.shape == want.shape and want.ndim == 2, (what, got.shape, want.shape)
+    reference = want if spread_of is None else np.asarray(spread_of, dtype=np.float64)
+    spread = float(np.ptp(reference, axis=0).max())
+    assert spread > 4 * atol, (f"{what}: the reference probabilities span at most {spread:.3g} over the "
+                               f"{len(reference)} images; a tolerance of {atol:g} cannot tell a path that ignores its "
+                               "image")
+    np.testing.assert_allclose(got, want, rtol=0, atol=atol, err_msg=what)
 
 
 # ------------------------------------------------------------------------------------------ run folders

@@ -123,7 +123,6 @@ def test_the_early_stopping_maximises_a_domain_monitor() -> None:
     assert EarlyStopping("top1@real", 3).mode == "max" and direction_of("macro_f1@real") == "maximize"
 
 
-@pytest.mark.skipif(not hasattr(load_config(None).data, "sources"), reason="data.sources not merged yet")
 def test_named_sources_fix_the_domains_at_config_load(tmp_path: Path) -> None:
     for name in ("studio", "real"):
         (tmp_path / name / "a").mkdir(parents=True)

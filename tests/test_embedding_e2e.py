@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pandas as pd
 import pytest
 from conftest import run_cli, write_yaml
 from PIL import Image
+from required_extras import has_extra
 
 from vistrain.config import load_config
 from vistrain.data.sources import parse_reid_name
@@ -236,7 +236,7 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
     table = pd.read_csv(grid.with_suffix(".csv"))
     assert len(table) == 5 and table["similarity"].is_monotonic_decreasing
     # export: an ONNX graph whose output is the unit embedding, equal to PyTorch's on the run's images
-    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+    if has_extra("onnxruntime") and has_extra("onnxscript"):
         import onnxruntime as ort
 
         ex = run_cli("export", str(run), "--verify", cwd=tmp_path)

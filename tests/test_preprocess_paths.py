@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import class_image, tiny_config, write_csv_dataset, write_yaml
+from conftest import assert_same_probabilities, class_image, tiny_config, write_csv_dataset, write_yaml
 from PIL import Image
 
 from vistrain import cli
@@ -143,7 +143,7 @@ def test_predict_equals_the_onnx_file_fed_from_preprocess_json_alone(paths: dict
     _, probs = session.run(None, {"image": batch})
     pred = paths["pred"]
     assert pred["ID"].tolist() == [f.name for f in paths["files"]]
-    assert np.allclose(probs, _probs(pred), atol=1e-4)
+    assert_same_probabilities(probs, _probs(pred), atol=1e-4, what="ONNX from preprocess.json vs predict")
 
 
 @pytest.mark.parametrize("target", ["run", "onnx"])
@@ -159,9 +159,9 @@ def test_serve_answers_as_predict_for_the_uploaded_bytes(paths: dict, target: st
     pred = paths["pred"]
     classes = [c.removeprefix("prob_") for c in pred.columns if c.startswith("prob_")]
     got = answer.json()["results"]
-    assert [r["class"] for r in got] == pred["target"].tolist()
+    assert [r["file"] for r in got] == pred["ID"].tolist()
     served = np.array([[{t["class"]: t["prob"] for t in r["top"]}[c] for c in classes] for r in got])
-    assert np.allclose(served, _probs(pred), atol=1e-4)
+    assert_same_probabilities(served, _probs(pred), atol=1e-4, what=f"serve ({target}) vs predict")
 
 
 def test_a_run_keeps_its_preprocessing_whatever_timm_or_config_yaml_say(paths: dict, tmp_path: Path,

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from required_extras import has_extra
 
 from vistrain.metrics.retrieval import (
     GEMM_TILE_ROWS,
@@ -23,12 +24,7 @@ from vistrain.metrics.retrieval import (
     reid_evaluate,
 )
 
-try:
-    import faiss  # noqa: F401
-
-    HAS_FAISS = True
-except ImportError:
-    HAS_FAISS = False
+HAS_FAISS = has_extra("faiss")
 
 BACKENDS = ["torch"] + (["faiss"] if HAS_FAISS else [])
 

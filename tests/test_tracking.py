@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -99,8 +98,7 @@ def test_wandb_missing_is_a_user_error(tmp_path: Path, monkeypatch: pytest.Monke
 @pytest.fixture
 def offline_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """W&B kept off the network and out of the home folder."""
-    if importlib.util.find_spec("wandb") is None:
-        pytest.skip("wandb not installed (pip install 'vistrain[wandb]')")
+    pytest.importorskip("wandb")  # pip install 'vistrain[wandb]'
     for name, value in {"WANDB_SILENT": "true", "WANDB_MODE": "offline", "WANDB_ERROR_REPORTING": "false",
                         "WANDB_DISABLE_GIT": "true", "WANDB_CONSOLE": "off",
                         "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),

@@ -348,14 +348,6 @@ def test_cli_optimize_auto_continue_ends_each_log_with_one_exit_line(data_root: 
 
 # ---------------------------------------------------------------------------------- CLI (once it is wired)
 
-def _cli_has(command: str) -> bool:
-    from vistrain.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return command in sub.choices
-
-
-@pytest.mark.skipif(not _cli_has("tune"), reason="vistrain tune is not wired into the CLI yet")
 def test_cli_space_error_is_exit_2_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from vistrain.cli import main
 
@@ -367,7 +359,6 @@ def test_cli_space_error_is_exit_2_one_line(tmp_path: Path, capsys: pytest.Captu
     assert err == ["error: tune.space.train.lrr: not a config key (did you mean 'train.lr'?)"]
 
 
-@pytest.mark.skipif(not _cli_has("tune"), reason="vistrain train --optimize is not wired into the CLI yet")
 @pytest.mark.usefixtures("no_plots")
 def test_cli_train_optimize_auto_continue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
