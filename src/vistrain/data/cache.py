@@ -309,6 +309,7 @@ def _build(paths: list[str], files: list[list[Any]], pre: Preprocessor, key: str
             tick(i + 1)
         rows = {p: i for i, p in enumerate(paths) if p not in errors}
         cache = ImageCache(key, pre.size, spec, len(files), rows, errors, kind, None, pre, pixels)
+        del pixels  # the cache holds the only reference: _finish_disk unmaps the file before renaming it
         if tmp is not None:
             _finish_disk(cache, tmp, root, files)
     finally:
