@@ -383,3 +383,15 @@ def test_a_run_written_before_the_rule_still_loads_its_config(tmp_path):
     with pytest.raises(UserError, match="data.source and data.sources"):
         load_config(saved)
     assert config_to_dict(load_config(saved, run_file=True)) == config_to_dict(cfg)
+
+
+def test_a_run_written_with_data_cache_scale_still_loads_its_config(tmp_path):
+    """Runs before issue 20 saved ``data.cache_scale`` (the cache then stored hard-policy training pixels larger); the
+    cache now stores what ``data.cache: off`` decodes, the key is gone, and such a run still evaluates and resumes."""
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", {"data": {"cache": "disk"}}))
+    old = config_to_dict(cfg)
+    old["data"]["cache_scale"] = 1.15
+    saved = write_yaml(tmp_path / "run" / "config.yaml", old)
+    with pytest.raises(UserError, match="data.cache_scale: unknown key"):
+        load_config(saved)
+    assert config_to_dict(load_config(saved, run_file=True)) == config_to_dict(cfg)

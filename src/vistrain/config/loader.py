@@ -87,10 +87,14 @@ def load_config(
 
 def _upgrade_run_file(saved: dict[str, Any]) -> None:
     """What older vistrain versions wrote into a run's config.yaml that this one refuses in a user's file: the
-    default ``data.source`` beside ``data.sources`` (never read there), so that their runs still evaluate, predict,
+    default ``data.source`` beside ``data.sources`` (never read there), and ``data.cache_scale`` (the cache now
+    stores what ``data.cache: off`` decodes, so nothing reads it), so that their runs still evaluate, predict,
     resume and audit."""
     data = saved.get("data")
-    if isinstance(data, dict) and data.get("sources"):
+    if not isinstance(data, dict):
+        return
+    data.pop("cache_scale", None)
+    if data.get("sources"):
         data.pop("source", None)
 
 

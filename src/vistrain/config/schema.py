@@ -104,8 +104,6 @@ class DataCfg(Section):
     # in a quarter of the available memory, else disk (one memory-mapped file under data.cache_dir); off = decode
     # every epoch
     cache: Literal["auto", "off", "memory", "disk"] = "auto"
-    # stored size / train.img_size when training draws a random resized crop (augment.policy: hard); else 1
-    cache_scale: Annotated[float, Field(ge=1, le=4)] = 1.15
     cache_dir: Path | None = None  # where disk caches live; default $VISTRAIN_CACHE_DIR, else ~/.cache/vistrain
     # data.split: ratio and task: embedding (csv / folders / manifest data without a split column): a grouped,
     # class-stratified train/val/test split by ratio

@@ -7,16 +7,19 @@ without a copy); ``disk`` writes the same array to one file under ``data.cache_d
 ``np.memmap``, so a worker's private memory does not grow with the data set; ``auto`` takes memory when the pixels
 fit in a quarter of the available memory, else disk.
 
-Every stored image has the same shape: ``Preprocessor.deterministic`` resizes to a fixed [H, W] (aspect not kept,
-as inference does), so a fixed-size array needs no offset table and row ``i`` is one slice. Training with a
-random resized crop stores ``data.cache_scale`` times the training size (the crop then has pixels to spare);
-validation and inference read a second array at exactly the training size, built from the same decode.
+A row holds exactly what ``data.cache: off`` decodes for that file (``Preprocessor.load``: the training size,
+aspect not kept, as inference does), so training, validation and inference read one array, and the cache is a
+speed switch: the augmentation (a random resized crop included) runs on the same pixels either way, and a run with
+the same seed trains on the same tensors with the cache on or off. Every row has the same shape, so a fixed-size
+array needs no offset table and row ``i`` is one slice.
 
 A disk cache is ``<key>.u8`` (the pixels) plus ``<key>.json`` (the index: files with their byte size and mtime,
-the row of each, the unreadable ones with the reason, the preprocessing). The key hashes the file list (path,
-size, mtime) with the preprocessing and the stored size, so touching one image gives a new key and a rebuild.
-Both files are written under temporary names and renamed when complete, the index last: a killed build leaves
-no index, and an index whose data file is missing or of the wrong length is rebuilt, never read.
+the row of each, the unreadable ones with the reason, what decided the pixels). The key hashes the file list (path,
+size, mtime) with everything that decides the stored pixels or which files are readable (``_pixel_spec``): the
+preprocessing as ``preprocess.json`` describes it less the normalisation, ``data.max_image_pixels`` and the
+versions of the decoding libraries. Touching one image, changing the limit or upgrading Pillow gives a new key and
+a rebuild. Both files are written under temporary names and renamed when complete, the index last: a killed build
+leaves no index, and an index whose data file is missing or of the wrong length is rebuilt, never read.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vistrain.data.images import load_rgb
+from vistrain.data.images import get_max_pixels, load_rgb
 from vistrain.data.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -54,17 +57,10 @@ def cache_dir(configured: Path | None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vistrain"
 
 
-def stored_size(size: tuple[int, int], random_crop: bool, scale: float) -> tuple[int, int]:
-    """What the training images are stored at: ``scale`` times ``size`` (both sides, so the aspect is kept) when
-    training draws a random resized crop from them, else exactly ``size``."""
-    if not random_crop or scale == 1:
-        return size
-    return max(size[0], round(size[0] * scale)), max(size[1], round(size[1] * scale))
-
-
 @dataclass
 class ImageCache:
-    """Stored pixels of one file list at one size; ``decode(path)`` is an ``ImageDataset`` decode step."""
+    """Stored pixels of one file list; ``decode(path)`` is an ``ImageDataset`` decode step, the twin of
+    ``Preprocessor.load``."""
 
     key: str
     size: tuple[int, int]  # [H, W] of every stored image
@@ -74,7 +70,7 @@ class ImageCache:
     errors: dict[str, str]  # path -> why it could not be decoded
     kind: str  # "memory" or "disk"
     data_path: Path | None = None  # disk: the .u8 file
-    pre: Preprocessor | None = None  # decodes a file the cache does not hold, to the same size
+    pre: Preprocessor | None = None  # decodes a file the cache does not hold, as the cache would have stored it
     _pixels: np.ndarray | None = field(default=None, repr=False)  # memory: the array; disk: opened on first use
 
     def pixels(self) -> np.ndarray:
@@ -113,21 +109,37 @@ class ImageCache:
 
 
 @dataclass
-class CacheSet:
-    """The caches of one run: training pixels (maybe larger, for a random crop) and evaluation pixels."""
+class RunCache:
+    """The cache of one run's images, as opened for it: what training and validation read."""
 
-    train: ImageCache
-    valid: ImageCache
-    errors: dict[str, str]  # unreadable files with the reason, for bad_images.csv
+    images: ImageCache
     lines: list[str]  # what was built or reused, for the run's log ("cache memory built: ...")
+
+    @property
+    def errors(self) -> dict[str, str]:
+        """Unreadable files with the reason, for bad_images.csv."""
+        return self.images.errors
 
 
 # ------------------------------------------------------------------------------------------------- keys
 
-def _pixel_spec(pre: Preprocessor, size: tuple[int, int]) -> dict[str, Any]:
-    """What decides the stored pixels: crop, resize, CLAHE at ``size``; not the normalisation (applied later)."""
-    spec = pre.with_size(size).to_dict()
-    return {"format": FORMAT, **{k: spec[k] for k in ("version", "input", "crop", "resize", "clahe")}}
+def _libraries() -> dict[str, str | None]:
+    """Versions of what makes the stored pixels: Pillow and the codecs it decodes with (JPEG, PNG's zlib, TIFF, WebP),
+    OpenCV (resize, CLAHE), NumPy (the 16-bit rescaling). Another version may round a pixel differently."""
+    import cv2
+    import PIL
+    from PIL import features
+
+    codecs = {name: features.version(name) for name in ("jpg", "libjpeg_turbo", "zlib", "libtiff", "webp")}
+    return {"pillow": PIL.__version__, **codecs, "opencv": cv2.__version__, "numpy": np.__version__}
+
+
+def _pixel_spec(pre: Preprocessor, max_pixels: int) -> dict[str, Any]:
+    """What decides the stored pixels and which files are readable: the preprocessing as ``preprocess.json``
+    describes it (a decode rule added there keys the cache too) less its normalisation, which is applied to the
+    stored pixels afterwards (models of other mean / std share a cache); ``data.max_image_pixels``; the libraries."""
+    described = {k: v for k, v in pre.to_dict().items() if k not in ("normalize", "hash")}
+    return {"format": FORMAT, **described, "max_image_pixels": max_pixels, "libraries": _libraries()}
 
 
 def _file_list(paths: Sequence[str]) -> list[list[Any]]:
@@ -153,35 +165,33 @@ def _key(files: list[list[Any]], spec: dict[str, Any]) -> str:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(pre: Preprocessor, sizes: list[tuple[int, int]]) -> None:
+def _init_worker(pre: Preprocessor, max_pixels: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)  # one process per core already
-    _WORKER.update(pre=pre, sizes=sizes)
+    _WORKER.update(pre=pre, max_pixels=max_pixels)
 
 
-def _decode_one(path: str) -> tuple[list[np.ndarray] | None, str | None]:
-    """One decode, then the deterministic preprocessing at every stored size; or the reason it failed."""
-    pre, sizes = _WORKER["pre"], _WORKER["sizes"]
+def _decode_one(path: str) -> tuple[np.ndarray | None, str | None]:
+    """``Preprocessor.load`` under the cache's pixel limit; or the reason it failed."""
     try:
-        rgb = np.asarray(load_rgb(path))
-        return [pre.with_size(s).deterministic(rgb) for s in sizes], None
+        return _WORKER["pre"].deterministic(np.asarray(load_rgb(path, _WORKER["max_pixels"]))), None
     except Exception as err:  # noqa: BLE001 - any decode failure makes the file unreadable
         return None, f"{type(err).__name__}: {err}"
 
 
-def _decoded(paths: Sequence[str], pre: Preprocessor, sizes: list[tuple[int, int]], processes: int
-             ) -> Iterator[tuple[list[np.ndarray] | None, str | None]]:
+def _decoded(paths: Sequence[str], pre: Preprocessor, max_pixels: int, processes: int
+             ) -> Iterator[tuple[np.ndarray | None, str | None]]:
     """``_decode_one`` over ``paths`` in order, in a pool of ``processes`` when it pays."""
     if processes <= 1 or len(paths) < PARALLEL_FROM:
-        _init_worker(pre, sizes)
+        _init_worker(pre, max_pixels)
         yield from map(_decode_one, paths)
         return
     import multiprocessing as mp
 
     # fork: the workers start in milliseconds with everything imported; they only run PIL and OpenCV
     with ProcessPoolExecutor(processes, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                             initargs=(pre, sizes)) as pool:
+                             initargs=(pre, max_pixels)) as pool:
         yield from pool.map(_decode_one, paths, chunksize=max(1, min(64, len(paths) // (processes * 8))))
 
 
@@ -213,8 +223,9 @@ def _index_path(root: Path, key: str) -> Path:
     return root / f"{key}.json"
 
 
-def _open_disk(root: Path, key: str, size: tuple[int, int], pre: Preprocessor) -> ImageCache | None:
+def _open_disk(root: Path, key: str, pre: Preprocessor) -> ImageCache | None:
     """The complete cache of ``key``, or None when it is missing, partial or unreadable (then it is rebuilt)."""
+    size = pre.size
     index = _index_path(root, key)
     if not index.is_file():
         return None
@@ -230,8 +241,7 @@ def _open_disk(root: Path, key: str, size: tuple[int, int], pre: Preprocessor) -
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         log.warning("[DATA] cache %s is incomplete or damaged (%s); rebuilding it", index, err)
         return None
-    return ImageCache(key, tuple(size), meta["pixels"], count, rows, dict(meta.get("errors", {})), "disk", data,
-                      pre.with_size(size))
+    return ImageCache(key, size, meta["pixels"], count, rows, dict(meta.get("errors", {})), "disk", data, pre)
 
 
 def _remove_leftovers(root: Path, key: str) -> None:
@@ -252,8 +262,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _family(files: list[list[Any]], spec: dict[str, Any]) -> str:
+    """What a newer cache replaces: the same file paths and settings, whatever the files' contents and the
+    libraries' versions (a cache of older files, or made by an older Pillow, is never read again)."""
+    return _key([[f[0]] for f in files], {k: v for k, v in spec.items() if k != "libraries"})
+
+
 def _remove_older(root: Path, family: str, keep: str) -> None:
-    """Caches of the same file paths, preprocessing and size as ``keep`` but older file contents: never read again."""
+    """Caches of ``family`` other than ``keep``: older file contents or library versions, never read again."""
     for index in root.glob("*.json"):
         if index.stem == keep:
             continue
@@ -268,83 +284,64 @@ def _remove_older(root: Path, family: str, keep: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ building
 
-@dataclass
-class _Target:
-    """One cache being built: its pixels are written row by row as the decode runs (disk: into the temporary
-    file's memory map, so a data set larger than memory never sits in memory)."""
-
-    size: tuple[int, int]
-    key: str
-    spec: dict[str, Any]
-    pixels: np.ndarray | None = None
-    tmp: Path | None = None
-
-
-def _build(paths: list[str], files: list[list[Any]], pre: Preprocessor, targets: list[_Target], kind: str,
-           root: Path, processes: int) -> tuple[dict[str, ImageCache], dict[str, str], str]:
-    """Decode ``paths`` once into every target; returns the caches by key, the unreadable files and a line for
-    the log."""
+def _build(paths: list[str], files: list[list[Any]], pre: Preprocessor, key: str, spec: dict[str, Any], kind: str,
+           root: Path, processes: int) -> tuple[ImageCache, str]:
+    """Decode ``paths`` once, row by row into the cache's pixels (disk: into a temporary file's memory map, so a
+    data set larger than memory never sits in memory); returns the cache and a line for the log."""
     started = time.time()
+    shape = (len(paths), *pre.size, 3)
+    tmp = None
     if kind == "disk":
         root.mkdir(parents=True, exist_ok=True)
-    for t in targets:
-        shape = (len(paths), *t.size, 3)
-        if kind == "disk":
-            _remove_leftovers(root, t.key)
-            t.tmp = root / f".{t.key}.{os.getpid()}.tmp"
-            t.pixels = np.memmap(t.tmp, dtype=np.uint8, mode="w+", shape=shape)
-        else:
-            t.pixels = np.zeros(shape, dtype=np.uint8)
+        _remove_leftovers(root, key)
+        tmp = root / f".{key}.{os.getpid()}.tmp"
+        pixels: np.ndarray = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape)
+    else:
+        pixels = np.zeros(shape, dtype=np.uint8)
     errors: dict[str, str] = {}
     tick = _progress(len(paths), f"cache {kind} build")
     try:
-        for i, (arrays, error) in enumerate(_decoded(paths, pre, [t.size for t in targets], processes)):
-            if arrays is None:
+        for i, (array, error) in enumerate(_decoded(paths, pre, spec["max_image_pixels"], processes)):
+            if array is None:
                 errors[paths[i]] = error or "unreadable"
             else:
-                for t, a in zip(targets, arrays):
-                    t.pixels[i] = a
+                pixels[i] = array
             tick(i + 1)
         rows = {p: i for i, p in enumerate(paths) if p not in errors}
-        caches = {t.key: _finish(t, kind, root, files, rows, errors, pre) for t in targets}
+        cache = ImageCache(key, pre.size, spec, len(files), rows, errors, kind, None, pre, pixels)
+        del pixels  # the cache holds the only reference: _finish_disk unmaps the file before renaming it
+        if tmp is not None:
+            _finish_disk(cache, tmp, root, files)
     finally:
-        for t in targets:
-            if t.tmp is not None:
-                t.tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     seconds = time.time() - started
     line = (f"cache {kind} built: {len(rows)} images{f' ({len(errors)} unreadable)' if errors else ''} at "
-            f"{' + '.join(f'{t.size[0]}x{t.size[1]}' for t in targets)} in {seconds:.1f} s "
-            f"({len(paths) / max(seconds, 1e-9):.0f} img/s, {processes if len(paths) >= PARALLEL_FROM else 1} "
-            f"process(es)), {sum(c.nbytes for c in caches.values()) / 2**20:.1f} MiB"
+            f"{pre.size[0]}x{pre.size[1]} in {seconds:.1f} s ({len(paths) / max(seconds, 1e-9):.0f} img/s, "
+            f"{processes if len(paths) >= PARALLEL_FROM else 1} process(es)), {cache.nbytes / 2**20:.1f} MiB"
             + (f" -> {root}" if kind == "disk" else ""))
-    return caches, errors, line
+    return cache, line
 
 
-def _finish(t: _Target, kind: str, root: Path, files: list[list[Any]], rows: dict[str, int],
-            errors: dict[str, str], pre: Preprocessor) -> ImageCache:
-    """A memory cache as it is; a disk cache's pixels flushed and renamed, then its index written (last)."""
-    assert t.pixels is not None
-    if kind == "memory":
-        return ImageCache(t.key, t.size, t.spec, len(files), rows, errors, "memory", None, pre.with_size(t.size),
-                          t.pixels)
+def _finish_disk(cache: ImageCache, tmp: Path, root: Path, files: list[list[Any]]) -> None:
+    """The pixels flushed and renamed into place, then the index written (last); ``cache`` then maps the file."""
     from vistrain.tracking.files import atomic_write_text
 
-    assert isinstance(t.pixels, np.memmap) and t.tmp is not None
-    t.pixels.flush()
-    with open(t.tmp, "rb+") as fh:
+    assert isinstance(cache._pixels, np.memmap)
+    cache._pixels.flush()
+    with open(tmp, "rb+") as fh:
         os.fsync(fh.fileno())
-    t.pixels = None  # unmapped before the rename
-    data = root / f"{t.key}.u8"
-    os.replace(t.tmp, data)
-    t.tmp = None
-    family = _key([[f[0]] for f in files], t.spec)
-    meta = {"kind": "vistrain image cache", "format": FORMAT, "key": t.key, "family": family, "data": data.name,
-            "size": list(t.size), "pixels": t.spec,
-            "files": [[p, size, mtime, rows.get(p, -1)] for p, size, mtime in files],
-            "errors": errors, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_text(_index_path(root, t.key), json.dumps(meta))
-    _remove_older(root, family, t.key)
-    return ImageCache(t.key, t.size, t.spec, len(files), rows, errors, "disk", data, pre.with_size(t.size))
+    cache._pixels = None  # unmapped before the rename; mapped again on first use
+    data = root / f"{cache.key}.u8"
+    os.replace(tmp, data)
+    cache.data_path = data
+    family = _family(files, cache.spec)
+    meta = {"kind": "vistrain image cache", "format": FORMAT, "key": cache.key, "family": family, "data": data.name,
+            "size": list(cache.size), "pixels": cache.spec,
+            "files": [[p, size, mtime, cache.rows.get(p, -1)] for p, size, mtime in files],
+            "errors": cache.errors, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(_index_path(root, cache.key), json.dumps(meta))
+    _remove_older(root, family, cache.key)
 
 
 def _available_memory() -> int:
@@ -358,59 +355,49 @@ def _available_memory() -> int:
     return 1 << 40
 
 
-def resolve_mode(mode: str, n_images: int, sizes: Sequence[tuple[int, int]]) -> str:
+def resolve_mode(mode: str, n_images: int, size: tuple[int, int]) -> str:
     """``auto``: memory when the stored pixels fit in a quarter of the available memory, else disk."""
     if mode != "auto":
         return mode
-    need = n_images * sum(h * w * 3 for h, w in set(sizes))
-    return "memory" if need <= _available_memory() // 4 else "disk"
+    return "memory" if n_images * size[0] * size[1] * 3 <= _available_memory() // 4 else "disk"
 
 
-def open_caches(paths: Sequence[str], pre: Preprocessor, train_size: tuple[int, int], mode: str,
-                root: Path | None = None, processes: int | None = None) -> CacheSet:
-    """The caches of ``paths`` (training at ``train_size``, evaluation at ``pre.size``): reused when a complete
-    one exists (this process's memory, or the disk), else built with one decode per image."""
+def open_cache(paths: Sequence[str], pre: Preprocessor, mode: str, root: Path | None = None,
+               processes: int | None = None, max_pixels: int | None = None) -> RunCache:
+    """The cache of ``paths`` as ``pre.load`` decodes them: reused when a complete one exists (this process's
+    memory, or the disk), else built with one decode per image. ``max_pixels``: the ``data.max_image_pixels`` of the
+    decode, by default this process's (``images.set_max_pixels``)."""
     from vistrain.engine.device import usable_cores
 
     paths = [str(p) for p in paths]
     files = _file_list(paths)
-    sizes = list(dict.fromkeys([train_size, pre.size]))
-    kind = resolve_mode(mode, len(paths), sizes) if paths else "memory"  # nothing to map: no empty file
+    kind = resolve_mode(mode, len(paths), pre.size) if paths else "memory"  # nothing to map: no empty file
     root = cache_dir(root)
-    found: dict[str, ImageCache] = {}
-    missing: list[_Target] = []
-    lines = []
-    for size in sizes:
-        spec = _pixel_spec(pre, size)
-        key = _key(files, spec)
-        hit = _MEMORY.get(key) if kind == "memory" else _open_disk(root, key, size, pre)
-        if hit is not None:
-            found[key] = hit
-            lines.append(f"cache {kind} reused: {len(hit.rows)} images at {size[0]}x{size[1]}"
-                         + (f" ({hit.data_path})" if hit.data_path else ""))
-        else:
-            missing.append(_Target(size, key, spec))
-    errors = next(iter(found.values())).errors if found else {}
-    if missing:
-        built, errors, line = _build(paths, files, pre, missing, kind, root, processes or usable_cores())
-        found.update(built)
-        lines.append(line)
+    spec = _pixel_spec(pre, max_pixels or get_max_pixels())
+    key = _key(files, spec)
+    cache = _MEMORY.get(key) if kind == "memory" else _open_disk(root, key, pre)
+    if cache is not None:
+        line = (f"cache {kind} reused: {len(cache.rows)} images at {pre.size[0]}x{pre.size[1]}"
+                + (f" ({cache.data_path})" if cache.data_path else ""))
+    else:
+        cache, line = _build(paths, files, pre, key, spec, kind, root, processes or usable_cores())
     if kind == "memory":
-        _remember(found)
-    by_size = {c.size: c for c in found.values()}
-    return CacheSet(by_size[train_size], by_size[pre.size], errors, lines)
+        _remember(cache)
+    return RunCache(cache, [line])
 
 
-def on_this_machine(caches: CacheSet) -> CacheSet:
-    """``caches`` as a process on another machine received them from rank 0 (torchrun): memory caches came with the
+def on_this_machine(cache: RunCache) -> RunCache:
+    """``cache`` as a process on another machine received it from rank 0 (torchrun): a memory cache came with the
     object, but a disk cache under ``data.cache_dir`` on a machine-local disk is not here. Such a cache is opened from
-    this machine's disk when complete there, else built there from the same files (the same key when the files are
-    the same: a shared file system); call it on one process per machine first (``distributed.node_first``)."""
-    if caches.train.kind != "disk" or all(_complete_here(c) for c in (caches.train, caches.valid)):
-        return caches
-    valid = caches.valid
-    assert valid.data_path is not None and valid.pre is not None  # a disk cache has both
-    return open_caches(valid.paths(), valid.pre, caches.train.size, "disk", valid.data_path.parent)
+    this machine's disk when complete there, else built there from the same files under the same pixel limit (the
+    same key when the files and libraries are the same: a shared file system); call it on one process per machine
+    first (``distributed.node_first``)."""
+    images = cache.images
+    if images.kind != "disk" or _complete_here(images):
+        return cache
+    assert images.data_path is not None and images.pre is not None  # a disk cache has both
+    return open_cache(images.paths(), images.pre, "disk", images.data_path.parent,
+                      max_pixels=images.spec["max_image_pixels"])
 
 
 def _complete_here(cache: ImageCache) -> bool:
@@ -421,19 +408,18 @@ def _complete_here(cache: ImageCache) -> bool:
             and _index_path(data.parent, cache.key).is_file())
 
 
-def _remember(caches: dict[str, ImageCache]) -> None:
-    for key, cache in caches.items():
-        _MEMORY.pop(key, None)
-        _MEMORY[key] = cache
+def _remember(cache: ImageCache) -> None:
+    _MEMORY.pop(cache.key, None)
+    _MEMORY[cache.key] = cache
     while len(_MEMORY) > _MEMORY_KEEP:
         _MEMORY.pop(next(iter(_MEMORY)))
 
 
 def find_cache(paths: Sequence[str], pre: Preprocessor, root: Path | None = None) -> ImageCache | None:
     """A complete disk cache holding every one of ``paths``, unchanged, at ``pre``'s size and preprocessing: what
-    ``evaluate`` and ``predict`` read instead of decoding; None if there is none (a memory cache lives and dies
-    with its run)."""
-    spec = _pixel_spec(pre, pre.size)
+    ``evaluate`` and ``predict`` read instead of decoding, under this process's pixel limit and libraries; None if
+    there is none (a memory cache lives and dies with its run)."""
+    spec = _pixel_spec(pre, get_max_pixels())
     try:
         wanted = {f[0]: (f[1], f[2]) for f in _file_list([str(p) for p in paths])}
     except OSError:
@@ -448,6 +434,6 @@ def find_cache(paths: Sequence[str], pre: Preprocessor, root: Path | None = None
         except (OSError, ValueError, KeyError, TypeError, IndexError):
             continue
         if all(stored.get(p) == v for p, v in wanted.items()):
-            return _open_disk(root, index.stem, pre.size, pre)
+            return _open_disk(root, index.stem, pre)
     return None
 

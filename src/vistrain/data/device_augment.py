@@ -44,13 +44,13 @@ def device_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list[nn.Module]:
 
 
 class DeviceAugment(nn.Module):
-    """uint8 [B, 3, H, W] on any device -> augmented, normalised float32 [B, 3, size[0], size[1]]."""
+    """uint8 [B, 3, H, W] on any device (the training pixels: ``Preprocessor.load``'s, or the cache's, the same) ->
+    augmented, normalised float32 [B, 3, H, W]."""
 
     def __init__(self, aug: AugmentCfg, pre: Preprocessor):
         import kornia.augmentation as K
 
         super().__init__()
-        self.size = pre.size
         self.ops = nn.Sequential(*device_ops(aug, pre.size))
         self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1), persistent=False)
@@ -62,7 +62,5 @@ class DeviceAugment(nn.Module):
         x = images.float() / 255.0
         for op in self.ops:  # clamped after each, as the CPU policy's 8-bit pixels saturate after each
             x = op(x).clamp_(0, 1)
-        if tuple(x.shape[-2:]) != self.size:  # stored larger (data.cache_scale) without a random crop to use it
-            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         x = (x - self.mean) / self.std
         return self.erase(x) if self.erase is not None else x

@@ -26,6 +26,11 @@ def set_max_pixels(limit: int) -> None:
     _max_pixels = int(limit)
 
 
+def get_max_pixels() -> int:
+    """The pixel limit ``load_rgb`` applies in this process (``set_max_pixels``)."""
+    return _max_pixels
+
+
 class ImageTooLarge(ValueError):
     """The header claims more pixels than data.max_image_pixels allows."""
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from vistrain.config.schema import Config, DataCfg
-from vistrain.data.cache import CacheSet, open_caches, stored_size
+from vistrain.data.cache import RunCache, open_cache
 from vistrain.data.classmap import ClassMap, check_against, load_class_map
 from vistrain.data.images import set_max_pixels
 from vistrain.data.preprocess import Preprocessor
@@ -43,7 +43,7 @@ class Prepared:
     class_map: ClassMap | None = None  # data.class_map, when given
     ratio_split: bool = False  # classification with data.split: ratio (items["split"]: train / val / test)
     split_given: bool = False  # ... taken from the data's split column rather than drawn by the ratios
-    cache: CacheSet | None = None  # decoded pixels of every readable item (data.cache), None when off
+    cache: RunCache | None = None  # decoded pixels of every readable item (data.cache), None when off
 
     def fold_indices(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
         """(training, validation) item indices of a classifier's fold; a ratio split's test items are in neither."""
@@ -95,16 +95,14 @@ def prepare_data(cfg: Config) -> Prepared:
                     split_given=given, cache=cache)
 
 
-def _readable(cfg: Config, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, CacheSet | None]:
+def _readable(cfg: Config, items: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, RunCache | None]:
     """(readable items, unreadable ones with the reason, the decode-once cache): with ``data.cache`` the one decode
     that fills the cache is also the check for unreadable files."""
     d = cfg.data
     if d.cache == "off":
         return (*split_bad_images(items, d.on_bad_image), None)
-    pre = Preprocessor.from_config(cfg)
-    # only a random resized crop (augment.policy: hard) uses the margin; the others train on exactly img_size
-    train_size = stored_size(pre.size, cfg.augment.policy == "hard", d.cache_scale)
-    cache = open_caches(items.loc[items["path"] != "", "path"].tolist(), pre, train_size, d.cache, d.cache_dir)
+    cache = open_cache(items.loc[items["path"] != "", "path"].tolist(), Preprocessor.from_config(cfg), d.cache,
+                       d.cache_dir, max_pixels=d.max_image_pixels)
     return (*split_bad_images(items, d.on_bad_image, cache.errors), cache)
 
 

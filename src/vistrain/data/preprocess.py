@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -119,13 +119,6 @@ class Preprocessor:
                    clahe=p.clahe.enabled, clip_limit=p.clahe.clip_limit, grid=p.clahe.grid,
                    mean=tuple(p.mean) if p.mean is not None else mean,
                    std=tuple(p.std) if p.std is not None else std)
-
-    def with_size(self, size: Sequence[int]) -> Preprocessor:
-        """The same steps with another output size (a decode-once cache stores a margin larger)."""
-        return Preprocessor(**{**self._fields(), "size": (int(size[0]), int(size[1]))})
-
-    def _fields(self) -> dict[str, Any]:
-        return asdict(self)
 
     # --------------------------------------------------------------------------------------- describing
 

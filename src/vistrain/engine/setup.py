@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
-from vistrain.data.cache import CacheSet
+from vistrain.data.cache import RunCache
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.samplers import SAMPLERS, EpochBatches, domain_ratio_sampler
@@ -60,18 +60,18 @@ def _model_and_config(cfg: Config, classes: list, device: torch.device, fold: in
 
 def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, valid_paths: np.ndarray,
              valid_labels: np.ndarray, pre: Preprocessor, device: torch.device, info: DistInfo,
-             train_domains: np.ndarray | None = None, cache: CacheSet | None = None) -> tuple[DataLoader, DataLoader]:
-    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels), or read the same pixels from ``cache``
-    (training: maybe stored larger, for the random resized crop); training augments those pixels
-    (``TrainTransform``), validation only normalises them, as inference does. ``train_domains``: each training
+             train_domains: np.ndarray | None = None, cache: RunCache | None = None) -> tuple[DataLoader, DataLoader]:
+    """Both decode with ``pre.load`` (file -> deterministic uint8 pixels), or read the very same pixels from
+    ``cache``; training augments those pixels (``TrainTransform``), validation only normalises them, as inference
+    does. ``train_domains``: each training
     item's domain; with ``data.sources`` ratios the epoch follows them."""
     t, s = cfg.train, cfg.sampler
     ratios = cfg.data.domain_ratios()
-    train_decode, valid_decode = (cache.train.decode, cache.valid.decode) if cache else (pre.load, pre.load)
+    decode = cache.images.decode if cache else pre.load
     # augment.device: cuda: the loader yields uint8 pixels and the loop augments whole batches on the GPU
     augment = to_uint8_tensor if cfg.augment.device == "cuda" else TrainTransform(cfg.augment, pre)
-    train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, train_decode)
-    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, valid_decode)
+    train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, decode)
+    valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, decode)
     order = torch.Generator()  # the epoch's draw: EpochBatches reseeds it every epoch
     workers = dev.auto_workers(t.num_workers, device)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
