@@ -392,6 +392,14 @@ def test_a_run_written_with_data_cache_scale_still_loads_its_config(tmp_path):
     old = config_to_dict(cfg)
     old["data"]["cache_scale"] = 1.15
     saved = write_yaml(tmp_path / "run" / "config.yaml", old)
-    with pytest.raises(UserError, match="data.cache_scale: unknown key"):
+    with pytest.raises(UserError, match="data.cache_scale: removed: "):
         load_config(saved)
     assert config_to_dict(load_config(saved, run_file=True)) == config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("key", ["data.cache_scale=1.15", "audit.near_dup_threshold=0.9", "audit.hash_threshold=6"])
+def test_a_removed_key_says_why_it_went_in_one_line(key: str) -> None:
+    with pytest.raises(UserError) as err:
+        load_config(None, overrides=[key])
+    message = str(err.value)
+    assert f"{key.split('=')[0]}: removed: " in message and "delete the key" in message, message

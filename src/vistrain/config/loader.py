@@ -254,6 +254,17 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return out
 
 
+# Keys earlier versions documented, with why they went: a config that still sets one learns it in one line.
+REMOVED_KEYS = {
+    "data.cache_scale": "the cache stores exactly what data.cache: off decodes, so the cache no longer changes the "
+                        "training pixels",
+    "audit.near_dup_threshold": "near duplicates are the pairs that stand out from this data set's nearest "
+                                "neighbours (audit.near_dup_z)",
+    "audit.hash_threshold": "near duplicates are the pairs that stand out from this data set's nearest "
+                            "neighbours (audit.near_dup_z)",
+}
+
+
 def _format_error(e: dict[str, Any]) -> str:
     loc = [str(p) for p in e["loc"] if not str(p).startswith(("function-after", "literal", "lax-or", "union"))]
     # pydantic appends the member type to a union's loc ("int", "tuple[int, int]"); drop those.
@@ -262,6 +273,8 @@ def _format_error(e: dict[str, Any]) -> str:
     key = re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", ".".join(loc))  # list items: data.sources[0].ratio
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
+        if key in REMOVED_KEYS:
+            return f"{key}: removed: {REMOVED_KEYS[key]}; delete the key"
         parent = _section_model(loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
         return f"{key}: unknown key; valid keys here: {', '.join(valid)}{did_you_mean(loc[-1], valid)}"
