@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 from conftest import class_image, run_cli, tiny_config, write_csv_dataset, write_yaml
+from sklearn.metrics import log_loss
 
 from vistrain.data.preprocess import Preprocessor
 
@@ -416,3 +417,50 @@ def test_evaluate_console_prints_per_domain_metrics(trained: dict) -> None:
         row = next((ln.split() for ln in lines if ln.split()[:1] == [dom]), None)
         assert row is not None, res.stdout
         assert row[1] == str(m["n"]) and f"{m['top1']:.4f}" in row and f"{m['macro_f1']:.4f}" in row, row
+
+
+def test_evaluate_writes_bootstrap_intervals_beside_unchanged_figures(trained: dict) -> None:
+    """eval.bootstrap (default 1000): each figure gains a 95% percentile interval; figures keep their values; the
+    console and the report show ``value [lo, hi]``; eval.bootstrap=0 writes none (issue 20 item 11)."""
+    run, out = trained["run"], trained["run"] / "eval" / "oof"
+    off = run_cli("evaluate", str(run), "--split", "oof", "eval.bootstrap=0", cwd=trained["root"])
+    assert off.returncode == 0, off.stderr
+    plain = json.loads((out / "metrics.json").read_text())
+    assert "intervals" not in plain and "bootstrap" not in plain
+    assert not any("intervals" in m for m in plain["per_domain"].values())
+    assert "[" not in next(ln for ln in off.stdout.splitlines() if ln.startswith("top1 "))
+
+    res = run_cli("evaluate", str(run), "--split", "oof", cwd=trained["root"])
+    assert res.returncode == 0, res.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    skip = ("intervals", "bootstrap", "per_domain", "overrides")
+    assert {k: v for k, v in metrics.items() if k not in skip} == \
+        {k: v for k, v in plain.items() if k not in skip}  # the figures themselves are unchanged
+    assert plain["overrides"] == {"eval.bootstrap": 0} and metrics["overrides"] == {}
+    boot = metrics["bootstrap"]
+    assert boot["replicates"] == 1000 and boot["level"] == 0.95 and boot["method"] == "percentile"
+    iv = metrics["intervals"]
+    for key in ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy", "nll", "ece",
+                "top1@real", "macro_f1@studio"):
+        lo, hi = iv[key]
+        assert 0 <= lo <= hi, key
+    # independent reference: a loop over the same seeded draw, scikit-learn's log loss of each resample (the NLL
+    # varies between resamples even when every OOF prediction is right, as on this easy data)
+    logits, targets = np.load(run / "oof" / "oof_logits.npy"), np.load(run / "oof" / "oof_targets.npy")
+    probs = torch.softmax(torch.from_numpy(logits / (metrics["temperature"] or 1.0)).double(), 1).numpy()
+    draw = np.random.default_rng(boot["seed"]).integers(0, len(targets), size=(1000, len(targets)))
+    reps = [log_loss(targets[r], probs[r], labels=range(probs.shape[1])) for r in draw]
+    assert iv["nll"] == pytest.approx(list(np.percentile(reps, [2.5, 97.5])), rel=1e-6)
+    assert iv["nll"][0] <= metrics["nll"] <= iv["nll"][1] and iv["nll"][0] < iv["nll"][1]
+    assert iv["top1"][0] <= metrics["top1"] <= iv["top1"][1]
+    for dom, block in metrics["per_domain"].items():
+        assert block["intervals"]["top1"] == iv[f"top1@{dom}"] and block["top1"] == metrics[f"top1@{dom}"]
+        assert block["intervals"]["nll"] != iv["nll"]  # a domain resamples its own, fewer images
+    lo, hi = iv["macro_f1"]
+    assert f"{metrics['macro_f1']:.4f} [{lo:.4f}, {hi:.4f}]" in res.stdout
+    report = run_cli("report", str(run), cwd=trained["root"])
+    assert report.returncode == 0, report.stderr
+    page = (run / "report.html").read_text()
+    assert f"{metrics['top1']:.4f} [{iv['top1'][0]:.4f}, {iv['top1'][1]:.4f}]" in page
+    real = metrics["per_domain"]["real"]
+    assert f"{real['top1']:.4f} [{real['intervals']['top1'][0]:.4f}, {real['intervals']['top1'][1]:.4f}]" in page

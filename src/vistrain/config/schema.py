@@ -324,6 +324,8 @@ class EvalCfg(Section):
     # line); true means [hflip], false none
     tta: list[Literal["hflip", "vflip"]] = ["hflip"]
     batch_size: PositiveInt | None = None  # inference batch; train.batch_size * 2 when empty
+    # evaluate: replicates of the percentile bootstrap behind each figure's 95% interval in metrics.json (0: none)
+    bootstrap: Annotated[int, Field(ge=0, le=100_000)] = 1000
     # embedding runs
     feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
     flip_feats: bool = False  # average each embedding with the horizontally flipped image's

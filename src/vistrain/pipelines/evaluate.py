@@ -25,7 +25,8 @@ from vistrain.engine.inference import (
     select_folds,
 )
 from vistrain.errors import UserError
-from vistrain.metrics.classification import classification_report, per_domain_metrics
+from vistrain.metrics.bootstrap import LEVEL, bootstrap_indices, classification_intervals, format_interval
+from vistrain.metrics.classification import DOMAIN_METRICS, ECE_BINS, classification_report, per_domain_metrics
 from vistrain.pipelines.predict import predict_probs, tta_wanted, warn_untrained_views
 from vistrain.tracking.files import write_csv, write_json
 
@@ -245,6 +246,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
                    tta=list(run.cfg.eval.tta) if tta else [], overrides=run.overrides)
     if domains is not None:
         metrics["per_domain"] = {dom: _scalars(r) for dom, r in by_domain.items()}
+    add_intervals(metrics, logits, targets, domains, run.cfg.eval.bootstrap, run.cfg.project.seed)
     out = run.path / "eval" / split
     write_json(out / "metrics.json", metrics)
     write_csv(out / "per_class.csv", per_class_table(report, by_domain, run.display_names()))
@@ -261,17 +263,42 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     return metrics
 
 
+def add_intervals(metrics: dict[str, Any], logits: np.ndarray, targets: np.ndarray, domains: np.ndarray | None,
+                  replicates: int, seed: int) -> None:
+    """95% percentile-bootstrap intervals beside the figures, leaving every figure as it is: ``intervals``
+    ({figure: [lo, hi]} for the overall figures and ``<metric>@<d>``), each ``per_domain`` block's own
+    ``intervals``, and ``bootstrap`` (how they were made). Images are resampled ``replicates`` times (0: no
+    intervals) from a generator seeded by the run's ``seed``; a domain's figures resample that domain's images
+    (its own seeded draw), so each domain's interval reflects its own size."""
+    if replicates == 0:
+        return
+    intervals = classification_intervals(logits, targets, bootstrap_indices(len(targets), replicates, seed),
+                                         ece_bins=ECE_BINS)
+    for k, (dom, block) in enumerate(metrics.get("per_domain", {}).items(), start=1):
+        rows = domains == dom
+        block["intervals"] = classification_intervals(
+            logits[rows], targets[rows], bootstrap_indices(int(rows.sum()), replicates, [seed, k]),
+            macro_f1_classes="present", ece_bins=ECE_BINS)
+        intervals.update({f"{key}@{dom}": block["intervals"][key] for key in DOMAIN_METRICS
+                          if f"{key}@{dom}" in metrics})
+    metrics["intervals"] = intervals
+    metrics["bootstrap"] = {"replicates": replicates, "seed": seed, "level": LEVEL, "method": "percentile",
+                            "unit": "image"}
+
+
 def _print_table(metrics: dict[str, Any], report: dict[str, Any], out: Path) -> None:
     keys = ["n", "top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy", "nll", "ece"]
-    print(f"{'metric':<18} value")
+    intervals = metrics.get("intervals", {})
+    print(f"{'metric':<18} value" + (" [95% interval]" if intervals else ""))
     for k in keys:
         v = metrics.get(k)
-        print(f"{k:<18} {v:.4f}" if isinstance(v, float) else f"{k:<18} {v}")
+        print(f"{k:<18} {format_interval(v, intervals.get(k))}" if isinstance(v, float) else f"{k:<18} {v}")
     if metrics.get("per_domain"):
-        width = {k: max(10, len(k)) for k in DOMAIN_KEYS}
+        width = {k: max(24 if intervals else 10, len(k)) for k in DOMAIN_KEYS}
         print(f"\n{'domain':<18} {'n':>6} " + " ".join(f"{k:>{width[k]}}" for k in DOMAIN_KEYS))
         for dom, m in metrics["per_domain"].items():
-            print(f"{dom:<18} {m['n']:>6} " + " ".join(f"{m[k]:>{width[k]}.4f}" for k in DOMAIN_KEYS))
+            cells = (format_interval(m[k], m.get("intervals", {}).get(k)) for k in DOMAIN_KEYS)
+            print(f"{dom:<18} {m['n']:>6} " + " ".join(f"{c:>{width[k]}}" for k, c in zip(DOMAIN_KEYS, cells)))
         print()
     if metrics["overrides"]:
         print("overrides: " + " ".join(f"{k}={v}" for k, v in metrics["overrides"].items()))

@@ -25,6 +25,8 @@ PER_CLASS_SPLITS = ("oof", "val", "valid", "test")  # which eval/<split>/per_cla
 CALIBRATION_KEYS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
 DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # the "<metric>@<domain>" keys of metrics.jsonl / summary.json
 DOMAIN_COLUMNS = ("n", *DOMAIN_METRICS, "balanced_accuracy")  # the per-domain table's columns, those present
+_INTERVAL_NOTE = ("value [95% interval]: percentiles 2.5 and 97.5 of the figure over bootstrap resamples of the "
+                  "evaluated images (eval.bootstrap replicates)")
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2430;background:#f4f6f9}
@@ -157,6 +159,14 @@ def section(title: str, body: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2>{body}</section>"
 
 
+def with_interval(value: Any, interval: Any) -> Any:
+    """``0.9120 [0.8970, 0.9260]``: a figure with its 95% bootstrap interval (metrics.json's ``intervals``), or
+    the value as it is when it has none."""
+    if isinstance(value, float) and isinstance(interval, list) and len(interval) == 2:
+        return f"{fmt(value)} [{fmt(float(interval[0]))}, {fmt(float(interval[1]))}]"
+    return value
+
+
 def key_values(mapping: dict[str, Any]) -> str:
     """A two-column table of the scalar entries of ``mapping``."""
     rows = [(k, v) for k, v in mapping.items() if not isinstance(v, dict | list)]
@@ -207,9 +217,12 @@ def metrics_html(run_dir: Path, summary: dict[str, Any]) -> str:
     if summary.get("oof"):
         parts.append("<h3>out of fold</h3>" + key_values(summary["oof"]))
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):
-        values = key_values(_read_json(path))
+        data = _read_json(path)
+        intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
+        values = key_values({k: with_interval(v, intervals.get(k)) for k, v in data.items()})
         if values:
-            parts.append(f"<h3>eval / {html.escape(path.parent.name)}</h3>" + values)
+            note = f'<p class="note">{_INTERVAL_NOTE}</p>' if intervals else ""
+            parts.append(f"<h3>eval / {html.escape(path.parent.name)}</h3>" + note + values)
     return section("Metrics", "".join(parts)) if parts else ""
 
 
@@ -271,7 +284,12 @@ def domain_html(run_dir: Path, summary: dict[str, Any], threshold: float = 0.7) 
 def _domain_table(per_domain: dict[str, Any]) -> str:
     values = {d: m for d, m in sorted(per_domain.items()) if isinstance(m, dict)}
     columns = [c for c in DOMAIN_COLUMNS if any(c in m for m in values.values())]
-    return table(["domain", *columns], [[d, *(m.get(c) for c in columns)] for d, m in values.items()])
+
+    def cell(m: dict[str, Any], column: str) -> Any:
+        intervals = m.get("intervals") if isinstance(m.get("intervals"), dict) else {}
+        return with_interval(m.get(column), intervals.get(column))
+
+    return table(["domain", *columns], [[d, *(cell(m, c) for c in columns)] for d, m in values.items()])
 
 
 def _domain_failures(run_dir: Path, threshold: float) -> str:
