@@ -111,6 +111,23 @@ def test_reid_run_reports_map_and_rank1(tmp_path: Path) -> None:
     direct = reid_evaluate(feats[: len(q)], feats[len(q):], q["label"].to_numpy(), g["label"].to_numpy(),
                            q["camera"].to_numpy(), g["camera"].to_numpy(), max_rank=5, rerank=True)
     assert reranked["mAP"] == pytest.approx(direct["mAP"], abs=1e-6)
+    # 95% intervals (eval.bootstrap, issue 20 item 11) resample query identities: a loop over the same seeded draw
+    # of people, each replicate the mean AP of the drawn people's valid queries
+    boot = reranked["bootstrap"]
+    assert boot["unit"] == "query identity" and boot["replicates"] == 1000
+    assert set(reranked["intervals"]) == {"mAP", "mINP", "rank1", "rank5", "rank10"}
+    per_query = reid_evaluate(feats[: len(q)], feats[len(q):], q["label"].to_numpy(), g["label"].to_numpy(),
+                              q["camera"].to_numpy(), g["camera"].to_numpy(), max_rank=5, rerank=True,
+                              per_query=True)
+    people = np.unique(q["label"].to_numpy())
+    draw = np.random.default_rng(boot["seed"]).integers(0, len(people), size=(1000, len(people)))
+    reps = [np.mean(np.concatenate([per_query["ap"][(q["label"].to_numpy() == people[i])
+                                                    & (per_query["first_match_rank"] > 0)] for i in row]))
+            for row in draw]
+    assert reranked["intervals"]["mAP"] == pytest.approx(list(np.percentile(reps, [2.5, 97.5])), abs=1e-9)
+    assert reranked["intervals"]["mAP"][0] <= reranked["mAP"] <= reranked["intervals"]["mAP"][1]
+    lo, hi = reranked["intervals"]["rank1"]
+    assert f"{reranked['rank1']:.4f} [{lo:.4f}, {hi:.4f}]" in rr.stdout
     bad = run_cli("evaluate", str(run), "--split", "test", cwd=tmp_path)  # re-id has query vs gallery only
     assert bad.returncode == 2 and bad.stderr.startswith("error: --split test:"), bad.stderr
     # search: junk (person -1) is never a result; cosine runs show similarity and distance 1 - similarity

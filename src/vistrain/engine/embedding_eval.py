@@ -13,8 +13,15 @@ import numpy as np
 import pandas as pd
 
 from vistrain.engine.inference import LoadedRun, embed_paths
-from vistrain.engine.tasks import RetrievalEval, embedding_metrics
+from vistrain.engine.tasks import RetrievalEval, embedding_evaluation
 from vistrain.errors import UserError
+from vistrain.metrics.bootstrap import (
+    LEVEL,
+    bootstrap_indices,
+    cluster_ratio_intervals,
+    format_interval,
+    macro_f1_intervals,
+)
 from vistrain.tracking.files import write_json
 
 log = logging.getLogger(__name__)
@@ -42,18 +49,51 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     cams = both["camera"].astype(int).to_numpy() if reid else None
     ev = RetrievalEval(len(query), both["label"].map(codes).to_numpy(), cams, e.feat_norm, False, e.knn_k,
                        e.max_rank, e.memory_budget_mb, e.rerank, recall_ks=tuple(e.recall_ks))
-    metrics = {**embedding_metrics(feats, ev, counts=True), "split": split, "n_query": int(len(query)),
-               "n_gallery": int(len(gal)), "overrides": run.overrides}
+    figures, outcomes = embedding_evaluation(feats, ev, counts=True)
+    metrics = {**figures, "split": split, "n_query": int(len(query)), "n_gallery": int(len(gal)),
+               "overrides": run.overrides}
+    if e.bootstrap:
+        metrics["intervals"] = embedding_intervals(outcomes, e.recall_ks, e.bootstrap, run.cfg.project.seed)
+        metrics["bootstrap"] = {"replicates": e.bootstrap, "seed": run.cfg.project.seed, "level": LEVEL,
+                                "method": "percentile", "unit": "query identity" if reid else "query image"}
     out = run.path / "eval" / split
     write_json(out / "metrics.json", metrics)
-    print(f"{'metric':<14} value")
+    intervals = metrics.get("intervals", {})
+    print(f"{'metric':<14} value" + (" [95% interval]" if intervals else ""))
     for k, v in metrics.items():
-        if k != "overrides":
-            print(f"{k:<14} {v:.4f}" if isinstance(v, float) else f"{k:<14} {v}")
+        if k not in ("overrides", "intervals", "bootstrap"):
+            print(f"{k:<14} {format_interval(v, intervals.get(k))}" if isinstance(v, float) else f"{k:<14} {v}")
     if run.overrides:
         print("overrides: " + " ".join(f"{k}={v}" for k, v in run.overrides.items()))
     print(f"[DONE] evaluation written to {out}")
     return metrics
+
+
+def embedding_intervals(outcomes: dict[str, Any], recall_ks: list[int], replicates: int,
+                        seed: int) -> dict[str, list[float]]:
+    """95% percentile-bootstrap intervals of the embedding figures from their per-query outcomes
+    (``embedding_evaluation``). Re-id resamples query identities, whose queries share a look and are not
+    independent: a replicate's mAP is the mean AP of every valid query of the drawn persons (a person drawn twice
+    counts twice). Retrieval resamples query images."""
+    if "ap" in outcomes:
+        ids, person = np.unique(outcomes["pid"], return_inverse=True)
+        first = outcomes["first_match_rank"]
+        valid = first > 0
+
+        def per_person(values: np.ndarray) -> np.ndarray:
+            return np.bincount(person, weights=np.where(valid, values, 0.0), minlength=len(ids))
+
+        numerators = {"mAP": per_person(outcomes["ap"]), "mINP": per_person(outcomes["inp"]),
+                      **{f"rank{k}": per_person((first <= k).astype(np.float64)) for k in (1, 5, 10)}}
+        idx = bootstrap_indices(len(ids), replicates, seed)
+        return cluster_ratio_intervals(numerators, per_person(np.ones(len(first))), idx)
+    first, depth = outcomes["first_hit"], outcomes["depth"]
+    idx = bootstrap_indices(len(first), replicates, seed)
+    numerators = {f"recall@{k}": (first < min(k, depth)).astype(np.float64) for k in recall_ks}
+    numerators["knn_acc"] = (outcomes["pred"] == outcomes["label"]).astype(np.float64)
+    intervals = cluster_ratio_intervals(numerators, np.ones(len(first)), idx)
+    intervals["knn_macro_f1"] = macro_f1_intervals(outcomes["label"], outcomes["pred"], outcomes["n_classes"], idx)
+    return intervals
 
 
 def knn_predict(run: LoadedRun, paths: list[str], flip: bool | None = None) -> tuple[list, np.ndarray]:

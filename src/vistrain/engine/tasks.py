@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,20 +137,26 @@ class EmbeddingTask:
                 module.load_state_dict(state[name])
 
 
-def _reranked_retrieval(q: np.ndarray, g: np.ndarray, ql: np.ndarray, gl: np.ndarray, ks: tuple[int, ...],
-                        knn_k: int) -> tuple[dict[str, float], np.ndarray]:
-    """Recall@K and the kNN vote from k-reciprocal re-ranked distances (as re-id's ``eval.rerank``), in the cosine
-    geometry of the plain retrieval protocol: squared euclidean distance of the unit vectors, which re-ranks as
-    cosine distance does. Needs the pooled [Q + G]^2 matrices on the CPU (``k_reciprocal_rerank``'s memory note)."""
+def _reranked_retrieval(q: np.ndarray, g: np.ndarray, gl: np.ndarray, ks: tuple[int, ...], knn_k: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """The neighbours recall@K scores [Q, max(ks, knn_k)] and the kNN vote, from k-reciprocal re-ranked distances
+    (as re-id's ``eval.rerank``), in the cosine geometry of the plain retrieval protocol: squared euclidean distance
+    of the unit vectors, which re-ranks as cosine distance does. Needs the pooled [Q + G]^2 matrices on the CPU
+    (``k_reciprocal_rerank``'s memory note)."""
     from vistrain.metrics import retrieval
 
     unit = [x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) for x in (q, g)]
     idx = retrieval.nearest_by_distance(retrieval.rerank_features(*unit, metric="euclidean"), max(*ks, knn_k))
-    recall = retrieval.recall_from_neighbours(idx, ql, gl, ks)
-    return recall, retrieval.knn_vote(idx[:, :knn_k], gl)
+    return idx, retrieval.knn_vote(idx[:, :knn_k], gl)
 
 
 def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False) -> dict[str, float | int]:
+    """``embedding_evaluation``'s figures (the training loop's and ``evaluate``'s)."""
+    return embedding_evaluation(feats, ev, counts)[0]
+
+
+def embedding_evaluation(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
+                         ) -> tuple[dict[str, float | int], dict[str, Any]]:
     """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D].
 
     ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera).
@@ -158,6 +165,10 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
     the k-reciprocal re-ranked distances, as re-id does. ``knn_macro_f1`` averages the
     per-class F1 over every class of the evaluation, i.e. the classes among query **or** gallery labels; a class no
     query holds and the vote never predicts scores 0, as a class of a classifier's run does in ``macro_f1``.
+
+    Also returns the per-query outcomes behind the figures, for the bootstrap intervals: re-id ``ap``, ``inp``,
+    ``first_match_rank`` (1-based, 0 when skipped) and ``pid``; retrieval ``first_hit`` (0-based position of the
+    first same-class neighbour, ``depth`` when none), ``depth``, ``label`` and ``pred`` (class indices).
     """
     from vistrain.metrics import retrieval
 
@@ -166,20 +177,21 @@ def embedding_metrics(feats: np.ndarray, ev: RetrievalEval, counts: bool = False
     if ev.cameras is not None:
         res = retrieval.reid_evaluate(q, g, ql, gl, ev.cameras[: ev.n_query], ev.cameras[ev.n_query:],
                                       max_rank=ev.max_rank, memory_budget_mb=ev.memory_budget_mb, rerank=ev.rerank,
-                                      device=ev.device)
+                                      device=ev.device, per_query=True)
         out: dict[str, float | int] = {k: float(res[k]) for k in ("mAP", "rank1", "rank5", "rank10", "mINP")}
         if counts:
             out.update(num_valid_queries=int(res["num_valid_queries"]), num_skipped=int(res["num_skipped"]))
-        return out
+        return out, {"ap": res["ap"], "inp": res["inp"], "first_match_rank": res["first_match_rank"], "pid": ql}
     k = min(ev.knn_k, len(g))
     if ev.rerank:
-        out, pred = _reranked_retrieval(q, g, ql, gl, ev.recall_ks, k)
+        idx, pred = _reranked_retrieval(q, g, gl, ev.recall_ks, k)
     else:
-        out = {key: float(v) for key, v in retrieval.recall_at_k(q, ql, g, gl, ks=ev.recall_ks,
-                                                                 device=ev.device).items()}
+        idx = retrieval.recall_neighbours(q, ql, g, gl, ks=ev.recall_ks, device=ev.device)
         pred = retrieval.knn_classify(q, g, gl, k=k, device=ev.device)
+    out = {key: float(v) for key, v in retrieval.recall_from_neighbours(idx, ql, gl, ev.recall_ks).items()}
     out["knn_acc"] = float((pred == ql).mean())
     classes = np.union1d(ql, gl)  # sorted: searchsorted maps each label to its index among the classes
-    out["knn_macro_f1"] = macro_f1(np.searchsorted(classes, ql), np.searchsorted(classes, pred),
-                                   n_classes=len(classes))
-    return out
+    y, p = np.searchsorted(classes, ql), np.searchsorted(classes, pred)
+    out["knn_macro_f1"] = macro_f1(y, p, n_classes=len(classes))
+    return out, {"first_hit": retrieval.first_hit_positions(idx, ql, gl), "depth": idx.shape[1],
+                 "label": y, "pred": p, "n_classes": len(classes)}

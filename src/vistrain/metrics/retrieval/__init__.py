@@ -39,12 +39,14 @@ from vistrain.metrics.retrieval.ranking_torch import TORCH_PAIR_BYTES
 from vistrain.metrics.retrieval.reid import reid_cmc_map, reid_cmc_map_detailed, reid_evaluate
 from vistrain.metrics.retrieval.rerank import k_reciprocal_rerank, rerank_features
 from vistrain.metrics.retrieval.search import (
+    first_hit_positions,
     knn_classify,
     knn_search,
     knn_vote,
     nearest_by_distance,
     recall_at_k,
     recall_from_neighbours,
+    recall_neighbours,
 )
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "Metric",
     "ReidResult",
     "distance_matrix_chunks",
+    "first_hit_positions",
     "k_reciprocal_rerank",
     "knn_classify",
     "knn_search",
@@ -61,6 +64,7 @@ __all__ = [
     "nearest_by_distance",
     "recall_at_k",
     "recall_from_neighbours",
+    "recall_neighbours",
     "reid_cmc_map",
     "reid_cmc_map_detailed",
     "reid_evaluate",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,7 +82,8 @@ def reid_cmc_map(distmat: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike, q_cam
 def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_pids: ArrayLike,
                   q_camids: ArrayLike, g_camids: ArrayLike, max_rank: int = 50, memory_budget_mb: float = 512,
                   rerank: bool = False, *, metric: Metric = "euclidean", k1: int = 20, k2: int = 6,
-                  lambda_value: float = 0.3, device: str | torch.device | None = None) -> dict[str, float | int]:
+                  lambda_value: float = 0.3, device: str | torch.device | None = None, per_query: bool = False
+                  ) -> dict[str, Any]:
     """Market-1501 metrics straight from features, computing distances a block of query rows at a time.
 
     q_feats [Q, D], g_feats [G, D] (cast to float32); q_pids, q_camids [Q]; g_pids, g_camids [G]. Distances are
@@ -105,7 +107,8 @@ def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_p
 
     Returns ``mAP``, ``rank1``, ``rank5``, ``rank10``, ``mINP`` (fractions in [0, 1] over the valid queries; rank-k
     does not depend on ``max_rank``) and ``num_valid_queries``, ``num_skipped``. Raises ``ValueError`` when no query
-    has a valid match.
+    has a valid match. ``per_query=True`` adds the [Q] arrays ``ap``, ``inp`` and ``first_match_rank`` (0 for a
+    skipped query) behind them, for a bootstrap over queries.
     """
     dev = None if rerank else _eval_device(device, q_feats)  # re-ranking falls back to the numpy implementation
     if dev is None:
@@ -141,5 +144,8 @@ def reid_evaluate(q_feats: ArrayLike, g_feats: ArrayLike, q_pids: ArrayLike, g_p
                 sl = slice(lo, lo + len(block))
                 ap[sl], inp[sl], first[sl] = _rank_chunk(block, qp[sl], qc[sl], groups, gc, pool, threads)
         res = _summarise(ap, inp, first, max_rank)
-    return {"mAP": res.mAP, "rank1": res.rank(1), "rank5": res.rank(5), "rank10": res.rank(10), "mINP": res.mINP,
-            "num_valid_queries": res.num_valid_queries, "num_skipped": res.num_skipped}
+    out: dict[str, Any] = {"mAP": res.mAP, "rank1": res.rank(1), "rank5": res.rank(5), "rank10": res.rank(10),
+                           "mINP": res.mINP, "num_valid_queries": res.num_valid_queries, "num_skipped": res.num_skipped}
+    if per_query:
+        out.update(ap=res.ap, inp=res.inp, first_match_rank=res.first_match_rank)
+    return out

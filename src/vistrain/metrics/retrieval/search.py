@@ -161,9 +161,21 @@ def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, galler
     neighbour. ``ks``: a non-empty sequence of positive integers (Python or numpy; not bools or floats). Returns
     ``{"recall@K": fraction}`` for each K in ``ks``. No query, or no gallery item to retrieve, is a ``ValueError``.
     """
+    idx = recall_neighbours(query_emb, query_labels, gallery_emb, gallery_labels, ks, metric=metric,
+                            exclude_self=exclude_self, memory_budget_mb=memory_budget_mb, device=device)
+    gl = _labels(gallery_labels, _length(gallery_emb), "gallery_labels")
+    return recall_from_neighbours(idx, _labels(query_labels, len(idx), "query_labels"), gl, ks)
+
+
+def recall_neighbours(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, gallery_emb: ArrayLike,
+                      gallery_labels: ArrayLike | Sequence, ks: Sequence[int] = (1, 5), *, metric: Metric = "cosine",
+                      exclude_self: bool = False, memory_budget_mb: float = 256,
+                      device: str | torch.device | None = None) -> np.ndarray:
+    """The neighbours ``recall_at_k`` scores (same arguments and checks): int64 [Q, min(max(ks), available)]
+    gallery indices, nearest first; with ``first_hit_positions`` they give each query's own hits."""
     n_q, n_g = _length(query_emb), _length(gallery_emb)
-    ql = _labels(query_labels, n_q, "query_labels")
-    gl = _labels(gallery_labels, n_g, "gallery_labels")
+    _labels(query_labels, n_q, "query_labels")  # shape checks before any search
+    _labels(gallery_labels, n_g, "gallery_labels")
     ks = _recall_ks(ks)
     if n_q == 0:
         raise ValueError("recall_at_k: there is no query to evaluate (query_emb has 0 rows)")
@@ -178,7 +190,7 @@ def recall_at_k(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, galler
         keep = idx != np.arange(n_q)[:, None]
         keep[keep.all(axis=1), -1] = False  # self not returned (tied with a duplicate): drop the farthest instead
         idx = idx[keep].reshape(n_q, depth)
-    return recall_from_neighbours(idx, ql, gl, ks)
+    return idx
 
 
 def nearest_by_distance(distmat: ArrayLike, k: int) -> np.ndarray:
@@ -195,9 +207,15 @@ def recall_from_neighbours(idx: np.ndarray, query_labels: ArrayLike | Sequence,
     """``recall_at_k``'s figures from neighbours already found: idx [Q, depth] gallery indices, nearest first
     (``knn_search``, ``nearest_by_distance``); a K beyond ``depth`` counts the ``depth`` found."""
     ks = _recall_ks(ks)
+    first, depth = first_hit_positions(idx, query_labels, gallery_labels), idx.shape[1]
+    return {f"recall@{k}": float(np.mean(first < min(k, depth))) for k in ks}
+
+
+def first_hit_positions(idx: np.ndarray, query_labels: ArrayLike | Sequence,
+                        gallery_labels: ArrayLike | Sequence) -> np.ndarray:
+    """int64 [Q]: the 0-based position in ``idx`` [Q, depth] of each query's first same-label neighbour (``depth``
+    when none): query q counts towards recall@K iff its position is < min(K, depth)."""
     ql = _labels(query_labels, len(idx), "query_labels")
     gl = np.asarray(gallery_labels)
-    depth = idx.shape[1]
     hit = gl[idx] == ql[:, None]  # [Q, depth]
-    first = np.where(hit.any(axis=1), np.argmax(hit, axis=1), depth)  # 0-based position of the first hit
-    return {f"recall@{k}": float(np.mean(first < min(k, depth))) for k in ks}
+    return np.where(hit.any(axis=1), np.argmax(hit, axis=1), idx.shape[1]).astype(np.int64)
