@@ -6,7 +6,8 @@ generator, so an evaluation gives the same intervals every time), recomputes the
 reports the 2.5th and 97.5th percentiles of the B values (numpy's linear interpolation). Replicates are computed
 from per-image quantities and per-replicate class counts (``bincount`` over ``replicate * C + class``), a block of
 replicates at a time so the memory stays near ``BLOCK_ELEMENTS`` index entries, never with a Python loop per
-replicate: 1000 replicates of 10 000 images take about a second on one core.
+replicate: 1000 replicates of 10 000 images, 100 classes, took 3.3 s (0.6 s of it the draw) on a shared 2-core
+machine at load average 7; the [B, N] index matrix is 80 MB.
 
 Re-id queries of one person are not independent (they share the person's look), so their unit of resampling is the
 person: :func:`cluster_ratio_intervals` resamples clusters (identities) and sums their per-cluster totals.
