@@ -247,3 +247,126 @@ def test_reliability_rows_and_search_bound() -> None:
     rows = reliability_bins(probs, np.array([0, 1, 1]), n_bins=5).rows()
     assert len(rows) == 5 and sum(r["count"] for r in rows) == 3
     assert at_search_bound(T_MIN) and at_search_bound(T_MAX) and not at_search_bound(1.0)
+
+
+# ---------------------------------------------------------------- out of sample: cross-fitting, calibrate, evaluate
+
+
+def nll_at(z: np.ndarray, y: np.ndarray, t: float | np.ndarray) -> float:
+    """Mean cross-entropy of softmax(z / t), written out here (t: a scalar or one value per row)."""
+    s = z / (np.asarray(t, dtype=np.float64).reshape(-1, 1) if np.ndim(t) else t)
+    logp = s - s.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    return -float(np.mean(logp[np.arange(len(y)), y]))
+
+
+def reference_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """Independent fit: scipy's bounded search over T itself (not log T) of the NLL written out above."""
+    from scipy.optimize import minimize_scalar
+
+    return float(minimize_scalar(lambda t: nll_at(z, y, t), bounds=(0.05, 20), method="bounded",
+                                 options={"xatol": 1e-8}).x)
+
+
+def test_cross_fitted_temperatures_recover_t_true_and_never_see_the_rows_they_score() -> None:
+    from vistrain.metrics.calibration import cross_fit_temperatures, row_temperatures
+
+    t_true = 2.0
+    z, y = sample_at_temperature(t_true, n=10_000, seed=11)  # logits = true logits * 2: labels from softmax(true)
+    groups = np.arange(len(y)) % 5
+    temps = cross_fit_temperatures(z, y, groups)
+    assert sorted(temps) == [0, 1, 2, 3, 4]
+    for k, t in temps.items():
+        assert abs(t / t_true - 1) < 0.05, (k, t)
+        assert t == pytest.approx(reference_temperature(z[groups != k], y[groups != k]), rel=1e-4)
+        # Fold k's temperature never saw fold k: wrecking fold k's rows (logits x10, every label wrong) leaves it
+        # exactly as it was, while every other fold's temperature, which was fitted on them, moves.
+        z2, y2 = z.copy(), y.copy()
+        z2[groups == k] *= 10
+        y2[groups == k] = (y2[groups == k] + 1) % z.shape[1]
+        moved = cross_fit_temperatures(z2, y2, groups)
+        assert moved[k] == t
+        assert all(abs(moved[j] / temps[j] - 1) > 0.05 for j in temps if j != k)
+    np.testing.assert_array_equal(row_temperatures(groups[:7], temps), [temps[g] for g in groups[:7]])
+    with pytest.raises(ValueError, match="at least two groups"):
+        cross_fit_temperatures(z, y, np.zeros(len(y)))
+
+
+def fake_oof_run(root, parts: list[tuple[float, int, int]]):
+    """A finished K-fold run directory without trained weights (calibrate and evaluate --split oof read only the
+    stored out-of-fold logits): fold k's rows are generated at its true temperature, ``parts[k] = (T_true, n,
+    seed)``. Returns (run dir, logits, targets, fold of each row)."""
+    import pandas as pd
+    from conftest import tiny_config, write_yaml
+
+    logits, targets, folds = [], [], []
+    for k, (t_true, n, seed) in enumerate(parts):
+        z, y = sample_at_temperature(t_true, n=n, seed=seed)
+        logits.append(z)
+        targets.append(y)
+        folds.append(np.full(n, k))
+    z, y, f = np.concatenate(logits), np.concatenate(targets), np.concatenate(folds)
+    run = root / "run"
+    (run / "oof").mkdir(parents=True)
+    (run / "ckpt").mkdir()
+    for k in range(len(parts)):
+        (run / "ckpt" / f"best_fold{k}.pth").write_bytes(b"")
+    write_yaml(run / "config.yaml", tiny_config(root / "data", data={"folds": len(parts), "valid_fold": "all"}))
+    classes = [str(c) for c in range(z.shape[1])]
+    (run / "class_map.json").write_text(json.dumps({"idx_to_class": dict(enumerate(classes))}))
+    pd.DataFrame({"id": [f"i{i}" for i in range(len(y))], "path": [f"/x/i{i}.png" for i in range(len(y))],
+                  "label": [classes[t] for t in y], "fold": f}).to_csv(run / "splits.csv", index=False)
+    np.save(run / "oof" / "oof_logits.npy", z.astype(np.float32))
+    np.save(run / "oof" / "oof_targets.npy", y)
+    return run, z.astype(np.float32).astype(np.float64), y, f
+
+
+def test_calibrate_keeps_or_reverts_on_the_out_of_sample_ece(tmp_path) -> None:
+    """Fold 0 is 3x over-confident, fold 1 2x under-confident. One T fitted on both and scored on the same rows
+    halves the ECE (in sample: keep), but each fold scored at the T of the other fold is worse than no T at all
+    (out of sample: revert). calibrate must revert, and report the out-of-sample figures."""
+    from vistrain.pipelines.calibrate import run_calibrate
+
+    run, z, y, folds = fake_oof_run(tmp_path, [(3.0, 2000, 1), (0.5, 500, 2)])
+    pooled = reference_temperature(z, y)
+    before = ece_reference(softmax(z, axis=1), y, 15)
+    in_sample = ece_reference(softmax(z / pooled, axis=1), y, 15)
+    assert in_sample < before - 0.05  # in sample, temperature scaling looks like a clear win
+    t_rows = np.where(folds == 0, reference_temperature(z[folds == 1], y[folds == 1]),
+                      reference_temperature(z[folds == 0], y[folds == 0]))
+    out_of_sample = ece_reference(softmax(z / t_rows[:, None], axis=1), y, 15)
+    assert out_of_sample > before + 0.05  # out of sample it is a loss
+
+    result = run_calibrate(run)
+    assert result["applied"] is False and result["temperature"] == 1.0
+    assert result["fitted_temperature"] == pytest.approx(pooled, rel=1e-4)
+    assert result["ece_before"] == pytest.approx(before, abs=1e-6)
+    assert result["ece_cross_fitted"] == pytest.approx(out_of_sample, abs=1e-3)
+    assert result["nll_cross_fitted"] == pytest.approx(nll_at(z, y, t_rows), rel=1e-4)
+    assert result["ece_after"] == result["ece_before"]  # T = 1 kept
+    assert result["calibration"] == {"fitted_on": "oof", "evaluated_on": "oof, cross-fitted by fold",
+                                     "in_sample": False}
+    assert json.loads((run / "calibration.json").read_text())["applied"] is False
+
+
+def test_evaluate_oof_after_calibrating_scores_each_fold_at_a_temperature_fitted_without_it(tmp_path) -> None:
+    """Known true temperature 2 in every fold: the fitted T recovers it, calibrate keeps it, and evaluate --split
+    oof scores fold k's rows at the T fitted on the other folds only (never the pooled, in-sample T)."""
+    from vistrain.pipelines.calibrate import run_calibrate
+    from vistrain.pipelines.evaluate import run_evaluate
+
+    run, z, y, folds = fake_oof_run(tmp_path, [(2.0, 1500, 3), (2.0, 1500, 4), (2.0, 1500, 5)])
+    result = run_calibrate(run)
+    assert result["applied"] is True and abs(result["temperature"] / 2.0 - 1) < 0.05
+    other = {k: reference_temperature(z[folds != k], y[folds != k]) for k in range(3)}
+    for k, t in result["cross_fit"]["temperatures"].items():
+        assert t == pytest.approx(other[int(k)], rel=1e-4)
+    metrics = run_evaluate(run, "oof", echo=False)
+    t_rows = np.array([other[k] for k in folds])
+    assert metrics["nll"] == pytest.approx(nll_at(z, y, t_rows), rel=1e-5)
+    assert metrics["nll"] != pytest.approx(nll_at(z, y, result["temperature"]), rel=1e-5)
+    assert metrics["ece"] == pytest.approx(ece_reference(softmax(z / t_rows[:, None], axis=1), y, 15), abs=1e-5)
+    cal = metrics["calibration"]
+    assert cal["in_sample"] is False and cal["evaluated_on"] == "oof" and cal["fitted_on"] == \
+        "oof of the other folds (cross-fitted: fold k's rows at the T fitted without them)"
+    assert {int(k): v for k, v in cal["temperatures"].items()} == pytest.approx(other, rel=1e-4)

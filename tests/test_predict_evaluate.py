@@ -69,6 +69,11 @@ def test_calibration_file_and_plot(trained: dict) -> None:
     assert calib["temperature"] > 0
     assert calib["ece_after"] <= calib["ece_before"] + 1e-12
     assert calib["source"] == "oof"
+    # the after-figures and the keep / revert decision come from rows the temperature never saw
+    assert calib["calibration"] == {"fitted_on": "oof", "evaluated_on": "oof, cross-fitted by fold", "in_sample": False}
+    assert sorted(calib["cross_fit"]["temperatures"]) == ["0", "1"] and calib["cross_fit"]["by"] == "fold"
+    # two folds averaged are softer than either model: no labelled images outside both folds, so no ensemble T
+    assert calib["ensemble"]["temperature"] is None and calib["ensemble"]["fitted"] is False
     assert (trained["run"] / "calibration_reliability.png").stat().st_size > 1000
 
 
@@ -99,6 +104,9 @@ def test_evaluate_val_and_test_splits(trained: dict) -> None:
         assert res.returncode == 0, res.stderr
         metrics = json.loads((trained["run"] / "eval" / split / "metrics.json").read_text())
         assert metrics["n"] == (30 if split == "val" else 9)
+        assert metrics["calibration"]["in_sample"] is False and metrics["calibration"]["evaluated_on"] == split
+    # the test split is the 2-fold ensemble: not at one model's temperature
+    assert metrics["calibration"]["temperature"] is None and metrics["calibration"]["fitted_on"] is None
 
 
 def test_predict_follows_the_sample_order_with_probabilities(trained: dict) -> None:
@@ -238,10 +246,10 @@ def test_tta_views_the_training_never_saw(augment: dict, views: list[str], expec
 
 # ------------------------------------------------------------------------------------------- evaluate TTA
 
-def _reference_probs(run: Path, paths: list[str], folds: list[int], views: list[str]) -> np.ndarray:
+def _reference_probs(run: Path, paths: list[str], folds: list[int], views: list[str], temperature: float = 1.0
+                     ) -> np.ndarray:
     """Mean over folds and views (the plain image, then each of ``views``) of softmax(logits / T), computed here
     from the checkpoints with timm and torch, not through vistrain's inference code: what TTA must give."""
-    temperature = json.loads((run / "calibration.json").read_text())["temperature"]
     flip_dims = {"hflip": [-1], "vflip": [-2]}
     probs = []
     for fold in folds:
@@ -265,7 +273,7 @@ def _eval_probs(run: Path, split: str) -> tuple[pd.DataFrame, np.ndarray]:
 
 def test_evaluate_applies_eval_tta_as_the_average_of_the_views(trained: dict) -> None:
     """The test split (fold ensemble): each eval.tta setting gives other numbers, each the mean of the views'
-    probabilities over both folds."""
+    probabilities over both folds (at T = 1: the 2-fold ensemble has no fitted temperature)."""
     from vistrain.pipelines.evaluate import run_evaluate
 
     run = trained["run"]
@@ -291,7 +299,10 @@ def test_evaluate_val_tta_scores_each_fold_on_its_own_validation_images(trained:
     for fold in (0, 1):
         rows = pred["path"].isin(splits.loc[splits["fold"] == fold, "path"]).to_numpy()
         assert rows.sum() == 15
-        want = _reference_probs(run, pred["path"][rows].tolist(), [fold], ["hflip", "vflip"])
+        # fold k's validation images at the temperature fitted on the other fold's OOF rows (T = 1 if reverted)
+        cal = json.loads((run / "calibration.json").read_text())
+        t = cal["cross_fit"]["temperatures"][str(fold)] if cal["applied"] else 1.0
+        want = _reference_probs(run, pred["path"][rows].tolist(), [fold], ["hflip", "vflip"], t)
         np.testing.assert_allclose(probs[rows], want, atol=1e-5)
     assert plain["tta"] == [] and metrics["tta"] == ["hflip", "vflip"]
 

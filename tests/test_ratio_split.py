@@ -132,6 +132,10 @@ def test_other_commands_work_on_a_ratio_split_run(trained):
     assert cal.returncode == 0, describe(cal)
     result = json.loads((trained["run"] / "calibration.json").read_text())
     assert result["source"] == "validation fold(s) [0]" and result["n"] == (splits(trained)["split"] == "val").sum()
+    # one model's validation rows: cross-fitted over parts of them; the single model is its own ensemble
+    assert result["cross_fit"]["by"] == "5 interleaved parts of the rows"
+    assert result["calibration"]["in_sample"] is False
+    assert result["ensemble"]["fitted_on"] == result["source"] and result["ensemble"]["fitted"] == result["applied"]
     pred: subprocess.CompletedProcess = trained["predict"]
     assert pred.returncode == 0, describe(pred)
     assert len(pd.read_csv(trained["root"] / "pred.csv")) == 4

@@ -37,9 +37,10 @@ class LoadedRun:
     cfg: Config
     classes: list  # class labels in index order, as in the training CSV
     folds: list[int]  # folds that have a best checkpoint
-    temperature: float | None  # from calibration.json, when the run was calibrated
+    temperature: float | None  # one fold model's, from calibration.json, when the run was calibrated
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # class_map.json's per-class metadata
+    calibration: dict[str, Any] = field(default_factory=dict)  # calibration.json as written ({} when absent)
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -57,6 +58,15 @@ class LoadedRun:
         ``metadata.<class>.display_name``, else ``.name``), None for a class without one."""
         return [display_name(self.metadata, c) for c in self.classes]
 
+    def temperature_for(self, folds: Sequence[int]) -> float | None:
+        """The temperature for predictions of ``folds``: one fold model's (``temperature``), or for several folds
+        averaged the fold ensemble's own (``calibration.json``'s ``ensemble.temperature``: None unless fitted on the
+        ensemble's outputs, since averaging K models already softens them and one model's T over-corrects)."""
+        if len(folds) == 1:
+            return self.temperature
+        ensemble = self.calibration.get("ensemble")
+        return ensemble.get("temperature") if isinstance(ensemble, dict) else None
+
 def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
     consumer sees one effective config; relative paths in them resolve against the working directory."""
@@ -72,11 +82,11 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     if not folds:
         raise UserError(f"RUN: {run_dir} has no ckpt/best_fold*.pth; train it first (or --resume it)")
     calib = run_dir / "calibration.json"
-    temperature = json.loads(calib.read_text()).get("temperature") if calib.is_file() else None
+    calibration = json.loads(calib.read_text()) if calib.is_file() else {}
     _apply_threads(cfg)
     metadata = class_map.get("metadata")
-    return LoadedRun(run_dir, cfg, classes, folds, temperature, _effective(cfg, keys),
-                     metadata if isinstance(metadata, dict) else {})
+    return LoadedRun(run_dir, cfg, classes, folds, calibration.get("temperature"), _effective(cfg, keys),
+                     metadata if isinstance(metadata, dict) else {}, calibration)
 
 
 def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:

@@ -221,3 +221,39 @@ def fit_temperature(logits: ArrayLike, targets: ArrayLike) -> float:
                       f"(interval [{T_MIN}, {T_MAX}]); the logits may be separable or uninformative",
                       RuntimeWarning, stacklevel=2)
     return math.exp(log_t)
+
+
+def cross_fit_temperatures(logits: ArrayLike, targets: ArrayLike, groups: ArrayLike) -> dict[int, float]:
+    """For each group g, the temperature fitted (``fit_temperature``) on the rows of every *other* group.
+
+    logits: [N, C]; targets: [N] int; groups: [N] int (a K-fold run's fold of each out-of-fold row). Scoring group
+    g's rows at its temperature is an out-of-sample figure: that T never saw them, as a temperature fitted on all
+    rows and scored on the same rows would have (in-sample NLL and ECE flatter the fit). A fit at the search bound
+    (separable or uninformative rows; see ``at_search_bound``) gives 1.0, as ``calibrate`` keeps T = 1 there.
+    Needs at least two groups.
+    """
+    z, y = _as_logits_targets(logits, targets)
+    g = np.asarray(_np(groups)).astype(np.int64).reshape(-1)
+    if len(g) != len(y):
+        raise ValueError(f"groups: {len(g)} values for {len(y)} rows")
+    names = np.unique(g)
+    if len(names) < 2:
+        raise ValueError(f"groups: cross-fitting needs at least two groups, got {len(names)}")
+    out = {}
+    for name in names.tolist():
+        others = g != name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a bound is replaced by 1.0 just below
+            t = fit_temperature(z[others], y[others])
+        out[int(name)] = 1.0 if at_search_bound(t) else t
+    return out
+
+
+def row_temperatures(groups: ArrayLike, temperatures: dict[int, float]) -> np.ndarray:
+    """[N] float64: each row's group's temperature (``cross_fit_temperatures``' answer), to divide [N, C] logits
+    by ``[:, None]``."""
+    g = np.asarray(_np(groups)).astype(np.int64).reshape(-1)
+    missing = sorted(set(g.tolist()) - set(temperatures))
+    if missing:
+        raise ValueError(f"temperatures: no temperature for group(s) {missing}")
+    return np.array([temperatures[k] for k in g.tolist()], dtype=np.float64)

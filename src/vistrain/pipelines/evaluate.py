@@ -26,6 +26,7 @@ from vistrain.engine.inference import (
 )
 from vistrain.errors import UserError
 from vistrain.metrics.bootstrap import LEVEL, bootstrap_indices, classification_intervals, format_interval
+from vistrain.metrics.calibration import row_temperatures
 from vistrain.metrics.classification import DOMAIN_METRICS, ECE_BINS, classification_report, per_domain_metrics
 from vistrain.pipelines.predict import predict_probs, tta_wanted, warn_untrained_views
 from vistrain.tracking.files import write_csv, write_json
@@ -44,11 +45,51 @@ def _targets(run: LoadedRun, labels: pd.Series, key: str) -> np.ndarray:
     return np.array([index[str(v)] for v in labels], dtype=np.int64)
 
 
-def _scaled(logits: np.ndarray, temperature: float | None) -> np.ndarray:
-    return logits / temperature if temperature else logits
+def held_out_temperatures(run: LoadedRun, folds: np.ndarray, split: str) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """Each row's temperature [N, 1] (None: no temperature) for rows scored by their own fold's model (``oof``,
+    ``val``; ``folds``: each row's fold, rows in splits.csv order), and the metrics.json ``calibration`` entry.
+
+    The run's temperature was fitted on these very rows, so scoring them at it would flatter it; each row is
+    scored at the temperature ``calibrate`` fitted without its fold (or its part of a single fold's rows)."""
+    cal, info = run.calibration, {"fitted_on": None, "evaluated_on": split, "in_sample": False}
+    if run.temperature is None or not cal.get("applied", True):
+        return None, {"temperature": None, **info, "note": "uncalibrated" if run.temperature is None
+                      else "calibrate kept T = 1 (a temperature fitted without the scored rows made ECE worse)"}
+    cross = cal.get("cross_fit")
+    if not isinstance(cross, dict):  # a calibration.json written before cross-fitting
+        return np.full((len(folds), 1), run.temperature), {
+            "temperature": run.temperature, "fitted_on": cal.get("source"), "evaluated_on": split,
+            "in_sample": True, "note": "calibration.json predates cross-fitting: run vistrain calibrate RUN again"}
+    from vistrain.pipelines.calibrate import CHUNKS
+
+    temps = {int(k): float(v) for k, v in cross["temperatures"].items()}
+    by_fold = cross["by"] == "fold"
+    groups = folds if by_fold else np.arange(len(folds)) % CHUNKS
+    missing = sorted(set(groups.tolist()) - set(temps))
+    if missing:
+        raise UserError(f"RUN: {run.path / 'calibration.json'} has no cross-fitted temperature for "
+                        f"{'fold' if by_fold else 'part'} {missing[0]}; run vistrain calibrate {run.path} again")
+    what = "folds" if by_fold else f"{CHUNKS - 1} parts of {CHUNKS}"
+    info["fitted_on"] = (f"{cal['source']} of the other {what} (cross-fitted: "
+                         f"{'fold' if by_fold else 'part'} k's rows at the T fitted without them)")
+    return row_temperatures(groups, temps)[:, None], {"temperature": "cross-fitted", "temperatures": {
+        str(k): temps[k] for k in sorted(set(groups.tolist()))}, **info}
+
+
+def ensemble_calibration(run: LoadedRun, folds: list[int], split: str) -> dict[str, Any]:
+    """The metrics.json ``calibration`` entry for ``folds``' predictions averaged: their temperature
+    (``LoadedRun.temperature_for``), fitted on the OOF / validation logits, never on the ``split`` scored here."""
+    t = run.temperature_for(folds)
+    which = f"fold {folds[0]}'s model" if len(folds) == 1 else f"the ensemble of folds {','.join(map(str, folds))}"
+    info = {"temperature": t, "applies_to": which, "fitted_on": run.calibration.get("source") if t else None,
+            "evaluated_on": split, "in_sample": False}
+    if t is None and run.temperature is not None and len(folds) > 1:
+        info["note"] = "the fold ensemble's temperature is not fitted (calibration.json ensemble): T = 1"
+    return info
 
 
 def oof_outputs(run: LoadedRun) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The stored out-of-fold logits (untempered), their targets and splits.csv (same rows, same order)."""
     oof = run.path / "oof" / "oof_logits.npy"
     if not oof.is_file() and run.cfg.data.split == "ratio":
         raise UserError(f"--split oof: {run.path} has a ratio split: one model, no out-of-fold logits; use --split val "
@@ -65,21 +106,29 @@ def _log_probs(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(probs, 1e-12, 1.0))
 
 
-def val_outputs(run: LoadedRun, folds: list[int], tta: bool = False) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """Each fold's best model on its own validation part (no ensembling: these are held-out scores), at the run's
-    temperature; ``tta``: the log of the mean probability over the plain image and the ``eval.tta`` views."""
+def val_outputs(run: LoadedRun, folds: list[int], tta: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, dict[str, Any]]:
+    """Each fold's best model on its own validation part (no ensembling: these are held-out scores), each row at
+    the temperature fitted without it (``held_out_temperatures``); ``tta``: the log of the mean probability over
+    the plain image and the ``eval.tta`` views. Also the metrics.json ``calibration`` entry."""
     items = run.splits()
     device = dev.pick_device(run.cfg.train.device)
     views = run.cfg.eval.tta if tta else []
-    parts, logits = [], []
+    parts, logits, infos = [], [], []
     for fold in folds:
         part = items[items["fold"] == fold]
         model, pre = load_fold_model(run, fold, device)
         out = infer_logits(run, model, part["path"].tolist(), pre, device, views, desc=f"fold {fold}")
-        logits.append(_log_probs(ensemble_probs([out], run.temperature)) if tta else _scaled(out[0], run.temperature))
+        t_rows, info = held_out_temperatures(run, part["fold"].to_numpy(dtype=np.int64), "val")
+        out = out if t_rows is None else out / t_rows[None]
+        logits.append(_log_probs(ensemble_probs([out])) if tta else out[0])
         parts.append(part)
+        infos.append(info)
     table = pd.concat(parts, ignore_index=True)
-    return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table
+    calibration = infos[0]
+    if "temperatures" in calibration:
+        calibration["temperatures"] = {k: v for i in infos for k, v in i["temperatures"].items()}
+    return np.concatenate(logits), _targets(run, table["label"], "splits.csv"), table, calibration
 
 
 def ratio_test_items(run: LoadedRun) -> pd.DataFrame | None:
@@ -96,7 +145,7 @@ def ratio_test_items(run: LoadedRun) -> pd.DataFrame | None:
 
 def test_outputs(run: LoadedRun, folds: list[int], tta: bool = False) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """The fold ensemble (with ``tta``: and the ``eval.tta`` views) on the run's test split (data.split: ratio) or
-    ``data.test_csv``; log of the mean probabilities serve as logits."""
+    ``data.test_csv``, at ``LoadedRun.temperature_for(folds)``; log of the mean probabilities serve as logits."""
     table = ratio_test_items(run)
     if table is not None:
         require_readable(table["path"].tolist(), "splits.csv (test)")
@@ -229,11 +278,13 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     chosen = select_folds(run, folds)
     if split == "oof":
         logits, targets, table = oof_outputs(run)
-        logits = _scaled(logits, run.temperature)
+        t_rows, calibration = held_out_temperatures(run, table["fold"].to_numpy(dtype=np.int64), "oof")
+        logits = logits if t_rows is None else logits / t_rows
     elif split == "val":
-        logits, targets, table = val_outputs(run, chosen, tta)
+        logits, targets, table, calibration = val_outputs(run, chosen, tta)
     else:
         logits, targets, table = test_outputs(run, chosen, tta)
+        calibration = ensemble_calibration(run, chosen, "test")
     names = [str(c) for c in run.classes]
     report = classification_report(logits, targets, names)
     domains = table["domain"].fillna("").astype(str).to_numpy() if "domain" in table.columns else None
@@ -242,7 +293,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     metrics = _scalars(report)
     if domains is not None:
         metrics.update(per_domain_metrics(logits, targets, domains))  # top1@<d> ...: the training row's keys
-    metrics.update(split=split, folds=chosen if split != "oof" else run.folds, temperature=run.temperature,
+    metrics.update(split=split, folds=chosen if split != "oof" else run.folds, calibration=calibration,
                    tta=list(run.cfg.eval.tta) if tta else [], overrides=run.overrides)
     if domains is not None:
         metrics["per_domain"] = {dom: _scalars(r) for dom, r in by_domain.items()}

@@ -79,9 +79,11 @@ class Deployable(nn.Module):
         return F.normalize(out, dim=1) if self.feat_norm else out
 
     @classmethod
-    def of_run(cls, model: nn.Module, run: LoadedRun) -> Deployable:
+    def of_run(cls, model: nn.Module, run: LoadedRun, temperature: float | None = None) -> Deployable:
+        """``temperature``: the softmax's, when not one fold model's (``serve`` averaging several folds)."""
         e = run.cfg.eval
-        return cls(model, run.cfg.task, run.temperature, e.feat_norm, e.flip_feats).eval()
+        t = run.temperature if temperature is None else temperature
+        return cls(model, run.cfg.task, t, e.feat_norm, e.flip_feats).eval()
 
     @property
     def output_names(self) -> list[str]:

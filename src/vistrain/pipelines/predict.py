@@ -1,7 +1,8 @@
 """``vistrain predict``: the fold ensemble's class for every image -> ``ID,target`` CSV.
 
 The prediction is the mean of softmax(logits / T) over the chosen folds' best checkpoints and the TTA
-views; T comes from calibration.json when the run was calibrated.
+views; T comes from calibration.json when the run was calibrated: one fold model's temperature for one fold, the
+fold ensemble's own (``ensemble.temperature``, unfitted for a K-fold run: T = 1) for several.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool)
     for fold in folds:
         model, pre = load_fold_model(run, fold, device)
         logits.append(infer_logits(run, model, paths, pre, device, views, desc=f"fold {fold}"))
-    return ensemble_probs(logits, run.temperature)
+    return ensemble_probs(logits, run.temperature_for(folds))
 
 
 def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, image_dir: Path | None = None,
@@ -148,13 +149,23 @@ def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, ima
             table["top1_similarity"] = top1
         return _write(_with_display_names(run, table), output or run.path / "predictions.csv")
     log.info("[PREDICT] %d images | folds=%s | tta=%s | temperature=%s", len(inputs.ids), chosen,
-             run.cfg.eval.tta if tta else "off", run.temperature or "none")
+             run.cfg.eval.tta if tta else "off", _temperature_note(run, chosen))
     p = predict_probs(run, inputs.paths, chosen, tta)
     table = pd.DataFrame({d.id_col: inputs.ids, d.target_col: [run.classes[i] for i in p.argmax(axis=1)]})
     if probs:
         for i, c in enumerate(run.classes):
             table[f"prob_{c}"] = p[:, i]
     return _write(_with_display_names(run, table), output or run.path / "predictions.csv")
+
+
+def _temperature_note(run: LoadedRun, folds: list[int]) -> str:
+    """The temperature these folds' predictions use, and why none when a calibrated run's ensemble has none."""
+    t = run.temperature_for(folds)
+    if t is not None:
+        return f"{t:.4g}"
+    if run.temperature is not None and len(folds) > 1:
+        return "none (a fold ensemble; calibration.json ensemble: not fitted)"
+    return "none"
 
 
 def _with_display_names(run: LoadedRun, table: pd.DataFrame) -> pd.DataFrame:

@@ -141,10 +141,13 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     run = load_run(run_dir)
     chosen = select_folds(run, [fold] if fold is not None else None, key="--fold")
     device = dev.pick_device(run.cfg.train.device)
+    # Several folds averaged: the ensemble's temperature (T = 1 unless one was fitted on the ensemble's outputs),
+    # each fold's softmax at it, then the mean; one fold: that model's temperature.
+    temperature = run.temperature_for(chosen) or 1.0
     modules = []
     for k in chosen:
         model, pre = load_fold_model(run, k, device)  # one run, one preprocessing: every fold records the same
-        modules.append(Deployable.of_run(model, run))
+        modules.append(Deployable.of_run(model, run, temperature))
     names = modules[0].output_names
 
     @torch.no_grad()
@@ -156,7 +159,7 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
                 for i, name in enumerate(names)}
 
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
-    return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(run.temperature or 1.0), "torch",
+    return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(temperature), "torch",
                      f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
                      display_names=run.display_names())
 

@@ -320,7 +320,16 @@ def calibration_html(run_dir: Path) -> str:
         return ""
     known = {k: cal[k] for k in CALIBRATION_KEYS if k in cal}
     rest = {k: v for k, v in cal.items() if k not in known}
-    return section("Calibration (temperature scaling)", key_values({**known, **rest}))
+    notes = []
+    where = cal.get("calibration")
+    if isinstance(where, dict):  # which rows the after-figures come from
+        notes.append(f"fitted on {where.get('fitted_on')}; figures on {where.get('evaluated_on')}"
+                     f"{' (in sample)' if where.get('in_sample') else ' (out of sample)'}")
+    ensemble = cal.get("ensemble")
+    if isinstance(ensemble, dict) and ensemble.get("note"):
+        notes.append(f"fold ensemble: {ensemble['note']}")
+    lines = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    return section("Calibration (temperature scaling)", key_values({**known, **rest}) + lines)
 
 
 def images_html(run_dir: Path) -> str:
