@@ -670,7 +670,7 @@ def retrieval_problem(seed: int, n_q: int = 12, n_g: int = 36, classes: int = 4,
 
 def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tuple[int, ...], knn_k: int
                        ) -> dict[str, float]:
-    """Recall@K and kNN accuracy from the re-ranked distances, with numpy and the paper-written re-ranking above:
+    """knn_recall@K and kNN accuracy from the re-ranked distances, with numpy and the paper-written re-ranking above:
     cosine geometry (squared euclidean distance of the unit vectors), k1 = 20, k2 = 6, lambda = 0.3."""
     from sklearn.metrics import f1_score
 
@@ -680,8 +680,8 @@ def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tupl
     ql, gl = labels[:n_q], labels[n_q:]
     out = {}
     for k in ks:
-        out[f"recall@{k}"] = float(np.mean([(gl[np.argsort(row, kind="stable")[:k]] == lab).any()
-                                           for row, lab in zip(dist, ql)]))
+        out[f"knn_recall@{k}"] = float(np.mean([(gl[np.argsort(row, kind="stable")[:k]] == lab).any()
+                                               for row, lab in zip(dist, ql)]))
     pred = []
     for row in dist:
         near = gl[np.argsort(row, kind="stable")[:knn_k]]
@@ -696,7 +696,7 @@ def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tupl
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_retrieval_metrics_with_rerank_are_those_of_the_reranked_distances(seed: int) -> None:
-    """eval.rerank on a retrieval (not re-id) run: recall@K and the kNN vote come from the k-reciprocal re-ranked
+    """eval.rerank on a retrieval (not re-id) run: knn_recall@K and the kNN vote come from the k-reciprocal re-ranked
     distances, recomputed here with numpy, and differ from the plain ranking's."""
     from vistrain.engine.tasks import RetrievalEval, embedding_metrics
 

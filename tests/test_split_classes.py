@@ -23,7 +23,8 @@ CLASSES = tuple(f"c{i}" for i in range(10))
 
 def _config(root: Path, *extra: str):
     return load_config(None, overrides=["task=embedding", "data.source=folders", f"data.image_dir_train={root}",
-                                        "data.image_ext=.png", "data.train_ratio=0.6", "data.val_ratio=0.2", "data.test_ratio=0.2", *extra])
+                                        "data.image_ext=.png", "data.train_ratio=0.6", "data.val_ratio=0.2",
+                                        "data.test_ratio=0.2", *extra])
 
 
 def _classes_per_part(items: pd.DataFrame) -> dict[str, set[str]]:

@@ -135,8 +135,8 @@ def assign_class_split(items: pd.DataFrame, val: float, test: float, seed: int) 
                         "validates on whole classes; raise data.val_ratio or add classes")
     if n - n_val - n_test < 2:
         raise UserError(f"data.val_ratio + data.test_ratio: {val} + {test} of the {n} classes leave "
-                        f"{n - n_val - n_test} class(es) to train on (data.split_classes: true), at least 2 are needed; "
-                        "lower the ratios or add classes")
+                        f"{n - n_val - n_test} class(es) to train on (data.split_classes: true), at least 2 are "
+                        "needed; lower the ratios or add classes")
     order = np.random.default_rng(seed).permutation(classes)
     part = dict.fromkeys(order[:n_val], "val") | dict.fromkeys(order[n_val:n_val + n_test], "test")
     split = items["label"].astype(str).map(lambda c: part.get(c, "train")).to_numpy()
@@ -154,8 +154,8 @@ def check_class_disjoint(items: pd.DataFrame, split: np.ndarray, what: str) -> N
         if not shared.empty:
             shown = "; ".join(f"{name} ({p})" for name, p in shared.head(3).items())
             more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
-            raise UserError(f"data.split_classes: {len(shared)} {counted} lie in two parts of {what}: {shown}{more}; "
-                            f"true needs every {unit}'s images in one of train / val / test")
+            raise UserError(f"data.split_classes: {len(shared)} {counted} lie in two parts of {what}: {shown}"
+                            f"{more}; true needs every {unit}'s images in one of train / val / test")
 
 
 def classification_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int,
