@@ -18,6 +18,7 @@ from vistrain.metrics.retrieval import (
     k_reciprocal_rerank,
     knn_classify,
     knn_search,
+    leave_one_out_recall,
     recall_at_k,
     reid_cmc_map,
     reid_cmc_map_detailed,
@@ -655,6 +656,37 @@ def test_recall_at_k_exclude_self() -> None:
         assert recall_at_k(x, y, x, y, ks=(1,))["recall@1"] == 1.0  # trivially: itself
     y_odd = np.array([0, 1, 2, 3, 4, 5])  # no twin at all: nothing to find once self is excluded
     assert recall_at_k(x, y_odd, x, y_odd, ks=(1, 5), exclude_self=True) == {"recall@1": 0.0, "recall@5": 0.0}
+
+
+def leave_one_out_reference(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """The CUB / SOP protocol written out: each item with another of its class ranks every other item by cosine
+    similarity (float64, ties by index); a hit when one of the first k has its class."""
+    unit = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    hits = []
+    for i in range(len(x)):
+        if (y == y[i]).sum() < 2:
+            continue
+        others = np.array([j for j in range(len(x)) if j != i])
+        order = others[np.argsort(-(unit[others] @ unit[i]), kind="stable")]
+        hits.append(bool((y[order[:k]] == y[i]).any()))
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_leave_one_out_recall_equals_the_protocol_written_out(device: str) -> None:
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 12, 200)
+    y[:3] = [100, 101, 102]  # three classes of one image: no query, still in the others' galleries
+    x = rng.standard_normal((12, 16))[y % 12] + 1.2 * rng.standard_normal((200, 16))
+    x[10] = x[11]  # an exact duplicate pair: ties with self are broken without losing a neighbour
+    got, counted = leave_one_out_recall(x.astype(np.float32), y, ks=(1, 5, 500), device=device)
+    assert counted == 197
+    for k in (1, 5):
+        assert got[f"recall@{k}"] == pytest.approx(leave_one_out_reference(x, y, k))
+    assert 0.1 < got["recall@1"] < 0.9 and got["recall@500"] == 1.0  # K beyond the gallery: all the others
+    with pytest.raises(ValueError, match="no item has another item of its class"):
+        leave_one_out_recall(x[:3], y[:3])
 
 
 # ------------------------------------------------------------------------ re-ranking in the retrieval protocol
