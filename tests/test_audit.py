@@ -535,7 +535,7 @@ def test_audit_of_an_embedding_run_uses_its_embeddings_and_skips_label_issues(tm
     root = write_folders_dataset(tmp_path / "f", classes=("cat", "dog", "cow"), objects=6, views=3)
     shutil.copyfile(root / "cat" / "obj0_0.png", root / "dog" / "obj5_9.png")  # one image under two identities
     cfg = tiny_config(tmp_path, data={"source": "folders", "image_dir_train": str(root)},
-                      train={"epochs": 1, "monitor": "recall@1"}, sampler={"name": "pk", "p": 2, "k": 2})
+                      train={"epochs": 1, "monitor": "knn_recall@1"}, sampler={"name": "pk", "p": 2, "k": 2})
     for key in ("train_csv", "folds", "valid_fold"):
         cfg["data"].pop(key)
     config = write_yaml(tmp_path / "c.yaml", {"task": "embedding", **cfg})

@@ -265,7 +265,8 @@ FOLDERS = ["task=embedding", "data.source=folders", "data.image_dir_train=/data/
 
 @pytest.mark.parametrize("overrides, monitor, valid", [
     (REID, "recall@1", "valid: mAP, rank1, rank5, rank10, mINP"),
-    (FOLDERS, "mAP", "valid: recall@1, recall@5, knn_acc, knn_macro_f1"),
+    (FOLDERS, "mAP", "valid: knn_recall@1, knn_recall@5, knn_acc, knn_macro_f1"),
+    ([*FOLDERS, "data.split_classes=true"], "knn_acc", "valid: recall@1, recall@5"),
     ([], "mAP", "valid: macro_f1, accuracy, valid_loss"),
 ])
 def test_monitor_must_be_a_metric_this_kind_of_run_reports(overrides, monitor, valid):
@@ -276,18 +277,57 @@ def test_monitor_must_be_a_metric_this_kind_of_run_reports(overrides, monitor, v
 
 
 def test_recall_ks_set_the_retrieval_monitors():
-    cfg = load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[10, 1, 20]", "train.monitor=recall@10"])
-    assert cfg.eval.recall_ks == [1, 10, 20] and cfg.train.monitor == "recall@10"
+    cfg = load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[10, 1, 20]", "train.monitor=knn_recall@10"])
+    assert cfg.eval.recall_ks == [1, 10, 20] and cfg.train.monitor == "knn_recall@10"
     assert load_config(None, overrides=FOLDERS).eval.recall_ks == [1, 5]
-    assert load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[5, 10]"]).train.monitor == "recall@5"
+    assert load_config(None, overrides=[*FOLDERS, "eval.recall_ks=[5, 10]"]).train.monitor == "knn_recall@5"
+    disjoint = [*FOLDERS, "data.split_classes=true", "eval.recall_ks=[5, 10]"]
+    assert load_config(None, overrides=disjoint).train.monitor == "recall@5"
 
 
 def test_monitor_recall_at_a_k_not_in_recall_ks_is_an_error():
     with pytest.raises(ConfigError) as excinfo:
-        load_config(None, overrides=[*FOLDERS, "train.monitor=recall@10"])
+        load_config(None, overrides=[*FOLDERS, "train.monitor=knn_recall@10"])
     msg = one_problem(excinfo)
     assert msg.startswith("train.monitor:") and "eval.recall_ks" in msg and "[1, 5]" in msg, msg
-    assert "valid: recall@1, recall@5, knn_acc, knn_macro_f1" in msg, msg
+    assert "valid: knn_recall@1, knn_recall@5, knn_acc, knn_macro_f1" in msg, msg
+
+
+def test_monitor_recall_at_k_of_a_closed_set_run_is_refused_naming_knn_recall():
+    # recall@K is the class-disjoint figure (data.split_classes: true); the closed-set one is knn_recall@K. A user's
+    # recall@1 on a closed-set run is refused (exit 2) rather than silently monitoring another figure.
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*FOLDERS, "train.monitor=recall@1"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("train.monitor: 'recall@1'") and "'knn_recall@1'" in msg, msg
+    assert "data.split_classes: true" in msg, msg
+    cfg = load_config(None, overrides=[*FOLDERS, "data.split_classes=true", "train.monitor=recall@1"])
+    assert cfg.train.monitor == "recall@1" and cfg.data.split_classes is True
+
+
+def test_a_run_file_from_before_split_classes_monitors_knn_recall(tmp_path):
+    # Runs written before data.split_classes existed named their closed-set figure recall@K: their config.yaml
+    # still loads (evaluate, predict, resume), with the figure's present name.
+    saved = load_config(None, overrides=[*FOLDERS, "train.monitor=knn_recall@5"]).model_dump(mode="json")
+    del saved["data"]["split_classes"]
+    saved["train"]["monitor"] = "recall@5"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_config(path, run_file=True).train.monitor == "knn_recall@5"
+    with pytest.raises(ConfigError):
+        load_config(path)  # a user's file is refused, as above
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (REID, "data.source: reid"),
+    ([], "task: embedding"),
+    ([*FOLDERS, "eval.rerank=true"], "eval.rerank"),
+])
+def test_split_classes_is_refused_where_it_has_no_meaning(overrides, needle):
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[*overrides, "data.split_classes=true"])
+    msg = one_problem(excinfo)
+    assert msg.startswith("data.split_classes") and needle in msg, msg
 
 
 @pytest.mark.parametrize("value, text", [("[]", "at least one"), ("[1, 5, 1]", "repeated: 1"),
@@ -301,7 +341,8 @@ def test_recall_ks_must_be_distinct_positive_integers(value, text):
 
 def test_default_monitor_follows_the_kind_of_run():
     assert load_config(None, overrides=REID).train.monitor == "mAP"
-    assert load_config(None, overrides=FOLDERS).train.monitor == "recall@1"
+    assert load_config(None, overrides=FOLDERS).train.monitor == "knn_recall@1"
+    assert load_config(None, overrides=[*FOLDERS, "data.split_classes=true"]).train.monitor == "recall@1"
     assert load_config(None).train.monitor == "macro_f1"
 
 

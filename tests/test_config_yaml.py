@@ -29,6 +29,7 @@ CONTEXT: dict[tuple[str, Any], dict[str, Any]] = {
     ("model.head", "arcface"): {"task": "embedding"},
     ("model.head", "cosface"): {"task": "embedding"},
     ("train.class_weights", "from_class_map"): {"data": {"class_map": "/nowhere/class_map.json"}},
+    ("data.split_classes", True): {"task": "embedding"},  # a retrieval run's protocol; refused for a classifier
 }
 
 
@@ -147,10 +148,11 @@ def test_the_walk_covers_the_words_yaml_1_1_turned_into_booleans() -> None:
                                              ("ON", True), ("Off", False)])
 def test_bool_fields_take_the_yes_no_on_off_words(tmp_path: Path, path: tuple[str, ...], word: str,
                                                   want: bool) -> None:
+    head, extra = _context(path, want)
     config = tmp_path / "c.yaml"
-    config.write_text(_nest(path, word))
+    config.write_text(head + _nest(path, word))
     assert _value(load_config(config), path) is want
-    assert _value(load_config(None, overrides=[_override(path, word)]), path) is want
+    assert _value(load_config(None, overrides=[*extra, _override(path, word)]), path) is want
 
 
 @pytest.mark.parametrize(("key", "word", "want"), [

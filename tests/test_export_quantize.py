@@ -144,7 +144,7 @@ def embedding_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict:
                       tracking={"tensorboard": False}, loss={"terms": [{"name": "ce"}]})
     cfg["task"] = "embedding"
     cfg["data"] = {"source": "folders", "image_dir_train": str(folders)}
-    cfg["train"].update(epochs=1, monitor="recall@1")
+    cfg["train"].update(epochs=1, monitor="knn_recall@1")
     run = run_train(load_config(write_yaml(root / "e.yaml", cfg))).run_dir
     (entry,) = run_export(run)["models"]
     return {"run": run, "float": Path(entry["path"])}

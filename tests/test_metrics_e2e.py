@@ -1,5 +1,6 @@
-"""What a training run logs per epoch: macro F1 over every class and top-5 for a classifier; Recall@K for the
-K of eval.recall_ks in a retrieval run (metrics.jsonl, the [EPOCH] line, evaluate's metrics.json)."""
+"""What a training run logs per epoch: macro F1 over every class and top-5 for a classifier; knn_recall@K (the
+closed-set recall: validation images against the training images of their classes) for the K of eval.recall_ks in
+a retrieval run (metrics.jsonl, the [EPOCH] line, evaluate's metrics.json)."""
 
 from __future__ import annotations
 
@@ -41,13 +42,13 @@ def test_classifier_epoch_row_has_macro_f1_over_all_classes_and_top5(tmp_path: P
     assert f"top5={row['top5']:.4f}" in epoch_line, epoch_line
 
 
-def test_retrieval_run_reports_recall_at_each_k_of_eval_recall_ks(tmp_path: Path) -> None:
+def test_retrieval_run_reports_knn_recall_at_each_k_of_eval_recall_ks(tmp_path: Path) -> None:
     root = write_folders_dataset(tmp_path / "folders", classes=("cat", "dog", "owl"), objects=6, views=2, size=32)
     cfg = tiny_config(root)
     cfg["task"] = "embedding"
     cfg["data"] = {"source": "folders", "image_dir_train": str(root)}
     cfg["loss"] = {"terms": [{"name": "ce"}]}
-    cfg["train"].update(epochs=1, monitor="recall@3")
+    cfg["train"].update(epochs=1, monitor="knn_recall@3")
     cfg["eval"] = {"recall_ks": [3, 1]}
     cfg["output"] = {"exp_dir": str(tmp_path / "exp"), "logs_dir": None}
     cfg["tracking"] = {"tensorboard": False}
@@ -55,10 +56,12 @@ def test_retrieval_run_reports_recall_at_each_k_of_eval_recall_ks(tmp_path: Path
     assert res.returncode == 0, describe(res)
     run = only_run_dir(tmp_path / "exp")
     (row,) = read_metrics(run)
-    assert [k for k in row if k.startswith("recall@")] == ["recall@1", "recall@3"], row
-    assert row["recall@1"] <= row["recall@3"]
-    assert json.loads((run / "summary.json").read_text())["monitor"] == "recall@3"
+    assert [k for k in row if "recall@" in k] == ["knn_recall@1", "knn_recall@3"], row
+    assert row["knn_recall@1"] <= row["knn_recall@3"]
+    assert json.loads((run / "summary.json").read_text())["monitor"] == "knn_recall@3"
+    epoch_line = next(ln for ln in (run / "train.log").read_text().splitlines() if "[EPOCH] fold=0" in ln)
+    assert "knn_recall@1=" in epoch_line and " recall@1=" not in epoch_line, epoch_line
     ev = run_cli("evaluate", str(run), "--split", "val", cwd=tmp_path)
     assert ev.returncode == 0, describe(ev)
     metrics = json.loads((run / "eval" / "val" / "metrics.json").read_text())
-    assert {"recall@1", "recall@3"} <= set(metrics) and "recall@5" not in metrics, metrics
+    assert [k for k in metrics if "recall@" in k] == ["knn_recall@1", "knn_recall@3"], metrics

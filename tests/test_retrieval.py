@@ -18,6 +18,7 @@ from vistrain.metrics.retrieval import (
     k_reciprocal_rerank,
     knn_classify,
     knn_search,
+    leave_one_out_recall,
     recall_at_k,
     reid_cmc_map,
     reid_cmc_map_detailed,
@@ -657,6 +658,37 @@ def test_recall_at_k_exclude_self() -> None:
     assert recall_at_k(x, y_odd, x, y_odd, ks=(1, 5), exclude_self=True) == {"recall@1": 0.0, "recall@5": 0.0}
 
 
+def leave_one_out_reference(x: np.ndarray, y: np.ndarray, k: int) -> float:
+    """The CUB / SOP protocol written out: each item with another of its class ranks every other item by cosine
+    similarity (float64, ties by index); a hit when one of the first k has its class."""
+    unit = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    hits = []
+    for i in range(len(x)):
+        if (y == y[i]).sum() < 2:
+            continue
+        others = np.array([j for j in range(len(x)) if j != i])
+        order = others[np.argsort(-(unit[others] @ unit[i]), kind="stable")]
+        hits.append(bool((y[order[:k]] == y[i]).any()))
+    return float(np.mean(hits))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_leave_one_out_recall_equals_the_protocol_written_out(device: str) -> None:
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 12, 200)
+    y[:3] = [100, 101, 102]  # three classes of one image: no query, still in the others' galleries
+    x = rng.standard_normal((12, 16))[y % 12] + 1.2 * rng.standard_normal((200, 16))
+    x[10] = x[11]  # an exact duplicate pair: ties with self are broken without losing a neighbour
+    got, counted = leave_one_out_recall(x.astype(np.float32), y, ks=(1, 5, 500), device=device)
+    assert counted == 197
+    for k in (1, 5):
+        assert got[f"recall@{k}"] == pytest.approx(leave_one_out_reference(x, y, k))
+    assert 0.1 < got["recall@1"] < 0.9 and got["recall@500"] == 1.0  # K beyond the gallery: all the others
+    with pytest.raises(ValueError, match="no item has another item of its class"):
+        leave_one_out_recall(x[:3], y[:3])
+
+
 # ------------------------------------------------------------------------ re-ranking in the retrieval protocol
 
 def retrieval_problem(seed: int, n_q: int = 12, n_g: int = 36, classes: int = 4, dim: int = 8
@@ -670,7 +702,7 @@ def retrieval_problem(seed: int, n_q: int = 12, n_g: int = 36, classes: int = 4,
 
 def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tuple[int, ...], knn_k: int
                        ) -> dict[str, float]:
-    """Recall@K and kNN accuracy from the re-ranked distances, with numpy and the paper-written re-ranking above:
+    """knn_recall@K and kNN accuracy from the re-ranked distances, with numpy and the paper-written re-ranking above:
     cosine geometry (squared euclidean distance of the unit vectors), k1 = 20, k2 = 6, lambda = 0.3."""
     from sklearn.metrics import f1_score
 
@@ -680,8 +712,8 @@ def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tupl
     ql, gl = labels[:n_q], labels[n_q:]
     out = {}
     for k in ks:
-        out[f"recall@{k}"] = float(np.mean([(gl[np.argsort(row, kind="stable")[:k]] == lab).any()
-                                           for row, lab in zip(dist, ql)]))
+        out[f"knn_recall@{k}"] = float(np.mean([(gl[np.argsort(row, kind="stable")[:k]] == lab).any()
+                                               for row, lab in zip(dist, ql)]))
     pred = []
     for row in dist:
         near = gl[np.argsort(row, kind="stable")[:knn_k]]
@@ -696,7 +728,7 @@ def reranked_reference(feats: np.ndarray, labels: np.ndarray, n_q: int, ks: tupl
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_retrieval_metrics_with_rerank_are_those_of_the_reranked_distances(seed: int) -> None:
-    """eval.rerank on a retrieval (not re-id) run: recall@K and the kNN vote come from the k-reciprocal re-ranked
+    """eval.rerank on a retrieval (not re-id) run: knn_recall@K and the kNN vote come from the k-reciprocal re-ranked
     distances, recomputed here with numpy, and differ from the plain ranking's."""
     from vistrain.engine.tasks import RetrievalEval, embedding_metrics
 

@@ -87,12 +87,17 @@ def load_config(
 
 def _upgrade_run_file(saved: dict[str, Any]) -> None:
     """What older vistrain versions wrote into a run's config.yaml that this one refuses in a user's file: the
-    default ``data.source`` beside ``data.sources`` (never read there), and ``data.cache_scale`` (the cache now
-    stores what ``data.cache: off`` decodes, so nothing reads it), so that their runs still evaluate, predict,
-    resume and audit."""
+    default ``data.source`` beside ``data.sources`` (never read there), ``data.cache_scale`` (the cache now
+    stores what ``data.cache: off`` decodes, so nothing reads it), and a retrieval ``train.monitor: recall@K``
+    from before ``data.split_classes`` (that figure is now ``knn_recall@K``), so that their runs still evaluate,
+    predict, resume and audit."""
     data = saved.get("data")
     if not isinstance(data, dict):
         return
+    train = saved.get("train")
+    monitor = train.get("monitor") if isinstance(train, dict) else None
+    if "split_classes" not in data and isinstance(monitor, str) and monitor.startswith("recall@"):
+        train["monitor"] = f"knn_{monitor}"  # closed-set recall, named recall@K before data.split_classes
     data.pop("cache_scale", None)
     if data.get("sources"):
         data.pop("source", None)

@@ -111,6 +111,10 @@ class DataCfg(Section):
     val_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.15
     test_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.15
     min_image_size: PositiveInt | None = None  # drop every image of a group holding an image smaller than this
+    # task: embedding (retrieval): every class's images in one of train / val / test (classes drawn by the ratios),
+    # as retrieval benchmarks split; validation then reports recall@K on unseen classes, each val image querying
+    # the other val images. false: val images query the training images of the same classes (knn_recall@K)
+    split_classes: bool = False
 
     @field_validator("image_ext")
     @classmethod
@@ -211,7 +215,8 @@ class TrainCfg(Section):
     eval_every_n_epochs: PositiveInt = 1  # validate (monitor, best, early stopping) every N epochs and at the last
     save_every_n_epochs: Annotated[int, Field(ge=0)] = 0  # also keep ckpt/epoch{E}_fold{k}.pth every N epochs; 0: no
     keep_best_k: Annotated[int, Field(ge=0)] = 0  # also keep the K best evaluated epochs: ckpt/top_epoch{E}_fold{k}.pth
-    # macro_f1 (classification), mAP (re-id) or recall@<min eval.recall_ks> when empty; a classifier may also
+    # macro_f1 (classification), mAP (re-id), knn_recall@<min eval.recall_ks> (retrieval; recall@<min K> with
+    # data.split_classes: true) when empty; a classifier may also
     # monitor one domain: top1@<domain>, top5@<domain>, macro_f1@<domain> (e.g. top1@real)
     monitor: str | None = None
     freeze_backbone_epochs: Annotated[int, Field(ge=0)] = 0  # train only neck and head for the first epochs
@@ -330,7 +335,8 @@ class EvalCfg(Section):
     feat_norm: bool = True  # L2-normalise embeddings before search (cosine distance)
     flip_feats: bool = False  # average each embedding with the horizontally flipped image's
     knn_k: PositiveInt = 5  # search-based classification: majority class of the k nearest gallery items
-    recall_ks: list[PositiveInt] = [1, 5]  # retrieval runs report recall@K for each K (sorted; monitorable)
+    # retrieval runs report knn_recall@K (recall@K with data.split_classes: true) for each K (sorted; monitorable)
+    recall_ks: list[PositiveInt] = [1, 5]
     rerank: bool = False  # k-reciprocal re-ranking of the query-gallery distances (re-id and retrieval)
     max_rank: PositiveInt = 50  # CMC length
     memory_budget_mb: PositiveInt = 1024  # largest query x gallery block held at once during search
@@ -429,9 +435,13 @@ class OutputCfg(Section):
 REID_MONITORS = ["mAP", "rank1", "rank5", "rank10", "mINP"]
 
 
-def retrieval_monitors(recall_ks: list[int]) -> list[str]:
-    """What a retrieval run reports: recall@K for each K of eval.recall_ks, then the kNN classification metrics."""
-    return [f"recall@{k}" for k in recall_ks] + ["knn_acc", "knn_macro_f1"]
+def retrieval_monitors(recall_ks: list[int], split_classes: bool = False) -> list[str]:
+    """What a retrieval run reports for each K of eval.recall_ks. Closed set (validation images against the training
+    images of the same classes): knn_recall@K, then the kNN classification metrics. data.split_classes: recall@K
+    on unseen classes (leave-one-out among the validation images), the figure retrieval benchmarks publish."""
+    if split_classes:
+        return [f"recall@{k}" for k in recall_ks]
+    return [f"knn_recall@{k}" for k in recall_ks] + ["knn_acc", "knn_macro_f1"]
 
 
 RETRIEVAL_MONITORS = retrieval_monitors(EvalCfg().recall_ks)  # with the default eval.recall_ks
@@ -454,7 +464,8 @@ def _source_domains(d: DataCfg) -> list[str] | None:
 
 MONITORS = {
     "classification": ["macro_f1", "accuracy", "valid_loss"],
-    "embedding": REID_MONITORS + RETRIEVAL_MONITORS,  # re-id runs (data.source: reid) report the first five
+    # re-id runs (data.source: reid) report the first five; data.split_classes runs the last ones
+    "embedding": REID_MONITORS + RETRIEVAL_MONITORS + retrieval_monitors(EvalCfg().recall_ks, split_classes=True),
 }
 # Keys that only an embedding model reads, with their defaults: a classification config that changes one is a mistake.
 EMBEDDING_ONLY = {"model.last_stride": None, "model.embedding_dim": None, "model.head": "linear",
@@ -464,7 +475,8 @@ RATIO_KEYS = ["data.train_ratio", "data.val_ratio", "data.test_ratio"]
 # Keys (or whole sections) a task never reads: its [CFG] log lines leave them out. config.yaml keeps every key,
 # so it re-runs as is.
 NOT_READ_BY = {
-    "classification": [*EMBEDDING_ONLY, *REID_DATA_KEYS, *RATIO_KEYS, "data.min_image_size", "model.neck",
+    "classification": [*EMBEDDING_ONLY, *REID_DATA_KEYS, *RATIO_KEYS, "data.min_image_size", "data.split_classes",
+                       "model.neck",
                        "model.arcface_s", "loss", "train.freeze_backbone_epochs", "train.backbone_lr_mult",
                        "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.recall_ks", "eval.rerank",
                        "eval.max_rank", "eval.memory_budget_mb"],
@@ -510,6 +522,8 @@ class Config(Section):
             valid, kind = MONITORS["classification"], "a classification"
         elif reid:
             valid, kind = REID_MONITORS, "a re-id (data.source: reid)"
+        elif self.data.split_classes:
+            valid, kind = retrieval_monitors(self.eval.recall_ks, True), "a class-disjoint retrieval"
         else:
             valid, kind = retrieval_monitors(self.eval.recall_ks), "a retrieval"
         by_domain = domain_monitor(self.train.monitor or "") if self.task == "classification" else None
@@ -517,7 +531,11 @@ class Config(Section):
             self.train.monitor = valid[0]
         elif self.train.monitor not in valid and by_domain is None:
             why = ""
-            if kind == "a retrieval" and self.train.monitor.startswith("recall@"):
+            knn_name = f"knn_{self.train.monitor}"
+            if kind == "a retrieval" and knn_name in valid:  # the closed-set figure's name before split_classes
+                why = (" (recall@K is the recall on unseen classes of data.split_classes: true; this run's "
+                       f"validation images query the training images of their own classes: '{knn_name}')")
+            elif "retrieval" in kind and "recall@" in self.train.monitor:
                 why = f" (recall@K only for K in eval.recall_ks {self.eval.recall_ks}; add it there)"
             shown = valid + [f"{m}@<domain>" for m in DOMAIN_MONITORS] if self.task == "classification" else valid
             raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run{why}; valid: "
@@ -564,9 +582,23 @@ class Config(Section):
                                  "with data.class_names")
             if d.class_names is not None:
                 raise ValueError("data.class_map and data.class_names: set one (the class map fixes the class order)")
+        if d.split_classes:
+            self._check_split_classes()
         if self.train.class_weights == "from_class_map" and d.class_map is None:
             raise ValueError("train.class_weights: from_class_map reads metadata.<class>.training_weight of "
                              "data.class_map, which is not set; give data.class_map or use none / balanced")
+
+    def _check_split_classes(self) -> None:
+        """data.split_classes is the class-disjoint protocol of a retrieval run; elsewhere it would mean nothing."""
+        if self.task != "embedding":
+            raise ValueError("data.split_classes: a classifier predicts the classes it trained on, so they cannot be "
+                             "disjoint from its validation classes; it is for task: embedding (retrieval) runs")
+        if self.data.source == "reid" and not self.data.sources:
+            raise ValueError("data.split_classes: data.source: reid is already evaluated on identities disjoint from "
+                             "training (query_folder against gallery_folder); remove it")
+        if self.eval.rerank:
+            raise ValueError("data.split_classes: its leave-one-out ranking (each validation image against the others) "
+                             "has no separate gallery to re-rank; set eval.rerank: false or data.split_classes: false")
 
     def _check_classification_keys(self) -> None:
         changed = [key for key, default in EMBEDDING_ONLY.items()

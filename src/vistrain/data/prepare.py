@@ -22,7 +22,13 @@ from vistrain.data.sources import (
     load_items,
     split_bad_images,
 )
-from vistrain.data.splits import assign_folds, assign_ratio_split, classification_split
+from vistrain.data.splits import (
+    assign_class_split,
+    assign_folds,
+    assign_ratio_split,
+    check_class_disjoint,
+    classification_split,
+)
 from vistrain.errors import UserError
 
 
@@ -141,10 +147,16 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     items, bad, cache = _readable(cfg, items)
     bad = pd.concat([bad, dropped], ignore_index=True)
     skipped = 0
-    if "split" not in items.columns:
+    if "split" not in items.columns and d.split_classes:
+        items["split"] = assign_class_split(items, d.val_ratio, d.test_ratio, cfg.project.seed)
+    elif "split" not in items.columns:
         items["split"] = assign_ratio_split(items, d.train_ratio, d.val_ratio, d.test_ratio, cfg.project.seed)
     elif (items["split"] == "query").any():  # re-id folders (a manifest's split column holds train / val / test)
         skipped = _check_reid_queries(items, d)
+    elif d.split_classes:
+        check_class_disjoint(items, items["split"].to_numpy(), "the data's split column")
+    if d.split_classes:
+        _check_leave_one_out(items)
     train = items["split"] == "train"
     classes = sorted(items.loc[train, "label"].unique().tolist())
     if len(classes) < 2:
@@ -155,6 +167,14 @@ def _prepare_embedding(cfg: Config) -> Prepared:
     eval_codes = items["label"].astype(str).map(codes).to_numpy(dtype=np.int64)
     return Prepared(items, bad, classes, targets, np.zeros(len(items), dtype=np.int64), eval_codes, skipped,
                     len(dropped), not_listed, cache=cache)
+
+
+def _check_leave_one_out(items: pd.DataFrame) -> None:
+    """data.split_classes validates each val image against the other val images: some val class needs two."""
+    val = items.loc[items["split"] == "val", "label"]
+    if not (val.value_counts() > 1).any():
+        raise UserError(f"data.split_classes: the {val.nunique()} validation class(es) hold one image each, so no "
+                        "validation image has another of its class to retrieve; raise data.val_ratio or add images")
 
 
 def _select_classes(items: pd.DataFrame, d: DataCfg) -> tuple[pd.DataFrame, tuple[int, int]]:

@@ -123,6 +123,41 @@ def assign_ratio_split(items: pd.DataFrame, train: float, val: float, test: floa
     return items["group"].map(split_of_group).to_numpy()
 
 
+def assign_class_split(items: pd.DataFrame, val: float, test: float, seed: int) -> np.ndarray:
+    """``data.split_classes``: ``"train" / "val" / "test"`` per row with every class's images in one part, as the
+    retrieval benchmarks split (CUB, SOP): round(C * val) classes for validation, round(C * test) for test, the
+    rest for training, drawn at random with the seed. A class too few for a part is a ``UserError``."""
+    classes = np.array(sorted(items["label"].astype(str).unique()))
+    n = len(classes)
+    n_val, n_test = int(round(n * val)), int(round(n * test))
+    if n_val < 1:
+        raise UserError(f"data.val_ratio: {val} of the {n} classes is no class, and data.split_classes: true "
+                        "validates on whole classes; raise data.val_ratio or add classes")
+    if n - n_val - n_test < 2:
+        raise UserError(f"data.val_ratio + data.test_ratio: {val} + {test} of the {n} classes leave "
+                        f"{n - n_val - n_test} class(es) to train on (data.split_classes: true), at least 2 are "
+                        "needed; lower the ratios or add classes")
+    order = np.random.default_rng(seed).permutation(classes)
+    part = dict.fromkeys(order[:n_val], "val") | dict.fromkeys(order[n_val:n_val + n_test], "test")
+    split = items["label"].astype(str).map(lambda c: part.get(c, "train")).to_numpy()
+    check_class_disjoint(items, split, "the class split")
+    return split
+
+
+def check_class_disjoint(items: pd.DataFrame, split: np.ndarray, what: str) -> None:
+    """``data.split_classes``: a ``UserError`` naming the classes in two parts of ``split``, or the groups (the same
+    object) whose images have classes in two parts, which would put the object on both sides."""
+    parts = pd.Series(split, index=items.index)
+    for unit, counted, key in (("class", "class(es)", items["label"]), ("group", "group(s)", items["group"])):
+        per = parts.groupby(key.astype(str).to_numpy()).agg(lambda v: ", ".join(sorted(set(map(str, v)))))
+        shared = per[per.str.contains(",")]
+        if not shared.empty:
+            shown = "; ".join(f"{name} ({p})" for name, p in shared.head(3).items())
+            more = f" and {len(shared) - 3} more" if len(shared) > 3 else ""
+            raise UserError(f"data.split_classes: {len(shared)} {counted} lie in two parts of {what}: {shown}"
+                            f"{more}; true needs every {unit}'s images in one of train / val / test")
+
+
 def classification_split(items: pd.DataFrame, train: float, val: float, test: float, seed: int,
                          groups_from: tuple[str, str] = GROUPS) -> np.ndarray:
     """``data.split: ratio`` for a classifier: the data's own ``split`` column when it has one (train / val /

@@ -1,7 +1,9 @@
 """Evaluation and kNN prediction for embedding runs (``evaluate`` and ``predict`` dispatch here).
 
 Re-id runs score the query folder against the gallery folder; retrieval runs score the val (or test) split
-as queries against the training images as gallery, including search-based classification (kNN vote).
+as queries against the training images as gallery (knn_recall@K), including search-based classification (kNN
+vote), or with data.split_classes each image of the split against the split's other images (recall@K on classes
+training never saw).
 """
 
 from __future__ import annotations
@@ -40,19 +42,26 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
         wanted = {"val": "val", "test": "test", "oof": None}[split]
         if wanted is None:
             raise UserError("--split oof: embedding runs have no out-of-fold logits; use --split val or test")
-        query, gal = items[items["split"] == wanted], items[items["split"] == "train"]
+        query = items[items["split"] == wanted]
+        gal = items.iloc[:0] if run.cfg.data.split_classes else items[items["split"] == "train"]
         if query.empty:
             raise UserError(f"--split {split}: the run's split has no {wanted} images (data.{wanted}_ratio)")
+        if run.cfg.data.split_classes and not query["label"].duplicated().any():
+            raise UserError(f"--split {split}: each class of the split has one image, so none has another of its "
+                            f"class to retrieve (data.split_classes: true); raise data.{wanted}_ratio")
     both = pd.concat([query, gal], ignore_index=True)
     feats = embed_paths(run, both["path"].tolist(), desc=split)
     codes = {v: i for i, v in enumerate(sorted(both["label"].unique()))}
     cams = both["camera"].astype(int).to_numpy() if reid else None
+    leave_one_out = run.cfg.data.split_classes and not reid
     ev = RetrievalEval(len(query), both["label"].map(codes).to_numpy(), cams, e.feat_norm, False, e.knn_k,
-                       e.max_rank, e.memory_budget_mb, e.rerank, recall_ks=tuple(e.recall_ks))
+                       e.max_rank, e.memory_budget_mb, e.rerank, recall_ks=tuple(e.recall_ks),
+                       leave_one_out=leave_one_out)
     figures, outcomes = embedding_evaluation(feats, ev, counts=True)
-    metrics = {**figures, "split": split, "n_query": int(len(query)), "n_gallery": int(len(gal)),
+    n_gallery = len(query) - 1 if leave_one_out else len(gal)  # leave-one-out: the split's other images
+    metrics = {**figures, "split": split, "n_query": int(len(query)), "n_gallery": int(n_gallery),
                "overrides": run.overrides}
-    if e.bootstrap:
+    if e.bootstrap and outcomes:
         metrics["intervals"] = embedding_intervals(outcomes, e.recall_ks, e.bootstrap, run.cfg.project.seed)
         metrics["bootstrap"] = {"replicates": e.bootstrap, "seed": run.cfg.project.seed, "level": LEVEL,
                                 "method": "percentile", "unit": "query identity" if reid else "query image"}
@@ -89,7 +98,7 @@ def embedding_intervals(outcomes: dict[str, Any], recall_ks: list[int], replicat
         return cluster_ratio_intervals(numerators, per_person(np.ones(len(first))), idx)
     first, depth = outcomes["first_hit"], outcomes["depth"]
     idx = bootstrap_indices(len(first), replicates, seed)
-    numerators = {f"recall@{k}": (first < min(k, depth)).astype(np.float64) for k in recall_ks}
+    numerators = {f"knn_recall@{k}": (first < min(k, depth)).astype(np.float64) for k in recall_ks}
     numerators["knn_acc"] = (outcomes["pred"] == outcomes["label"]).astype(np.float64)
     intervals = cluster_ratio_intervals(numerators, np.ones(len(first)), idx)
     intervals["knn_macro_f1"] = macro_f1_intervals(outcomes["label"], outcomes["pred"], outcomes["n_classes"], idx)

@@ -143,7 +143,8 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
 def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device,
                     info: DistInfo = SINGLE) -> FoldSetup:
     """Train on ``split == train``; validate queries (re-id: query, retrieval: val) against a gallery
-    (re-id: the gallery folder, retrieval: the training images), queries first."""
+    (re-id: the gallery folder, retrieval: the training images; data.split_classes: none, each val image against
+    the other val images, whose classes training never saw), queries first."""
     from vistrain.models.heads import margin_at_epoch
     from vistrain.models.losses import EMBEDDING_LOSSES
 
@@ -151,7 +152,8 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     split = data.items["split"].to_numpy()
     reid = "query" in set(split)
     q_idx = np.flatnonzero(split == ("query" if reid else "val"))
-    g_idx = np.flatnonzero(split == ("gallery" if reid else "train"))
+    leave_one_out = cfg.data.split_classes and not reid
+    g_idx = np.flatnonzero(split == ("gallery" if reid else "none" if leave_one_out else "train"))
     train_idx = np.flatnonzero(split == "train")
     if len(q_idx) == 0:
         raise UserError("data.val_ratio: the split left no validation queries; raise data.val_ratio or add images")
@@ -169,7 +171,7 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     cams = data.items["camera"].to_numpy()[v_idx].astype(np.int64) if reid else None
     evaluation = RetrievalEval(len(q_idx), data.eval_codes[v_idx], cams, e.feat_norm, e.flip_feats, e.knn_k,
                                e.max_rank, e.memory_budget_mb, e.rerank, "cuda" if device.type == "cuda" else None,
-                               recall_ks=tuple(e.recall_ks))
+                               recall_ks=tuple(e.recall_ks), leave_one_out=leave_one_out)
     warm = t.freeze_backbone_epochs or int(np.ceil(t.warmup_epochs))
     margin: Callable[[int], float] | None = None
     if m.head != "linear":

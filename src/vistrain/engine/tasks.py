@@ -70,7 +70,8 @@ class ClassificationTask:
 class RetrievalEval:
     """Who is query and who is gallery in the validation loader's output, and how to score them.
 
-    The validation loader yields the ``n_query`` query items first, then the gallery items.
+    The validation loader yields the ``n_query`` query items first, then the gallery items. ``leave_one_out``
+    (retrieval with ``data.split_classes``): there is no separate gallery; each item queries all the others.
     """
 
     n_query: int
@@ -83,15 +84,16 @@ class RetrievalEval:
     memory_budget_mb: int = 1024
     rerank: bool = False
     device: str | None = None  # "cuda": rank on the GPU (the exact full ranking, chunked); None: NumPy on the CPU
-    recall_ks: tuple[int, ...] = (1, 5)  # retrieval: report recall@K for each K (eval.recall_ks)
+    recall_ks: tuple[int, ...] = (1, 5)  # retrieval: report (knn_)recall@K for each K (eval.recall_ks)
+    leave_one_out: bool = False  # data.split_classes: recall@K of each item against the others, on unseen classes
 
 
 class EmbeddingTask:
     """A metric-learning model: weighted loss terms on its training outputs, embeddings at evaluation.
 
     ``terms`` are (name, weight, module) with ``module(out, labels) -> scalar``; each is logged as
-    ``loss_<name>``. Re-id runs report mAP, rank1/5/10 and mINP; retrieval runs Recall@K (K in
-    ``evaluation.recall_ks``), kNN accuracy and kNN macro F1.
+    ``loss_<name>``. Re-id runs report mAP, rank1/5/10 and mINP; retrieval runs knn_recall@K (K in
+    ``evaluation.recall_ks``), kNN accuracy and kNN macro F1, or with ``data.split_classes`` recall@K alone.
     """
 
     def __init__(self, terms: list[tuple[str, float, nn.Module]], evaluation: RetrievalEval,
@@ -159,16 +161,21 @@ def embedding_evaluation(feats: np.ndarray, ev: RetrievalEval, counts: bool = Fa
                          ) -> tuple[dict[str, float | int], dict[str, Any]]:
     """Re-id (cameras known) or retrieval + kNN-classification metrics for query-first features [Nq + Ng, D].
 
-    ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera).
-    Retrieval: ``recall@K`` for each K in ``ev.recall_ks``; ``knn_acc`` and ``knn_macro_f1`` of the majority vote of
-    the ``ev.knn_k`` nearest gallery items (the whole gallery when it is smaller); with ``ev.rerank`` both rank by
+    ``counts``: also ``num_valid_queries`` and ``num_skipped`` (re-id queries without a match on another camera;
+    leave-one-out: items alone in their class).
+    Retrieval with ``ev.leave_one_out`` (``data.split_classes``: the classes are unseen in training): ``recall@K``
+    for each K in ``ev.recall_ks``, each item against all the others (``leave_one_out_recall``). Otherwise the
+    queries rank the gallery of training images of the same classes, a kNN classifier's view, hence the names:
+    ``knn_recall@K``; ``knn_acc`` and ``knn_macro_f1`` of the majority vote of
+    the ``ev.knn_k`` nearest gallery items (the whole gallery when it is smaller); with ``ev.rerank`` all rank by
     the k-reciprocal re-ranked distances, as re-id does. ``knn_macro_f1`` averages the
     per-class F1 over every class of the evaluation, i.e. the classes among query **or** gallery labels; a class no
     query holds and the vote never predicts scores 0, as a class of a classifier's run does in ``macro_f1``.
 
     Also returns the per-query outcomes behind the figures, for the bootstrap intervals: re-id ``ap``, ``inp``,
     ``first_match_rank`` (1-based, 0 when skipped) and ``pid``; retrieval ``first_hit`` (0-based position of the
-    first same-class neighbour, ``depth`` when none), ``depth``, ``label`` and ``pred`` (class indices).
+    first same-class neighbour, ``depth`` when none), ``depth``, ``label`` and ``pred`` (class indices);
+    leave-one-out none (empty: no intervals).
     """
     from vistrain.metrics import retrieval
 
@@ -182,13 +189,20 @@ def embedding_evaluation(feats: np.ndarray, ev: RetrievalEval, counts: bool = Fa
         if counts:
             out.update(num_valid_queries=int(res["num_valid_queries"]), num_skipped=int(res["num_skipped"]))
         return out, {"ap": res["ap"], "inp": res["inp"], "first_match_rank": res["first_match_rank"], "pid": ql}
+    if ev.leave_one_out:
+        recall, n_counted = retrieval.leave_one_out_recall(feats, ev.labels, ev.recall_ks,
+                                                           memory_budget_mb=ev.memory_budget_mb, device=ev.device)
+        out = dict(recall)
+        if counts:
+            out.update(num_valid_queries=n_counted, num_skipped=len(feats) - n_counted)
+        return out, {}  # no per-query outcomes: no bootstrap intervals for this protocol yet
     k = min(ev.knn_k, len(g))
     if ev.rerank:
         idx, pred = _reranked_retrieval(q, g, gl, ev.recall_ks, k)
     else:
         idx = retrieval.recall_neighbours(q, ql, g, gl, ks=ev.recall_ks, device=ev.device)
         pred = retrieval.knn_classify(q, g, gl, k=k, device=ev.device)
-    out = {key: float(v) for key, v in retrieval.recall_from_neighbours(idx, ql, gl, ev.recall_ks).items()}
+    out = {f"knn_{key}": float(v) for key, v in retrieval.recall_from_neighbours(idx, ql, gl, ev.recall_ks).items()}
     out["knn_acc"] = float((pred == ql).mean())
     classes = np.union1d(ql, gl)  # sorted: searchsorted maps each label to its index among the classes
     y, p = np.searchsorted(classes, ql), np.searchsorted(classes, pred)

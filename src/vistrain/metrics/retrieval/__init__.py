@@ -21,7 +21,8 @@ Speed: on the CPU a ranking is never fully argsorted (value sort + binary search
 stably ranked on the device and only per-query results come back (``ranking_torch``).
 
 Retrieval: ``knn_search`` (Faiss on the CPU when installed, a chunked torch matrix product + ``topk`` otherwise or on
-a CUDA device), ``recall_at_k`` and ``knn_classify``; from a distance matrix (re-ranked, say): ``nearest_by_distance``,
+a CUDA device), ``recall_at_k``, ``leave_one_out_recall`` (each item against all the others: the class-disjoint
+protocol of CUB / SOP) and ``knn_classify``; from a distance matrix (re-ranked, say): ``nearest_by_distance``,
 then ``recall_from_neighbours`` and ``knn_vote``. ``k_reciprocal_rerank`` (``rerank_features`` from features)
 implements Zhong et al. (2017), for re-id and retrieval alike.
 
@@ -43,6 +44,7 @@ from vistrain.metrics.retrieval.search import (
     knn_classify,
     knn_search,
     knn_vote,
+    leave_one_out_recall,
     nearest_by_distance,
     recall_at_k,
     recall_from_neighbours,
@@ -61,6 +63,7 @@ __all__ = [
     "knn_classify",
     "knn_search",
     "knn_vote",
+    "leave_one_out_recall",
     "nearest_by_distance",
     "recall_at_k",
     "recall_from_neighbours",

@@ -187,10 +187,38 @@ def recall_neighbours(query_emb: ArrayLike, query_labels: ArrayLike | Sequence, 
     depth = min(max(ks), available)
     _, idx = knn_search(query_emb, gallery_emb, depth + int(exclude_self), metric, memory_budget_mb, device)
     if exclude_self:
-        keep = idx != np.arange(n_q)[:, None]
-        keep[keep.all(axis=1), -1] = False  # self not returned (tied with a duplicate): drop the farthest instead
-        idx = idx[keep].reshape(n_q, depth)
+        idx = _without_self(idx, depth)
     return idx
+
+
+def _without_self(idx: np.ndarray, depth: int) -> np.ndarray:
+    """Neighbours [Q, depth + 1] of a query set that is the gallery, less each row's own index -> [Q, depth]."""
+    keep = idx != np.arange(len(idx))[:, None]
+    keep[keep.all(axis=1), -1] = False  # self not returned (tied with a duplicate): drop the farthest instead
+    return idx[keep].reshape(len(idx), depth)
+
+
+def leave_one_out_recall(emb: ArrayLike, labels: ArrayLike | Sequence, ks: Sequence[int] = (1, 5), *,
+                         metric: Metric = "cosine", memory_budget_mb: float = 256,
+                         device: str | torch.device | None = None) -> tuple[dict[str, float], int]:
+    """Recall@K by the class-disjoint protocol of the retrieval benchmarks (CUB-200, Stanford Online Products):
+    every item of emb [N, D] queries all the others (itself left out), ranked as ``recall_at_k`` ranks.
+
+    An item alone in its class has nothing to retrieve: it is no query (unlike ``recall_at_k``, which counts every
+    query), but stays in the gallery of the others. Returns ``({"recall@K": fraction}, queries counted)``; no item
+    with another of its class is a ``ValueError``.
+    """
+    n = _length(emb)
+    lab = _labels(labels, n, "labels")
+    ks = _recall_ks(ks)
+    _, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
+    counted = counts[inverse] > 1
+    if not counted.any():
+        raise ValueError("leave_one_out_recall: no item has another item of its class to retrieve")
+    depth = min(max(ks), n - 1)
+    _, idx = knn_search(emb, emb, depth + 1, metric, memory_budget_mb, device)
+    idx = _without_self(idx, depth)
+    return recall_from_neighbours(idx[counted], lab[counted], lab, ks), int(counted.sum())
 
 
 def nearest_by_distance(distmat: ArrayLike, k: int) -> np.ndarray:
