@@ -739,3 +739,35 @@ def test_retrieval_metrics_with_rerank_are_those_of_the_reranked_distances(seed:
     want = reranked_reference(feats, labels, 12, ks, knn_k=5)
     assert reranked == pytest.approx(want, abs=1e-9)
     assert reranked != plain
+
+
+@pytest.mark.parametrize("k2", [1, 2])
+def test_rerank_equals_the_papers_steps_worked_by_hand(k2: int) -> None:
+    """k-reciprocal re-ranking (Zhong et al., CVPR 2017, Sec. 3 and the authors' released steps) worked by hand on
+    six points of a line, one query (x = 0) and five gallery items, squared euclidean distances (the exponent
+    reid-strong-baseline uses; torchreid's engine squares its already squared matrix again, d^4), k1 = 2, lambda
+    0.3. Every set below is derived in the comments from the distances, not from vistrain.
+
+    Positions 0, 1, 1.5, 4, 4.2, 9 (item 0 the query). Each row is divided by its maximum (81, 64, 56.25, 25,
+    23.04, 81). N(p, k1 = 2), the 3 nearest with p: 0:{0,1,2} 1:{1,2,0} 2:{2,1,0} 3:{3,4,2} 4:{4,3,2} 5:{5,4,3}.
+    R(p, 2), those holding p in their own N: 0,1,2:{0,1,2}  3,4:{3,4}  5:{5}. R(p, round(k1/2) = 1), from the
+    2 nearest: 0:{0} 1,2:{1,2} 3,4:{3,4} 5:{5}. Expansion (|R(q,1) & R(p)| > 2/3 |R(q,1)|) adds nothing new:
+    R*(p) = R(p, 2). V_p = exp(-d(p, j)) on R*(p), summing to 1. k2 = 2: V_p becomes the mean of V over p and its
+    nearest item (0->1, 1->2, 2->1, 3->4, 4->3, 5->4). Jaccard = 1 - sum min / sum max; final = 0.7 J + 0.3 d."""
+    x = np.array([0.0, 1.0, 1.5, 4.0, 4.2, 9.0])
+    d = (x[:, None] - x[None, :]) ** 2
+    scaled = d / d.max(axis=1, keepdims=True)
+    support = {0: [0, 1, 2], 1: [0, 1, 2], 2: [0, 1, 2], 3: [3, 4], 4: [3, 4], 5: [5]}
+    v = np.zeros((6, 6))
+    for p, members in support.items():
+        w = np.exp(-scaled[p, members])
+        v[p, members] = w / w.sum()
+    if k2 == 2:
+        partner = {0: 1, 1: 2, 2: 1, 3: 4, 4: 3, 5: 4}
+        v = np.stack([(v[p] + v[partner[p]]) / 2 for p in range(6)])
+    jaccard = [1.0 - np.minimum(v[0], v[g]).sum() / np.maximum(v[0], v[g]).sum() for g in range(1, 6)]
+    want = 0.7 * np.array(jaccard) + 0.3 * scaled[0, 1:]
+
+    got = k_reciprocal_rerank(d[:1, 1:], d[:1, :1], d[1:, 1:], k1=2, k2=k2, lambda_value=0.3)
+    np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-7)
+    assert list(np.argsort(got[0])) == [0, 1, 2, 3, 4]  # the near pair first, the far item last
