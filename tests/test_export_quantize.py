@@ -91,7 +91,8 @@ def test_int8_is_calibrated_on_training_rows_and_judged_on_disjoint_validation_r
     float_path = Path(files["float"]["path"])
     meta = props(float_path)
     batch = np.stack([preprocess_from_metadata(p, meta) for p in val["path"]])
-    probs = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"]).run(["probs"], {"image": batch})[0]
+    session = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"])
+    probs = session.run(["probs"], {"image": batch})[0]
     classes = json.loads(meta["vistrain.classes"])
     assert accuracy_score([classes.index(c) for c in val["label"]], probs.argmax(axis=1)) >= 0.8
 
@@ -131,6 +132,7 @@ def test_int8_file_is_smaller_and_agrees_with_the_float_model_on_the_validation_
     quant = json.loads(meta["vistrain.quantization"])
     assert quant == files["int8"]["quantization"] == {"dtype": "int8", "method": "static", "format": "QDQ",
                                                       "per_channel": True, "calibration_images": 24,
+                                                      "calibration_source": "fold 0's training rows of splits.csv",
                                                       "kept_float": quant["kept_float"]}
     ops = {n.name: n.op_type for n in onnx.load(str(int8_path)).graph.node}
     # the stem convolution, the classifier and the softmax after it stay float
