@@ -158,7 +158,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         for f in entry.get("files", [])[1:]:  # the variants; [0] is the float file of the line above
             agree = "" if f["top1_agreement"] is None else (
                 f", top-1 agreement {f['top1_agreement']:.2%} with the float model, "
-                f"val top-1 change {f['val_top1_change']:+.4f}")
+                f"val top-1 change {f['val_top1_change']:+.4f}, on {entry['validation']['images']} validation images")
             print(f"[DONE] fold {entry['fold']}: {f['path']} ({f['size_mb']:.1f} MB, "
                   f"{f['kind']} {f['quantization']['method']}{agree})")
     return 0
@@ -211,7 +211,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     for entry in (result.export or {}).get("models", []):
         for f in entry.get("files", []):
-            agree = "" if f.get("top1_agreement") is None else f", top-1 agreement {f['top1_agreement']:.2%}"
+            agree = "" if f.get("top1_agreement") is None else (
+                f", top-1 agreement {f['top1_agreement']:.2%} on {entry['validation']['images']} validation images")
             print(f"[DONE] export: {f['path']} ({f['size_mb']:.1f} MB{agree})")
             if f.get("budget"):
                 print(budget_line(f))

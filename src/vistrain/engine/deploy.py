@@ -2,8 +2,8 @@
 --quantize int8 / --fp16 / --budget-ms / --budget-mb``).
 
 int8: onnxruntime static quantisation, QDQ format with int8 weights (per output channel) and int8 activations
-(onnxruntime's recommended CPU setting for CNNs), calibrated on the run's validation images after
-``quant_pre_process`` (shape inference and graph optimisation, as onnxruntime's documentation asks); the stem
+(onnxruntime's recommended CPU setting for CNNs), calibrated on up to ``CALIB_IMAGES`` of the fold's training images
+after ``quant_pre_process`` (shape inference and graph optimisation, as onnxruntime's documentation asks); the stem
 convolution and everything from the classifier to the outputs (softmax, an embedding's neck and normalisation) stay
 float, so ``probs`` is a float softmax of float ``logits``. Should the static path fail, dynamic quantisation (uint8
 weights, activations quantised at run time, the only integer convolution onnxruntime's CPU provider has; the same
@@ -15,8 +15,9 @@ Every file, the float one included, gets: its size; CPU latency at batch 1 (p50 
 timed runs after warm-up, onnxruntime pinned to 1 thread and to every usable core); on the same validation images,
 its top-1 agreement with the float file, its top-1 accuracy and the change against the float file's; and, with a
 budget, the verdict: p95 latency at every usable core <= ``--budget-ms`` and size <= ``--budget-mb``. The
-validation images are the fold's rows of splits.csv (a K-fold run's validation part; a ratio split's ``val`` rows,
-which carry fold 0).
+validation images are the fold's validation rows of splits.csv (a K-fold run's fold; a ratio split's ``val`` rows; an
+embedding run's ``val`` rows, or a re-id run's query and gallery), disjoint from the training rows the int8 file is
+calibrated on (``deploy_rows``): a variant is never judged on the images its ranges were fitted to.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from vistrain.data.images import check_images
@@ -43,7 +45,7 @@ from vistrain.tracking.files import atomic_write_bytes
 log = logging.getLogger(__name__)
 
 QUANTIZE = ("int8",)
-CALIB_IMAGES = 128  # static int8: calibration images, spread over the validation images (ranges settle by ~100)
+CALIB_IMAGES = 128  # static int8: calibration images, a seeded draw of the training images (ranges settle by ~100)
 EVAL_IMAGES = 1000  # validation images every file is compared on (a seeded draw when there are more)
 CHUNK = 32  # images decoded and run at once: memory stays small at 512 px
 LATENCY_RUNS = 20  # timed runs behind each p50 / p95
@@ -124,22 +126,51 @@ def variant_path(float_path: Path, kind: str) -> Path:
     return float_path.with_name(f"{float_path.stem}.{kind}{float_path.suffix}")
 
 
-def validation_images(run: LoadedRun, fold: int, n: int = EVAL_IMAGES) -> tuple[list[str], np.ndarray, str]:
-    """The fold's validation images from splits.csv, the readable ones (the rest reported), at most ``n`` (a draw
-    seeded by project.seed, in splits.csv order), with their class indices."""
+def deploy_rows(run: LoadedRun, fold: int) -> tuple[pd.DataFrame, str, pd.DataFrame, str]:
+    """(training rows, what they are, validation rows, what they are) of the fold in splits.csv: a K-fold run's other
+    folds and its fold; a ratio split's ``train`` and ``val`` rows; an embedding run's ``train`` rows and the rows it
+    is validated on (``val``; a re-id run's query and gallery), every row of which carries fold 0. The test rows are
+    in neither: they stay for ``evaluate``."""
     items = run.splits()
-    part = items[items["fold"] == fold]
+    if run.cfg.task == "embedding" or run.cfg.data.split == "ratio":
+        split = items["split"].astype(str)
+        val = items[~split.isin(["train", "test"])]
+        named = " / ".join(sorted(set(val["split"].astype(str)))) or "val"
+        return (items[split == "train"], "the training rows (split == train) of splits.csv", val,
+                f"the validation rows (split == {named}) of splits.csv")
+    return (items[items["fold"] != fold], f"fold {fold}'s training rows of splits.csv", items[items["fold"] == fold],
+            f"fold {fold}'s validation rows of splits.csv")
+
+
+def _draw(part: pd.DataFrame, n: int, seed: int, fold: int, what: str) -> pd.DataFrame:
+    """At most ``n`` rows of ``part`` (a draw seeded by project.seed, in splits.csv order), the readable ones (the rest
+    reported)."""
     if len(part) > n:
-        part = part.sample(n=n, random_state=run.cfg.project.seed).sort_index()
+        part = part.sample(n=n, random_state=seed).sort_index()
     bad = check_images(part["path"].tolist())
     if bad:
         first = next(iter(bad.items()))
-        log.warning("[EXPORT] fold=%d: %d validation image(s) unreadable, left out of calibration and comparison; "
-                    "first: %s: %s", fold, len(bad), *first)
+        log.warning("[EXPORT] fold=%d: %d %s image(s) unreadable, left out; first: %s: %s", fold, len(bad), what,
+                    *first)
         part = part[~part["path"].isin(list(bad))]
+    return part
+
+
+def validation_images(run: LoadedRun, fold: int, n: int = EVAL_IMAGES) -> tuple[list[str], np.ndarray, str]:
+    """The fold's validation images (``deploy_rows``), the readable ones, at most ``n``, with their class indices
+    (-1 for a label the classifier does not have)."""
+    _, _, part, source = deploy_rows(run, fold)
+    part = _draw(part, n, run.cfg.project.seed, fold, "validation")
     index = run.class_index()
     labels = np.array([index.get(str(v), -1) for v in part["label"]], dtype=np.int64)
-    return part["path"].tolist(), labels, f"fold {fold}'s validation rows of splits.csv"
+    return part["path"].tolist(), labels, source
+
+
+def calibration_images(run: LoadedRun, fold: int, n: int = CALIB_IMAGES) -> tuple[list[str], str]:
+    """Up to ``n`` readable training images of the fold (``deploy_rows``) for int8 calibration: never an image the
+    variants are then compared on, so the agreement is measured on images the quantiser did not fit its ranges to."""
+    part, source, _, _ = deploy_rows(run, fold)
+    return _draw(part, n, run.cfg.project.seed, fold, "calibration")["path"].tolist(), source
 
 
 def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterator[np.ndarray]:
@@ -153,10 +184,11 @@ def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterat
         yield inputs.numpy()
 
 
-def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> dict[str, Any]:
+def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], source: str | None = None
+                  ) -> dict[str, Any]:
     """``src`` quantised to int8 into ``dst`` (written atomically, ``src``'s metadata kept, plus
-    ``vistrain.quantization``); static with the ``calibration`` batches [N, 3, H, W], else dynamic.
-    Returns what was done."""
+    ``vistrain.quantization``); static with the ``calibration`` batches [N, 3, H, W] (``source``: which images they
+    are, recorded), else dynamic. Returns what was done."""
     from onnxruntime import quantization as q
 
     class Reader(q.CalibrationDataReader):
@@ -182,7 +214,7 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray]) -> di
                               activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
                               nodes_to_exclude=keep)
             info.update(method="static", format="QDQ", per_channel=True, calibration_images=reader.count,
-                        kept_float=keep)
+                        **({"calibration_source": source} if source else {}), kept_float=keep)
         except Exception as err:  # noqa: BLE001 - onnxruntime's own errors: an op it cannot calibrate, ...
             log.warning("[EXPORT] static int8 quantisation failed (%s); quantising dynamically instead",
                         describe(err))
@@ -324,18 +356,18 @@ def deploy_files(run: LoadedRun, fold: int, pre: Preprocessor, float_path: Path,
                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The fold's float file and the variants asked for, each with its figures; and the validation images used."""
     paths, labels, source = validation_images(run, fold)
-    if not paths and quantize:
-        raise UserError(f"--quantize: fold {fold} has no readable validation image in {run.path / 'splits.csv'} "
-                        "to calibrate on")
     files: list[dict[str, Any]] = [{"kind": "float", "path": str(float_path)}]
+    calib: list[str] = []
     if quantize:
-        step = max(1, len(paths) // CALIB_IMAGES)
-        calib = paths[::step][:CALIB_IMAGES]
+        calib, calib_source = calibration_images(run, fold)
+        if not calib:
+            raise UserError(f"--quantize: fold {fold} has no readable training image in {run.path / 'splits.csv'} "
+                            "to calibrate on")
         dst = variant_path(float_path, quantize)
-        info = quantize_int8(float_path, dst, input_batches(run, pre, calib))
+        info = quantize_int8(float_path, dst, input_batches(run, pre, calib), calib_source)
         files.append({"kind": quantize, "path": str(dst), "quantization": info})
         log.info("[EXPORT] fold=%d int8 (%s%s) -> %s", fold, info["method"],
-                 f", QDQ per channel, {info['calibration_images']} calibration images of {source}"
+                 f", QDQ per channel, {info['calibration_images']} calibration images of {calib_source}"
                  if info["method"] == "static" else "", dst)
     if fp16:
         dst = variant_path(float_path, "fp16")
@@ -353,7 +385,8 @@ def deploy_files(run: LoadedRun, fold: int, pre: Preprocessor, float_path: Path,
         f["latency"] = latency(Path(f["path"]), pre.size)
         f["budget"] = check_budget(f, budget_ms, budget_mb)
         _log_file(fold, f, len(paths))
-    return files, {"images": len(paths), "source": source}
+    return files, {"images": len(paths), "source": source,
+                   "calibration_images_among_them": len(set(calib) & set(paths))}
 
 
 def _outputs(files: list[dict[str, Any]], batches: Iterable[np.ndarray], task: str) -> dict[str, np.ndarray]:

@@ -10,7 +10,8 @@ normalise), ``vistrain.classes`` (JSON), ``vistrain.task``, ``vistrain.temperatu
 ``vistrain.model``, ``vistrain.run_id``, ...
 
 ``--verify`` runs the ONNX file with onnxruntime on up to 32 of the run's own images (random inputs when none can be
-read) and compares with PyTorch: a difference beyond the tolerance, or a different top-1 class, fails the command.
+read) and compares with PyTorch: a difference beyond the tolerance, or a different top-1 class where PyTorch's top
+two are further apart than that tolerance (``top1_changes``), fails the command.
 ``--benchmark`` times onnxruntime against PyTorch on this machine's CPU, both in one run (batch 1 and a batch of 32),
 with 1 thread and with every usable core, each figure a median repeated until stable.
 Everything is written to ``RUN/export/``: ``model_fold{k}.onnx``, ``preprocess.json`` (how to build the input from
@@ -276,15 +277,27 @@ def verify(module: Deployable, path: Path, inputs: torch.Tensor) -> dict[str, An
         report["outputs"][name] = {"max_abs_diff": float(diff.max()), "within_tolerance": within}
         ok &= within
     if module.task == "classification":
-        agree = float(np.mean(expected[0].argmax(axis=1) == got[0].argmax(axis=1)))
-        report["top1_agreement"] = agree
-        ok &= agree == 1.0
+        changed, near_ties = top1_changes(expected[0], got[0])
+        report.update(top1_agreement=float(1 - changed.mean()), top1_changed=int(changed.sum()),
+                      top1_changed_near_ties=int((changed & near_ties).sum()))
+        ok &= not (changed & ~near_ties).any()
     else:
         cos = np.sum(expected[0] * got[0], axis=1) / np.maximum(
             np.linalg.norm(expected[0], axis=1) * np.linalg.norm(got[0], axis=1), 1e-12)
         report["min_cosine"] = float(cos.min())
     report["passed"] = bool(ok)
     return report
+
+
+def top1_changes(expected: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of logits [N, C]: whether the top-1 class changed, and whether PyTorch's top two classes are a near tie,
+    closer than the parity tolerance lets two values move towards each other (2 x (ATOL + RTOL x |top logit|)). Float
+    arithmetic reordered by the graph may break such a tie either way: a changed top-1 there is within the stated
+    tolerance, not a wrong graph, and does not fail ``verify`` (it is counted)."""
+    changed = expected.argmax(axis=1) != got.argmax(axis=1)
+    top2 = np.sort(expected, axis=1)[:, -2:]  # a classifier has at least 2 classes
+    near_ties = top2[:, 1] - top2[:, 0] <= 2 * (ATOL + RTOL * np.abs(top2[:, 1]))
+    return changed, near_ties
 
 
 def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tuple[int, ...] = (1, 32)
