@@ -458,7 +458,13 @@ def test_evaluate_writes_bootstrap_intervals_beside_unchanged_figures(trained: d
     # independent reference: a loop over the same seeded draw, scikit-learn's log loss of each resample (the NLL
     # varies between resamples even when every OOF prediction is right, as on this easy data)
     logits, targets = np.load(run / "oof" / "oof_logits.npy"), np.load(run / "oof" / "oof_targets.npy")
-    probs = torch.softmax(torch.from_numpy(logits / (metrics["temperature"] or 1.0)).double(), 1).numpy()
+    cal = metrics["calibration"]  # evaluate's own temperatures: none, one, or one per fold fitted without it
+    if cal["temperature"] == "cross-fitted":
+        folds = pd.read_csv(run / "splits.csv")["fold"].to_numpy()
+        temps = np.array([cal["temperatures"][str(f)] for f in folds])[:, None]
+    else:
+        temps = cal["temperature"] or 1.0
+    probs = torch.softmax(torch.from_numpy(logits / temps).double(), 1).numpy()
     draw = np.random.default_rng(boot["seed"]).integers(0, len(targets), size=(1000, len(targets)))
     reps = [log_loss(targets[r], probs[r], labels=range(probs.shape[1])) for r in draw]
     assert iv["nll"] == pytest.approx(list(np.percentile(reps, [2.5, 97.5])), rel=1e-6)
