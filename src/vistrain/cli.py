@@ -115,6 +115,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.compare import run_compare
+    from vistrain.tracking.logs import console_logging
+
+    console_logging()
+    run_compare([Path(r) for r in args.runs], split=args.split, output=Path(args.output))
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from vistrain.pipelines.predict import run_predict
     from vistrain.tracking.logs import console_logging
@@ -404,6 +413,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true",
                    help="average the eval.tta views, as predict --tta (also on when eval.tta=... is given)")
     eval_overrides(p)
+
+    p = add("compare", cmd_compare, "compare runs on the same images: figures with 95% intervals, paired "
+                                    "differences to the first run, McNemar, config differences -> compare.html")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="two or more run directories; the first is the reference")
+    p.add_argument("--split", choices=["test", "oof"],
+                   help="default: test when every run has eval/test/predictions.csv, else oof")
+    p.add_argument("--output", default="compare", help="folder for compare.json, compare.html, curves.png")
 
     p = add("predict", cmd_predict, "fold-ensemble predictions for a folder or CSV of images -> ID,target CSV")
     p.add_argument("run", metavar="RUN", help="run directory")

@@ -73,13 +73,23 @@ def _safe_ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def classification_intervals(logits: ArrayLike, targets: ArrayLike, idx: np.ndarray, *,
                              macro_f1_classes: Literal["all", "present"] = "all", ece_bins: int = 15,
                              level: float = LEVEL) -> dict[str, list[float]]:
-    """Intervals of ``classification_report``'s scalar figures over the replicates of ``idx`` [B, N].
+    """Intervals of ``classification_report``'s scalar figures over the replicates of ``idx`` [B, N]
+    (:func:`classification_replicates`' values, their percentiles). Returns ``{figure: [lo, hi]}``."""
+    reps = classification_replicates(logits, targets, idx, macro_f1_classes=macro_f1_classes, ece_bins=ece_bins)
+    return {key: percentile_interval(v, level) for key, v in reps.items()}
+
+
+def classification_replicates(logits: ArrayLike, targets: ArrayLike, idx: np.ndarray, *,
+                              macro_f1_classes: Literal["all", "present"] = "all",
+                              ece_bins: int = 15) -> dict[str, np.ndarray]:
+    """``classification_report``'s scalar figures on each replicate of ``idx`` [B, N]: ``{figure: float [B]}``.
+    Two runs scored on the same ``idx`` give paired replicates (``vistrain compare``'s differences).
 
     logits [N, C], targets [N]. Each replicate is scored exactly as ``classification_report`` scores a set of
     images: ``top1`` / ``top5`` (k = min(5, C)) with the top-k tie rules, ``macro_f1`` over all C classes (a class
     neither present nor predicted scores 0) or, with ``"present"``, over the classes present in the replicate's
     targets; ``weighted_f1``; ``balanced_accuracy`` (mean recall over the replicate's classes); ``nll``; ``ece``
-    (``ece_bins`` right-closed bins). Returns ``{figure: [lo, hi]}``.
+    (``ece_bins`` right-closed bins).
     """
     z, y = _as_logits_targets(logits, targets)
     n, n_classes = z.shape
@@ -116,7 +126,7 @@ def classification_intervals(logits: ArrayLike, targets: ArrayLike, idx: np.ndar
         bins = ece_bin[rows]
         gap = _counts(bins, ece_bins, calibrated[rows]) - _counts(bins, ece_bins, conf[rows])
         values["ece"].append(np.abs(gap).sum(axis=1) / n)
-    return {key: percentile_interval(np.concatenate(v), level) for key, v in values.items()}
+    return {key: np.concatenate(v) for key, v in values.items()}
 
 
 def cluster_ratio_intervals(numerators: dict[str, np.ndarray], denominator: np.ndarray, idx: np.ndarray,
