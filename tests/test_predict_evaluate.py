@@ -481,3 +481,32 @@ def test_evaluate_writes_bootstrap_intervals_beside_unchanged_figures(trained: d
     assert f"{metrics['top1']:.4f} [{iv['top1'][0]:.4f}, {iv['top1'][1]:.4f}]" in page
     real = metrics["per_domain"]["real"]
     assert f"{real['top1']:.4f} [{real['intervals']['top1'][0]:.4f}, {real['intervals']['top1'][1]:.4f}]" in page
+
+
+def test_compare_a_trained_run_with_a_copy_of_itself(trained: dict, tmp_path: Path) -> None:
+    """compare on a real run's files: its OOF logits, splits.csv folds and metrics.jsonl; a copy of the run with
+    another learning rate in config.yaml scores the same images identically (differences 0, p = 1)."""
+    import shutil
+
+    import yaml
+    from sklearn.metrics import accuracy_score
+
+    copy = tmp_path / "copy"
+    # no eval/test in the copy: compare defaults to oof
+    shutil.copytree(trained["run"], copy, ignore=shutil.ignore_patterns("eval", "*.pt", "*.pth"))
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    cfg["train"]["lr"] = cfg["train"]["lr"] * 2
+    write_yaml(copy / "config.yaml", cfg)
+    res = run_cli("compare", str(trained["run"]), str(copy), "--output", str(tmp_path / "cmp"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "oof: no eval/test/predictions.csv" in res.stdout
+    out = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    oof = trained["run"] / "oof"
+    logits, targets = np.load(oof / "oof_logits.npy"), np.load(oof / "oof_targets.npy")
+    assert out["runs"][0]["metrics"]["top1"]["value"] == pytest.approx(accuracy_score(targets, logits.argmax(1)))
+    diff = out["differences"][0]
+    assert all(m["value"] == 0 and m["interval"] == [0, 0] and m["p_value"] == 1 for m in diff["metrics"].values())
+    assert diff["mcnemar_top1"]["p_value"] == 1.0
+    assert sorted(r["fold"] for r in out["fold_differences"][0]["folds"]) == [0, 1]
+    assert list(out["config_differences"]) == ["train.lr"]
+    assert (tmp_path / "cmp" / "curves.png").stat().st_size > 1000

@@ -56,6 +56,9 @@ def _require_run(run: Path) -> Path:
     run = Path(run).resolve()
     if not (run / "config.yaml").is_file():
         raise UserError(f"RUN: {run} is not a vistrain run directory (no config.yaml)")
+    task = (yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}).get("task", "classification")
+    if task != "classification":
+        raise UserError(f"RUN: {run} has task: {task}; compare scores classifiers (task: classification) only")
     return run
 
 
@@ -257,6 +260,15 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"{k:<18} {format_interval(m['value'], m['interval']):<30} p={m['p_value']:.4f}")
         mc = d["mcnemar_top1"]
         print(f"McNemar top1: only [0] right {mc['a_only']}, only [{i}] right {mc['b_only']}, p={mc['p_value']:.4f}")
+    for i, folds in enumerate(result["fold_differences"], start=1):
+        if folds and "folds" in folds:
+            print(f"\n[{i}] - [0] per fold: " + "; ".join(
+                f"fold {r['fold']} top1 {r['top1_diff']:+.4f} (McNemar p={r['mcnemar_top1_p']:.3f})"
+                for r in folds["folds"]))
+            print("  over folds: " + ", ".join(f"{k} {m['mean']:+.4f} ± {m['std']:.4f}"
+                                               for k, m in folds["over_folds"].items()))
+        elif folds:
+            print(f"\n[{i}] - [0] per fold: {folds['note']}")
     if result["config_differences"]:
         print("\nconfig differences:")
         for key, values in result["config_differences"].items():
