@@ -10,7 +10,6 @@ fold-by-fold differences of K-fold OOF scores, the config keys that differ and t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,6 @@ from vistrain.metrics.classification import ECE_BINS, classification_report
 from vistrain.metrics.paired import mcnemar_exact, paired_difference
 from vistrain.tracking.files import write_json
 
-log = logging.getLogger(__name__)
 SPLITS = ("test", "oof")
 METRICS = ("top1", "top5", "macro_f1", "weighted_f1", "balanced_accuracy", "nll", "ece")
 FOLD_METRICS = ("top1", "macro_f1", "nll")  # the fold-by-fold table's figures
@@ -208,7 +206,6 @@ def run_compare(runs: Sequence[Path], split: str | None = None, output: Path | N
         raise UserError(f"RUN: compare needs at least two run directories, got {len(runs)}")
     paths = [_require_run(r) for r in runs]
     split, why = choose_split(paths, split)
-    log.info("split %s", why)
     scored = align([read_test(r) if split == "test" else read_oof(r) for r in paths])
     first = scored[0]
     targets = np.array([first.classes.index(c) if c in first.classes else -1 for c in first.labels])
