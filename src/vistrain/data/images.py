@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,6 +29,35 @@ def set_max_pixels(limit: int) -> None:
 def get_max_pixels() -> int:
     """The pixel limit ``load_rgb`` applies in this process (``set_max_pixels``)."""
     return _max_pixels
+
+
+HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit, 32-bit integer and float greyscale
+TRANSPARENT_MODES = ("RGBA", "LA", "PA")  # and "P" with a transparent palette index
+
+# What load_rgb does, in the words a client in another program needs to do the same: preprocess.json's "decode"
+# block (Preprocessor.to_dict). examples/onnx_client.py follows it, and a test holds it to predict's probabilities.
+DECODE: dict[str, Any] = {
+    "library": "Pillow (PIL.Image.open), numpy for the high_bit_depth rule",
+    "order": ["frame", "orientation", "high_bit_depth", "transparency", "rgb"],
+    "frame": "first: an animated GIF / WebP / PNG / TIFF gives the frame Image.open shows before any seek",
+    "orientation": "the EXIF Orientation tag applied: PIL.ImageOps.exif_transpose(img)",
+    "high_bit_depth": {
+        "modes": list(HIGH_BIT_DEPTH_MODES),
+        "rule": "min_max",
+        "formula": "a = np.asarray(img).astype(float32); lo, hi = float(a.min()), float(a.max()); if hi > lo: "
+                   "a = (a - lo) * float32(255.0 / (hi - lo)) (float32 arithmetic), else a = 0; "
+                   "uint8 by truncation (a.astype(uint8)); the result is mode L",
+    },
+    "transparency": {
+        "modes": list(TRANSPARENT_MODES),
+        "palette": "mode P with a transparent index (img.info['transparency']) is composited too",
+        "background": [255, 255, 255],
+        "rule": "PIL.Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img.convert('RGBA'))",
+    },
+    "palette": "P: converted via RGBA and composited on white when it has a transparent index, else convert('RGB')",
+    "cmyk": "img.convert('RGB'), Pillow's arithmetic conversion; an embedded ICC profile is not applied",
+    "rgb": "every mode then img.convert('RGB') (L, 1, YCbCr, CMYK, P ...); output uint8 [H, W, 3]",
+}
 
 
 class ImageTooLarge(ValueError):
@@ -133,13 +162,13 @@ def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce
         if w * h > limit:
             raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
         img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        if img.mode in HIGH_BIT_DEPTH_MODES:
             # 16-bit and float images: scale the actual range to 0..255 instead of clipping it.
             arr = np.asarray(img).astype(np.float32)
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
             img = Image.fromarray(arr.astype(np.uint8), mode="L")
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        if img.mode in TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info):
             # Composite transparency on white, as documents and product photos are shown.
             img = img.convert("RGBA")
             background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -12,11 +12,14 @@ normalisation) and applies it to an 8-bit RGB array:
 
 Steps 1-3 (``deterministic``) give uint8 pixels: what a decode-once cache stores and what training augments.
 ``to_dict`` is the versioned description written to ``preprocess.json`` (with a content hash), from which
-``from_dict`` rebuilds the identical preprocessor.
+``from_dict`` rebuilds the identical preprocessor. Its ``decode`` block (``images.DECODE``) says how a file becomes
+the 8-bit RGB array (16-bit rescaling, EXIF, transparency, palette, CMYK, first frame), so that a client without
+vistrain (``examples/onnx_client.py``) gives ``predict``'s probabilities.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Sequence
@@ -27,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vistrain.data.images import load_rgb
+from vistrain.data.images import DECODE, load_rgb
 
 if TYPE_CHECKING:
     from vistrain.config.schema import Config
@@ -133,6 +136,7 @@ class Preprocessor:
                       "space": "L of 8-bit LAB (OpenCV)"},
             "normalize": {"scale": 1 / 255, "mean": list(self.mean), "std": list(self.std)},
             "output": "float32 [3, H, W], channels RGB",
+            "decode": copy.deepcopy(DECODE),  # how a file becomes "input": 16-bit, alpha, EXIF are not "RGB uint8"
         }
         return {**spec, "hash": _hash(spec)}
 
