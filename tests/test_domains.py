@@ -278,7 +278,8 @@ def test_report_shows_the_per_domain_table(domain_run: dict) -> None:
         metrics = json.loads((run / "eval" / split / "metrics.json").read_text())
         for dom in ("real", "studio"):
             m = metrics["per_domain"][dom]
-            assert f"<td>{dom}</td><td>{m['n']}</td><td>{m['top1']:.4f}</td>" in section
+            lo, hi = m["intervals"]["top1"]  # eval.bootstrap: each figure beside its 95% interval
+            assert f"<td>{dom}</td><td>{m['n']}</td><td>{m['top1']:.4f} [{lo:.4f}, {hi:.4f}]</td>" in section
 
 
 def test_an_unknown_source_domain_in_the_monitor_exits_2_in_one_line(domain_run: dict, tmp_path: Path) -> None:
