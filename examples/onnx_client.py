@@ -1,5 +1,6 @@
 """Classify images with an exported vistrain model, without vistrain: onnxruntime, Pillow, OpenCV and numpy follow
-the run's preprocess.json (decode, crop, resize, CLAHE, normalise) and give `vistrain predict`'s probabilities.
+the run's preprocess.json (decode, a large JPEG reduced, crop, resize, CLAHE, normalise) and give `vistrain
+predict`'s probabilities.
 
     python examples/onnx_client.py RUN/export/model_fold0.onnx IMAGE [IMAGE ...] [--top-k 5] [--preprocess FILE]
 prints per image: file, then the top-k classes and probabilities, tab-separated."""
@@ -13,11 +14,29 @@ import onnxruntime as ort
 from PIL import Image, ImageOps
 
 KNOWN = {("high_bit_depth", "rule"): "min_max", ("transparency", "background"): [255, 255, 255]}
+SHRINKS = ("reduced_area", "area", "interpolation")
 
 
-def decode(path: str, d: dict) -> np.ndarray:
+def reduced(img: Image.Image, p: dict) -> None:
+    """A large JPEG: libjpeg's DCT-scaled decode, as preprocess.json's decode.reduce says (absent: full decode)."""
+    r = p["decode"].get("reduce")
+    if not r or img.format not in r["formats"]:
+        return
+    w, h = (img.height, img.width) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else img.size  # as shown
+    out_h, out_w = p["resize"]["size"]
+    for s in r["scales"]:
+        sw, sh = -(-w // s), -(-h // s)
+        if (min(sw, sh) >= r["at_least"] * max(out_h, out_w) if p["crop"] == "center_square"
+                else sw >= r["at_least"] * out_w and sh >= r["at_least"] * out_h):
+            img.draft(None, (img.width // s, img.height // s))
+            return
+
+
+def decode(path: str, p: dict) -> np.ndarray:
     """A file -> RGB uint8 [H, W, 3], step by step as preprocess.json's "decode" block says."""
+    d = p["decode"]
     with Image.open(path) as img:  # an animated file: its first frame
+        reduced(img, p)
         img = ImageOps.exif_transpose(img)
         if img.mode in d["high_bit_depth"]["modes"]:
             a = np.asarray(img).astype(np.float32)
@@ -39,8 +58,10 @@ def tensor(rgb: np.ndarray, p: dict) -> np.ndarray:
     h, w = p["resize"]["size"]
     flags = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
              "nearest": cv2.INTER_NEAREST}
-    if rgb.shape[:2] != (h, w):
-        rgb = cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=flags[p["resize"]["interpolation"]])
+    shrink = p["resize"].get("shrink", "interpolation") != "interpolation" and rgb.shape[0] >= h and rgb.shape[1] >= w
+    if rgb.shape[:2] != (h, w):  # a shrink: INTER_AREA (resize.shrink_rule); else the named interpolation
+        flag = cv2.INTER_AREA if shrink else flags[p["resize"]["interpolation"]]
+        rgb = cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=flag)
     if p["clahe"]["enabled"]:
         lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)
         grid = p["clahe"]["grid"]
@@ -63,10 +84,13 @@ def main() -> None:
         if spec["decode"][block][key] != value:
             raise SystemExit(f"preprocess.json: decode.{block}.{key} is {spec['decode'][block][key]!r}; "
                              f"this client implements {value!r}")
+    if spec["resize"].get("shrink", "interpolation") not in SHRINKS:
+        raise SystemExit(f"preprocess.json: resize.shrink is {spec['resize']['shrink']!r}; this client implements "
+                         f"{', '.join(SHRINKS)}")
     session = ort.InferenceSession(args.onnx, providers=["CPUExecutionProvider"])
     classes = json.loads(session.get_modelmeta().custom_metadata_map["vistrain.classes"])
     for path in args.images:
-        _, probs = session.run(["logits", "probs"], {"image": tensor(decode(path, spec["decode"]), spec)[None]})
+        _, probs = session.run(["logits", "probs"], {"image": tensor(decode(path, spec), spec)[None]})
         top = np.argsort(-probs[0], kind="stable")[: args.top_k]
         print("\t".join([path, *(f"{classes[i]}\t{probs[0][i]:.8f}" for i in top)]))
 

@@ -49,10 +49,10 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     real = images.load_rgb
 
-    def counted(path: Any, *args: Any) -> Image.Image:
+    def counted(path: Any, *args: Any, **kwargs: Any) -> Image.Image:
         seen.append(str(path))
-        return real(path, *args)
-    for module in (images, preprocess, cache_mod):
+        return real(path, *args, **kwargs)
+    for module in (images, preprocess):
         monkeypatch.setattr(module, "load_rgb", counted)
     return seen
 

@@ -55,7 +55,15 @@ def more_modes(folder: Path) -> list[str]:
     Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
     Image.fromarray(rgba[..., [0, 3]], "LA").save(folder / "grey_alpha.png")
     Image.fromarray(grey > 128).save(folder / "bilevel.png")
-    return ["narrow16.png", "int32.tif", "float.tif", "alpha.png", "grey_alpha.png", "bilevel.png"]
+    # Photos large enough for the reduced JPEG decode (decode.reduce): 1/8 and 1/4, one stored on its side
+    photo = np.asarray(class_image(0, rng, 64).resize((1201, 903), Image.BICUBIC)).astype(np.int16)
+    photo = np.clip(photo + rng.integers(-40, 41, photo.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(folder / "photo.jpg", quality=90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(photo[:600, :455]).save(folder / "portrait.jpg", quality=90, exif=exif)
+    return ["narrow16.png", "int32.tif", "float.tif", "alpha.png", "grey_alpha.png", "bilevel.png", "photo.jpg",
+            "portrait.jpg"]
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +106,15 @@ def test_preprocess_json_describes_the_decode(exported: dict) -> None:
     assert decode["high_bit_depth"]["rule"] == "min_max" and set(decode["high_bit_depth"]["modes"]) >= {"I;16", "I",
                                                                                                          "F"}
     assert decode["transparency"]["background"] == [255, 255, 255]
-    assert {"frame", "orientation", "palette", "cmyk", "order"} <= set(decode)
+    assert {"frame", "orientation", "palette", "cmyk", "order", "reduce"} <= set(decode)
+    assert decode["order"][0] == "reduce" and decode["reduce"]["formats"] == ["JPEG"]
+    assert spec["resize"]["shrink"] == "reduced_area" and "INTER_AREA" in spec["resize"]["shrink_rule"]
     assert spec["input"].startswith("RGB uint8")  # the keys read before stay as they were
 
 
 def test_client_without_vistrain_gives_predicts_probabilities(exported: dict) -> None:
+    for name, factor in (("photo.jpg", 8), ("portrait.jpg", 4)):  # the client has the reduced decode to follow
+        assert load_rgb(exported["images"] / name, scale_for=lambda w, h, f=factor: f).info["reduced"] == factor
     pred = exported["pred"]
     classes = [c.removeprefix("prob_") for c in pred.columns if c.startswith("prob_")]
     onnx_file = exported["run"] / "export" / "model_fold0.onnx"

@@ -1,5 +1,7 @@
 """vistrain.data.preprocess.Preprocessor: the one deterministic preprocessing, checked against seed 003's reference
-(centre square crop, OpenCV INTER_LINEAR resize, CLAHE on LAB's L channel, ImageNet normalisation)."""
+(centre square crop, OpenCV INTER_LINEAR resize, CLAHE on LAB's L channel, ImageNet normalisation) with
+``shrink: interpolation``, and against the same reference with INTER_AREA for shrinks (the default ``reduced_area``),
+plus the reduced JPEG decode of large photos and the version 1 descriptions of older runs."""
 
 from __future__ import annotations
 
@@ -17,15 +19,15 @@ from vistrain.errors import ConfigError
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def seed_reference(image: np.ndarray, target: int, clahe: bool = True, clip: float = 2.0, grid: int = 8
-                   ) -> torch.Tensor:
+def seed_reference(image: np.ndarray, target: int, clahe: bool = True, clip: float = 2.0, grid: int = 8,
+                   shrink: int = cv2.INTER_LINEAR) -> torch.Tensor:
     """Seed 003's UnifiedPreprocessor.process, step by step as its document describes it (float64 normalisation,
     as its tuple mean / std make NumPy compute)."""
     h, w = image.shape[:2]
     side = min(h, w)
     top, left = (h - side) // 2, (w - side) // 2
     square = image[top: top + side, left: left + side]
-    out = cv2.resize(square, (target, target), interpolation=cv2.INTER_LINEAR)
+    out = cv2.resize(square, (target, target), interpolation=shrink if side >= target else cv2.INTER_LINEAR)
     if clahe:
         l_chan, a_chan, b_chan = cv2.split(cv2.cvtColor(out, cv2.COLOR_RGB2LAB))
         l_chan = cv2.createCLAHE(clipLimit=clip, tileGridSize=(grid, grid)).apply(l_chan)
@@ -35,6 +37,8 @@ def seed_reference(image: np.ndarray, target: int, clahe: bool = True, clip: flo
 
 
 def seed_like(size: int = 64, clahe: bool = True, **kw) -> Preprocessor:
+    """Seed 003's settings: every resize INTER_LINEAR (``shrink: interpolation``)."""
+    kw.setdefault("shrink", "interpolation")
     return Preprocessor(size=(size, size), crop="center_square", interpolation="bilinear", clahe=clahe, mean=MEAN,
                         std=STD, **kw)
 
@@ -56,6 +60,8 @@ def test_process_equals_the_seed_reference_on_odd_sizes(h: int, w: int) -> None:
         want = seed_reference(image, 64)
         assert got.dtype == torch.float32 and tuple(got.shape) == (3, 64, 64)
         assert torch.max(torch.abs(got - want)).item() <= 1e-5
+        default = seed_like(64, shrink="reduced_area").process(image)  # shrinks: INTER_AREA; enlargements: bilinear
+        assert torch.max(torch.abs(default - seed_reference(image, 64, shrink=cv2.INTER_AREA))).item() <= 1e-5
 
 
 @pytest.mark.parametrize("clip,grid", [(1.0, 4), (4.0, 16), (2.0, 1)])
@@ -96,7 +102,7 @@ def test_no_crop_resizes_the_whole_image_to_h_by_w() -> None:
 def test_dict_round_trip_is_identical_and_survives_json() -> None:
     p = seed_like(48, clip_limit=3.0, grid=4)
     d = json.loads(json.dumps(p.to_dict()))
-    assert d["version"] == 1 and len(d["hash"]) == 16
+    assert d["version"] == 2 and len(d["hash"]) == 16 and d["resize"]["shrink"] == "interpolation"
     assert Preprocessor.from_dict(d) == p
     image = photo_like(70, 50, np.random.default_rng(4))
     assert torch.equal(Preprocessor.from_dict(d).process(image), p.process(image))
@@ -161,3 +167,88 @@ def test_read_only_pixels_from_pil_are_normalised_without_a_warning() -> None:
 def test_a_description_that_is_not_an_object_is_refused_clearly(value: object) -> None:
     with pytest.raises(ValueError, match="not a vistrain preprocessing description"):
         Preprocessor.from_dict(value)  # type: ignore[arg-type]
+
+
+def jpeg(path, h: int, w: int, orientation: int = 1, seed: int = 0):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(photo_like(h, w, np.random.default_rng(seed))).save(path, quality=90, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("shown,size,crop,factor", [
+    ((6000, 4500), (224, 224), "none", 8),  # 750 x 563 >= 448 x 448
+    ((6000, 4500), (224, 224), "center_square", 8),
+    ((3000, 2000), (224, 224), "center_square", 4),  # 1/8 gives a 250-pixel side, under 448
+    ((1000, 800), (224, 224), "none", 1),  # 1/2 gives 400 rows, under 448: decoded in full
+    ((1024, 2048), (256, 128), "none", 4),  # re-id (H 256, W 128): 256 x 512 is exactly twice
+    ((2048, 1024), (256, 128), "none", 2),  # landscape for a portrait input: the rows decide (1024 / 2 = 512)
+])
+def test_the_decode_scale_keeps_at_least_twice_the_output_size(shown, size, crop, factor) -> None:
+    p = Preprocessor(size=size, crop=crop, mean=MEAN, std=STD)
+    assert p.decode_scale(*shown) == factor
+    assert Preprocessor(size=size, crop=crop, shrink="area").decode_scale(*shown) == 1
+
+
+def test_a_large_jpeg_decodes_reduced_by_its_displayed_size(tmp_path) -> None:
+    """An EXIF-rotated JPEG is judged by the size it is shown at. For a 100 x 30 (H x W) input, 1600 x 400 stored
+    pixels shown upright (400 wide, 1600 tall) decode at 1/4 (1/8 would leave 50 columns, under 60); the same pixels
+    shown as stored (1600 wide, 400 tall) at 1/2 (200 rows)."""
+    from vistrain.data.images import load_rgb
+
+    p = Preprocessor(size=(100, 30), mean=MEAN, std=STD)
+    upright = jpeg(tmp_path / "up.jpg", 400, 1600, orientation=6)
+    img = p.decode(upright)
+    assert img.size == (100, 400) and img.info["reduced"] == 4
+    flat = jpeg(tmp_path / "flat.jpg", 400, 1600)
+    assert p.decode(flat).size == (800, 200) and p.decode(flat).info["reduced"] == 2
+    # Sizes that do not divide: Pillow picks exactly the factor asked (a request of W // s, not ceil(W / s))
+    odd = jpeg(tmp_path / "odd.jpg", 803, 1201)
+    assert load_rgb(odd, scale_for=lambda w, h: 4).size == (301, 201)
+    png = tmp_path / "big.png"
+    from PIL import Image
+
+    Image.fromarray(photo_like(1600, 1600, np.random.default_rng(1))).save(png)
+    assert "reduced" not in p.decode(png).info  # other formats decode in full, then INTER_AREA
+
+
+def test_a_version_1_description_keeps_the_full_decode_and_its_interpolation(tmp_path) -> None:
+    """preprocess.json of a run trained before the shrink rule (version 1, no resize.shrink) rebuilds a preprocessor
+    that decodes a large JPEG in full and resizes it with INTER_LINEAR, as that run was trained."""
+    from vistrain.data.images import load_rgb
+
+    v1 = Preprocessor(size=(32, 32), crop="center_square", mean=MEAN, std=STD, version=1, shrink="interpolation")
+    d = v1.to_dict()
+    assert d["version"] == 1 and "shrink" not in d["resize"] and "reduce" not in d["decode"]
+    old = Preprocessor.from_dict(d)
+    assert old.shrink == "interpolation" and old.version == 1
+    photo = jpeg(tmp_path / "p.jpg", 1500, 2000)
+    full = np.asarray(load_rgb(photo))
+    assert np.array_equal(old.load(photo), seed_reference_pixels(full, 32))
+    new = Preprocessor(size=(32, 32), crop="center_square", mean=MEAN, std=STD)
+    assert not np.array_equal(new.load(photo), old.load(photo))
+    with pytest.raises(ValueError, match="version 1 has no shrink rule"):
+        Preprocessor(size=(32, 32), version=1, shrink="reduced_area")
+
+
+def seed_reference_pixels(image: np.ndarray, target: int) -> np.ndarray:
+    side = min(image.shape[:2])
+    top, left = (image.shape[0] - side) // 2, (image.shape[1] - side) // 2
+    return cv2.resize(np.ascontiguousarray(image[top:top + side, left:left + side]), (target, target),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+def test_a_run_config_from_before_the_shrink_key_resumes_as_it_was_trained(tmp_path) -> None:
+    import yaml
+
+    from vistrain.config import load_config
+    from vistrain.config.loader import config_to_dict
+
+    saved = config_to_dict(validate({}))
+    del saved["preprocess"]["resize"]["shrink"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(saved))
+    assert load_config(path, run_file=True).preprocess.resize.shrink == "interpolation"
+    assert load_config(path).preprocess.resize.shrink == "reduced_area"  # a user's file: today's default

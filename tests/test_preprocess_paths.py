@@ -225,3 +225,77 @@ def test_a_checkpoint_from_before_preprocess_keeps_its_resize_and_normalisation(
     torch.save(ckpt, path)
     with pytest.raises(UserError, match=r"best_fold0.pth: no usable preprocessing in the checkpoint .*hash"):
         load_fold_model(load_run(copy), 0, torch.device("cpu"))
+
+
+def large_photo(path: Path, size: tuple[int, int] = (6000, 4500), seed: int = 21, orientation: int = 1) -> Path:
+    """A phone-sized JPEG with detail finer than the model's input: a smooth colour field, a fine grating (period
+    under 3 pixels, which a resize without anti-aliasing folds into coarse stripes) and sensor noise."""
+    import cv2
+
+    w, h = size
+    rng = np.random.default_rng(seed)
+    field = cv2.resize(rng.uniform(40, 215, (6, 8, 3)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    x = np.arange(w, dtype=np.float32)[None, :] + 0.37 * np.arange(h, dtype=np.float32)[:, None]
+    grating = 45 * np.sin(2 * np.pi * x / 2.7)
+    img = field + grating[..., None] + rng.normal(0, 6, (h, w, 1)).astype(np.float32)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90, exif=exif)
+    return path
+
+
+@pytest.fixture(scope="module")
+def large(paths: dict) -> dict:
+    """Phone photos over serve.max_pixels' 24 M pixels (6000 x 4500, and a portrait one stored on its side with an
+    EXIF rotation), one under it (4000 x 3000), and ``predict --probs`` on them."""
+    folder = paths["root"] / "large"
+    folder.mkdir(exist_ok=True)
+    photos = [large_photo(folder / "phone.jpg"), large_photo(folder / "portrait.jpg", seed=3, orientation=6),
+              large_photo(folder / "small.jpg", (4000, 3000), seed=8)]
+    csv, out = paths["root"] / "large.csv", paths["root"] / "large_pred.csv"
+    pd.DataFrame({"ID": [p.name for p in photos]}).to_csv(csv, index=False)
+    assert cli.main(["predict", str(paths["run"]), "--input", str(csv), "--image-dir", str(folder), "--probs",
+                     "--output", str(out)]) == 0
+    return {"photo": photos[0], "photos": photos, "pred": _read_pred(out)}
+
+
+def test_serve_answers_as_predict_for_photos_over_the_decode_budget(paths: dict, large: dict) -> None:
+    """The decode budget (serve.max_pixels, 24 M) never changes the pixels: serve's tensor for each photo is
+    predict's, and so are its probabilities."""
+    from vistrain.pipelines.serve import Limits, decode_upload
+
+    predictor = load_predictor(paths["run"])
+    pre, limits = run_preprocessor(paths["run"]), Limits()
+    assert 6000 * 4500 > limits.max_pixels
+    for photo in large["photos"]:
+        served = predictor.preprocess(decode_upload(photo.name, photo.read_bytes(), limits, predictor.preprocessor))
+        assert torch.max(torch.abs(served - pre.normalize(pre.load(photo)))).item() <= 1e-6, photo.name
+    answer = TestClient(create_app(predictor)).post("/predict", files=[
+        ("files", (p.name, p.read_bytes(), "image/jpeg")) for p in large["photos"]])
+    assert answer.status_code == 200, answer.text
+    pred = large["pred"]
+    assert pred["ID"].tolist() == [p.name for p in large["photos"]]
+    classes = [c.removeprefix("prob_") for c in pred.columns if c.startswith("prob_")]
+    served = np.array([[{t["class"]: t["prob"] for t in r["top"]}[c] for c in classes]
+                       for r in answer.json()["results"]])
+    assert_same_probabilities(served, _probs(pred), atol=1e-5, what="serve vs predict, photos over serve.max_pixels")
+
+
+def test_a_large_photo_is_shrunk_with_anti_aliasing(paths: dict, large: dict) -> None:
+    """Every path's decode of the photo (a reduced JPEG decode, then an area resize) is within a few grey levels of
+    the exact area average of the full-size photo; the fine grating does not fold into stripes. A plain bilinear
+    resize of the full decode (what predict did before) is far off."""
+    import cv2
+
+    pre = run_preprocessor(paths["run"])
+    full = np.asarray(load_rgb(large["photo"]))
+    side = min(full.shape[:2])
+    top, left = (full.shape[0] - side) // 2, (full.shape[1] - side) // 2
+    square = np.ascontiguousarray(full[top:top + side, left:left + side])
+    exact = cv2.resize(square, pre.size[::-1], interpolation=cv2.INTER_AREA).astype(np.float32)
+    bilinear = cv2.resize(square, pre.size[::-1], interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    ours = Preprocessor(pre.size, crop="center_square", mean=pre.mean, std=pre.std).load(large["photo"])
+    ours = ours.astype(np.float32)
+    assert np.abs(ours - exact).mean() < 2.0 and np.abs(ours - exact).max() < 12, \
+        (np.abs(ours - exact).mean(), np.abs(ours - exact).max())
+    assert np.abs(bilinear - exact).mean() > 10  # the defect this rule removes: aliasing, tens of grey levels

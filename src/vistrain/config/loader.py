@@ -90,7 +90,11 @@ def _upgrade_run_file(saved: dict[str, Any]) -> None:
     default ``data.source`` beside ``data.sources`` (never read there), ``data.cache_scale`` (the cache now
     stores what ``data.cache: off`` decodes, so nothing reads it), and a retrieval ``train.monitor: recall@K``
     from before ``data.split_classes`` (that figure is now ``knn_recall@K``), so that their runs still evaluate,
-    predict, resume and audit."""
+    predict, resume and audit. A run written before ``preprocess.resize.shrink`` decoded in full and resized with
+    its ``interpolation``: it resumes so (``shrink: interpolation``)."""
+    pre = saved.get("preprocess")
+    if isinstance(pre, dict) and isinstance(pre.get("resize"), dict):
+        pre["resize"].setdefault("shrink", "interpolation")
     data = saved.get("data")
     if not isinstance(data, dict):
         return

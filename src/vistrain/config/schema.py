@@ -269,6 +269,9 @@ class AugmentCfg(Section):
 class ResizeCfg(Section):
     # OpenCV interpolation: bilinear (INTER_LINEAR, as seed 003), bicubic, area (best for large shrinks), nearest
     interpolation: Literal["bilinear", "bicubic", "area", "nearest"] = "bilinear"
+    # a shrink: reduced_area (a large JPEG decoded at 1/2..1/8 keeping >= 2x the size, then INTER_AREA), area (full
+    # decode, INTER_AREA), interpolation (full decode, `interpolation` for shrinks too: runs before this key)
+    shrink: Literal["reduced_area", "area", "interpolation"] = "reduced_area"
 
 
 class ClaheCfg(Section):

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vistrain.data.images import get_max_pixels, load_rgb
+from vistrain.data.images import get_max_pixels
 from vistrain.data.preprocess import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ def _init_worker(pre: Preprocessor, max_pixels: int) -> None:
 def _decode_one(path: str) -> tuple[np.ndarray | None, str | None]:
     """``Preprocessor.load`` under the cache's pixel limit; or the reason it failed."""
     try:
-        return _WORKER["pre"].deterministic(np.asarray(load_rgb(path, _WORKER["max_pixels"]))), None
+        return _WORKER["pre"].load(path, _WORKER["max_pixels"]), None
     except Exception as err:  # noqa: BLE001 - any decode failure makes the file unreadable
         return None, f"{type(err).__name__}: {err}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +32,8 @@ def get_max_pixels() -> int:
     return _max_pixels
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation; 5..8 turn the picture a quarter, so width and height swap
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit, 32-bit integer and float greyscale
 TRANSPARENT_MODES = ("RGBA", "LA", "PA")  # and "P" with a transparent palette index
 
@@ -141,24 +144,35 @@ class ImageIndex:
         return None
 
 
-def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce_over: int | None = None
-             ) -> Image.Image:
+def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce_over: int | None = None,
+             scale_for: Callable[[int, int], int] | None = None) -> Image.Image:
     """Decode any image (L, LA, RGBA, P, CMYK, I;16, F ...) to RGB with its EXIF orientation applied; an animated
-    image gives its first frame. More pixels than ``max_pixels`` (default: ``set_max_pixels``) is an
-    ``ImageTooLarge`` before decoding; a truncated or corrupt file raises (Pillow's ``OSError``), never half an image.
+    image gives its first frame. More pixels than ``max_pixels`` (default: ``set_max_pixels``) in the header (under
+    ``reduce_over``: in the decoded image) is an ``ImageTooLarge`` before decoding; a truncated or corrupt file
+    raises (Pillow's ``OSError``), never half an image.
 
-    ``path`` may also be an open binary file (``serve`` decodes uploads with this same function). ``reduce_over``
-    (serve's decode budget): a JPEG of more pixels is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, the
-    largest that fits), so its memory stays within the budget; ``img.info["reduced"]`` then holds the factor."""
+    A JPEG may be decoded reduced, at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, ``Image.draft``): at the factor
+    ``scale_for(W, H)`` returns for its displayed size (after the EXIF orientation; ``Preprocessor.decode_scale``,
+    the rule every path shares), or more when ``reduce_over`` (serve's decode budget) needs more to keep the decoded
+    pixels within it. ``img.info["reduced"]`` then holds the factor. ``path`` may also be an open binary file
+    (``serve`` decodes uploads with this same function)."""
     limit, scale = max_pixels or _max_pixels, 1
     with Image.open(path) as img:
-        w, h = img.size
+        w, h = counted = img.size  # the limit counts the header's size, or under a budget the decoded size
         if img.format == "JPEG":
             _check_jpeg_length(img, path)
-            if reduce_over and w * h > reduce_over:
-                scale = next((s for s in (2, 4, 8) if -(-w // s) * -(-h // s) <= reduce_over), 8)
-                img.draft("RGB", (-(-w // scale), -(-h // scale)))
-                w, h = img.size
+            if scale_for is not None:
+                shown = (h, w) if img.getexif().get(ORIENTATION_TAG, 1) in SWAPPING_ORIENTATIONS else (w, h)
+                scale = scale_for(*shown)
+            if reduce_over and -(-w // scale) * -(-h // scale) > reduce_over:
+                scale = next((s for s in (2, 4, 8) if s >= scale and -(-w // s) * -(-h // s) <= reduce_over), 8)
+            if scale > 1:
+                # A request of (W // s, H // s) makes Pillow pick exactly s (its draft takes the largest of 8, 4, 2
+                # that keeps at least the requested size); the decoded image is (ceil(W / s), ceil(H / s)).
+                img.draft(None, (max(1, w // scale), max(1, h // scale)))
+                scale = img.decoderconfig[0] if img.decoderconfig else 1
+                counted = img.size if reduce_over else counted
+        w, h = counted
         if w * h > limit:
             raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
         img = ImageOps.exif_transpose(img)

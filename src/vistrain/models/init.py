@@ -137,7 +137,7 @@ def _warn_other_preprocessing(meta: dict[str, Any] | None, ours: Preprocessor | 
 
     settings = {
         "input": lambda p: f"{p.size[0]}x{p.size[1]}", "crop": lambda p: p.crop,
-        "resize": lambda p: p.interpolation, "clahe": clahe,
+        "resize": lambda p: p.interpolation, "shrink": lambda p: p.shrink, "clahe": clahe,
         "mean": lambda p: str([round(x, 3) for x in p.mean]), "std": lambda p: str([round(x, 3) for x in p.std]),
     }
     diffs = [f"{name} {show(theirs)} (this config: {show(ours)})" for name, show in settings.items()

@@ -203,9 +203,10 @@ class UploadError(Exception):
         self.status = status
 
 
-def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
-    """The uploaded bytes as an RGB image decoded exactly as ``predict`` decodes files (``load_rgb``: EXIF
-    orientation, transparency on white, 16-bit range rescaled), or an ``UploadError`` naming the file."""
+def decode_upload(name: str, data: bytes, limits: Limits, pre: Preprocessor | None = None) -> Image.Image:
+    """The uploaded bytes as an RGB image decoded exactly as ``predict`` decodes files (``pre.decode``: EXIF
+    orientation, transparency on white, 16-bit range rescaled, a large JPEG reduced by the preprocessor's rule), or
+    an ``UploadError`` naming the file. ``pre``: the model's (None: a plain full decode)."""
     from vistrain.data.images import load_rgb
 
     if not data:
@@ -221,9 +222,11 @@ def decode_upload(name: str, data: bytes, limits: Limits) -> Image.Image:
         raise UploadError(400, f"{name}: {w}x{h} pixels is over serve.max_pixels={limits.max_pixels:,} (only a "
                                "JPEG up to 64 times that is decoded reduced)")
     try:
-        # The whole file is decoded (a truncated or lying file is refused, never half-read); a large JPEG at a
-        # reduced scale, so no upload costs more than the budget's pixels.
-        return load_rgb(io.BytesIO(data), max_pixels=limits.max_pixels, reduce_over=limits.max_pixels)
+        # The whole file is decoded (a truncated or lying file is refused, never half-read); a large JPEG at the
+        # reduced scale every path uses (pre.decode_scale), or smaller where the budget's pixels need it.
+        scale_for = pre.decode_scale if pre is not None else None
+        return load_rgb(io.BytesIO(data), max_pixels=limits.max_pixels, reduce_over=limits.max_pixels,
+                        scale_for=scale_for)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt body behind a valid header
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
 
@@ -430,7 +433,7 @@ def create_app(predictor: Predictor, limits: Limits | None = None, api_key: str 
         try:
             tensors, notes = [], []
             for n, data in zip(names, bodies):  # one decoded image in memory at a time; only its tensor stays
-                tensors.append(predictor.preprocess(decode_upload(n, data, limits)))
+                tensors.append(predictor.preprocess(decode_upload(n, data, limits, predictor.preprocessor)))
                 notes.append(upload_warnings(data, limits))
             batch = torch.stack(tensors).numpy()
             rows = results(predictor, names, predictor(batch), limits.top_k)
