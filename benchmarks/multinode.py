@@ -74,7 +74,7 @@ def torchrun() -> str | None:
 def write_data(root: Path, per_class: int = PER_CLASS) -> Path:
     """The demo's digits layout (32 px PNGs, ``write_digits``) with the first ``per_class`` images of each digit in
     train.csv; returns the folder."""
-    from vistrain.pipelines.demo import write_digits
+    from vistrain.data.demo import write_digits
 
     paths = write_digits(root)
     train = pd.read_csv(paths["train_csv"], dtype=str)

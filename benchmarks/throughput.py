@@ -134,7 +134,7 @@ def ceiling(args: argparse.Namespace, cfg: Any, compiled: bool, steps: int) -> f
 
 
 def measure_run(args: argparse.Namespace, raw: dict[str, Any]) -> dict[str, Any]:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     started = time.time()
     result = run_train(validate(raw))

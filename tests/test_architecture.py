@@ -1,6 +1,8 @@
 """The package's shape, as docs/architecture.md promises it: no module imports one that imports it back (directly
-or through others), every file under pipelines/ is a verb (defines a ``run_*`` function), and the map in
-docs/architecture.md names every module of the tree."""
+or through others), every file under pipelines/ is a thin verb (its arguments, a ``run_*`` function that calls the
+API and prints, at most VERB_LINES lines, no other verb imported), nothing below the CLI imports a verb or the CLI,
+the public API is what ``vistrain/__init__.py`` exports, and the map in docs/architecture.md names every module of
+the tree."""
 
 from __future__ import annotations
 
@@ -81,19 +83,64 @@ def test_no_module_imports_one_that_imports_it_back() -> None:
     assert [c for c in cycles() if not any(MODULES[m].name == "__init__.py" for m in c)] == []
 
 
-def test_every_file_under_pipelines_is_a_verb() -> None:
-    for name, path in MODULES.items():
-        if name.startswith("vistrain.pipelines.") and path.name != "__init__.py":
-            tree = ast.parse(path.read_text())
-            verbs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("run_")]
-            assert verbs, f"{path.relative_to(ROOT)}: no run_* function; pipelines/ holds only verbs"
+VERB_LINES = 120  # a verb parses, calls one API function and prints; more than this holds work of its own
+SHARED = "vistrain.pipelines._args"  # the verbs' argument helpers
+
+
+def verbs() -> dict[str, Path]:
+    return {n: p for n, p in MODULES.items()
+            if n.startswith("vistrain.pipelines.") and p.name != "__init__.py" and n != SHARED}
+
+
+def test_every_file_under_pipelines_is_a_thin_verb() -> None:
+    from vistrain.pipelines import VERBS
+
+    assert sorted(VERBS) == sorted(n.rpartition(".")[2] for n in verbs())
+    for name, path in verbs().items():
+        tree = ast.parse(path.read_text())
+        runs = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("run_")]
+        assert runs, f"{path.relative_to(ROOT)}: no run_* function; pipelines/ holds only verbs"
+        assert {"add_arguments", f"run_{name.rpartition('.')[2]}"} <= {n.name for n in tree.body
+                                                                         if isinstance(n, ast.FunctionDef)}
+        lines = len(path.read_text().splitlines())
+        assert lines <= VERB_LINES, f"{path.relative_to(ROOT)}: {lines} lines; a verb only parses, calls the API " \
+                                    "and prints: move the work below it (api.py, engine/, ...)"
+        others = {m for m in GRAPH[name] if m.startswith("vistrain.pipelines.") and m != SHARED}
+        assert not others, f"{path.relative_to(ROOT)} imports the verb(s) {sorted(others)}: call the API instead"
+
+
+def test_nothing_below_the_command_line_imports_a_verb_or_the_cli() -> None:
+    top = {"vistrain.cli", "vistrain.__main__", "vistrain.pipelines", *verbs(), SHARED}
+    below = {n: deps & top for n, deps in GRAPH.items() if n not in top and deps & top}
+    assert below == {}, "an arrow back up to the command line"
+
+
+def test_the_api_is_exported_and_importing_vistrain_loads_no_torch() -> None:
+    import subprocess
+    import sys
+
+    import vistrain
+
+    for name in ("load_config", "train", "tune", "Run", "Preprocessor", "UserError", "ConfigError"):
+        assert name in vistrain.__all__ and getattr(vistrain, name) is not None, name
+    code = "import sys, vistrain; vistrain.Run; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", "import vistrain (and the API's names) must not load torch"
+
+
+def test_every_command_is_listed_in_the_help() -> None:
+    from vistrain.cli import build_parser
+    from vistrain.pipelines import VERBS
+
+    text = build_parser().format_help()  # argparse %-formats each verb's help: a stray % breaks --help
+    assert all(f"    {v}" in text for v in VERBS)
 
 
 def test_the_architecture_map_matches_the_tree_file_for_file() -> None:
     text = (ROOT / "docs" / "architecture.md").read_text()
     section = text[text.index("## The map"):]
     section = section[: section.index("\n## ", 3)]
-    mapped = set(re.findall(r"^\s+(\w+\.py)\b", section, re.M))
+    mapped = set(re.findall(r"^\s+(\w+\.py)\b", section, re.M)) - {"__init__.py"}  # a package face may be named
     files = {p.name for p in MODULES.values() if p.name != "__init__.py"}
     assert sorted(files - mapped) == [], "in the tree, not in docs/architecture.md's map"
     assert sorted(mapped - files) == [], "in docs/architecture.md's map, not in the tree"

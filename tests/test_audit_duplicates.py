@@ -90,7 +90,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The digits demo layout with copies planted in train/ (new IDs in train.csv) and train images copied into
     test/ (listed in test_labels.csv); audited with --config, then trained for one epoch on fold 0 only (as the
     demo does) and audited as a run."""
-    from vistrain.pipelines.demo import write_digits
+    from vistrain.data.demo import write_digits
 
     root = tmp_path_factory.mktemp("digits")
     paths = write_digits(root / "data")

@@ -73,7 +73,7 @@ def dataset_paths(root: Path) -> list[str]:
 
 def test_five_fold_run_decodes_each_image_once(data_root: Path, tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     seen = count_decodes(monkeypatch)
     cfg = cfg_of(data_root, tmp_path, data={"folds": 5, "valid_fold": "all", "cache": "memory"},
@@ -87,7 +87,7 @@ def test_five_fold_run_decodes_each_image_once(data_root: Path, tmp_path: Path,
 def test_four_trial_study_builds_the_cache_once(data_root: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     seen = count_decodes(monkeypatch)
     space = {"train.lr": {"type": "categorical", "choices": [1e-3, 2e-3, 3e-3, 4e-3]}}
@@ -102,7 +102,7 @@ def test_four_trial_study_builds_the_cache_once(data_root: Path, tmp_path: Path,
 
 
 def test_same_seed_same_metrics_with_and_without_the_cache(data_root: Path, tmp_path: Path) -> None:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     rows = {}
     for mode in ("off", "memory", "disk"):
@@ -120,7 +120,7 @@ def test_same_seed_same_metrics_with_and_without_the_cache(data_root: Path, tmp_
 
 
 def test_unreadable_files_found_while_caching_are_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     root = write_csv_dataset(tmp_path / "data", per_class=6, size=40).root
     (root / "train" / "img_0_000.png").write_bytes(b"not a png")

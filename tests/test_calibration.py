@@ -325,7 +325,7 @@ def test_calibrate_keeps_or_reverts_on_the_out_of_sample_ece(tmp_path) -> None:
     """Fold 0 is 3x over-confident, fold 1 2x under-confident. One T fitted on both and scored on the same rows
     halves the ECE (in sample: keep), but each fold scored at the T of the other fold is worse than no T at all
     (out of sample: revert). calibrate must revert, and report the out-of-sample figures."""
-    from vistrain.pipelines.calibrate import run_calibrate
+    from vistrain.engine.calibration import run_calibrate
 
     run, z, y, folds = fake_oof_run(tmp_path, [(3.0, 2000, 1), (0.5, 500, 2)])
     pooled = reference_temperature(z, y)
@@ -352,8 +352,8 @@ def test_calibrate_keeps_or_reverts_on_the_out_of_sample_ece(tmp_path) -> None:
 def test_evaluate_oof_after_calibrating_scores_each_fold_at_a_temperature_fitted_without_it(tmp_path) -> None:
     """Known true temperature 2 in every fold: the fitted T recovers it, calibrate keeps it, and evaluate --split
     oof scores fold k's rows at the T fitted on the other folds only (never the pooled, in-sample T)."""
-    from vistrain.pipelines.calibrate import run_calibrate
-    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.engine.calibration import run_calibrate
+    from vistrain.engine.evaluation import run_evaluate
 
     run, z, y, folds = fake_oof_run(tmp_path, [(2.0, 1500, 3), (2.0, 1500, 4), (2.0, 1500, 5)])
     result = run_calibrate(run)

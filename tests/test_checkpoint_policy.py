@@ -86,7 +86,7 @@ def test_keep_best_k_ranking_survives_a_resume(tmp_path: Path) -> None:
     """Stopped after epoch 1 and resumed: the kept files are the 2 best of all 3 epochs, not of the resumed 2."""
     from vistrain.config import load_config
     from vistrain.engine.hooks import Reporter
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     data = write_csv_dataset(tmp_path / "data", classes=("a", "b"), per_class=6)
     cfg = load_config(write_yaml(tmp_path / "cfg.yaml", tiny_config(
@@ -178,7 +178,7 @@ def test_the_last_epoch_is_always_evaluated() -> None:
 def test_tune_reports_only_evaluated_epochs(tmp_path: Path) -> None:
     """A trial with train.eval_every_n_epochs reports the monitor of evaluated epochs and skips the others."""
     from vistrain.config.schema import Config
-    from vistrain.pipelines.tune import _Context, _Reporter
+    from vistrain.tuning.run import _Context, _Reporter
 
     class Trial:
         def __init__(self) -> None:

@@ -18,10 +18,10 @@ from conftest import last_line, run_cli, write_yaml
 from scipy import stats
 from sklearn.metrics import accuracy_score
 
+from vistrain.engine.evaluation import predictions_table
 from vistrain.metrics.bootstrap import bootstrap_indices, classification_replicates
 from vistrain.metrics.classification import classification_report
 from vistrain.metrics.paired import mcnemar_exact, paired_difference
-from vistrain.pipelines.evaluate import predictions_table
 
 CLASSES = ["a", "b", "c"]
 

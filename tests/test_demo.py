@@ -10,7 +10,7 @@ import pandas as pd
 from conftest import class_image, run_cli, tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config.loader import load_config
-from vistrain.pipelines.demo import default_demo_config
+from vistrain.data.demo import default_demo_config
 
 
 def _demo_layout(out: Path) -> list[str]:

@@ -13,9 +13,9 @@ from conftest import run_cli, write_yaml
 
 from vistrain.config import load_config
 from vistrain.config.loader import parse_overrides
+from vistrain.data.demo import default_demo_config, pills_overrides
 from vistrain.data.synthetic_pills import write_pills
 from vistrain.errors import UserError
-from vistrain.pipelines.demo import default_demo_config, pills_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 FULL = REPO / "configs" / "pill_efficientnetv2s.yaml"

@@ -252,8 +252,8 @@ def test_augment_device_cuda_without_a_gpu_is_a_user_error(tmp_path: Path) -> No
     from conftest import tiny_config, write_csv_dataset
 
     from vistrain.config.loader import validate
+    from vistrain.engine.training import run_train
     from vistrain.errors import UserError
-    from vistrain.pipelines.train import run_train
 
     root = write_csv_dataset(tmp_path / "data", per_class=4).root
     raw = tiny_config(root, augment={"policy": "light", "device": "cuda"},
@@ -270,7 +270,7 @@ def test_a_gpu_run_augments_on_the_device(tmp_path: Path) -> None:
     from conftest import read_metrics, tiny_config, write_csv_dataset
 
     from vistrain.config.loader import validate
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     root = write_csv_dataset(tmp_path / "data", per_class=8).root
     raw = tiny_config(root, augment={"policy": "hard"}, train={"device": "cuda", "epochs": 2},

@@ -10,9 +10,9 @@ import torch
 
 from vistrain.config.loader import load_config
 from vistrain.engine import device as dev
+from vistrain.engine import doctor
+from vistrain.engine.doctor import run_doctor
 from vistrain.errors import UserError
-from vistrain.pipelines import doctor
-from vistrain.pipelines.doctor import run_doctor
 
 NO_GPU = not torch.cuda.is_available()
 

@@ -118,7 +118,7 @@ def test_a_bad_domain_monitor_names_the_valid_forms(monitor: str, tmp_path: Path
 
 def test_the_early_stopping_maximises_a_domain_monitor() -> None:
     from vistrain.engine.hooks import EarlyStopping
-    from vistrain.pipelines.tune import direction_of
+    from vistrain.tuning.run import direction_of
 
     assert EarlyStopping("top1@real", 3).mode == "max" and direction_of("macro_f1@real") == "maximize"
 
@@ -148,8 +148,8 @@ def domain_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Two data.sources (studio, real: 6 classes x 4 images each, the data's own split column; studio's val and
     test hold 3 of the classes) with data.split: ratio, 2 epochs, best epoch by top1@real; training ends with
     eval/test/; then ``evaluate --split val``."""
-    from vistrain.pipelines.evaluate import run_evaluate
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.evaluation import run_evaluate
+    from vistrain.engine.training import run_train
 
     root = tmp_path_factory.mktemp("domains")
     sources = []
@@ -294,8 +294,8 @@ def test_an_unknown_source_domain_in_the_monitor_exits_2_in_one_line(domain_run:
 def test_a_kfold_run_with_a_domain_column_reports_domains_per_fold_and_out_of_fold(tmp_path: Path) -> None:
     """data.valid_fold: all over a csv whose domain column puts both domains in each fold: summary.json's mean over
     the folds and its OOF block (all held-out logits) carry the domain keys, and evaluate --split oof agrees."""
-    from vistrain.pipelines.evaluate import run_evaluate
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.evaluation import run_evaluate
+    from vistrain.engine.training import run_train
 
     classes = ("a", "b", "c")
     config = small_run_config(tmp_path, ["real", "studio"] * 6, classes=classes, monitor="macro_f1@studio")
@@ -326,7 +326,7 @@ def small_run_config(root: Path, domains: list[str], classes: tuple[str, ...] = 
 
 
 def train_error(config: Path) -> str:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     with pytest.raises(UserError) as err:
         run_train(load_config(config))
@@ -388,8 +388,8 @@ def test_report_lists_the_classes_under_the_threshold_per_domain(tmp_path: Path)
 def test_a_class_without_images_in_a_domain_has_no_recall_or_f1_there(tmp_path: Path) -> None:
     """per_class.csv leaves recall@d / f1@d empty (and the report shows a dash) where support@d is 0; the other
     cells are scikit-learn's numbers on that domain's rows."""
+    from vistrain.engine.evaluation import per_class_table
     from vistrain.metrics.classification import classification_report
-    from vistrain.pipelines.evaluate import per_class_table
     from vistrain.tracking.files import write_csv
     from vistrain.viz.report import render_report
 
@@ -445,7 +445,7 @@ def test_loaded_run_gives_display_names_in_class_order(named_run: Path, domain_r
 
 
 def test_predict_adds_the_display_name_column(named_run: Path, domain_run: dict, tmp_path: Path) -> None:
-    from vistrain.pipelines.predict import run_predict
+    from vistrain.engine.prediction import run_predict
 
     table = run_predict(named_run, domain_run["data"].image_dir, output=tmp_path / "p.csv")
     written = pd.read_csv(tmp_path / "p.csv", dtype=str, keep_default_na=False)
@@ -461,7 +461,7 @@ def test_serve_answers_with_the_display_name(named_run: Path, domain_run: dict) 
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from vistrain.pipelines.serve import create_app, load_predictor
+    from vistrain.serving.app import create_app, load_predictor
 
     files = sorted(domain_run["data"].image_dir.glob("*.png"))[::7]
     client = TestClient(create_app(load_predictor(named_run)))
@@ -473,7 +473,7 @@ def test_serve_answers_with_the_display_name(named_run: Path, domain_run: dict) 
 
 
 def test_evaluate_and_report_show_the_display_names(named_run: Path) -> None:
-    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.engine.evaluation import run_evaluate
     from vistrain.viz.report import render_report
 
     run_evaluate(named_run, "val")
@@ -489,8 +489,8 @@ def test_export_metadata_carries_the_display_names(named_run: Path) -> None:
     from types import SimpleNamespace
 
     from vistrain.data.preprocess import Preprocessor
+    from vistrain.engine.export import metadata, read_onnx_metadata
     from vistrain.engine.inference import load_run
-    from vistrain.pipelines.export import metadata, read_onnx_metadata
 
     meta = metadata(load_run(named_run), 0, Preprocessor(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3))
     assert json.loads(meta["vistrain.display_names"]) == ["Zero tablet", "One capsule", None, None, None, None]

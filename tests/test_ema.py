@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_config, write_csv_dataset, write_yaml
 
 from vistrain.config import load_config
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 
 def test_ema_weights_are_the_best_checkpoint_and_survive_in_the_last(tmp_path: Path) -> None:

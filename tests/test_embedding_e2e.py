@@ -267,7 +267,7 @@ def test_arcface_retrieval_run_on_folders(tmp_path: Path) -> None:
         # the served / exported embedding of an image is the one search and evaluate compute for it
         from vistrain.data.images import load_rgb
         from vistrain.engine.inference import embed_paths, load_run
-        from vistrain.pipelines.serve import load_predictor
+        from vistrain.serving.app import load_predictor
 
         predictor = load_predictor(run / "export" / "model_fold0.onnx")
         paths = test_items["path"].tolist()[:3]
@@ -280,8 +280,8 @@ def test_center_loss_centers_survive_resume(tmp_path: Path, monkeypatch: pytest.
     import torch
 
     from vistrain.engine.hooks import Reporter
+    from vistrain.engine.training import run_train
     from vistrain.models.losses import CenterTerm
-    from vistrain.pipelines.train import run_train
 
     root = write_market(tmp_path / "market")
     terms = ["loss.terms=[{name: ce}, {name: triplet, margin: 0.3}, {name: center, weight: 0.0005, lr: 0.5}]"]

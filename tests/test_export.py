@@ -14,7 +14,7 @@ from conftest import assert_same_probabilities, run_cli, tiny_config, write_csv_
 from PIL import Image
 
 from vistrain.config import load_config
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -97,8 +97,8 @@ def test_verify_catches_a_graph_that_differs_from_the_model_and_benchmark_pins_t
     from vistrain import cli
     from vistrain.engine import deploy
     from vistrain.engine.device import usable_cores
+    from vistrain.engine.export import Deployable, sample_inputs, verify
     from vistrain.engine.inference import load_fold_model, load_run
-    from vistrain.pipelines.export import Deployable, sample_inputs, verify
     monkeypatch.setattr(deploy, "BENCH_BUDGET_S", 0.5)  # one or two windows per figure: this is not a benchmark
     load_run(trained[0])
     applied = torch.get_num_threads()  # what loading the run set (its train.num_threads on this machine)
@@ -156,7 +156,7 @@ def test_verify_does_not_fail_on_a_near_tie_that_flips_within_the_tolerance(tmp_
     """Two classes tied to 2e-5 may come out in either order after the graph's reordered float arithmetic: that is the
     tolerance at work, not a wrong graph (before, any changed top-1 failed the export). A changed top-1 where the
     classes are clearly apart still fails, and the report counts both kinds."""
-    from vistrain.pipelines.export import ATOL, verify
+    from vistrain.engine.export import ATOL, verify
 
     path = channel_means_onnx(tmp_path / "means.onnx")
     # channel means (1, 1, 0): a tie the file breaks for class 0; (0.2, 0.9, 0.1): class 1 by a wide margin

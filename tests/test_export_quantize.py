@@ -19,7 +19,7 @@ from conftest import assert_same_probabilities, tiny_config, write_csv_dataset, 
 from sklearn.metrics import accuracy_score
 
 from vistrain.config import load_config
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -194,7 +194,7 @@ def test_int8_probs_are_a_float_softmax_of_float_logits(exported: dict) -> None:
 @pytest.fixture(scope="module")
 def embedding_onnx(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A one-epoch embedding run (BNNeck, L2-normalised output) and its float ONNX file."""
-    from vistrain.pipelines.export import run_export
+    from vistrain.engine.export import run_export
 
     root = tmp_path_factory.mktemp("quantize_embedding")
     folders = write_folders_dataset(root / "folders", classes=("cat", "dog", "owl"), objects=6, views=2, size=32)
@@ -213,7 +213,7 @@ def test_embedding_int8_is_calibrated_on_training_identities_and_compared_on_the
     """An embedding run's splits.csv gives every row fold 0: the split column, not the fold, says which images trained
     (before, calibration and the cosine figures both drew on all of them, training images included)."""
     from vistrain.engine import deploy
-    from vistrain.pipelines.export import run_export
+    from vistrain.engine.export import run_export
 
     run = embedding_onnx["run"]
     with pytest.MonkeyPatch.context() as mp:
@@ -294,7 +294,7 @@ def test_no_file_within_the_budget_exits_1_and_keeps_the_report(exported: dict, 
                                                                 capsys: pytest.CaptureFixture,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from vistrain import cli
-    from vistrain.pipelines import export
+    from vistrain.engine import export
 
     def copy_float_file(module: object, example: object, path: Path, props: object) -> int:
         shutil.copy(exported["files"]["float"]["path"], path)  # what the exporter wrote before, without its 10 s
@@ -354,8 +354,8 @@ def test_latency_percentiles_are_over_at_least_min_runs_timed_runs() -> None:
 def test_serve_accepts_the_int8_and_fp16_files_and_answers_like_the_float_file(exported: dict) -> None:
     from fastapi.testclient import TestClient
 
-    from vistrain.pipelines.export import read_onnx_metadata
-    from vistrain.pipelines.serve import create_app, load_predictor
+    from vistrain.engine.export import read_onnx_metadata
+    from vistrain.serving.app import create_app, load_predictor
 
     files = exported["files"]
     splits = pd.read_csv(exported["run"] / "splits.csv", dtype={"label": str})

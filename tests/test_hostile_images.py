@@ -131,7 +131,7 @@ def test_serve_answers_every_hostile_upload_with_200_or_400_and_no_internals(tra
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
-    from vistrain.pipelines.serve import create_app, load_predictor
+    from vistrain.serving.app import create_app, load_predictor
 
     data, expect = trained["data"], trained["expect"]
     client = TestClient(create_app(load_predictor(only_run_dir(trained["root"] / "exp"))))

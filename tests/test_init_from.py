@@ -160,7 +160,7 @@ def test_another_architecture_is_a_user_error_naming_the_file(tmp_path: Path) ->
 
 
 def test_init_from_that_does_not_exist_stops_before_the_run_directory(tmp_path: Path) -> None:
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     cfg = load_config(_config(tmp_path, ("a", "b")), overrides=[f"model.init_from={tmp_path / 'nope'}"])
     with pytest.raises(UserError, match="model.init_from: .*nope"):

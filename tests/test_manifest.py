@@ -170,7 +170,7 @@ def test_manifest_command_with_a_missing_file_exits_2_naming_the_row(commands):
 
 
 def test_dataset_hash_changes_with_any_file_or_label(tmp_path, rows):
-    from vistrain.pipelines.manifest import dataset_hash
+    from vistrain.data.manifest import dataset_hash
 
     rows.to_csv(tmp_path / "data" / "list.csv", index=False)
     items = load_items(load_config(manifest_config(tmp_path, tmp_path / "data" / "list.csv")).data)

@@ -22,7 +22,7 @@ from PIL import Image
 from vistrain import cli
 from vistrain.config import load_config
 from vistrain.data.images import load_rgb
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

@@ -239,7 +239,7 @@ def test_predict_tta_warns_when_the_run_never_trained_on_flips(trained: dict) ->
 ])
 def test_tta_views_the_training_never_saw(augment: dict, views: list[str], expected: list[str]) -> None:
     from vistrain.config.loader import validate
-    from vistrain.pipelines.predict import untrained_views
+    from vistrain.engine.prediction import untrained_views
 
     assert untrained_views(validate({"augment": augment}), views) == expected
 
@@ -274,7 +274,7 @@ def _eval_probs(run: Path, split: str) -> tuple[pd.DataFrame, np.ndarray]:
 def test_evaluate_applies_eval_tta_as_the_average_of_the_views(trained: dict) -> None:
     """The test split (fold ensemble): each eval.tta setting gives other numbers, each the mean of the views'
     probabilities over both folds (at T = 1: the 2-fold ensemble has no fitted temperature)."""
-    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.engine.evaluation import run_evaluate
 
     run = trained["run"]
     nll = {}
@@ -288,7 +288,7 @@ def test_evaluate_applies_eval_tta_as_the_average_of_the_views(trained: dict) ->
 
 
 def test_evaluate_val_tta_scores_each_fold_on_its_own_validation_images(trained: dict) -> None:
-    from vistrain.pipelines.evaluate import run_evaluate
+    from vistrain.engine.evaluation import run_evaluate
 
     run = trained["run"]
     plain = run_evaluate(run, "val", echo=False)
@@ -365,7 +365,7 @@ def _fake_run(tmp_path: Path, train_ids: list[str]) -> object:
     (["a1.jpg", "a2.jpg"], ["x.png", "y.v2.png"]),  # training IDs are file names: so are these
 ])
 def test_folder_ids_follow_the_training_ids(tmp_path: Path, train_ids: list[str], expected: list[str]) -> None:
-    from vistrain.pipelines.predict import resolve_inputs
+    from vistrain.engine.prediction import resolve_inputs
 
     folder = tmp_path / "imgs"
     rng = np.random.default_rng(0)
@@ -382,8 +382,8 @@ def test_folder_ids_follow_the_training_ids(tmp_path: Path, train_ids: list[str]
 
 
 def test_folder_images_that_would_share_an_id_are_a_user_error(tmp_path: Path) -> None:
+    from vistrain.engine.prediction import resolve_inputs
     from vistrain.errors import UserError
-    from vistrain.pipelines.predict import resolve_inputs
 
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -400,8 +400,8 @@ def test_failures_list_classes_under_the_threshold_with_real_partners() -> None:
     """Class a: recall 1.0 but b's images are often called a (low precision); b: half of it called a; c: perfect."""
     from sklearn.metrics import f1_score
 
+    from vistrain.engine.evaluation import failure_table
     from vistrain.metrics.classification import classification_report
-    from vistrain.pipelines.evaluate import failure_table
 
     targets = np.array([0] * 4 + [1] * 4 + [2] * 4)
     preds = np.array([0, 0, 0, 0, 1, 1, 0, 0, 2, 2, 2, 2])

@@ -23,8 +23,8 @@ from conftest import write_csv_dataset as write_data
 from vistrain.config import load_config
 from vistrain.engine.hooks import FoldRun, Hook
 from vistrain.engine.loop import Step
+from vistrain.engine.training import run_train
 from vistrain.errors import Preempted
-from vistrain.pipelines.train import run_train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from kill_resume import comparable  # noqa: E402 - the kill sweep's definition of "the same numbers"

@@ -20,7 +20,7 @@ from vistrain import cli
 from vistrain.config import load_config
 from vistrain.data.images import load_rgb
 from vistrain.data.preprocess import Preprocessor
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -28,7 +28,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from vistrain.pipelines.serve import create_app, load_predictor  # noqa: E402
+from vistrain.serving.app import create_app, load_predictor  # noqa: E402
 
 PREPROCESS = {"crop": "center_square", "clahe": {"enabled": True, "clip_limit": 3.0, "grid": 4}}
 
@@ -262,7 +262,7 @@ def large(paths: dict) -> dict:
 def test_serve_answers_as_predict_for_photos_over_the_decode_budget(paths: dict, large: dict) -> None:
     """The decode budget (serve.max_pixels, 24 M) never changes the pixels: serve's tensor for each photo is
     predict's, and so are its probabilities."""
-    from vistrain.pipelines.serve import Limits, decode_upload
+    from vistrain.serving.app import Limits, decode_upload
 
     predictor = load_predictor(paths["run"])
     pre, limits = run_preprocessor(paths["run"]), Limits()

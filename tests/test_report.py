@@ -193,7 +193,7 @@ def test_the_report_train_writes_shows_the_runs_final_status(tmp_path: Path) -> 
     from conftest import tiny_config, write_csv_dataset
 
     from vistrain.config.loader import validate
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     data = write_csv_dataset(tmp_path / "data", classes=("a", "b"), per_class=4, size=16)
     cfg = validate(tiny_config(data.root, model={"name": "test_resnet"}, train={"epochs": 1},

@@ -149,7 +149,7 @@ def test_ctrl_c_marks_the_run_interrupted_and_resume_picks_it_up(tmp_path: Path)
     """A run stopped with Ctrl-C says "interrupted" in run.json (not "error"); ``--resume`` continues it."""
     from vistrain.config import load_config
     from vistrain.engine.hooks import Reporter
-    from vistrain.pipelines.train import run_train
+    from vistrain.engine.training import run_train
 
     config, exp_dir, _ = setup_run(tmp_path)
     cfg = load_config(config, overrides=[f"train.epochs={EPOCHS}", "data.valid_fold=0", "data.folds=2"])

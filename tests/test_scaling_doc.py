@@ -14,10 +14,11 @@ from typing import Any, get_args
 import yaml
 from pydantic import BaseModel
 
-from vistrain.cli import _split_resume, build_parser
+from vistrain.cli import build_parser
 from vistrain.config.loader import EVAL_OVERRIDES, parse_overrides, restrict_overrides, validate
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
+from vistrain.pipelines.train import _split_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "scaling.md"

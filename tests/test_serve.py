@@ -14,15 +14,15 @@ from conftest import assert_same_probabilities, run_cli, tiny_config, write_csv_
 
 from vistrain.config import load_config
 from vistrain.data.preprocess import Preprocessor
+from vistrain.engine.training import run_train
 from vistrain.errors import UserError
-from vistrain.pipelines.train import run_train
 
 pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from vistrain.config.schema import ServeCfg  # noqa: E402
-from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
+from vistrain.serving.app import Limits, create_app, load_predictor  # noqa: E402
 
 
 def odd_images(folder: Path, like: Path) -> list[Path]:
@@ -303,7 +303,7 @@ def test_serve_limits_come_from_the_run_config_with_the_flags_over_them(served: 
     import uvicorn
 
     from vistrain import cli
-    from vistrain.pipelines import serve
+    from vistrain.serving import app as serve
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: apps.append(app))  # no server: the app it would run

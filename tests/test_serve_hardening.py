@@ -23,8 +23,8 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from vistrain.config.loader import load_config  # noqa: E402
-from vistrain.pipelines.serve import Limits, create_app, load_predictor  # noqa: E402
-from vistrain.pipelines.train import run_train  # noqa: E402
+from vistrain.engine.training import run_train  # noqa: E402
+from vistrain.serving.app import Limits, create_app, load_predictor  # noqa: E402
 from vistrain.tracking.logs import run_logging  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

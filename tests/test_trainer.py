@@ -14,7 +14,7 @@ from conftest import read_metrics, tiny_config, write_csv_dataset, write_yaml
 from vistrain.config import load_config
 from vistrain.engine.hooks import FoldRun, Hook, Reporter
 from vistrain.engine.loop import Step
-from vistrain.pipelines.train import run_train
+from vistrain.engine.training import run_train
 
 
 class CountSteps(Hook):

@@ -22,10 +22,10 @@ from conftest import describe, last_line, run_cli, run_dirs, tiny_config, write_
 
 from vistrain.config.loader import load_config, validate
 from vistrain.config.schema import Config
+from vistrain.engine import training as train_mod
 from vistrain.engine.hooks import DivergedError
 from vistrain.errors import ConfigError, UserError
-from vistrain.pipelines import train as train_mod
-from vistrain.pipelines.tune import _initial_trials
+from vistrain.tuning.run import _initial_trials
 from vistrain.tuning.space import Param, config_keys, default_space, parse_space
 
 LR_SPACE = {"train.lr": {"type": "categorical", "choices": ["1e-9", 3e-3]}}  # "1e-9": how YAML reads 1e-9
@@ -172,7 +172,7 @@ def fake_trainer(monkeypatch: pytest.MonkeyPatch, score: Any, calls: list[dict[s
 
 def test_failed_trial_is_recorded_and_the_study_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     def score(cfg: Config, epoch: int) -> float:
         if cfg.train.lr == 1e-2:
@@ -200,7 +200,7 @@ def test_failed_trial_is_recorded_and_the_study_goes_on(monkeypatch: pytest.Monk
 @pytest.fixture
 def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plots cost seconds each; the tests that do not look at them skip them."""
-    from vistrain.pipelines import tune
+    from vistrain.tuning import run as tune
 
     monkeypatch.setattr(tune, "write_plots", lambda study, out: {})
 
@@ -208,7 +208,7 @@ def no_plots(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("no_plots")
 def test_user_error_stops_the_study_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     def score(cfg: Config, epoch: int) -> float:
         raise UserError("data.train_csv: file not found: /nowhere.csv")
@@ -225,7 +225,7 @@ def test_user_error_stops_the_study_at_once(monkeypatch: pytest.MonkeyPatch, tmp
 @pytest.mark.usefixtures("no_plots")
 def test_no_completed_trial_is_an_error_with_the_reasons(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     def score(cfg: Config, epoch: int) -> float:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
@@ -238,7 +238,7 @@ def test_no_completed_trial_is_an_error_with_the_reasons(monkeypatch: pytest.Mon
 @pytest.mark.usefixtures("no_plots")
 def test_trial_config_and_valid_loss_minimised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     seen = fake_trainer(monkeypatch, lambda cfg, epoch: 1.0 / epoch + cfg.train.lr)
     cfg = make_cfg(tmp_path, tmp_path, train={"epochs": 9, "monitor": "valid_loss"},
@@ -259,7 +259,7 @@ def test_a_ratio_split_study_trains_fold_0_whatever_tune_folds_says(monkeypatch:
                                                                      tmp_path: Path, no_plots: None) -> None:
     """data.split: ratio trains one model (fold 0); the trials' steps must follow it, not tune.folds."""
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     calls: list[dict[str, Any]] = []
     fake_trainer(monkeypatch, lambda cfg, epoch: cfg.train.lr + epoch, calls)
@@ -273,7 +273,7 @@ def test_a_ratio_split_study_trains_fold_0_whatever_tune_folds_says(monkeypatch:
 
 def test_tiny_study_prunes_a_learning_rate_that_cannot_learn_and_continues(data_root: Path, tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     # The pruner waits for 2 completed trials (the baseline, then 1e-9); 1e-8 learns no more than 1e-9 did.
     cfg = make_cfg(data_root, tmp_path, tune={"space": {"train.lr": {"type": "categorical",
@@ -380,7 +380,7 @@ def test_cli_train_optimize_auto_continue(monkeypatch: pytest.MonkeyPatch, tmp_p
 @pytest.mark.usefixtures("no_plots")
 def test_repeated_values_reuse_the_result(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     optuna = pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     seen = fake_trainer(monkeypatch, lambda cfg, epoch: 0.5 + epoch / 10)
     space = {"train.lr": {"type": "categorical", "choices": [3e-3]}}
@@ -619,7 +619,7 @@ def test_n_trials_is_the_studys_total_as_the_log_says_and_the_study_names_its_me
     """A second process asked for 3 trials of a study that holds 2 runs one; its log says so; Optuna's dashboard
     (and trials.csv) name the objective after train.monitor."""
     optuna = pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     seen = fake_trainer(monkeypatch, good_lr)
     url = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -649,7 +649,7 @@ def test_n_trials_is_the_studys_total_as_the_log_says_and_the_study_names_its_me
 ])
 def test_pruner_plan_scales_with_the_study_and_the_warm_up(n_trials: int, warmup: float, epochs: int, startup: int,
                                                            first_epoch: int) -> None:
-    from vistrain.pipelines.tune import pruner_plan
+    from vistrain.tuning.run import pruner_plan
 
     plan = pruner_plan(n_trials, warmup, epochs)
     assert (plan.startup, plan.first_epoch) == (startup, first_epoch)
@@ -661,7 +661,7 @@ def test_the_pruner_lets_a_study_learn_past_the_warm_up(monkeypatch: pytest.Monk
     """The issue's study: in the warm-up epoch every new trial scores near chance while the baseline does not,
     and later they all beat it. Judged on epoch 1 after one completed trial, every sampled trial was pruned."""
     pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     def score(cfg: Config, epoch: int) -> float:
         if cfg.train.lr < 3e-4:
@@ -692,7 +692,7 @@ def test_the_pruner_lets_a_study_learn_past_the_warm_up(monkeypatch: pytest.Monk
 def test_keep_checkpoints_decides_what_an_ended_trial_leaves_on_disk(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path, keep: str) -> None:
     optuna = pytest.importorskip("optuna")
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     fake_trainer(monkeypatch, good_lr)
     space = {"train.lr": {"type": "categorical", "choices": [3e-3, 1e-9, 1e-8]}}
@@ -718,7 +718,7 @@ def test_a_six_trial_digits_study_completes_at_least_two_trials(tmp_path: Path) 
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from vistrain.pipelines.tune import run_tune
+    from vistrain.tuning.run import run_tune
 
     digits = load_digits()
     keep = np.arange(len(digits.target))

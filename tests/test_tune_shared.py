@@ -35,9 +35,9 @@ WORKER = textwrap.dedent("""
             report({"fold": folds[0], "epoch": epoch, "macro_f1": 0.1 if cfg.train.lr < 1e-6 else 0.5 + epoch / 10})
         return types.SimpleNamespace(run_dir=Path(cfg.output.exp_dir), summary={"mean": {"macro_f1": 0.7}})
 
-    sys.modules["vistrain.pipelines.train"] = types.SimpleNamespace(run_train=run_train)
+    sys.modules["vistrain.engine.training"] = types.SimpleNamespace(run_train=run_train)
     sys.modules["vistrain.engine.hooks"] = types.SimpleNamespace(Reporter=lambda report: report)
-    from vistrain.pipelines import tune
+    from vistrain.tuning import run as tune
     tune.write_plots = lambda study, out: {}
     tune.run_tune(load_config(sys.argv[1]), n_trials=int(sys.argv[3]), storage=sys.argv[2], study_name="shared")
 """)

@@ -1,3 +1,46 @@
-"""vistrain: train, evaluate, tune, calibrate, export and serve timm image models from one YAML config."""
+"""vistrain: train, evaluate, tune, calibrate, export and serve timm image models from one YAML config.
+
+The public API (``docs/api.md``); everything else is private and may move::
+
+    import vistrain
+    run = vistrain.train("configs/demo.yaml", overrides={"train.epochs": 1})
+    run.predict(["image.png"], top_k=5)
+
+The names load on first use, so ``import vistrain`` (and the command line's start) stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_config": "vistrain.api", "train": "vistrain.api", "tune": "vistrain.api", "Run": "vistrain.api",
+    "Study": "vistrain.api", "Audit": "vistrain.api", "Config": "vistrain.config.schema",
+    "Preprocessor": "vistrain.data.preprocess", "UserError": "vistrain.errors", "ConfigError": "vistrain.errors",
+    "CheckFailed": "vistrain.errors", "Preempted": "vistrain.errors",
+}
+__all__ = ["Audit", "CheckFailed", "Config", "ConfigError", "Preempted", "Preprocessor", "Run", "Study", "UserError",
+           "__version__", "load_config", "train", "tune"]
+
+if TYPE_CHECKING:
+    from vistrain.api import Audit, Run, Study, load_config, train, tune
+    from vistrain.config.schema import Config
+    from vistrain.data.preprocess import Preprocessor
+    from vistrain.errors import CheckFailed, ConfigError, Preempted, UserError
+
+
+def __getattr__(name: str) -> Any:
+    module = _API.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vistrain' has no attribute '{name}'")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -50,21 +50,26 @@ def override_keys(cfg: Config) -> tuple[str, ...]:
 
 
 def load_config(
-    path: str | Path | None,
+    path: str | Path | dict[str, Any] | None,
     mode: str | None = None,
     overrides: list[str] | None = None,
     run_file: bool = False,
 ) -> Config:
-    """Build the validated config. ``path`` None means defaults only (tests, ``demo``). The mode, and which of
-    its keys the file and overrides replaced, is attached for the log (``mode_info``). ``run_file``: ``path`` is a
-    run's own config.yaml, written by vistrain (see ``_upgrade_run_file``)."""
+    """Build the validated config. ``path`` None means defaults only (tests, ``demo``); a dict is a config already
+    read (the API's ``vistrain.load_config({...})``: relative paths resolve against the working directory). The
+    mode, and which of its keys the file and overrides replaced, is attached for the log (``mode_info``).
+    ``run_file``: ``path`` is a run's own config.yaml, written by vistrain (see ``_upgrade_run_file``)."""
     merged: dict[str, Any] = {}
     user: dict[str, Any] = {}
     if mode:
         if mode not in MODES:
             raise UserError(f"--mode: unknown mode '{mode}'; valid: {', '.join(MODES)}{did_you_mean(mode, MODES)}")
         merged = copy.deepcopy(MODES[mode])
-    if path is not None:
+    if isinstance(path, dict):
+        user = copy.deepcopy(path)
+        _resolve_paths(user, Path.cwd())
+        merged = deep_merge(merged, user)
+    elif path is not None:
         path = Path(path)
         user = read_yaml(path)
         if run_file:

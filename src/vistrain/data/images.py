@@ -175,22 +175,43 @@ def load_rgb(path: str | Path | IO[bytes], max_pixels: int | None = None, reduce
         w, h = counted
         if w * h > limit:
             raise ImageTooLarge(f"{w}x{h} = {w * h:,} pixels is over data.max_image_pixels={limit:,}")
-        img = ImageOps.exif_transpose(img)
-        if img.mode in HIGH_BIT_DEPTH_MODES:
-            # 16-bit and float images: scale the actual range to 0..255 instead of clipping it.
-            arr = np.asarray(img).astype(np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-            img = Image.fromarray(arr.astype(np.uint8), mode="L")
-        if img.mode in TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info):
-            # Composite transparency on white, as documents and product photos are shown.
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(background, img)
-        rgb = img.convert("RGB")
+        rgb = _as_rgb(ImageOps.exif_transpose(img))
     if scale > 1:
         rgb.info["reduced"] = scale
     return rgb
+
+
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """Any mode -> RGB by the rules of ``DECODE`` (after the EXIF orientation)."""
+    if img.mode in HIGH_BIT_DEPTH_MODES:
+        # 16-bit and float images: scale the actual range to 0..255 instead of clipping it.
+        arr = np.asarray(img).astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        img = Image.fromarray(arr.astype(np.uint8), mode="L")
+    if img.mode in TRANSPARENT_MODES or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency on white, as documents and product photos are shown.
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+def to_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """An image already in memory -> RGB uint8 [H, W, 3] by the same rules as a file (``load_rgb``): a PIL image
+    of any mode (its EXIF orientation applied), or a numpy array: [H, W] greyscale, [H, W, 3] RGB or [H, W, 4] RGBA
+    (uint8; 16-bit and float greyscale rescaled min-max)."""
+    if isinstance(image, np.ndarray):
+        a = image
+        if a.ndim == 3 and a.shape[2] in (3, 4) and a.dtype == np.uint8:
+            image = Image.fromarray(a, "RGBA" if a.shape[2] == 4 else "RGB")
+        elif a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 1):
+            a = a.reshape(a.shape[:2])
+            image = Image.fromarray(a if a.dtype != np.float64 else a.astype(np.float32))
+        else:
+            raise ValueError(f"an image array must be [H, W] greyscale or [H, W, 3|4] uint8 RGB(A); got {a.dtype} "
+                             f"{a.shape}")
+    return np.asarray(_as_rgb(ImageOps.exif_transpose(image)))
 
 
 def check_images(paths: list[str], workers: int = 8) -> dict[str, str]:

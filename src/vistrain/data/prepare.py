@@ -4,7 +4,9 @@ error stops here, with no run directory. ``train``, ``split``, ``manifest`` and 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,8 +30,11 @@ from vistrain.data.splits import (
     assign_ratio_split,
     check_class_disjoint,
     classification_split,
+    splits_table,
 )
 from vistrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -192,3 +197,21 @@ def _select_classes(items: pd.DataFrame, d: DataCfg) -> tuple[pd.DataFrame, tupl
                         f"{', '.join(sorted(set(labels))[:20])}{' ...' if labels.nunique() > 20 else ''}")
     keep = labels.isin(d.class_names)
     return items[keep].reset_index(drop=True), (int((~keep).sum()), int(labels[~keep].nunique()))
+
+
+def write_splits(cfg: Config, output: Path) -> pd.DataFrame:
+    """``vistrain split``: the assignment ``train`` would use for ``cfg``'s data, written to ``output``."""
+    from vistrain.tracking.files import write_csv
+
+    data = prepare_data(cfg)
+    table = splits_table(data.items, data.fold_of)
+    write_csv(output, table)
+    if "split" in table.columns:  # embedding runs: a train / val / test (or train / query / gallery) split
+        sizes = table.groupby("split").size().to_dict()
+        log.info("[DATA] %d images, split %s -> %s", len(table), sizes, output)
+    else:
+        sizes = table.groupby("fold").size().to_dict()
+        log.info("[DATA] %d images in %d folds %s -> %s", len(table), cfg.data.folds, sizes, output)
+    for message, listed in data.left_out(cfg.data):
+        log.warning("[DATA] %s%s", message, ": " + ", ".join(listed["id"].astype(str).head(5)) if len(listed) else "")
+    return table

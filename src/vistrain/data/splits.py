@@ -180,3 +180,4 @@ def classification_split(items: pd.DataFrame, train: float, val: float, test: fl
         raise UserError(f"data.val_ratio: {val} of the {items['group'].nunique()} groups left no validation images "
                         "(a class keeps its only group for training); raise data.val_ratio or add images")
     return split
+

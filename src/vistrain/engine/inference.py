@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -184,12 +185,23 @@ def _decoder(run: LoadedRun, paths: Sequence[str], pre: Preprocessor) -> Callabl
     (``evaluate`` and ``predict`` on training images decode nothing), else ``pre.load``."""
     from vistrain.data.cache import find_cache
 
+    if not all(isinstance(p, str) for p in paths):  # images in memory (the API's Run.predict / embed)
+        return partial(_decode_item, pre)
     d = run.cfg.data
     cache = find_cache(paths, pre, d.cache_dir) if d.cache != "off" else None
     if cache is None:
         return pre.load
     log.info("[DATA] cache disk reused: %d images at %dx%d (%s)", len(paths), *pre.size, cache.data_path)
     return cache.decode
+
+
+def _decode_item(pre: Preprocessor, item: Any) -> np.ndarray:
+    """A file (``pre.load``) or an image in memory (``images.to_rgb``, then ``pre.deterministic``)."""
+    if isinstance(item, str):
+        return pre.load(item)
+    from vistrain.data.images import to_rgb
+
+    return pre.deterministic(to_rgb(item))
 
 
 def ensemble_probs(logits: Sequence[np.ndarray], temperature: float | None = None) -> np.ndarray:

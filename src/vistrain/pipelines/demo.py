@@ -1,135 +1,49 @@
-"""``vistrain demo``: train a ready config on data written on the spot, on the CPU, nothing downloaded.
-
-``--scenario digits`` (default): scikit-learn's handwritten digits (1,797 real 8x8 scans, shipped with scikit-learn)
-written as PNG files in the seed's CSV layout, then ``configs/demo.yaml``.
-``--scenario pills``: the generated two-domain pill set (``data.synthetic_pills``: studio renders and "real" photos),
-then ``configs/demo_pills.yaml`` (seed 003 shrunk), then the int8 ONNX export with its budget lines.
-"""
+"""``vistrain demo``: parse, then ``vistrain.api.demo`` (data written on the spot, a ready config trained on the CPU,
+the pills export), then the result lines."""
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+import argparse
 
-import numpy as np
-import pandas as pd
-from PIL import Image
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
+from vistrain.pipelines._args import console
 
-import vistrain
-from vistrain.config.loader import load_config, read_yaml
-from vistrain.data.synthetic_pills import DOMAINS, write_pills
-from vistrain.errors import UserError
-from vistrain.pipelines.train import RunResult, run_train
-from vistrain.tracking.files import write_csv
-
-log = logging.getLogger(__name__)
-DEMO_SIZE = 32  # pixels: the 8x8 scans upscaled 4x, so the usual resize path is exercised
-DEMO_CONFIGS = {"digits": "demo.yaml", "pills": "demo_pills.yaml"}
-DEFAULT_OUT = {"digits": Path("demo_data"), "pills": Path("demo_data") / "pills"}
-# The pills demo's export: seed 003's deployment targets (50 ms per image on a CPU, a 100 MB file).
-# A file over budget is a FAIL line, not a failed demo.
-PILLS_EXPORT = {"quantize": "int8", "budget_ms": 50.0, "budget_mb": 100.0, "fail_over_budget": False}
+NAME = "demo"
+HELP = "write a demo data set and train its config on the CPU (digits, or pills + export)"
+LABEL = "TRAINING"
 
 
-@dataclass
-class DemoResult:
-    run: RunResult
-    num_classes: int
-    seconds: float  # data, training and export together
-    export: dict[str, Any] | None = None  # pills: run_export's summary
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scenario", choices=["digits", "pills"], default="digits",
+                   help="digits: scikit-learn's digits, configs/demo.yaml; pills: generated studio + real pill "
+                        "photos, configs/demo_pills.yaml, then the int8 export (default: digits)")
+    p.add_argument("--out", help="where the demo images go (default: ./demo_data, pills: ./demo_data/pills)")
+    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml of this checkout)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 
-def default_demo_config(scenario: str = "digits") -> Path:
-    """``configs/demo.yaml`` (or the scenario's config) of the source checkout this package runs from."""
-    return Path(vistrain.__file__).resolve().parents[2] / "configs" / DEMO_CONFIGS[scenario]
+def run_demo(args: argparse.Namespace) -> int:
+    from vistrain import api
+    from vistrain.engine.deploy import budget_line
 
-
-def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
-    """Write ``train.csv``, ``train/``, ``test/``, ``sample_submission.csv`` and ``test_labels.csv`` under ``out``."""
-    digits = load_digits()
-    ids = np.array([f"digit_{i:04d}" for i in range(len(digits.target))])
-    train_idx, test_idx = train_test_split(np.arange(len(ids)), test_size=test_fraction, stratify=digits.target,
-                                           random_state=seed)
-    for sub, idx in (("train", train_idx), ("test", test_idx)):
-        folder = out / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in idx:
-            pixels = (digits.images[i] * (255.0 / 16.0)).astype(np.uint8)
-            img = Image.fromarray(pixels, mode="L").resize((DEMO_SIZE, DEMO_SIZE), Image.Resampling.BICUBIC)
-            img.save(folder / f"{ids[i]}.png")
-    write_csv(out / "train.csv", pd.DataFrame({"ID": ids[train_idx], "target": digits.target[train_idx]}))
-    write_csv(out / "sample_submission.csv", pd.DataFrame({"ID": ids[test_idx], "target": 0}))
-    write_csv(out / "test_labels.csv", pd.DataFrame({"ID": ids[test_idx], "target": digits.target[test_idx]}))
-    return demo_paths(out)
-
-
-def demo_paths(out: Path) -> dict[str, Path]:
-    """The data keys of the demo layout under ``out``; ``test_csv`` makes ``evaluate RUN --split test`` work."""
-    return {"train_csv": out / "train.csv", "image_dir_train": out / "train", "image_dir_test": out / "test",
-            "sample_csv": out / "sample_submission.csv", "test_csv": out / "test_labels.csv"}
-
-
-def digits_overrides(out: Path, config: Path) -> tuple[list[str], int]:
-    """Write the digits under ``out`` unless they are there; the data keys pointing at them, and the class count."""
-    if not (out / "train.csv").is_file():
-        log.info("[DATA] writing the scikit-learn digits (1,797 scans) as PNG files under %s", out)
-        paths = write_digits(out)
-    else:
-        paths = demo_paths(out)
-    return [f"data.{k}={v}" for k, v in paths.items()], 10
-
-
-def pills_overrides(out: Path, config: Path) -> tuple[list[str], int]:
-    """Write the pill set under ``out`` unless it is there; ``data.sources`` as in ``config`` with each source's
-    folder replaced by the domain the generator wrote, ``data.class_map``, and the class count."""
-    if not (out / "class_map.json").is_file():
-        start = time.time()
-        counts = write_pills(out)
-        log.info("[DATA] wrote %s generated pill images under %s in %.1f s",
-                 " + ".join(f"{n} {d}" for d, n in counts.items()), out, time.time() - start)
-    data = read_yaml(config).get("data")
-    sources = data.get("sources") if isinstance(data, dict) else None
-    if not isinstance(sources, list) or not all(isinstance(s, dict) for s in sources):
-        raise UserError(f"{config}: data.sources: the pills demo needs a list of sources named after the domains it "
-                        f"writes ({', '.join(DOMAINS)}), as in configs/demo_pills.yaml")
-    for i, source in enumerate(sources):
-        if source.get("name") not in DOMAINS:
-            raise UserError(f"{config}: data.sources[{i}].name: '{source.get('name')}' is not a domain the pills demo "
-                            f"writes; valid: {', '.join(DOMAINS)}")
-        source["image_dir_train"] = str(out / source["name"])
-    num_classes = json.loads((out / "class_map.json").read_text())["num_classes"]
-    return [f"data.sources={json.dumps(sources)}", f"data.class_map={out / 'class_map.json'}"], num_classes
-
-
-SCENARIOS: dict[str, Callable[[Path, Path], tuple[list[str], int]]] = {
-    "digits": digits_overrides, "pills": pills_overrides}
-
-
-def run_demo(out: Path | None = None, config: Path | None = None, overrides: list[str] | None = None,
-             scenario: str = "digits") -> DemoResult:
-    if scenario not in SCENARIOS:
-        raise UserError(f"--scenario: unknown scenario '{scenario}'; valid: {', '.join(SCENARIOS)}")
-    start = time.time()
-    config = config or default_demo_config(scenario)
-    if not config.is_file():
-        raise UserError(f"--config: {config} not found; pass the demo config with --config")
-    out = (out or DEFAULT_OUT[scenario]).resolve()
-    data_overrides, num_classes = SCENARIOS[scenario](out, config)
-    cfg = load_config(config, overrides=data_overrides + list(overrides or []))
-    result = run_train(cfg, config_path=config)
-    export = _export_pills(result.run_dir) if scenario == "pills" else None
-    return DemoResult(result, num_classes, time.time() - start, export)
-
-
-def _export_pills(run_dir: Path) -> dict[str, Any]:
-    """The deployable the pills demo ends with: int8 ONNX, checked against the float model, with budget lines."""
-    from vistrain.pipelines.export import run_export
-
-    return run_export(run_dir, do_verify=True, **PILLS_EXPORT)
+    console()
+    result = api.demo(args.scenario, out=args.out, config=args.config, overrides=args.overrides)
+    s = result.run.summary
+    print(f"[DONE] run directory: {result.run.path}")
+    if args.scenario == "digits":
+        print(f"[DONE] demo validation macro_f1={s['mean']['macro_f1']:.4f} accuracy={s['mean']['accuracy']:.4f}")
+        return 0
+    for entry in (result.export or {}).get("models", []):
+        for f in entry.get("files", []):
+            agree = "" if f.get("top1_agreement") is None else (
+                f", top-1 agreement {f['top1_agreement']:.2%} on {entry['validation']['images']} validation images")
+            print(f"[DONE] export: {f['path']} ({f['size_mb']:.1f} MB{agree})")
+            if f.get("budget"):
+                print(budget_line(f))
+    test = s.get("test") or {}
+    real = test.get("top1@real", s["mean"].get("top1@real"))
+    which = "test" if "top1@real" in test else "validation"
+    print(f"[DONE] pills demo: top1@real={'n/a' if real is None else f'{real:.4f}'} on the {which} split "
+          f"(chance 1/{result.num_classes} = {1 / result.num_classes:.4f}), validation top1@real="
+          f"{s['mean'].get('top1@real', float('nan')):.4f} macro_f1={s['mean']['macro_f1']:.4f} "
+          f"in {result.seconds:.0f} s")
+    return 0

@@ -115,8 +115,24 @@ def console_logging() -> None:
         logger.propagate = False
 
 
+_progress: bool | None = None  # progress_bars' choice; None: on a terminal only
+
+
 def show_progress() -> bool:
-    """Progress bars on a terminal only; files and CI get plain lines."""
+    """Progress bars on a terminal only (files and CI get plain lines), unless ``progress_bars`` says otherwise."""
     import os
 
+    if _progress is not None:
+        return _progress
     return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+@contextmanager
+def progress_bars(enabled: bool | None) -> Iterator[None]:
+    """tqdm bars on (True: a notebook asked for them) or off (False) inside the block; None: on a terminal only."""
+    global _progress
+    before, _progress = _progress, enabled
+    try:
+        yield
+    finally:
+        _progress = before

@@ -1,5 +1,5 @@
 """Where a tuning study lives and what it leaves behind: the storage (SQLite or a database server), the tune
-directory, ``best_params.yaml``, ``trials.csv`` and the study's plots. Used by ``pipelines/tune.py``."""
+directory, ``best_params.yaml``, ``trials.csv`` and the study's plots. Used by ``tuning/run.py``."""
 
 from __future__ import annotations
 
