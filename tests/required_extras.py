@@ -27,7 +27,7 @@ EXTRAS_MODULES = frozenset({
     "fastapi", "uvicorn", "multipart", "python_multipart",  # serve
     "cleanlab", "imagehash", "pywt",  # audit
     "kornia",  # augment
-    "httpx", "hypothesis", "wandb", "xdist",  # dev
+    "httpx", "hypothesis", "wandb", "xdist", "nbclient", "nbformat", "ipykernel",  # dev
 })
 
 # pytest.importorskip's reason (without its reason= argument); tests/postgres.py words its driver check the same way
