@@ -235,6 +235,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from vistrain.pipelines.init import run_init
+
+    path = run_init(args.task, Path(args.output), force=args.force)
+    print(f"[DONE] {args.task} starter config written to {path}: set its data paths, model.name, train.img_size and "
+          f"train.epochs (its header says which), then: vistrain train --config {path}")
+    return 0
+
+
 def cmd_split(args: argparse.Namespace) -> int:
     from vistrain.config.loader import load_config
     from vistrain.pipelines.split import run_split
@@ -499,9 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits: scikit-learn's digits, configs/demo.yaml; pills: generated studio + real pill "
                         "photos, configs/demo_pills.yaml, then the int8 export (default: digits)")
     p.add_argument("--out", help="where the demo images go (default: ./demo_data, pills: ./demo_data/pills)")
-    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml of this checkout)")
+    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml shipped in the package)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.set_defaults(command_label="TRAINING")
+
+    from vistrain.config.starter import STARTER_TASKS
+
+    p = add("init", cmd_init, "write a commented starter config for your own data (default: ./vistrain.yaml)")
+    p.add_argument("--task", choices=STARTER_TASKS, default="classification",
+                   help="classification (one folder per class), embedding (image search), reid (Market-1501 "
+                        "layout) or pills (studio + real photos) (default: classification)")
+    p.add_argument("--output", default="vistrain.yaml", help="file to write (default: ./vistrain.yaml)")
+    p.add_argument("--force", action="store_true", help="overwrite --output if it exists (refused otherwise, exit 2)")
 
     p = add("tune", cmd_tune, "search tune.space with Optuna (pruning bad trials early) -> a tune directory")
     config_args(p, required=True)

@@ -22,7 +22,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-import vistrain
+from vistrain.config.bundled import bundled_config
 from vistrain.config.loader import load_config, read_yaml
 from vistrain.data.synthetic_pills import DOMAINS, write_pills
 from vistrain.errors import UserError
@@ -47,8 +47,8 @@ class DemoResult:
 
 
 def default_demo_config(scenario: str = "digits") -> Path:
-    """``configs/demo.yaml`` (or the scenario's config) of the source checkout this package runs from."""
-    return Path(vistrain.__file__).resolve().parents[2] / "configs" / DEMO_CONFIGS[scenario]
+    """``configs/demo.yaml`` (or the scenario's config) shipped in the package: found in a wheel install too."""
+    return bundled_config(DEMO_CONFIGS[scenario])
 
 
 def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:
