@@ -19,7 +19,7 @@ import pytest
 import yaml
 from conftest import cli_env, describe, run_cli, write_folders_dataset
 
-from vistrain.config import load_config
+from vistrain.config import Config, load_config
 from vistrain.config.bundled import bundled_config, bundled_configs
 from vistrain.config.starter import STARTER_TASKS
 
@@ -60,7 +60,7 @@ def test_the_demo_configs_write_their_runs_in_the_working_directory(tmp_path: Pa
                                                               tmp_path.resolve() / "logs"), name
 
 
-def _starter_paths(cfg) -> list[Path]:
+def _starter_paths(cfg: Config) -> list[Path]:
     d = cfg.data
     paths = [d.image_dir_train, d.train_csv, d.root, d.class_map, d.image_dir_test, d.manifest]
     paths += [s.image_dir_train for s in d.sources or []]
