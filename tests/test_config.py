@@ -9,10 +9,10 @@ import yaml
 from conftest import write_yaml
 
 from vistrain.config import config_to_dict, load_config
+from vistrain.config.bundled import bundled_configs
 from vistrain.errors import ConfigError, UserError
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted((REPO / "configs").glob("*.yaml"))
+CONFIG_FILES = bundled_configs()
 
 
 def problems_of(excinfo: pytest.ExceptionInfo) -> list[str]:
@@ -223,6 +223,17 @@ def test_saved_config_reloads_to_the_same_settings(tmp_path, monkeypatch):
     cfg = load_config(src, mode="fast", overrides=["train.lr=0.02", "data.valid_fold=all"])
     saved = write_yaml(tmp_path / "exp" / "20250101" / "run" / "config.yaml", config_to_dict(cfg))
     assert config_to_dict(load_config(saved)) == config_to_dict(cfg)
+
+
+def test_relative_paths_resolve_beside_the_folder_as_named_even_when_it_is_a_link(tmp_path):
+    """The checkout's configs/ is a link to the package's folder: ``../data`` in configs/train.yaml is the
+    checkout's data/, where the user reads it from, not a folder inside the package."""
+    root = tmp_path.resolve()
+    write_yaml(root / "pkg" / "configs" / "c.yaml", {"data": {"train_csv": "../data/train.csv"}})
+    (root / "proj").mkdir()
+    (root / "proj" / "configs").symlink_to(root / "pkg" / "configs", target_is_directory=True)
+    assert load_config(root / "proj" / "configs" / "c.yaml").data.train_csv == root / "proj" / "data" / "train.csv"
+    assert load_config(root / "pkg" / "configs" / "c.yaml").data.train_csv == root / "pkg" / "data" / "train.csv"
 
 
 def test_saved_default_output_paths_reload_to_the_same_folders(tmp_path, monkeypatch):

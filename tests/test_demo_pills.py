@@ -12,14 +12,14 @@ import yaml
 from conftest import run_cli, write_yaml
 
 from vistrain.config import load_config
+from vistrain.config.bundled import bundled_config
 from vistrain.config.loader import parse_overrides
 from vistrain.data.demo import default_demo_config, pills_overrides
 from vistrain.data.synthetic_pills import write_pills
 from vistrain.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-FULL = REPO / "configs" / "pill_efficientnetv2s.yaml"
-DEMO = REPO / "configs" / "demo_pills.yaml"
+FULL = bundled_config("pill_efficientnetv2s.yaml")
+DEMO = bundled_config("demo_pills.yaml")
 
 
 @pytest.fixture(scope="module")

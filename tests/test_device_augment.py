@@ -13,6 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
+from vistrain.config.bundled import bundled_config
 from vistrain.config.schema import AugmentCfg
 from vistrain.data.device_augment import DeviceAugment, device_ops
 from vistrain.data.preprocess import Preprocessor
@@ -103,8 +104,8 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob"}
 KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
              {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]
-PILLS = {k: v for k, v in yaml.safe_load((Path(__file__).parents[1] / "configs" / "pill_efficientnetv2s.yaml")
-                                         .read_text())["augment"].items() if k not in LOOP_KEYS}
+PILLS = {k: v for k, v in yaml.safe_load(bundled_config("pill_efficientnetv2s.yaml").read_text())["augment"].items()
+         if k not in LOOP_KEYS}
 CASES = [*KEY_CASES, {"color_jitter": 0.0, "hue": 0.1}, PILLS]
 CASE_IDS = [*(",".join(f"{k}={v}" for k, v in case.items()) for case in CASES[:-1]), "pills"]
 # Per statistic: CPU and device may differ by this much at N images on one seed (about 4x the spread between seeds

@@ -13,6 +13,7 @@ from PIL import Image
 from required_extras import has_extra
 
 from vistrain.config import load_config
+from vistrain.config.bundled import bundled_config
 from vistrain.data.sources import parse_reid_name
 
 
@@ -54,7 +55,7 @@ def test_reid_name_parser(name: str, expected: tuple[int, int] | None) -> None:
 
 
 def _reid_config(tmp: Path, root: Path) -> Path:
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "reid_market.yaml").model_dump(mode="json")
+    cfg = load_config(bundled_config("reid_market.yaml")).model_dump(mode="json")
     cfg["data"]["root"] = str(root)
     cfg["model"].update(name="resnet10t", pretrained=False)
     cfg["sampler"].update(p=4, k=4)
@@ -184,7 +185,7 @@ def _tiny_image(path: Path, size: tuple[int, int] = (16, 48)) -> None:
 
 
 def _retrieval_config(tmp: Path, root: Path, **data: object) -> dict:
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "arcface_retrieval.yaml").model_dump(mode="json")
+    cfg = load_config(bundled_config("arcface_retrieval.yaml")).model_dump(mode="json")
     cfg["data"].update({"image_dir_train": str(root), "min_image_size": None, **data})
     cfg["output"].update(exp_dir=str(tmp / "exp"), logs_dir=None)
     return cfg

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from vistrain.data.preprocess import Preprocessor
     from vistrain.engine.hooks import Hook
 
-__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "compare", "demo", "doctor", "load_config",
+__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "compare", "demo", "doctor", "init", "load_config",
            "manifest", "serve", "split", "train", "tune"]
 
 ImageLike = Union[str, Path, "Image.Image", np.ndarray]  # noqa: UP007 - a file, or an image already in memory
@@ -544,3 +544,11 @@ def demo(scenario: str = "digits", *, out: str | Path | None = None, config: str
         exported = run.export(verify=True, **PILLS_EXPORT)
         export = json.loads((exported / "export.json").read_text())
     return Demo(run, num_classes, time.time() - start, export)
+
+
+def init(task: str = "classification", output: str | Path = "vistrain.yaml", *, force: bool = False) -> Path:
+    """``vistrain init``: a commented starter config of ``task`` (classification, embedding, reid, pills) written to
+    ``output`` (an existing file only with ``force``); returns its path."""
+    from vistrain.config.starter import write_starter
+
+    return write_starter(task, Path(output), force=force)

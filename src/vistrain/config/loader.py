@@ -2,12 +2,15 @@
 
 Layers are merged as plain dicts and validated once, so every problem in every layer is reported
 together, one line each, naming its dotted key. Relative paths in the YAML file resolve against the
-file's folder; relative paths given on the command line resolve against the working directory.
+file's folder as the path names it (``..`` is taken before links are followed: the checkout's ``configs/``, a link
+to the package's ``vistrain/configs/``, reads ``../data`` beside itself); relative paths given on the command line
+resolve against the working directory.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import types
 import typing
@@ -74,7 +77,7 @@ def load_config(
         user = read_yaml(path)
         if run_file:
             _upgrade_run_file(user)
-        _resolve_paths(user, path.resolve().parent)
+        _resolve_paths(user, Path(os.path.abspath(path)).parent)
         merged = deep_merge(merged, user)
         merged.setdefault("project", {})
         if isinstance(merged["project"], dict):
@@ -365,4 +368,4 @@ def _resolve_at(node: Any, key: tuple[str, ...], base: Path) -> None:
         _resolve_at(node.get(part), rest, base)
     elif isinstance(node.get(part), str) and node[part]:
         p = Path(node[part]).expanduser()
-        node[part] = str(p if p.is_absolute() else (base / p).resolve())
+        node[part] = str(p if p.is_absolute() else Path(os.path.normpath(base / p)).resolve())

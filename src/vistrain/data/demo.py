@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-import vistrain
+from vistrain.config.bundled import bundled_config
 from vistrain.config.loader import read_yaml
 from vistrain.data.synthetic_pills import DOMAINS, write_pills
 from vistrain.errors import UserError
@@ -36,8 +36,8 @@ PILLS_EXPORT = {"quantize": "int8", "budget_ms": 50.0, "budget_mb": 100.0, "fail
 
 
 def default_demo_config(scenario: str = "digits") -> Path:
-    """``configs/demo.yaml`` (or the scenario's config) of the source checkout this package runs from."""
-    return Path(vistrain.__file__).resolve().parents[2] / "configs" / DEMO_CONFIGS[scenario]
+    """``configs/demo.yaml`` (or the scenario's config) shipped in the package: found in a wheel install too."""
+    return bundled_config(DEMO_CONFIGS[scenario])
 
 
 def write_digits(out: Path, test_fraction: float = 0.2, seed: int = 0) -> dict[str, Path]:

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="digits: scikit-learn's digits, configs/demo.yaml; pills: generated studio + real pill "
                         "photos, configs/demo_pills.yaml, then the int8 export (default: digits)")
     p.add_argument("--out", help="where the demo images go (default: ./demo_data, pills: ./demo_data/pills)")
-    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml of this checkout)")
+    p.add_argument("--config", help="demo config (default: the scenario's configs/demo*.yaml shipped in the package)")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
 
 

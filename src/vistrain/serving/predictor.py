@@ -61,8 +61,8 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     """A run's best checkpoints with PyTorch on the run's device: every trained fold, averaged as ``predict``
     averages them (probabilities; logits too), or the one ``fold``."""
     from vistrain.engine import device as dev
-    from vistrain.engine.inference import load_fold_model, load_run, select_folds
     from vistrain.engine.export import Deployable
+    from vistrain.engine.inference import load_fold_model, load_run, select_folds
 
     run = load_run(run_dir)
     chosen = select_folds(run, [fold] if fold is not None else None, key="--fold")
