@@ -184,6 +184,7 @@ def _installed(venv: Path, *args: str, cwd: Path, timeout: float = 300) -> subpr
 
 def test_the_wheel_holds_every_ready_and_starter_config(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert "vistrain/py.typed" in names  # the API's type hints reach a user's type checker (PEP 561)
     shipped = {f"vistrain/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     starters = {f"vistrain/configs/init/{task}.yaml" for task in STARTER_TASKS}
     assert shipped and shipped | starters <= names, sorted((shipped | starters) - names)
