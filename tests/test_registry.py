@@ -160,3 +160,14 @@ def test_the_classifier_builds_the_loss_train_loss_names_from_the_registry(tmp_p
         LOSSES.remove("ce")
         LOSSES.add("ce", original)
     assert isinstance(setup.task.criterion, nn.MSELoss) and calls == [(None, 0.1)]
+
+
+def test_train_loss_takes_the_loss_registrys_names_and_refuses_others_in_one_line() -> None:
+    from vistrain.config import load_config
+    from vistrain.errors import ConfigError
+
+    assert load_config(None, overrides=["train.loss=ce"]).train.loss == "ce"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides=["train.loss=focal"])
+    assert str(err.value) == "train.loss: Input should be 'ce' (got 'focal')"
+    assert "train.loss" in load_config(None, overrides=["task=embedding"]).keys_not_read()
