@@ -11,6 +11,7 @@ from vistrain.registry import higher_is_better
 
 log = logging.getLogger(__name__)
 
+
 def monitor_mode(monitor: str) -> str:
     """"max" when a larger monitor is better (the metric registry's direction), else "min": which way the monitor
     improves (the plateau schedule needs it too)."""
