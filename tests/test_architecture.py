@@ -1,13 +1,17 @@
 """The package's shape, as docs/architecture.md promises it: no module imports one that imports it back (directly
 or through others), every file under pipelines/ is a thin verb (its arguments, a ``run_*`` function that calls the
 API and prints, at most VERB_LINES lines, no other verb imported), nothing below the CLI imports a verb or the CLI,
-the public API is what ``vistrain/__init__.py`` exports, and the map in docs/architecture.md names every module of
-the tree."""
+the public API is what ``vistrain/__init__.py`` exports, the map in docs/architecture.md names every module of the
+tree, every name table is one registry that the config schema follows, and validating a config imports no torch."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +148,73 @@ def test_the_architecture_map_matches_the_tree_file_for_file() -> None:
     files = {p.name for p in MODULES.values() if p.name != "__init__.py"}
     assert sorted(files - mapped) == [], "in the tree, not in docs/architecture.md's map"
     assert sorted(mapped - files) == [], "in docs/architecture.md's map, not in the tree"
+
+
+def test_every_registry_backed_key_allows_exactly_the_registrys_names() -> None:
+    """One source of truth: a key's Literal is its registry's names, every declared name has a builder in the
+    registry's module, and every metric the schema lets train.monitor name has a direction (and the reverse)."""
+    from vistrain.config import schema
+    from vistrain.metrics.classification import DOMAIN_METRICS
+    from vistrain.models.losses import check_term_params
+    from vistrain.engine.compare import METRICS as COMPARED
+    from vistrain.registry import (
+        EMBEDDING_LOSSES,
+        HEADS,
+        LOSSES,
+        METRICS,
+        OPTIMIZERS,
+        REGISTRIES,
+        SAMPLERS,
+        SCHEDULERS,
+        SOURCES,
+        domain_metrics,
+        higher_is_better,
+    )
+    from vistrain.viz.report import DOMAIN_METRICS as REPORT_DOMAIN_METRICS
+
+    for registry in REGISTRIES:
+        if registry.home:
+            importlib.import_module(registry.home)  # its decorators run: a name registered there but not declared shows
+        unbound = [n for n in registry.names() if registry is not METRICS and not _has_builder(registry, n)]
+        assert unbound == [], f"{registry.kind}: declared in vistrain/registry.py, no builder in {registry.home}"
+    keys = [(schema.DataCfg, "source", SOURCES, {}), (schema.SourceCfg, "source", SOURCES, {"mixable": True}),
+            (schema.ModelCfg, "head", HEADS, {}), (schema.TrainCfg, "loss", LOSSES, {}),
+            (schema.TrainCfg, "optimizer", OPTIMIZERS, {}), (schema.TrainCfg, "scheduler", SCHEDULERS, {}),
+            (schema.SamplerCfg, "name", SAMPLERS, {})]
+    for section, field, registry, where in keys:
+        allowed = typing.get_args(section.model_fields[field].annotation)
+        assert allowed == tuple(registry.names(**where)), f"{section.__name__}.{field} and the {registry.kind} registry"
+    assert {r.key for *_, r, _ in keys} | {EMBEDDING_LOSSES.key, METRICS.key} == {r.key for r in REGISTRIES}
+    assert [check_term_params(name, {}) for name in EMBEDDING_LOSSES.names()] == [[]] * len(EMBEDDING_LOSSES)
+    assert check_term_params("arcface", {}), "a name outside the loss-term registry is refused"
+
+    assert schema.MONITORS["classification"] == METRICS.names(monitor="classification")
+    assert schema.REID_MONITORS == METRICS.names(monitor="reid")
+    assert schema.DOMAIN_MONITORS == domain_metrics() == DOMAIN_METRICS == REPORT_DOMAIN_METRICS
+    ks = schema.EvalCfg().recall_ks
+    monitors = schema.MONITORS["embedding"] + schema.retrieval_monitors(ks) + schema.retrieval_monitors(ks, True)
+    monitors += schema.MONITORS["classification"] + [f"{m}@studio" for m in schema.DOMAIN_MONITORS]
+    for name in [*monitors, *COMPARED, "train_loss"]:
+        higher_is_better(name)  # a UserError for a name without a direction
+    declared = {n for n in METRICS.names() if METRICS.find(n).attrs.get("monitor")}
+    assert declared == {METRICS.find(m).name for m in monitors}, "a monitorable metric the schema does not take"
+
+
+def _has_builder(registry: typing.Any, name: str) -> bool:
+    try:
+        registry[name]
+    except KeyError:
+        return False
+    return True
+
+
+def test_validating_a_config_imports_neither_torch_nor_pandas() -> None:
+    """The schema takes its names from vistrain.registry, whose builders live beside torch code: the names alone
+    must not pull that code in (the CLI validates configs for commands that train nothing)."""
+    code = ("import sys\n"
+            "from vistrain.config import load_config\n"
+            "load_config(None, overrides=['model.head=linear', 'train.scheduler=plateau'])\n"
+            "heavy = sorted({'torch', 'timm', 'pandas', 'numpy', 'sklearn'} & set(sys.modules))\n"
+            "assert not heavy, heavy\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr

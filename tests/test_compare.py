@@ -125,6 +125,9 @@ def test_compare_cli_on_two_runs(tmp_path: Path) -> None:
     assert out["differences"][0]["metrics"]["top1"]["value"] == pytest.approx(top1_b - top1_a)
     mc = out["differences"][0]["mcnemar_top1"]
     assert mc["a_only"] == int(np.sum((za.argmax(1) == y) & (zb.argmax(1) != y)))
+    nll = out["differences"][0]["metrics"]["nll"]  # B has the lower NLL: its whole paired interval lies below 0
+    assert nll["interval"][1] < 0 and nll["higher_is_better"] is False and nll["verdict"] == "better", nll
+    assert next(ln for ln in res.stdout.splitlines() if ln.startswith("nll ") and "p=" in ln).endswith("better")
     assert out["config_differences"] == {"train.lr": [1e-3, 3e-4]}
     assert (tmp_path / "cmp" / "curves.png").stat().st_size > 1000
     page = (tmp_path / "cmp" / "compare.html").read_text()

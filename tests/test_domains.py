@@ -118,7 +118,7 @@ def test_a_bad_domain_monitor_names_the_valid_forms(monitor: str, tmp_path: Path
 
 def test_the_early_stopping_maximises_a_domain_monitor() -> None:
     from vistrain.engine.hooks import EarlyStopping
-    from vistrain.tuning.run import direction_of
+    from vistrain.tuning.study import direction_of
 
     assert EarlyStopping("top1@real", 3).mode == "max" and direction_of("macro_f1@real") == "maximize"
 

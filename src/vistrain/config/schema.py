@@ -22,8 +22,17 @@ from pydantic import (
 )
 
 from vistrain.errors import did_you_mean
+from vistrain.registry import HEADS, LOSSES, METRICS, OPTIMIZERS, SAMPLERS, SCHEDULERS, SOURCES, domain_metrics, fill
 
 PositiveInt = Annotated[int, Field(gt=0)]
+# The values of the keys that name a builder are its registry's names (vistrain/registry.py), never a second list.
+SourceName = SOURCES.literal()
+MixableSourceName = SOURCES.literal(mixable=True)
+HeadName = HEADS.literal()
+LossName = LOSSES.literal()
+OptimizerName = OPTIMIZERS.literal()
+SchedulerName = SCHEDULERS.literal()
+SamplerName = SAMPLERS.literal()
 TTA_VIEWS = ("hflip", "vflip")  # eval.tta: the flipped views inference can average with the plain image
 ImgSize = int | tuple[int, int]
 
@@ -45,7 +54,7 @@ class SourceCfg(Section):
 
     name: str  # unique; every item of this source gets it in the `domain` column (studio, real ...)
     ratio: Annotated[float, Field(gt=0, le=1)] | None = None  # share of each training epoch; all sources or none
-    source: Literal["csv", "folders", "manifest"] = "csv"
+    source: MixableSourceName = "csv"  # any source but reid (a whole data set with query and gallery folders)
     train_csv: Path | None = None  # csv
     image_dir_train: Path | None = None  # csv: the images; folders: the root of the class folders
     manifest: Path | None = None  # manifest: CSV or JSON-lines list
@@ -68,7 +77,7 @@ class SourceCfg(Section):
 
 
 class DataCfg(Section):
-    source: Literal["csv", "folders", "reid", "manifest"] = "csv"  # csv: ID,target + images; folders: a folder
+    source: SourceName = "csv"  # csv: ID,target + images; folders: a folder
     # per class; reid: Market-1501 style pid_cXsY names in root/{train_folder, query_folder, gallery_folder};
     # manifest: a CSV or JSON-lines list of path,label[,domain][,group][,split] (data.manifest)
     manifest: Path | None = None  # source: manifest: the list; relative paths in it resolve against its folder
@@ -168,7 +177,7 @@ class ModelCfg(Section):
     last_stride: Literal[1, 2] | None = None  # 1: ResNet layer4 without its stride (2x larger last feature map)
     embedding_dim: PositiveInt | None = None  # linear projection after pooling; the backbone's width when empty
     neck: Literal["bnneck", "none"] = "bnneck"  # BN without bias shift: triplet sees the feature before it
-    head: Literal["linear", "arcface", "cosface"] = "linear"
+    head: HeadName = "linear"
     arcface_s: Annotated[float, Field(gt=0)] = 30.0  # scale of the arcface / cosface logits
     arcface_m_warmup: Annotated[float, Field(ge=0, lt=1.6)] = 0.0  # margin while train.freeze_backbone_epochs
     arcface_m_finetune: Annotated[float, Field(ge=0, lt=1.6)] = 0.5  # margin afterwards
@@ -185,9 +194,9 @@ class TrainCfg(Section):
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr: Annotated[float, Field(ge=0)] = 1e-6  # floor of cosine schedules
     weight_decay: Annotated[float, Field(ge=0)] = 0.05
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: OptimizerName = "adamw"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # sgd only
-    scheduler: Literal["cosine", "step", "plateau", "cosine_restarts", "none"] = "cosine"
+    scheduler: SchedulerName = "cosine"
     warmup_epochs: Annotated[float, Field(ge=0)] = 1  # linear warm-up from warmup_lr_factor * lr
     warmup_lr_factor: Annotated[float, Field(gt=0, le=1)] = 0.01
     step_milestones: list[PositiveInt] = [30, 60]  # step: epochs at which lr *= step_gamma
@@ -208,6 +217,7 @@ class TrainCfg(Section):
     # several GPU processes: BatchNorm batch statistics over all ranks (SyncBatchNorm); false: each rank's own,
     # the running statistics averaged over the ranks before each evaluation (timm's distribute_bn)
     sync_bn: bool = False
+    loss: LossName = "ce"  # the classifier's loss on its logits; train.label_smoothing and class_weights are its own
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
     # balanced: CE weights inverse to class frequency; from_class_map: data.class_map's metadata.training_weight
     class_weights: Literal["none", "balanced", "from_class_map"] = "none"
@@ -291,7 +301,7 @@ class PreprocessCfg(Section):
 
 
 class SamplerCfg(Section):
-    name: Literal["random", "weighted", "pk"] = "random"  # weighted: classes equally often; pk: P ids x K images
+    name: SamplerName = "random"  # weighted: classes equally often; pk: P ids x K images
     p: PositiveInt | None = 16  # pk: classes or identities per batch; null: all of them
     k: PositiveInt = 4  # pk: images per class or identity
 
@@ -435,22 +445,21 @@ class OutputCfg(Section):
     snapshots: bool = True  # also keep the original YAML and the command line in the run directory
 
 
-REID_MONITORS = ["mAP", "rank1", "rank5", "rank10", "mINP"]
+# What train.monitor may name comes from the metric registry (``monitor``: the runs that report it every epoch).
+REID_MONITORS = METRICS.names(monitor="reid")
 
 
 def retrieval_monitors(recall_ks: list[int], split_classes: bool = False) -> list[str]:
     """What a retrieval run reports for each K of eval.recall_ks. Closed set (validation images against the training
     images of the same classes): knn_recall@K, then the kNN classification metrics. data.split_classes: recall@K
     on unseen classes (leave-one-out among the validation images), the figure retrieval benchmarks publish."""
-    if split_classes:
-        return [f"recall@{k}" for k in recall_ks]
-    return [f"knn_recall@{k}" for k in recall_ks] + ["knn_acc", "knn_macro_f1"]
+    names = METRICS.names(monitor="split_classes" if split_classes else "retrieval")
+    return [fill(name, K=k) for name in names for k in (recall_ks if "<K>" in name else [None])]
 
 
 RETRIEVAL_MONITORS = retrieval_monitors(EvalCfg().recall_ks)  # with the default eval.recall_ks
-# A classifier's per-domain monitors, "<metric>@<domain>": metrics.classification.DOMAIN_METRICS (not imported
-# here, so loading a config does not load scikit-learn and torch).
-DOMAIN_MONITORS = ("top1", "top5", "macro_f1")
+# A classifier's per-domain monitors, "<metric>@<domain>" (what metrics.classification.per_domain_metrics reports)
+DOMAIN_MONITORS = domain_metrics()
 
 
 def domain_monitor(monitor: str) -> tuple[str, str] | None:
@@ -466,7 +475,7 @@ def _source_domains(d: DataCfg) -> list[str] | None:
 
 
 MONITORS = {
-    "classification": ["macro_f1", "accuracy", "valid_loss"],
+    "classification": METRICS.names(monitor="classification"),
     # re-id runs (data.source: reid) report the first five; data.split_classes runs the last ones
     "embedding": REID_MONITORS + RETRIEVAL_MONITORS + retrieval_monitors(EvalCfg().recall_ks, split_classes=True),
 }
@@ -484,7 +493,7 @@ NOT_READ_BY = {
                        "eval.feat_norm", "eval.flip_feats", "eval.knn_k", "eval.recall_ks", "eval.rerank",
                        "eval.max_rank", "eval.memory_budget_mb"],
     "embedding": ["data.folds", "data.valid_fold", "data.stratify", "data.split", "data.class_map",
-                  "data.min_images_per_class", "model.drop_rate", "train.label_smoothing",
+                  "data.min_images_per_class", "model.drop_rate", "train.loss", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
                   "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta", "serve.top_k"],
 }
@@ -540,7 +549,7 @@ class Config(Section):
                        f"validation images query the training images of their own classes: '{knn_name}')")
             elif "retrieval" in kind and "recall@" in self.train.monitor:
                 why = f" (recall@K only for K in eval.recall_ks {self.eval.recall_ks}; add it there)"
-            shown = valid + [f"{m}@<domain>" for m in DOMAIN_MONITORS] if self.task == "classification" else valid
+            shown = valid + METRICS.names(monitor="domain") if self.task == "classification" else valid
             raise ValueError(f"train.monitor: '{self.train.monitor}' is not reported by {kind} run{why}; valid: "
                              f"{', '.join(shown)}{did_you_mean(self.train.monitor, valid)}")
         domains = _source_domains(self.data)

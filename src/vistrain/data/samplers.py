@@ -2,13 +2,14 @@
 domain-ratio sampler (``DomainRatioSampler``, chosen by the run when ``data.sources`` gives ratios, combined with
 ``weighted`` class balance when that is the name); and the P×K batch sampler of metric learning
 (``PKBatchSampler``), a batch sampler. The last two need more than the labels, so they are built by
-``domain_ratio_sampler`` and ``pk_sampler`` rather than through ``SAMPLERS``. A training loader takes any of them
-through ``EpochBatches``: the epoch's batches as a function of (seed, fold, epoch), each item with the seed of its
-augmentation, and the batches a mid-epoch checkpoint has trained left out."""
+``domain_ratio_sampler`` and ``pk_sampler`` (which ``SAMPLERS`` holds as "pk" all the same: ``sampler.name`` takes
+the registry's names). A training loader takes any of them through ``EpochBatches``: the epoch's batches as a
+function of (seed, fold, epoch), each item with the seed of its augmentation, and the batches a mid-epoch checkpoint
+has trained left out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -16,12 +17,15 @@ import torch
 from torch.utils.data import RandomSampler, Sampler, WeightedRandomSampler
 
 from vistrain.errors import UserError
+from vistrain.registry import SAMPLERS
 
 
+@SAMPLERS.register("random")
 def random_sampler(labels: Sequence[int], generator: torch.Generator) -> Sampler:
     return RandomSampler(range(len(labels)), generator=generator)
 
 
+@SAMPLERS.register("weighted")
 def weighted_sampler(labels: Sequence[int], generator: torch.Generator) -> Sampler:
     """Each item weighted by 1 / its class count, so every class is drawn equally often in expectation."""
     labels = np.asarray(labels)
@@ -29,12 +33,6 @@ def weighted_sampler(labels: Sequence[int], generator: torch.Generator) -> Sampl
     weights = 1.0 / counts[labels]
     return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=len(labels),
                                  replacement=True, generator=generator)
-
-
-SAMPLERS: dict[str, Callable[[Sequence[int], torch.Generator], Sampler]] = {
-    "random": random_sampler,
-    "weighted": weighted_sampler,
-}
 
 
 def _largest_remainder(total: int, shares: np.ndarray) -> np.ndarray:
@@ -235,6 +233,7 @@ class PKBatchSampler(Sampler[list[int]]):
         yield from batches[self.rank: len(self) * self.world_size: self.world_size]
 
 
+@SAMPLERS.register("pk")
 def pk_sampler(labels: Sequence[int], generator: torch.Generator, p: int | None, k: int, rank: int = 0,
                world_size: int = 1) -> PKBatchSampler:
     """A ``PKBatchSampler``; pass it to ``DataLoader(batch_sampler=...)`` (with no batch_size or shuffle)."""

@@ -2,15 +2,15 @@
 
 The item table (pandas) has the columns ``path, id, label, group`` and, when the input has them,
 ``camera, domain, split, fold`` (``data.sources``: ``domain`` is each source's name). ``group`` is the unit that
-may never straddle train and validation (a document, an object, a person). A new source is one function plus one
-line in ``SOURCES``.
+may never straddle train and validation (a document, an object, a person). A new source is one function registered
+with ``@SOURCES.register(name)``, its name declared in ``vistrain/registry.py`` (which the config's ``data.source``
+takes its values from).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -19,7 +19,8 @@ from PIL import Image
 from vistrain.config.schema import DataCfg
 from vistrain.data.classmap import load_class_map
 from vistrain.data.images import ImageIndex, check_images, is_image_entry
-from vistrain.errors import UserError, lookup
+from vistrain.errors import UserError
+from vistrain.registry import SOURCES
 
 ITEM_COLUMNS = ["path", "id", "label", "group"]
 OPTIONAL_COLUMNS = ["camera", "domain", "split", "fold"]
@@ -68,6 +69,7 @@ def _natural_labels(values: pd.Series) -> pd.Series:
     return as_int if (as_int.astype(str) == values).all() else values
 
 
+@SOURCES.register("csv")
 def csv_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.train_csv`` (ID, target[, group_col, fold, domain, camera, split]) + ``data.image_dir_train``.
 
@@ -100,6 +102,7 @@ def csv_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     return items
 
 
+@SOURCES.register("folders")
 def folders_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.image_dir_train/<class>/<ID>_<seq>.ext``: the folder is the class, ``<ID>`` the group."""
     root = require_dir(cfg.image_dir_train, f"{where}.image_dir_train")
@@ -131,6 +134,7 @@ def parse_reid_name(name: str) -> tuple[int, int] | None:
     return (int(m["pid"]), int(m["cam"])) if m else None
 
 
+@SOURCES.register("reid")
 def reid_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.root/{train_folder, query_folder, gallery_folder}`` -> items with ``camera`` and ``split``.
 
@@ -196,6 +200,7 @@ def _manifest_rows(path: Path, key: str) -> tuple[pd.DataFrame, list[int]]:
     return df, lines
 
 
+@SOURCES.register("manifest")
 def manifest_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     """``data.manifest``: a CSV or JSON-lines list of ``path,label[,domain][,group][,split]``; relative paths
     resolve against the manifest's folder. A row whose file is missing, whose label is not in ``data.class_map``
@@ -234,14 +239,6 @@ def manifest_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
     return items
 
 
-SOURCES: dict[str, Callable[[DataCfg, str], pd.DataFrame]] = {
-    "csv": csv_source,
-    "folders": folders_source,
-    "reid": reid_source,
-    "manifest": manifest_source,
-}
-
-
 def _entry_settings(cfg: DataCfg, i: int) -> DataCfg:
     """The data section's settings under ``data.sources[i]``'s own."""
     entry = (cfg.sources or [])[i]
@@ -271,7 +268,7 @@ def mixed_source(cfg: DataCfg) -> pd.DataFrame:
     for i, entry in enumerate(cfg.sources or []):
         where = f"data.sources[{i}]"
         settings = _entry_settings(cfg, i)
-        items = lookup(SOURCES, entry.source, f"{where}.source")(settings, where)
+        items = SOURCES.lookup(entry.source, f"{where}.source")(settings, where)
         own = _image_own_groups(items, entry.source, settings) | (not cfg.group_across_sources)
         items["group"] = items["group"].astype(str).mask(own, entry.name + "/" + items["group"].astype(str))
         items["id"] = entry.name + "/" + items["id"].astype(str)
@@ -388,7 +385,7 @@ def load_items(cfg: DataCfg) -> pd.DataFrame:
     kept with an empty path (see split_bad_images)."""
     if cfg.sources:
         return mixed_source(cfg)
-    return lookup(SOURCES, cfg.source, "data.source")(cfg, "data")
+    return SOURCES.lookup(cfg.source)(cfg, "data")
 
 
 def check_min_images(items: pd.DataFrame, classes: list, minimum: int | None) -> None:

@@ -28,7 +28,7 @@ from vistrain.metrics.bootstrap import (
     percentile_interval,
 )
 from vistrain.metrics.classification import ECE_BINS, classification_report
-from vistrain.metrics.paired import mcnemar_exact, paired_difference
+from vistrain.metrics.paired import mcnemar_exact, paired_figures
 from vistrain.tracking.files import write_json
 
 SPLITS = ("test", "oof")
@@ -145,9 +145,10 @@ def run_figures(s: Scored, targets: np.ndarray, idx: np.ndarray) -> tuple[dict[s
 
 def differences(a: Scored, b: Scored, targets: np.ndarray, reps_a: dict[str, np.ndarray],
                 reps_b: dict[str, np.ndarray], fig_a: dict[str, Any], fig_b: dict[str, Any]) -> dict[str, Any]:
-    """``B - A`` per figure (value, paired-bootstrap interval, p-value) and McNemar's test on top-1."""
-    out = {k: {"value": fig_b["metrics"][k]["value"] - fig_a["metrics"][k]["value"],
-               **paired_difference(reps_a[k], reps_b[k])} for k in METRICS}
+    """``B - A`` per figure (value, paired-bootstrap interval, p-value, B better / worse / inconclusive by the figure's
+    direction) and McNemar's test on top-1."""
+    out = paired_figures({k: fig_a["metrics"][k]["value"] for k in METRICS},
+                         {k: fig_b["metrics"][k]["value"] for k in METRICS}, reps_a, reps_b)
     correct_a, correct_b = a.logits.argmax(1) == targets, b.logits.argmax(1) == targets
     return {"run": str(b.run), "versus": str(a.run), "metrics": out,
             "mcnemar_top1": mcnemar_exact(correct_a, correct_b)}
@@ -254,7 +255,7 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"\n[{i}] - [0] (paired on the same images)")
         for k in METRICS:
             m = d["metrics"][k]
-            print(f"{k:<18} {format_interval(m['value'], m['interval']):<30} p={m['p_value']:.4f}")
+            print(f"{k:<18} {format_interval(m['value'], m['interval']):<30} p={m['p_value']:.4f}  {m['verdict']}")
         mc = d["mcnemar_top1"]
         print(f"McNemar top1: only [0] right {mc['a_only']}, only [{i}] right {mc['b_only']}, p={mc['p_value']:.4f}")
     for i, folds in enumerate(result["fold_differences"], start=1):

@@ -24,7 +24,7 @@ from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, RankShare
 from vistrain.engine.tasks import ClassificationTask, EmbeddingTask, RetrievalEval
-from vistrain.errors import UserError, lookup
+from vistrain.errors import UserError
 from vistrain.models.build import build_model
 from vistrain.models.init import init_weights
 from vistrain.models.losses import LOSSES
@@ -88,7 +88,7 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
             sampler = domain_ratio_sampler(train_labels.tolist(), order, train_domains, ratios,
                                            balance_classes=s.name == "weighted")
         else:
-            sampler = lookup(SAMPLERS, s.name, "sampler.name")(train_labels.tolist(), order)
+            sampler = SAMPLERS.lookup(s.name)(train_labels.tolist(), order)
         if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
             sampler = RankShare(sampler, info.rank, info.world)
         batches = EpochBatches(sampler, order, t.batch_size, drop_last=len(sampler) > t.batch_size,  # no 1-image BN
@@ -135,7 +135,7 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
         mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
     # With mixup the smoothing is already inside the soft targets.
-    task = ClassificationTask(LOSSES["ce"](weights, 0.0 if mixup else t.label_smoothing), mixup,
+    task = ClassificationTask(LOSSES.lookup(t.loss)(weights, 0.0 if mixup else t.label_smoothing), mixup,
                               _domains(data, valid_idx), mix_seed=(cfg.project.seed, fold))
     return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 

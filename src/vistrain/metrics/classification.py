@@ -26,9 +26,10 @@ from sklearn import metrics as skm
 
 from vistrain.metrics._common import ArrayLike, _as_logits_targets, _as_targets, _np, _positive_int
 from vistrain.metrics.calibration import expected_calibration_error
+from vistrain.registry import domain_metrics
 
 ECE_BINS: int = 15  # bins used for the ECE in classification_report
-DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # what per_domain_metrics reports for each domain, as "<metric>@<d>"
+DOMAIN_METRICS = domain_metrics()  # what per_domain_metrics reports for each domain, as "<metric>@<d>"
 
 
 def topk_accuracy(logits: ArrayLike, targets: ArrayLike, k: int = 1) -> float:

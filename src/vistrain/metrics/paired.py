@@ -4,7 +4,8 @@ Two runs evaluated on the same N images are not independent samples: the images 
 for the other. The paired bootstrap resamples the images once per replicate and scores both runs on that same
 resample (the same index matrix for both), so the spread of ``figure_B - figure_A`` over the replicates is the
 spread of the difference, far narrower than two separate intervals suggest. McNemar's exact test looks only at the
-images where exactly one of the two runs is right (the discordant pairs).
+images where exactly one of the two runs is right (the discordant pairs). Whether a difference is a gain follows
+the figure's direction in the metric registry (``vistrain.registry.METRICS``: a lower ``nll`` is better).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 from scipy import stats
 
 from vistrain.metrics.bootstrap import LEVEL, percentile_interval
+from vistrain.registry import higher_is_better
 
 
 def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = LEVEL) -> dict[str, Any]:
@@ -27,6 +29,23 @@ def paired_difference(reps_a: np.ndarray, reps_b: np.ndarray, level: float = LEV
     d = d[~np.isnan(d)]
     p = min(1.0, 2.0 * min(float(np.mean(d <= 0)), float(np.mean(d >= 0))))
     return {"interval": percentile_interval(d, level), "p_value": p}
+
+
+def paired_figures(values_a: dict[str, float], values_b: dict[str, float], reps_a: dict[str, np.ndarray],
+                   reps_b: dict[str, np.ndarray], level: float = LEVEL) -> dict[str, dict[str, Any]]:
+    """``B - A`` for every figure of ``values_a``: the value, the paired-bootstrap interval and p-value
+    (:func:`paired_difference` of the replicates [R]), the figure's direction and the verdict on B: "better" or
+    "worse" when the interval lies wholly on one side of 0 (which side is better: the direction), else
+    "inconclusive"."""
+    out = {}
+    for key in values_a:
+        diff = {"value": values_b[key] - values_a[key], **paired_difference(reps_a[key], reps_b[key], level)}
+        up = higher_is_better(key)
+        lo, hi = diff["interval"]
+        gain, loss = (lo > 0, hi < 0) if up else (hi < 0, lo > 0)
+        out[key] = {**diff, "higher_is_better": up,
+                    "verdict": "better" if gain else "worse" if loss else "inconclusive"}
+    return out
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, Any]:

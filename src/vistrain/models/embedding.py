@@ -89,7 +89,7 @@ class EmbeddingModel(nn.Module):
             lookup(dict.fromkeys(POOLINGS), pooling, "model.pooling")  # raises the one-line UserError
         if neck not in NECKS:
             lookup(dict.fromkeys(NECKS), neck, "model.neck")
-        head_cls = lookup(HEADS, head, "model.head")
+        head_cls = HEADS.lookup(head)
         if last_stride not in (None, 1, 2):
             raise UserError(f"model.last_stride: must be 1, 2 or null; got {last_stride}")
         if embedding_dim is not None and embedding_dim < 1:

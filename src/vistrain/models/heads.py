@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vistrain.registry import HEADS
+
 # Keeps sqrt(1 - cos^2) and its gradient finite: at cos = +-1 the derivative of sqrt is infinite.
 _COS_EPS = 1e-7
 
 
+@HEADS.register("linear")
 class LinearHead(nn.Module):
     """A bias-free linear classifier: feat [B, D] -> logits [B, C]. Labels are ignored; there is no margin."""
 
@@ -59,6 +62,7 @@ class _CosineHead(nn.Module):
         return f"in_features={self.in_features}, num_classes={self.num_classes}, s={self.s}, m={self.m}"
 
 
+@HEADS.register("arcface")
 class ArcFaceHead(_CosineHead):
     """Additive angular margin (Deng et al. 2019): s·cos(θ_y + m) for the target class, s·cos θ_j for the others.
 
@@ -92,6 +96,7 @@ class ArcFaceHead(_CosineHead):
             return self.s * torch.where(target, phi, cos)
 
 
+@HEADS.register("cosface")
 class CosFaceHead(_CosineHead):
     """Additive cosine margin (Wang et al. 2018): logits = s·(cos θ − m·onehot(y)), computed in float32."""
 
@@ -106,13 +111,6 @@ class CosFaceHead(_CosineHead):
                 return self.s * cos
             target = F.one_hot(labels.long(), self.num_classes).to(cos.dtype)
             return self.s * (cos - self.m * target)
-
-
-HEADS: dict[str, type[nn.Module]] = {
-    "linear": LinearHead,
-    "arcface": ArcFaceHead,
-    "cosface": CosFaceHead,
-}
 
 
 def margin_at_epoch(epoch: int, warmup_epochs: int, m_warmup: float, m_finetune: float,

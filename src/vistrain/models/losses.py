@@ -1,9 +1,10 @@
-"""Losses named in the config. A new loss is one function plus one line in ``LOSSES``."""
+"""Losses named in the config: a classifier's (``train.loss``, ``LOSSES``) and an embedding model's terms
+(``loss.terms``, ``EMBEDDING_LOSSES``). A new loss is one function or class registered with the decorator, its name
+declared in ``vistrain/registry.py`` (where the config takes its names from)."""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,18 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from vistrain.errors import did_you_mean
+from vistrain.registry import EMBEDDING_LOSSES, LOSSES
 
 
+@LOSSES.register("ce")
 def cross_entropy(
     class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0
 ) -> nn.Module:
     """Cross-entropy on logits [B, C]; targets are class indices [B] or soft targets [B, C] (mixup)."""
     return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
-
-
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "ce": cross_entropy,
-}
 
 
 # ------------------------------------------------------------------------------------------ metric learning
@@ -32,6 +30,7 @@ LOSSES: dict[str, Callable[..., nn.Module]] = {
 # ``cls(num_classes, feat_dim, **yaml_params)``; the caller weights and sums the terms.
 
 
+@EMBEDDING_LOSSES.register("ce")
 class CETerm(nn.Module):
     """Cross-entropy on out["logits"] [B, C] (a margin head's logits included), optionally label-smoothed."""
 
@@ -55,6 +54,7 @@ def pairwise_distances(feat: torch.Tensor) -> torch.Tensor:
     return d2.clamp(min=1e-12).sqrt()
 
 
+@EMBEDDING_LOSSES.register("triplet")
 class TripletTerm(nn.Module):
     """Batch-hard triplet loss (Hermans et al. 2017) on out["feat"] [B, D] with Euclidean distances.
 
@@ -96,6 +96,7 @@ class TripletTerm(nn.Module):
             return losses[valid].sum() / valid.sum().clamp(min=1)
 
 
+@EMBEDDING_LOSSES.register("center")
 class CenterTerm(nn.Module):
     """Center loss (Wen et al. 2016) on out["feat"] [B, D]: mean over the batch of ½‖f_i − c_{y_i}‖², in float32.
 
@@ -156,13 +157,6 @@ def _gather_all_ranks(feat: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     torch.distributed.all_gather(feats, feat_p)
     torch.distributed.all_gather(labs, labels_p)
     return (torch.cat([f[:k] for f, k in zip(feats, n)]), torch.cat([lb[:k] for lb, k in zip(labs, n)]))
-
-
-EMBEDDING_LOSSES: dict[str, type[nn.Module]] = {
-    "ce": CETerm,
-    "triplet": TripletTerm,
-    "center": CenterTerm,
-}
 
 
 def term_param_names(cls: type[nn.Module]) -> list[str]:

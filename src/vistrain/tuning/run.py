@@ -66,6 +66,7 @@ from vistrain.tuning.study import (
     KEEP_NOTE,
     close_stale_trials,
     create_study,
+    direction_of,
     first_line,
     new_tune_dir,
     rejoin_url,
@@ -128,10 +129,6 @@ def trial_config(cfg: Config, values: dict[str, Any], tune_dir: Path, number: in
 def best_config(cfg: Config, params: dict[str, Any]) -> Config:
     """The config of the full training: the user's, with only the best values changed."""
     return validate(with_values(config_to_dict(cfg), params))
-
-
-def direction_of(monitor: str) -> str:
-    return "minimize" if monitor.endswith("loss") else "maximize"
 
 
 # ---------------------------------------------------------------------------------------------- the study

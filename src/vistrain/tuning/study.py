@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from vistrain.config.schema import Config
 from vistrain.errors import UserError
+from vistrain.registry import higher_is_better
 from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json
 from vistrain.tracking.rundir import config_hash
 from vistrain.tuning.space import nest
@@ -67,6 +68,11 @@ def open_storage(url: str, attempts: int = 5, heartbeat_s: int | None = None) ->
 def first_line(err: BaseException) -> str:
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def direction_of(monitor: str) -> str:
+    """The study's direction for ``monitor``: the metric registry's (``METRICS``), as early stopping's."""
+    return "maximize" if higher_is_better(monitor) else "minimize"
 
 
 def create_study(cfg: Config, storage_url: str, study_name: str, direction: str, shared: bool,

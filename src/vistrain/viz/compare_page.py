@@ -52,10 +52,11 @@ def _difference_rows(result: dict[str, Any]) -> list[list[Any]]:
     rows = []
     for i, d in enumerate(result["differences"], start=1):
         for key, m in d["metrics"].items():
-            rows.append([f"[{i}] - [0]", key, with_interval(m["value"], m["interval"]), m["p_value"]])
+            rows.append([f"[{i}] - [0]", key, with_interval(m["value"], m["interval"]), m["p_value"],
+                         f"[{i}] {m['verdict']}"])
         mc = d["mcnemar_top1"]
         rows.append([f"[{i}] - [0]", f"McNemar top1 (only [0] right {mc['a_only']}, only [{i}] {mc['b_only']})",
-                     "", mc["p_value"]])
+                     "", mc["p_value"], ""])
     return rows
 
 
@@ -69,8 +70,8 @@ def render_compare(result: dict[str, Any], curves: Path | None) -> str:
                 f"{result['bootstrap']['replicates']} bootstrap replicates shared by every run</p>"),
         section("Figures [95% interval]", table(["metric", *[f"[{i}]" for i in range(len(runs))]], [
             [k, *[with_interval(r["metrics"][k]["value"], r["metrics"][k]["interval"]) for r in runs]] for k in keys])),
-        section("Paired differences to [0]", table(["runs", "metric", "difference [95% interval]", "p-value"],
-                                                   _difference_rows(result))),
+        section("Paired differences to [0]", table(["runs", "metric", "difference [95% interval]", "p-value",
+                                                    "verdict (95% interval)"], _difference_rows(result))),
     ]
     for i, folds in enumerate(result.get("fold_differences") or [], start=1):
         if folds and "folds" in folds:

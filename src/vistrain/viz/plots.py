@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vistrain.registry import higher_is_better
 from vistrain.tracking.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # only for annotations; the real imports are lazy
@@ -34,7 +35,6 @@ MAX_TICK_LABELS = 40  # more labels than this on one axis overlap at any sensibl
 MAX_NAME_CHARS = 18  # long class names are cut so they do not eat the plot area
 MAX_GROUPED_BARS = 150  # class distribution: more bars than this turn into a heat map
 ANNOTATE_MAX_CLASSES = 20  # cell values are written into confusion matrices up to this many classes
-LOWER_IS_BETTER = ("loss",)  # metric names containing one of these are minimised
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -83,7 +83,7 @@ def _tick_fontsize(n_labels: int) -> float:
 
 
 def lower_is_better(metric: str) -> bool:
-    return any(word in metric for word in LOWER_IS_BETTER)
+    return not higher_is_better(metric)
 
 
 def read_json(path: Path) -> dict[str, Any]:

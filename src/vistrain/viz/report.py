@@ -19,11 +19,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from vistrain.registry import domain_metrics
 from vistrain.tracking.files import atomic_write_text
 
 PER_CLASS_SPLITS = ("oof", "val", "valid", "test")  # which eval/<split>/per_class.csv the page shows first
 CALIBRATION_KEYS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
-DOMAIN_METRICS = ("top1", "top5", "macro_f1")  # the "<metric>@<domain>" keys of metrics.jsonl / summary.json
+DOMAIN_METRICS = domain_metrics()  # the "<metric>@<domain>" keys of metrics.jsonl / summary.json
 DOMAIN_COLUMNS = ("n", *DOMAIN_METRICS, "balanced_accuracy")  # the per-domain table's columns, those present
 _INTERVAL_NOTE = ("value [95% interval]: percentiles 2.5 and 97.5 of the figure over bootstrap resamples of the "
                   "evaluated images (eval.bootstrap replicates)")

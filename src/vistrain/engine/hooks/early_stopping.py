@@ -7,15 +7,15 @@ import math
 from typing import Any
 
 from vistrain.engine.hooks.base import FoldRun, Hook
+from vistrain.registry import higher_is_better
 
 log = logging.getLogger(__name__)
 
-MINIMISE = {"valid_loss", "train_loss"}
-
 
 def monitor_mode(monitor: str) -> str:
-    """"min" for a loss, "max" for a score: which way the monitor improves (the plateau schedule needs it too)."""
-    return "min" if monitor in MINIMISE else "max"
+    """"max" when a larger monitor is better (the metric registry's direction), else "min": which way the monitor
+    improves (the plateau schedule needs it too)."""
+    return "max" if higher_is_better(monitor) else "min"
 
 
 class EarlyStopping(Hook):
@@ -72,6 +72,6 @@ class EarlyStopping(Hook):
 def best_epochs(history: list[dict[str, Any]], monitor: str, k: int) -> set[int]:
     """The epochs of the ``k`` best ``monitor`` values among the rows that have one (evaluated epochs); equal
     values rank the earlier epoch first, as ``EarlyStopping`` keeps the first of equal bests."""
-    sign = 1 if monitor in MINIMISE else -1
+    sign = -1 if higher_is_better(monitor) else 1
     scored = sorted((sign * row[monitor], row["epoch"]) for row in history if row.get(monitor) is not None)
     return {epoch for _, epoch in scored[:k]}
