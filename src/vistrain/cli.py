@@ -58,7 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vistrain.pipelines.train import run_train  # torch and timm load only once the config is known good
 
     result = run_train(cfg, resume=args.resume, fresh=args.fresh, folds=args.fold, config_path=config_path,
-                       use_calibration=args.use_calibration, full_pipeline=args.mode == "full-pipeline")
+                       use_calibration=args.use_calibration, full_pipeline=args.mode == "full-pipeline",
+                       strict=args.strict)
     if not _worker_rank():
         print(f"[DONE] run directory: {result.run_dir}")
     return 0
@@ -91,6 +92,8 @@ def _train_optimize(args: argparse.Namespace, cfg: Any, config_path: Path | None
     from vistrain.pipelines.tune import continue_tune, run_tune
 
     flag = "--optimize" if args.optimize else "--auto-continue"
+    if args.strict:  # not passed to a study's trials yet: refused rather than ignored
+        raise UserError(f"--strict: not with {flag}; train the best values with --strict afterwards")
     if args.resume:
         raise UserError(f"{flag}: cannot be combined with --resume (a study is joined with vistrain tune --storage, "
                         "an unfinished one continued with --auto-continue alone)")
@@ -111,7 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vistrain.tracking.logs import console_logging
 
     console_logging()
-    run_evaluate(Path(args.run), split=args.split, folds=args.folds, overrides=args.overrides, tta=args.tta)
+    run_evaluate(Path(args.run), split=args.split, folds=args.folds, overrides=args.overrides, tta=args.tta,
+                 strict=args.strict)
     return 0
 
 
@@ -132,7 +136,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     opt = {k: Path(v) if v else None for k, v in (("image_dir", args.image_dir), ("sample", args.sample),
                                                    ("output", args.output))}
     run_predict(Path(args.run), Path(args.input), tta=args.tta, folds=args.folds, probs=args.probs,
-                overrides=args.overrides, **opt)
+                overrides=args.overrides, strict=args.strict, **opt)
     return 0
 
 
@@ -153,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary = run_export(Path(args.run), fmt=args.format, folds=args.folds,
                          output=Path(args.output) if args.output else None, do_verify=args.verify,
                          do_benchmark=args.benchmark, quantize=args.quantize, fp16=args.fp16,
-                         budget_ms=args.budget_ms, budget_mb=args.budget_mb)
+                         budget_ms=args.budget_ms, budget_mb=args.budget_mb, strict=args.strict)
     for entry in summary["models"]:
         line = f"[DONE] fold {entry['fold']}: {entry['path']} ({entry['size_mb']:.1f} MB)"
         if "verify" in entry:
@@ -183,7 +187,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
              "max_request_mb": args.max_request_mb, "max_concurrency": args.max_concurrency,
              "timeout_s": args.timeout}
     run_serve(Path(args.target), host=args.host, port=args.port, fold=args.fold, limits=flags,
-              log_file=Path(args.log_file) if args.log_file else None, api_key_env=args.api_key_env)
+              log_file=Path(args.log_file) if args.log_file else None, api_key_env=args.api_key_env,
+              strict=args.strict)
     return 0
 
 
@@ -358,6 +363,13 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
+def _strict(p: argparse.ArgumentParser, fallbacks: str) -> None:
+    """``--strict``: the command's fallbacks (``engine/fallbacks.py``) are errors instead of recorded."""
+    p.add_argument("--strict", action="store_true",
+                   help=f"fail (exit 1) rather than fall back ({fallbacks}); without it a fallback is logged as "
+                        "[FALLBACK] and listed under fallbacks in the command's JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     # SUPPRESS: a sub-command's default must not overwrite `vistrain --debug train ...`
@@ -404,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --optimize: then train the config with the best values, recording them in "
                         "tuned_from.json; alone: continue the newest study of this config whose trials or whose "
                         "training of the best values are not done (e.g. after --optimize alone), then do that")
+    _strict(p, "torch.compile -> eager, train.amp bf16 / fp16 -> fp32 on a CPU; summary.json")
     p.set_defaults(command_label="TRAINING")
 
     p = add("evaluate", cmd_evaluate, "score a run: metrics, per-class table, confusion matrix into RUN/eval/SPLIT/")
@@ -412,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", default="all", metavar="all|0,2")
     p.add_argument("--tta", action="store_true",
                    help="average the eval.tta views, as predict --tta (also on when eval.tta=... is given)")
+    _strict(p, "a checkpoint without its preprocessing read with resize + normalisation only; metrics.json")
     eval_overrides(p)
 
     p = add("compare", cmd_compare, "compare runs on the same images: figures with 95% intervals, paired "
@@ -430,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the eval.tta views (default: horizontal flip)")
     p.add_argument("--folds", default="all", metavar="all|0,2")
     p.add_argument("--probs", action="store_true", help="add a prob_<class> column per class")
+    _strict(p, "a checkpoint without its preprocessing read with resize + normalisation only")
     eval_overrides(p)
 
     p = add("calibrate", cmd_calibrate, "fit a temperature on a run's out-of-fold logits -> RUN/calibration.json")
@@ -452,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-1 p95 CPU latency (every usable core) each file must meet: a PASS/FAIL line per "
                         "file, exit 1 when none passes")
     p.add_argument("--budget-mb", type=_positive_float, metavar="MB", help="file size each file must meet (as above)")
+    _strict(p, "int8 static -> dynamic, --verify on random inputs, a checkpoint's preprocessing assumed; export.json")
 
     p = add("serve", cmd_serve, "HTTP inference for a run's model or an exported ONNX file (FastAPI)")
     p.add_argument("target", metavar="RUN|MODEL.onnx", help="run directory, or an ONNX file from vistrain export")
@@ -481,6 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
                                                    "the ONNX file): start-up, refused uploads, errors with traceback")
+    _strict(p, "a model without its preprocessing served with resize + normalisation only; GET /metadata")
     p.set_defaults(command_label="SERVING")
 
     p = add("search", cmd_search, "nearest gallery images of a query image for an embedding run")

@@ -114,6 +114,7 @@ class Predictor:
     serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # engine/fallbacks.py: a preprocessing assumed
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB upload -> float32 [3, H, W]."""
@@ -128,17 +129,17 @@ class Predictor:
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
                 "classes": self.classes, "display_names": self.display_names, "preprocess": p.to_dict(),
                 "img_size": list(p.size), "mean": list(p.mean), "std": list(p.std), "temperature": self.temperature,
-                "input": "multipart/form-data, field 'files': one or more images"}
+                "input": "multipart/form-data, field 'files': one or more images", "fallbacks": self.fallbacks}
 
 
-def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
+def torch_predictor(run_dir: Path, fold: int | None = None, strict: bool = False) -> Predictor:
     """A run's best checkpoints with PyTorch on the run's device: every trained fold, averaged as ``predict``
     averages them (probabilities; logits too), or the one ``fold``."""
     from vistrain.engine import device as dev
     from vistrain.engine.inference import load_fold_model, load_run, select_folds
     from vistrain.pipelines.export import Deployable
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, strict=strict)
     chosen = select_folds(run, [fold] if fold is not None else None, key="--fold")
     device = dev.pick_device(run.cfg.train.device)
     # Several folds averaged: the ensemble's temperature (T = 1 unless one was fitted on the ensemble's outputs),
@@ -161,12 +162,13 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(temperature), "torch",
                      f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
-                     display_names=run.display_names())
+                     display_names=run.display_names(), fallbacks=run.fallbacks.entries)
 
 
-def onnx_predictor(path: Path) -> Predictor:
+def onnx_predictor(path: Path, strict: bool = False) -> Predictor:
     """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU; its metadata checked first."""
     from vistrain.engine import device as dev
+    from vistrain.engine.fallbacks import Fallbacks
     from vistrain.pipelines.export import onnx_session, read_onnx_metadata
 
     try:
@@ -177,23 +179,26 @@ def onnx_predictor(path: Path) -> Predictor:
         session = onnx_session(path, dev.apply_num_threads("auto", workers=0))  # no DataLoader: requests decode
     except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: not an ONNX file, corrupt, ...
         raise UserError(f"MODEL: {path} is not a readable ONNX file ({str(err).splitlines()[0][:200]})") from err
-    meta = read_onnx_metadata(path, session)
+    fallbacks = Fallbacks(strict)
+    meta = read_onnx_metadata(path, session, fallbacks)
     names = [o.name for o in session.get_outputs()]
 
     def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
-                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"])
+                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"],
+                     fallbacks=fallbacks.entries)
 
 
-def load_predictor(target: Path, fold: int | None = None) -> Predictor:
+def load_predictor(target: Path, fold: int | None = None, strict: bool = False) -> Predictor:
+    """``strict``: a fallback (a preprocessing assumed for a model that does not record its own) is an error."""
     if target.is_file() and target.suffix.lower() == ".onnx":
         if fold is not None:
             raise UserError("--fold: only for a run directory; an ONNX file holds one model")
-        return onnx_predictor(target)
+        return onnx_predictor(target, strict)
     if target.is_dir():
-        return torch_predictor(target, fold)
+        return torch_predictor(target, fold, strict)
     raise UserError(f"RUN|MODEL: {target} is neither a run directory nor an .onnx file")
 
 
@@ -494,8 +499,8 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
-              limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None
-              ) -> None:
+              limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None,
+              strict: bool = False) -> None:
     """Serve until Ctrl-C or SIGTERM (both an orderly stop: the requests in flight are answered first); the log file
     (``log_file``, else ``default_log_file``) ends with the outcome. ``limits``: the ``Limits`` fields given on the
     command line (None: the model's ``serve:`` section)."""
@@ -516,7 +521,7 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
     with run_logging([log_file] if log_file else []):
         log.info("[SERVE] log: %s | target: %s", log_file, target)
         try:
-            _serve(target, host, port, fold, limits, api_key)
+            _serve(target, host, port, fold, limits, api_key, strict)
         except _Terminated:
             log.info("[SERVE] SIGTERM during start-up: stopped before serving")
         except BaseException as err:
@@ -529,12 +534,12 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
 
 
 def _serve(target: Path, host: str, port: int, fold: int | None, flags: dict[str, Any] | None,
-           api_key: str | None = None) -> None:
+           api_key: str | None = None, strict: bool = False) -> None:
     try:
         import uvicorn
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
-    predictor = load_predictor(target, fold)
+    predictor = load_predictor(target, fold, strict)
     limits = Limits.resolve(predictor.serve, flags)
     given = sorted(k for k, v in (flags or {}).items() if v is not None)
     log.info("[SERVE] limits: %s (the %s's serve: section%s)", limits.describe(),
