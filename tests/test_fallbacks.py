@@ -279,3 +279,10 @@ def test_training_records_its_fallbacks_in_summary_json_and_strict_refuses_them(
 
 def test_train_with_nothing_to_fall_back_from_records_an_empty_list(trained: dict) -> None:
     assert json.loads((trained["run"] / "summary.json").read_text())["fallbacks"] == []
+
+
+def test_strict_with_optimize_is_refused_not_ignored(trained: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    """A study's trials do not take --strict yet: saying so beats a --strict that silently does nothing."""
+    assert cli.main(["train", "--config", str(trained["root"] / "cfg.yaml"), "--optimize", "--strict"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: --strict: not with --optimize; train the best values with "
+                                              "--strict afterwards")

@@ -55,7 +55,8 @@ BUDGET_MEASURE = "p95_ms at all threads"  # what --budget-ms is compared with
 
 
 VERIFY_IMAGES = 32  # export --verify: images of the run compared between PyTorch and onnxruntime
-RANDOM = "random inputs (no image found)"  # how sample_inputs's description of random inputs ends
+RANDOM_INPUTS = "random inputs (no image found)"  # how sample_inputs's description of random inputs ends
+INT8_AVOID = "export without --strict to accept it, or without --quantize int8"  # a refused int8 fallback's advice
 # Timings: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
 # about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
 BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
@@ -64,7 +65,7 @@ BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
 def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, paths: Sequence[str] | None = None
                   ) -> tuple[torch.Tensor, str]:
     """Up to ``n`` of the run's own images (``paths``, else splits.csv's) through ``pre`` as ``predict`` does:
-    float32 [n, 3, H, W]; random inputs when none is readable (the description then ends with ``RANDOM``)."""
+    float32 [n, 3, H, W]; random inputs when none is readable (the description then ends with ``RANDOM_INPUTS``)."""
     images = []
     for path in run.splits()["path"].tolist() if paths is None else paths:
         if len(images) == n:
@@ -76,14 +77,14 @@ def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, pat
     if images:
         return torch.stack(images), f"{len(images)} images of the run"
     h, w = pre.size
-    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} {RANDOM}"
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} {RANDOM_INPUTS}"
 
 
 def verify_fallback(run: LoadedRun, source: str, fold: int) -> dict[str, Any]:
     """``export --verify`` on random inputs (``source``: ``sample_inputs``'s description) checks the graph on no real
     image: a fallback, noted in ``run.fallbacks`` (strict: refused), and ``{"fallback": ...}`` for the verify entry;
     ``{}`` on the run's images. (``--benchmark`` may time random inputs: a timing does not depend on the pixels.)"""
-    if not source.endswith(RANDOM):
+    if not source.endswith(RANDOM_INPUTS):
         return {}
     entry = run.fallbacks.note(
         "export --verify", "the run's images", "random inputs", f"none of the images in {run.path / 'splits.csv'} "
@@ -197,9 +198,6 @@ def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterat
             raise UserError(f"export: validation images became unreadable during the export (one of {chunk[0]} "
                             f"... {chunk[-1]}); run it again")
         yield inputs.numpy()
-
-
-INT8_AVOID = "export without --strict to accept it, or without --quantize int8"
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], source: str | None = None,

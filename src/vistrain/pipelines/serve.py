@@ -503,7 +503,7 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
               strict: bool = False) -> None:
     """Serve until Ctrl-C or SIGTERM (both an orderly stop: the requests in flight are answered first); the log file
     (``log_file``, else ``default_log_file``) ends with the outcome. ``limits``: the ``Limits`` fields given on the
-    command line (None: the model's ``serve:`` section)."""
+    command line (None: the model's ``serve:`` section). ``strict``: see ``load_predictor``."""
     api_key = api_key_from(api_key_env)
     log_file = log_file or default_log_file(target)
     if log_file is not None:
