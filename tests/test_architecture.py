@@ -154,9 +154,9 @@ def test_every_registry_backed_key_allows_exactly_the_registrys_names() -> None:
     """One source of truth: a key's Literal is its registry's names, every declared name has a builder in the
     registry's module, and every metric the schema lets train.monitor name has a direction (and the reverse)."""
     from vistrain.config import schema
+    from vistrain.engine.compare import METRICS as COMPARED
     from vistrain.metrics.classification import DOMAIN_METRICS
     from vistrain.models.losses import check_term_params
-    from vistrain.engine.compare import METRICS as COMPARED
     from vistrain.registry import (
         EMBEDDING_LOSSES,
         HEADS,

@@ -142,8 +142,8 @@ def test_compile_that_fails_trains_without_it_and_says_why(monkeypatch: pytest.M
         compile_model(model, "max-autotune")
     finally:
         logger.removeHandler(handler)
-    assert lines == ["[MODEL] train.compile=max-autotune: torch.compile is not available here (RuntimeError: no "
-                     "compiler here); training without it"]
+    assert lines == ["[FALLBACK] train.compile: torch.compile -> eager: RuntimeError: no compiler here (--strict makes "
+                     "this an error)"]
     assert model(torch.randn(2, 4)).shape == (2, 2)
 
 

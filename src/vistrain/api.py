@@ -97,14 +97,16 @@ def _config_and_path(config: str | Path | Mapping[str, Any] | Config, overrides:
 def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, overrides: Overrides = (),
           folds: Sequence[int] | None = None, resume: bool | str | Path | None = None, fresh: bool = False,
           calibrate: bool = False, progress: bool | None = True, mode: str | None = None,
-          full_pipeline: bool = False, hooks: Sequence[Hook] = ()) -> Run:
+          full_pipeline: bool = False, hooks: Sequence[Hook] = (), strict: bool = False) -> Run:
     """Train a run (every fold of ``data.folds``, or ``folds``) and return it.
 
     ``resume``: True continues the newest unfinished run of this config, a run directory continues that run
     (``config`` may then be left out); ``fresh`` always starts a new one. ``calibrate`` fits a temperature on the
     out-of-fold logits afterwards (``--use-calibration``). ``progress``: tqdm bars (None: on a terminal only).
     ``full_pipeline`` then predicts ``data.image_dir_test`` into ``RUN/submission.csv``. ``hooks``: extra Trainer
-    hooks run after the default ones in every fold (``vistrain.engine.hooks.Hook``).
+    hooks run after the default ones in every fold (``vistrain.engine.hooks.Hook``). ``strict``: a fallback
+    (torch.compile -> eager, bf16 / fp16 -> fp32 on a CPU) is a ``vistrain.FallbackRefused`` instead of a
+    ``fallbacks`` entry in summary.json.
 
     >>> run = vistrain.train("configs/demo.yaml", overrides={"train.epochs": 1})
     >>> run.summary["mean"]["macro_f1"]
@@ -128,7 +130,7 @@ def train(config: str | Path | Mapping[str, Any] | Config | None = None, *, over
     with progress_bars(progress):
         result = run_train(cfg, resume=resume_arg, fresh=fresh, folds=list(folds) if folds is not None else None,
                            config_path=config_path, use_calibration=calibrate, full_pipeline=full_pipeline,
-                           hooks=hooks)
+                           hooks=hooks, strict=strict)
     return Run(result.run_dir)
 
 
@@ -314,7 +316,8 @@ class Run:
     # ---- the other commands on a run
 
     def evaluate(self, split: str = "val", *, folds: str | Sequence[int] = "all", tta: bool = False,
-                 echo: bool = False, overrides: Overrides = (), **options: Any) -> dict[str, Any]:
+                 echo: bool = False, overrides: Overrides = (), strict: bool = False, **options: Any
+                 ) -> dict[str, Any]:
         """``vistrain evaluate RUN --split SPLIT``: metrics.json's content; files in ``RUN/eval/SPLIT/``. Evaluation
         options as ``overrides`` (``{"data.test_csv": "labels.csv"}``) or as keywords with ``__`` for the dots
         (``run.evaluate("test", data__test_csv="labels.csv")``); ``echo`` prints the console table.
@@ -324,11 +327,12 @@ class Run:
         from vistrain.engine.evaluation import run_evaluate
 
         keys = override_list(overrides) + override_list({k.replace("__", "."): v for k, v in options.items()})
-        return run_evaluate(self.path, split, folds=_folds_text(folds), overrides=keys, echo=echo, tta=tta)
+        return run_evaluate(self.path, split, folds=_folds_text(folds), overrides=keys, echo=echo, tta=tta,
+                            strict=strict)
 
     def predict_csv(self, inputs: str | Path, *, output: str | Path | None = None, image_dir: str | Path | None = None,
                     sample: str | Path | None = None, tta: bool = False, folds: str | Sequence[int] = "all",
-                    probs: bool = False, overrides: Overrides = ()) -> pd.DataFrame:
+                    probs: bool = False, overrides: Overrides = (), strict: bool = False) -> pd.DataFrame:
         """``vistrain predict RUN --input F`` as a function: a folder or an ID CSV in, the ``ID,target`` table (with
         ``display_name`` and ``prob_<class>`` columns as asked) written to ``output`` (default RUN/predictions.csv)
         in the order of ``sample`` when given, and returned."""
@@ -339,7 +343,7 @@ class Run:
 
         return run_predict(self.path, Path(inputs), output=path(output), image_dir=path(image_dir),
                            sample=path(sample), tta=tta, folds=_folds_text(folds), probs=probs,
-                           overrides=override_list(overrides))
+                           overrides=override_list(overrides), strict=strict)
 
     def calibrate(self) -> dict[str, Any]:
         """Fit a temperature on the out-of-fold logits (``vistrain calibrate``): calibration.json's content."""
@@ -350,7 +354,7 @@ class Run:
     def export(self, format: str = "onnx", *, quantize: str | None = None, fp16: bool = False,
                folds: str | Sequence[int] | None = None, output: str | Path | None = None, verify: bool = False,
                benchmark: bool = False, budget_ms: float | None = None, budget_mb: float | None = None,
-               fail_over_budget: bool = True) -> Path:
+               fail_over_budget: bool = True, strict: bool = False) -> Path:
         """``vistrain export``: the folder written (``RUN/export`` unless ``output``), holding model_fold{k}.onnx,
         preprocess.json and export.json (the figures: sizes, verify, benchmark, int8 agreement, budgets).
 
@@ -361,7 +365,7 @@ class Run:
         out = Path(output).resolve() if output is not None else self.path / "export"
         run_export(self.path, fmt=format, folds=_folds_text(folds), output=out, do_verify=verify,
                    do_benchmark=benchmark, quantize=quantize, fp16=fp16, budget_ms=budget_ms, budget_mb=budget_mb,
-                   fail_over_budget=fail_over_budget)
+                   fail_over_budget=fail_over_budget, strict=strict)
         return out
 
     def audit(self, *, output: str | Path | None = None, overrides: Overrides = (), **options: Any) -> Audit:
@@ -503,13 +507,13 @@ def doctor(config: str | Path | Mapping[str, Any] | Config | None = None, *, ove
 
 def serve(target: Run | str | Path, *, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
           limits: Mapping[str, Any] | None = None, log_file: str | Path | None = None,
-          api_key_env: str | None = None) -> None:
+          api_key_env: str | None = None, strict: bool = False) -> None:
     """``vistrain serve``: HTTP inference for a run or an exported ONNX file until SIGTERM / Ctrl-C. ``limits``:
     ``serve.*`` values over the run's (max_files, max_mb, top_k, max_pixels, max_concurrency, timeout_s ...)."""
     from vistrain.serving.app import run_serve
 
     run_serve(Path(target), host=host, port=port, fold=fold, limits=dict(limits or {}),
-              log_file=Path(log_file) if log_file is not None else None, api_key_env=api_key_env)
+              log_file=Path(log_file) if log_file is not None else None, api_key_env=api_key_env, strict=strict)
 
 
 @dataclass

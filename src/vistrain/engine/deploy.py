@@ -38,6 +38,7 @@ import torch
 from vistrain.data.images import check_images
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.inference import LoadedRun
 from vistrain.errors import UserError, describe
 from vistrain.tracking.files import atomic_write_bytes
@@ -54,6 +55,8 @@ BUDGET_MEASURE = "p95_ms at all threads"  # what --budget-ms is compared with
 
 
 VERIFY_IMAGES = 32  # export --verify: images of the run compared between PyTorch and onnxruntime
+RANDOM_INPUTS = "random inputs (no image found)"  # how sample_inputs's description of random inputs ends
+INT8_AVOID = "export without --strict to accept it, or without --quantize int8"  # a refused int8 fallback's advice
 # Timings: medians of 5 timed runs after warm-up, repeated until one is within 10% of the one before (at most
 # about BENCH_BUDGET_S seconds per figure: a busy machine never settles)
 BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
@@ -62,7 +65,7 @@ BENCH_WINDOW, BENCH_TOLERANCE, BENCH_BUDGET_S = 5, 0.10, 5.0
 def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, paths: Sequence[str] | None = None
                   ) -> tuple[torch.Tensor, str]:
     """Up to ``n`` of the run's own images (``paths``, else splits.csv's) through ``pre`` as ``predict`` does:
-    float32 [n, 3, H, W]; random inputs when none is readable."""
+    float32 [n, 3, H, W]; random inputs when none is readable (the description then ends with ``RANDOM_INPUTS``)."""
     images = []
     for path in run.splits()["path"].tolist() if paths is None else paths:
         if len(images) == n:
@@ -74,7 +77,20 @@ def sample_inputs(run: LoadedRun, pre: Preprocessor, n: int = VERIFY_IMAGES, pat
     if images:
         return torch.stack(images), f"{len(images)} images of the run"
     h, w = pre.size
-    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} random inputs (no image found)"
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(0)), f"{n} {RANDOM_INPUTS}"
+
+
+def verify_fallback(run: LoadedRun, source: str, fold: int) -> dict[str, Any]:
+    """``export --verify`` on random inputs (``source``: ``sample_inputs``'s description) checks the graph on no real
+    image: a fallback, noted in ``run.fallbacks`` (strict: refused), and ``{"fallback": ...}`` for the verify entry;
+    ``{}`` on the run's images. (``--benchmark`` may time random inputs: a timing does not depend on the pixels.)"""
+    if not source.endswith(RANDOM_INPUTS):
+        return {}
+    entry = run.fallbacks.note(
+        "export --verify", "the run's images", "random inputs", f"none of the images in {run.path / 'splits.csv'} "
+        "could be read (moved or deleted since training?)", "put the run's images back where splits.csv lists them",
+        log, fold=fold)
+    return {"fallback": {k: entry[k] for k in ("from", "to", "reason")}}
 
 
 def onnx_session(path: Path, threads: int | None = None) -> Any:
@@ -184,12 +200,16 @@ def input_batches(run: LoadedRun, pre: Preprocessor, paths: list[str]) -> Iterat
         yield inputs.numpy()
 
 
-def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], source: str | None = None
-                  ) -> dict[str, Any]:
+def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], source: str | None = None,
+                  fallbacks: Fallbacks | None = None, fold: int | None = None) -> dict[str, Any]:
     """``src`` quantised to int8 into ``dst`` (written atomically, ``src``'s metadata kept, plus
     ``vistrain.quantization``); static with the ``calibration`` batches [N, 3, H, W] (``source``: which images they
-    are, recorded), else dynamic. Returns what was done."""
+    are, recorded), else dynamic. Returns what was done. Dynamic instead of static, or the graph quantised without
+    onnxruntime's pre-processing, is a fallback (``fallbacks``: noted, with ``fold``; strict: refused)."""
     from onnxruntime import quantization as q
+
+    fallbacks = fallbacks or Fallbacks()
+    where = {} if fold is None else {"fold": fold}
 
     class Reader(q.CalibrationDataReader):
         def __init__(self) -> None:
@@ -206,7 +226,10 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], sourc
         try:
             _pre_process(src, prepared)
         except Exception as err:  # noqa: BLE001 - an optimisation step: quantising the file as is still works
-            log.warning("[EXPORT] quant_pre_process failed (%s); quantising the exported graph as is", describe(err))
+            fallbacks.note("export --quantize int8", "quant_pre_process", "the exported graph as is",
+                           f"onnxruntime's quantisation pre-processing failed: {describe(err)}", INT8_AVOID, log,
+                           **where)
+            info["pre_process_failed"] = describe(err)
             prepared = src
         reader, keep = Reader(), _float_ends(prepared)
         try:
@@ -216,10 +239,11 @@ def quantize_int8(src: Path, dst: Path, calibration: Iterable[np.ndarray], sourc
             info.update(method="static", format="QDQ", per_channel=True, calibration_images=reader.count,
                         **({"calibration_source": source} if source else {}), kept_float=keep)
         except Exception as err:  # noqa: BLE001 - onnxruntime's own errors: an op it cannot calibrate, ...
-            log.warning("[EXPORT] static int8 quantisation failed (%s); quantising dynamically instead",
-                        describe(err))
+            entry = fallbacks.note("export --quantize int8", "static", "dynamic",
+                                   f"static quantisation failed: {describe(err)}", INT8_AVOID, log, **where)
             q.quantize_dynamic(str(prepared), str(out), weight_type=q.QuantType.QUInt8, nodes_to_exclude=keep)
-            info.update(method="dynamic", static_failed=describe(err), kept_float=keep)
+            info.update(method="dynamic", static_failed=describe(err), kept_float=keep,
+                        fallback={k: entry[k] for k in ("from", "to", "reason")})
         _save(out, dst, src, info)
     return info
 
@@ -364,7 +388,7 @@ def deploy_files(run: LoadedRun, fold: int, pre: Preprocessor, float_path: Path,
             raise UserError(f"--quantize: fold {fold} has no readable training image in {run.path / 'splits.csv'} "
                             "to calibrate on")
         dst = variant_path(float_path, quantize)
-        info = quantize_int8(float_path, dst, input_batches(run, pre, calib), calib_source)
+        info = quantize_int8(float_path, dst, input_batches(run, pre, calib), calib_source, run.fallbacks, fold)
         files.append({"kind": quantize, "path": str(dst), "quantization": info})
         log.info("[EXPORT] fold=%d int8 (%s%s) -> %s", fold, info["method"],
                  f", QDQ per channel, {info['calibration_images']} calibration images of {calib_source}"

@@ -60,7 +60,7 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     figures, outcomes = embedding_evaluation(feats, ev, counts=True)
     n_gallery = len(query) - 1 if leave_one_out else len(gal)  # leave-one-out: the split's other images
     metrics = {**figures, "split": split, "n_query": int(len(query)), "n_gallery": int(n_gallery),
-               "overrides": run.overrides}
+               "overrides": run.overrides, "fallbacks": run.fallbacks.entries}
     if e.bootstrap and outcomes:
         metrics["intervals"] = embedding_intervals(outcomes, e.recall_ks, e.bootstrap, run.cfg.project.seed)
         metrics["bootstrap"] = {"replicates": e.bootstrap, "seed": run.cfg.project.seed, "level": LEVEL,
@@ -70,7 +70,7 @@ def evaluate_embedding(run: LoadedRun, split: str) -> dict[str, Any]:
     intervals = metrics.get("intervals", {})
     print(f"{'metric':<14} value" + (" [95% interval]" if intervals else ""))
     for k, v in metrics.items():
-        if k not in ("overrides", "intervals", "bootstrap"):
+        if k not in ("overrides", "intervals", "bootstrap", "fallbacks"):
             print(f"{k:<14} {format_interval(v, intervals.get(k))}" if isinstance(v, float) else f"{k:<14} {v}")
     if run.overrides:
         print("overrides: " + " ".join(f"{k}={v}" for k, v in run.overrides.items()))

@@ -262,14 +262,15 @@ def _tta(run: LoadedRun, split: str, flag: bool) -> bool:
 
 
 def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, overrides: Sequence[str] = (),
-                 echo: bool = True, tta: bool = False) -> dict[str, Any]:
+                 echo: bool = True, tta: bool = False, strict: bool = False) -> dict[str, Any]:
     """``overrides``: ``key=value`` evaluation options (``data.test_csv``, ``eval.*`` ...) for this evaluation
     only; their effective values are recorded in metrics.json. ``echo``: print the console table. ``tta``
     (``--tta``; also when ``eval.tta`` is among the overrides): average the plain image and the ``eval.tta``
-    views, as ``predict --tta`` does; metrics.json records the views under ``tta``."""
+    views, as ``predict --tta`` does; metrics.json records the views under ``tta``. ``strict``: a fallback (a
+    checkpoint's preprocessing assumed; metrics.json's ``fallbacks``) is an error."""
     if split not in SPLITS:
         raise UserError(f"--split: unknown split '{split}'; valid: {', '.join(SPLITS)}")
-    run = load_run(run_dir, overrides, "evaluate")
+    run = load_run(run_dir, overrides, "evaluate", strict)
     tta = _tta(run, split, tta)
     if run.cfg.task == "embedding":
         from vistrain.engine.embedding_eval import evaluate_embedding
@@ -294,7 +295,7 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     if domains is not None:
         metrics.update(per_domain_metrics(logits, targets, domains))  # top1@<d> ...: the training row's keys
     metrics.update(split=split, folds=chosen if split != "oof" else run.folds, calibration=calibration,
-                   tta=list(run.cfg.eval.tta) if tta else [], overrides=run.overrides)
+                   tta=list(run.cfg.eval.tta) if tta else [], overrides=run.overrides, fallbacks=run.fallbacks.entries)
     if domains is not None:
         metrics["per_domain"] = {dom: _scalars(r) for dom, r in by_domain.items()}
     add_intervals(metrics, logits, targets, domains, run.cfg.eval.bootstrap, run.cfg.project.seed)

@@ -44,6 +44,7 @@ import vistrain
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.deploy import onnx_session, sample_inputs, time_ms
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
 from vistrain.errors import CheckFailed, UserError
 from vistrain.tracking.files import write_json
@@ -127,11 +128,11 @@ def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
     return out
 
 
-def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
+def read_onnx_metadata(path: Path, session: Any, fallbacks: Fallbacks | None = None) -> dict[str, Any]:
     """The vistrain metadata of an exported file, checked against its graph (``session``: onnxruntime's): a file
     edited by hand or written by another tool is a user error naming the file and the key, not a server whose every
     answer fails. Returns task, classes, display_names (None when the file has none), img_size (H, W), mean, std,
-    preprocessor (``Preprocessor``), temperature and model."""
+    preprocessor (``Preprocessor``), temperature and model. ``fallbacks``: a file without ``vistrain.preprocess``."""
     meta = session.get_modelmeta().custom_metadata_map
     missing = [k for k in METADATA_NEEDED if k not in meta]
     if missing:
@@ -177,20 +178,24 @@ def read_onnx_metadata(path: Path, session: Any) -> dict[str, Any]:
     names = value("vistrain.display_names", f"a list of {len(classes)} strings or nulls, one per class",
                   lambda v: v is None or (isinstance(v, list) and len(v) == len(classes)
                                           and all(n is None or isinstance(n, str) for n in v)), default="null")
-    pre = _preprocessor(meta, fail, size, mean, std)
+    pre = _preprocessor(meta, fail, size, mean, std, fallbacks or Fallbacks(), path)
     return {"task": task, "classes": classes, "display_names": names, "img_size": (size[0], size[1]),
             "mean": [float(x) for x in mean],
             "std": [float(x) for x in std], "preprocessor": pre, "temperature": float(temperature),
             "model": meta.get("vistrain.model", "?"), "serve": _serve_section(meta, fail)}
 
 
-def _preprocessor(meta: dict[str, str], fail: Callable[[str, str], UserError], size: list, mean: list, std: list
-                  ) -> Preprocessor:
+def _preprocessor(meta: dict[str, str], fail: Callable[[str, str], UserError], size: list, mean: list, std: list,
+                  fallbacks: Fallbacks, path: Path) -> Preprocessor:
     """``vistrain.preprocess``, which must agree with ``vistrain.img_size`` / ``mean`` / ``std``; a file exported
-    before it existed: that resize and normalisation, without crop or CLAHE."""
+    before it existed: that resize and normalisation, without crop or CLAHE (a fallback)."""
     key = "vistrain.preprocess"
     if key not in meta:
-        return Preprocessor(size=tuple(size), mean=tuple(mean), std=tuple(std))
+        pre = Preprocessor(size=tuple(size), mean=tuple(mean), std=tuple(std))
+        fallbacks.note("preprocessing", "the file's vistrain.preprocess", f"resize + normalisation only: "
+                       f"{pre.describe()}", f"{path} was exported before vistrain recorded preprocessing "
+                       "(no vistrain.preprocess)", "export the run again with this vistrain", log)
+        return pre
     try:
         spec = json.loads(meta[key])
     except json.JSONDecodeError:
@@ -330,11 +335,12 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
 
 def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, output: Path | None = None,
                do_verify: bool = False, do_benchmark: bool = False, quantize: str | None = None, fp16: bool = False,
-               budget_ms: float | None = None, budget_mb: float | None = None, fail_over_budget: bool = True
-               ) -> dict[str, Any]:
+               budget_ms: float | None = None, budget_mb: float | None = None, fail_over_budget: bool = True,
+               strict: bool = False) -> dict[str, Any]:
     """``quantize`` ("int8"), ``fp16``, ``budget_ms`` / ``budget_mb``: the variants and figures of ``deploy``; when a
     budget is given and no file meets it, ``CheckFailed`` (``fail_over_budget``; exit 1) once export.json is written;
-    so too when ``do_verify`` finds outputs that differ from PyTorch."""
+    so too when ``do_verify`` finds outputs that differ from PyTorch. ``strict``: a fallback (int8 static -> dynamic,
+    --verify on random inputs, a checkpoint's preprocessing assumed; export.json's ``fallbacks``) is an error."""
     from vistrain.engine import deploy
 
     if fmt not in FORMATS:
@@ -342,7 +348,7 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     if quantize is not None and quantize not in deploy.QUANTIZE:
         raise UserError(f"--quantize: '{quantize}' is not supported; valid: {', '.join(deploy.QUANTIZE)}")
     _require_export_packages()
-    run = load_run(run_dir)
+    run = load_run(run_dir, strict=strict)
     chosen = select_folds(run, folds)
     out_dir = Path(output) if output is not None else run.path / "export"
     device = torch.device("cpu")  # the exported graph is device-neutral; tracing on the CPU needs no GPU
@@ -363,7 +369,8 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
         if do_verify or do_benchmark:
             inputs, source = sample_inputs(run, pre)
         if do_verify:
-            entry["verify"] = {"source": source, **verify(module, path, inputs)}
+            fallback = deploy.verify_fallback(run, source, fold)
+            entry["verify"] = {"source": source, **verify(module, path, inputs), **fallback}
             v = entry["verify"]
             log.info("[EXPORT] fold=%d verify on %s: %s | %s", fold, source, "PASSED" if v["passed"] else "FAILED",
                      " ".join(f"{k} max|diff|={o['max_abs_diff']:.2e}" for k, o in v["outputs"].items()))
@@ -379,7 +386,7 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
                                                                       budget_ms, budget_mb)
         results.append(entry)
     summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
-               "models": results}
+               "models": results, "fallbacks": run.fallbacks.entries}
     write_json(out_dir / "export.json", summary)
     failed = [e["fold"] for e in results if e.get("verify", {}).get("passed") is False]
     if failed:

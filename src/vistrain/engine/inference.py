@@ -25,6 +25,7 @@ from vistrain.data.images import check_images, set_max_pixels
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import load_checkpoint
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.errors import UserError
 from vistrain.models.build import build_model
 from vistrain.tracking.logs import show_progress
@@ -42,6 +43,8 @@ class LoadedRun:
     overrides: dict[str, Any] = field(default_factory=dict)  # key=value options of this command, as applied
     metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # class_map.json's per-class metadata
     calibration: dict[str, Any] = field(default_factory=dict)  # calibration.json as written ({} when absent)
+    # what this command did instead of what was asked (a checkpoint's preprocessing assumed, ...); strict: refused
+    fallbacks: Fallbacks = field(default_factory=Fallbacks)
 
     def ckpt(self, fold: int) -> Path:
         return self.path / "ckpt" / f"best_fold{fold}.pth"
@@ -68,9 +71,11 @@ class LoadedRun:
         ensemble = self.calibration.get("ensemble")
         return ensemble.get("temperature") if isinstance(ensemble, dict) else None
 
-def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict") -> LoadedRun:
+def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evaluate / predict", strict: bool = False
+             ) -> LoadedRun:
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
-    consumer sees one effective config; relative paths in them resolve against the working directory."""
+    consumer sees one effective config; relative paths in them resolve against the working directory. ``strict``:
+    a fallback while using the run (``LoadedRun.fallbacks``) is an error."""
     run_dir = Path(run_dir).resolve()
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
@@ -87,7 +92,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     _apply_threads(cfg)
     metadata = class_map.get("metadata")
     return LoadedRun(run_dir, cfg, classes, folds, calibration.get("temperature"), _effective(cfg, keys),
-                     metadata if isinstance(metadata, dict) else {}, calibration)
+                     metadata if isinstance(metadata, dict) else {}, calibration, Fallbacks(strict))
 
 
 def _effective(cfg: Config, keys: list[str]) -> dict[str, Any]:
@@ -132,19 +137,27 @@ def load_fold_model(run: LoadedRun, fold: int, device: torch.device) -> tuple[nn
     ckpt = load_checkpoint(run.ckpt(fold), device)
     model = build_model(run.cfg.task, run.cfg.model, len(run.classes), pretrained=False)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), checkpoint_preprocessor(ckpt, run.ckpt(fold))
+    return model.to(device).eval(), checkpoint_preprocessor(ckpt, run.ckpt(fold), run.fallbacks, fold)
 
 
-def checkpoint_preprocessor(ckpt: dict[str, Any], path: Path) -> Preprocessor:
+def checkpoint_preprocessor(ckpt: dict[str, Any], path: Path, fallbacks: Fallbacks | None = None,
+                            fold: int | None = None) -> Preprocessor:
     """The checkpoint's ``preprocess`` (``Preprocessor.to_dict``); a checkpoint written before it existed records
-    only ``data_config`` (size, mean, std): that resize and normalisation, without crop or CLAHE."""
+    only ``data_config`` (size, mean, std): that resize and normalisation, without crop or CLAHE, a fallback
+    (``fallbacks``: noted with the preprocessing assumed, or refused when strict)."""
     try:
         if "preprocess" in ckpt:
             return Preprocessor.from_dict(ckpt["preprocess"])
         d = ckpt["data_config"]
-        return Preprocessor(size=tuple(d["img_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+        pre = Preprocessor(size=tuple(d["img_size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
     except (KeyError, TypeError, ValueError) as err:
         raise UserError(f"RUN: {path}: no usable preprocessing in the checkpoint ({err})") from err
+    (fallbacks or Fallbacks()).note(
+        "preprocessing", "the checkpoint's recorded preprocessing", f"resize + normalisation only: {pre.describe()}",
+        f"{path} was written before vistrain recorded preprocessing (data_config only: any crop or CLAHE of its "
+        "training is unknown)", "train the run again with this vistrain to record its preprocessing", log,
+        **({} if fold is None else {"fold": fold}))
+    return pre
 
 
 def require_readable(paths: Sequence[str], key: str = "--input") -> None:

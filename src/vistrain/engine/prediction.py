@@ -129,9 +129,10 @@ def predict_probs(run: LoadedRun, paths: list[str], folds: list[int], tta: bool)
 
 def run_predict(run_dir: Path, input_path: Path, output: Path | None = None, image_dir: Path | None = None,
                 sample: Path | None = None, tta: bool = False, folds: str | None = None, probs: bool = False,
-                overrides: Sequence[str] = ()) -> pd.DataFrame:
-    """``overrides``: ``key=value`` evaluation options (``eval.tta``, ``data.image_dir_test`` ...) for this call."""
-    run = load_run(run_dir, overrides, "predict")
+                overrides: Sequence[str] = (), strict: bool = False) -> pd.DataFrame:
+    """``overrides``: ``key=value`` evaluation options (``eval.tta``, ``data.image_dir_test`` ...) for this call.
+    ``strict``: a fallback (a checkpoint's preprocessing assumed) is an error."""
+    run = load_run(run_dir, overrides, "predict", strict)
     if run.overrides:
         log.info("[PREDICT] overrides: %s", " ".join(f"{k}={v}" for k, v in run.overrides.items()))
     chosen = select_folds(run, folds)

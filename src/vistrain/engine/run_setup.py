@@ -25,6 +25,7 @@ from vistrain.data.sources import single_domain_classes
 from vistrain.data.splits import splits_table
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import DistInfo
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.errors import UserError, did_you_mean
 from vistrain.models.build import is_convolutional
 from vistrain.tracking import rundir
@@ -83,13 +84,18 @@ def check_domain_monitor(cfg: Config, data: Prepared, folds: list[int]) -> None:
                             f"({int(np.sum(domains == domain))} image(s) in all); {fix} or monitor another domain")
 
 
-def setup_machine(cfg: Config, data: Prepared, info: DistInfo) -> Machine:
+def setup_machine(cfg: Config, data: Prepared, info: DistInfo, fallbacks: Fallbacks | None = None) -> Machine:
     """Device, CPU threads, precision and backends, on every rank before anything computes (``resolve_auto``
-    records the same thread count in config.yaml)."""
+    records the same thread count in config.yaml). bf16 / fp16 asked for on a CPU trains in fp32: a fallback."""
     device = dev.pick_device(cfg.train.device, info.local_rank)
     dev.apply_num_threads(cfg.train.num_threads, dev.auto_workers(cfg.train.num_workers, device,
                                                                   data.cache is not None))
     precision = dev.pick_precision(cfg.train.amp, device)
+    if cfg.train.amp not in ("auto", precision.name):
+        (fallbacks or Fallbacks()).note(
+            "train.amp", cfg.train.amp, precision.name, f"this run trains on the {device.type}, where vistrain uses "
+            f"{precision.name} (autocast there is slower for most networks)",
+            f"set train.amp: auto (or {precision.name}) for {device.type} training", log)
     dev.configure_backends(device)
     return Machine(device, precision)
 

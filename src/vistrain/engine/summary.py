@@ -17,6 +17,7 @@ import vistrain
 from vistrain.config.schema import Config
 from vistrain.data.prepare import Prepared
 from vistrain.engine.distributed import DistInfo
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks.base import FoldRun
 from vistrain.engine.run_setup import Machine
 from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
@@ -38,8 +39,9 @@ def fold_result(fold: FoldRun, elapsed: float) -> dict[str, Any]:
 
 
 def summarise(cfg: Config, run: RunDir, data: Prepared, results: list[dict[str, Any]], folds: list[int],
-              machine: Machine, started: float, info: DistInfo) -> dict[str, Any]:
-    """summary.json's content; rank 0 also writes the OOF files of a classifier trained on every fold."""
+              machine: Machine, started: float, info: DistInfo, fallbacks: Fallbacks | None = None) -> dict[str, Any]:
+    """summary.json's content (``fallbacks``: what this run did instead of what was asked, ``engine/fallbacks.py``);
+    rank 0 also writes the OOF files of a classifier trained on every fold."""
     # Over the folds that report a metric: a domain absent from one fold's validation part has no value there.
     names = list(dict.fromkeys(n for r in results for n in r["best"]))
     values = {n: np.array([r["best"][n] for r in results if r["best"].get(n) is not None], dtype=np.float64)
@@ -62,6 +64,7 @@ def summarise(cfg: Config, run: RunDir, data: Prepared, results: list[dict[str, 
                               "timm": timm.__version__, "vistrain": vistrain.__version__,
                               "device": machine.name(), "precision": machine.precision.name,
                               "processes": info.world, "platform": platform.platform()}
+    summary["fallbacks"] = list(fallbacks.entries) if fallbacks else []
     return summary
 
 

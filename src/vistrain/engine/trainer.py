@@ -30,6 +30,7 @@ from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import distributed, preemption
 from vistrain.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
 from vistrain.engine.device import peak_memory_mib
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks import FoldRun, Hook, default_hooks, monitor_mode
 from vistrain.engine.hooks.metrics import RESUME_HINT
 from vistrain.engine.loop import LoopOptions, TrainState, evaluate, train_one_epoch
@@ -38,7 +39,7 @@ from vistrain.engine.run_setup import Machine
 from vistrain.engine.setup import SETUPS, FoldSetup
 from vistrain.engine.summary import fold_result
 from vistrain.errors import Preempted
-from vistrain.models.build import compile_model, count_parameters
+from vistrain.models.build import compile_fallbacks, compile_model, count_parameters
 from vistrain.tracking.logs import show_progress
 from vistrain.tracking.rundir import RunDir
 from vistrain.tracking.writers import Trackers
@@ -53,14 +54,15 @@ class Trainer:
     default hooks, built afresh per fold, they are shared by the folds."""
 
     def __init__(self, cfg: Config, data: Prepared, run: RunDir, machine: Machine, info: distributed.DistInfo,
-                 trackers: Trackers, extra_hooks: Sequence[Hook] = ()):
+                 trackers: Trackers, extra_hooks: Sequence[Hook] = (), fallbacks: Fallbacks | None = None):
         self.cfg, self.data, self.run, self.machine, self.info = cfg, data, run, machine, info
         self.trackers, self.extra_hooks = trackers, list(extra_hooks)
+        self.fallbacks = fallbacks or Fallbacks()  # torch.compile -> eager (summary.json's fallbacks)
 
     def fit(self, folds: list[int]) -> list[dict[str, Any]]:
         """Each fold's summary entry (``engine.summary.fold_result``). A preemption signal meanwhile stops the
         training at the next step in good order (``Preempted``)."""
-        with preemption.deferred():
+        with preemption.deferred(), compile_fallbacks(self.cfg.train.compile, self.fallbacks):
             return [self.train_fold(k) for k in folds]
 
     def train_fold(self, k: int) -> dict[str, Any]:
@@ -68,7 +70,8 @@ class Trainer:
         fold = self._build(k)
         self._restore(fold)
         fold.call("before_train")
-        compile_model(distributed.unwrap(fold.state.model), t.compile)  # after before_train: the EMA copies first
+        # after before_train: the EMA copies first
+        compile_model(distributed.unwrap(fold.state.model), t.compile, self.fallbacks)
         if fold.restored is not None:
             if fold.restored.get("finished"):
                 log.info("[RESUME] fold=%d already finished (%d epochs); skipped", k, fold.state.epoch)

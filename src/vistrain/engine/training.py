@@ -21,6 +21,7 @@ from vistrain.data.manifest import build_manifest
 from vistrain.data.prepare import Prepared, prepare_data
 from vistrain.data.sources import require_dir
 from vistrain.engine import distributed, preemption
+from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks import Hook
 from vistrain.engine.hooks.metrics import open_trackers
 from vistrain.engine.run_setup import (
@@ -53,12 +54,13 @@ class RunResult:
 
 def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, folds: list[int] | None = None,
               config_path: Path | None = None, use_calibration: bool = False, full_pipeline: bool = False,
-              hooks: Sequence[Hook] = ()) -> RunResult:
+              hooks: Sequence[Hook] = (), strict: bool = False) -> RunResult:
     """One training run; returns its directory and summary. ``folds`` overrides ``data.valid_fold``.
 
     ``use_calibration`` fits a temperature afterwards; ``full_pipeline`` then predicts ``data.image_dir_test``
     into ``RUN/submission.csv`` (in ``data.sample_csv`` order when given). ``hooks`` run in every fold after the
-    default ones (``tune`` reports each metrics row and prunes there: ``engine.hooks.Reporter``).
+    default ones (``tune`` reports each metrics row and prunes there: ``engine.hooks.Reporter``). ``strict``: a
+    fallback (torch.compile -> eager, bf16 on a CPU; summary.json's ``fallbacks``) is an error instead.
     """
     check_final_steps(cfg, use_calibration, full_pipeline)
     folds = training_folds(cfg, folds)
@@ -66,6 +68,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
     info = distributed.init_distributed()
+    fallbacks = Fallbacks(strict)
     run: rundir.RunDir | None = None
     # SIGTERM / SIGUSR1 (preemption): training stops after its current step with a checkpoint, the run "interrupted"
     try:
@@ -78,8 +81,9 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
             if not info.is_main:  # rank 0 writes everything; the others train their share and stay quiet
                 run.locked = False  # the lock is rank 0's
                 with run_logging([], console=False):
-                    return RunResult(run.path, _train_run(cfg, run, data, folds, config_path, hooks, info))
-            return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, hooks, info)
+                    return RunResult(run.path, _train_run(cfg, run, data, folds, config_path, hooks, info, fallbacks))
+            return _main_rank(cfg, run, data, folds, config_path, use_calibration, full_pipeline, hooks, info,
+                              fallbacks)
     finally:
         if run is not None:
             rundir.release_lock(run)
@@ -95,8 +99,8 @@ def check_final_steps(cfg: Config, use_calibration: bool, full_pipeline: bool) -
 
 
 def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
-               use_calibration: bool, full_pipeline: bool, hooks: Sequence[Hook], info: distributed.DistInfo
-               ) -> RunResult:
+               use_calibration: bool, full_pipeline: bool, hooks: Sequence[Hook], info: distributed.DistInfo,
+               fallbacks: Fallbacks) -> RunResult:
     log_files = [run / "train.log"]
     if cfg.output.logs_dir is not None:
         log_files.append(cfg.output.logs_dir / f"run_{time.strftime('%Y%m%d-%H%M')}_{run.run_id}.log")
@@ -104,7 +108,7 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
         for note in run.notes:
             log.info(note)
         try:
-            summary = _train_run(cfg, run, data, folds, config_path, hooks, info)
+            summary = _train_run(cfg, run, data, folds, config_path, hooks, info, fallbacks)
             if use_calibration:
                 from vistrain.engine.calibration import run_calibrate
 
@@ -136,12 +140,12 @@ def _main_rank(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
 
 
 def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int], config_path: Path | None,
-               hooks: Sequence[Hook], info: distributed.DistInfo) -> dict[str, Any]:
+               hooks: Sequence[Hook], info: distributed.DistInfo, fallbacks: Fallbacks) -> dict[str, Any]:
     started = time.time()
     mode = mode_info(cfg)
     if run.resumed:  # config.yaml, then every earlier resume's changes, then this command's key=value overrides
         cfg = distributed.from_main(info, lambda: rundir.effective_config(cfg, run))
-    machine = setup_machine(cfg, data, info)
+    machine = setup_machine(cfg, data, info, fallbacks)
     log_boot(machine, info, run, mode)
     cfg = distributed.from_main(info, lambda: resolve_auto(cfg, machine, len(data.classes), data.cache is not None,
                                                            info.world))
@@ -151,8 +155,8 @@ def _train_run(cfg: Config, run: rundir.RunDir, data: Prepared, folds: list[int]
         write_json(run / "manifest.json", build_manifest(cfg, data))
         log_data(cfg, data, folds, run)
     with open_trackers(cfg, run, info) as trackers:
-        results = Trainer(cfg, data, run, machine, info, trackers, hooks).fit(folds)
-        summary = summarise(cfg, run, data, results, folds, machine, started, info)
+        results = Trainer(cfg, data, run, machine, info, trackers, hooks, fallbacks).fit(folds)
+        summary = summarise(cfg, run, data, results, folds, machine, started, info, fallbacks)
         if info.is_main:
             write_summary(run, summary, trackers)
     log.info("[DONE] run=%s | %s", run.path, summary_line(summary))

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from vistrain.errors import UserError
+from vistrain.engine.fallbacks import Fallbacks
+from vistrain.errors import UserError, describe
 from vistrain.models.backbone import GeM, create_backbone_model
 
 log = logging.getLogger(__name__)
@@ -23,10 +26,18 @@ def is_convolutional(name: str) -> bool:
     return sum(isinstance(m, nn.Conv2d) for m in model.modules()) > 2
 
 
-def compile_model(model: nn.Module, setting: bool | str) -> None:
+COMPILE_AVOID = ("set train.compile: false, or give this machine what torch.compile needs (a C++ compiler; Triton on "
+                 "a GPU)")
+# Where torch logs a frame it runs eagerly after all: a compile error it suppressed (with the exception) or its
+# recompile limit reached.
+DYNAMO_LOGGER = "torch._dynamo.convert_frame"
+
+
+def compile_model(model: nn.Module, setting: bool | str, fallbacks: Fallbacks | None = None) -> None:
     """``train.compile``: ``torch.compile`` the module in place (``nn.Module.compile``: its state_dict keys and the
-    checkpoints stay as without it). Where compiling is not possible here the model trains as it is and the log
-    says why; a graph that fails to compile later, at the first steps, runs eagerly (torch warns)."""
+    checkpoints stay as without it). Where compiling is not possible here the model trains as it is, a fallback
+    (``fallbacks``: noted, or refused when strict); a graph that fails to compile later, at the first steps, runs
+    eagerly, which ``compile_fallbacks`` notes."""
     if setting is False:
         return
     mode = "max-autotune" if setting == "max-autotune" else None
@@ -36,11 +47,47 @@ def compile_model(model: nn.Module, setting: bool | str) -> None:
         torch._dynamo.config.suppress_errors = True  # a graph that cannot compile runs eagerly, not crash the run
         model.compile(mode=mode)
     except Exception as err:  # noqa: BLE001 - any failure here means: train without compile
-        log.warning("[MODEL] train.compile=%s: torch.compile is not available here (%s: %s); training without it",
-                    setting, type(err).__name__, err)
+        (fallbacks or Fallbacks()).note("train.compile", "torch.compile", "eager", describe(err), COMPILE_AVOID, log)
         return
     log.info("[MODEL] train.compile=%s: torch.compile(mode=%s); the first steps compile the model", setting,
              mode or "default")
+
+
+@contextlib.contextmanager
+def compile_fallbacks(setting: bool | str, fallbacks: Fallbacks) -> Iterator[None]:
+    """While training with ``train.compile``: a graph torch runs eagerly after all (its compile error suppressed at
+    the first step, or the recompile limit reached) is a fallback in ``fallbacks``; strict, the step raises
+    ``FallbackRefused`` there. torch.compile is lazy, so this, not ``compile_model``, is where a compiler missing on
+    the machine shows."""
+    if setting is False:
+        yield
+        return
+    handler = _EagerFrames(fallbacks)
+    logger = logging.getLogger(DYNAMO_LOGGER)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+class _EagerFrames(logging.Handler):
+    """torch's warning that a frame runs eagerly, as a fallback (raising from here stops the step: strict)."""
+
+    def __init__(self, fallbacks: Fallbacks):
+        super().__init__(logging.WARNING)
+        self.fallbacks = fallbacks
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err = record.exc_info[1] if record.exc_info else None
+        if err is not None:
+            cause = getattr(err, "inner_exception", None) or err  # BackendCompilerFailed wraps the compiler's error
+            reason = f"a graph failed to compile at its first step: {describe(cause)}"
+        elif record.getMessage().startswith("torch._dynamo hit config."):
+            reason = record.getMessage().splitlines()[0]
+        else:
+            return
+        self.fallbacks.note("train.compile", "torch.compile", "eager", reason, COMPILE_AVOID, log)
 
 
 class PooledClassifier(nn.Module):

@@ -81,3 +81,10 @@ def print_study(study: Any) -> None:
     print(f"[DONE] best trial {study.best_trial}: {study.monitor}={study.best_value:.4f} | {params}")
     if study.run is not None:
         print(f"[DONE] run directory: {study.run.path}")
+
+
+def strict(p: argparse.ArgumentParser, fallbacks: str) -> None:
+    """``--strict``: the command's fallbacks (``engine/fallbacks.py``) are errors instead of recorded."""
+    p.add_argument("--strict", action="store_true",
+                   help=f"fail (exit 1) rather than fall back ({fallbacks}); without it a fallback is logged as "
+                        "[FALLBACK] and listed under fallbacks in the command's JSON")

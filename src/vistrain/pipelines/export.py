@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from vistrain.pipelines._args import console, positive_float
+from vistrain.pipelines._args import console, positive_float, strict
 
 NAME = "export"
 HELP = "each fold's best model as ONNX with its preprocessing in the metadata"
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="batch-1 p95 CPU latency (every usable core) each file must meet: a PASS/FAIL line per "
                         "file, exit 1 when none passes")
     p.add_argument("--budget-mb", type=positive_float, metavar="MB", help="file size each file must meet (as above)")
+    strict(p, "int8 static -> dynamic, --verify on random inputs, a checkpoint's preprocessing assumed; export.json")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -37,7 +38,8 @@ def run_export(args: argparse.Namespace) -> int:
     console()
     folder = vistrain.Run(args.run).export(args.format, folds=args.folds, output=args.output, verify=args.verify,
                                            benchmark=args.benchmark, quantize=args.quantize, fp16=args.fp16,
-                                           budget_ms=args.budget_ms, budget_mb=args.budget_mb)
+                                           budget_ms=args.budget_ms, budget_mb=args.budget_mb,
+                                           strict=args.strict)
     for entry in json.loads((folder / "export.json").read_text())["models"]:
         print_model(entry)
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vistrain.pipelines._args import console, eval_overrides
+from vistrain.pipelines._args import console, eval_overrides, strict
 
 NAME = "predict"
 HELP = "fold-ensemble predictions for a folder or CSV of images -> ID,target CSV"
@@ -19,6 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true", help="average the eval.tta views (default: horizontal flip)")
     p.add_argument("--folds", default="all", metavar="all|0,2")
     p.add_argument("--probs", action="store_true", help="add a prob_<class> column per class")
+    strict(p, "a checkpoint without its preprocessing read with resize + normalisation only")
     eval_overrides(p)
 
 
@@ -27,5 +28,6 @@ def run_predict(args: argparse.Namespace) -> int:
 
     console()
     vistrain.Run(args.run).predict_csv(args.input, output=args.output, image_dir=args.image_dir, sample=args.sample,
-                                       tta=args.tta, folds=args.folds, probs=args.probs, overrides=args.overrides)
+                                       tta=args.tta, folds=args.folds, probs=args.probs, overrides=args.overrides,
+                                       strict=args.strict)
     return 0

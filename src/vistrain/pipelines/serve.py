@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from vistrain.pipelines._args import console, number, positive_float, positive_int
+from vistrain.pipelines._args import console, number, positive_float, positive_int, strict
 
 NAME = "serve"
 HELP = "HTTP inference for a run's model or an exported ONNX file (FastAPI)"
@@ -52,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "/health, the key read from environment variable NAME")
     p.add_argument("--log-file", metavar="F", help="log file (appended; default: RUN/serve.log, or serve.log beside "
                                                    "the ONNX file): start-up, refused uploads, errors with traceback")
+    strict(p, "a model without its preprocessing served with resize + normalisation only; GET /metadata")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -63,5 +64,5 @@ def run_serve(args: argparse.Namespace) -> int:
               "max_request_mb": args.max_request_mb, "max_concurrency": args.max_concurrency,
               "timeout_s": args.timeout}
     api.serve(args.target, host=args.host, port=args.port, fold=args.fold, limits=limits, log_file=args.log_file,
-              api_key_env=args.api_key_env)
+              api_key_env=args.api_key_env, strict=args.strict)
     return 0

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from vistrain.errors import UserError
-from vistrain.pipelines._args import config_args, folds, positive_int, print_study, worker_rank
+from vistrain.pipelines._args import config_args, folds, positive_int, print_study, strict, worker_rank
 
 NAME = "train"
 HELP = "train a model (all folds or one), writing a run directory"
@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --optimize: then train the config with the best values, recording them in "
                         "tuned_from.json; alone: continue the newest study of this config whose trials or whose "
                         "training of the best values are not done (e.g. after --optimize alone), then do that")
+    strict(p, "torch.compile -> eager, train.amp bf16 / fp16 -> fp32 on a CPU; summary.json")
 
 
 def _split_resume(args: argparse.Namespace) -> None:
@@ -53,7 +54,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise UserError("--n-trials: only with --optimize")
     run = vistrain.train(args.config, overrides=args.overrides, mode=args.mode, folds=args.fold, resume=args.resume,
                          fresh=args.fresh, calibrate=args.use_calibration, progress=None,
-                         full_pipeline=full_pipeline)
+                         full_pipeline=full_pipeline, strict=args.strict)
     if not worker_rank():
         print(f"[DONE] run directory: {run.path}")
     return 0
@@ -69,6 +70,8 @@ def _optimize(args: argparse.Namespace, full_pipeline: bool) -> int:
     if args.resume:
         raise UserError(f"{flag}: cannot be combined with --resume (a study is joined with vistrain tune --storage, "
                         "an unfinished one continued with --auto-continue alone)")
+    if args.strict:  # not passed to a study's trials yet: refused rather than ignored
+        raise UserError(f"--strict: not with {flag}; train the best values with --strict afterwards")
     if args.config is None:
         raise UserError("--config: required (or --resume RUN_DIR to continue a run)")
     cfg = vistrain.load_config(args.config, args.overrides, args.mode)

@@ -188,11 +188,11 @@ def _terminated(signum: int, frame: Any) -> None:
 
 
 def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int | None = None,
-              limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None
-              ) -> None:
+              limits: dict[str, Any] | None = None, log_file: Path | None = None, api_key_env: str | None = None,
+              strict: bool = False) -> None:
     """Serve until Ctrl-C or SIGTERM (both an orderly stop: the requests in flight are answered first); the log file
     (``log_file``, else ``default_log_file``) ends with the outcome. ``limits``: the ``Limits`` fields given on the
-    command line (None: the model's ``serve:`` section)."""
+    command line (None: the model's ``serve:`` section). ``strict``: see ``load_predictor``."""
     api_key = api_key_from(api_key_env)
     log_file = log_file or default_log_file(target)
     if log_file is not None:
@@ -210,7 +210,7 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
     with run_logging([log_file] if log_file else []):
         log.info("[SERVE] log: %s | target: %s", log_file, target)
         try:
-            _serve(target, host, port, fold, limits, api_key)
+            _serve(target, host, port, fold, limits, api_key, strict)
         except _Terminated:
             log.info("[SERVE] SIGTERM during start-up: stopped before serving")
         except BaseException as err:
@@ -223,12 +223,12 @@ def run_serve(target: Path, host: str = "127.0.0.1", port: int = 8000, fold: int
 
 
 def _serve(target: Path, host: str, port: int, fold: int | None, flags: dict[str, Any] | None,
-           api_key: str | None = None) -> None:
+           api_key: str | None = None, strict: bool = False) -> None:
     try:
         import uvicorn
     except ImportError as err:
         raise UserError(SERVE_MISSING) from err
-    predictor = load_predictor(target, fold)
+    predictor = load_predictor(target, fold, strict)
     limits = Limits.resolve(predictor.serve, flags)
     given = sorted(k for k, v in (flags or {}).items() if v is not None)
     log.info("[SERVE] limits: %s (the %s's serve: section%s)", limits.describe(),

@@ -40,6 +40,7 @@ class Predictor:
     serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # engine/fallbacks.py: a preprocessing assumed
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB upload -> float32 [3, H, W]."""
@@ -54,17 +55,17 @@ class Predictor:
         return {"task": self.task, "model": self.model_name, "backend": self.backend, "source": self.source,
                 "classes": self.classes, "display_names": self.display_names, "preprocess": p.to_dict(),
                 "img_size": list(p.size), "mean": list(p.mean), "std": list(p.std), "temperature": self.temperature,
-                "input": "multipart/form-data, field 'files': one or more images"}
+                "input": "multipart/form-data, field 'files': one or more images", "fallbacks": self.fallbacks}
 
 
-def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
+def torch_predictor(run_dir: Path, fold: int | None = None, strict: bool = False) -> Predictor:
     """A run's best checkpoints with PyTorch on the run's device: every trained fold, averaged as ``predict``
     averages them (probabilities; logits too), or the one ``fold``."""
     from vistrain.engine import device as dev
     from vistrain.engine.export import Deployable
     from vistrain.engine.inference import load_fold_model, load_run, select_folds
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, strict=strict)
     chosen = select_folds(run, [fold] if fold is not None else None, key="--fold")
     device = dev.pick_device(run.cfg.train.device)
     # Several folds averaged: the ensemble's temperature (T = 1 unless one was fitted on the ensemble's outputs),
@@ -87,13 +88,14 @@ def torch_predictor(run_dir: Path, fold: int | None = None) -> Predictor:
     which = f"fold {chosen[0]}" if len(chosen) == 1 else f"folds {','.join(map(str, chosen))} averaged"
     return Predictor(run.cfg.task, [str(c) for c in run.classes], pre, float(temperature), "torch",
                      f"{run.path.name} {which}", run.cfg.model.name, infer, serve=run.cfg.serve.model_dump(),
-                     display_names=run.display_names())
+                     display_names=run.display_names(), fallbacks=run.fallbacks.entries)
 
 
-def onnx_predictor(path: Path) -> Predictor:
+def onnx_predictor(path: Path, strict: bool = False) -> Predictor:
     """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU; its metadata checked first."""
     from vistrain.engine import device as dev
     from vistrain.engine.export import onnx_session, read_onnx_metadata
+    from vistrain.engine.fallbacks import Fallbacks
 
     try:
         import onnxruntime  # noqa: F401
@@ -103,23 +105,26 @@ def onnx_predictor(path: Path) -> Predictor:
         session = onnx_session(path, dev.apply_num_threads("auto", workers=0))  # no DataLoader: requests decode
     except Exception as err:  # noqa: BLE001 - onnxruntime's own error types: not an ONNX file, corrupt, ...
         raise UserError(f"MODEL: {path} is not a readable ONNX file ({str(err).splitlines()[0][:200]})") from err
-    meta = read_onnx_metadata(path, session)
+    fallbacks = Fallbacks(strict)
+    meta = read_onnx_metadata(path, session, fallbacks)
     names = [o.name for o in session.get_outputs()]
 
     def infer(batch: np.ndarray) -> dict[str, np.ndarray]:
         return dict(zip(names, session.run(None, {"image": batch})))
 
     return Predictor(meta["task"], meta["classes"], meta["preprocessor"], meta["temperature"], "onnxruntime",
-                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"])
+                     path.name, meta["model"], infer, serve=meta["serve"], display_names=meta["display_names"],
+                     fallbacks=fallbacks.entries)
 
 
-def load_predictor(target: Path, fold: int | None = None) -> Predictor:
+def load_predictor(target: Path, fold: int | None = None, strict: bool = False) -> Predictor:
+    """``strict``: a fallback (a preprocessing assumed for a model that does not record its own) is an error."""
     if target.is_file() and target.suffix.lower() == ".onnx":
         if fold is not None:
             raise UserError("--fold: only for a run directory; an ONNX file holds one model")
-        return onnx_predictor(target)
+        return onnx_predictor(target, strict)
     if target.is_dir():
-        return torch_predictor(target, fold)
+        return torch_predictor(target, fold, strict)
     raise UserError(f"RUN|MODEL: {target} is neither a run directory nor an .onnx file")
 
 
