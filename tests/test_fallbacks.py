@@ -20,9 +20,9 @@ from torch import nn
 
 from vistrain import cli
 from vistrain.config import load_config
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.training import run_train
 from vistrain.errors import FallbackRefused
+from vistrain.fallbacks import Fallbacks
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")

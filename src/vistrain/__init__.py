@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from vistrain._version import __version__
 
 _API = {
     "load_config": "vistrain.api", "train": "vistrain.api", "tune": "vistrain.api", "Run": "vistrain.api",

@@ -553,6 +553,11 @@ def demo(scenario: str = "digits", *, out: str | Path | None = None, config: str
 def init(task: str = "classification", output: str | Path = "vistrain.yaml", *, force: bool = False) -> Path:
     """``vistrain init``: a commented starter config of ``task`` (classification, embedding, reid, pills) written to
     ``output`` (an existing file only with ``force``); returns its path."""
-    from vistrain.config.starter import write_starter
+    from vistrain.config.starter import check_output, starter_text
+    from vistrain.tracking.files import atomic_write_text
 
-    return write_starter(task, Path(output), force=force)
+    path = Path(output)
+    text = starter_text(task, path)
+    check_output(path, force)
+    atomic_write_text(path, text)
+    return path

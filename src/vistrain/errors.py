@@ -30,7 +30,7 @@ class CheckFailed(Exception):
 class FallbackRefused(CheckFailed):
     """``--strict`` (``strict=True``) and the command could only go on by doing something other than what was asked
     (int8 static -> dynamic, torch.compile -> eager, ``--verify`` on random inputs, a checkpoint's preprocessing
-    assumed: ``engine/fallbacks.py``). A check the user asked for that did not pass, as ``--verify`` and
+    assumed: ``fallbacks.py``). A check the user asked for that did not pass, as ``--verify`` and
     ``--budget-ms`` are, so exit 1: the input is valid (the same command without ``--strict`` succeeds and records
     the fallback), and the one line names the fallback and how to avoid it."""
 

@@ -23,15 +23,9 @@ def starter_text(task: str, output: Path) -> str:
     return text.replace(RUN_LINE, f"# vistrain train --config {shlex.quote(str(output))}\n", 1)
 
 
-def write_starter(task: str, output: Path, force: bool = False) -> Path:
-    """Write the starter of ``task`` to ``output``; an existing file is kept unless ``force``."""
-    # numpy / pandas come with the writer: imported here, not when the CLI reads STARTER_TASKS for its --help
-    from vistrain.tracking.files import atomic_write_text
-
-    text = starter_text(task, output)
+def check_output(output: Path, force: bool = False) -> None:
+    """Where a starter may be written: a file (not a folder), an existing one only with ``force``."""
     if output.is_dir():
         raise UserError(f"--output: {output} is a folder; name the file to write, e.g. {output / 'vistrain.yaml'}")
     if output.exists() and not force:
         raise UserError(f"--output: {output} exists; pass --force to overwrite it, or name another file")
-    atomic_write_text(output, text)
-    return output

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-import vistrain
+from vistrain._version import __version__
 from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
 from vistrain.data.sources import single_domain_classes
@@ -65,7 +65,7 @@ def build_manifest(cfg: Config, data: Any) -> dict[str, Any]:
         "version": VERSION,
         "dataset_name": cfg.project.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "vistrain_version": vistrain.__version__,
+        "vistrain_version": __version__,
         "dataset_hash": dataset_hash(items),
         "task": cfg.task,
         "num_classes": len(classes),

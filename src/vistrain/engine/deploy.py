@@ -38,9 +38,9 @@ import torch
 from vistrain.data.images import check_images
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.inference import LoadedRun
 from vistrain.errors import UserError, describe
+from vistrain.fallbacks import Fallbacks
 from vistrain.tracking.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)

@@ -40,13 +40,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import vistrain
+from vistrain._version import __version__
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.deploy import onnx_session, sample_inputs, time_ms
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.inference import LoadedRun, load_fold_model, load_run, select_folds
 from vistrain.errors import CheckFailed, UserError
+from vistrain.fallbacks import Fallbacks
 from vistrain.tracking.files import write_json
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def metadata(run: LoadedRun, fold: int, pre: Preprocessor) -> dict[str, str]:
     """The ``metadata_props`` of the exported file (all values are strings; lists and dicts as JSON);
     ``vistrain.display_names`` (per class, null where none) only when class_map.json names any class."""
     out = {
-        "vistrain.version": vistrain.__version__,
+        "vistrain.version": __version__,
         "vistrain.run_id": run.path.name,
         "vistrain.fold": str(fold),
         "vistrain.task": run.cfg.task,

@@ -25,8 +25,8 @@ from vistrain.data.images import check_images, set_max_pixels
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import device as dev
 from vistrain.engine.checkpoint import load_checkpoint
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.errors import UserError
+from vistrain.fallbacks import Fallbacks
 from vistrain.models.build import build_model
 from vistrain.tracking.logs import show_progress
 

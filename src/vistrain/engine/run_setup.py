@@ -16,7 +16,7 @@ import pandas as pd
 import timm
 import torch
 
-import vistrain
+from vistrain._version import __version__
 from vistrain.config.loader import ModeInfo, config_to_dict
 from vistrain.config.schema import Config, domain_monitor
 from vistrain.data.prepare import Prepared
@@ -25,8 +25,8 @@ from vistrain.data.sources import single_domain_classes
 from vistrain.data.splits import splits_table
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import DistInfo
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.errors import UserError, did_you_mean
+from vistrain.fallbacks import Fallbacks
 from vistrain.models.build import is_convolutional
 from vistrain.tracking import rundir
 from vistrain.tracking.files import atomic_write_text, write_csv, write_json, write_yaml
@@ -102,7 +102,7 @@ def setup_machine(cfg: Config, data: Prepared, info: DistInfo, fallbacks: Fallba
 
 def log_boot(machine: Machine, info: DistInfo, run: rundir.RunDir, mode: ModeInfo | None) -> None:
     log.info("[BOOT] vistrain %s | torch %s | timm %s | device=%s | precision=%s | processes=%d | run=%s%s",
-             vistrain.__version__, torch.__version__, timm.__version__, machine.name(), machine.precision.name,
+             __version__, torch.__version__, timm.__version__, machine.name(), machine.precision.name,
              info.world, run.path, " (resumed)" if run.resumed else "")
     if mode is not None:
         log.info("[CFG] %s", mode.line())

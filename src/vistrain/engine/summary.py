@@ -13,13 +13,13 @@ import pandas as pd
 import timm
 import torch
 
-import vistrain
+from vistrain._version import __version__
 from vistrain.config.schema import Config
 from vistrain.data.prepare import Prepared
 from vistrain.engine.distributed import DistInfo
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks.base import FoldRun
 from vistrain.engine.run_setup import Machine
+from vistrain.fallbacks import Fallbacks
 from vistrain.metrics.classification import epoch_metrics, per_domain_metrics
 from vistrain.tracking.files import write_csv, write_json, write_npy
 from vistrain.tracking.rundir import RunDir
@@ -40,7 +40,7 @@ def fold_result(fold: FoldRun, elapsed: float) -> dict[str, Any]:
 
 def summarise(cfg: Config, run: RunDir, data: Prepared, results: list[dict[str, Any]], folds: list[int],
               machine: Machine, started: float, info: DistInfo, fallbacks: Fallbacks | None = None) -> dict[str, Any]:
-    """summary.json's content (``fallbacks``: what this run did instead of what was asked, ``engine/fallbacks.py``);
+    """summary.json's content (``fallbacks``: what this run did instead of what was asked, ``fallbacks.py``);
     rank 0 also writes the OOF files of a classifier trained on every fold."""
     # Over the folds that report a metric: a domain absent from one fold's validation part has no value there.
     names = list(dict.fromkeys(n for r in results for n in r["best"]))
@@ -61,7 +61,7 @@ def summarise(cfg: Config, run: RunDir, data: Prepared, results: list[dict[str, 
     summary["timings"] = {"total_s": round(time.time() - started, 2),
                           "per_fold_s": {str(r["fold"]): r["time_s"] for r in results}}
     summary["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                              "timm": timm.__version__, "vistrain": vistrain.__version__,
+                              "timm": timm.__version__, "vistrain": __version__,
                               "device": machine.name(), "precision": machine.precision.name,
                               "processes": info.world, "platform": platform.platform()}
     summary["fallbacks"] = list(fallbacks.entries) if fallbacks else []

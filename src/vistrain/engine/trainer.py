@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-import vistrain
+from vistrain._version import __version__
 from vistrain.config.loader import config_to_dict
 from vistrain.config.schema import Config
 from vistrain.data.prepare import Prepared
@@ -30,7 +30,6 @@ from vistrain.data.preprocess import Preprocessor
 from vistrain.engine import distributed, preemption
 from vistrain.engine.checkpoint import load_checkpoint, seed_everything, set_rng_state
 from vistrain.engine.device import peak_memory_mib
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks import FoldRun, Hook, default_hooks, monitor_mode
 from vistrain.engine.hooks.metrics import RESUME_HINT
 from vistrain.engine.loop import LoopOptions, TrainState, evaluate, train_one_epoch
@@ -39,6 +38,7 @@ from vistrain.engine.run_setup import Machine
 from vistrain.engine.setup import SETUPS, FoldSetup
 from vistrain.engine.summary import fold_result
 from vistrain.errors import Preempted
+from vistrain.fallbacks import Fallbacks
 from vistrain.models.build import compile_fallbacks, compile_model, count_parameters
 from vistrain.tracking.logs import show_progress
 from vistrain.tracking.rundir import RunDir
@@ -116,7 +116,7 @@ class Trainer:
         self._log_model(k, setup)
         hooks = default_hooks(cfg, k, self.run, self.trackers, setup.keep_valid_outputs) + self.extra_hooks
         meta = {"fold": k, "classes": self.data.classes, "preprocess": setup.preprocessor.to_dict(),
-                "config": config_to_dict(cfg), "task": cfg.task, "vistrain_version": vistrain.__version__}
+                "config": config_to_dict(cfg), "task": cfg.task, "vistrain_version": __version__}
         return FoldRun(fold=k, state=state, task=setup.task, train_loader=setup.train_loader,
                        valid_loader=setup.valid_loader, opts=self._options(k, setup.preprocessor), epochs=t.epochs,
                        monitor=t.monitor, hooks=[h for h in hooks if info.is_main or not h.main_only], run=self.run,

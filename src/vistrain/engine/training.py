@@ -21,7 +21,6 @@ from vistrain.data.manifest import build_manifest
 from vistrain.data.prepare import Prepared, prepare_data
 from vistrain.data.sources import require_dir
 from vistrain.engine import distributed, preemption
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.engine.hooks import Hook
 from vistrain.engine.hooks.metrics import open_trackers
 from vistrain.engine.run_setup import (
@@ -37,6 +36,7 @@ from vistrain.engine.run_setup import (
 from vistrain.engine.summary import summarise, summary_line, write_summary
 from vistrain.engine.trainer import Trainer
 from vistrain.errors import UserError, describe, exit_code
+from vistrain.fallbacks import Fallbacks
 from vistrain.models.backbone import check_model_name
 from vistrain.models.init import require_source
 from vistrain.tracking import rundir

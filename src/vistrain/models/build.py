@@ -11,8 +11,8 @@ import timm
 import torch
 from torch import nn
 
-from vistrain.engine.fallbacks import Fallbacks
 from vistrain.errors import UserError, describe
+from vistrain.fallbacks import Fallbacks
 from vistrain.models.backbone import GeM, create_backbone_model
 
 log = logging.getLogger(__name__)

@@ -84,7 +84,7 @@ def print_study(study: Any) -> None:
 
 
 def strict(p: argparse.ArgumentParser, fallbacks: str) -> None:
-    """``--strict``: the command's fallbacks (``engine/fallbacks.py``) are errors instead of recorded."""
+    """``--strict``: the command's fallbacks (``fallbacks.py``) are errors instead of recorded."""
     p.add_argument("--strict", action="store_true",
                    help=f"fail (exit 1) rather than fall back ({fallbacks}); without it a fallback is logged as "
                         "[FALLBACK] and listed under fallbacks in the command's JSON")

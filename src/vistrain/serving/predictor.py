@@ -40,7 +40,7 @@ class Predictor:
     serve: dict[str, Any] = field(default_factory=lambda: ServeCfg().model_dump())  # the serve: section it came with
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     display_names: list[str | None] | None = None  # per class, from class_map.json's metadata; None: none known
-    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # engine/fallbacks.py: a preprocessing assumed
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)  # fallbacks.py: a preprocessing assumed
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded RGB upload -> float32 [3, H, W]."""
@@ -95,7 +95,7 @@ def onnx_predictor(path: Path, strict: bool = False) -> Predictor:
     """An ONNX file written by ``vistrain export``, run with onnxruntime on the CPU; its metadata checked first."""
     from vistrain.engine import device as dev
     from vistrain.engine.export import onnx_session, read_onnx_metadata
-    from vistrain.engine.fallbacks import Fallbacks
+    from vistrain.fallbacks import Fallbacks
 
     try:
         import onnxruntime  # noqa: F401
