@@ -47,7 +47,8 @@ def preprocess_from_metadata(path: Path, meta: dict[str, str]) -> np.ndarray:
     h, w = spec["resize"]["size"]
     flags = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "area": cv2.INTER_AREA,
              "nearest": cv2.INTER_NEAREST}
-    shrink = spec["resize"].get("shrink", "interpolation") != "interpolation" and min(rgb.shape[0] - h, rgb.shape[1] - w) >= 0
+    rule = spec["resize"].get("shrink", "interpolation")
+    shrink = rule != "interpolation" and rgb.shape[0] >= h and rgb.shape[1] >= w
     flag = cv2.INTER_AREA if shrink else flags[spec["resize"]["interpolation"]]  # resize.shrink_rule
     rgb = cv2.resize(np.ascontiguousarray(rgb), (w, h), interpolation=flag)
     if spec["clahe"]["enabled"]:
