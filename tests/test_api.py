@@ -152,3 +152,41 @@ def test_an_embedding_run_embeds_and_searches(tmp_path: Path) -> None:
     table = run.search(images[0], root, top_k=4)
     assert len(table) == 4 and table["similarity"].is_monotonic_decreasing
     assert Path(table["path"].iloc[0]) == images[0]  # the query itself is in the gallery: nearest
+
+
+def test_tune_returns_the_study_and_the_run_of_its_best_values(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    data = write_csv_dataset(tmp_path / "data", per_class=6)
+    raw = tiny_config(data.root, output={"exp_dir": str(tmp_path / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False},
+                      tune={"epochs": 1, "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2,
+                                                                "log": True}}})
+    study = vistrain.tune(raw, n_trials=2, overrides={"train.epochs": 1}, auto_continue=True)
+    assert isinstance(study, vistrain.Study) and study.counts.get("COMPLETE", 0) >= 1
+    assert set(study.best_params) == {"train.lr"} and study.monitor == "macro_f1" and study.direction == "maximize"
+    assert study.study.best_trial.number == study.best_trial  # the optuna.Study itself
+    assert len(study.trials()) == 2
+    assert study.run is not None and study.run.status == "success"
+    assert study.run.config.train.lr == pytest.approx(study.best_params["train.lr"])
+
+
+def test_the_commands_without_a_run_are_functions_too(trained: dict, tmp_path: Path) -> None:
+    from vistrain import api
+
+    cfg = trained["cfg"]
+    table = api.split(cfg, tmp_path / "splits.csv")
+    assert (tmp_path / "splits.csv").is_file() and set(table["fold"]) == {0, 1}
+    manifest = api.manifest(cfg, tmp_path / "manifest.json")
+    assert manifest == json.loads((tmp_path / "manifest.json").read_text()) and manifest["num_classes"] == 3
+    doctor = api.doctor(cfg)
+    assert doctor["device"] == "cpu" and "num_workers" in doctor
+    starter = api.init("embedding", tmp_path / "mine.yaml")
+    assert starter.read_text().startswith(f"# vistrain train --config {starter}")
+    with pytest.raises(vistrain.UserError, match="exists; pass --force"):
+        api.init("embedding", starter)
+    pytest.importorskip("cleanlab")
+    audit = trained["run"].audit(output=tmp_path / "audit")
+    assert audit.folder == tmp_path / "audit" and audit.summary == json.loads((audit.folder / "audit.json").read_text())
+    issues = audit.table("label_issues")
+    assert {"id", "given_label", "suggested_label", "score"} <= set(issues.columns)
+    assert len(issues) == audit.summary["label_issues"]["count"]

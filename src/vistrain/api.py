@@ -288,7 +288,10 @@ class Run:
                ) -> pd.DataFrame:
         """The ``top_k`` nearest images under the folder ``gallery`` to ``query`` (``vistrain search``): rank, path,
         class, similarity / distance, correct; a PNG grid and CSV are written to ``output`` (default
-        ``RUN/search/<query>.png``)."""
+        ``RUN/search/<query>.png``).
+
+        >>> run.search("query.jpg", "gallery/", top_k=5)[["rank", "path", "similarity"]]
+        """
         from vistrain.engine.search import run_search
 
         with _as_file(query) as path:
@@ -296,8 +299,11 @@ class Run:
                               output=Path(output) if output is not None else None)
 
     def model(self, fold: int = 0) -> torch.nn.Module:
-        """The fold's best model in eval mode on the CPU; ``model.preprocessor`` is the run's ``Preprocessor``
-        (``model(run.model().preprocessor(rgb)[None])`` gives the logits of one RGB uint8 array)."""
+        """The fold's best model in eval mode on the CPU; ``model.preprocessor`` is the run's ``Preprocessor``.
+
+        >>> model = run.model()
+        >>> logits = model(model.preprocessor(rgb_uint8_array)[None])
+        """
         import torch
 
         from vistrain.engine.inference import load_fold_model, load_run
@@ -308,7 +314,11 @@ class Run:
 
     @property
     def preprocessor(self) -> Preprocessor:
-        """The run's preprocessing (preprocess.json): ``preprocessor(rgb)`` -> the model's input tensor."""
+        """The run's preprocessing (preprocess.json).
+
+        >>> run.preprocessor(np.asarray(Image.open("a.jpg").convert("RGB"))).shape
+        torch.Size([3, 224, 224])
+        """
         from vistrain.data.preprocess import Preprocessor
 
         return Preprocessor.from_dict(self._json("preprocess.json"))
@@ -346,7 +356,10 @@ class Run:
                            overrides=override_list(overrides), strict=strict)
 
     def calibrate(self) -> dict[str, Any]:
-        """Fit a temperature on the out-of-fold logits (``vistrain calibrate``): calibration.json's content."""
+        """Fit a temperature on the out-of-fold logits (``vistrain calibrate``): calibration.json's content.
+
+        >>> run.calibrate()["temperature"]
+        """
         from vistrain.engine.calibration import run_calibrate
 
         return run_calibrate(self.path)
@@ -378,7 +391,10 @@ class Run:
         return audit(self, output=output, overrides=keys)
 
     def report(self) -> Path:
-        """Write RUN/report.html (``vistrain report``) and return its path."""
+        """Write RUN/report.html (``vistrain report``) and return its path.
+
+        >>> webbrowser.open(run.report().as_uri())
+        """
         from vistrain.viz.report import write_report
 
         return write_report(self.path)
