@@ -148,8 +148,13 @@ class Study:
     best_params: dict[str, Any]  # dotted config key -> value
     best_trial: int
     counts: dict[str, int]  # trial state -> trials
-    run: Run | None  # the full training of the best values (auto_continue)
+    run_dir: Path | None  # the full training of the best values (auto_continue)
     study: optuna.Study | None = None
+
+    @property
+    def run(self) -> Run | None:
+        """The run trained with the best values (``auto_continue``), else None."""
+        return Run(self.run_dir) if self.run_dir is not None else None
 
     def trials(self) -> pd.DataFrame:
         """One row per trial (Optuna's ``trials_dataframe``), from the study's storage."""
@@ -183,7 +188,7 @@ def tune(config: str | Path | Mapping[str, Any] | Config, *, n_trials: int | Non
                           auto_continue=auto_continue, **final)
     return Study(result.tune_dir, result.study_name, result.storage, result.monitor, result.direction,
                  result.best_value, result.best_params, result.best_trial, dict(result.counts),
-                 Run(result.run_dir) if result.run_dir is not None else None, result.study)
+                 result.run_dir, result.study)
 
 
 # ------------------------------------------------------------------------------------------------ a run

@@ -79,8 +79,8 @@ def print_study(study: Any) -> None:
     params = " ".join(f"{k}={v}" for k, v in study.best_params.items())
     print(f"[DONE] tune directory: {study.tune_dir}")
     print(f"[DONE] best trial {study.best_trial}: {study.monitor}={study.best_value:.4f} | {params}")
-    if study.run is not None:
-        print(f"[DONE] run directory: {study.run.path}")
+    if study.run_dir is not None:
+        print(f"[DONE] run directory: {study.run_dir}")
 
 
 def strict(p: argparse.ArgumentParser, fallbacks: str) -> None:
