@@ -185,3 +185,14 @@ def test_reid_market_trains_on_the_published_strong_baseline_chain() -> None:
             assert ours[key] == pytest.approx(theirs[key]) if isinstance(theirs[key], tuple | float) \
                 else ours[key] == theirs[key], (name, key, ours[key], theirs[key])
     assert pre.crop == "none" and not pre.clahe  # the resize is the only deterministic step
+
+
+@pytest.mark.parametrize(("override", "crop"), [("augment.scale=[0.5,1.0]", "rrc"), ("augment.ratio=[1,1]", "rrc"),
+                                                ("augment.pad=4", "pad_crop")])
+def test_a_crop_key_set_for_another_crop_is_an_error(override: str, crop: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, overrides=[override, "augment.policy=hard"])
+    key = override.split("=")[0]
+    assert excinfo.value.problems == [f"{key}: read by augment.crop: {crop} only, and augment.crop is auto; set "
+                                      f"augment.crop: {crop} or remove {key}"]
+    load_config(None, overrides=[override, f"augment.crop={crop}"])  # with its crop: fine

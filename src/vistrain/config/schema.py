@@ -527,6 +527,7 @@ EMBEDDING_ONLY = {"model.last_stride": None, "model.embedding_dim": None, "model
                   "model.arcface_m_warmup": 0.0, "model.arcface_m_finetune": 0.5, "model.margin_ramp_epochs": 0}
 REID_DATA_KEYS = ["data.root", "data.train_folder", "data.query_folder", "data.gallery_folder"]
 RATIO_KEYS = ["data.train_ratio", "data.val_ratio", "data.test_ratio"]
+CROP_KEYS = {"scale": "rrc", "ratio": "rrc", "pad": "pad_crop"}  # augment keys read by one augment.crop only
 # Keys (or whole sections) a task never reads: its [CFG] log lines leave them out. config.yaml keeps every key,
 # so it re-runs as is.
 NOT_READ_BY = {
@@ -615,7 +616,17 @@ class Config(Section):
         else:
             self._check_classification_keys()
         self._check_data_keys()
+        self._check_crop_keys()
         return self
+
+    def _check_crop_keys(self) -> None:
+        """augment.scale / ratio shape the rrc crop and augment.pad the pad_crop one: set for another crop, they
+        would change nothing."""
+        a = self.augment
+        for key, crop in CROP_KEYS.items():
+            if getattr(a, key) != AugmentCfg.model_fields[key].default and a.crop != crop:
+                raise ValueError(f"augment.{key}: read by augment.crop: {crop} only, and augment.crop is {a.crop}; "
+                                 f"set augment.crop: {crop} or remove augment.{key}")
 
     def _check_data_keys(self) -> None:
         """data.sources, data.class_map and what depends on them."""
@@ -708,6 +719,10 @@ class Config(Section):
             keys += ["sampler.p", "sampler.k"]
         if self.task == "embedding":
             keys += RATIO_KEYS if self.data.source == "reid" else REID_DATA_KEYS
+        a = self.augment
+        keys += [f"augment.{k}" for k, crop in CROP_KEYS.items() if a.crop != crop]
+        if not (a.random_erasing or a.policy == "hard"):  # no erasing (transforms.erasing_p)
+            keys += ["augment.erasing_mode", "augment.erasing_count"]
         return keys
 
     def folds_to_train(self) -> list[int]:
