@@ -145,3 +145,19 @@ def test_an_unknown_policy_exits_2_on_the_command_line(tmp_path: Path) -> None:
     res = run_cli("train", "--config", str(cfg), "augment.auto=rand-q9", cwd=tmp_path, timeout=120)
     assert res.returncode == 2, res.stderr
     assert "augment.auto:" in res.stdout + res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_readmes_timm_style_example_builds_the_chain_it_describes() -> None:
+    import re
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("### Writing your augmentation")
+    (block,) = re.findall(r"```yaml\n(.*?)```", readme[start:readme.index("\n#", start + 5)], flags=re.S)
+    cfg = load_config(yaml.safe_load(block))
+    tf = TrainTransform(cfg.augment, PRE)
+    assert [type(o).__name__ for o in tf.augment.transforms] == ["RandomResizedCrop", "RandomHorizontalFlip",
+                                                                 "RandAugment"]
+    assert tf.augment.transforms[0].scale == (0.25, 1.0)
+    assert type(tf.erase).__name__ == "RandomErasing" and tf.erase.per_pixel and tf.erase.probability == 0.25
