@@ -15,7 +15,7 @@ from PIL import Image
 
 from vistrain.config.bundled import bundled_config
 from vistrain.config.schema import AugmentCfg
-from vistrain.data.device_augment import DeviceAugment, device_ops
+from vistrain.data.device_augment import DeviceAugment, device_ops, device_supports
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.transforms import TrainTransform, augment_ops, to_uint8_tensor
 
@@ -99,9 +99,17 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 
 # Every key of the CPU policy (TrainTransform) with a value away from its default, one case each, then the combinations
 # that matter: hue without colour jitter, and the pills recipe's policy (hue 0.1). The remaining keys act on whole
-# batches inside ClassificationTask, after either policy (mixup / cutmix), or pick the path itself (device); a new
-# augment key must land in one of the two, or this file fails.
-LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob"}
+# batches inside ClassificationTask, after either policy (mixup / cutmix), pick the path itself (device) or the
+# sampling (repeats), or have no device twin yet (CPU_ONLY_CASES: the device policy falls back to the CPU); a new
+# augment key must land in one of them, or this file fails.
+LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}
+# Each case names the key device_supports must report; a key given its Kornia twin moves to KEY_CASES.
+CPU_ONLY_CASES = [("auto", {"auto": "rand-m9-mstd0.5-inc1"}), ("crop", {"crop": "rrc"}), ("crop", {"crop": "pad_crop"}),
+                  ("crop", {"crop": "none", "policy": "hard"}),
+                  ("erasing_mode", {"erasing_mode": "rand", "random_erasing": 0.5}),
+                  ("erasing_count", {"erasing_count": 2, "random_erasing": 0.5}), ("splits", {"splits": 3}),
+                  ("albumentations", {"albumentations": "pipeline.yaml"})]
+WITHIN_CROP = {"scale", "ratio", "pad"}  # read only by crop: rrc / pad_crop, which have no twin yet
 KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
              {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]
 PILLS = {k: v for k, v in yaml.safe_load(bundled_config("pill_efficientnetv2s.yaml").read_text())["augment"].items()
@@ -116,7 +124,8 @@ TOL = {"mean": 0.015, "std": 0.01, "change": 0.012, "bright": 0.012, "lr_asym": 
 
 
 def test_every_augment_key_is_in_the_parity_test() -> None:
-    assert {key for case in KEY_CASES for key in case} | LOOP_KEYS == set(AugmentCfg.model_fields)
+    cpu_only = {key for key, _ in CPU_ONLY_CASES} | WITHIN_CROP
+    assert {key for case in KEY_CASES for key in case} | LOOP_KEYS | cpu_only == set(AugmentCfg.model_fields)
     assert all(len(case) == 1 and getattr(AugmentCfg(), k) != v for case in KEY_CASES for k, v in case.items())
     assert PILLS["hue"] > 0
 
@@ -201,6 +210,29 @@ def test_on_cuda_every_augment_key_draws_the_same(parity: KeyParity, default_cpu
                                                   case: dict) -> None:
     aug = AugmentCfg(**case)
     assert_key_parity(str(case), parity.cpu(aug), parity.device(aug, "cuda"), default_cpu)
+
+
+@pytest.mark.parametrize(("key", "case"), CPU_ONLY_CASES, ids=[key for key, _ in CPU_ONLY_CASES])
+def test_a_key_without_a_device_twin_is_named(key: str, case: dict) -> None:
+    assert device_supports(AugmentCfg(**case)) == f"augment.{key}={case[key]}"
+
+
+@pytest.mark.parametrize("case", [{}, *KEY_CASES, {"crop": "none"}, {"erasing_mode": "pixel"}],
+                         ids=["defaults", *CASE_IDS[:len(KEY_CASES)], "crop=none,light", "erasing_mode-unused"])
+def test_every_key_with_a_twin_runs_on_the_device(case: dict) -> None:
+    assert device_supports(AugmentCfg(**case)) is None
+
+
+@pytest.mark.parametrize("setting", ["auto", "cuda"])
+def test_a_key_without_a_twin_sends_the_policy_to_the_cpu_with_one_data_line(setting: str, caplog) -> None:
+    from vistrain.engine.run_setup import _augment_device
+
+    gpu = torch.device("cuda")  # the decision only, nothing runs there
+    with caplog.at_level("INFO"):
+        assert _augment_device(AugmentCfg(device=setting, policy="light"), gpu) == "cuda"
+        assert _augment_device(AugmentCfg(device=setting, auto="trivial"), gpu) == "cpu"
+    lines = [r.getMessage() for r in caplog.records if "[DATA]" in r.getMessage()]
+    assert len(lines) == 1 and "augment.auto=trivial" in lines[0] and "cpu" in lines[0], lines
 
 
 def test_no_augmentation_is_only_the_normalisation(pixels: np.ndarray) -> None:

@@ -24,10 +24,14 @@ def pixels(path: str) -> np.ndarray:
     return np.random.default_rng(int(path)).integers(0, 256, (24, 24, 3), dtype=np.uint8)
 
 
-def loader(workers: int, rank: int = 0, world: int = 1) -> DataLoader:
+HARD = AugmentCfg(policy="hard")
+# timm's RandAugment and RandomErasing draw from Python's and NumPy's generators, not torch's
+TIMM = AugmentCfg(auto="rand-m9-mstd0.5-inc1", random_erasing=0.5, erasing_mode="pixel", erasing_count=2)
+
+
+def loader(workers: int, rank: int = 0, world: int = 1, aug: AugmentCfg = HARD) -> DataLoader:
     pre = Preprocessor(size=(24, 24))
-    dataset = ImageDataset([str(i) for i in range(N)], list(range(N)), TrainTransform(AugmentCfg(policy="hard"), pre),
-                           pixels)
+    dataset = ImageDataset([str(i) for i in range(N)], list(range(N)), TrainTransform(aug, pre), pixels)
     order = torch.Generator()
     source = RandomSampler(range(N), generator=order)
     if world > 1:
@@ -47,16 +51,18 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_an_epochs_batches_and_augmentation_follow_from_seed_and_epoch_alone(workers: int) -> None:
-    ongoing = loader(workers)
+@pytest.mark.parametrize(("workers", "aug"), [(0, HARD), (2, HARD), (0, TIMM), (2, TIMM)],
+                         ids=["0-hard", "2-hard", "0-timm", "2-timm"])
+def test_an_epochs_batches_and_augmentation_follow_from_seed_and_epoch_alone(workers: int, aug: AugmentCfg) -> None:
+    ongoing = loader(workers, aug=aug)
     first, second = epoch(ongoing, 0), epoch(ongoing, 1)
     assert not same(first, second), "another epoch shuffles and augments anew"
     assert len(first) == N // BATCH
-    assert same(epoch(loader(0), 0), first), "the number of workers changes nothing"
-    assert same(epoch(loader(workers), 1), second), "a resumed run's fresh loader trains the same epoch 2"
-    assert same(epoch(loader(workers), 1, skip=3), second[3:]), "a mid-epoch resume trains the batches after step 3"
-    assert len(loader(workers).batch_sampler) == N // BATCH
+    assert same(epoch(loader(0, aug=aug), 0), first), "the number of workers changes nothing"
+    assert same(epoch(loader(workers, aug=aug), 1), second), "a resumed run's fresh loader trains the same epoch 2"
+    assert same(epoch(loader(workers, aug=aug), 1, skip=3), second[3:]), \
+        "a mid-epoch resume trains the batches after step 3"
+    assert len(loader(workers, aug=aug).batch_sampler) == N // BATCH
 
 
 def test_ranks_draw_disjoint_shares_of_the_epoch() -> None:

@@ -182,12 +182,13 @@ def _installed(venv: Path, *args: str, cwd: Path, timeout: float = 300) -> subpr
                           text=True, timeout=timeout)
 
 
-def test_the_wheel_holds_every_ready_and_starter_config(wheel: Path) -> None:
+def test_the_wheel_holds_every_ready_starter_and_recipe_config(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "vistrain/py.typed" in names  # the API's type hints reach a user's type checker (PEP 561)
     shipped = {f"vistrain/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")}
     starters = {f"vistrain/configs/init/{task}.yaml" for task in STARTER_TASKS}
-    assert shipped and shipped | starters <= names, sorted((shipped | starters) - names)
+    recipes = {f"vistrain/configs/recipes/{p.name}" for p in (REPO / "configs" / "recipes").glob("*.yaml")}
+    assert shipped and recipes and shipped | starters | recipes <= names, sorted((shipped | starters | recipes) - names)
 
 
 def test_the_installed_wheel_runs_the_demo_and_init_from_an_empty_folder(venv: Path, tmp_path: Path) -> None:

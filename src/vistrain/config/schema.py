@@ -274,6 +274,49 @@ class AugmentCfg(Section):
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # probability a batch is mixed at all
     mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # cutmix instead of mixup when both are on
+    # timm's auto-augment policy by name, after the flips and crop, the model's mean as fill: rand-m9-mstd0.5-inc1
+    # (RandAugment), augmix-m5-w4-d2 (AugMix), original / v0 (AutoAugment), 3a, trivial (TrivialAugmentWide)
+    auto: str | None = None
+    # auto: the policy's own (hard: random resized crop of 60-100% of the area; light / none: no crop); rrc: random
+    # resized crop with scale / ratio; pad_crop: pad, then a random crop back to the size (the re-ID chain); none.
+    # rrc and pad_crop shift and zoom themselves: the policy's affine then only rotates (augment.rotate)
+    crop: Literal["auto", "rrc", "pad_crop", "none"] = "auto"
+    scale: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.08, 1.0]  # rrc: share of the area
+    ratio: Annotated[list[float], Field(min_length=2, max_length=2)] = [0.75, 1.3333333]  # rrc: width / height
+    pad: PositiveInt = 10  # pad_crop: pixels of black padding on each side before the crop
+    # const: the model's mean (0 after normalisation, as the re-ID strong baseline); rand: one random colour per
+    # rectangle; pixel: random per pixel (timm's --remode)
+    erasing_mode: Literal["const", "rand", "pixel"] = "const"
+    erasing_count: PositiveInt = 1  # at most this many rectangles per erased image (timm's --recount)
+    repeats: Annotated[int, Field(ge=0)] = 0  # timm's RepeatAugSampler: each image N times per epoch (0 / 1: off)
+    splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0: off; 3 = timm's --aug-splits 3)
+    albumentations: Path | None = None  # a pipeline saved with albumentations.save (.yaml / .json)
+
+    @field_validator("auto")
+    @classmethod
+    def _auto(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from vistrain.data.auto_augment import check_auto  # timm, imported only for a config that names a policy
+
+        problem = check_auto(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: list[float]) -> list[float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"[low, high] with 0 < low <= high <= 1 (shares of the image's area); got {v}")
+        return v
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: list[float]) -> list[float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"[low, high] with 0 < low <= high (width / height of the crop); got {v}")
+        return v
 
 
 class ResizeCfg(Section):
@@ -484,6 +527,7 @@ EMBEDDING_ONLY = {"model.last_stride": None, "model.embedding_dim": None, "model
                   "model.arcface_m_warmup": 0.0, "model.arcface_m_finetune": 0.5, "model.margin_ramp_epochs": 0}
 REID_DATA_KEYS = ["data.root", "data.train_folder", "data.query_folder", "data.gallery_folder"]
 RATIO_KEYS = ["data.train_ratio", "data.val_ratio", "data.test_ratio"]
+CROP_KEYS = {"scale": "rrc", "ratio": "rrc", "pad": "pad_crop"}  # augment keys read by one augment.crop only
 # Keys (or whole sections) a task never reads: its [CFG] log lines leave them out. config.yaml keeps every key,
 # so it re-runs as is.
 NOT_READ_BY = {
@@ -572,7 +616,17 @@ class Config(Section):
         else:
             self._check_classification_keys()
         self._check_data_keys()
+        self._check_crop_keys()
         return self
+
+    def _check_crop_keys(self) -> None:
+        """augment.scale / ratio shape the rrc crop and augment.pad the pad_crop one: set for another crop, they
+        would change nothing."""
+        a = self.augment
+        for key, crop in CROP_KEYS.items():
+            if getattr(a, key) != AugmentCfg.model_fields[key].default and a.crop != crop:
+                raise ValueError(f"augment.{key}: read by augment.crop: {crop} only, and augment.crop is {a.crop}; "
+                                 f"set augment.crop: {crop} or remove augment.{key}")
 
     def _check_data_keys(self) -> None:
         """data.sources, data.class_map and what depends on them."""
@@ -665,6 +719,10 @@ class Config(Section):
             keys += ["sampler.p", "sampler.k"]
         if self.task == "embedding":
             keys += RATIO_KEYS if self.data.source == "reid" else REID_DATA_KEYS
+        a = self.augment
+        keys += [f"augment.{k}" for k, crop in CROP_KEYS.items() if a.crop != crop]
+        if not (a.random_erasing or a.policy == "hard"):  # no erasing (transforms.erasing_p)
+            keys += ["augment.erasing_mode", "augment.erasing_count"]
         return keys
 
     def folds_to_train(self) -> list[int]:

@@ -47,23 +47,27 @@ class ImageDataset(Dataset):
 
 @contextmanager
 def item_rng(seed: int) -> Iterator[None]:
-    """The global generators seeded with one item's ``seed`` while its augmentation runs. torchvision's random
-    transforms draw from torch's; in a DataLoader worker NumPy's and Python's are seeded too (any augmentation
-    library's draws), and nothing needs restoring: the worker's generators serve its items alone. In the main
-    process (``num_workers: 0``) only torch's CPU generator is seeded, and restored afterwards, so the training's
-    own draws (dropout) follow the same stream whether the images are made here or in workers."""
+    """The global generators seeded with one item's ``seed`` while its augmentation runs: torch's (torchvision's
+    random transforms), NumPy's and Python's (timm's ``augment.auto`` policies and random erasing, any other
+    augmentation library's draws). In a DataLoader worker nothing needs restoring: the worker's generators serve its
+    items alone. In the main process (``num_workers: 0``) they are restored afterwards, so the training's own draws
+    (dropout) follow the same stream whether the images are made here or in workers."""
     if get_worker_info() is not None:
         np.random.seed(seed % 2**32)
         random.seed(seed)
         torch.default_generator.manual_seed(seed)
         yield
         return
-    saved = torch.default_generator.get_state()
+    saved = torch.default_generator.get_state(), np.random.get_state(), random.getstate()
     torch.default_generator.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
     try:
         yield
     finally:
-        torch.default_generator.set_state(saved)
+        torch.default_generator.set_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
 
 
 def worker_init(_: int) -> None:

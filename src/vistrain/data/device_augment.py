@@ -17,6 +17,20 @@ from vistrain.data.preprocess import Preprocessor
 from vistrain.data.transforms import BLUR, CROP_SCALE, affine_ranges, erasing_p
 
 
+def device_supports(aug: AugmentCfg) -> str | None:
+    """None when ``device_ops`` + ``DeviceAugment`` draw everything ``aug`` asks of the CPU policy; else the first
+    ``augment.<key>=<value>`` they have no twin of, for which the run augments on the CPU instead
+    (``engine.run_setup``: one [DATA] line). A key given its Kornia twin leaves this list."""
+    erasing = erasing_p(aug) > 0
+    missing = [("auto", aug.auto is not None),
+               ("crop", aug.crop in ("rrc", "pad_crop") or (aug.crop == "none" and aug.policy == "hard")),
+               ("erasing_mode", erasing and aug.erasing_mode != "const"),
+               ("erasing_count", erasing and aug.erasing_count != 1),
+               ("splits", aug.splits > 0), ("albumentations", aug.albumentations is not None)]
+    key = next((k for k, unsupported in missing if unsupported), None)
+    return None if key is None else f"augment.{key}={getattr(aug, key)}"
+
+
 def device_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list[nn.Module]:
     """Kornia twins of ``transforms.augment_ops(aug, hw)``, in the same order, on float [B, 3, H, W] in [0, 1]."""
     import kornia.augmentation as K

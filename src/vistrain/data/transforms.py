@@ -2,10 +2,13 @@
 
 Every dataset item is first decoded and put through ``Preprocessor.deterministic`` (crop, resize to the training
 size, CLAHE: uint8 [H, W, 3]). Validation and inference then only normalise (``Preprocessor.normalize``); training
-runs ``TrainTransform``: the policy's random operations on those pixels, the same normalisation, random erasing.
+runs ``TrainTransform``: the policy's random operations on those pixels (with ``augment.crop`` and a timm
+``augment.auto`` policy), the same normalisation, random erasing (``augment.erasing_mode`` / ``erasing_count``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -13,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2 as T
 
 from vistrain.config.schema import AugmentCfg
+from vistrain.data.auto_augment import auto_augment
 from vistrain.data.preprocess import Preprocessor, size_hw  # noqa: F401 - size_hw: re-exported
 
 CROP_SCALE = (0.6, 1.0)  # hard: RandomResizedCrop's share of the area
@@ -29,25 +33,51 @@ def erasing_p(aug: AugmentCfg) -> float:
     return aug.random_erasing or (0.25 if aug.policy == "hard" else 0.0)
 
 
-def augment_ops(aug: AugmentCfg, hw: tuple[int, int]) -> list:
-    """The random operations of ``augment.policy`` (none / light / hard) on an image already of size ``hw``."""
-    if aug.policy == "none":
-        return []
+def augment_ops(aug: AugmentCfg, hw: tuple[int, int], pre: Preprocessor | None = None) -> list:
+    """The random operations of ``augment`` on an image already of size ``hw``, in order: crop (rrc), flips, crop
+    (pad_crop: after the flips, as the re-ID chain), affine, ``auto`` policy, colour jitter, blur. The policy
+    (none / light / hard) gives the flips, affine, colour and blur; ``crop``, ``auto`` apply under any policy.
+    ``pre``: the preprocessor whose mean fills what an ``auto`` policy uncovers (ImageNet's when not given)."""
+    light = aug.policy != "none"
     ops: list = []
-    if aug.policy == "hard":
+    if aug.crop == "rrc":
+        ops.append(T.RandomResizedCrop(hw, scale=tuple(aug.scale), ratio=tuple(aug.ratio), antialias=True))
+    elif aug.crop == "auto" and aug.policy == "hard":
         ops.append(T.RandomResizedCrop(hw, scale=CROP_SCALE, antialias=True))
-    if aug.hflip:
+    if light and aug.hflip:
         ops.append(T.RandomHorizontalFlip(aug.hflip))
-    if aug.vflip:
+    if light and aug.vflip:
         ops.append(T.RandomVerticalFlip(aug.vflip))
-    scale, translate = affine_ranges(aug.policy)
-    ops.append(T.RandomAffine(degrees=aug.rotate, translate=translate, scale=scale, fill=255))
-    if aug.color_jitter or aug.hue:
+    if aug.crop == "pad_crop":
+        ops += [T.Pad(aug.pad), T.RandomCrop(hw)]  # T.Pad fills black, as torchvision's in the re-ID chain
+    if light and aug.crop in ("auto", "none"):
+        scale, translate = affine_ranges(aug.policy)
+        ops.append(T.RandomAffine(degrees=aug.rotate, translate=translate, scale=scale, fill=255))
+    elif light and aug.rotate:  # an rrc / pad_crop crop already shifts and zooms: the affine only rotates
+        ops.append(T.RandomAffine(degrees=aug.rotate, fill=255))
+    if aug.auto:
+        pre = pre or Preprocessor(size=hw)
+        ops.append(auto_augment(aug.auto, hw, pre.mean, pre.interpolation))
+    if light and (aug.color_jitter or aug.hue):
         cj = aug.color_jitter
         ops.append(T.ColorJitter(brightness=cj, contrast=cj, saturation=cj, hue=aug.hue))
     if aug.policy == "hard":
         ops.append(T.RandomApply([T.GaussianBlur(kernel_size=BLUR["kernel"], sigma=BLUR["sigma"])], p=BLUR["p"]))
     return ops
+
+
+def random_erasing(aug: AugmentCfg) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Random erasing of the normalised tensor [3, H, W]: one rectangle of 0 (the model's mean) is torchvision's
+    ``RandomErasing`` as vistrain always drew it; other modes and counts are timm's ``RandomErasing`` (train.py's
+    --remode / --recount), which fills ``const`` with 0 as well."""
+    p = erasing_p(aug)
+    if not p:
+        return None
+    if aug.erasing_mode == "const" and aug.erasing_count == 1:
+        return T.RandomErasing(p=p, value=0)
+    from timm.data.random_erasing import RandomErasing
+
+    return RandomErasing(p, mode=aug.erasing_mode, max_count=aug.erasing_count, device="cpu")
 
 
 class TrainTransform:
@@ -56,11 +86,10 @@ class TrainTransform:
     operations on a uint8 tensor at 224-384 px."""
 
     def __init__(self, aug: AugmentCfg, pre: Preprocessor):
-        ops = augment_ops(aug, pre.size)
+        ops = augment_ops(aug, pre.size, pre)
         self.augment = T.Compose(ops) if ops else None
         self.normalize = pre.normalize
-        erasing = erasing_p(aug)
-        self.erase = T.RandomErasing(p=erasing, value=0) if erasing else None
+        self.erase = random_erasing(aug)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         if self.augment is not None:
