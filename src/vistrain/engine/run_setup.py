@@ -117,7 +117,7 @@ def resolve_auto(cfg: Config, machine: Machine, n_classes: int, cached: bool, wo
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device, cached)}
     if cfg.augment.device != "cpu":
         cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(
-            update={"device": _augment_device(cfg.augment.device, device)})})
+            update={"device": _augment_device(cfg.augment.device, device, cfg.augment.splits)})})
     if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
         update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
@@ -154,8 +154,9 @@ def share_target(target: int, fits: int, world: int) -> tuple[int, int]:
     return batch, -(-share // batch)
 
 
-def _augment_device(setting: str, device: torch.device) -> str:
-    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there."""
+def _augment_device(setting: str, device: torch.device, splits: int = 0) -> str:
+    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there, unless
+    ``augment.splits`` asks for each image's views together (made on the CPU; the config refuses cuda with them)."""
     import importlib.util
 
     has_kornia = importlib.util.find_spec("kornia") is not None
@@ -164,6 +165,10 @@ def _augment_device(setting: str, device: torch.device) -> str:
                         "(valid here: auto, cpu)")
     if setting == "cuda" and not has_kornia:
         raise UserError("augment.device: cuda needs Kornia: pip install 'vistrain[augment]' (or use cpu)")
+    if setting == "auto" and splits and device.type == "cuda" and has_kornia:
+        log.info("[CFG] augment.device=auto -> cpu (augment.splits: %d: each image's views are made together in the "
+                 "loader, as timm's AugMixDataset)", splits)
+        return "cpu"
     if setting == "auto":
         return "cuda" if device.type == "cuda" and has_kornia else "cpu"
     return setting
