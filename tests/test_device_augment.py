@@ -99,9 +99,10 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 
 # Every key of the CPU policy (TrainTransform) with a value away from its default, one case each, then the combinations
 # that matter: hue without colour jitter, and the pills recipe's policy (hue 0.1). The remaining keys act on whole
-# batches inside ClassificationTask, after either policy (mixup / cutmix), or pick the path itself (device); a new
-# augment key must land in one of the two, or this file fails.
-LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob"}
+# batches inside ClassificationTask, after either policy (mixup / cutmix), pick the path itself (device), or act
+# around the policy in the loader (repeats: the sampler; splits: the clean view beside the policy's, on the CPU); a
+# new augment key must land in one of the two, or this file fails.
+LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats", "splits"}
 KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
              {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]
 PILLS = {k: v for k, v in yaml.safe_load(bundled_config("pill_efficientnetv2s.yaml").read_text())["augment"].items()
