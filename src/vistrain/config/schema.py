@@ -288,8 +288,8 @@ class AugmentCfg(Section):
     # rectangle; pixel: random per pixel (timm's --remode)
     erasing_mode: Literal["const", "rand", "pixel"] = "const"
     erasing_count: PositiveInt = 1  # at most this many rectangles per erased image (timm's --recount)
-    repeats: Annotated[int, Field(ge=0)] = 0  # timm's RepeatAugSampler: each image N times per epoch (0 / 1: off)
-    splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0: off; 3 = timm's --aug-splits 3)
+    repeats: Annotated[int, Field(ge=0)] = 0  # timm RepeatAugSampler: each image repeated N times per epoch (0/1 off)
+    splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0 off; 3 = timm's --aug-splits 3)
     albumentations: Path | None = None  # a pipeline saved with albumentations.save (.yaml / .json)
 
     @field_validator("auto")
@@ -316,6 +316,14 @@ class AugmentCfg(Section):
     def _ratio(cls, v: list[float]) -> list[float]:
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"[low, high] with 0 < low <= high (width / height of the crop); got {v}")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 split is the clean image alone, with nothing to compare it to; 0 turns the splits "
+                             "off, 2 or more gives the clean image and K-1 augmented views (timm's --aug-splits 3)")
         return v
 
 
@@ -539,7 +547,8 @@ NOT_READ_BY = {
     "embedding": ["data.folds", "data.valid_fold", "data.stratify", "data.split", "data.class_map",
                   "data.min_images_per_class", "model.drop_rate", "train.loss", "train.label_smoothing",
                   "train.class_weights", "augment.mixup_alpha", "augment.cutmix_alpha", "augment.mix_prob",
-                  "augment.mix_switch_prob", "eval.failure_threshold", "eval.top_losses", "eval.tta", "serve.top_k"],
+                  "augment.mix_switch_prob", "augment.splits", "eval.failure_threshold", "eval.top_losses", "eval.tta",
+                  "serve.top_k"],
 }
 
 
@@ -617,6 +626,7 @@ class Config(Section):
             self._check_classification_keys()
         self._check_data_keys()
         self._check_crop_keys()
+        self._check_repeats_splits()
         return self
 
     def _check_crop_keys(self) -> None:
@@ -653,6 +663,36 @@ class Config(Section):
         if self.train.class_weights == "from_class_map" and d.class_map is None:
             raise ValueError("train.class_weights: from_class_map reads metadata.<class>.training_weight of "
                              "data.class_map, which is not set; give data.class_map or use none / balanced")
+
+    def _check_repeats_splits(self) -> None:
+        """augment.repeats is timm's RepeatAugSampler, a shuffle of the whole data; augment.splits is timm's AugMix
+        splits with its JsdCrossEntropy: the combinations neither defines are refused."""
+        a, s = self.augment, self.sampler
+        if a.repeats > 1 and s.name != "random":
+            why = ("P×K batches choose their identities and images themselves" if s.name == "pk" else
+                   "weighted draws with replacement show an image any number of times, not exactly N")
+            raise ValueError(f"augment.repeats: {a.repeats} repeats every image of a shuffled epoch (timm's "
+                             f"RepeatAugSampler); sampler.name: {s.name} has no such epoch ({why}); use "
+                             "sampler.name: random or augment.repeats: 0")
+        if a.repeats > 1 and self.data.domain_ratios():
+            raise ValueError(f"augment.repeats: {a.repeats} shuffles the whole data (timm's RepeatAugSampler), which "
+                             "data.sources ratios would override; remove the ratios or set augment.repeats: 0")
+        if not a.splits:
+            return
+        if self.task != "classification":
+            raise ValueError(f"augment.splits: {a.splits} is AugMix's JSD loss on a classifier's logits; task: "
+                             "embedding has no such loss (set augment.splits: 0)")
+        if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+            raise ValueError(f"augment.splits: {a.splits} and mixup/cutmix: timm's train.py refuses them together "
+                             "(its mixing collate cannot keep the clean and augmented views apart); set "
+                             "augment.mixup_alpha and augment.cutmix_alpha to 0, or augment.splits: 0")
+        if self.train.class_weights != "none":
+            raise ValueError(f"train.class_weights: {self.train.class_weights} and augment.splits: timm's "
+                             "JsdCrossEntropy has no class weights; set train.class_weights: none or "
+                             "augment.splits: 0")
+        if a.device == "cuda":
+            raise ValueError(f"augment.device: cuda and augment.splits: {a.splits}: each image's views are made "
+                             "together on the CPU (timm's AugMixDataset); set augment.device: auto or cpu")
 
     def _check_split_classes(self) -> None:
         """data.split_classes is the class-disjoint protocol of a retrieval run; elsewhere it would mean nothing."""

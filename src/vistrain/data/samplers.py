@@ -240,6 +240,30 @@ def pk_sampler(labels: Sequence[int], generator: torch.Generator, p: int | None,
     return PKBatchSampler(labels, p, k, generator, rank=rank, world_size=world_size)
 
 
+class RepeatedAugment(Sampler[int]):
+    """``augment.repeats``: timm's ``RepeatAugSampler`` (DeiT's repeated augmentation) over ``n`` items: each item
+    ``repeats`` times in a row of the shuffled order, that list dealt to the ranks (rank r takes positions
+    r, r + world, ...: the copies of an image land on different ranks) and each rank's share cut to timm's epoch
+    length (about n / world: a multiple of 256 when n >= 256), so an epoch shows ~1/repeats of the images, each
+    ``repeats`` times. The shuffle is timm's own, seeded with ``generator``'s seed: ``EpochBatches`` seeds it with
+    (fold seed + epoch) before each draw, timm's ``set_epoch`` value. No ``RankShare`` around it: it shares the
+    epoch out itself. Every copy is its own position in the epoch, so ``EpochBatches`` gives each copy an
+    augmentation seed of its own."""
+
+    def __init__(self, n: int, generator: torch.Generator, repeats: int, rank: int = 0, world: int = 1):
+        from timm.data.distributed_sampler import RepeatAugSampler
+
+        self.sampler = RepeatAugSampler(range(n), num_replicas=world, rank=rank, shuffle=True, num_repeats=repeats)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        self.sampler.set_epoch(self.generator.initial_seed())
+        return iter(self.sampler)
+
+
 class SeededIndex(NamedTuple):
     """A training item as ``EpochBatches`` hands it to the dataset: its index and the seed of its augmentation."""
 

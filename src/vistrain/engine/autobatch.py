@@ -215,4 +215,7 @@ def resolve_batch_size(cfg: Config, device: torch.device, precision: Precision, 
     batch = find_batch_size(lambda: build_model(cfg.task, cfg.model, n_classes, pretrained=False),
                             size_hw(t.img_size), device, precision, channels_last=t.channels_last is True,
                             n_classes=n_classes)
+    if cfg.augment.splits:  # the model sees each image as augment.splits views: K·B inputs per batch
+        return max(1, batch // cfg.augment.splits), (f"largest batch that trained within GPU memory, with head-room, "
+                                                     f"divided by augment.splits={cfg.augment.splits}")
     return batch, "largest batch that trained within GPU memory, with head-room"

@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
+from vistrain.data.aug_splits import SplitViews, collate_splits
 from vistrain.data.cache import RunCache
 from vistrain.data.dataset import ImageDataset, worker_init
 from vistrain.data.preprocess import Preprocessor
-from vistrain.data.samplers import SAMPLERS, EpochBatches, domain_ratio_sampler
+from vistrain.data.samplers import SAMPLERS, EpochBatches, RepeatedAugment, domain_ratio_sampler
 from vistrain.data.transforms import TrainTransform, to_uint8_tensor
 from vistrain.engine import device as dev
 from vistrain.engine.distributed import SINGLE, DistInfo, EvalShard, RankShare
@@ -31,6 +32,9 @@ from vistrain.models.losses import LOSSES
 
 if TYPE_CHECKING:
     from vistrain.data.prepare import Prepared
+
+
+JSD_ALPHA = 12  # augment.splits: weight of the Jensen-Shannon term (timm's and the AugMix paper's)
 
 
 @dataclass
@@ -65,44 +69,55 @@ def _loaders(cfg: Config, train_paths: np.ndarray, train_labels: np.ndarray, val
     ``cache``; training augments those pixels (``TrainTransform``), validation only normalises them, as inference
     does. ``train_domains``: each training
     item's domain; with ``data.sources`` ratios the epoch follows them."""
-    t, s = cfg.train, cfg.sampler
-    ratios = cfg.data.domain_ratios()
+    t = cfg.train
     decode = cache.images.decode if cache else pre.load
     # augment.device: cuda: the loader yields uint8 pixels and the loop augments whole batches on the GPU
     augment = to_uint8_tensor if cfg.augment.device == "cuda" else TrainTransform(cfg.augment, pre)
+    collate = None
+    if cfg.augment.splits:  # the clean view and K - 1 augmented ones, in timm's batch layout
+        augment, collate = SplitViews(pre.normalize, augment, cfg.augment.splits), collate_splits
     train_ds = ImageDataset(train_paths, train_labels.tolist(), augment, decode)
     valid_ds = ImageDataset(valid_paths, valid_labels.tolist(), pre.normalize, decode)
-    order = torch.Generator()  # the epoch's draw: EpochBatches reseeds it every epoch
     workers = dev.auto_workers(t.num_workers, device)
     common = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
               "worker_init_fn": worker_init if workers else None}
     if workers and device.type == "cuda":
         common["prefetch_factor"] = 4  # batches queued per worker: a slow batch does not stall the device
-    if s.name == "pk":
-        from vistrain.data.samplers import pk_sampler
-
-        pk = pk_sampler(train_labels.tolist(), order, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
-        batches = EpochBatches(pk, order, rank=info.rank)
-    else:
-        if ratios and train_domains is not None:  # weighted: classes balanced too, within the domain shares
-            sampler = domain_ratio_sampler(train_labels.tolist(), order, train_domains, ratios,
-                                           balance_classes=s.name == "weighted")
-        else:
-            sampler = SAMPLERS.lookup(s.name)(train_labels.tolist(), order)
-        if info.enabled:  # every rank draws the same order (same seed) and keeps its own share
-            sampler = RankShare(sampler, info.rank, info.world)
-        batches = EpochBatches(sampler, order, t.batch_size, drop_last=len(sampler) > t.batch_size,  # no 1-image BN
-                               rank=info.rank)
     # Each loader draws its workers' base seed from a generator of its own, never from torch's global one: that
     # stream (dropout) must be where the last checkpoint left it when a resumed run trains, whichever loader
     # started its workers first.
-    train_loader = DataLoader(train_ds, batch_sampler=batches, generator=torch.Generator(), **common)
+    train_loader = DataLoader(train_ds, batch_sampler=train_batches(cfg, train_labels, train_domains, info),
+                              collate_fn=collate, generator=torch.Generator(), **common)
     eval_batch = cfg.eval.batch_size or t.batch_size * 2
     # several processes: each rank evaluates its own whole batches; the loop gathers them on rank 0 in order
     shard = EvalShard(len(valid_ds), eval_batch, info.rank, info.world) if info.enabled else None
     valid_loader = DataLoader(valid_ds, batch_size=eval_batch, sampler=shard, shuffle=False,
                               generator=torch.Generator(), **common)
     return train_loader, valid_loader
+
+
+def train_batches(cfg: Config, labels: np.ndarray, domains: np.ndarray | None = None, info: DistInfo = SINGLE
+                  ) -> EpochBatches:
+    """The training loader's batch sampler (``sampler``, ``augment.repeats``, ``data.sources`` ratios) for this
+    rank: ``EpochBatches`` over the sampler that draws each epoch from a generator it reseeds."""
+    t, s, repeats = cfg.train, cfg.sampler, cfg.augment.repeats
+    ratios = cfg.data.domain_ratios()
+    order = torch.Generator()  # the epoch's draw: EpochBatches reseeds it every epoch
+    if s.name == "pk":
+        from vistrain.data.samplers import pk_sampler
+
+        pk = pk_sampler(labels.tolist(), order, p=s.p, k=s.k, rank=info.rank, world_size=info.world)
+        return EpochBatches(pk, order, rank=info.rank)
+    if repeats > 1:  # timm's sampler deals the repeated epoch to the ranks itself
+        sampler = RepeatedAugment(len(labels), order, repeats, info.rank, info.world)
+    elif ratios and domains is not None:  # weighted: classes balanced too, within the domain shares
+        sampler = domain_ratio_sampler(labels.tolist(), order, domains, ratios, balance_classes=s.name == "weighted")
+    else:
+        sampler = SAMPLERS.lookup(s.name)(labels.tolist(), order)
+    if info.enabled and repeats <= 1:  # every rank draws the same order (same seed) and keeps its own share
+        sampler = RankShare(sampler, info.rank, info.world)
+    return EpochBatches(sampler, order, t.batch_size, drop_last=len(sampler) > t.batch_size,  # no 1-image BN
+                        rank=info.rank)
 
 
 def _domains(data: Prepared, idx: np.ndarray) -> np.ndarray | None:
@@ -134,9 +149,13 @@ def classification_setup(cfg: Config, data: Prepared, fold: int, device: torch.d
 
         mixup = Mixup(mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha, prob=a.mix_prob,
                       switch_prob=a.mix_switch_prob, label_smoothing=t.label_smoothing, num_classes=n_classes)
-    # With mixup the smoothing is already inside the soft targets.
-    task = ClassificationTask(LOSSES.lookup(t.loss)(weights, 0.0 if mixup else t.label_smoothing), mixup,
-                              _domains(data, valid_idx), mix_seed=(cfg.project.seed, fold))
+    if a.splits:  # the config allows neither class weights nor mixing with the splits
+        from timm.loss import JsdCrossEntropy
+
+        criterion = JsdCrossEntropy(num_splits=a.splits, alpha=JSD_ALPHA, smoothing=t.label_smoothing)
+    else:  # with mixup the smoothing is already inside the soft targets
+        criterion = LOSSES.lookup(t.loss)(weights, 0.0 if mixup else t.label_smoothing)
+    task = ClassificationTask(criterion, mixup, _domains(data, valid_idx), mix_seed=(cfg.project.seed, fold))
     return FoldSetup(model, pre, train_loader, valid_loader, task, model, len(valid_idx), True, start)
 
 
