@@ -274,6 +274,9 @@ class AugmentCfg(Section):
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # probability a batch is mixed at all
     mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # cutmix instead of mixup when both are on
+    # a pipeline file saved with albumentations.save (.yaml / .json), run on the CPU on the preprocessed uint8
+    # pixels after the policy's operations, before normalisation (pip install 'vistrain[albumentations]')
+    albumentations: Path | None = None
 
 
 class ResizeCfg(Section):
