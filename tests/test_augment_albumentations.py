@@ -147,3 +147,26 @@ def test_the_pipeline_file_is_part_of_the_config_hash(tmp_path: Path) -> None:
     saved(path, A.ToGray(p=1), A.HorizontalFlip(p=0.5))  # same path, other pipeline: another config for --resume
     assert config_hash(cfg) != first
     assert config_hash(validate(tiny_config(root))) != first
+
+
+def test_loader_workers_give_the_images_one_process_gives(tmp_path: Path) -> None:
+    """Each image's draws follow its own seed, not the process that makes it: 0 or 2 workers, the same batches."""
+    from torch.utils.data import DataLoader
+
+    from vistrain.data.dataset import ImageDataset, worker_init
+    from vistrain.data.samplers import SeededIndex
+
+    images = [pixels(seed) for seed in range(6)]
+    tf = transform(saved(tmp_path / "p.yaml", A.RandomBrightnessContrast(p=1), A.HorizontalFlip(p=0.5),
+                         A.CoarseDropout(p=0.5)))
+    ds = ImageDataset([str(i) for i in range(6)], [0] * 6, tf, lambda path: images[int(path)])
+    batches = [[SeededIndex(i, 1000 + 7 * i) for i in range(j, j + 3)] for j in (0, 3)]
+
+    def run(workers: int) -> list[torch.Tensor]:
+        loader = DataLoader(ds, batch_sampler=batches, num_workers=workers,
+                            worker_init_fn=worker_init if workers else None)
+        return [x for x, _, _ in loader]
+
+    alone, shared = run(0), run(2)
+    assert all(torch.equal(a, b) for a, b in zip(alone, shared, strict=True))
+    assert not torch.equal(alone[0][0], PRE.normalize(images[0]))  # the pipeline drew something
