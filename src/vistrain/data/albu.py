@@ -19,7 +19,7 @@ import inspect
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import yaml
 
+from vistrain.config.schema import AugmentCfg
+from vistrain.data.preprocess import size_hw
 from vistrain.errors import UserError, did_you_mean
 
 KEY = "augment.albumentations"
@@ -158,6 +160,13 @@ def _check_output(pipeline: Any, hw: tuple[int, int], where: str) -> None:
                         f"{hw[0]}x{hw[1]} (vistrain normalises afterwards: leave out Normalize and ToTensorV2); it "
                         "returned "
                         f"{type(out).__name__} {dtype} {tuple(shape) if shape is not None else ''}".rstrip())
+
+
+def check_pipeline(aug: AugmentCfg, img_size: int | Sequence[int]) -> None:
+    """``augment.albumentations``' file loads and works at the training size: a one-line user error before a
+    command builds anything (and before a run directory exists), not an error in a loader worker later."""
+    if aug.albumentations is not None:
+        load_pipeline(aug.albumentations, size_hw(img_size))
 
 
 class AlbumentationsStep:

@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vistrain.config.schema import Config
+from vistrain.data.albu import check_pipeline
 from vistrain.data.preprocess import Preprocessor
 from vistrain.engine.checkpoint import seed_everything
 from vistrain.engine.distributed import SINGLE
@@ -91,6 +92,7 @@ def run_first_batch(cfg: Config, n: int) -> tuple[TrainingBatch, list[str]]:
     from vistrain.engine.run_setup import resolve_auto, setup_machine
     from vistrain.engine.setup import SETUPS, batch_transform, fold_seed
 
+    check_pipeline(cfg.augment, cfg.train.img_size)  # before the data is read, as train checks it
     data = prepare_data(cfg)
     machine = setup_machine(cfg, data, SINGLE)
     cfg = resolve_auto(cfg, machine, len(data.classes), data.cache is not None)

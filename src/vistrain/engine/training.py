@@ -16,10 +16,10 @@ from typing import Any
 
 from vistrain.config.loader import mode_info
 from vistrain.config.schema import Config
+from vistrain.data.albu import check_pipeline
 from vistrain.data.cache import on_this_machine
 from vistrain.data.manifest import build_manifest
 from vistrain.data.prepare import Prepared, prepare_data
-from vistrain.data.preprocess import size_hw
 from vistrain.data.sources import require_dir
 from vistrain.engine import distributed, preemption
 from vistrain.engine.hooks import Hook
@@ -68,10 +68,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     check_model_name(cfg.model.name)  # before the run directory: a typo must not leave an error run behind
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
-    if cfg.augment.albumentations is not None:  # a bad pipeline file: one line now, not in a loader worker later
-        from vistrain.data.albu import load_pipeline
-
-        load_pipeline(cfg.augment.albumentations, size_hw(cfg.train.img_size))
+    check_pipeline(cfg.augment, cfg.train.img_size)  # augment.albumentations' file
     info = distributed.init_distributed()
     fallbacks = Fallbacks(strict)
     run: rundir.RunDir | None = None
