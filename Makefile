@@ -11,7 +11,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune,postgres,retrieval,export,serve,audit,augment]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,tune,postgres,retrieval,export,serve,audit,augment,albumentations]'
 	touch $(STAMP)
 
 demo: install

@@ -18,7 +18,7 @@ import pytest
 ENV = "VISTRAIN_REQUIRE_EXTRAS"
 
 # The import names of what `make install` installs beyond the core (Makefile: '.[dev,tune,postgres,retrieval,
-# export,serve,audit,augment]'); tests/test_suite_checks.py holds this list to pyproject.toml's extras.
+# export,serve,audit,augment,albumentations]'); tests/test_suite_checks.py holds this list to pyproject.toml's extras.
 EXTRAS_MODULES = frozenset({
     "optuna",  # tune
     "psycopg2",  # postgres
@@ -27,6 +27,7 @@ EXTRAS_MODULES = frozenset({
     "fastapi", "uvicorn", "multipart", "python_multipart",  # serve
     "cleanlab", "imagehash", "pywt",  # audit
     "kornia",  # augment
+    "albumentations",  # albumentations
     "httpx", "hypothesis", "wandb", "xdist", "nbclient", "nbformat", "ipykernel",  # dev
 })
 

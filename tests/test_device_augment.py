@@ -102,7 +102,7 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 # batches inside ClassificationTask, after either policy (mixup / cutmix), pick the path itself (device) or the
 # sampling (repeats), or have no device twin yet (CPU_ONLY_CASES: the device policy falls back to the CPU); a new
 # augment key must land in one of them, or this file fails.
-LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}  # splits: CPU_ONLY_CASES
+LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}  # splits: CPU_ONLY
 # Each case names the key device_supports must report; a key given its Kornia twin moves to KEY_CASES.
 CPU_ONLY_CASES = [("auto", {"auto": "rand-m9-mstd0.5-inc1"}), ("crop", {"crop": "rrc"}), ("crop", {"crop": "pad_crop"}),
                   ("crop", {"crop": "none", "policy": "hard"}),

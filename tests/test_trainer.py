@@ -59,8 +59,8 @@ def test_every_hook_state_is_in_the_last_checkpoint_and_comes_back_on_resume(cfg
         run_train(cfg, hooks=[counter, Reporter(stop_after_epoch)])
     (last,) = Path(cfg.output.exp_dir).glob("*/*/ckpt/last_fold0.pth")
     ckpt = torch.load(last, weights_only=True)
-    assert list(ckpt["hooks"]) == ["epoch_order", "divergence", "lr_override", "early_stopping", "oof_logits",
-                                   "checkpoints", "metrics", "count_steps", "reporter"]
+    assert list(ckpt["hooks"]) == ["epoch_order", "augment_grid", "divergence", "lr_override", "early_stopping",
+                                   "oof_logits", "checkpoints", "metrics", "count_steps", "reporter"]
     updates_per_epoch = 2  # 8 training images in batches of 4
     assert ckpt["hooks"]["count_steps"] == {"updates": updates_per_epoch, "epochs": 1} and ckpt["num_updates"] == 2
     assert ckpt["hooks"]["early_stopping"]["best_epoch"] == 1

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from vistrain.data.preprocess import Preprocessor
     from vistrain.engine.hooks import Hook
 
-__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "compare", "demo", "doctor", "init", "load_config",
-           "manifest", "serve", "split", "train", "tune"]
+__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "augment_grid", "compare", "demo", "doctor", "init",
+           "load_config", "manifest", "serve", "split", "train", "tune"]
 
 ImageLike = Union[str, Path, "Image.Image", np.ndarray]  # noqa: UP007 - a file, or an image already in memory
 Overrides = Mapping[str, Any] | Sequence[str]
@@ -505,6 +505,18 @@ def split(config: str | Path | Mapping[str, Any] | Config, output: str | Path = 
     from vistrain.data.prepare import write_splits
 
     return write_splits(load_config(config, overrides, mode), Path(output))
+
+
+def augment_grid(config: str | Path | Mapping[str, Any] | Config, *, n: int = 32,
+                 output: str | Path = "augment_grid.png", overrides: Overrides = (), mode: str | None = None) -> Path:
+    """``vistrain augment``: the first ``n`` images of fold 0's first training batch as the model receives them
+    (preprocessed, augmented on the configured device, mixed; de-normalised for display), each with its label
+    (a mixed one as ``a 0.7 / b 0.3``), drawn to the PNG ``output``; returns its path."""
+    from vistrain.engine.augment_preview import write_augment_grid
+
+    if not (isinstance(n, int) and n > 0):
+        raise UserError(f"n: expected a positive whole number of images; got {n!r}")
+    return write_augment_grid(load_config(config, overrides, mode), Path(output), n)
 
 
 def manifest(config: str | Path | Mapping[str, Any] | Config, output: str | Path = "manifest.json", *,

@@ -290,7 +290,9 @@ class AugmentCfg(Section):
     erasing_count: PositiveInt = 1  # at most this many rectangles per erased image (timm's --recount)
     repeats: Annotated[int, Field(ge=0)] = 0  # timm RepeatAugSampler: each image repeated N times per epoch (0/1 off)
     splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0 off; 3 = timm's --aug-splits 3)
-    albumentations: Path | None = None  # a pipeline saved with albumentations.save (.yaml / .json)
+    # a pipeline file saved with albumentations.save (.yaml / .json), run on the CPU on the preprocessed uint8
+    # pixels after the policy's operations, before normalisation (pip install 'vistrain[albumentations]')
+    albumentations: Path | None = None
 
     @field_validator("auto")
     @classmethod

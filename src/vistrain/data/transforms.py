@@ -88,14 +88,26 @@ class TrainTransform:
     def __init__(self, aug: AugmentCfg, pre: Preprocessor):
         ops = augment_ops(aug, pre.size, pre)
         self.augment = T.Compose(ops) if ops else None
+        self.albumentations = _albumentations(aug, pre.size)
         self.normalize = pre.normalize
         self.erase = random_erasing(aug)
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         if self.augment is not None:
             pixels = np.asarray(self.augment(Image.fromarray(pixels)))
+        if self.albumentations is not None:  # augment.albumentations: after the policy, still uint8
+            pixels = self.albumentations(pixels)
         x = self.normalize(pixels)
         return self.erase(x) if self.erase is not None else x
+
+
+def _albumentations(aug: AugmentCfg, hw: tuple[int, int]) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``augment.albumentations``'s pipeline (``data/albu.py``; Albumentations is imported only then), or None."""
+    if aug.albumentations is None:
+        return None
+    from vistrain.data.albu import AlbumentationsStep
+
+    return AlbumentationsStep(aug.albumentations, hw)
 
 
 def to_uint8_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -29,7 +29,7 @@ from vistrain.errors import UserError, did_you_mean
 from vistrain.fallbacks import Fallbacks
 from vistrain.models.build import is_convolutional
 from vistrain.tracking import rundir
-from vistrain.tracking.files import atomic_write_text, write_csv, write_json, write_yaml
+from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write_csv, write_json, write_yaml
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,8 @@ def log_config(cfg: Config) -> None:
 
 def write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_path: Path | None) -> None:
     """config.yaml (a new run; a resumed one records its changes in run.json), splits.csv (a resumed run's must
-    be the same), preprocess.json, class_map.json, bad_images.csv."""
+    be the same), preprocess.json, augment_pipeline.yaml / .json (a copy of augment.albumentations' file),
+    class_map.json, bad_images.csv."""
     splits = splits_table(data.items, data.fold_of)
     if run.resumed and (run / "splits.csv").is_file():
         before = pd.read_csv(run / "splits.csv", dtype=str, keep_default_na=False)
@@ -213,6 +214,9 @@ def write_run_files(cfg: Config, run: rundir.RunDir, data: Prepared, config_path
             atomic_write_text(run / "command.txt", " ".join(sys.argv) + "\n")
     write_csv(run / "splits.csv", splits)
     write_json(run / "preprocess.json", Preprocessor.from_config(cfg).to_dict())
+    if cfg.augment.albumentations is not None:  # the pipeline this run trains with, whatever happens to the file
+        pipeline = Path(cfg.augment.albumentations)
+        atomic_write_bytes(run / f"augment_pipeline{pipeline.suffix.lower()}", pipeline.read_bytes())
     class_map: dict[str, Any] = {
         "class_to_idx": {str(c): i for i, c in enumerate(data.classes)},
         "idx_to_class": {str(i): c for i, c in enumerate(data.classes)},

@@ -201,6 +201,21 @@ def embedding_setup(cfg: Config, data: Prepared, fold: int, device: torch.device
     return FoldSetup(model, pre, train_loader, valid_loader, task, params, len(v_idx), False, start)
 
 
+def batch_transform(cfg: Config, pre: Preprocessor, device: torch.device) -> nn.Module | None:
+    """The loop's transform of each training batch on the device (``LoopOptions.batch_transform``): with
+    augment.device: cuda the policy on whole uint8 batches (``data.device_augment``), else None."""
+    if cfg.augment.device != "cuda":
+        return None
+    from vistrain.data.device_augment import DeviceAugment
+
+    return DeviceAugment(cfg.augment, pre).to(device)
+
+
+def fold_seed(seed: int, fold: int) -> int:
+    """The seed of fold ``fold``'s epochs (``TrainState.seed``): its batches and every item's augmentation."""
+    return seed * 1000 + fold * 100_000
+
+
 SETUPS: dict[str, Callable[[Config, Any, int, torch.device, DistInfo], FoldSetup]] = {
     "classification": classification_setup,
     "embedding": embedding_setup,

@@ -42,15 +42,23 @@ class ClassificationTask:
     def training_loss(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.mixup is not None and len(images) > 1:
-            if len(images) % 2:  # timm mixes pairs: an odd last batch gives up one image
-                images, targets = images[:-1], targets[:-1]
-            # timm's Mixup draws (mixup or cutmix, lambda, the box) from NumPy's global generator: seeded for each
-            # batch from (seed, fold, batches mixed so far), so a resumed fold mixes its next batch as the
-            # uninterrupted one would, whatever else used that generator in between.
-            np.random.seed(np.random.SeedSequence((*self.mix_seed, self.mixed)).generate_state(1)[0])
+            images, targets = self.mix_batch(images, targets, self.mixed)
             self.mixed += 1
-            images, targets = self.mixup(images, targets)
         return self.criterion(model(images), targets), {}
+
+    def mix_batch(self, images: torch.Tensor, targets: torch.Tensor, mixed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch the model is given after ``mixed`` batches of the fold were mixed: mixup / cutmix (soft targets
+        [B, C]) when configured, else the batch as it is (``vistrain augment`` draws it)."""
+        if self.mixup is None or len(images) < 2:
+            return images, targets
+        if len(images) % 2:  # timm mixes pairs: an odd last batch gives up one image
+            images, targets = images[:-1], targets[:-1]
+        # timm's Mixup draws (mixup or cutmix, lambda, the box) from NumPy's global generator: seeded for each
+        # batch from (seed, fold, batches mixed so far), so a resumed fold mixes its next batch as the
+        # uninterrupted one would, whatever else used that generator in between.
+        np.random.seed(np.random.SeedSequence((*self.mix_seed, mixed)).generate_state(1)[0])
+        return self.mixup(images, targets)
 
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         return model(images)
@@ -117,6 +125,10 @@ class EmbeddingTask:
         parts = {f"loss_{name}": weight * module(out, targets) for name, weight, module in self.terms}
         total = torch.stack(list(parts.values())).sum()
         return total, {k: v.detach() for k, v in parts.items()}  # tensors: the loop reads them when it logs
+
+    def mix_batch(self, images: torch.Tensor, targets: torch.Tensor, mixed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, targets  # metric learning mixes no images
 
     def eval_outputs(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         feats = model(images).float()

@@ -35,7 +35,7 @@ from vistrain.engine.hooks.metrics import RESUME_HINT
 from vistrain.engine.loop import LoopOptions, TrainState, evaluate, train_one_epoch
 from vistrain.engine.optim import build_optimizer, build_scheduler
 from vistrain.engine.run_setup import Machine
-from vistrain.engine.setup import SETUPS, FoldSetup
+from vistrain.engine.setup import SETUPS, FoldSetup, batch_transform, fold_seed
 from vistrain.engine.summary import fold_result
 from vistrain.errors import Preempted
 from vistrain.fallbacks import Fallbacks
@@ -112,7 +112,7 @@ class Trainer:
                            scheduler=build_scheduler(optimizer, t, updates, monitor_mode(t.monitor)),
                            scaler=torch.amp.GradScaler(self.machine.device.type,
                                                        enabled=self.machine.precision.use_scaler),
-                           seed=cfg.project.seed * 1000 + k * 100_000)
+                           seed=fold_seed(cfg.project.seed, k))
         self._log_model(k, setup)
         hooks = default_hooks(cfg, k, self.run, self.trackers, setup.keep_valid_outputs) + self.extra_hooks
         meta = {"fold": k, "classes": self.data.classes, "preprocess": setup.preprocessor.to_dict(),
@@ -127,7 +127,7 @@ class Trainer:
         return LoopOptions(device=self.machine.device, precision=self.machine.precision,
                            grad_accum_steps=t.grad_accum_steps, grad_clip_norm=t.grad_clip_norm,
                            channels_last=t.channels_last is True, log_interval=t.log_interval,
-                           batch_transform=_device_augment(cfg, pre, self.machine.device),
+                           batch_transform=batch_transform(cfg, pre, self.machine.device),
                            progress=show_progress() and self.info.is_main, label=f"fold {k}", row_prefix={"fold": k},
                            dist=self.info, sync_bn=t.sync_bn, eval_every=t.eval_every_n_epochs,
                            stop=preemption.StopCheck(self.info, self.machine.device))
@@ -204,12 +204,3 @@ def validate(fold: FoldRun) -> dict[str, Any]:
     valid_loss, fold.outputs, targets = evaluate(state.eval_model(), fold.task, fold.valid_loader, opts)
     return distributed.from_main(opts.dist, lambda: {"valid_loss": valid_loss,
                                                      **fold.task.metrics(fold.outputs, targets)})
-
-
-def _device_augment(cfg: Config, pre: Preprocessor, device: torch.device) -> Any:
-    """augment.device: cuda: the policy on whole uint8 batches on the device (``data.device_augment``)."""
-    if cfg.augment.device != "cuda":
-        return None
-    from vistrain.data.device_augment import DeviceAugment
-
-    return DeviceAugment(cfg.augment, pre).to(device)

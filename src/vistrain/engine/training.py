@@ -16,6 +16,7 @@ from typing import Any
 
 from vistrain.config.loader import mode_info
 from vistrain.config.schema import Config
+from vistrain.data.albu import check_pipeline
 from vistrain.data.cache import on_this_machine
 from vistrain.data.manifest import build_manifest
 from vistrain.data.prepare import Prepared, prepare_data
@@ -67,6 +68,7 @@ def run_train(cfg: Config, *, resume: bool | Path = False, fresh: bool = False, 
     check_model_name(cfg.model.name)  # before the run directory: a typo must not leave an error run behind
     require_source(cfg.model.init_from, "model.init_from")
     require_source(cfg.model.pretrained_path, "model.pretrained_path")
+    check_pipeline(cfg.augment, cfg.train.img_size)  # augment.albumentations' file
     info = distributed.init_distributed()
     fallbacks = Fallbacks(strict)
     run: rundir.RunDir | None = None

@@ -35,8 +35,23 @@ LOCK_FILE = ".lock"
 
 
 def config_hash(cfg: Config) -> str:
-    blob = json.dumps(config_to_dict(cfg), sort_keys=True).encode()
+    """What ``--resume`` (and a tune study) matches: the resolved config, and the content of a file that is part of
+    it (``augment.albumentations``: the same path with another pipeline in it is another config)."""
+    described = config_to_dict(cfg)
+    if cfg.augment.albumentations is not None:
+        described["augment"]["albumentations_sha256"] = file_sha256(cfg.augment.albumentations,
+                                                                    "augment.albumentations")
+    blob = json.dumps(described, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def file_sha256(path: Path, key: str) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except FileNotFoundError:
+        raise UserError(f"{key}: {path}: file not found") from None
+    except OSError as err:
+        raise UserError(f"{key}: {path}: cannot read it ({err.strerror or err})") from None
 
 
 @dataclass

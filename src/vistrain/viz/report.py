@@ -86,9 +86,13 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+AUGMENT_GRID = "plots/augment_grid.png"  # the first training batch (engine/hooks/augment_grid.py): its own section
+
+
 def report_images(run_dir: Path) -> list[Path]:
-    """The PNGs the report shows, in page order: plots/, then eval/<split>/, then the run root."""
-    images = sorted((run_dir / "plots").glob("*.png"), key=_plot_order)
+    """The PNGs the report shows under Plots, in page order: plots/ (but the augment grid), then eval/<split>/,
+    then the run root."""
+    images = sorted((p for p in (run_dir / "plots").glob("*.png") if p != run_dir / AUGMENT_GRID), key=_plot_order)
     images += sorted((run_dir / "eval").glob("*/*.png"), key=_plot_order)
     images += sorted(run_dir.glob("*.png"), key=_plot_order)
     return images
@@ -333,18 +337,27 @@ def calibration_html(run_dir: Path) -> str:
     return section("Calibration (temperature scaling)", key_values({**known, **rest}) + lines)
 
 
+def _figure(run_dir: Path, path: Path) -> str:
+    """The PNG as an inline data URI, captioned with its path inside the run directory ("" when unreadable)."""
+    try:
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+    except OSError:
+        return ""  # removed between listing and reading: leave it out rather than show a broken image
+    rel = html.escape(str(path.relative_to(run_dir)))
+    return f'<figure><img alt="{rel}" src="data:image/png;base64,{data}"><figcaption>{rel}</figcaption></figure>'
+
+
 def images_html(run_dir: Path) -> str:
-    """Every PNG as an inline data URI, captioned with its path inside the run directory."""
-    figures = []
-    for path in report_images(run_dir):
-        try:
-            data = base64.b64encode(path.read_bytes()).decode("ascii")
-        except OSError:
-            continue  # removed between listing and reading: leave it out rather than show a broken image
-        rel = html.escape(str(path.relative_to(run_dir)))
-        figures.append(f'<figure><img alt="{rel}" src="data:image/png;base64,{data}">'
-                       f"<figcaption>{rel}</figcaption></figure>")
-    return section("Plots", "".join(figures)) if figures else ""
+    figures = "".join(_figure(run_dir, path) for path in report_images(run_dir))
+    return section("Plots", figures) if figures else ""
+
+
+def augment_html(run_dir: Path) -> str:
+    """The first training batch as the model received it (augmented, mixed, de-normalised), with its labels."""
+    figure = _figure(run_dir, run_dir / AUGMENT_GRID) if (run_dir / AUGMENT_GRID).is_file() else ""
+    note = ('<p class="note">The first batch of the first fold, drawn before it trained; <code>vistrain augment '
+            "--config F</code> draws the same for any config.</p>")
+    return section("What the model trained on", note + figure) if figure else ""
 
 
 def audit_html(run_dir: Path) -> str:
@@ -381,7 +394,8 @@ def render_report(run_dir: Path) -> str:
     body = "".join([
         folds_html(summary), metrics_html(run_dir, summary), domain_html(run_dir, summary, failure_threshold(run_dir)),
         per_class_html(run_dir, failure_threshold(run_dir)),
-        calibration_html(run_dir), audit_html(run_dir), images_html(run_dir), environment_html(summary),
+        calibration_html(run_dir), audit_html(run_dir), augment_html(run_dir), images_html(run_dir),
+        environment_html(summary),
         config_html(run_dir),
     ])
     return (
