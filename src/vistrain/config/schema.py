@@ -274,6 +274,17 @@ class AugmentCfg(Section):
     cutmix_alpha: Annotated[float, Field(ge=0)] = 0.0  # 0 disables cutmix
     mix_prob: Annotated[float, Field(ge=0, le=1)] = 1.0  # probability a batch is mixed at all
     mix_switch_prob: Annotated[float, Field(ge=0, le=1)] = 0.5  # cutmix instead of mixup when both are on
+    # timm's auto-augment string (rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0 ...), on the uint8 pixels
+    auto: str | None = None
+    crop: Literal["auto", "rrc", "pad_crop", "none"] = "auto"  # auto: hard -> rrc (scale 0.6-1), else none
+    scale: Annotated[list[Annotated[float, Field(gt=0, le=1)]], Field(min_length=2, max_length=2)] = [0.08, 1.0]
+    ratio: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=2, max_length=2)] = [0.75, 1.3333333]
+    pad: Annotated[int, Field(ge=0)] = 10  # pad_crop: pixels of padding on each side, then a crop back to the size
+    erasing_mode: Literal["const", "rand", "pixel"] = "const"  # const: the model's mean (0 after normalisation)
+    erasing_count: PositiveInt = 1  # erased rectangles per image: 1 to this many (timm's recount)
+    repeats: Annotated[int, Field(ge=0)] = 0  # timm RepeatAugSampler: each image N times per epoch (0 / 1: off)
+    splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0: off)
+    albumentations: Path | None = None  # a pipeline saved with albumentations.save (.yaml / .json)
 
 
 class ResizeCfg(Section):

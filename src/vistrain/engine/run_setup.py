@@ -18,7 +18,8 @@ import torch
 
 from vistrain._version import __version__
 from vistrain.config.loader import ModeInfo, config_to_dict
-from vistrain.config.schema import Config, domain_monitor
+from vistrain.config.schema import AugmentCfg, Config, domain_monitor
+from vistrain.data.device_augment import device_supports
 from vistrain.data.prepare import Prepared
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import single_domain_classes
@@ -117,7 +118,7 @@ def resolve_auto(cfg: Config, machine: Machine, n_classes: int, cached: bool, wo
     update: dict[str, Any] = {"amp": precision.name, "num_workers": dev.auto_workers(t.num_workers, device, cached)}
     if cfg.augment.device != "cpu":
         cfg = cfg.model_copy(update={"augment": cfg.augment.model_copy(
-            update={"device": _augment_device(cfg.augment.device, device)})})
+            update={"device": _augment_device(cfg.augment, device)})})
     if t.channels_last == "auto":  # NHWC pays on CUDA for convolutions; on the CPU and for ViTs it does not
         update["channels_last"] = device.type == "cuda" and is_convolutional(cfg.model.name)
         cfg = cfg.model_copy(update={"train": t.model_copy(update={"channels_last": update["channels_last"]})})
@@ -154,14 +155,19 @@ def share_target(target: int, fits: int, world: int) -> tuple[int, int]:
     return batch, -(-share // batch)
 
 
-def _augment_device(setting: str, device: torch.device) -> str:
-    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there."""
+def _augment_device(aug: AugmentCfg, device: torch.device) -> str:
+    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there. A key that
+    no batched op runs (``device_supports``) keeps the CPU policy, with one [DATA] line naming it."""
     import importlib.util
 
-    has_kornia = importlib.util.find_spec("kornia") is not None
+    setting = aug.device
     if setting == "cuda" and device.type != "cuda":
         raise UserError(f"augment.device: cuda needs training on a GPU; train.device resolved to {device.type} "
                         "(valid here: auto, cpu)")
+    if device.type == "cuda" and (unsupported := device_supports(aug)):
+        log.info("[DATA] augment.device: cpu, not cuda: %s", unsupported)
+        return "cpu"
+    has_kornia = importlib.util.find_spec("kornia") is not None
     if setting == "cuda" and not has_kornia:
         raise UserError("augment.device: cuda needs Kornia: pip install 'vistrain[augment]' (or use cpu)")
     if setting == "auto":
