@@ -99,22 +99,20 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 
 # Every key of the CPU policy (TrainTransform) with a value away from its default, one case each, then the combinations
 # that matter: hue without colour jitter, and the pills recipe's policy (hue 0.1). The remaining keys act on whole
-# batches inside ClassificationTask, after either policy (mixup / cutmix), pick the path itself (device) or the
-# sampling (repeats), or have no device twin yet (CPU_ONLY_CASES: the device policy falls back to the CPU); a new
-# augment key must land in one of them, or this file fails.
-LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}  # splits: CPU_ONLY
-# Each case names the key device_supports must report; a key given its Kornia twin moves to KEY_CASES.
-CPU_ONLY_CASES = [("auto", {"auto": "rand-m9-mstd0.5-inc1"}), ("crop", {"crop": "rrc"}), ("crop", {"crop": "pad_crop"}),
-                  ("crop", {"crop": "none", "policy": "hard"}),
-                  ("erasing_mode", {"erasing_mode": "rand", "random_erasing": 0.5}),
-                  ("erasing_count", {"erasing_count": 2, "random_erasing": 0.5}), ("splits", {"splits": 3}),
-                  ("albumentations", {"albumentations": "pipeline.yaml"})]
-WITHIN_CROP = {"scale", "ratio", "pad"}  # read only by crop: rrc / pad_crop, which have no twin yet
+# batches inside ClassificationTask, after either policy (mixup / cutmix), pick the path itself (device) or the images
+# of an epoch (repeats: the sampler); crop, scale, ratio, pad and the erasing keys have their own parity tests below
+# (DEVICE_KEYS), and what no batched op runs forces the CPU policy (CPU_ONLY_KEYS, device_supports). A new augment
+# key must land in one of these, or this file fails.
+LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}
+DEVICE_KEYS = {"crop", "scale", "ratio", "pad", "erasing_mode", "erasing_count"}
+CPU_ONLY_KEYS = {"auto", "albumentations", "splits"}
 KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
              {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]
 PILLS = {k: v for k, v in yaml.safe_load(bundled_config("pill_efficientnetv2s.yaml").read_text())["augment"].items()
          if k not in LOOP_KEYS}
-CASES = [*KEY_CASES, {"color_jitter": 0.0, "hue": 0.1}, PILLS]
+# the crops within a whole policy: the affine only rotates beside them, on both sides
+CROP_CASES = [{"crop": "pad_crop", "rotate": 10.0}, {"crop": "rrc", "scale": [0.5, 1.0], "rotate": 0.0}]
+CASES = [*KEY_CASES, {"color_jitter": 0.0, "hue": 0.1}, *CROP_CASES, PILLS]
 CASE_IDS = [*(",".join(f"{k}={v}" for k, v in case.items()) for case in CASES[:-1]), "pills"]
 # Per statistic: CPU and device may differ by this much at N images on one seed (about 4x the spread between seeds
 # measured for either policy; the CPU policy also runs about 0.005 darker: PIL truncates to 8 bits after each
@@ -124,8 +122,8 @@ TOL = {"mean": 0.015, "std": 0.01, "change": 0.012, "bright": 0.012, "lr_asym": 
 
 
 def test_every_augment_key_is_in_the_parity_test() -> None:
-    cpu_only = {key for key, _ in CPU_ONLY_CASES} | WITHIN_CROP
-    assert {key for case in KEY_CASES for key in case} | LOOP_KEYS | cpu_only == set(AugmentCfg.model_fields)
+    assert {key for case in KEY_CASES for key in case} | LOOP_KEYS | DEVICE_KEYS | CPU_ONLY_KEYS == set(
+        AugmentCfg.model_fields)
     assert all(len(case) == 1 and getattr(AugmentCfg(), k) != v for case in KEY_CASES for k, v in case.items())
     assert PILLS["hue"] > 0
 
@@ -212,29 +210,6 @@ def test_on_cuda_every_augment_key_draws_the_same(parity: KeyParity, default_cpu
     assert_key_parity(str(case), parity.cpu(aug), parity.device(aug, "cuda"), default_cpu)
 
 
-@pytest.mark.parametrize(("key", "case"), CPU_ONLY_CASES, ids=[key for key, _ in CPU_ONLY_CASES])
-def test_a_key_without_a_device_twin_is_named(key: str, case: dict) -> None:
-    assert device_supports(AugmentCfg(**case)) == f"augment.{key}={case[key]}"
-
-
-@pytest.mark.parametrize("case", [{}, *KEY_CASES, {"crop": "none"}, {"erasing_mode": "pixel"}],
-                         ids=["defaults", *CASE_IDS[:len(KEY_CASES)], "crop=none,light", "erasing_mode-unused"])
-def test_every_key_with_a_twin_runs_on_the_device(case: dict) -> None:
-    assert device_supports(AugmentCfg(**case)) is None
-
-
-@pytest.mark.parametrize("setting", ["auto", "cuda"])
-def test_a_key_without_a_twin_sends_the_policy_to_the_cpu_with_one_data_line(setting: str, caplog) -> None:
-    from vistrain.engine.run_setup import _augment_device
-
-    gpu = torch.device("cuda")  # the decision only, nothing runs there
-    with caplog.at_level("INFO"):
-        assert _augment_device(AugmentCfg(device=setting, policy="light"), gpu) == "cuda"
-        assert _augment_device(AugmentCfg(device=setting, auto="trivial"), gpu) == "cpu"
-    lines = [r.getMessage() for r in caplog.records if "[DATA]" in r.getMessage()]
-    assert len(lines) == 1 and "augment.auto=trivial" in lines[0] and "cpu" in lines[0], lines
-
-
 def test_no_augmentation_is_only_the_normalisation(pixels: np.ndarray) -> None:
     pre = Preprocessor(size=(40, 40))
     batch = torch.stack([to_uint8_tensor(x) for x in pixels[:4]])
@@ -311,3 +286,186 @@ def test_a_gpu_run_augments_on_the_device(tmp_path: Path) -> None:
     run = run_train(validate(raw)).run_dir
     assert yaml.safe_load((run / "config.yaml").read_text())["augment"]["device"] == "cuda"
     assert all(r["img_per_s"] > 0 for r in read_metrics(run))
+
+
+# ------------------------------------------------------------------ issue 22: crop scale / ratio, pad_crop, erasing
+# Their CPU semantics are the libraries the keys name: torchvision's RandomResizedCrop(scale=, ratio=), the re-ID
+# strong baseline's Pad(pad) + RandomCrop(size) (torchvision's RandomCrop(size, padding=pad)), timm's RandomErasing
+# (mode, max_count) on the normalised tensor. The device policy is checked against those directly, on CPU tensors
+# and, marked gpu, on CUDA.
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                    reason="needs CUDA")])]
+CROPS = 1024
+
+
+def coordinates(n: int, size: int, base: int, step: int) -> np.ndarray:
+    """n copies of uint8 [size, size, 3] whose red channel is base + step * x and green base + step * y: where a crop
+    took its pixels from reads off them."""
+    ramp = base + step * np.arange(size)
+    img = np.stack([np.broadcast_to(ramp[None, :], (size, size)), np.broadcast_to(ramp[:, None], (size, size)),
+                    np.full((size, size), 128)], axis=-1).astype(np.uint8)
+    return np.broadcast_to(img, (n, size, size, 3)).copy()
+
+
+def device_crop(aug: AugmentCfg, device: str) -> torch.nn.Module:
+    """The crop of the device policy: the op ``augment.crop`` puts first, before the policy's own."""
+    ops = device_ops(aug, HW)
+    assert len(ops) == len(device_ops(AugmentCfg(), HW)) + 1
+    return ops[0].to(device)
+
+
+def crop_geometry(out: torch.Tensor, size: int, base: int, step: int) -> dict[str, torch.Tensor]:
+    """Per crop [N, 3, 32, 32] (0-255) of ``coordinates`` pictures: its share of the picture's area, log aspect
+    ratio (width / height) and the centre's offset from the picture's, from the ramps' slopes inside the output
+    (a linear ramp stays linear through any resampling filter, away from the borders)."""
+    r, g = out[:, 0].double(), out[:, 1].double()
+    width = (r[:, 8:24, 24].mean(1) - r[:, 8:24, 8].mean(1)) / 16 * HW[1] / step
+    height = (g[:, 24, 8:24].mean(1) - g[:, 8, 8:24].mean(1)) / 16 * HW[0] / step
+    cx = (r[:, 8:24, 15:17].mean((1, 2)) - base) / step + 0.5 - size / 2
+    cy = (g[:, 15:17, 8:24].mean((1, 2)) - base) / step + 0.5 - size / 2
+    return {"area": width * height / size**2, "log_aspect": torch.log(width / height),
+            "offset": torch.hypot(cx, cy) / size}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rrc_crops_with_the_scale_and_ratio_of_torchvision(device: str) -> None:
+    from torchvision.transforms import v2 as T
+
+    size, base, step = 64, 30, 3
+    aug = AugmentCfg(crop="rrc", scale=[0.25, 0.5], ratio=[0.5, 2.0])
+    source = coordinates(CROPS, size, base, step)
+    torch.manual_seed(0)
+    cpu = cpu_apply(T.RandomResizedCrop(HW, scale=(0.25, 0.5), ratio=(0.5, 2.0), antialias=True), source) * 255
+    torch.manual_seed(0)
+    dev = device_crop(aug, device)(torch.from_numpy(source).permute(0, 3, 1, 2).float().to(device) / 255).cpu() * 255
+    a, b = crop_geometry(cpu, size, base, step), crop_geometry(dev, size, base, step)
+    for crops in (a, b):  # the keys' ranges, not the defaults (0.08-1, 3/4-4/3)
+        assert 0.24 < crops["area"].quantile(0.02) and crops["area"].quantile(0.98) < 0.52, crops["area"]
+        assert crops["log_aspect"].abs().quantile(0.9) > 0.45 and crops["log_aspect"].abs().max() < 0.76
+    for stat, tol in {"area": 0.012, "log_aspect": 0.05, "offset": 0.01}.items():
+        assert b[stat].mean().item() == pytest.approx(a[stat].mean().item(), abs=tol), stat
+        assert b[stat].std().item() == pytest.approx(a[stat].std().item(), abs=tol), stat
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pad_crop_shifts_uniformly_within_the_padding_as_the_strong_baseline(device: str) -> None:
+    from torchvision.transforms import v2 as T
+
+    pad, base, step = 4, 100, 4
+    source = coordinates(CROPS, HW[0], base, step)
+    torch.manual_seed(0)
+    cpu = cpu_apply(T.Compose([T.Pad(pad), T.RandomCrop(HW)]), source) * 255
+    torch.manual_seed(0)
+    aug = AugmentCfg(crop="pad_crop", pad=pad)
+    dev = device_crop(aug, device)(torch.from_numpy(source).permute(0, 3, 1, 2).float().to(device) / 255).cpu() * 255
+    expected = CROPS / (2 * pad + 1)
+    for out in (cpu, dev):
+        # the picture's centre pixel came from (16 + dx, 16 + dy): every shift in [-pad, pad] about equally often
+        shifts = ((out[:, :2, 16, 16] - base) / step - 16).round().long()
+        assert set(shifts.flatten().tolist()) == set(range(-pad, pad + 1))
+        for axis in range(2):
+            counts = torch.bincount(shifts[:, axis] + pad, minlength=2 * pad + 1).double()
+            chi2 = ((counts - expected) ** 2 / expected).sum().item()
+            assert chi2 < 26.1, (axis, counts)  # chi-squared, 8 degrees of freedom, p = 0.001
+        # the padding is black (Pad's fill 0), |dx| columns and |dy| rows of it
+        black = (out == 0).all(dim=1).float().mean((1, 2))
+        dx, dy = shifts[:, 0].abs().double(), shifts[:, 1].abs().double()
+        assert torch.allclose(black.double(), (dx * 32 + dy * 32 - dx * dy) / 32**2, atol=1e-6)
+
+
+def erasing_stats(out: torch.Tensor, clean: torch.Tensor) -> dict[str, float]:
+    """Random erasing's draws, from normalised outputs [N, 3, H, W] and the same pictures unerased: the share of
+    pictures erased, the erased share of those, how much of the erased pixels' bounding box they fill (1 for one
+    rectangle), the fill's mean and spread and its change between neighbouring erased pixels (0 inside a
+    rectangle of one colour, about 1.13 for noise per pixel), and the colours per erased picture (rand mode: about
+    one per rectangle)."""
+    erased = (out != clean).any(dim=1)  # [N, H, W]
+    share = erased.float().mean((1, 2))
+    hit = share > 0
+    rows, cols = erased.any(2), erased.any(1)
+    box = rows.sum(1) * cols.sum(1)
+    fill = out.permute(0, 2, 3, 1)[erased]
+    both = erased[..., 1:] & erased[..., :-1]
+    step = (out[..., 1:] - out[..., :-1]).abs().mean(1)[both]
+    colours = [len(torch.unique(out[i].permute(1, 2, 0)[erased[i]], dim=0)) for i in torch.nonzero(hit)[:, 0]]
+    return {"erased": hit.float().mean().item(), "share": share[hit].mean().item(),
+            "box_fill": (erased.sum((1, 2))[hit] / box[hit]).mean().item(), "fill_mean": fill.mean().item(),
+            "fill_std": fill.std().item(), "fill_step": step.mean().item(),
+            "colours": min(float(np.mean(colours)), 10.0)}
+
+
+# about 3x the differences measured between timm and the device on seeds 0 and 1 (a rand rectangle's colour weighs its
+# area: the fill's mean varies most)
+ERASING_TOL = {"erased": 0.07, "share": 0.015, "box_fill": 0.03, "fill_mean": 0.1, "fill_std": 0.06,
+               "fill_step": 0.05, "colours": 0.25}
+ERASING_CASES = [("const", 1), ("const", 3), ("rand", 1), ("rand", 3), ("pixel", 2)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("mode", "count"), ERASING_CASES, ids=[f"{m}-{c}" for m, c in ERASING_CASES])
+def test_random_erasing_modes_and_counts_draw_what_timm_draws(pixels: np.ndarray, mode: str, count: int,
+                                                              device: str) -> None:
+    import random
+
+    from timm.data.random_erasing import RandomErasing
+
+    pre = Preprocessor(size=HW)
+    source = pixels[:, 4:36, 4:36]
+    clean = torch.stack([pre.normalize(x) for x in source])
+    random.seed(0)
+    torch.manual_seed(0)
+    timm_erase = RandomErasing(probability=0.5, mode=mode, max_count=count, device="cpu")
+    cpu = torch.stack([timm_erase(x.clone()) for x in clean])
+    aug = AugmentCfg(policy="none", random_erasing=0.5, erasing_mode=mode, erasing_count=count)
+    torch.manual_seed(0)
+    augment = DeviceAugment(aug, pre).to(device)
+    dev = torch.cat([augment(b.to(device)).cpu() for b in torch.stack([to_uint8_tensor(x) for x in source]).split(64)])
+    a, b = erasing_stats(cpu, clean), erasing_stats(dev, clean)
+    off = {s: (round(a[s], 4), round(b[s], 4)) for s in ERASING_TOL if abs(a[s] - b[s]) > ERASING_TOL[s]}
+    assert not off, f"erasing_mode={mode} erasing_count={count}: device differs from timm (timm, device): {off}"
+
+
+# What no batched op runs forces the CPU policy: timm's auto-augment policies (Kornia's RandAugment draws its
+# operations once per batch, at probability 1, with other formulas), AugMix and its splits, an Albumentations file.
+CPU_ONLY = [({"auto": "rand-m9-mstd0.5-inc1"}, "augment.auto: rand-m9-mstd0.5-inc1"),
+            ({"auto": "augmix-m5-w4-d2"}, "augment.auto: augmix-m5-w4-d2"),
+            ({"auto": "original"}, "augment.auto: original"),
+            ({"albumentations": "pipeline.yaml"}, "augment.albumentations: pipeline.yaml"),
+            ({"splits": 3}, "augment.splits: 3")]
+
+
+@pytest.mark.parametrize(("case", "named"), CPU_ONLY, ids=[named.removeprefix("augment.") for _, named in CPU_ONLY])
+def test_what_has_no_batched_twin_is_named_and_refused_on_the_device(case: dict, named: str) -> None:
+
+    reason = device_supports(AugmentCfg(**case))
+    assert reason is not None and reason.startswith(named + " ")
+    with pytest.raises(ValueError, match=f"^{named} "):
+        DeviceAugment(AugmentCfg(**case), Preprocessor(size=HW))
+
+
+def test_every_other_key_runs_on_the_device() -> None:
+
+    cases = [*CASES, {"crop": "rrc", "scale": [0.2, 0.9], "ratio": [0.5, 2.0]}, {"crop": "pad_crop", "pad": 4},
+             {"crop": "none", "policy": "hard"}, {"erasing_mode": "pixel", "erasing_count": 3, "random_erasing": 0.5},
+             {"repeats": 3}]
+    assert [device_supports(AugmentCfg(**case)) for case in cases] == [None] * len(cases)
+
+
+@pytest.mark.parametrize("setting", ["auto", "cuda"])
+def test_a_gpu_run_with_a_cpu_only_key_augments_on_the_cpu_and_says_why(setting: str, caplog) -> None:
+    from vistrain.config.loader import load_config
+    from vistrain.engine.device import PRECISIONS
+    from vistrain.engine.run_setup import Machine, resolve_auto
+
+    cuda = Machine(torch.device("cuda"), PRECISIONS["bf16"])  # resolve_auto only reads the device's type
+    base = ["train.batch_size=8", "train.num_workers=0", f"augment.device={setting}"]
+    assert resolve_auto(load_config(None, overrides=base), cuda, 2, cached=True).augment.device == "cuda"
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        cfg = resolve_auto(load_config(None, overrides=[*base, "augment.auto=rand-m9-mstd0.5-inc1"]), cuda, 2,
+                           cached=True)
+    assert cfg.augment.device == "cpu"
+    lines = [r.getMessage() for r in caplog.records if "augment" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("[DATA] augment.device: cpu, not cuda: augment.auto: "
+                                                   "rand-m9-mstd0.5-inc1 "), lines

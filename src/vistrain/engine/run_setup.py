@@ -19,6 +19,7 @@ import torch
 from vistrain._version import __version__
 from vistrain.config.loader import ModeInfo, config_to_dict
 from vistrain.config.schema import AugmentCfg, Config, domain_monitor
+from vistrain.data.device_augment import device_supports
 from vistrain.data.prepare import Prepared
 from vistrain.data.preprocess import Preprocessor
 from vistrain.data.sources import single_domain_classes
@@ -155,27 +156,23 @@ def share_target(target: int, fits: int, world: int) -> tuple[int, int]:
 
 
 def _augment_device(aug: AugmentCfg, device: torch.device) -> str:
-    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there. A key the
-    device policy has no twin of (``device_augment.device_supports``) keeps the augmentation on the CPU."""
+    """``augment.device``: cuda needs a CUDA training device and Kornia; auto takes it when both are there. A key that
+    no batched op runs (``device_supports``) keeps the CPU policy, with one [DATA] line naming it."""
     import importlib.util
 
     setting = aug.device
-    has_kornia = importlib.util.find_spec("kornia") is not None
+    if setting == "cpu":
+        return "cpu"
     if setting == "cuda" and device.type != "cuda":
         raise UserError(f"augment.device: cuda needs training on a GPU; train.device resolved to {device.type} "
                         "(valid here: auto, cpu)")
+    if device.type == "cuda" and (unsupported := device_supports(aug)):
+        log.info("[DATA] augment.device: cpu, not cuda: %s", unsupported)
+        return "cpu"
+    has_kornia = importlib.util.find_spec("kornia") is not None
     if setting == "cuda" and not has_kornia:
         raise UserError("augment.device: cuda needs Kornia: pip install 'vistrain[augment]' (or use cpu)")
-    if setting == "cpu" or (setting == "auto" and not (device.type == "cuda" and has_kornia)):
-        return "cpu"
-    from vistrain.data.device_augment import device_supports
-
-    missing = device_supports(aug)
-    if missing:
-        log.info("[DATA] augment.device: %s -> cpu: the device policy has no twin of %s yet; the loader workers "
-                 "augment on the CPU", setting, missing)
-        return "cpu"
-    return "cuda"
+    return "cuda" if device.type == "cuda" and has_kornia else "cpu"
 
 
 def log_config(cfg: Config) -> None:
