@@ -104,7 +104,7 @@ def test_the_whole_policy_matches_the_cpu_transform(pixels: np.ndarray) -> None:
 # (DEVICE_KEYS), and what no batched op runs forces the CPU policy (CPU_ONLY_KEYS, device_supports). A new augment
 # key must land in one of these, or this file fails.
 LOOP_KEYS = {"device", "mixup_alpha", "cutmix_alpha", "mix_prob", "mix_switch_prob", "repeats"}
-DEVICE_KEYS = {"crop", "scale", "ratio", "pad", "erasing_mode", "erasing_count"}
+DEVICE_KEYS = {"crop", "scale", "ratio", "pad", "erasing_mode", "erasing_count", "erasing_area"}
 CPU_ONLY_KEYS = {"auto", "albumentations", "splits"}
 KEY_CASES = [{"policy": "none"}, {"policy": "hard"}, {"hflip": 1.0}, {"vflip": 0.5}, {"rotate": 45.0},
              {"color_jitter": 0.5}, {"hue": 0.1}, {"random_erasing": 0.5}]

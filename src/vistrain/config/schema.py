@@ -288,6 +288,9 @@ class AugmentCfg(Section):
     # rectangle; pixel: random per pixel (timm's --remode)
     erasing_mode: Literal["const", "rand", "pixel"] = "const"
     erasing_count: PositiveInt = 1  # at most this many rectangles per erased image (timm's --recount)
+    # the erased rectangles' share of the area, [min, max]; null: the library's own (torchvision's 0.02-0.33 for one
+    # const rectangle, timm's 0.02-1/3 otherwise); the re-ID strong baseline erases 0.02-0.4
+    erasing_area: Annotated[list[float], Field(min_length=2, max_length=2)] | None = None
     repeats: Annotated[int, Field(ge=0)] = 0  # timm RepeatAugSampler: each image repeated N times per epoch (0/1 off)
     splits: Annotated[int, Field(ge=0)] = 0  # AugMix splits with the JSD loss (0 off; 3 = timm's --aug-splits 3)
     # a pipeline file saved with albumentations.save (.yaml / .json), run on the CPU on the preprocessed uint8
@@ -311,6 +314,13 @@ class AugmentCfg(Section):
     def _scale(cls, v: list[float]) -> list[float]:
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"[low, high] with 0 < low <= high <= 1 (shares of the image's area); got {v}")
+        return v
+
+    @field_validator("erasing_area")
+    @classmethod
+    def _erasing_area(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not 0 < v[0] <= v[1] < 1:
+            raise ValueError(f"[min, max] with 0 < min <= max < 1 (shares of the image's area); got {v}")
         return v
 
     @field_validator("ratio")

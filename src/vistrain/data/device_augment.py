@@ -20,11 +20,10 @@ from torch import nn
 
 from vistrain.config.schema import AugmentCfg
 from vistrain.data.preprocess import Preprocessor
-from vistrain.data.transforms import BLUR, CROP_SCALE, affine_ranges, erasing_p
+from vistrain.data.transforms import BLUR, CROP_SCALE, TIMM_ERASE_AREA, TORCHVISION_ERASE_AREA, affine_ranges, erasing_p
 
-# timm's RandomErasing: a picture's rectangles share 2 % to 1/3 of its area, each with a log-uniform aspect ratio
-# in [0.3, 1 / 0.3]; a rectangle that does not fit is drawn again, 10 tries
-ERASE_AREA = (0.02, 1 / 3)
+# timm's RandomErasing: a picture's rectangles share augment.erasing_area of its area, each with a log-uniform aspect
+# ratio in [0.3, 1 / 0.3]; a rectangle that does not fit is drawn again, 10 tries
 ERASE_LOG_RATIO = (math.log(0.3), math.log(1 / 0.3))
 ERASE_TRIES = 10
 
@@ -100,9 +99,9 @@ class BatchErasing(nn.Module):
     per rectangle (rand) or normal noise per pixel (pixel). Kornia's RandomErasing fills one rectangle with one
     constant; the rest is this small batched op."""
 
-    def __init__(self, p: float, mode: str, max_count: int):
+    def __init__(self, p: float, mode: str, max_count: int, area: tuple[float, float] = (0.02, 1 / 3)):
         super().__init__()
-        self.p, self.mode, self.max_count = p, mode, max_count
+        self.p, self.mode, self.max_count, self.area = p, mode, max_count, area
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -111,7 +110,7 @@ class BatchErasing(nn.Module):
         rows = torch.arange(h, device=x.device).view(1, h, 1)
         cols = torch.arange(w, device=x.device).view(1, 1, w)
         for k in range(self.max_count):
-            top, left, rh, rw, fits = self._rectangles(count, h, w)
+            top, left, rh, rw, fits = self._rectangles(count, h, w, self.area)
             inside = ((rows >= top) & (rows < top + rh) & (cols >= left) & (cols < left + rw)).unsqueeze(1)
             inside &= (erased & (count > k) & fits).view(b, 1, 1, 1)
             if self.mode == "pixel":
@@ -124,10 +123,11 @@ class BatchErasing(nn.Module):
         return x
 
     @staticmethod
-    def _rectangles(count: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, ...]:
+    def _rectangles(count: torch.Tensor, h: int, w: int, area_range: tuple[float, float]
+                    ) -> tuple[torch.Tensor, ...]:
         """One rectangle per picture: (top, left, height, width) [B, 1, 1] each and whether any try fitted [B]."""
         b, dev = count.shape[0], count.device
-        area = torch.empty(b, ERASE_TRIES, device=dev).uniform_(*ERASE_AREA) * (h * w) / count.view(b, 1)
+        area = torch.empty(b, ERASE_TRIES, device=dev).uniform_(*area_range) * (h * w) / count.view(b, 1)
         aspect = torch.exp(torch.empty(b, ERASE_TRIES, device=dev).uniform_(*ERASE_LOG_RATIO))
         rh, rw = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
         ok = (rh < h) & (rw < w)
@@ -147,8 +147,8 @@ def erasing_op(aug: AugmentCfg) -> nn.Module | None:
     if not p:
         return None
     if aug.erasing_mode == "const" and aug.erasing_count == 1:
-        return K.RandomErasing(p=p, value=0.0)
-    return BatchErasing(p, aug.erasing_mode, aug.erasing_count)
+        return K.RandomErasing(p=p, scale=tuple(aug.erasing_area or TORCHVISION_ERASE_AREA), value=0.0)
+    return BatchErasing(p, aug.erasing_mode, aug.erasing_count, tuple(aug.erasing_area or TIMM_ERASE_AREA))
 
 
 class DeviceAugment(nn.Module):

@@ -28,6 +28,10 @@ def affine_ranges(policy: str) -> tuple[tuple[float, float], tuple[float, float]
     return ((0.9, 1.1), (0.05, 0.05)) if policy == "light" else ((0.8, 1.2), (0.1, 0.1))
 
 
+TORCHVISION_ERASE_AREA = (0.02, 0.33)  # RandomErasing's default scale: one const rectangle, as vistrain always drew
+TIMM_ERASE_AREA = (0.02, 1 / 3)  # timm's RandomErasing default min_area / max_area: the other modes and counts
+
+
 def erasing_p(aug: AugmentCfg) -> float:
     """Random erasing probability: ``augment.random_erasing``, else 0.25 for the hard policy."""
     return aug.random_erasing or (0.25 if aug.policy == "hard" else 0.0)
@@ -74,10 +78,12 @@ def random_erasing(aug: AugmentCfg) -> Callable[[torch.Tensor], torch.Tensor] | 
     if not p:
         return None
     if aug.erasing_mode == "const" and aug.erasing_count == 1:
-        return T.RandomErasing(p=p, value=0)
+        return T.RandomErasing(p=p, scale=tuple(aug.erasing_area or TORCHVISION_ERASE_AREA), value=0)
     from timm.data.random_erasing import RandomErasing
 
-    return RandomErasing(p, mode=aug.erasing_mode, max_count=aug.erasing_count, device="cpu")
+    low, high = aug.erasing_area or TIMM_ERASE_AREA
+    return RandomErasing(p, min_area=low, max_area=high, mode=aug.erasing_mode, max_count=aug.erasing_count,
+                         device="cpu")
 
 
 class TrainTransform:
