@@ -127,9 +127,11 @@ def test_the_api_is_exported_and_importing_vistrain_loads_no_torch() -> None:
 
     for name in ("load_config", "train", "tune", "Run", "Preprocessor", "UserError", "ConfigError"):
         assert name in vistrain.__all__ and getattr(vistrain, name) is not None, name
-    code = "import sys, vistrain; vistrain.Run; print('torch' in sys.modules)"
+    # a Run's files (status, summary, classes) read without torch either: reading a run directory is cheap
+    code = ("import sys, tempfile, pathlib, vistrain; d = tempfile.mkdtemp(); "
+            "pathlib.Path(d, 'config.yaml').write_text('{}'); vistrain.Run(d).status; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False", "import vistrain (and the API's names) must not load torch"
+    assert out.stdout.strip() == "False", "import vistrain, Run(path) and its files must not load torch"
 
 
 def test_every_command_is_listed_in_the_help() -> None:

@@ -216,9 +216,9 @@ class Run:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path).resolve()
-        if not (self.path / "config.yaml").is_file():
-            raise UserError(f"RUN: {self.path} is not a vistrain run directory (no config.yaml)")
+        from vistrain.tracking.rundir import require_run_dir
+
+        self.path = require_run_dir(path)
 
     def __repr__(self) -> str:
         return f"Run('{self.path}')"

@@ -28,6 +28,7 @@ from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.errors import UserError
 from vistrain.fallbacks import Fallbacks
 from vistrain.models.build import build_model
+from vistrain.tracking import rundir
 from vistrain.tracking.logs import show_progress
 
 log = logging.getLogger(__name__)
@@ -76,9 +77,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = (), command: str = "evalu
     """The run's config with this command's ``key=value`` evaluation options (``EVAL_OVERRIDES``) applied, so every
     consumer sees one effective config; relative paths in them resolve against the working directory. ``strict``:
     a fallback while using the run (``LoadedRun.fallbacks``) is an error."""
-    run_dir = Path(run_dir).resolve()
-    if not (run_dir / "config.yaml").is_file():
-        raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
+    run_dir = rundir.require_run_dir(run_dir)
     keys = restrict_overrides(list(overrides), EVAL_OVERRIDES, command)
     cfg = load_config(run_dir / "config.yaml", overrides=list(overrides), run_file=True)
     set_max_pixels(cfg.data.max_image_pixels)

@@ -61,12 +61,10 @@ class UploadError(Exception):
         self.status = status
 
 
-def decode_upload(name: str, data: bytes, limits: Limits, pre: Preprocessor | None = None) -> Image.Image:
-    """The uploaded bytes as an RGB image decoded exactly as ``predict`` decodes files (``pre.decode``: EXIF
-    orientation, transparency on white, 16-bit range rescaled, a large JPEG reduced by the preprocessor's rule), or
-    an ``UploadError`` naming the file. ``pre``: the model's (None: a plain full decode)."""
-    from vistrain.data.images import load_rgb
-
+def decode_upload(name: str, data: bytes, limits: Limits, pre: Preprocessor) -> Image.Image:
+    """The uploaded bytes as an RGB image decoded exactly as ``predict`` decodes files (``pre.decode``, the model's
+    preprocessor: EXIF orientation, transparency on white, 16-bit range rescaled, a large JPEG reduced by the
+    preprocessor's rule), or an ``UploadError`` naming the file."""
     if not data:
         raise UploadError(400, f"{name}: empty file")
     if len(data) > limits.max_mb * 2**20:
@@ -81,10 +79,8 @@ def decode_upload(name: str, data: bytes, limits: Limits, pre: Preprocessor | No
                                "JPEG up to 64 times that is decoded reduced)")
     try:
         # The whole file is decoded (a truncated or lying file is refused, never half-read); a large JPEG at the
-        # reduced scale every path uses (pre.decode_scale), or smaller where the budget's pixels need it.
-        scale_for = pre.decode_scale if pre is not None else None
-        return load_rgb(io.BytesIO(data), max_pixels=limits.max_pixels, reduce_over=limits.max_pixels,
-                        scale_for=scale_for)
+        # reduced scale every path uses, or smaller where the budget's pixels need it.
+        return pre.decode(io.BytesIO(data), max_pixels=limits.max_pixels, reduce_over=limits.max_pixels)
     except Exception as err:  # noqa: BLE001 - a truncated or corrupt body behind a valid header
         raise UploadError(400, f"{name}: not a readable image ({type(err).__name__})") from err
 

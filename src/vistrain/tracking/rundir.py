@@ -284,3 +284,11 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for k, v in d.items():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
+
+
+def require_run_dir(path: str | Path) -> Path:
+    """``path`` resolved, when it is a run directory (it holds config.yaml); else the one-line ``RUN:`` error."""
+    run_dir = Path(path).resolve()
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"RUN: {run_dir} is not a vistrain run directory (no config.yaml)")
+    return run_dir
