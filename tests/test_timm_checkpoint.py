@@ -111,19 +111,24 @@ def test_training_on_it_exits_2_and_the_printed_command_makes_a_file_that_loads(
     result = run_cli("train", "--config", str(config), cwd=tmp_path)
     assert result.returncode == 2, describe(result)
     (line,) = error_lines(result)
+    out = timm_ckpt.parent / "model_best.safetensors"
     assert "argparse.Namespace" in line and "Traceback" not in result.stderr, describe(result)
+    assert line.endswith(f"extract its weights with: vistrain convert-checkpoint {timm_ckpt} {out} --trust"), line
     command = shlex.split(line.split("extract its weights with: ", 1)[1])
-    assert command[:2] == ["vistrain", "convert-checkpoint"] and command[-1] == "--trust", line
     converted = run_cli(*command[1:], cwd=tmp_path)
     assert converted.returncode == 0, describe(converted)
     assert "fully unpickled" in converted.stdout + converted.stderr, describe(converted)
-    out = Path(command[3])
-    assert out.is_file()
-    model, weights = start(out)
+    model, weights = start(out)  # the weights a run starts from, before any step
     assert differing(model, trusted(timm_ckpt)["state_dict"], skipped=()) == []
     n = len(model.state_dict())
-    assert weights == f"pretrained_path {out} (a timm train.py checkpoint: resnet10t, epoch 0, state_dict; " \
-                      f"{n}/{n} tensors)", weights
+    origin = f"pretrained_path {out} (a timm train.py checkpoint: resnet10t, epoch 0, state_dict; {n}/{n} tensors)"
+    assert weights == origin, weights
+    again = run_cli("train", "--config", str(config), f"model.pretrained_path={out}",
+                    f"output.exp_dir={tmp_path / 'exp2'}", cwd=tmp_path)
+    assert again.returncode == 0, describe(again)
+    log = (only_run_dir(tmp_path / "exp2") / "train.log").read_text()
+    assert f"[MODEL] pretrained_path={out} loaded {n}/{n} tensors; skipped: none" in log, log
+    assert f"weights={origin}" in next(ln for ln in log.splitlines() if "[MODEL] fold=0" in ln)
 
 
 # ------------------------------------------------------------------------ without the Namespace: read directly
