@@ -186,7 +186,7 @@ def test_use_ema_weights_on_a_checkpoint_without_ema_is_one_line_naming_the_key_
 
 
 def test_use_ema_weights_without_a_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"model\.use_ema_weights"):
+    with pytest.raises(ConfigError, match=r"model\.use_ema_weights: .* model\.pretrained_path or model\.init_from"):
         load_config(None, overrides=["model.use_ema_weights=true"])
 
 

@@ -192,7 +192,7 @@ def convert_checkpoint(src: Path, dst: Path, *, trust: bool = False, ema: bool =
         if not trust:
             raise
         weights = pick_weights(_full_unpickle(src), src, "IN", ema, "--ema")
-    meta = {"source": str(src), "kind": weights.kind, "weights": weights.entry, "arch": weights.arch,
+    meta = {"source": str(src.absolute()), "kind": weights.kind, "weights": weights.entry, "arch": weights.arch,
             "epoch": weights.epoch}
     if weights.kind == "vistrain":
         meta |= {k: v for k, v in (weights.fields or {}).items() if k in SAFETENSORS_META}
