@@ -170,6 +170,9 @@ class ModelCfg(Section):
     pretrained: bool = False  # load ImageNet weights (from pretrained_path when given)
     pretrained_path: Path | None = None  # local .pth/.safetensors file (or a vistrain checkpoint); no download then
     init_from: Path | None = None  # fine-tune from a vistrain run directory or checkpoint: matching tensors load
+    # a timm train.py checkpoint as pretrained_path / init_from: its EMA weights (state_dict_ema) instead of
+    # state_dict; a vistrain checkpoint gives its evaluated weights either way (the EMA ones when the run kept them)
+    use_ema_weights: bool = False
     pooling: Literal["avg", "max", "avgmax", "catavgmax", "gem"] = "avg"  # timm global_pool
     drop_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout before the classifier
     drop_path_rate: Annotated[float, Field(ge=0, lt=1)] = 0.0  # stochastic depth, where the model has it
@@ -631,6 +634,9 @@ class Config(Section):
             other = "model.pretrained_path" if m.pretrained_path is not None else "model.pretrained"
             raise ValueError(f"model.init_from and {other}: set one; init_from starts from a vistrain run's weights "
                              f"instead of pretrained ones (set {other}={'null' if 'path' in other else 'false'})")
+        if m.use_ema_weights and m.init_from is None and m.pretrained_path is None:
+            raise ValueError("model.use_ema_weights: chooses the EMA weights of model.pretrained_path or "
+                             "model.init_from, and neither is set; set one or remove model.use_ema_weights")
         if self.task == "embedding":
             self._check_loss_terms()
             self._check_sampler()

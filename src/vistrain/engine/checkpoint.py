@@ -31,14 +31,23 @@ def atomic_save(obj: Any, path: Path) -> None:
 def save_weights(obj: dict[str, Any], path: Path) -> None:
     """``atomic_save(obj, path)`` and the evaluated weights (``obj["ema"]`` when set, else ``obj["model"]``) as
     ``path.with_suffix(".safetensors")``, with the checkpoint's plain fields as JSON metadata."""
-    from safetensors.torch import save
-
     atomic_save(obj, path)
     weights = obj["ema"] if obj.get("ema") is not None else obj["model"]
+    write_safetensors(weights, path.with_suffix(".safetensors"), vistrain_fields(obj))
+
+
+def vistrain_fields(obj: dict[str, Any]) -> dict[str, str]:
+    """A vistrain checkpoint's plain fields (``SAFETENSORS_META``) as the JSON strings of .safetensors metadata."""
+    return {k: json.dumps(obj[k], default=str) for k in SAFETENSORS_META if k in obj}
+
+
+def write_safetensors(weights: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """``weights`` as one .safetensors file, written atomically, with ``metadata`` (strings) beside ``format``."""
+    from safetensors.torch import save
+
     # clone: safetensors refuses tensors sharing storage (tied weights), and views of a bigger buffer
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
-    meta = {k: json.dumps(obj[k], default=str) for k in SAFETENSORS_META if k in obj}
-    atomic_write_bytes(path.with_suffix(".safetensors"), save(tensors, metadata={"format": "pt", **meta}))
+    atomic_write_bytes(path, save(tensors, metadata={"format": "pt", **metadata}))
 
 
 # The checkpoint fields copied into a .safetensors file's metadata (JSON strings).
@@ -55,14 +64,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", hint: 
         if "Weights only load failed" not in str(err):
             raise UserError(f"{path}: not a readable checkpoint, the file is corrupt or cut short "
                             f"({_reason(err)}){hint}") from err
-        raise UserError(f"{path}: refused: the file holds Python objects, not only tensors and plain values "
-                        f"({unsafe_reason(err)}); loading it could run code from it. vistrain writes no such file "
-                        f"(a last checkpoint of an older vistrain held NumPy RNG state){hint}") from err
+        found = unsafe_reason(err)
+        raise UnsafePickle(f"{path}: refused: the file holds Python objects, not only tensors and plain values "
+                           f"({found}); loading it could run code from it. vistrain writes no such file "
+                           f"(a last checkpoint of an older vistrain held NumPy RNG state){hint}", found) from err
     except OSError:
         raise  # the file system's error (missing, no permission), not the file's content
     except Exception as err:  # the safe unpickler's parse errors on garbage: KeyError, IndexError, RuntimeError ...
         raise UserError(f"{path}: not a readable checkpoint, the file is corrupt or cut short ({_reason(err)}){hint}") \
             from err
+
+
+class UnsafePickle(UserError):
+    """A checkpoint the safe unpickler refused: it holds a Python object (``found``: the unpickler's words, e.g.
+    "Unsupported global: GLOBAL argparse.Namespace"), which only the full unpickler, able to run code, reads."""
+
+    def __init__(self, message: str, found: str):
+        super().__init__(message)
+        self.found = found
 
 
 def _reason(err: BaseException) -> str:

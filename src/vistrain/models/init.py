@@ -1,6 +1,7 @@
 """Starting weights from a file: ``model.init_from`` (a vistrain run or checkpoint: fine-tuning from one's own
-run, the strong baseline's PRETRAIN_CHOICE 'self') and ``model.pretrained_path`` (a vistrain checkpoint, or a
-plain timm / torchvision state_dict in a .pth / .bin / .safetensors file).
+run, the strong baseline's PRETRAIN_CHOICE 'self') and ``model.pretrained_path`` (a vistrain checkpoint, a
+checkpoint of timm's train.py, or a plain timm / torchvision state_dict in a .pth / .bin / .safetensors file; read
+by ``models.weights.read_weights``, ``model.use_ema_weights`` choosing a training checkpoint's EMA weights).
 
 Every tensor whose name and shape match is copied; the rest are listed in the log. The head of a vistrain checkpoint
 trained on other classes (other names, or another order) is not copied even when its shape matches: its rows would
@@ -14,9 +15,7 @@ an embedding run can start a classifier and the other way round.
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from torch import nn
 
 from vistrain.data.preprocess import Preprocessor
-from vistrain.engine.checkpoint import load_checkpoint
 from vistrain.errors import UserError
+from vistrain.models.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +65,21 @@ def init_weights(model: nn.Module, m: Any, fold: int, classes: Sequence[Any] | N
     else:
         return "random init"
     source = resolve_source(path, fold, key)
-    state, meta = read_weights(source, key)
-    ours = meta is not None
+    weights = read_weights(source, key, ema=m.use_ema_weights)
+    meta = weights.fields
     theirs = _other_classes(meta, classes)
     skip = dict.fromkeys(_head_names(model), "other classes") if theirs is not None else {}
-    report = load_matching(model, state, source, key, skip)
+    report = load_matching(model, weights.tensors, source, key, skip)
     held = report.held_back > 0  # a head of the same shape as ours, trained on other classes
     note = f"; the source's classes {_preview(theirs)} are not this run's {_preview(classes)}" if held else ""
     log.info("[MODEL] %s=%s %s%s", key.removeprefix("model."), source, report.summary(), note)
     _warn_other_preprocessing(meta, preprocessor, source, key)
     counts = f"{report.loaded}/{report.total} tensors" + ("; head not loaded: other classes" if held else "")
+    if weights.kind == "training":  # timm train.py's (or another script's): its arch, epoch and the entry taken
+        return f"{key.removeprefix('model.')} {source} ({weights.origin()}; {counts})"
     if key == "model.init_from":
         return f"init_from {source} ({counts})"
-    return f"pretrained_path {source} (a vistrain checkpoint; {counts})" if ours else \
+    return f"pretrained_path {source} (a vistrain checkpoint; {counts})" if weights.kind == "vistrain" else \
         f"timm pretrained (file {source}; {counts})"
 
 
@@ -145,63 +146,6 @@ def _warn_other_preprocessing(meta: dict[str, Any] | None, ours: Preprocessor | 
     if diffs:
         log.warning("[WARN] %s: %s was trained with other preprocessing: %s; its weights start from the pixels it "
                     "saw, this run trains on this config's", key, source, ", ".join(diffs))
-
-
-def read_weights(path: Path, key: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(tensors by name, the checkpoint's plain fields: classes, preprocess ...) of a .pth / .pt / .bin /
-    .safetensors file; the fields are None when the file is not a vistrain checkpoint.
-
-    Both read without running code from the file: safetensors has no code, and a pickle file goes through the
-    safe unpickler (``load_checkpoint``), which refuses a file holding objects other than tensors and plain values.
-    """
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file, safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as fh:
-                    fields = fh.metadata() or {}
-                return load_file(str(path)), _json_fields(fields) if "vistrain_version" in fields else None
-            except SafetensorError as err:
-                raise ValueError(str(err)) from err
-        obj = load_checkpoint(path)
-    except UserError as err:
-        raise UserError(f"{key}: {err}") from err
-    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"{key}: cannot read {path}: {first}") from err
-    ours = isinstance(obj, dict) and "model" in obj and "vistrain_version" in obj
-    if ours:  # a last_fold{k}.pth holds both: the EMA weights are the ones that were evaluated
-        state = obj["ema"] if obj.get("ema") is not None else obj["model"]
-    else:
-        state = _plain_state_dict(obj)
-    tensors = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise UserError(f"{key}: {path} holds no tensors; expected a state_dict or a vistrain checkpoint")
-    return tensors, ({k: v for k, v in obj.items() if k in ("classes", "preprocess", "task")} if ours else None)
-
-
-def _json_fields(metadata: dict[str, str]) -> dict[str, Any]:
-    """A vistrain .safetensors file's metadata (``save_weights``: JSON strings) as values; unreadable ones left out."""
-    out = {}
-    for k, v in metadata.items():
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            continue
-    return out
-
-
-def _plain_state_dict(obj: Any) -> dict[str, Any]:
-    """The state_dict inside common wrappers: {"state_dict": ...}, {"model": ...} (a pickled module is refused by
-    the safe unpickler before it gets here)."""
-    if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model"):
-            if isinstance(obj.get(wrapper), dict):
-                return obj[wrapper]
-        return obj
-    return {}
 
 
 def load_matching(model: nn.Module, state: dict[str, torch.Tensor], source: Path, key: str,
