@@ -209,6 +209,21 @@ def test_convert_refuses_an_output_that_is_not_safetensors(timm_ckpt: Path, tmp_
     assert not (tmp_path / "w.pth").exists()
 
 
+def test_convert_keeps_an_existing_output_unless_forced(timm_ckpt: Path, tmp_path: Path) -> None:
+    """The suggested OUT sits beside IN: for a run's checkpoint that is the run's own best_fold0.safetensors."""
+    out = tmp_path / "best_fold0.safetensors"
+    out.write_bytes(b"the run's weights")
+    result = run_cli("convert-checkpoint", str(timm_ckpt), str(out), "--trust", cwd=tmp_path)
+    assert result.returncode == 2, describe(result)
+    (line,) = error_lines(result)
+    assert str(out) in line and "--force" in line, describe(result)
+    assert out.read_bytes() == b"the run's weights"
+    result = run_cli("convert-checkpoint", str(timm_ckpt), str(out), "--trust", "--force", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    with safe_open(str(out), framework="pt") as fh:
+        assert fh.keys()
+
+
 @pytest.mark.parametrize("ema", [False, True])
 def test_converted_file_opens_with_safetensors_and_timm_loads_it(timm_ckpt: Path, tmp_path: Path,
                                                                  ema: bool) -> None:

@@ -583,15 +583,16 @@ def demo(scenario: str = "digits", *, out: str | Path | None = None, config: str
     return Demo(run, num_classes, time.time() - start, export)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, *, trust: bool = False, ema: bool = False) -> Path:
+def convert_checkpoint(src: str | Path, dst: str | Path, *, trust: bool = False, ema: bool = False,
+                       force: bool = False) -> Path:
     """``vistrain convert-checkpoint``: the weights of a checkpoint (timm train.py's ``state_dict``, or
     ``state_dict_ema`` with ``ema``; a vistrain checkpoint's evaluated weights; a plain state dict) written to
     ``dst`` as .safetensors, which every tool reads without an unpickler. A file the safe unpickler refuses (timm
     train.py's keeps its arguments as an ``argparse.Namespace``) is read with the full unpickler only with ``trust``:
-    that runs any code the file holds. Returns ``dst``."""
+    that runs any code the file holds. An existing ``dst`` is replaced only with ``force``. Returns ``dst``."""
     from vistrain.models.weights import convert_checkpoint as convert
 
-    return convert(Path(src), Path(dst), trust=trust, ema=ema)
+    return convert(Path(src), Path(dst), trust=trust, ema=ema, force=force)
 
 
 def init(task: str = "classification", output: str | Path = "vistrain.yaml", *, force: bool = False) -> Path:

@@ -176,16 +176,19 @@ def safetensors_name(path: Path) -> Path:
     return path.with_name(f"{name}.safetensors")
 
 
-def convert_checkpoint(src: Path, dst: Path, *, trust: bool = False, ema: bool = False) -> Path:
+def convert_checkpoint(src: Path, dst: Path, *, trust: bool = False, ema: bool = False, force: bool = False) -> Path:
     """Write the weights of ``src`` (a timm train.py, vistrain or plain checkpoint; ``ema``: its EMA weights) to
     ``dst`` as .safetensors, with the source file, its kind, entry, arch and epoch (and a vistrain checkpoint's plain
     fields) as metadata. The safe unpickler reads ``src``; a file it refuses is read by the full one only with
-    ``trust``."""
+    ``trust``. An existing ``dst`` is kept unless ``force``: the suggested name beside a run's checkpoint is the
+    run's own weights file."""
     if dst.suffix != ".safetensors":
         raise UserError(f"OUT: {dst}: the weights are written as .safetensors; name a file ending in .safetensors "
                         f"(e.g. {safetensors_name(dst)})")
     if not src.is_file():
         raise UserError(f"IN: {src}: not found; give a checkpoint file (.pth, .pth.tar, .bin, .safetensors)")
+    if dst.exists() and not force:
+        raise UserError(f"OUT: {dst} exists and is kept; name another file, or add --force to replace it")
     try:
         weights = read_weights(src, "IN", ema, "--ema", TRUST_FIX)
     except UnsafePickle:

@@ -17,12 +17,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="read a file the safe unpickler refuses (timm train.py's, holding an argparse.Namespace) "
                         "with the full unpickler: only for a file you trust, it can run code")
     p.add_argument("--ema", action="store_true", help="the EMA weights (timm's state_dict_ema) instead of state_dict")
+    p.add_argument("--force", action="store_true", help="replace OUT when it exists")
 
 
 def run_convert_checkpoint(args: argparse.Namespace) -> int:
     import vistrain
 
     console()
-    out = vistrain.convert_checkpoint(args.src, args.dst, trust=args.trust, ema=args.ema)
+    out = vistrain.convert_checkpoint(args.src, args.dst, trust=args.trust, ema=args.ema,
+                                       force=args.force)
     print(f"[DONE] weights written to {out}")
     return 0
