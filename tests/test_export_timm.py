@@ -1,0 +1,300 @@
+"""vistrain export --format timm: a Hugging Face layout folder that timm alone loads and runs as vistrain does.
+
+The checking side of every comparison runs in a subprocess that imports timm, torch, PIL (and OpenCV for the CLAHE a
+card tells a timm user to apply), never vistrain: what a user of timm or of the hub has."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import markdown
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import assert_same_probabilities, class_image, cli_env, run_cli, tiny_config, write_csv_dataset, \
+    write_yaml
+from PIL import Image
+
+import vistrain
+
+# A timm user's code: the folder through timm's own data config and transforms, then (for a feature model) the
+# head code that config.json documents. Prints the outputs as JSON; fails if vistrain was imported on the way.
+TIMM_SIDE = r"""
+import json, sys
+import numpy as np, timm, torch
+from PIL import Image
+
+folder, files, clahe = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3] == "clahe"
+config = json.loads(open(f"{folder}/config.json").read())
+model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+data_cfg = timm.data.resolve_data_config({}, model=model)
+transform = timm.data.create_transform(**data_cfg)
+
+def load(path):
+    img = Image.open(path).convert("RGB")
+    if clahe:  # as the card says: CLAHE on L of OpenCV's 8-bit LAB (here after an identity resize)
+        import cv2
+        c = config["vistrain"]["preprocess"]["clahe"]
+        lab = cv2.cvtColor(np.asarray(img), cv2.COLOR_RGB2LAB)
+        lab[..., 0] = cv2.createCLAHE(c["clip_limit"], (c["grid"], c["grid"])).apply(np.ascontiguousarray(lab[..., 0]))
+        img = Image.fromarray(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+    return transform(img)
+
+x = torch.stack([load(f) for f in files])
+head = config["vistrain"]["head"]
+with torch.no_grad():
+    if head is None:
+        out = model(x)
+    else:
+        scope = {"folder": folder, "model": model}
+        exec(head["code"], scope)
+        out = eval(head["call"], scope, {"x": x})
+assert not [m for m in sys.modules if m.split(".")[0] == "vistrain"], "the timm side imported vistrain"
+print(json.dumps({"out": out.tolist(), "num_classes": model.num_classes,
+                  "data_cfg": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}}))
+"""
+
+
+def timm_side(folder: Path, files: list[Path], clahe: bool = False) -> dict[str, Any]:
+    res = subprocess.run([sys.executable, "-c", TIMM_SIDE, str(folder), json.dumps([str(f) for f in files]),
+                          "clahe" if clahe else "-"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def softmax(logits: Any) -> np.ndarray:
+    return torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=1).numpy()
+
+
+def probs_of(table: Any, classes: list[str]) -> np.ndarray:
+    return table[[f"prob_{c}" for c in classes]].to_numpy(dtype=np.float64)
+
+
+def train(root: Path, **sections: dict[str, Any]) -> Path:
+    data = write_csv_dataset(root / "data", per_class=8, size=40)
+    cfg = tiny_config(data.root, output={"exp_dir": str(root / "exp"), "logs_dir": None},
+                      tracking={"tensorboard": False})
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return vistrain.train(cfg, progress=False).path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-fold classifier at a non-square 32 x 40 (H x W) input, evaluated with EMA weights."""
+    return train(tmp_path_factory.mktemp("timm_cls"), train={"img_size": [32, 40], "epochs": 2, "ema": True,
+                                                             "ema_decay": 0.9})
+
+
+def images(folder: Path, n: int, size: tuple[int, int], fmt: str = "PNG", seed: int = 3) -> list[Path]:
+    """``n`` class pictures of ``size`` (W, H), one class after another."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        path = folder / f"im{i:02d}.{fmt.lower().replace('jpeg', 'jpg')}"
+        class_image(i % 3, rng, max(size)).resize(size, Image.Resampling.BILINEAR).save(path, fmt)
+        out.append(path)
+    return out
+
+
+def test_timm_alone_predicts_what_predict_predicts(classifier: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "timm_model"
+    res = run_cli("export", str(classifier), "--format", "timm", "--output", str(folder), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    done = [ln for ln in res.stdout.splitlines() if ln.startswith("[DONE]")]
+    assert len(done) == 1 and str(folder) in done[0] and f'timm.create_model("local-dir:{folder}"' in done[0]
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "README.md"}
+
+    run = vistrain.Run(classifier)
+    # At the model's size (40 x 32) the resize is an identity for OpenCV and for PIL: the same tensors, so the same
+    # probabilities up to float rounding.
+    exact = images(tmp_path / "at_size", 32, (40, 32))
+    got = timm_side(folder, exact)
+    assert got["num_classes"] == 3
+    want = probs_of(run.predict([str(p) for p in exact], folds="0"), run.classes)
+    assert_same_probabilities(softmax(got["out"]), want, atol=1e-4, what="timm local-dir vs vistrain predict")
+
+    # Photos larger than the input (JPEG, 3.3 - 4.6x, not whole factors): vistrain decodes them reduced and shrinks
+    # with OpenCV's area average, timm decodes in full and resizes with PIL's antialiased bilinear filter. The
+    # pixels differ by a few grey levels; what holds is the same top-1 class and probabilities within 0.05.
+    rng = np.random.default_rng(5)
+    photos = [p for i in range(32) for p in images(tmp_path / f"photo{i}", 1, tuple(int(s * f) for s, f in zip(
+        (40, 32), rng.uniform(3.3, 4.6, 2))), fmt="JPEG", seed=100 + i)]
+    got = softmax(timm_side(folder, photos)["out"])
+    want = probs_of(run.predict([str(p) for p in photos], folds="0"), run.classes)
+    assert (got.argmax(1) == want.argmax(1)).all()
+    assert np.abs(got - want).max() < 0.05
+
+
+def test_config_json_and_card_say_classes_and_preprocessing(classifier: Path, tmp_path: Path) -> None:
+    folder = vistrain.Run(classifier).export("timm", output=tmp_path / "out")
+    config = json.loads((folder / "config.json").read_text())
+    run = vistrain.Run(classifier)
+    pre = json.loads((classifier / "preprocess.json").read_text())
+    assert config["architecture"] == "resnet10t" and config["num_classes"] == 3
+    assert config["label_names"] == [str(c) for c in run.classes] == ["0", "1", "2"]
+    p = config["pretrained_cfg"]
+    assert p["input_size"] == [3, 32, 40] and p["interpolation"] == "bilinear"
+    assert p["crop_pct"] == 1.0 and p["crop_mode"] == "squash"  # crop none: both sides resized to the input
+    assert p["mean"] == pre["normalize"]["mean"] and p["std"] == pre["normalize"]["std"]
+    v = config["vistrain"]
+    assert v["fold"] == 0 and v["run"] == classifier.name and v["temperature"] is None and v["head"] is None
+    assert v["preprocess"] == pre
+    assert not any(s.startswith("preprocess.clahe") for s in v["not_expressed"])
+    assert any(s.startswith("preprocess.resize.shrink") for s in v["not_expressed"])
+
+    # the weights are the evaluated ones (EMA here): the best checkpoint's .safetensors, tensor for tensor
+    from safetensors.torch import load_file
+
+    exported, best = load_file(folder / "model.safetensors"), load_file(classifier / "ckpt" / "best_fold0.safetensors")
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in best)
+
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "timm"
+    html = markdown.markdown(card.split("---", 2)[2], extensions=["fenced_code"])
+    assert "How to load" in html and f"local-dir:{folder}" in html
+    assert all(s.split(":")[0] in html for s in v["not_expressed"])
+
+
+@pytest.fixture(scope="module")
+def gem_clahe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GeM classifier trained with CLAHE and a centre-square crop (what timm's config cannot say)."""
+    return train(tmp_path_factory.mktemp("timm_gem"), model={"pooling": "gem"},
+                 preprocess={"crop": "center_square", "clahe": {"enabled": True, "clip_limit": 3.0, "grid": 4}})
+
+
+def test_gem_and_clahe_are_listed_and_the_documented_head_gives_predict(gem_clahe: Path, tmp_path: Path) -> None:
+    res = run_cli("export", str(gem_clahe), "--format", "timm", "--output", str(tmp_path / "gem"), cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    config = json.loads((tmp_path / "gem" / "config.json").read_text())
+    listed = config["vistrain"]["not_expressed"]
+    for setting in ("preprocess.clahe", "model.pooling", "preprocess.crop"):
+        assert any(s.startswith(setting) for s in listed), (setting, listed)
+        assert any(ln.startswith("[EXPORT]") and setting in ln for ln in (res.stdout + res.stderr).splitlines())
+    assert config["num_classes"] == 0 and config["label_names"] == ["0", "1", "2"]  # the head's classes
+    assert config["pretrained_cfg"]["crop_mode"] == "center"
+    assert (tmp_path / "gem" / "vistrain_head.safetensors").is_file()
+    card = (tmp_path / "gem" / "README.md").read_text()
+    assert "CLAHE" in card and config["vistrain"]["head"]["code"] in card
+
+    exact = images(tmp_path / "square", 32, (32, 32))  # centre square and resize: identities
+    got = softmax(timm_side(tmp_path / "gem", exact, clahe=True)["out"])
+    run = vistrain.Run(gem_clahe)
+    want = probs_of(run.predict([str(p) for p in exact], folds="0"), run.classes)
+    assert_same_probabilities(got, want, atol=1e-4, what="timm features + the documented GeM head vs predict")
+
+
+def test_an_embedding_run_exports_a_feature_model_and_its_head(tmp_path: Path) -> None:
+    from test_embedding_e2e import _retrieval_config, write_products
+
+    root = write_products(tmp_path / "products", classes=3, objects=4)
+    cfg = _retrieval_config(tmp_path, root)
+    cfg["model"].update(name="resnet10t", pretrained=False, embedding_dim=16, pooling="avg", last_stride=1)
+    cfg["sampler"].update(p=3, k=2)
+    cfg["train"].update(img_size=32, epochs=1, warmup_epochs=0, num_workers=0, device="cpu", log_interval=0,
+                        channels_last=False, freeze_backbone_epochs=0)
+    cfg["augment"]["policy"] = "none"
+    cfg["tracking"]["tensorboard"] = False
+    cfg["eval"].update(flip_feats=True, feat_norm=True)
+    run = vistrain.train(cfg, progress=False)
+    folder = run.export("timm", output=tmp_path / "emb")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["num_classes"] == 0 and config["pretrained_cfg"]["num_classes"] == 0
+    assert "label_names" not in config  # the training identities are no output of the exported model
+    head = config["vistrain"]["head"]
+    assert head["kind"] == "embedding" and head["file"] == "vistrain_head.safetensors"
+    assert any(s.startswith("model.last_stride") for s in config["vistrain"]["not_expressed"])
+
+    files = sorted(root.rglob("*.jpg"))[:12]  # 48 x 48 JPEGs at a 32 px input: a shrink, the same in both
+    want = run.embed([str(p) for p in files])
+    # timm's features + the documented head, on vistrain's own input tensors: the model side alone
+    got = timm_tensors_side(folder, torch.stack([run.preprocessor(np.asarray(Image.open(p).convert("RGB")))
+                                                 for p in files]))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def timm_tensors_side(folder: Path, x: torch.Tensor) -> np.ndarray:
+    """The documented head on given input tensors, in a process without vistrain."""
+    path = folder.parent / "x.pt"
+    torch.save(x, path)
+    code = ("import json, sys, timm, torch\n"
+            "folder = sys.argv[1]\n"
+            "config = json.load(open(f'{folder}/config.json'))\n"
+            "model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()\n"
+            "scope = {'folder': folder, 'model': model}\n"
+            "exec(config['vistrain']['head']['code'], scope)\n"
+            "with torch.no_grad():\n"
+            "    out = eval(config['vistrain']['head']['call'], scope, {'x': torch.load(sys.argv[2])})\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'vistrain']\n"
+            "print(json.dumps(out.tolist()))\n")
+    res = subprocess.run([sys.executable, "-c", code, str(folder), str(path)], env=cli_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return np.asarray(json.loads(res.stdout.strip().splitlines()[-1]), dtype=np.float32)
+
+
+def test_dry_run_pushes_nothing_and_push_uploads_the_folder(classifier: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import huggingface_hub
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class FakeRepo:
+        repo_id = "someone/tiny"
+
+    def create_repo(self: Any, repo_id: str, **kw: Any) -> FakeRepo:
+        calls.append(("create_repo", {"repo_id": repo_id, **kw}))
+        return FakeRepo()
+
+    def upload_folder(self: Any, **kw: Any) -> str:
+        calls.append(("upload_folder", kw))
+        return "https://huggingface.co/someone/tiny/commit/0"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    run = vistrain.Run(classifier)
+    with caplog.at_level(logging.INFO, logger="vistrain"):
+        folder = run.export("timm", output=tmp_path / "dry", push_to_hub="someone/tiny", dry_run=True)
+    assert calls == [] and (folder / "model.safetensors").is_file()
+    (line,) = [r.getMessage() for r in caplog.records if "would push" in r.getMessage()]
+    assert "someone/tiny" in line and str(folder) in line
+    folder = run.export("timm", output=tmp_path / "pushed", push_to_hub="someone/tiny")
+    assert [c[0] for c in calls] == ["create_repo", "upload_folder"]
+    assert calls[0][1]["repo_id"] == "someone/tiny" and calls[0][1].get("exist_ok") is True
+    assert Path(calls[1][1]["folder_path"]) == folder and calls[1][1]["repo_id"] == "someone/tiny"
+
+
+def test_user_mistakes_are_one_line(classifier: Path, tmp_path: Path) -> None:
+    res = run_cli("export", str(classifier), "--format", "timm", "--folds", "0,1", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "--folds" in line and "one model" in line
+    res = run_cli("export", str(classifier), "--format", "tflite", cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert "--format" in line and "onnx, timm" in line
+    res = run_cli("export", str(classifier), "--push-to-hub", "someone/x", cwd=tmp_path)  # onnx: nothing to push
+    assert res.returncode == 2 and "--push-to-hub" in res.stderr and "--format timm" in res.stderr
+
+
+def test_a_run_with_two_folds_exports_one_chosen_fold(classifier: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / classifier.name
+    shutil.copytree(classifier, copy)
+    for suffix in (".pth", ".safetensors"):
+        shutil.copy(copy / "ckpt" / f"best_fold0{suffix}", copy / "ckpt" / f"best_fold1{suffix}")
+    with pytest.raises(vistrain.UserError, match="one model per folder"):
+        vistrain.Run(copy).export("timm", folds="all", output=tmp_path / "x")
+    folder = vistrain.Run(copy).export("timm", folds=[1], output=tmp_path / "one")
+    assert json.loads((folder / "config.json").read_text())["vistrain"]["fold"] == 1
+    assert vistrain.Run(copy).export("timm") == copy / "export" / "timm_fold0"  # default: fold 0
