@@ -15,6 +15,7 @@ from typing import Any
 import markdown
 import numpy as np
 import pytest
+import timm
 import torch
 import yaml
 from conftest import (
@@ -307,3 +308,42 @@ def test_a_run_with_two_folds_exports_one_chosen_fold(classifier: Path, tmp_path
     folder = vistrain.Run(copy).export("timm", folds=[1], output=tmp_path / "one")
     assert json.loads((folder / "config.json").read_text())["vistrain"]["fold"] == 1
     assert vistrain.Run(copy).export("timm") == copy / "export" / "timm_fold0"  # default: fold 0
+
+
+def test_an_architecture_whose_timm_head_adds_layers_pools_in_the_documented_head(tmp_path: Path) -> None:
+    """ConvNeXt's timm forward puts a norm after the pooling, which vistrain's embedding (forward_features, then its
+    own pooling) never applies: the avg pooling moves into the head code, which reproduces the model."""
+    from vistrain.config import load_config
+    from vistrain.engine.inference import LoadedRun
+    from vistrain.engine.timm_folder import timm_parts
+    from vistrain.models.build import build_model
+
+    cfg = load_config({"task": "embedding", "data": {"source": "folders", "image_dir_train": str(tmp_path)},
+                       "model": {"name": "convnext_atto", "pretrained": False, "pooling": "avg", "embedding_dim": 8},
+                       "train": {"img_size": 32}, "eval": {"flip_feats": True}})
+    torch.manual_seed(0)
+    model = build_model("embedding", cfg.model, 3, pretrained=False).eval()
+    model.neck.running_mean.normal_()  # a trained BNNeck's statistics, not the identity's
+    model.neck.running_var.uniform_(0.5, 2.0)
+    run = LoadedRun(tmp_path, cfg, ["a", "b", "c"], [0], None)
+    timm_model, head, check = timm_parts(run, model, (32, 32))
+    assert head["spec"]["pooling"] == "avg" and "model.forward_features(x)" in head["spec"]["code"]
+    assert check["max_abs_diff"] < 1e-5
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        plain = timm.create_model("convnext_atto", num_classes=0, global_pool="avg").eval()
+        plain.load_state_dict(model.backbone.state_dict())
+        assert (plain(x) - model.backbone.forward_features(x).mean((-2, -1))).abs().max() > 1e-3  # the head norm
+
+
+def test_a_timm_side_that_differs_from_the_model_writes_nothing(classifier: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export runs timm's model (and the head code) against vistrain's before writing: a timm that pooled
+    otherwise (here: max for avg) is refused, not published."""
+    import vistrain.engine.timm_folder as tf
+
+    build = tf._timm
+    monkeypatch.setattr(tf, "_timm", lambda name, n, pool: build(name, n, "max"))
+    with pytest.raises(vistrain.UserError, match="--format onnx"):
+        vistrain.Run(classifier).export("timm", output=tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()

@@ -18,8 +18,10 @@ projection and BNNeck, its flip average and L2 norm, ``model.last_stride: 1`` â€
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ from vistrain.tracking.files import atomic_write_bytes, atomic_write_text, write
 log = logging.getLogger(__name__)
 
 HEAD_FILE = "vistrain_head.safetensors"
+# the timm side (model + head code) against vistrain's model on random inputs: float32 on the CPU, the same weights
+# and operations in the same order, so anything beyond rounding is a different computation
+CHECK_ATOL, CHECK_RTOL = 1e-4, 1e-4
 # vistrain's OpenCV interpolation -> the nearest PIL filter timm's transforms know
 TIMM_INTERPOLATION = {"bilinear": "bilinear", "bicubic": "bicubic", "area": "box", "nearest": "nearest"}
 # the pretrained_cfg keys that describe these weights; the rest of timm's default cfg (tag, license, origin_url,
@@ -53,21 +58,23 @@ def export_timm(run_dir: Path, folds: str | list[int] | None = None, output: Pat
     fold = choose_fold(run, folds)
     model, pre = load_fold_model(run, fold, torch.device("cpu"))
     data_config, notes = timm_data_config(pre)
-    timm_model, head = split_model(run, model)
-    notes += model_notes(run)
+    timm_model, head, check = timm_parts(run, model, pre.size)
+    notes += model_notes(run, head)
     folder = Path(output) if output is not None else run.path / "export" / f"timm_fold{fold}"
     config = timm_config(timm_model, data_config, run, head)
     config["vistrain"] = {"version": __version__, "run": run.path.name, "fold": fold, "task": run.cfg.task,
                           "model": run.cfg.model.name, "temperature": run.temperature, "preprocess": pre.to_dict(),
-                          "not_expressed": notes, "head": head and head["spec"]}
+                          "not_expressed": notes, "head": head and head["spec"], "check": check}
     write_folder(folder, timm_model, head, config)
     from vistrain.viz.model_card import model_card_text
 
     card = model_card_text(run.path, timm_export={"folder": str(folder), "fold": fold, "not_expressed": notes,
                                                   "embedding_head": head and head["spec"], "config": config})
     atomic_write_text(folder / "README.md", card)
-    log.info("[EXPORT] fold=%d -> %s (timm %s, %s)", fold, folder, config["architecture"],
-             f"{config['num_classes']} classes" if config["num_classes"] else "feature model + vistrain_head")
+    log.info("[EXPORT] fold=%d -> %s (timm %s, %s; timm side vs vistrain on random inputs: max |diff| %.1e)", fold,
+             folder, config["architecture"],
+             f"{config['num_classes']} classes" if config["num_classes"] else f"feature model + {HEAD_FILE}",
+             check["max_abs_diff"])
     for note in notes:
         log.info("[EXPORT] not in timm's config: %s", note)
     if push_to_hub:
@@ -134,28 +141,32 @@ def timm_data_config(pre: Preprocessor) -> tuple[dict[str, Any], list[str]]:
     return config, notes
 
 
-def split_model(run: LoadedRun, model: nn.Module) -> tuple[nn.Module, dict[str, Any] | None]:
-    """(the timm model holding the fold's weights, strictly loaded; the head timm cannot hold or None). A classifier
-    with a timm pooling is all timm's; GeM and an embedding model's neck become ``vistrain_head.safetensors``."""
+def split_model(run: LoadedRun, model: nn.Module, pool_in_head: bool = False
+                ) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(the timm model holding the fold's weights, strictly loaded; the head timm cannot hold, or None). A classifier
+    with a timm pooling is all timm's; GeM, and an embedding model's neck, go to ``vistrain_head.safetensors``.
+    ``pool_in_head``: an embedding's avg / max pooling in the head code too, on ``forward_features`` (for an
+    architecture whose timm forward adds layers after the feature maps)."""
     m = run.cfg.model
     if run.cfg.task == "classification" and m.pooling != "gem":
         timm_model = _timm(m.name, len(run.classes), m.pooling)
         timm_model.load_state_dict(model.state_dict())
         return timm_model, None
-    backbone = model.backbone
-    gem = m.pooling == "gem"
-    timm_model = _timm(m.name, 0, "" if gem else m.pooling)
-    timm_model.load_state_dict(backbone.state_dict())
+    pool = m.pooling if m.pooling == "gem" or pool_in_head else None  # None: timm's global_pool does it
+    timm_model = _timm(m.name, 0, "" if pool else m.pooling)
+    timm_model.load_state_dict(model.backbone.state_dict())
+    tensors = {"pool.p": model.pool.p} if pool == "gem" else {}
     if run.cfg.task == "classification":
-        tensors = {"pool.p": model.pool.p, "head.weight": model.head.weight, "head.bias": model.head.bias}
-        return timm_model, _head("classifier", tensors, model.pool.eps, None, run, backbone)
-    tensors = {"pool.p": model.pool.p} if gem else {}
+        tensors.update({"head.weight": model.head.weight, "head.bias": model.head.bias})
+        return timm_model, _head(run, "classifier", tensors, pool, model)
     if isinstance(model.proj, nn.Linear):
         tensors["proj.weight"] = model.proj.weight
-    bn = model.neck if isinstance(model.neck, nn.BatchNorm1d) else None
-    if bn is not None:
-        tensors.update({f"neck.{k}": getattr(bn, k) for k in ("weight", "bias", "running_mean", "running_var")})
-    return timm_model, _head("embedding", tensors, model.pool.eps if gem else None, bn, run, backbone)
+    if isinstance(model.neck, nn.BatchNorm1d):
+        tensors.update({f"neck.{k}": getattr(model.neck, k) for k in ("weight", "bias", "running_mean", "running_var")})
+    e = run.cfg.eval
+    if not (tensors or pool or e.flip_feats or e.feat_norm or m.last_stride == 1):
+        return timm_model, None  # timm's pooled features are the embedding
+    return timm_model, _head(run, "embedding", tensors, pool, model)
 
 
 def _timm(name: str, num_classes: int, pool: str) -> nn.Module:
@@ -163,56 +174,67 @@ def _timm(name: str, num_classes: int, pool: str) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, global_pool=pool).eval()
 
 
-def _head(kind: str, tensors: dict[str, torch.Tensor], gem_eps: float | None, bn: nn.BatchNorm1d | None,
-          run: LoadedRun, backbone: nn.Module) -> dict[str, Any]:
+def _head(run: LoadedRun, kind: str, tensors: dict[str, torch.Tensor], pool: str | None, model: nn.Module
+          ) -> dict[str, Any]:
     """The head's tensors and its description: the formula, and torch code (``code`` defines ``call``, given
     ``folder`` and timm's ``model``; x: [B, 3, H, W] from timm's transforms) that a test runs without vistrain."""
-    tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
-    e = run.cfg.eval
     embedding = kind == "embedding"
-    flip, norm = embedding and e.flip_feats, embedding and e.feat_norm
-    nhwc = getattr(backbone, "output_fmt", "NCHW") == "NHWC"
-    lines = ["import torch", "import torch.nn.functional as F", "from safetensors.torch import load_file", "",
-             f'head = load_file(f"{{folder}}/{HEAD_FILE}")']
-    if embedding and run.cfg.model.last_stride == 1:
-        lines += LAST_STRIDE_CODE
-    name = "embed" if embedding else "logits"
-    body, formula = [], []
-    body.append("f = model(x)" + ("  # [B, C, H, W] feature maps" if gem_eps is not None else
-                                  f"  # [B, C]: timm's {run.cfg.model.pooling} pooling"))
-    formula.append("f = timm model(x)")
-    if gem_eps is not None:
-        if nhwc:
-            body.append("f = f.permute(0, 3, 1, 2)  # this backbone gives [B, H, W, C]")
-        body.append(f'f = f.float().clamp(min={gem_eps!r}).pow(head["pool.p"]).mean(dim=(-2, -1))'
-                    '.pow(1 / head["pool.p"])  # GeM')
-        formula.append(f"f = (mean over H, W of max(f, {gem_eps!r})^p)^(1/p), p = pool.p (GeM)")
+    body, formula = _pool_lines(pool, run.cfg.model.pooling, model)
     if "proj.weight" in tensors:
         body.append('f = f @ head["proj.weight"].T  # projection')
         formula.append("f = f @ proj.weight^T")
-    if bn is not None:
+    if "neck.weight" in tensors:
+        eps = model.neck.eps
         body.append('f = F.batch_norm(f, head["neck.running_mean"], head["neck.running_var"], head["neck.weight"], '
-                    f'head["neck.bias"], eps={bn.eps!r})  # BNNeck')
-        formula.append(f"f = (f - neck.running_mean) / sqrt(neck.running_var + {bn.eps!r}) * neck.weight + "
+                    f'head["neck.bias"], eps={eps!r})  # BNNeck')
+        formula.append(f"f = (f - neck.running_mean) / sqrt(neck.running_var + {eps!r}) * neck.weight + "
                        "neck.bias (BNNeck)")
     if not embedding:
         body.append('f = f @ head["head.weight"].T + head["head.bias"]  # logits, in label_names order')
         formula.append("logits = f @ head.weight^T + head.bias")
-    code_lines = [*lines, "", f"def {name}(x):"]
-    if flip:
-        code_lines += ["    def one(x):", *(f"        {b}" for b in body), "        return f",
-                       "    f = (one(x) + one(x.flip(-1))) / 2  # eval.flip_feats: with the mirror image"]
+    name = "embed" if embedding else "logits"
+    code = ["import torch", "import torch.nn.functional as F", "from safetensors.torch import load_file", "",
+            f'head = load_file(f"{{folder}}/{HEAD_FILE}")']
+    if embedding and run.cfg.model.last_stride == 1:
+        code += LAST_STRIDE_CODE
+    code += ["", f"def {name}(x):"]
+    e = run.cfg.eval
+    if embedding and e.flip_feats:
+        code += ["    def one(x):", *(f"        {b}" for b in body), "        return f",
+                 "    f = (one(x) + one(x.flip(-1))) / 2  # eval.flip_feats: with the mirror image"]
         formula.append("f = (f(x) + f(x flipped left-right)) / 2")
     else:
-        code_lines += [f"    {b}" for b in body]
-    if norm:
-        code_lines.append("    f = F.normalize(f, dim=1)  # eval.feat_norm: unit length")
+        code += [f"    {b}" for b in body]
+    if embedding and e.feat_norm:
+        code.append("    f = F.normalize(f, dim=1)  # eval.feat_norm: unit length")
         formula.append("embedding = f / max(||f||, 1e-12)")
-    code_lines.append("    return f")
+    code.append("    return f")
+    tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}
     spec = {"kind": kind, "file": HEAD_FILE, "tensors": {k: list(v.shape) for k, v in tensors.items()},
+            "pooling": pool or f"timm ({run.cfg.model.pooling})",
             "output": "embedding [B, D]" if embedding else "logits [B, num classes] in label_names order",
-            "formula": formula, "code": "\n".join(code_lines) + "\n", "call": f"{name}(x)"}
+            "formula": formula, "code": "\n".join(code) + "\n", "call": f"{name}(x)"}
     return {"spec": spec, "tensors": tensors}
+
+
+def _pool_lines(pool: str | None, pooling: str, model: nn.Module) -> tuple[list[str], list[str]]:
+    """The head code's first lines and formula: timm's pooled features, or the feature maps pooled here."""
+    if pool is None:
+        return [f"f = model(x)  # [B, C]: timm's {pooling} pooling"], ["f = timm model(x)"]
+    body = ["f = model.forward_features(x)  # [B, C, H, W] feature maps"]
+    formula = ["f = timm model.forward_features(x)"]
+    backbone = model.backbone
+    if getattr(backbone, "output_fmt", "NCHW") == "NHWC" and pool:
+        body.append("f = f.permute(0, 3, 1, 2)  # this backbone gives [B, H, W, C]")
+    if pool == "gem":
+        eps = model.pool.eps
+        body.append(f'f = f.float().clamp(min={eps!r}).pow(head["pool.p"]).mean(dim=(-2, -1))'
+                    '.pow(1 / head["pool.p"])  # GeM')
+        formula.append(f"f = (mean over H, W of max(f, {eps!r})^p)^(1/p), p = pool.p (GeM)")
+    else:
+        body.append(f"f = f.{'mean' if pool == 'avg' else 'amax'}(dim=(-2, -1))  # {pool} pooling")
+        formula.append(f"f = {pool} over H, W")
+    return body, formula
 
 
 # model.last_stride: 1, on timm's ResNet as models.embedding.set_last_stride_1 does it on vistrain's
@@ -230,7 +252,57 @@ LAST_STRIDE_CODE = [
 ]
 
 
-def model_notes(run: LoadedRun) -> list[str]:
+def timm_parts(run: LoadedRun, model: nn.Module, size: tuple[int, int]
+               ) -> tuple[nn.Module, dict[str, Any] | None, dict[str, Any]]:
+    """The timm model and head that reproduce ``model`` (checked): an embedding's avg / max pooling by timm, or in
+    the head code when this architecture's timm forward adds layers after the feature maps (ConvNeXt's head norm)."""
+    timm_model, head = split_model(run, model)
+    try:
+        return timm_model, head, check_outputs(run, model, timm_model, head, size)
+    except UserError:
+        if run.cfg.task != "embedding" or run.cfg.model.pooling == "gem":
+            raise
+    timm_model, head = split_model(run, model, pool_in_head=True)
+    return timm_model, head, check_outputs(run, model, timm_model, head, size)
+
+
+def check_outputs(run: LoadedRun, model: nn.Module, timm_model: nn.Module, head: dict[str, Any] | None,
+                  size: tuple[int, int]) -> dict[str, Any]:
+    """vistrain's outputs (logits; an embedding flip-averaged and normalised as ``eval.*`` says) against timm's model
+    followed by the documented head code, on the same random batch: an architecture whose timm forward adds layers
+    vistrain's model skips (a head norm) cannot be exported this way, and is refused before anything is written."""
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    e = run.cfg.eval
+    with torch.no_grad():
+        want = model(x)
+        if run.cfg.task == "embedding":
+            want = (want + model(x.flip(-1))) / 2 if e.flip_feats else want
+            want = torch.nn.functional.normalize(want, dim=1) if e.feat_norm else want
+        try:
+            got = timm_model(x) if head is None else _run_head(head, copy.deepcopy(timm_model), x)
+        except RuntimeError:  # timm's features are not the ones the head was trained on (another width)
+            got = None
+    diff = float((got - want).abs().max()) if got is not None and got.shape == want.shape else math.inf
+    bound = CHECK_ATOL + CHECK_RTOL * float(want.abs().max())
+    if not diff <= bound:
+        raise UserError(f"--format timm: {run.cfg.model.name}: timm's model with the documented head is {diff:.2g} "
+                        f"from vistrain's outputs (bound {bound:.2g}): timm's forward for this architecture is not "
+                        f"vistrain's {run.cfg.task} model; export it with --format onnx")
+    return {"inputs": f"2 random tensors [3, {size[0]}, {size[1]}]", "max_abs_diff": diff}
+
+
+def _run_head(head: dict[str, Any], model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The documented head code, as a timm user runs it (our own generated text; its file in a temporary folder)."""
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(head["tensors"], f"{tmp}/{HEAD_FILE}")
+        scope: dict[str, Any] = {"folder": tmp, "model": model}
+        exec(head["spec"]["code"], scope)  # noqa: S102 - vistrain's code, checked as published
+        return eval(head["spec"]["call"], scope, {"x": x})  # noqa: S307
+
+
+def model_notes(run: LoadedRun, head: dict[str, Any] | None) -> list[str]:
     """The model's settings outside timm's config: where the head is, the last stride, the temperature."""
     m, e = run.cfg.model, run.cfg.eval
     notes = []
@@ -238,7 +310,11 @@ def model_notes(run: LoadedRun) -> list[str]:
     if m.pooling == "gem":
         what = "GeM's p and the linear classifier are" if run.cfg.task == "classification" else "GeM's p is"
         notes.append(f"model.pooling: gem: timm has no GeM global_pool; the folder holds a feature model "
-                     f"(num_classes=0, unpooled [B, C, H, W]); {what} {where}")
+                     f"(num_classes=0, no pooling: forward_features gives [B, C, H, W]); {what} {where}")
+    elif head is not None and head["spec"]["pooling"] == m.pooling:
+        notes.append(f"model.pooling: {m.pooling}: timm's forward for {m.name} adds layers after the feature maps "
+                     f"that vistrain's embedding skips; the folder holds a feature model without pooling and the "
+                     f"{m.pooling} pooling of forward_features is in the head code")
     if run.cfg.task == "classification":
         if run.temperature is not None:
             notes.append(f"calibration: temperature {run.temperature:.4g}: vistrain's probabilities are "
