@@ -347,3 +347,15 @@ def test_a_timm_side_that_differs_from_the_model_writes_nothing(classifier: Path
     with pytest.raises(vistrain.UserError, match="--format onnx"):
         vistrain.Run(classifier).export("timm", output=tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_calibrated_run_gives_its_temperature(classifier: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / classifier.name
+    shutil.copytree(classifier, copy)
+    (copy / "calibration.json").write_text(json.dumps({"temperature": 1.7}))
+    config = json.loads((vistrain.Run(copy).export("timm") / "config.json").read_text())
+    assert config["vistrain"]["temperature"] == 1.7
+    assert any(s.startswith("calibration: temperature 1.7") and "softmax(logits / T)" in s
+               for s in config["vistrain"]["not_expressed"])
