@@ -73,7 +73,8 @@ def export_timm(run_dir: Path, folds: str | list[int] | None = None, output: Pat
     atomic_write_text(folder / "README.md", card)
     log.info("[EXPORT] fold=%d -> %s (timm %s, %s; timm side vs vistrain on random inputs: max |diff| %.1e)", fold,
              folder, config["architecture"],
-             f"{config['num_classes']} classes" if config["num_classes"] else f"feature model + {HEAD_FILE}",
+             f"{config['num_classes']} classes" if config["num_classes"] else
+             "feature model" + (f" + {HEAD_FILE}" if head else ""),
              check["max_abs_diff"])
     for note in notes:
         log.info("[EXPORT] not in timm's config: %s", note)
