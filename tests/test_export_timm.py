@@ -282,17 +282,24 @@ def test_dry_run_pushes_nothing_and_push_uploads_the_folder(classifier: Path, tm
     assert Path(calls[1][1]["folder_path"]) == folder and calls[1][1]["repo_id"] == "someone/tiny"
 
 
-def test_user_mistakes_are_one_line(classifier: Path, tmp_path: Path) -> None:
-    res = run_cli("export", str(classifier), "--format", "timm", "--folds", "0,1", cwd=tmp_path)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert "--folds" in line and "one model" in line
-    res = run_cli("export", str(classifier), "--format", "tflite", cwd=tmp_path)
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert "--format" in line and "onnx, timm" in line
-    res = run_cli("export", str(classifier), "--push-to-hub", "someone/x", cwd=tmp_path)  # onnx: nothing to push
-    assert res.returncode == 2 and "--push-to-hub" in res.stderr and "--format timm" in res.stderr
+def test_user_mistakes_are_one_line(classifier: Path, capsys: pytest.CaptureFixture) -> None:
+    from vistrain import cli
+
+    def error_line(*args: str) -> str:
+        assert cli.main(["export", str(classifier), *args]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        return line
+
+    line = error_line("--format", "timm", "--folds", "0,1")
+    assert "--folds" in line and "one model per folder" in line
+    line = error_line("--format", "tflite")
+    assert "--format" in line and "valid: onnx, timm" in line
+    line = error_line("--push-to-hub", "someone/x")  # onnx: nothing to push
+    assert "--push-to-hub" in line and "--format timm" in line
+    line = error_line("--format", "timm", "--verify")
+    assert "--verify" in line and "--format onnx" in line
 
 
 def test_a_run_with_two_folds_exports_one_chosen_fold(classifier: Path, tmp_path: Path) -> None:
