@@ -175,7 +175,7 @@ def test_verify_does_not_fail_on_a_near_tie_that_flips_within_the_tolerance(tmp_
 def test_unknown_format_or_folds_are_user_errors(trained: tuple[Path, Path], tmp_path: Path) -> None:
     res = run_cli("export", str(trained[0]), "--format", "tflite", cwd=tmp_path)
     assert res.returncode == 2
-    assert res.stderr.strip() == "error: --format: 'tflite' is not supported; valid: onnx"
+    assert res.stderr.strip() == "error: --format: 'tflite' is not supported; valid: onnx, timm"
     res = run_cli("export", str(trained[0]), "--folds", "a", cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip() == "error: --folds: 'a' is not a fold list; valid: all, or fold numbers like 0,2 " \

@@ -372,19 +372,25 @@ class Run:
     def export(self, format: str = "onnx", *, quantize: str | None = None, fp16: bool = False,
                folds: str | Sequence[int] | None = None, output: str | Path | None = None, verify: bool = False,
                benchmark: bool = False, budget_ms: float | None = None, budget_mb: float | None = None,
-               fail_over_budget: bool = True, strict: bool = False) -> Path:
-        """``vistrain export``: the folder written (``RUN/export`` unless ``output``), holding model_fold{k}.onnx,
-        preprocess.json and export.json (the figures: sizes, verify, benchmark, int8 agreement, budgets).
+               fail_over_budget: bool = True, strict: bool = False, push_to_hub: str | None = None,
+               dry_run: bool = False) -> Path:
+        """``vistrain export``: the folder written. ONNX (``RUN/export`` unless ``output``): model_fold{k}.onnx,
+        preprocess.json and export.json (the figures: sizes, verify, benchmark, int8 agreement, budgets). ``"timm"``
+        (``RUN/export/timm_fold{k}`` unless ``output``): one fold (``folds``, default 0) as a Hugging Face hub folder
+        (config.json, model.safetensors, README.md) that ``timm.create_model("local-dir:DIR", pretrained=True)``
+        loads; ``push_to_hub``: a hub repo to upload it to (huggingface_hub; ``dry_run``: the folder only).
 
         >>> onnx_dir = run.export(quantize="int8", verify=True)
+        >>> timm_dir = run.export("timm", push_to_hub="me/pills-classifier", dry_run=True)
         """
         from vistrain.engine.export import run_export
 
-        out = Path(output).resolve() if output is not None else self.path / "export"
-        run_export(self.path, fmt=format, folds=_folds_text(folds), output=out, do_verify=verify,
-                   do_benchmark=benchmark, quantize=quantize, fp16=fp16, budget_ms=budget_ms, budget_mb=budget_mb,
-                   fail_over_budget=fail_over_budget, strict=strict)
-        return out
+        out = Path(output).resolve() if output is not None else None
+        summary = run_export(self.path, fmt=format, folds=_folds_text(folds), output=out, do_verify=verify,
+                             do_benchmark=benchmark, quantize=quantize, fp16=fp16, budget_ms=budget_ms,
+                             budget_mb=budget_mb, fail_over_budget=fail_over_budget, strict=strict,
+                             push_to_hub=push_to_hub, dry_run=dry_run)
+        return Path(summary["folder"])
 
     def audit(self, *, output: str | Path | None = None, overrides: Overrides = (), **options: Any) -> Audit:
         """``vistrain audit RUN``: audit.json's content and its tables (``Audit.table("duplicates")``); audit

@@ -51,7 +51,7 @@ from vistrain.tracking.files import write_json
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "timm")  # timm: engine.timm_folder (a Hugging Face hub folder)
 EXPORT_MISSING = "export: needs onnx, onnxscript and onnxruntime; pip install 'vistrain[export]'"
 # Parity: |onnx - torch| <= ATOL + RTOL * |torch| for every output value. Both run float32 on the CPU; the ONNX
 # graph fuses and reorders operations (batch norm folded into convolutions), which moves values by a few ulps per
@@ -336,15 +336,30 @@ def benchmark(module: Deployable, path: Path, example: torch.Tensor, batches: tu
 def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, output: Path | None = None,
                do_verify: bool = False, do_benchmark: bool = False, quantize: str | None = None, fp16: bool = False,
                budget_ms: float | None = None, budget_mb: float | None = None, fail_over_budget: bool = True,
-               strict: bool = False) -> dict[str, Any]:
+               strict: bool = False, push_to_hub: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """``quantize`` ("int8"), ``fp16``, ``budget_ms`` / ``budget_mb``: the variants and figures of ``deploy``; when a
     budget is given and no file meets it, ``CheckFailed`` (``fail_over_budget``; exit 1) once export.json is written;
     so too when ``do_verify`` finds outputs that differ from PyTorch. ``strict``: a fallback (int8 static -> dynamic,
-    --verify on random inputs, a checkpoint's preprocessing assumed; export.json's ``fallbacks``) is an error."""
+    --verify on random inputs, a checkpoint's preprocessing assumed; export.json's ``fallbacks``) is an error.
+    ``fmt`` "timm": ``timm_folder.export_timm`` (one fold, ``push_to_hub`` / ``dry_run``). Returns export.json's
+    content and ``folder``, the folder written."""
     from vistrain.engine import deploy
 
     if fmt not in FORMATS:
         raise UserError(f"--format: '{fmt}' is not supported; valid: {', '.join(FORMATS)}")
+    onnx_only = [flag for flag, given in (("--verify", do_verify), ("--benchmark", do_benchmark),
+                                          ("--quantize", quantize), ("--fp16", fp16), ("--budget-ms", budget_ms),
+                                          ("--budget-mb", budget_mb)) if given]
+    if fmt == "timm":
+        if onnx_only:
+            raise UserError(f"{onnx_only[0]}: only with --format onnx (a timm folder holds the float weights)")
+        from vistrain.engine.timm_folder import export_timm
+
+        folder = export_timm(run_dir, folds, output, push_to_hub=push_to_hub, dry_run=dry_run, strict=strict)
+        return {"format": fmt, "folder": str(folder)}
+    if push_to_hub or dry_run:
+        flag = "--push-to-hub" if push_to_hub else "--dry-run"
+        raise UserError(f"{flag}: only with --format timm (a Hugging Face hub folder); --format is {fmt}")
     if quantize is not None and quantize not in deploy.QUANTIZE:
         raise UserError(f"--quantize: '{quantize}' is not supported; valid: {', '.join(deploy.QUANTIZE)}")
     _require_export_packages()
@@ -388,6 +403,7 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
                "models": results, "fallbacks": run.fallbacks.entries}
     write_json(out_dir / "export.json", summary)
+    summary = {**summary, "folder": str(out_dir)}
     failed = [e["fold"] for e in results if e.get("verify", {}).get("passed") is False]
     if failed:
         raise CheckFailed(f"export: the ONNX outputs of fold(s) {failed} differ from PyTorch beyond "

@@ -9,15 +9,22 @@ from typing import Any
 from vistrain.pipelines._args import console, positive_float, strict
 
 NAME = "export"
-HELP = "each fold's best model as ONNX with its preprocessing in the metadata"
+HELP = "each fold's best model as ONNX with its preprocessing in the metadata, or one fold as a timm / Hugging Face " \
+       "hub folder"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", metavar="RUN", help="run directory")
-    p.add_argument("--format", default="onnx", help="onnx (the only format so far)")
-    p.add_argument("--folds", default=None, metavar="all|0,2", help="folds to export (default: every trained fold)")
+    p.add_argument("--format", default="onnx", help="onnx (default), or timm: a Hugging Face hub folder "
+                   "(config.json, model.safetensors, README.md) that timm.create_model('local-dir:DIR') loads")
+    p.add_argument("--folds", default=None, metavar="all|0,2", help="folds to export (default: every trained fold; "
+                   "timm: one fold, default 0)")
     p.add_argument("--output", metavar="DIR", help="folder for model_fold{k}.onnx and export.json "
-                                                   "(default: RUN/export)")
+                                                   "(default: RUN/export; timm: RUN/export/timm_fold{k})")
+    p.add_argument("--push-to-hub", metavar="REPO", help="timm: upload the folder to this Hugging Face hub repo "
+                   "(created when missing; needs a token: hf auth login)")
+    p.add_argument("--dry-run", action="store_true", help="timm: write the folder and say what --push-to-hub would "
+                   "send, without sending it")
     p.add_argument("--verify", action="store_true",
                    help="compare onnxruntime with PyTorch on the run's images; a mismatch fails the command")
     p.add_argument("--benchmark", action="store_true", help="CPU latency of onnxruntime and PyTorch, batch 1 and 32, "
@@ -39,7 +46,13 @@ def run_export(args: argparse.Namespace) -> int:
     folder = vistrain.Run(args.run).export(args.format, folds=args.folds, output=args.output, verify=args.verify,
                                            benchmark=args.benchmark, quantize=args.quantize, fp16=args.fp16,
                                            budget_ms=args.budget_ms, budget_mb=args.budget_mb,
-                                           strict=args.strict)
+                                           strict=args.strict, push_to_hub=args.push_to_hub, dry_run=args.dry_run)
+    if args.format == "timm":
+        pushed = f" | pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub and not args.dry_run \
+            else ""
+        load = f'timm.create_model("local-dir:{folder}", pretrained=True)'
+        print(f"[DONE] timm folder: {folder} | load it: {load}{pushed}")
+        return 0
     for entry in json.loads((folder / "export.json").read_text())["models"]:
         print_model(entry)
     return 0
