@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.common import report_rest
+from vistrain.config.importers.common import model_defaults, report_rest, same_floats
 from vistrain.config.importers.draft import Draft
 from vistrain.config.importers.fastreid_keys import DEFAULTS, LAYOUTS, POOLS, REASONS, TRAIN_IMAGES
 from vistrain.config.importers.source import Source
-from vistrain.config.importers.yacs import data_root, names, normalisation, pk_sampler, reid_task
+from vistrain.config.importers.yacs import IMAGENET_MEAN, data_root, names, normalisation, pk_sampler, reid_task
 
 CHAIN = ("fast-reid's training transform (fastreid/data/transforms/build.py): resize to INPUT.SIZE_TRAIN (bicubic) -> "
          "pad INPUT.PADDING.SIZE and random crop back -> horizontal flip -> random erasing (INPUT.REA, torchvision's: "
@@ -48,6 +48,10 @@ def convert(keys: dict[str, Any], path: Path) -> Draft:
     _solver(src, d, per_epoch, found)
     _input(src, d, model)
     _test(src, d)
+    if src.get("MODEL.DEVICE") == "cpu":
+        d.set("train.device", "cpu")
+    src.get("CUDNN_BENCHMARK")  # vistrain turns cuDNN's benchmark mode on for its GPU runs
+    _switched_off(src)
     report_rest(src, d, REASONS)
     return d
 
@@ -99,9 +103,12 @@ def _heads(src: Source, d: Draft) -> None:
         d.approx("MODEL.HEADS.CLS_LAYER", cls, "model.head", "linear", "vistrain's heads: linear, arcface, cosface")
         head = "linear"
     d.set("model.head", head)
-    if head == "linear":
+    if cls in ("Linear", "linear"):
         for key in ("MODEL.HEADS.SCALE", "MODEL.HEADS.MARGIN"):
             src.inactive(key, f"CLS_LAYER {cls}")
+    elif head == "linear":  # a margin head vistrain has not: its CLS_LAYER note covers its scale and margin
+        src.get("MODEL.HEADS.SCALE")
+        src.get("MODEL.HEADS.MARGIN")
     else:
         d.set("model.arcface_s", float(src.get("MODEL.HEADS.SCALE")))
         d.set("model.arcface_m_finetune", float(src.get("MODEL.HEADS.MARGIN")))
@@ -230,9 +237,11 @@ def _schedule(src: Source, d: Draft, per_epoch: int | None, found: list[str]) ->
     layers = src.get("MODEL.FREEZE_LAYERS") or []
     if freeze and "backbone" in layers and per_epoch:
         d.set("train.freeze_backbone_epochs", max(round(freeze / per_epoch), 1), f"{freeze} iterations")
+    elif freeze and layers:
+        d.note("SOLVER.FREEZE_ITERS", freeze, f"vistrain freezes the whole backbone for whole epochs "
+               f"(train.freeze_backbone_epochs), not {', '.join(map(str, layers))} for iterations")
     elif freeze:
-        d.note("SOLVER.FREEZE_ITERS", freeze, "vistrain freezes the whole backbone for whole epochs "
-               "(train.freeze_backbone_epochs)")
+        src.inactive("SOLVER.FREEZE_ITERS", "FREEZE_LAYERS empty")
     elif layers:
         src.inactive("MODEL.FREEZE_LAYERS", "FREEZE_ITERS 0")
 
@@ -263,14 +272,18 @@ def _input(src: Source, d: Draft, model: str) -> None:
         if not pad:
             d.set("augment.scale", [float(v) for v in src.get("INPUT.CROP.SCALE")])
             d.set("augment.ratio", [float(v) for v in src.get("INPUT.CROP.RATIO")])
-    for key in ("INPUT.CROP.SIZE", "INPUT.CROP.SCALE", "INPUT.CROP.RATIO"):
-        src.inactive(key, "CROP off")
+    else:
+        for key in ("INPUT.CROP.SIZE", "INPUT.CROP.SCALE", "INPUT.CROP.RATIO"):
+            src.inactive(key, "CROP off")
     _colour(src, d)
     erase = src.get("INPUT.REA.PROB") if src.get("INPUT.REA.ENABLED") else 0.0
     d.set("augment.random_erasing", erase)
     if erase:
         d.set("augment.erasing_mode", "const")
-        src.get("INPUT.REA.VALUE")  # the ImageNet mean in pixels: vistrain's const fill is the model's mean
+        fill = [float(v) / 255 for v in src.get("INPUT.REA.VALUE")]
+        if not same_floats(fill, (model_defaults(model) or {}).get("mean", IMAGENET_MEAN), tol=5e-3):
+            d.note("INPUT.REA.VALUE", src.get("INPUT.REA.VALUE"), "vistrain's const erasing fills the model's mean "
+                   "pixel", target="augment.erasing_mode")
     else:
         for key in ("INPUT.REA.PROB", "INPUT.REA.VALUE"):
             src.inactive(key, "REA off")
@@ -283,7 +296,7 @@ def _colour(src: Source, d: Draft) -> None:
         if src.get(f"INPUT.{part}.ENABLED"):
             d.note(f"INPUT.{part}.ENABLED", True, f"not carried: {what} is not in vistrain's re-ID chain "
                    "(augment.auto takes timm's policies; augment.albumentations a pipeline)")
-        src.inactive(f"INPUT.{part}.PROB", f"{part} off")
+            src.get(f"INPUT.{part}.PROB")
     if not src.get("INPUT.CJ.ENABLED"):
         for key in ("INPUT.CJ.PROB", "INPUT.CJ.BRIGHTNESS", "INPUT.CJ.CONTRAST", "INPUT.CJ.SATURATION", "INPUT.CJ.HUE"):
             src.inactive(key, "CJ off")
@@ -307,7 +320,16 @@ def _test(src: Source, d: Draft) -> None:
     else:
         for key in ("TEST.RERANK.K1", "TEST.RERANK.K2", "TEST.RERANK.LAMBDA"):
             src.inactive(key, "RERANK off")
-    for part in ("AQE", "PRECISE_BN"):
-        if not src.get(f"TEST.{part}.ENABLED"):
-            for key in [k for k in src.keys if k.startswith(f"TEST.{part}.") and k not in src.used]:
-                src.inactive(key, f"{part} off")
+
+
+def _switched_off(src: Source) -> None:
+    """fast-reid's sections with an ENABLED key (INPUT.REA, SOLVER.SWA, TEST.AQE ...): when it is off, their other
+    keys change nothing; when it is on and has no vistrain equivalent, its own note covers them."""
+    for key in [k for k in src.keys if k.endswith(".ENABLED")]:
+        section = key.removesuffix("ENABLED")
+        rest = [k for k in src.keys if k.startswith(section) and k != key and k not in src.used]
+        for other in rest:
+            if src.peek(key):
+                src.used.add(other)
+            else:
+                src.inactive(other, f"{section[:-1]} off")

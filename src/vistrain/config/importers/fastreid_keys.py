@@ -23,7 +23,8 @@ DEFAULTS = {
     "INPUT.PADDING.MODE": "constant", "INPUT.PADDING.SIZE": 10, "INPUT.CJ.ENABLED": False, "INPUT.CJ.PROB": 0.5,
     "INPUT.CJ.BRIGHTNESS": 0.15, "INPUT.CJ.CONTRAST": 0.15, "INPUT.CJ.SATURATION": 0.1, "INPUT.CJ.HUE": 0.1,
     "INPUT.AFFINE.ENABLED": False, "INPUT.AUTOAUG.ENABLED": False, "INPUT.AUGMIX.ENABLED": False,
-    "INPUT.REA.ENABLED": False, "INPUT.REA.PROB": 0.5, "INPUT.RPT.ENABLED": False,
+    "INPUT.REA.ENABLED": False, "INPUT.REA.PROB": 0.5, "INPUT.REA.VALUE": [0.485 * 255, 0.456 * 255, 0.406 * 255],
+    "INPUT.RPT.ENABLED": False,
     "DATASETS.NAMES": ["Market1501"], "DATASETS.TESTS": ["Market1501"], "DATASETS.COMBINEALL": False,
     "DATALOADER.SAMPLER_TRAIN": "TrainingSampler", "DATALOADER.NUM_INSTANCE": 4, "DATALOADER.NUM_WORKERS": 8,
     "SOLVER.AMP.ENABLED": False, "SOLVER.OPT": "Adam", "SOLVER.MAX_EPOCH": 120, "SOLVER.BASE_LR": 3e-4,
@@ -47,7 +48,6 @@ POOLS = {"GlobalAvgPool": "avg", "avgpool": "avg", "GlobalMaxPool": "max", "maxp
          "GeneralizedMeanPooling": "gem", "GeneralizedMeanPoolingP": "gem", "gempool": "gem", "gempoolP": "gem",
          "AdaptiveAvgMaxPool": "avgmax", "avgmaxpool": "avgmax"}
 REASONS = {
-    "MODEL.DEVICE": "vistrain picks CUDA or the CPU itself (train.device)",
     "MODEL.WEIGHTS": "a fast-reid checkpoint of the whole model: vistrain starts from model.pretrained_path (a "
                      "backbone's state_dict) or model.init_from (a vistrain run)",
     "MODEL.QUEUE_SIZE": "no MoCo memory queue in vistrain",
@@ -60,5 +60,4 @@ REASONS = {
     "TEST.PRECISE_BN.ENABLED": "no precise BatchNorm statistics in vistrain",
     "DATALOADER.SET_WEIGHT": "vistrain's P x K sampler weighs every identity the same",
     "OUTPUT_DIR": "vistrain writes each run under output.exp_dir/YYYYMMDD/<run_id>/",
-    "CUDNN_BENCHMARK": "vistrain sets cuDNN's benchmark mode itself",
 }

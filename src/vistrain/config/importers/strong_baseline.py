@@ -146,11 +146,15 @@ def _solver(src: Source, d: Draft) -> None:
     d.set("train.step_milestones", [int(s) for s in src.get("SOLVER.STEPS")])
     d.set("train.step_gamma", src.get("SOLVER.GAMMA"))
     d.set("train.warmup_lr_factor", src.get("SOLVER.WARMUP_FACTOR"))
-    d.approx("SOLVER.WARMUP_ITERS", src.get("SOLVER.WARMUP_ITERS"), "train.warmup_epochs",
-             src.get("SOLVER.WARMUP_ITERS"), "epochs: the baseline steps its schedule at the start of each epoch, "
-             "counting from 1, so its first epoch is already 1/WARMUP_ITERS into the warm-up and each of its STEPS "
-             "takes effect one epoch before vistrain's milestone (which counts finished epochs); vistrain's warm-up "
-             "also rises every update, not every epoch")
+    warmup = src.get("SOLVER.WARMUP_ITERS")
+    d.set("train.warmup_epochs", warmup, "epochs: the baseline steps its schedule once per epoch")
+    # ignite's EPOCH_STARTED steps the scheduler before each epoch, counting from 1 (solver/lr_scheduler.py)
+    if warmup:
+        d.note("SOLVER.WARMUP_ITERS", warmup, "the baseline's first epoch is already 1/WARMUP_ITERS into its warm-up "
+               "and the rate rises once per epoch; vistrain's rises every update from WARMUP_FACTOR x lr over these "
+               "epochs", target="train.warmup_epochs")
+    d.note("SOLVER.STEPS", src.get("SOLVER.STEPS"), "the baseline decays at the start of epoch STEP counting from 1, "
+           "one epoch before vistrain's milestone (which counts finished epochs)", target="train.step_milestones")
     if src.get("SOLVER.WARMUP_METHOD") != "linear":
         d.note("SOLVER.WARMUP_METHOD", src.get("SOLVER.WARMUP_METHOD"), "vistrain's warm-up is linear",
                target="train.warmup_epochs")

@@ -39,7 +39,7 @@ def convert(data: dict[str, Any], path: Path) -> Draft:
 
 def _model(src: Source, d: Draft, path: Path) -> str:
     name = src.get("model")
-    d.set("project.name", src.get("experiment") or path.parent.name or str(name))
+    d.set("project.name", src.get("experiment") or path.resolve().parent.name or str(name))
     d.set("project.seed", src.get("seed"))
     d.set("model.name", name)
     if model_defaults(name) is None:
@@ -179,7 +179,7 @@ def _schedule(src: Source, d: Draft, lr: float) -> None:
                      "cosine_restarts or none; cosine is the nearest decay to zero")
     if src.get("lr_k_decay") not in (1, None):
         d.note("lr_k_decay", src.get("lr_k_decay"), "vistrain's cosine has no k-decay", target="train.scheduler")
-    if sched == "step":
+    if sched == "step" and src.get("decay_epochs") > 0:
         every = src.get("decay_epochs")
         d.set("train.step_milestones", [round(every * i) for i in range(1, math.ceil(epochs / every))])
     elif sched == "multistep":
@@ -210,7 +210,7 @@ def _warmup(src: Source, d: Draft, lr: float, sched: str) -> None:
     warmup = src.get("warmup_epochs")
     d.set("train.warmup_epochs", warmup)
     warmup_lr = src.get("warmup_lr")
-    if warmup:
+    if warmup and lr > 0:
         factor = min(max(float(warmup_lr) / lr, 1e-6), 1.0)
         d.set("train.warmup_lr_factor", float(f"{factor:.6g}"), f"warmup_lr {warmup_lr} / lr")
     else:
@@ -387,5 +387,5 @@ def _ema(src: Source, d: Draft) -> None:
 # Keys whose usual values mean what vistrain does anyway (its device choice, pinned memory, per-item seeds ...).
 EQUIVALENT = {"device": ("cuda", "cpu", None), "local_rank": (0, None), "pin_mem": (True, False),
               "no_prefetcher": (True, False), "worker_seeding": ("all", None), "dist_bn": ("reduce", None),
-              "fuser": ("", None), "synchronize_step": (False, None), "no_ddp_bb": (False, True),
+              "fuser": ("", None), "synchronize_step": (False, None), "no_ddp_bb": (False,),
               "use_multi_epochs_loader": (True, False), "torchcompile_mode": (None, "max-autotune", "default")}
