@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import describe, run_cli
 
+import vistrain
 from vistrain.api import import_config, train
 from vistrain.cli import main
 from vistrain.config import load_config
@@ -317,6 +318,6 @@ def test_force_replaces_an_existing_output(tmp_path: Path) -> None:
     out = tmp_path / "taken.yaml"
     out.write_text("# mine\n")
     with pytest.raises(UserError, match="exists"):
-        import_config(source, output=out)
-    import_config(source, output=out, force=True)
+        vistrain.import_config(source, output=out)
+    assert vistrain.import_config(source, output=out, force=True) == out
     assert load_config(out).model.name == "resnet50"

@@ -20,12 +20,13 @@ _API = {
     "Study": "vistrain.api", "Audit": "vistrain.api", "Config": "vistrain.config.schema",
     "Preprocessor": "vistrain.data.preprocess", "UserError": "vistrain.errors", "ConfigError": "vistrain.errors",
     "CheckFailed": "vistrain.errors", "FallbackRefused": "vistrain.errors", "Preempted": "vistrain.errors",
+    "import_config": "vistrain.api",
 }
 __all__ = ["Audit", "CheckFailed", "Config", "ConfigError", "FallbackRefused", "Preempted", "Preprocessor", "Run",
-           "Study", "UserError", "__version__", "load_config", "train", "tune"]
+           "Study", "UserError", "__version__", "import_config", "load_config", "train", "tune"]
 
 if TYPE_CHECKING:
-    from vistrain.api import Audit, Run, Study, load_config, train, tune
+    from vistrain.api import Audit, Run, Study, import_config, load_config, train, tune
     from vistrain.config.schema import Config
     from vistrain.data.preprocess import Preprocessor
     from vistrain.errors import CheckFailed, ConfigError, FallbackRefused, Preempted, UserError
