@@ -380,8 +380,9 @@ def _ema(src: Source, d: Draft) -> None:
     d.set("train.ema", True)
     d.set("train.ema_decay", src.get("model_ema_decay"))
     if not src.get("model_ema_warmup"):
-        d.note("model_ema_warmup", False, "vistrain's average always warms up (timm's ModelEmaV3 use_warmup): its "
-               "decay grows towards train.ema_decay over the first updates", target="train.ema_decay")
+        default = "" if src.given("model_ema_warmup") else "train.py's default; "
+        d.note("model_ema_warmup", False, f"{default}vistrain's average always warms up (timm's ModelEmaV3 "
+               "use_warmup): its decay grows towards train.ema_decay over the first updates", target="train.ema_decay")
 
 
 # Keys whose usual values mean what vistrain does anyway (its device choice, pinned memory, per-item seeds ...).
