@@ -21,12 +21,14 @@ _API = {
     "Config": "vistrain.config.schema",
     "Preprocessor": "vistrain.data.preprocess", "UserError": "vistrain.errors", "ConfigError": "vistrain.errors",
     "CheckFailed": "vistrain.errors", "FallbackRefused": "vistrain.errors", "Preempted": "vistrain.errors",
+    "import_config": "vistrain.api",
 }
 __all__ = ["Audit", "CheckFailed", "Config", "ConfigError", "FallbackRefused", "Preempted", "Preprocessor", "Run",
-           "Study", "UserError", "__version__", "convert_checkpoint", "load_config", "train", "tune"]
+           "Study", "UserError", "__version__", "convert_checkpoint", "import_config", "load_config", "train",
+           "tune"]
 
 if TYPE_CHECKING:
-    from vistrain.api import Audit, Run, Study, convert_checkpoint, load_config, train, tune
+    from vistrain.api import Audit, Run, Study, convert_checkpoint, import_config, load_config, train, tune
     from vistrain.config.schema import Config
     from vistrain.data.preprocess import Preprocessor
     from vistrain.errors import CheckFailed, ConfigError, FallbackRefused, Preempted, UserError

@@ -37,8 +37,8 @@ if TYPE_CHECKING:
     from vistrain.data.preprocess import Preprocessor
     from vistrain.engine.hooks import Hook
 
-__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "augment_grid", "compare", "demo", "doctor", "init",
-           "load_config", "manifest", "serve", "split", "train", "tune"]
+__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "augment_grid", "compare", "demo", "doctor",
+           "import_config", "init", "load_config", "manifest", "serve", "split", "train", "tune"]
 
 ImageLike = Union[str, Path, "Image.Image", np.ndarray]  # noqa: UP007 - a file, or an image already in memory
 Overrides = Mapping[str, Any] | Sequence[str]
@@ -611,4 +611,25 @@ def init(task: str = "classification", output: str | Path = "vistrain.yaml", *, 
     text = starter_text(task, path)
     check_output(path, force)
     atomic_write_text(path, text)
+    return path
+
+
+def import_config(source: str | Path, *, from_format: str | None = None, output: str | Path | None = None,
+                  force: bool = False) -> str | Path:
+    """``vistrain import-config``: the vistrain config of timm train.py's ``args.yaml`` (``from_format="timm"``) or
+    of a reid-strong-baseline / fast-reid yacs file (``"yacs"``; None: told from the file's keys), validated.
+    Returns the YAML text when ``output`` is None, else writes it there (an existing file only with ``force``) and
+    returns the path. Each source key vistrain does not carry exactly is one ``[IMPORT]`` log line and a comment in
+    the text (docs/migrating.md)."""
+    from vistrain.config.importers import import_file
+    from vistrain.config.starter import check_output
+    from vistrain.tracking.files import atomic_write_text
+
+    path = Path(output) if output is not None else None
+    if path is not None:
+        check_output(path, force)
+    imported = import_file(source, from_format, run_as=path)
+    if path is None:
+        return imported.text
+    atomic_write_text(path, imported.text)
     return path

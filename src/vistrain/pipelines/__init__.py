@@ -3,5 +3,4 @@
 the parser from ``VERBS`` in this order (the order ``vistrain --help`` lists them)."""
 
 VERBS = ("train", "evaluate", "compare", "predict", "calibrate", "export", "serve", "search", "report", "demo", "init",
-         "tune", "doctor", "split", "manifest", "audit", "augment",
-         "convert_checkpoint")
+         "import_config", "tune", "doctor", "split", "manifest", "audit", "augment", "convert_checkpoint")

@@ -60,11 +60,12 @@ def path_or_none(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def console() -> None:
-    """Log lines on the console for a command without a run directory of its own."""
+def console(stream: str = "stdout") -> None:
+    """Log lines on the console (``stream``: stdout, or stderr when stdout is the command's result) for a command
+    without a run directory of its own."""
     from vistrain.tracking.logs import console_logging
 
-    console_logging()
+    console_logging(stream)
 
 
 def worker_rank() -> bool:

@@ -25,21 +25,23 @@ _CONSOLE_FMT = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
 class _Console(logging.StreamHandler):
-    """The console: whatever ``sys.stdout`` is when a record comes (a handler kept from an earlier command in
-    the same process must not write to the stream that was current back then), without the file-only records."""
+    """The console: whatever ``sys.stdout`` (or ``sys.stderr``) is when a record comes (a handler kept from an earlier
+    command in the same process must not write to the stream that was current back then), without the file-only
+    records."""
 
-    def __init__(self) -> None:
+    def __init__(self, stream: str = "stdout") -> None:
+        self.stream_name = stream
         super().__init__()
         self.setFormatter(_CONSOLE_FMT)
         self.addFilter(lambda record: not getattr(record, "file_only", False))
 
     @property  # type: ignore[override]
     def stream(self) -> Any:
-        return sys.stdout
+        return getattr(sys, self.stream_name)
 
     @stream.setter
     def stream(self, value: Any) -> None:
-        pass  # always sys.stdout
+        pass  # always the current sys.stdout / sys.stderr
 
 
 def _has_console(logger: logging.Logger) -> bool:
@@ -106,11 +108,14 @@ def run_logging(files: list[Path], console: bool = True) -> Iterator[logging.Log
             h.close()
 
 
-def console_logging() -> None:
-    """Plain console output for commands that have no run directory of their own."""
+def console_logging(stream: str = "stdout") -> None:
+    """Plain console output for commands that have no run directory of their own; ``stream="stderr"`` for a command
+    whose stdout is its result (``import-config`` prints the config there)."""
     logger = logging.getLogger(LOGGER)
+    for handler in [h for h in logger.handlers if isinstance(h, _Console) and h.stream_name != stream]:
+        logger.removeHandler(handler)
     if not _has_console(logger):
-        logger.addHandler(_Console())
+        logger.addHandler(_Console(stream))
         logger.setLevel(logging.INFO)
         logger.propagate = False
 

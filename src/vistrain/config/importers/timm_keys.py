@@ -1,0 +1,101 @@
+"""Facts about timm train.py's arguments (timm 1.0): the defaults of the ones the mapping reads (a partial file takes
+them, as train.py does), the keys that only act with another one, and why the others have no vistrain equivalent."""
+
+from __future__ import annotations
+
+# train.py's argparse defaults for the keys timm_args maps
+DEFAULTS = {
+    "model": "resnet50", "pretrained": False, "pretrained_path": None, "initial_checkpoint": "", "gp": None,
+    "img_size": None, "input_size": None, "interpolation": "", "mean": None, "std": None, "batch_size": 128,
+    "validation_batch_size": None, "data_dir": None, "data": None, "dataset": "", "train_split": "train",
+    "val_split": "validation", "opt": "sgd", "momentum": 0.9, "weight_decay": 2e-5, "clip_grad": None,
+    "clip_mode": "norm", "sched": "cosine", "lr": None, "lr_base": 0.1, "lr_base_size": 256, "lr_base_scale": "",
+    "lr_cycle_mul": 1.0, "lr_cycle_decay": 0.5, "lr_cycle_limit": 1, "warmup_lr": 1e-5, "min_lr": 0, "epochs": 300,
+    "decay_milestones": [90, 180, 270], "decay_epochs": 90, "warmup_epochs": 5, "warmup_prefix": False,
+    "cooldown_epochs": 0, "patience_epochs": 10, "decay_rate": 0.1, "no_aug": False, "train_crop_mode": None,
+    "scale": [0.08, 1.0], "ratio": [3.0 / 4.0, 4.0 / 3.0], "hflip": 0.5, "vflip": 0.0, "color_jitter": 0.4,
+    "aa": None, "aug_repeats": 0, "aug_splits": 0, "jsd_loss": False, "reprob": 0.0, "remode": "pixel", "recount": 1,
+    "resplit": False, "mixup": 0.0, "cutmix": 0.0, "cutmix_minmax": None, "mixup_prob": 1.0,
+    "mixup_switch_prob": 0.5, "mixup_mode": "batch", "mixup_off_epoch": 0, "smoothing": 0.1, "drop": 0.0,
+    "drop_connect": None, "drop_path": None, "sync_bn": False, "model_ema": False, "model_ema_decay": 0.9998,
+    "model_ema_warmup": False, "amp": False, "amp_dtype": "float16", "channels_last": False, "torchcompile": None,
+    "torchcompile_mode": None, "grad_accum_steps": 1, "seed": 42, "log_interval": 50, "val_interval": 1,
+    "checkpoint_hist": 10, "workers": 4, "eval_metric": "top1", "experiment": "", "log_wandb": False,
+    "wandb_project": None, "wandb_tags": [],
+}
+
+# key -> the key it acts with: left unread by train.py when that one is unset (listed on the "nothing to carry" line)
+DEPENDS = {
+    "lr_noise_pct": "lr_noise", "lr_noise_std": "lr_noise", "layer_decay_min_scale": "layer_decay",
+    "layer_decay_no_opt_scale": "layer_decay", "bce_sum": "bce_loss", "bce_target_thresh": "bce_loss",
+    "bce_pos_weight": "bce_loss", "wandb_resume_id": "log_wandb", "kd_distill_type": "kd_model_name",
+    "kd_loss_type": "kd_model_name", "distill_loss_weight": "kd_model_name", "task_loss_weight": "kd_model_name",
+    "kd_temperature": "kd_model_name", "kd_student_feature_dim": "kd_model_name",
+    "kd_teacher_feature_dim": "kd_model_name", "kd_token_distill_type": "kd_model_name",
+    "naflex_train_seq_lens": "naflex_loader", "naflex_max_seq_len": "naflex_loader",
+    "naflex_patch_sizes": "naflex_loader", "naflex_patch_size_probs": "naflex_loader",
+    "naflex_loss_scale": "naflex_loader", "naflex_patchify_channels_first": "naflex_loader",
+    "train_batch_sizes": "train_img_sizes", "train_size_probs": "train_img_sizes",
+    "train_size_schedule": "train_img_sizes", "train_size_schedule_spread": "train_img_sizes",
+    "train_size_random_mix": "train_img_sizes", "variable_batch_loss_scale": "train_img_sizes",
+    "no_resume_opt": "resume", "wandb_project": "log_wandb", "wandb_tags": "log_wandb",
+}
+
+_WEIGHTS = "vistrain starts from model.pretrained / model.pretrained_path / model.init_from"
+# why each of the other keys has no vistrain equivalent (reported when the file gives it a value)
+REASONS = {
+    "layer_decay": "no layer-wise learning-rate decay in vistrain; train.backbone_lr_mult scales the whole backbone",
+    "bce_loss": "vistrain's classifier loss is cross-entropy (train.loss: ce), on the soft targets of mixup / cutmix",
+    "lr_noise": "no learning-rate noise in vistrain",
+    "opt_eps": "vistrain uses the optimizer's own epsilon",
+    "opt_betas": "vistrain uses the optimizer's own betas",
+    "opt_kwargs": "vistrain passes no extra optimizer arguments",
+    "drop_block": "no DropBlock in vistrain (model.drop_rate, model.drop_path_rate)",
+    "bn_momentum": "vistrain keeps the model's BatchNorm momentum",
+    "bn_eps": "vistrain keeps the model's BatchNorm epsilon",
+    "split_bn": "no split BatchNorm for augmentation splits in vistrain",
+    "dist_bn": "vistrain averages BatchNorm statistics over the processes (timm's reduce) or syncs them "
+               "(train.sync_bn)",
+    "model_ema_force_cpu": "vistrain keeps the average on the model's device",
+    "model_dtype": "vistrain keeps the weights in float32 (train.amp casts the computation)",
+    "crop_pct": "vistrain validates on the whole image resized to train.img_size (no centre crop by a percentage)",
+    "crop_mode": "vistrain validates on the whole image resized to train.img_size",
+    "in_chans": "vistrain reads every image as RGB (3 channels)",
+    "num_classes": "vistrain takes the classes from the class folders",
+    "class_map": "vistrain's class map is a class_map.json (data.class_map: class_to_idx, idx_to_class)",
+    "resume": "vistrain resumes its own runs: vistrain train --config F --resume [RUN]",
+    "output": "vistrain writes each run under output.exp_dir/YYYYMMDD/<run_id>/",
+    "recovery_interval": "vistrain checkpoints every epoch and, on SIGTERM, in the middle of one",
+    "epoch_repeats": "no repeated epochs in vistrain (augment.repeats repeats each image)",
+    "start_epoch": "vistrain resumes at the epoch its checkpoint holds",
+    "grad_checkpointing": "no gradient checkpointing in vistrain",
+    "fast_norm": "vistrain uses the model's norm layers as they are",
+    "torchscript": "vistrain compiles with torch.compile (train.compile), not TorchScript",
+    "torchcompile_mode": "vistrain compiles with the default or max-autotune mode",
+    "head_init_scale": _WEIGHTS, "head_init_bias": _WEIGHTS, "model_kwargs": "vistrain passes no extra model "
+    "arguments to timm.create_model",
+    "tta": "test-time augmentation in vistrain: predict / evaluate --tta (eval.tta)",
+    "save_images": "vistrain draws the first training batch into plots/augment_grid.png",
+    "color_jitter_prob": "vistrain applies its colour jitter to every image",
+    "grayscale_prob": "no random greyscale in vistrain (augment.albumentations can add ToGray)",
+    "gaussian_blur_prob": "vistrain blurs in augment.policy: hard only (augment.albumentations can add GaussianBlur)",
+    "wandb_resume_id": "vistrain starts a W&B run per vistrain run",
+    "dataset_download": "nothing downloads at run time in vistrain",
+    "train_num_samples": "vistrain counts the images in the folders",
+    "val_num_samples": "vistrain counts the images in the folders",
+    "input_img_mode": "vistrain reads every image as RGB",
+    "input_key": "vistrain reads image files, not keyed records",
+    "target_key": "vistrain reads image files, not keyed records",
+    "naflex_loader": "no NaFlex (variable-resolution patch) loader in vistrain",
+    "train_img_sizes": "vistrain trains at one size (train.img_size)",
+    "train_batches_per_epoch": "a vistrain epoch is one pass over the training images",
+    "kd_model_name": "no knowledge distillation in vistrain",
+    "device_modules": "vistrain trains on CUDA or the CPU",
+    "device": "vistrain picks CUDA or the CPU itself (train.device)",
+    "worker_seeding": "vistrain seeds every image's augmentation from project.seed, fold, epoch and position",
+    "fuser": "no TorchScript fuser in vistrain",
+    "synchronize_step": "vistrain synchronises where the loop reads the loss",
+    "no_ddp_bb": "vistrain's DistributedDataParallel keeps its default buckets",
+    "local_rank": "torchrun gives each process its rank",
+    "config": "the YAML timm read its defaults from; this file holds the values it used",
+}
