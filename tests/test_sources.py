@@ -235,6 +235,22 @@ def test_folders_source_labels_from_folders_and_groups_from_id_seq(tmp_path):
     assert all(row["label"] == name.split("/")[0] for name, row in by_name.items())
 
 
+def test_imagenet_style_names_in_a_folders_source_are_not_one_group_per_class(tmp_path):
+    """timm's ImageFolder layout names files <synset>_<n> in the folder <synset> (n01440764/n01440764_10026.JPEG):
+    the prefix is the class, not an object, and one group per class would put every image of a class in one fold.
+    Such a file is its own group; a prefix that differs from the folder still groups an object's views."""
+    for cls in ("n01440764", "n01443537"):
+        for k in range(4):
+            touch_image(tmp_path / "imagenet" / cls / f"{cls}_{1000 + k}.JPEG")
+    touch_image(tmp_path / "imagenet" / "n01440764" / "tench7_0.JPEG")
+    touch_image(tmp_path / "imagenet" / "n01440764" / "tench7_1.JPEG")
+    items = load_items(DataCfg(source="folders", image_dir_train=tmp_path / "imagenet", image_ext=".JPEG"))
+    groups = dict(zip(items["id"], items["group"]))
+    assert groups["n01440764/n01440764_1000.JPEG"] == "n01440764/n01440764_1000"
+    assert len({groups[f"n01443537/n01443537_{1000 + k}.JPEG"] for k in range(4)}) == 4
+    assert groups["n01440764/tench7_0.JPEG"] == groups["n01440764/tench7_1.JPEG"] == "n01440764/tench7"
+
+
 def test_folders_source_without_class_folders_is_a_user_error(tmp_path):
     touch_image(tmp_path / "flat" / "a.png")
     with pytest.raises(UserError, match="data.image_dir_train"):

@@ -104,14 +104,18 @@ def csv_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
 
 @SOURCES.register("folders")
 def folders_source(cfg: DataCfg, where: str = "data") -> pd.DataFrame:
-    """``data.image_dir_train/<class>/<ID>_<seq>.ext``: the folder is the class, ``<ID>`` the group."""
+    """``data.image_dir_train/<class>/<ID>_<seq>.ext``: the folder is the class, ``<ID>`` the group. A name whose
+    ``<ID>`` is the class folder's own name (ImageNet's and timm's ImageFolder layout: ``n01440764/n01440764_10026``)
+    numbers the class's images, not an object's views: such a file is its own group, else the whole class would be
+    one group and sit in one fold."""
     root = require_dir(cfg.image_dir_train, f"{where}.image_dir_train")
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for path in sorted(class_dir.rglob("*")):
             if is_image_entry(path):
                 m = _SEQ_NAME.match(path.stem)
-                group = f"{class_dir.name}/{m['group'] if m else path.stem}"
+                own = m is None or m["group"] == class_dir.name
+                group = f"{class_dir.name}/{path.stem if own else m['group']}"
                 rows.append((str(path), str(path.relative_to(root)), class_dir.name, group))
     if not rows:
         raise UserError(f"{where}.image_dir_train: no images in class sub-folders of {root} "
