@@ -17,15 +17,16 @@ from vistrain._version import __version__
 
 _API = {
     "load_config": "vistrain.api", "train": "vistrain.api", "tune": "vistrain.api", "Run": "vistrain.api",
-    "Study": "vistrain.api", "Audit": "vistrain.api", "Config": "vistrain.config.schema",
+    "Study": "vistrain.api", "Audit": "vistrain.api", "runs": "vistrain.api", "prune_runs": "vistrain.api",
+    "Config": "vistrain.config.schema",
     "Preprocessor": "vistrain.data.preprocess", "UserError": "vistrain.errors", "ConfigError": "vistrain.errors",
     "CheckFailed": "vistrain.errors", "FallbackRefused": "vistrain.errors", "Preempted": "vistrain.errors",
 }
 __all__ = ["Audit", "CheckFailed", "Config", "ConfigError", "FallbackRefused", "Preempted", "Preprocessor", "Run",
-           "Study", "UserError", "__version__", "load_config", "train", "tune"]
+           "Study", "UserError", "__version__", "load_config", "prune_runs", "runs", "train", "tune"]
 
 if TYPE_CHECKING:
-    from vistrain.api import Audit, Run, Study, load_config, train, tune
+    from vistrain.api import Audit, Run, Study, load_config, prune_runs, runs, train, tune
     from vistrain.config.schema import Config
     from vistrain.data.preprocess import Preprocessor
     from vistrain.errors import CheckFailed, ConfigError, FallbackRefused, Preempted, UserError
