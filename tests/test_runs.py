@@ -403,3 +403,27 @@ def test_user_mistakes_exit_2_with_one_line(template: Template, tmp_path: Path, 
 def test_a_missing_folder_exits_2_with_one_line(tmp_path: Path) -> None:
     line = one_line_error(run_cli("runs", str(tmp_path / "nowhere"), cwd=tmp_path))
     assert "DIR" in line and "nowhere" in line
+
+
+@pytest.mark.slow
+def test_a_real_studys_trials_are_listed_and_its_best_kept(tmp_path: Path) -> None:
+    """A real tune study (2 trials of 1 epoch): its trials are rows of kind trial under the study, --config F lists
+    them, and pruning everything old keeps the trial tune.json names best."""
+    pytest.importorskip("optuna")
+    data = write_csv_dataset(tmp_path / "data", per_class=6)
+    exp = tmp_path / "exp"
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_config(
+        data.root, output={"exp_dir": str(exp), "logs_dir": None}, tracking={"tensorboard": False},
+        tune={"epochs": 1, "pruner": "none", "space": {"train.lr": {"type": "categorical", "choices": [3e-3, 1e-2]}}}))
+    study = vistrain.tune(cfg, n_trials=2)
+    table = vistrain.runs(exp)
+    assert sorted(table["trial"].tolist()) == [0, 1] and (table["kind"] == "trial").all()
+    assert (table["study"] == study.tune_dir.name).all() and (table["status"] == "success").all()
+    best = table.set_index("trial")["study_best"].to_dict()
+    assert best == {n: n == study.best_trial for n in (0, 1)}
+    assert len(vistrain.runs(config=cfg)) == 2
+    plan = vistrain.prune_runs(exp, keep_best=0, older_than="0h", dry_run=False)
+    pruned = {Path(p.path).name for p in plan.pruned}
+    kept = table[table["trial"] == study.best_trial]["run_id"].iloc[0]
+    assert kept not in pruned and len(pruned) == 1 and plan.kept == {"best of their study": 1}
+    assert weights(Path(table[table["run_id"] == kept]["path"].iloc[0]))
