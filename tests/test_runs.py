@@ -250,13 +250,18 @@ def test_broken_run_directories_are_rows_marked_unreadable(template: Template, t
     (day / "norun-090200-cccccc" / "ckpt").mkdir(parents=True)  # killed before run.json
     bad_summary = template.make(exp, "badsum-090300-dddddd", datetime(2026, 3, 1, 9, 3), values=[0.5, 0.6])
     (bad_summary / "summary.json").write_text("[1, 2")
+    killed = template.make(exp, "killed-090400-eeeeee", datetime(2026, 3, 1, 9, 4), "running")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (killed / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname(),
+                                              "started": "2026-03-01T09:04:00"}))  # its process has ended
     table = runs_csv(str(exp), cwd=tmp_path).set_index("run_id")
+    assert table.loc[killed.name, "status"] == "killed"
     assert table.loc[good.name, "status"] == "success"
     assert table.loc["badjson-090100-bbbbbb", "status"].startswith("unreadable: run.json: ")
     assert table.loc["norun-090200-cccccc", "status"] == "unreadable: no run.json"
     assert table.loc["badsum-090300-dddddd", "status"].startswith("unreadable: summary.json: ")
     res = run_cli("runs", str(exp), cwd=tmp_path)
-    assert res.returncode == 0 and len(res.stdout.splitlines()) == 5
+    assert res.returncode == 0 and len(res.stdout.splitlines()) == 6
 
 
 def test_config_lists_the_runs_of_that_config_and_its_studies(template: Template, trained: dict[str, Any],

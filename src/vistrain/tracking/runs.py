@@ -142,6 +142,9 @@ def _subdirs(path: str) -> list[str]:
             return sorted(e.path for e in it if not e.name.startswith(".") and e.is_dir())
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except OSError as err:
+        log.warning("[RUNS] %s: cannot list it (%s); its runs are not shown", path, err.strerror or err)
+        return []
 
 
 def read_json(path: str | Path) -> tuple[Any, str | None]:
@@ -162,8 +165,8 @@ def disk_usage(path: str | Path) -> int:
 
 
 def _walk(path: str) -> tuple[int, set[str]]:
-    """``disk_usage(path)``, and which of the files this table reads exist (``READ``): one pass over the folder,
-    so no file is opened in vain."""
+    """``disk_usage(path)``, and which of the files this table reads exist (in ``READ_FOLDERS``): one pass over the
+    folder, so no file is opened in vain. An OSError only when ``path`` itself cannot be read."""
     total, present, stack = _allocated(os.stat(path)), set(), [(path, "")]
     while stack:
         folder, rel = stack.pop()
@@ -179,7 +182,8 @@ def _walk(path: str) -> tuple[int, set[str]]:
                     except OSError:
                         continue  # removed meanwhile, or not ours to read
         except OSError:
-            continue
+            if folder == path:
+                raise
     return total, present
 
 
@@ -195,17 +199,16 @@ def _row(found: _Found, metric: str | None, now: datetime, studies: dict[str, An
     path, day = found.path, found.day
     name = os.path.basename(path)
     match = RUN_ID.fullmatch(name)
-    size, present = _walk(path)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
     row.update(path=path, run_id=name, project=match["project"] if match else name, kind="run", metric=metric,
-               date=f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00" if DAY.fullmatch(day) else None, size_bytes=size)
+               date=f"{day[:4]}-{day[4:6]}-{day[6:]}T00:00:00" if DAY.fullmatch(day) else None)
     if found.study is not None:
-        info = found.study.info
-        row.update(kind="trial", study=os.path.basename(found.study.path),
-                   _study_hash=(info or {}).get("config_hash"),
-                   trial=int(match["trial"]) if match and match["trial"] else None)
-        best = ((info or {}).get("best") or {}).get("trial")
-        row["study_best"] = None if info is None or best is None else best == row["trial"]
+        _trial(row, found.study, match)
+    try:
+        row["size_bytes"], present = _walk(path)
+    except OSError as err:  # removed since it was listed, or not readable by this user
+        row["status"] = f"unreadable: {err.strerror or err}"
+        return row
 
     def read(rel: str) -> tuple[Any, str | None]:
         return read_json(os.path.join(path, rel)) if rel in present else (None, f"no {os.path.basename(rel)}")
@@ -224,6 +227,16 @@ def _row(found: _Found, metric: str | None, now: datetime, studies: dict[str, An
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as err:
         row["status"] = f"unreadable: unexpected content ({type(err).__name__}: {err})"
     return row
+
+
+def _trial(row: dict[str, Any], study: _Study, match: re.Match[str] | None) -> None:
+    """A study's trial: its number (from the run id ``<project>-trial<n>-...``), the study, whether tune.json names
+    it best (None: tune.json unreadable or without a best trial yet) and the study's config hash (for --config)."""
+    info = study.info or {}
+    row.update(kind="trial", study=os.path.basename(study.path), _study_hash=info.get("config_hash"),
+               trial=int(match["trial"]) if match and match["trial"] else None)
+    best = (info.get("best") or {}).get("trial")
+    row["study_best"] = None if best is None else best == row["trial"]
 
 
 def _from_run_json(row: dict[str, Any], info: dict[str, Any], locked: str | None, now: datetime) -> None:
