@@ -18,17 +18,29 @@ from vistrain._version import __version__
 _API = {
     "load_config": "vistrain.api", "train": "vistrain.api", "tune": "vistrain.api", "Run": "vistrain.api",
     "Study": "vistrain.api", "Audit": "vistrain.api", "convert_checkpoint": "vistrain.api",
+    "runs": "vistrain.api", "prune_runs": "vistrain.api",
     "Config": "vistrain.config.schema",
     "Preprocessor": "vistrain.data.preprocess", "UserError": "vistrain.errors", "ConfigError": "vistrain.errors",
     "CheckFailed": "vistrain.errors", "FallbackRefused": "vistrain.errors", "Preempted": "vistrain.errors",
     "import_config": "vistrain.api",
 }
 __all__ = ["Audit", "CheckFailed", "Config", "ConfigError", "FallbackRefused", "Preempted", "Preprocessor", "Run",
-           "Study", "UserError", "__version__", "convert_checkpoint", "import_config", "load_config", "train",
-           "tune"]
+           "Study", "UserError", "__version__", "convert_checkpoint", "import_config", "load_config", "prune_runs",
+           "runs", "train", "tune"]
 
 if TYPE_CHECKING:
-    from vistrain.api import Audit, Run, Study, convert_checkpoint, import_config, load_config, train, tune
+    from vistrain.api import (
+        Audit,
+        Run,
+        Study,
+        convert_checkpoint,
+        import_config,
+        load_config,
+        prune_runs,
+        runs,
+        train,
+        tune,
+    )
     from vistrain.config.schema import Config
     from vistrain.data.preprocess import Preprocessor
     from vistrain.errors import CheckFailed, ConfigError, FallbackRefused, Preempted, UserError

@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -36,9 +37,11 @@ if TYPE_CHECKING:
 
     from vistrain.data.preprocess import Preprocessor
     from vistrain.engine.hooks import Hook
+    from vistrain.tracking.prune import PruneResult
 
-__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "augment_grid", "compare", "demo", "doctor",
-           "import_config", "init", "load_config", "manifest", "serve", "split", "train", "tune"]
+__all__ = ["Audit", "Demo", "ImageLike", "Run", "Study", "audit", "augment_grid", "compare", "convert_checkpoint",
+           "demo", "doctor", "import_config", "init", "load_config", "manifest", "prune_runs", "runs", "serve", "split",
+           "train", "tune"]
 
 ImageLike = Union[str, Path, "Image.Image", np.ndarray]  # noqa: UP007 - a file, or an image already in memory
 Overrides = Mapping[str, Any] | Sequence[str]
@@ -503,6 +506,47 @@ def compare(runs: Sequence[Run | str | Path], *, split: str | None = None, outpu
     from vistrain.engine.compare import run_compare
 
     return run_compare([Path(r) for r in runs], split=split, output=Path(output), echo=echo)
+
+
+def runs(directory: str | Path | None = None, *, config: str | Path | Mapping[str, Any] | Config | None = None,
+         mode: str | None = None, sort: str | None = None) -> pd.DataFrame:
+    """``vistrain runs``: one row per run directory under ``directory`` (default ``experiments``, or ``config``'s
+    ``output.exp_dir``): date, run_id, project, kind (run / trial / tuned), study, config_hash, task, mode, status,
+    folds done / planned, the monitor's (or ``sort``'s) mean and std over folds, the test figure and its 95%
+    interval, duration, size on disk, path. ``config`` (with its ``mode``): only the runs of that resolved config
+    and of its studies. ``sort``: a metric of the runs' summary.json (best first), or date / duration / size.
+    Reads run.json, summary.json and eval/test/metrics.json only (no torch)."""
+    from vistrain.tracking.runs import list_runs
+
+    folder, wanted = _runs_scope(directory, config, mode)
+    return list_runs(folder, config_hash=wanted, sort=sort)
+
+
+def prune_runs(directory: str | Path | None = None, *, keep_best: int, older_than: str | timedelta,
+               dry_run: bool = True, config: str | Path | Mapping[str, Any] | Config | None = None,
+               mode: str | None = None, sort: str | None = None) -> PruneResult:
+    """``vistrain runs --prune``: delete the weight files (ckpt/*.pth, *.safetensors) of the runs of ``runs(...)``
+    started more than ``older_than`` ago ("12h", "30d", "2w"), except the ``keep_best`` best of each project (a
+    study's trials: of each study) by ``sort`` (default: each run's monitor), runs that may be training and each
+    study's best trial; run.json records it. ``dry_run`` (the default here) deletes nothing. A ``PruneResult``:
+    ``.pruned`` (path, files, bytes of each run), ``.freed``, ``.kept`` (runs old enough that were kept, by why)."""
+    from vistrain.tracking.prune import prune
+
+    table = runs(directory, config=config, mode=mode, sort=sort)
+    return prune(table, keep_best=keep_best, older_than=older_than, dry_run=dry_run)
+
+
+def _runs_scope(directory: str | Path | None, config: str | Path | Mapping[str, Any] | Config | None,
+                mode: str | None) -> tuple[Path, str | None]:
+    """The experiments folder to list, and the config hash its runs must have (None: any)."""
+    if config is None:
+        if mode is not None:
+            raise UserError("--mode: the preset the runs of --config F were trained with; give --config too")
+        return Path(directory if directory is not None else "experiments"), None
+    from vistrain.tracking.rundir import config_hash
+
+    cfg = load_config(config, mode=mode)
+    return (Path(directory) if directory is not None else Path(cfg.output.exp_dir)), config_hash(cfg)
 
 
 def split(config: str | Path | Mapping[str, Any] | Config, output: str | Path = "splits.csv", *,

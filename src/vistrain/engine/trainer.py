@@ -61,9 +61,15 @@ class Trainer:
 
     def fit(self, folds: list[int]) -> list[dict[str, Any]]:
         """Each fold's summary entry (``engine.summary.fold_result``). A preemption signal meanwhile stops the
-        training at the next step in good order (``Preempted``)."""
+        training at the next step in good order (``Preempted``). run.json's ``folds_done`` grows after each fold
+        (``vistrain runs`` shows a run's progress before its summary.json exists)."""
+        results = []
         with preemption.deferred(), compile_fallbacks(self.cfg.train.compile, self.fallbacks):
-            return [self.train_fold(k) for k in folds]
+            for k in folds:
+                results.append(self.train_fold(k))
+                if self.info.is_main:
+                    self.run.record(folds_done=[r["fold"] for r in results])
+        return results
 
     def train_fold(self, k: int) -> dict[str, Any]:
         t = self.cfg.train

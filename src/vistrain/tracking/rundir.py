@@ -80,6 +80,11 @@ class RunDir:
         info.update(status=status, updated=datetime.now().isoformat(timespec="seconds"), **extra)
         write_json(self.path / RUN_FILE, info)
 
+    def record(self, **fields: Any) -> None:
+        """Fields of run.json changed, its status kept (``folds_done`` after each fold: what ``vistrain runs``
+        shows of a run still training)."""
+        self.set_status(self.read_status().get("status", "running"), **fields)
+
     def append_metrics(self, row: dict[str, Any]) -> None:
         """One line per fold and epoch, flushed to disk before the call returns."""
         path = self.path / "metrics.jsonl"
@@ -89,7 +94,9 @@ class RunDir:
             os.fsync(fh.fileno())
 
 
-def new_run(cfg: Config) -> RunDir:
+def new_run(cfg: Config, folds: list[int] | None = None) -> RunDir:
+    """A new run directory, locked, with run.json: status running, the config's hash, the folds it will train
+    (default: the config's)."""
     now = datetime.now()
     path = make_run_dir(cfg.output.exp_dir / f"{now:%Y%m%d}", f"{cfg.project.name}-{now:%H%M%S}-{secrets.token_hex(3)}")
     for sub in ("ckpt", "oof", "plots"):
@@ -100,6 +107,7 @@ def new_run(cfg: Config) -> RunDir:
     write_json(path / RUN_FILE, {
         "run_id": path.name, "status": "running", "config_hash": config_hash(cfg),
         "started": now.isoformat(timespec="seconds"), "command": sys.argv, "mode": mode.name if mode else None,
+        "folds": cfg.folds_to_train() if folds is None else folds, "folds_done": [],
     })
     return run
 
@@ -118,6 +126,24 @@ def make_run_dir(parent: Path, run_id: str) -> Path:
         except FileExistsError:
             continue
     raise UserError(f"output.exp_dir: could not create a new run directory {parent / run_id} (1000 names taken)")
+
+
+def live_lock(run_dir: Path) -> dict[str, Any] | None:
+    """Who holds ``RUN/.lock`` while the run may be training: ``{pid, host, started}`` of a live process on this
+    host, or of any process on another host (which cannot be checked); None without a lock or when its process is
+    gone. A lock that cannot be read (being written, or cut short by a kill) counts as held: whoever asks this
+    (``vistrain runs --prune``) must not touch a run that might be training."""
+    lock = run_dir / LOCK_FILE
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"pid": None, "host": None, "started": None}
+    if host != socket.gethostname():
+        return holder
+    return holder if pid > 0 and _alive(pid) else None
 
 
 def _alive(pid: int) -> bool:
@@ -221,15 +247,18 @@ def open_run(cfg: Config, resume: bool | Path, fresh: bool, folds: list[int]) ->
         except UserError:
             release_lock(run)
             raise
+        run.record(folds=folds, folds_done=[])
         return run
     if resume and not fresh:
         found = find_unfinished(cfg)
         if found is not None:
-            return open_existing(found)
-        run = new_run(cfg)
+            run = open_existing(found)
+            run.record(folds=folds, folds_done=[])
+            return run
+        run = new_run(cfg, folds)
         run.notes.append("[RESUME] no unfinished run of this config; starting a new run")
         return run
-    return new_run(cfg)
+    return new_run(cfg, folds)
 
 
 def effective_config(cfg: Config, run: RunDir) -> Config:
