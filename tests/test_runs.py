@@ -225,6 +225,22 @@ def test_sort_orders_by_the_metric_in_its_direction(template: Template, tmp_path
     assert [ln.split()[2][0] for ln in res.stdout.splitlines()[1:]] == ["d", "a", "b", "c"]
 
 
+def test_a_one_fold_run_shows_no_spread(template: Template, tmp_path: Path) -> None:
+    """One fold has no standard deviation: summary.json writes 0.0 there, and "0.9966 ± 0.0000" would claim a
+    measured spread of zero. The table shows the value alone; csv and json leave std empty."""
+    exp = tmp_path / "exp"
+    run = template.make(exp, "one-090000-abcdef", datetime(2026, 3, 1, 9), values=[0.8, 0.9])
+    summary = json.loads((run / "summary.json").read_text())
+    summary["folds"] = summary["folds"][:1]
+    summary["mean"] = {k: summary["folds"][0]["best"][k] for k in summary["mean"]}
+    summary["std"] = dict.fromkeys(summary["std"], 0.0)
+    (run / "summary.json").write_text(json.dumps(summary))
+    table = runs_csv(str(exp), cwd=tmp_path)
+    assert table["mean"].tolist() == [pytest.approx(0.8)] and table["std"].isna().all()
+    res = run_cli("runs", str(exp), cwd=tmp_path)
+    assert "0.8000" in res.stdout and "±" not in res.stdout, res.stdout
+
+
 def test_csv_and_json_outputs_parse_as_the_api_table(template: Template, trained: dict[str, Any],
                                                     tmp_path: Path) -> None:
     exp = trained["exp"]

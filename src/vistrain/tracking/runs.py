@@ -268,8 +268,9 @@ def _from_summary(row: dict[str, Any], read: tuple[Any, str | None], metric: str
     names.update(summary.get("mean", {}))
     name = metric or summary.get("monitor")
     done = len(summary.get("folds", []))
+    # one fold has no spread: summary.json's 0.0 there is no measured standard deviation
     row.update(task=summary.get("task"), metric=name, mean=summary.get("mean", {}).get(name),
-               std=summary.get("std", {}).get(name))
+               std=summary.get("std", {}).get(name) if done > 1 else None)
     row["folds_done"] = row["folds_done"] if row["folds_done"] is not None else done
     row["folds_planned"] = row["folds_planned"] if row["folds_planned"] is not None else done
     if "total_s" in summary.get("timings", {}):
