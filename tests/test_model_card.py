@@ -75,12 +75,11 @@ def render(body: str) -> tuple[str, Tables]:
     return html, parser
 
 
-def table_under(tables: Tables, heading: str) -> list[dict[str, str]]:
-    """The first table whose heading contains ``heading``, as dicts keyed by its header row."""
-    for title, rows in tables.tables:
-        if heading in title:
-            return [dict(zip(rows[0], r)) for r in rows[1:]]
-    raise AssertionError(f"no table under a heading with {heading!r}; headings: {[t for t, _ in tables.tables]}")
+def table_under(tables: Tables, heading: str, index: int = 0) -> list[dict[str, str]]:
+    """The ``index``-th table under a heading containing ``heading``, as dicts keyed by its header row."""
+    found = [rows for title, rows in tables.tables if heading in title]
+    assert len(found) > index, f"no table {index} under {heading!r}; headings: {[t for t, _ in tables.tables]}"
+    return [dict(zip(found[index][0], r)) for r in found[index][1:]]
 
 
 def by_metric(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -312,3 +311,28 @@ def test_a_description_leaves_the_config_hash_as_it_is(tmp_path: Path) -> None:
     bare = config_hash(validate(tiny_config(tmp_path)))
     assert config_hash(validate(tiny_config(tmp_path, project={"description": DESCRIPTION}))) == bare
     assert config_hash(validate(tiny_config(tmp_path, project={"seed": 8}))) != bare
+
+
+def test_an_exported_runs_card_shows_int8_agreement_and_latency(trained: dict, tmp_path: Path) -> None:
+    """export.json as engine/export.py and engine/deploy.py write it (a float and an int8 file of fold 0)."""
+    from vistrain.viz.model_card import write_model_card
+
+    run = copy_run(trained["run"], tmp_path / "run", without=("MODEL_CARD.md",))
+    timing = {"1": {"threads": 1, "p50_ms": 1.234, "p95_ms": 1.5, "runs": 20, "stable": True},
+              "all": {"threads": 4, "p50_ms": 0.61, "p95_ms": 0.9, "runs": 20, "stable": True}}
+    files = [{"kind": "float", "path": str(run / "export" / "model_fold0.onnx"), "size_mb": 18.8, "top1_agreement": 1.0,
+              "val_top1": 0.5, "val_top1_change": 0.0, "latency": timing, "budget": None},
+             {"kind": "int8", "path": str(run / "export" / "model_fold0.int8.onnx"), "size_mb": 4.8,
+              "top1_agreement": 0.975, "val_top1": 0.475, "val_top1_change": -0.025, "latency": timing, "budget": None}]
+    (run / "export").mkdir()
+    (run / "export" / "export.json").write_text(json.dumps({"format": "onnx", "task": "classification", "models": [
+        {"fold": 0, "path": files[0]["path"], "size_mb": 18.8, "outputs": ["logits", "probs"], "opset": 20,
+         "verify": {"passed": True, "outputs": {"logits": {"max_abs_diff": 8.9e-8, "within_tolerance": True}}},
+         "files": files, "validation": {"images": 40, "source": "fold 0's validation rows"}}], "fallbacks": []}))
+    _, body = split_card(write_model_card(run).read_text(encoding="utf-8"))
+    assert "Not exported" not in body
+    files_table = table_under(render(body)[1], "Deployment", index=1)  # after the one of the exported models
+    int8 = {r["file"]: r for r in files_table}["model_fold0.int8.onnx"]
+    assert int8["top-1 agreement with float"] == "97.50% of 40"
+    assert number(int8["change"]) == pytest.approx(-0.025, abs=TOL)
+    assert int8["p50 / p95 ms, 4 threads"] == "0.61 / 0.90"

@@ -179,8 +179,8 @@ def _deployment(f: RunFiles) -> str:
     rows = []
     for m in models:
         v = m.get("verify") if isinstance(m.get("verify"), dict) else None
-        check = ("—" if v is None else ("passed" if v.get("passed") else "FAILED") + ", max |diff| " + ", ".join(
-            f"{k} {num(o.get('max_abs_diff'), 2)}" for k, o in (v.get("outputs") or {}).items()))
+        diffs = ", ".join(f"{k} {num(o.get('max_abs_diff'), 2)}" for k, o in ((v or {}).get("outputs") or {}).items())
+        check = "—" if v is None else f"{'passed' if v.get('passed') else 'FAILED'}, largest difference {diffs}"
         rows.append([num(m.get("fold")), code(basename(m.get("path", "?"))), num(m.get("size_mb"), 1),
                      num(m.get("opset")), check])
     out = head + "From export/export.json:\n\n" + table(["fold", "file", "MB", "opset", "verify"], rows)
