@@ -336,3 +336,23 @@ def test_an_exported_runs_card_shows_int8_agreement_and_latency(trained: dict, t
     assert int8["top-1 agreement with float"] == "97.50% of 40"
     assert number(int8["change"]) == pytest.approx(-0.025, abs=TOL)
     assert int8["p50 / p95 ms, 4 threads"] == "0.61 / 0.90"
+
+
+def test_files_in_shapes_the_card_does_not_expect_still_give_a_card(trained: dict, tmp_path: Path) -> None:
+    """A card is best effort: files an older or a broken run left in other shapes cost the section that reads them,
+    never the card (nor the command writing it)."""
+    from vistrain.viz.model_card import write_model_card
+
+    run = copy_run(trained["run"], tmp_path / "odd", without=("MODEL_CARD.md",))
+    (run / "summary.json").write_text(json.dumps({"folds": [1, "two"], "mean": [], "std": 3, "oof": "none"}))
+    (run / "manifest.json").write_text(json.dumps({"splits": [], "domains": {"a": 5}, "class_distribution": 7}))
+    (run / "eval" / "val" / "per_class.csv").write_text("name,score\nx,1\n")
+    (run / "eval" / "val" / "metrics.json").write_text(json.dumps({"top1": "high", "intervals": {"top1": 4}}))
+    (run / "calibration.json").write_text(json.dumps({"temperature": "warm", "cross_fit": [], "ensemble": 1}))
+    (run / "config.yaml").write_text("train: [1, 2\n")  # not YAML
+    front, body = split_card(write_model_card(run).read_text(encoding="utf-8"))
+    assert front["library_name"] == "timm"
+    for title in ("What the model is for", "Data", "Preprocessing", "Training", "Results", "Calibration",
+                  "Deployment (ONNX)", "Known limits", "How to load"):
+        section(body, title)
+    render(body)

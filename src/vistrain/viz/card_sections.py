@@ -316,8 +316,9 @@ def _training(f: RunFiles) -> str:
     s = f.summary
     folds = [x for x in s.get("folds") or [] if isinstance(x, dict)]
     if not folds:
-        return ("### Validation during training\n\nsummary.json has no folds: the run has not finished training "
-                f"(status: {code(f.status.get('status', 'unknown'))}).\n\n")
+        status = f.status.get("status", "unknown")
+        return (f"### Validation during training\n\nsummary.json has no folds (run status {code(status)})"
+                + (": the run has not finished training" if status != "success" else "") + ".\n\n")
     monitor = str(s.get("monitor", ""))
     mean, std = s.get("mean") or {}, s.get("std") or {}
     # the monitor, the other figures, then the losses; a figure no fold has (valid_loss of a re-id run) left out
@@ -375,7 +376,7 @@ def _evaluation(split: str, m: dict[str, Any]) -> str:
     boot = m.get("bootstrap") if isinstance(m.get("bootstrap"), dict) else {}
     note = (f"95% intervals: percentile bootstrap, {boot.get('replicates')} resamples (unit: "
             f"{text(boot.get('unit', 'image'))}, seed {boot.get('seed')}).\n\n" if boot
-            else "No intervals (eval.bootstrap: 0).\n\n")
+            else "No intervals (eval.bootstrap: 0, or an evaluation by an older vistrain).\n\n")
     rows = []
     for k in figures(m):
         lo, hi = (intervals.get(k) or [None, None])[:2] if isinstance(intervals.get(k), list) else (None, None)

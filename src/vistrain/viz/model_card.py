@@ -63,10 +63,27 @@ def model_card_text(run_dir: Path, *, timm_export: dict | None = None) -> str:
     embedding model's head after the timm features, and the folder's config.json) makes it that folder's README.md:
     "How to load" then leads with ``timm.create_model("local-dir:<folder>")``."""
     f = read_run(Path(run_dir))
-    body = "".join([_header(f), _purpose(f), data_section(f), preprocessing_section(f), recipe_section(f),
-                    results_section(f), _calibration(f), _deployment(f), _limits(f, timm_export),
-                    _how_to_load(f, timm_export)])
-    return f"---\n{_front_matter(f)}\n---\n\n{body.rstrip()}\n"
+    sections = (("What the model is for", _purpose), ("Data", data_section), ("Preprocessing", preprocessing_section),
+                ("Training", recipe_section), ("Results", results_section), ("Calibration", _calibration),
+                ("Deployment (ONNX)", _deployment), ("Known limits", lambda f: _limits(f, timm_export)),
+                ("How to load", lambda f: _how_to_load(f, timm_export)))
+    front = _part("front matter", _front_matter, f, lambda _: "library_name: timm\ntags:\n- vistrain")
+    body = _part("title", _header, f, lambda _: f"# {text(_run_id(f))}\n\n")
+    body += "".join(_part(title, write, f, lambda why, t=title: f"## {t}\n\nNot written: the run's files are not in "
+                          f"the shape this vistrain reads ({text(why)}).\n\n") for title, write in sections)
+    return f"---\n{front}\n---\n\n{body.rstrip()}\n"
+
+
+def _part(title: str, write: Any, f: RunFiles, instead: Any) -> str:
+    """One part of the card; a run file in a shape it does not expect (an older or a damaged run) costs that part
+    (``instead(why)``) and a [CARD] warning, never the card."""
+    try:
+        return write(f)
+    except Exception as err:  # noqa: BLE001 - best effort, part by part
+        from vistrain.errors import describe
+
+        log.warning("[CARD] %s: %s left out: %s", f.path / CARD_FILE, title, describe(err))
+        return instead(describe(err))
 
 
 # ------------------------------------------------------------------------------------------ front matter
