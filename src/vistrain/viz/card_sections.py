@@ -377,9 +377,13 @@ def _evaluation(split: str, m: dict[str, Any]) -> str:
     note = (f"95% intervals: percentile bootstrap, {boot.get('replicates')} resamples (unit: "
             f"{text(boot.get('unit', 'image'))}, seed {boot.get('seed')}).\n\n" if boot
             else "No intervals (eval.bootstrap: 0, or an evaluation by an older vistrain).\n\n")
+    if not intervals:
+        rows = [[code(k), num(m[k])] for k in figures(m)]
+        return f"### Held-out evaluation: eval/{split}\n\n{what} (eval/{split}/metrics.json). {note}" + table(
+            ["metric", "value"], rows)
     rows = []
     for k in figures(m):
-        lo, hi = (intervals.get(k) or [None, None])[:2] if isinstance(intervals.get(k), list) else (None, None)
+        lo, hi = intervals[k][:2] if isinstance(intervals.get(k), list) and len(intervals[k]) == 2 else (None, None)
         rows.append([code(k), num(m[k]), num(lo), num(hi)])
     return (f"### Held-out evaluation: eval/{split}\n\n{what} (eval/{split}/metrics.json). {note}"
             + table(["metric", "value", "95% low", "95% high"], rows))
