@@ -28,7 +28,7 @@ EXTRAS_MODULES = frozenset({
     "cleanlab", "imagehash", "pywt",  # audit
     "kornia",  # augment
     "albumentations",  # albumentations
-    "httpx", "hypothesis", "wandb", "xdist", "nbclient", "nbformat", "ipykernel",  # dev
+    "httpx", "hypothesis", "wandb", "xdist", "nbclient", "nbformat", "ipykernel", "markdown",  # dev
 })
 
 # pytest.importorskip's reason (without its reason= argument); tests/postgres.py words its driver check the same way

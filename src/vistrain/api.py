@@ -413,6 +413,16 @@ class Run:
 
         return write_report(self.path)
 
+    def model_card(self) -> Path:
+        """Write RUN/MODEL_CARD.md from the run's files (what ``train``, ``evaluate``, ``calibrate``, ``export`` and
+        ``report`` refresh) and return its path: a Hugging Face style model card, its numbers the run's own.
+
+        >>> print(run.model_card().read_text())
+        """
+        from vistrain.viz.model_card import write_model_card
+
+        return write_model_card(self.path)
+
 
 def _folds_text(folds: str | Sequence[int] | None) -> str | None:
     if folds is None or isinstance(folds, str):

@@ -46,6 +46,8 @@ class Section(BaseModel):
 class ProjectCfg(Section):
     name: str = "vistrain"  # prefix of the run id; the config file's stem when left as is
     seed: Annotated[int, Field(ge=0, lt=2**32)] = 42  # seeds Python, NumPy and torch; also fixes the fold assignment
+    # what the model is for (task, images, users), in a sentence or two: the opening of RUN/MODEL_CARD.md
+    description: str | None = None
 
 
 class SourceCfg(Section):

@@ -129,4 +129,7 @@ def run_calibrate(run_dir: Path) -> dict[str, Any]:
              if at_bound else " (T fitted without them made ECE worse; kept T=1)")
     if not single:
         log.info("[CALIB] fold ensemble: %s", result["ensemble"]["note"])
+    from vistrain.viz.model_card import refresh_model_card
+
+    refresh_model_card(run.path)  # the card's calibration section
     return result

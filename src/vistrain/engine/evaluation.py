@@ -275,7 +275,18 @@ def run_evaluate(run_dir: Path, split: str = "val", folds: str | None = None, ov
     if run.cfg.task == "embedding":
         from vistrain.engine.embedding_eval import evaluate_embedding
 
-        return evaluate_embedding(run, split)
+        metrics = evaluate_embedding(run, split)
+    else:
+        metrics = _evaluate_classifier(run, split, folds, tta, echo)
+    from vistrain.viz.model_card import refresh_model_card
+
+    refresh_model_card(run.path)  # the card's results: this split's figures with their intervals
+    return metrics
+
+
+def _evaluate_classifier(run: LoadedRun, split: str, folds: str | None, tta: bool, echo: bool) -> dict[str, Any]:
+    """A classifier's outputs on ``split`` -> RUN/eval/<split>/ (metrics.json, per_class.csv, predictions.csv,
+    confusion matrix, failures, top losses)."""
     chosen = select_folds(run, folds)
     if split == "oof":
         logits, targets, table = oof_outputs(run)

@@ -403,6 +403,9 @@ def run_export(run_dir: Path, fmt: str = "onnx", folds: str | None = None, outpu
     summary = {"run": str(run.path), "format": fmt, "task": run.cfg.task, "torch": torch.__version__,
                "models": results, "fallbacks": run.fallbacks.entries}
     write_json(out_dir / "export.json", summary)
+    from vistrain.viz.model_card import refresh_model_card
+
+    refresh_model_card(run.path)  # the card's deployment figures (RUN/export/export.json)
     summary = {**summary, "folder": str(out_dir)}
     failed = [e["fold"] for e in results if e.get("verify", {}).get("passed") is False]
     if failed:

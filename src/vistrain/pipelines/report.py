@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 NAME = "report"
-HELP = "write RUN/report.html: one self-contained page with the run's numbers and plots"
+HELP = "write RUN/report.html (one self-contained page with the run's numbers and plots) and RUN/MODEL_CARD.md"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,5 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_report(args: argparse.Namespace) -> int:
     import vistrain
 
-    print(f"[DONE] report written to {vistrain.Run(args.run).report()}")
+    run = vistrain.Run(args.run)
+    print(f"[DONE] report written to {run.report()}")
+    if (run.path / "MODEL_CARD.md").is_file():  # refreshed beside it (a card that could not be written: a warning)
+        print(f"[DONE] model card: {run.path / 'MODEL_CARD.md'}")
     return 0

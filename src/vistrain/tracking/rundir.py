@@ -38,6 +38,7 @@ def config_hash(cfg: Config) -> str:
     """What ``--resume`` (and a tune study) matches: the resolved config, and the content of a file that is part of
     it (``augment.albumentations``: the same path with another pipeline in it is another config)."""
     described = config_to_dict(cfg)
+    described["project"].pop("description", None)  # words about the model, not how it trains: same run, same hash
     if cfg.augment.albumentations is not None:
         described["augment"]["albumentations_sha256"] = file_sha256(cfg.augment.albumentations,
                                                                     "augment.albumentations")

@@ -408,7 +408,11 @@ def render_report(run_dir: Path) -> str:
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write ``run_dir/report.html`` (atomically) and return its path."""
+    """Write ``run_dir/report.html`` (atomically) and return its path; MODEL_CARD.md beside it is refreshed too
+    (``train`` and ``report`` write both; a card that cannot be written is a warning)."""
+    from vistrain.viz.model_card import refresh_model_card
+
     path = Path(run_dir) / "report.html"
     atomic_write_text(path, render_report(run_dir))
+    refresh_model_card(Path(run_dir))
     return path
