@@ -247,8 +247,9 @@ def _limits(f: RunFiles, timm_export: dict | None) -> str:
     notes += _domain_limits(f)
     folds = f.summary.get("folds") or []
     if f.task == "classification" and f.get("data.split") != "ratio" and folds and len(folds) < f.get("data.folds", 0):
-        notes.append(f"Only {len(folds)} of {f.get('data.folds')} folds trained: the validation figures are "
-                     f"{'one fold' if len(folds) == 1 else 'those folds'}', and there are no out-of-fold logits.")
+        whose = "one fold's" if len(folds) == 1 else "those folds'"
+        notes.append(f"Only {len(folds)} of {f.get('data.folds')} folds trained: the validation and out-of-fold "
+                     f"figures come from {whose} validation images only, not from every image.")
     for fb in f.summary.get("fallbacks") or []:
         if isinstance(fb, dict):
             notes.append(f"Fallback while training: {text(fb.get('what'))}: {text(fb.get('from'))} -> "
