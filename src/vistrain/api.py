@@ -675,8 +675,8 @@ def import_config(source: str | Path, *, from_format: str | None = None, output:
     Returns the YAML text when ``output`` is None, else writes it there (an existing file only with ``force``) and
     returns the path. Each source key vistrain does not carry exactly is one ``[IMPORT]`` log line and a comment in
     the text (docs/migrating.md)."""
-    from vistrain.config.importers import import_file
     from vistrain.config.starter import check_output
+    from vistrain.importers import import_file
     from vistrain.tracking.files import atomic_write_text
 
     path = Path(output) if output is not None else None

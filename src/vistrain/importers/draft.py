@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.source import shown
+from vistrain.importers.source import shown
 
 SECTIONS = ("task", "project", "data", "model", "loss", "sampler", "train", "preprocess", "augment", "eval",
             "tracking")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from vistrain.config.importers.draft import Draft
-from vistrain.config.importers.source import Source, is_unset
+from vistrain.importers.draft import Draft
+from vistrain.importers.source import Source, is_unset
 
 UNKNOWN_KEY = "no vistrain equivalent (a key this importer does not know; docs/migrating.md lists the known ones)"
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.draft import Draft, Note
-from vistrain.config.importers.source import read_source
 from vistrain.errors import ConfigError, UserError, did_you_mean
+from vistrain.importers.draft import Draft, Note
+from vistrain.importers.source import read_source
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def import_file(source: str | Path, from_format: str | None = None, run_as: Path
 def sniff(data: dict[str, Any]) -> str | None:
     """``yacs`` when the top level holds upper-case yacs sections, ``timm`` when it holds train.py's argument
     names, else None."""
-    from vistrain.config.importers.timm_keys import DEFAULTS, REASONS
+    from vistrain.importers.timm_keys import DEFAULTS, REASONS
 
     if any(key in YACS_SECTIONS for key in data):
         return "yacs"
@@ -67,11 +67,11 @@ def sniff(data: dict[str, Any]) -> str | None:
 
 def _convert(found: str, data: dict[str, Any], path: Path) -> Draft:
     if found == "timm":
-        from vistrain.config.importers.timm_args import convert
+        from vistrain.importers.timm_args import convert
 
         return convert(data, path)
-    from vistrain.config.importers import fastreid, strong_baseline
-    from vistrain.config.importers.yacs import read_yacs
+    from vistrain.importers import fastreid, strong_baseline
+    from vistrain.importers.yacs import read_yacs
 
     keys, project = read_yacs(data, path)
     return (fastreid if project == "fastreid" else strong_baseline).convert(keys, path)

@@ -10,11 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.common import model_defaults, report_rest, same_floats
-from vistrain.config.importers.draft import Draft
-from vistrain.config.importers.fastreid_keys import DEFAULTS, LAYOUTS, POOLS, REASONS, TRAIN_IMAGES
-from vistrain.config.importers.source import Source
-from vistrain.config.importers.yacs import IMAGENET_MEAN, data_root, names, normalisation, pk_sampler, reid_task
+from vistrain.importers.common import model_defaults, report_rest, same_floats
+from vistrain.importers.draft import Draft
+from vistrain.importers.fastreid_keys import DEFAULTS, LAYOUTS, POOLS, REASONS, TRAIN_IMAGES
+from vistrain.importers.source import Source
+from vistrain.importers.yacs import IMAGENET_MEAN, data_root, names, normalisation, pk_sampler, reid_task
 
 CHAIN = ("fast-reid's training transform (fastreid/data/transforms/build.py): resize to INPUT.SIZE_TRAIN (bicubic) -> "
          "pad INPUT.PADDING.SIZE and random crop back -> horizontal flip -> random erasing (INPUT.REA, torchvision's: "

@@ -8,10 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.common import model_defaults, report_rest
-from vistrain.config.importers.draft import Draft, section_block
-from vistrain.config.importers.source import Source, is_unset
-from vistrain.config.importers.timm_keys import DEFAULTS, DEPENDS, REASONS
+from vistrain.importers.common import model_defaults, report_rest
+from vistrain.importers.draft import Draft, section_block
+from vistrain.importers.source import Source, is_unset
+from vistrain.importers.timm_keys import DEFAULTS, DEPENDS, REASONS
 
 EXACT_OPT = {"adamw": "adamw", "adam": "adam", "sgd": "sgd", "nesterov": "sgd", "fusedadamw": "adamw",
              "fusedadam": "adam", "fusedsgd": "sgd"}

@@ -8,10 +8,10 @@ import ast
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.common import model_defaults, same_floats
-from vistrain.config.importers.draft import Draft, section_block
-from vistrain.config.importers.source import Source, flatten, read_source
 from vistrain.errors import UserError
+from vistrain.importers.common import model_defaults, same_floats
+from vistrain.importers.draft import Draft, section_block
+from vistrain.importers.source import Source, flatten, read_source
 
 MAX_BASES = 10  # _BASE_ files deep: more is a loop
 # Keys only fast-reid spells so (the strong baseline has MODEL.NAME, SOLVER.OPTIMIZER_NAME, SOLVER.MAX_EPOCHS ...)

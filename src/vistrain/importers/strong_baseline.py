@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from vistrain.config.importers.common import report_rest
-from vistrain.config.importers.draft import Draft
-from vistrain.config.importers.source import Source
-from vistrain.config.importers.yacs import data_root, flag, names, normalisation, pk_sampler, reid_task
+from vistrain.importers.common import report_rest
+from vistrain.importers.draft import Draft
+from vistrain.importers.source import Source
+from vistrain.importers.yacs import data_root, flag, names, normalisation, pk_sampler, reid_task
 
 # config/defaults.py (the keys the mapping reads)
 DEFAULTS = {
