@@ -1,6 +1,7 @@
 """Why the audit cannot tell a JPEG copy of a pills studio render from an untouched render (issue 18 item 1).
 
     PYTHONPATH=src python benchmarks/audit_pills_siblings.py [--work DIR] [--copies 40] [--sigma 0 1 2.5]
+        [--motion 150]
 
 ``write_pills`` renders each studio object three times from the same sprite: the same light, the pill placed
 on whole pixels within +-2 px of the centre, turned by up to 6 degrees, on a flat background; nothing else
@@ -13,6 +14,12 @@ search can miss one). Printed per sigma: the copies' distances, the quantiles of
 sibling distance, and how many untouched renders have a sibling closer than the median / farthest copy. When
 that count is a sizeable share, no distance threshold and no rule relative to the neighbours separates the copies
 from the untouched renders: the renders are near duplicates of each other by their pixels.
+
+``--motion N`` asks the other question a rule could use: is the copy's geometry the source's? OpenCV's ECC
+registration (``findTransformECC``, Euclidean: a shift and a rotation) is fitted between the three renders of N
+studio objects (every pair) and between each JPEG copy and its source. A copy moves by nothing; a sibling by its
+placement. Printed: the quantiles of the fitted shift and angle for both, and how many sibling pairs move less than
+every copy's 99th percentile (a rule "same geometry" would call those copies too: false pairs).
 """
 
 from __future__ import annotations
@@ -41,11 +48,46 @@ def vectors(images: list[np.ndarray], sigma: float) -> np.ndarray:
     return np.stack(out)
 
 
+def motion(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(shift in px, |angle| in degrees) of the Euclidean ECC registration of ``b`` onto ``a`` (grey levels)."""
+    import cv2
+
+    grey = [cv2.cvtColor(x.astype(np.uint8), cv2.COLOR_RGB2GRAY).astype(np.float32) for x in (a, b)]
+    warp = np.eye(2, 3, dtype=np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-5)
+    try:
+        _, warp = cv2.findTransformECC(grey[0], grey[1], warp, cv2.MOTION_EUCLIDEAN, criteria, None, 5)
+    except cv2.error:  # no convergence: a large motion, never a copy
+        return float("inf"), float("inf")
+    return float(np.hypot(warp[0, 2], warp[1, 2])), abs(float(np.degrees(np.arctan2(warp[1, 0], warp[0, 0]))))
+
+
+def print_motion(work: Path, objects: int, pairs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    """``--motion``: the fitted geometry of sibling renders against that of JPEG copies."""
+    views: dict[str, list[np.ndarray]] = {}
+    for f in sorted((work / "studio").glob("*/*.png")):
+        views.setdefault(f"{f.parent.name}/{f.stem.rsplit('_', 1)[0]}", []).append(
+            np.asarray(Image.open(f).convert("RGB"), np.float32))
+    siblings = np.array([motion(v[i], v[j]) for v in list(views.values())[:objects]
+                         for i in range(len(v)) for j in range(i + 1, len(v))])
+    copies = np.array([motion(a, b) for a, b in pairs])
+    q = [0.0, 0.01, 0.5, 0.99, 1.0]
+    for name, m in (("sibling renders", siblings), ("JPEG copies", copies)):
+        print(f"{name} ({len(m)} pairs): shift px at {q}: {np.round(np.quantile(m[:, 0], q), 3).tolist()}; "
+              f"angle deg: {np.round(np.quantile(m[:, 1], q), 3).tolist()}")
+    shift, angle = np.quantile(copies[:, 0], 0.99), np.quantile(copies[:, 1], 0.99)
+    still = int(((siblings[:, 0] <= shift) & (siblings[:, 1] <= angle)).sum())
+    print(f"sibling pairs moving no more than 99% of the copies (shift <= {shift:.3f} px, angle <= {angle:.3f} deg): "
+          f"{still} of {len(siblings)} ({still / len(siblings):.1%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=None, help="where the pills are written (default: temporary)")
     parser.add_argument("--copies", type=int, default=40, help="studio renders re-encoded as JPEG")
     parser.add_argument("--sigma", type=float, nargs="+", default=[0.0, 1.0, 2.5])
+    parser.add_argument("--motion", type=int, default=0, metavar="N",
+                        help="also fit the geometry (ECC) between the renders of N studio objects and of each copy")
     args = parser.parse_args()
     from vistrain.data.synthetic_pills import write_pills
 
@@ -64,6 +106,8 @@ def main() -> None:
         buf = io.BytesIO()
         Image.fromarray(pixels[c][i].astype(np.uint8)).save(buf, format="JPEG", quality=int(rng.integers(70, 91)))
         copies.append(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), np.float32))
+    if args.motion:
+        print_motion(work, args.motion, [(pixels[c][i], cp) for (c, i), cp in zip(picks, copies)])
     total = sum(len(v) for v in pixels.values())
     print(f"{total} studio renders in {len(names)} classes ({work}); {len(copies)} JPEG copies")
     for sigma in args.sigma:
