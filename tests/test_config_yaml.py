@@ -30,6 +30,7 @@ CONTEXT: dict[tuple[str, Any], dict[str, Any]] = {
     ("model.head", "cosface"): {"task": "embedding"},
     ("train.class_weights", "from_class_map"): {"data": {"class_map": "/nowhere/class_map.json"}},
     ("data.split_classes", True): {"task": "embedding"},  # a retrieval run's protocol; refused for a classifier
+    ("model.use_ema_weights", True): {"model": {"pretrained_path": "/nowhere/w.safetensors"}},  # whose EMA weights
 }
 
 
@@ -121,15 +122,25 @@ def _context(path: tuple[str, ...], value: Any) -> tuple[str, list[str]]:
     return yaml.safe_dump(extra) if extra else "", flat
 
 
+def _file(path: tuple[str, ...], value: Any, text: str) -> tuple[str, list[str]]:
+    """(the YAML file setting ``path`` to ``text`` with its context, the context as overrides); a context in the
+    same section (model.pretrained_path beside model.use_ema_weights) shares that section's block."""
+    head, extra = _context(path, value)
+    body, section = _nest(path, text), f"{path[0]}:\n"
+    if [ln for ln in head.splitlines() if not ln.startswith(" ")] == [section.strip()] and body.startswith(section):
+        return head + body[len(section):], extra
+    return head + body, extra
+
+
 @pytest.mark.parametrize(("path", "value", "listed"), literal_cases(),
                          ids=lambda x: ".".join(x) if isinstance(x, tuple) else str(x))
 def test_every_literal_value_unquoted_in_a_file_and_as_an_override_means_itself(
         tmp_path: Path, path: tuple[str, ...], value: Any, listed: bool) -> None:
     text = f"[{value}]" if listed else str(value)
     want = [value] if listed else value
-    head, extra = _context(path, value)
+    content, extra = _file(path, value, text)
     config = tmp_path / "c.yaml"
-    config.write_text(head + _nest(path, text))
+    config.write_text(content)
     assert _value(load_config(config), path) == want, config.read_text()
     assert _value(load_config(None, overrides=[*extra, _override(path, text)]), path) == want
 
@@ -148,9 +159,9 @@ def test_the_walk_covers_the_words_yaml_1_1_turned_into_booleans() -> None:
                                              ("ON", True), ("Off", False)])
 def test_bool_fields_take_the_yes_no_on_off_words(tmp_path: Path, path: tuple[str, ...], word: str,
                                                   want: bool) -> None:
-    head, extra = _context(path, want)
+    content, extra = _file(path, want, word)
     config = tmp_path / "c.yaml"
-    config.write_text(head + _nest(path, word))
+    config.write_text(content)
     assert _value(load_config(config), path) is want
     assert _value(load_config(None, overrides=[*extra, _override(path, word)]), path) is want
 
