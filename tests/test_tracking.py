@@ -139,3 +139,14 @@ def test_json_files_are_strict_json_with_null_for_nan(tmp_path):
     strict = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard constant {c}"))
     assert strict == {"mean": {"valid_loss": None, "mAP": 0.5}, "std": [None, 1.0], "arr": [None, 2.0]}
     assert json.loads(json_line({"fold": 0, "train_loss": float("nan")})) == {"fold": 0, "train_loss": None}
+
+
+def test_the_done_line_gives_a_spread_only_over_several_folds() -> None:
+    """One fold has no standard deviation: the [DONE] line says so instead of '± 0.0000' (summary.json's 0.0)."""
+    from vistrain.engine.summary import summary_line
+
+    fold = {"best": {"macro_f1": 0.9}}
+    one = {"monitor": "macro_f1", "mean": {"macro_f1": 0.9}, "std": {"macro_f1": 0.0}, "folds": [fold]}
+    assert summary_line(one) == "macro_f1=0.9000 on 1 fold (no spread over folds)"
+    two = {**one, "mean": {"macro_f1": 0.85}, "std": {"macro_f1": 0.0707}, "folds": [fold, fold]}
+    assert summary_line(two) == "macro_f1=0.8500±0.0707 over 2 folds"

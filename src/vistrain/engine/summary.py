@@ -92,9 +92,13 @@ def write_summary(run: RunDir, summary: dict[str, Any], trackers: Trackers) -> N
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    """``macro_f1=0.9000±0.0100 over 5 fold(s) | oof macro_f1=... accuracy=...`` for the [DONE] line."""
-    mon = summary["monitor"]
-    out = f"{mon}={summary['mean'][mon]:.4f}±{summary['std'][mon]:.4f} over {len(summary['folds'])} fold(s)"
+    """``macro_f1=0.9000±0.0100 over 5 folds | oof macro_f1=... accuracy=...`` for the [DONE] line; one fold has
+    no spread to give (summary.json's std is 0.0 there), and the line says so."""
+    mon, n = summary["monitor"], len(summary["folds"])
+    if n == 1:
+        out = f"{mon}={summary['mean'][mon]:.4f} on 1 fold (no spread over folds)"
+    else:
+        out = f"{mon}={summary['mean'][mon]:.4f}±{summary['std'][mon]:.4f} over {n} folds"
     if "oof" in summary:
         out += f" | oof macro_f1={summary['oof']['macro_f1']:.4f} accuracy={summary['oof']['accuracy']:.4f}"
     return out
