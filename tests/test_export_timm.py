@@ -171,6 +171,8 @@ def test_config_json_and_card_say_classes_and_preprocessing(classifier: Path, tm
     html = markdown.markdown(card.split("---", 2)[2], extensions=["fenced_code"])
     assert "How to load" in html and "local-dir:" in card and "hf-hub:" in card
     assert all(s.split(":")[0] in html for s in v["not_expressed"])
+    # the card goes to the hub with --push-to-hub: it names the folder, never a path of this machine
+    assert f'"local-dir:{folder.name}"' in card and str(tmp_path) not in card and str(classifier) not in card
 
 
 @pytest.fixture(scope="module")

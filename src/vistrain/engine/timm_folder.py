@@ -68,7 +68,8 @@ def export_timm(run_dir: Path, folds: str | list[int] | None = None, output: Pat
     write_folder(folder, timm_model, head, config)
     from vistrain.viz.model_card import model_card_text
 
-    card = model_card_text(run.path, timm_export={"folder": str(folder), "fold": fold, "not_expressed": notes,
+    # the folder's name, not its path: the card is pushed to the hub with it, and a path names this machine
+    card = model_card_text(run.path, timm_export={"folder": folder.name, "fold": fold, "not_expressed": notes,
                                                   "embedding_head": head and head["spec"], "config": config})
     atomic_write_text(folder / "README.md", card)
     log.info("[EXPORT] fold=%d -> %s (timm %s, %s; timm side vs vistrain on random inputs: max |diff| %.1e)", fold,

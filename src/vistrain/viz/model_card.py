@@ -360,6 +360,7 @@ def _timm_folder(f: RunFiles, export: dict) -> str:
            + ("as a timm feature model (num_classes=0: pooled backbone features; the embedding head below turns them "
               "into the embedding)" if embed else "with its classifier head")
            + ":\n\n```python\nimport timm\n\n"
+           f'# from the folder that holds {folder} (or give its full path):\n'
            f'model = timm.create_model("local-dir:{folder}", pretrained=True).eval()\n'
            '# once pushed (vistrain export RUN --format timm --push-to-hub USER/REPO):\n'
            '# model = timm.create_model("hf-hub:USER/REPO", pretrained=True).eval()\n'
