@@ -143,6 +143,16 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON file as a dict; an absent, broken or non-object file reads as empty (reports, plots and the model card
+    are best-effort: a missing file costs its section, never the page)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def json_line(obj: dict[str, Any]) -> str:
     """One line of strict JSON (non-finite numbers become null), for metrics.jsonl."""
     return json.dumps(_strict(obj), default=_json_default, allow_nan=False) + "\n"

@@ -7,7 +7,6 @@ its card says so instead of failing. Nothing here computes a figure; numbers are
 from __future__ import annotations
 
 import html
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from vistrain.tracking.files import read_json_dict
 
 SPLIT_ORDER = ("val", "test", "oof")  # eval/<split>/ shown in this order, any other after them
 
@@ -74,14 +75,6 @@ class RunFiles:
             return None
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def read_config(path: Path) -> dict[str, Any]:
     """config.yaml as plain values, without validating it: an older run's keys must not stop its card."""
     import yaml
@@ -97,12 +90,12 @@ def read_config(path: Path) -> dict[str, Any]:
 
 def read_run(run_dir: Path) -> RunFiles:
     run_dir = Path(run_dir)
-    evals = {p.parent.name: read_json(p) for p in (run_dir / "eval").glob("*/metrics.json")}
+    evals = {p.parent.name: read_json_dict(p) for p in (run_dir / "eval").glob("*/metrics.json")}
     order = [s for s in SPLIT_ORDER if s in evals] + sorted(set(evals) - set(SPLIT_ORDER))
-    return RunFiles(run_dir, read_config(run_dir / "config.yaml"), read_json(run_dir / "run.json"),
-                    read_json(run_dir / "summary.json"), read_json(run_dir / "manifest.json"),
-                    read_json(run_dir / "class_map.json"), read_json(run_dir / "preprocess.json"),
-                    read_json(run_dir / "calibration.json"), read_json(run_dir / "export" / "export.json"),
+    return RunFiles(run_dir, read_config(run_dir / "config.yaml"), read_json_dict(run_dir / "run.json"),
+                    read_json_dict(run_dir / "summary.json"), read_json_dict(run_dir / "manifest.json"),
+                    read_json_dict(run_dir / "class_map.json"), read_json_dict(run_dir / "preprocess.json"),
+                    read_json_dict(run_dir / "calibration.json"), read_json_dict(run_dir / "export" / "export.json"),
                     {s: evals[s] for s in order})
 
 

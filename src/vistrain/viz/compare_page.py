@@ -8,8 +8,8 @@ import html
 from pathlib import Path
 from typing import Any
 
-from vistrain.tracking.files import atomic_write_text
-from vistrain.viz.plots import new_figure, read_json, read_metrics, run_monitor, save_png
+from vistrain.tracking.files import atomic_write_text, read_json_dict
+from vistrain.viz.plots import new_figure, read_metrics, run_monitor, save_png
 from vistrain.viz.report import CSP, CSS, section, table, with_interval
 
 CURVE_KEYS = ("valid_loss",)  # plotted beside each run's first run's monitor
@@ -33,7 +33,7 @@ def curves_png(runs: list[Path], path: Path) -> Path | None:
     curves = [read_metrics(r / "metrics.jsonl") for r in runs]
     if not any(curves):
         return None
-    monitor = run_monitor(runs[0], read_json(runs[0] / "summary.json"))
+    monitor = run_monitor(runs[0], read_json_dict(runs[0] / "summary.json"))
     keys = [*CURVE_KEYS, monitor]
     fig = new_figure(6 * len(keys), 4.2)
     for ax, key in zip(fig.subplots(1, len(keys)), keys):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vistrain.registry import higher_is_better
-from vistrain.tracking.files import atomic_write_bytes
+from vistrain.tracking.files import atomic_write_bytes, read_json_dict
 
 if TYPE_CHECKING:  # only for annotations; the real imports are lazy
     from matplotlib.axes import Axes
@@ -86,15 +86,6 @@ def lower_is_better(metric: str) -> bool:
     return not higher_is_better(metric)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON file as a dict; an absent or broken file reads as empty (plots are best-effort)."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def run_monitor(run_dir: Path, summary: dict[str, Any]) -> str:
     """The metric that picks the best epoch: summary.json's, else config.yaml's (a run still going)."""
     if summary.get("monitor"):
@@ -129,7 +120,7 @@ def read_metrics(path: Path) -> dict[int, list[dict[str, Any]]]:
 
 def class_names(run_dir: Path) -> list[str]:
     """Class names in index order from class_map.json (empty when the file is missing)."""
-    idx_to_class = read_json(Path(run_dir) / "class_map.json").get("idx_to_class", {})
+    idx_to_class = read_json_dict(Path(run_dir) / "class_map.json").get("idx_to_class", {})
     return [str(idx_to_class[k]) for k in sorted(idx_to_class, key=int)]
 
 
@@ -142,7 +133,7 @@ def training_plots(run_dir: Path) -> list[Path]:
     """
     run_dir = Path(run_dir)
     out = run_dir / "plots"
-    summary = read_json(run_dir / "summary.json")
+    summary = read_json_dict(run_dir / "summary.json")
     monitor = run_monitor(run_dir, summary)
     best_epochs = {int(f["fold"]): f.get("best_epoch") for f in summary.get("folds", []) if "fold" in f}
     ratio = (summary.get("split") or {}).get("type") == "ratio"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from vistrain.registry import domain_metrics
-from vistrain.tracking.files import atomic_write_text
+from vistrain.tracking.files import atomic_write_text, read_json_dict
 
 PER_CLASS_SPLITS = ("oof", "val", "valid", "test")  # which eval/<split>/per_class.csv the page shows first
 CALIBRATION_KEYS = ("temperature", "nll_before", "nll_after", "ece_before", "ece_after")
@@ -66,14 +65,6 @@ CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 
 
 
 # ------------------------------------------------------------------------------------------ reading
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8")
@@ -222,7 +213,7 @@ def metrics_html(run_dir: Path, summary: dict[str, Any]) -> str:
     if summary.get("oof"):
         parts.append("<h3>out of fold</h3>" + key_values(summary["oof"]))
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):
-        data = _read_json(path)
+        data = read_json_dict(path)
         intervals = data.get("intervals") if isinstance(data.get("intervals"), dict) else {}
         values = key_values({k: with_interval(v, intervals.get(k)) for k, v in data.items()})
         if values:
@@ -278,7 +269,7 @@ def domain_html(run_dir: Path, summary: dict[str, Any], threshold: float = 0.7) 
     if validation:
         parts.append("<h3>validation, best epoch (mean over folds)</h3>" + _domain_table(validation))
     for path in sorted((run_dir / "eval").glob("*/metrics.json")):
-        per_domain = _read_json(path).get("per_domain")
+        per_domain = read_json_dict(path).get("per_domain")
         if isinstance(per_domain, dict) and per_domain:
             parts.append(f"<h3>eval / {html.escape(path.parent.name)}</h3>" + _domain_table(per_domain))
     if not parts:
@@ -320,7 +311,7 @@ def _domain_failures(run_dir: Path, threshold: float) -> str:
 
 
 def calibration_html(run_dir: Path) -> str:
-    cal = _read_json(run_dir / "calibration.json")
+    cal = read_json_dict(run_dir / "calibration.json")
     if not cal:
         return ""
     known = {k: cal[k] for k in CALIBRATION_KEYS if k in cal}
@@ -364,7 +355,7 @@ def audit_html(run_dir: Path) -> str:
     """A link to ``audit/audit.html`` (``vistrain audit RUN``) with its headline counts, when it exists."""
     if not (run_dir / "audit" / "audit.html").is_file():
         return ""
-    audit = _read_json(run_dir / "audit" / "audit.json")
+    audit = read_json_dict(run_dir / "audit" / "audit.json")
     dups, issues = audit.get("duplicates") or {}, audit.get("label_issues") or {}
     counts = {"duplicate images across splits (leakage)": dups.get("cross_split"),
               "duplicate groups": dups.get("groups"), "label issues": issues.get("count"),
@@ -388,8 +379,8 @@ def config_html(run_dir: Path) -> str:
 def render_report(run_dir: Path) -> str:
     """The page as a string (``write_report`` writes it)."""
     run_dir = Path(run_dir)
-    summary = _read_json(run_dir / "summary.json")
-    status = _read_json(run_dir / "run.json")
+    summary = read_json_dict(run_dir / "summary.json")
+    status = read_json_dict(run_dir / "run.json")
     title = html.escape(f"vistrain report: {summary.get('run_id') or status.get('run_id') or run_dir.name}")
     body = "".join([
         folds_html(summary), metrics_html(run_dir, summary), domain_html(run_dir, summary, failure_threshold(run_dir)),
