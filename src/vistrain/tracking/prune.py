@@ -34,7 +34,7 @@ import pandas as pd
 from vistrain.errors import UserError
 from vistrain.registry import higher_is_better
 from vistrain.tracking.rundir import RunDir, live_lock
-from vistrain.tracking.runs import size_text
+from vistrain.tracking.runs import parse_time, size_text
 
 WEIGHT_SUFFIXES = (".pth", ".safetensors")
 AGE = re.compile(r"(\d+(?:\.\d+)?)([hdw])")
@@ -120,7 +120,7 @@ def _kept(r: dict[str, Any], best: bool, cutoff: datetime, n: int, age: str) -> 
         return "running"
     if Path(r["path"]).is_symlink():
         return "reached through a link"
-    started = _started(r["date"])
+    started = parse_time(r["date"])
     if started is None or started > cutoff:
         return f"younger than {age}"
     if r["kind"] == "trial" and r["study_best"] is not False:  # True, or None: the study's best is unknown
@@ -140,13 +140,6 @@ def _best(rows: list[dict[str, Any]], n: int) -> set[str]:
         key = ("study", r["study"]) if r["kind"] == "trial" else ("project", r["project"], metric)
         groups.setdefault(key, []).append((float(value) if higher_is_better(metric) else -float(value), r["path"]))
     return {path for ranked in groups.values() for _, path in sorted(ranked, key=lambda x: -x[0])[:n]}
-
-
-def _started(date: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(date))
-    except ValueError:
-        return None
 
 
 def weight_files(run_dir: Path) -> list[tuple[Path, int]]:

@@ -248,12 +248,12 @@ def _from_run_json(row: dict[str, Any], info: dict[str, Any], locked: str | None
     elif status == "running":
         status = "killed"  # run.json says running, but no live process holds its lock
     started = info.get("started")
-    end = now if holder is not None else _time(info.get("updated"))
+    end = now if holder is not None else parse_time(info.get("updated"))
     row.update(status=status, config_hash=info.get("config_hash"), mode=info.get("mode"),
                date=started or row["date"], weights_deleted=(info.get("weights_deleted") or {}).get("at"),
                folds_planned=len(info["folds"]) if "folds" in info else None,
                folds_done=len(info["folds_done"]) if "folds_done" in info else None,
-               duration_s=(end - _time(started)).total_seconds() if started and end else None)
+               duration_s=(end - parse_time(started)).total_seconds() if started and end else None)
 
 
 def _from_summary(row: dict[str, Any], read: tuple[Any, str | None], metric: str | None, names: set[str]) -> None:
@@ -305,7 +305,8 @@ def _tuned(row: dict[str, Any], read: tuple[Any, str | None], studies: dict[str,
     row.update(kind="tuned", study=os.path.basename(tune_dir), _study_hash=studies[tune_dir].get("config_hash"))
 
 
-def _time(text: Any) -> datetime | None:
+def parse_time(text: Any) -> datetime | None:
+    """A run file's ISO time (run.json started / updated); None when absent or unreadable."""
     try:
         return datetime.fromisoformat(str(text)) if text else None
     except ValueError:
