@@ -140,6 +140,12 @@ def cli_env() -> dict[str, str]:
     return env
 
 
+def assert_python_runs(code: str) -> None:
+    """``code`` in a fresh interpreter (its own sys.modules: what an import pulls in shows) exits 0."""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vistrain", *args]
 

@@ -14,6 +14,8 @@ import sys
 import typing
 from pathlib import Path
 
+from conftest import assert_python_runs
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "vistrain"
 
@@ -120,8 +122,6 @@ def test_nothing_below_the_command_line_imports_a_verb_or_the_cli() -> None:
 
 
 def test_the_api_is_exported_and_importing_vistrain_loads_no_torch() -> None:
-    import subprocess
-    import sys
 
     import vistrain
 
@@ -220,5 +220,4 @@ def test_validating_a_config_imports_neither_torch_nor_pandas() -> None:
             "load_config(None, overrides=['model.head=linear', 'train.scheduler=plateau'])\n"
             "heavy = sorted({'torch', 'timm', 'pandas', 'numpy', 'sklearn'} & set(sys.modules))\n"
             "assert not heavy, heavy\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert_python_runs(code)

@@ -5,12 +5,11 @@ That every registry-backed config key allows exactly the registry's names is in 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from conftest import assert_python_runs
 
 from vistrain.errors import UserError
 from vistrain.registry import HEADS, METRICS, SCHEDULERS, Registry, fill, higher_is_better
@@ -71,8 +70,7 @@ def test_a_builder_is_found_through_its_module_and_names_alone_import_no_torch()
             "assert HEADS.names() == ['linear', 'arcface', 'cosface']\n"
             "assert 'torch' not in sys.modules, 'the names alone imported torch'\n"
             "assert HEADS['arcface'].__name__ == 'ArcFaceHead'\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr
+    assert_python_runs(code)
 
 
 @pytest.fixture
